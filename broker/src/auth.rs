@@ -1,0 +1,419 @@
+//! Users, password hashes, tags and permissions, and the checks every method goes through.
+//!
+//! Password hashes use RabbitMQ's `rabbit_password_hashing_sha256` format
+//! (base64 of a 4-byte salt followed by SHA-256(salt ‖ password)), so definitions exported from
+//! RabbitMQ can be imported unchanged later. Permission regexes are matched unanchored, as
+//! RabbitMQ does: `^$` grants nothing, `.*` everything.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use parking_lot::RwLock;
+use regex::Regex;
+use sha2::{Digest, Sha256};
+
+use crate::error::{AmqpError, Result};
+
+#[derive(Debug)]
+pub struct User {
+    pub name: String,
+    pub password_hash: String,
+    pub tags: Vec<String>,
+}
+
+impl User {
+    pub fn has_tag(&self, tag: &str) -> bool {
+        self.tags.iter().any(|t| t == tag)
+    }
+}
+
+/// Per-vhost configure/write/read permissions of one user.
+#[derive(Debug)]
+pub struct Permission {
+    pub configure: Regex,
+    pub write: Regex,
+    pub read: Regex,
+}
+
+/// Topic permissions of one user for one topic exchange in a vhost.
+#[derive(Debug)]
+pub struct TopicPermission {
+    pub exchange: String,
+    pub write: Regex,
+    pub read: Regex,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Configure,
+    Write,
+    Read,
+}
+
+impl Access {
+    fn name(self) -> &'static str {
+        match self {
+            Access::Configure => "configure",
+            Access::Write => "write",
+            Access::Read => "read",
+        }
+    }
+}
+
+/// What kind of resource a permission check is about, for the error text.
+#[derive(Debug, Clone, Copy)]
+pub enum Resource {
+    Exchange,
+    Queue,
+}
+
+impl Resource {
+    fn name(self) -> &'static str {
+        match self {
+            Resource::Exchange => "exchange",
+            Resource::Queue => "queue",
+        }
+    }
+}
+
+pub fn hash_password(password: &str) -> String {
+    let salt: [u8; 4] = rand::random();
+    hash_with_salt(&salt, password)
+}
+
+fn hash_with_salt(salt: &[u8], password: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(salt);
+    h.update(password.as_bytes());
+    let mut out = salt.to_vec();
+    out.extend_from_slice(&h.finalize());
+    B64.encode(out)
+}
+
+pub fn verify_password(hash: &str, password: &str) -> bool {
+    let Ok(raw) = B64.decode(hash) else {
+        return false;
+    };
+    if raw.len() != 36 {
+        return false;
+    }
+    let expected = hash_with_salt(&raw[..4], password);
+    // Constant-time comparison of the encoded forms.
+    expected.len() == hash.len()
+        && expected
+            .bytes()
+            .zip(hash.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+fn compile(pattern: &str) -> std::result::Result<Regex, String> {
+    Regex::new(pattern).map_err(|e| format!("invalid permission regex {pattern:?}: {e}"))
+}
+
+/// The node's users and their permissions.
+#[derive(Debug, Default)]
+pub struct AccessControl {
+    users: RwLock<HashMap<String, Arc<User>>>,
+    permissions: RwLock<HashMap<(String, String), Arc<Permission>>>,
+    topic_permissions: RwLock<HashMap<(String, String), Vec<Arc<TopicPermission>>>>,
+    loopback_users: RwLock<Vec<String>>,
+}
+
+impl AccessControl {
+    pub fn set_loopback_users(&self, users: Vec<String>) {
+        *self.loopback_users.write() = users;
+    }
+
+    pub fn add_user(&self, name: &str, password: &str, tags: &[&str]) {
+        self.put_user(User {
+            name: name.to_owned(),
+            password_hash: hash_password(password),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+        });
+    }
+
+    pub fn put_user(&self, user: User) {
+        self.users.write().insert(user.name.clone(), Arc::new(user));
+    }
+
+    pub fn delete_user(&self, name: &str) -> bool {
+        self.permissions.write().retain(|(u, _), _| u != name);
+        self.topic_permissions.write().retain(|(u, _), _| u != name);
+        self.users.write().remove(name).is_some()
+    }
+
+    pub fn user(&self, name: &str) -> Option<Arc<User>> {
+        self.users.read().get(name).cloned()
+    }
+
+    pub fn set_permissions(
+        &self,
+        user: &str,
+        vhost: &str,
+        configure: &str,
+        write: &str,
+        read: &str,
+    ) -> std::result::Result<(), String> {
+        let p = Permission {
+            configure: compile(configure)?,
+            write: compile(write)?,
+            read: compile(read)?,
+        };
+        self.permissions
+            .write()
+            .insert((user.to_owned(), vhost.to_owned()), Arc::new(p));
+        Ok(())
+    }
+
+    pub fn clear_permissions(&self, user: &str, vhost: &str) {
+        self.permissions
+            .write()
+            .remove(&(user.to_owned(), vhost.to_owned()));
+    }
+
+    pub fn set_topic_permissions(
+        &self,
+        user: &str,
+        vhost: &str,
+        exchange: &str,
+        write: &str,
+        read: &str,
+    ) -> std::result::Result<(), String> {
+        let tp = Arc::new(TopicPermission {
+            exchange: exchange.to_owned(),
+            write: compile(write)?,
+            read: compile(read)?,
+        });
+        let mut all = self.topic_permissions.write();
+        let list = all.entry((user.to_owned(), vhost.to_owned())).or_default();
+        list.retain(|t| t.exchange != exchange);
+        list.push(tp);
+        Ok(())
+    }
+
+    /// SASL authentication: the user, if the password matches and the peer may use it.
+    pub fn authenticate(&self, name: &str, password: &str, peer: IpAddr) -> Result<Arc<User>> {
+        let refused = || {
+            AmqpError::access_refused(format!(
+                "Login was refused using authentication mechanism PLAIN. For details see the broker logfile. (user '{name}')"
+            ))
+        };
+        let user = self.user(name).ok_or_else(refused)?;
+        if !verify_password(&user.password_hash, password) {
+            return Err(refused());
+        }
+        if !peer.is_loopback() && self.loopback_users.read().iter().any(|u| u == name) {
+            return Err(AmqpError::access_refused(format!(
+                "user '{name}' can only connect via localhost"
+            )));
+        }
+        Ok(user)
+    }
+
+    pub fn vhost_permission(&self, user: &str, vhost: &str) -> Option<Arc<Permission>> {
+        self.permissions
+            .read()
+            .get(&(user.to_owned(), vhost.to_owned()))
+            .cloned()
+    }
+
+    /// Checks `access` on a named exchange or queue; 403 with RabbitMQ's wording otherwise.
+    pub fn check(
+        &self,
+        user: &str,
+        vhost: &str,
+        resource: Resource,
+        name: &str,
+        access: Access,
+    ) -> Result<()> {
+        let name = if matches!(resource, Resource::Exchange) && name.is_empty() {
+            "amq.default"
+        } else {
+            name
+        };
+        let allowed = self.vhost_permission(user, vhost).is_some_and(|p| {
+            match access {
+                Access::Configure => &p.configure,
+                Access::Write => &p.write,
+                Access::Read => &p.read,
+            }
+            .is_match(name)
+        });
+        if allowed {
+            Ok(())
+        } else {
+            Err(AmqpError::access_refused(format!(
+                "{} access to {} '{}' in vhost '{}' refused for user '{}'",
+                access.name(),
+                resource.name(),
+                name,
+                vhost,
+                user
+            )))
+        }
+    }
+
+    /// Topic permission check for a routing key on a topic exchange. Without topic
+    /// permissions for that exchange, everything is allowed (as in RabbitMQ).
+    pub fn check_topic(
+        &self,
+        user: &str,
+        vhost: &str,
+        exchange: &str,
+        routing_key: &str,
+        access: Access,
+    ) -> Result<()> {
+        let all = self.topic_permissions.read();
+        let Some(list) = all.get(&(user.to_owned(), vhost.to_owned())) else {
+            return Ok(());
+        };
+        let Some(tp) = list.iter().find(|t| t.exchange == exchange) else {
+            return Ok(());
+        };
+        let re = if access == Access::Read {
+            &tp.read
+        } else {
+            &tp.write
+        };
+        if re.is_match(routing_key) {
+            Ok(())
+        } else {
+            Err(AmqpError::access_refused(format!(
+                "{} access to topic '{}' in exchange '{}' in vhost '{}' refused for user '{}'",
+                access.name(),
+                routing_key,
+                exchange,
+                vhost,
+                user
+            )))
+        }
+    }
+}
+
+/// Parses a SASL PLAIN response: `authzid \0 authcid \0 password`.
+pub fn parse_plain(response: &[u8]) -> Option<(String, String)> {
+    let mut parts = response.split(|b| *b == 0);
+    let _authzid = parts.next()?;
+    let user = parts.next()?;
+    let pass = parts.next()?;
+    if parts.next().is_some() {
+        return None;
+    }
+    Some((
+        String::from_utf8(user.to_vec()).ok()?,
+        String::from_utf8(pass.to_vec()).ok()?,
+    ))
+}
+
+/// Parses an AMQPLAIN response: a field table without its length prefix, with LOGIN and PASSWORD.
+pub fn parse_amqplain(response: &[u8]) -> Option<(String, String)> {
+    use amq_protocol::types::AMQPValue;
+    let mut framed = (response.len() as u32).to_be_bytes().to_vec();
+    framed.extend_from_slice(response);
+    let (_, table) = amq_protocol::types::parsing::parse_field_table(&framed[..]).ok()?;
+    let get = |k: &str| match table.inner().get(k)? {
+        AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    };
+    Some((get("LOGIN")?, get("PASSWORD")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rabbitmq_sha256_hash_verifies() {
+        let h = hash_password("s3cret");
+        assert!(verify_password(&h, "s3cret"));
+        assert!(!verify_password(&h, "s3cret!"));
+        assert!(!verify_password("not base64", "x"));
+    }
+
+    #[test]
+    fn guest_only_from_loopback() {
+        let ac = AccessControl::default();
+        ac.add_user("guest", "guest", &["administrator"]);
+        ac.set_loopback_users(vec!["guest".into()]);
+        assert!(
+            ac.authenticate("guest", "guest", "127.0.0.1".parse().unwrap())
+                .is_ok()
+        );
+        let e = ac
+            .authenticate("guest", "guest", "10.0.0.1".parse().unwrap())
+            .unwrap_err();
+        assert_eq!(e.code, 403);
+        assert!(
+            ac.authenticate("guest", "nope", "127.0.0.1".parse().unwrap())
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn permissions_are_unanchored_regexes() {
+        let ac = AccessControl::default();
+        ac.set_permissions("u", "/", "^$", "^app-", ".*").unwrap();
+        assert!(
+            ac.check("u", "/", Resource::Queue, "q", Access::Configure)
+                .is_err()
+        );
+        assert!(
+            ac.check("u", "/", Resource::Exchange, "app-x", Access::Write)
+                .is_ok()
+        );
+        let e = ac
+            .check("u", "/", Resource::Exchange, "", Access::Write)
+            .unwrap_err();
+        assert!(e.text.contains("amq.default"), "{}", e.text);
+        assert!(
+            ac.check("u", "/other", Resource::Queue, "q", Access::Read)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn topic_permissions_only_where_defined() {
+        let ac = AccessControl::default();
+        ac.set_topic_permissions("u", "/", "amq.topic", "^a\\.", ".*")
+            .unwrap();
+        assert!(
+            ac.check_topic("u", "/", "amq.topic", "a.b", Access::Write)
+                .is_ok()
+        );
+        assert!(
+            ac.check_topic("u", "/", "amq.topic", "b.a", Access::Write)
+                .is_err()
+        );
+        assert!(
+            ac.check_topic("u", "/", "other", "b.a", Access::Write)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn sasl_responses() {
+        assert_eq!(
+            parse_plain(b"\0guest\0pw"),
+            Some(("guest".into(), "pw".into()))
+        );
+        assert_eq!(parse_plain(b"guest"), None);
+        // AMQPLAIN: LOGIN (S) "guest", PASSWORD (S) "pw", as a table body.
+        let mut t = Vec::new();
+        t.push(5);
+        t.extend_from_slice(b"LOGIN");
+        t.push(b'S');
+        t.extend_from_slice(&5u32.to_be_bytes());
+        t.extend_from_slice(b"guest");
+        t.push(8);
+        t.extend_from_slice(b"PASSWORD");
+        t.push(b'S');
+        t.extend_from_slice(&2u32.to_be_bytes());
+        t.extend_from_slice(b"pw");
+        assert_eq!(parse_amqplain(&t), Some(("guest".into(), "pw".into())));
+    }
+}

@@ -1,0 +1,285 @@
+//! Broker configuration: command-line flags, `WARREN_*` environment variables and a TOML file.
+//!
+//! Precedence is flag > environment > file > default. The file uses the flags' names as keys
+//! (`amqp-listen = "0.0.0.0:5672"`) and rejects unknown keys, so a typo in a file the operator
+//! wrote is an error at start-up rather than a silently ignored setting.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// Command-line interface of `warren-broker`. Every flag can also be set through the
+/// environment variable named beside it, or in the `--config` file under the flag's name.
+#[derive(Debug, Parser, Default)]
+#[command(
+    name = "warren-broker",
+    version,
+    about = "Warren: a RabbitMQ-compatible AMQP 0-9-1 broker node"
+)]
+pub struct Cli {
+    /// TOML configuration file; keys are the flag names below (e.g. `amqp-listen = "0.0.0.0:5672"`).
+    #[arg(long, env = "WARREN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Directory holding this node's data [default: ./warren-data].
+    #[arg(long, env = "WARREN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address of the AMQP 0-9-1 listener [default: 0.0.0.0:5672].
+    #[arg(long, env = "WARREN_AMQP_LISTEN")]
+    pub amqp_listen: Option<SocketAddr>,
+    /// Address of the management HTTP API [default: 0.0.0.0:15672]. Served once the management issue lands.
+    #[arg(long, env = "WARREN_MANAGEMENT_LISTEN")]
+    pub management_listen: Option<SocketAddr>,
+    /// Address of the Prometheus endpoint [default: 0.0.0.0:15692]. Served once the metrics issue lands.
+    #[arg(long, env = "WARREN_PROMETHEUS_LISTEN")]
+    pub prometheus_listen: Option<SocketAddr>,
+    /// User created on a fresh node, with all permissions on the default vhost and the
+    /// administrator tag; replaces `guest` [default: guest].
+    #[arg(long, env = "WARREN_DEFAULT_USER")]
+    pub default_user: Option<String>,
+    /// Password of the default user [default: guest].
+    #[arg(long, env = "WARREN_DEFAULT_PASS", hide_env_values = true)]
+    pub default_pass: Option<String>,
+    /// Virtual host created on a fresh node [default: /].
+    #[arg(long, env = "WARREN_DEFAULT_VHOST")]
+    pub default_vhost: Option<String>,
+    /// Users that may connect only from loopback addresses, comma separated [default: guest].
+    #[arg(long, env = "WARREN_LOOPBACK_USERS", value_delimiter = ',')]
+    pub loopback_users: Option<Vec<String>>,
+    /// Heartbeat interval in seconds proposed to clients; 0 disables [default: 60].
+    #[arg(long, env = "WARREN_HEARTBEAT")]
+    pub heartbeat: Option<u16>,
+    /// Largest frame in bytes proposed to clients, at least 4096 [default: 131072].
+    #[arg(long, env = "WARREN_FRAME_MAX")]
+    pub frame_max: Option<u32>,
+    /// Most channels per connection proposed to clients [default: 2047].
+    #[arg(long, env = "WARREN_CHANNEL_MAX")]
+    pub channel_max: Option<u16>,
+    /// Most concurrent client connections; 0 is unlimited [default: 0].
+    #[arg(long, env = "WARREN_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Largest message body accepted, in bytes [default: 134217728].
+    #[arg(long, env = "WARREN_MAX_MESSAGE_SIZE")]
+    pub max_message_size: Option<u64>,
+    /// Log filter, e.g. `info` or `warren_broker=debug` [default: info].
+    #[arg(long, env = "WARREN_LOG_LEVEL")]
+    pub log_level: Option<String>,
+}
+
+/// The configuration file: the same keys as the flags.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub amqp_listen: Option<SocketAddr>,
+    pub management_listen: Option<SocketAddr>,
+    pub prometheus_listen: Option<SocketAddr>,
+    pub default_user: Option<String>,
+    pub default_pass: Option<String>,
+    pub default_vhost: Option<String>,
+    pub loopback_users: Option<Vec<String>>,
+    pub heartbeat: Option<u16>,
+    pub frame_max: Option<u32>,
+    pub channel_max: Option<u16>,
+    pub max_connections: Option<usize>,
+    pub max_message_size: Option<u64>,
+    pub log_level: Option<String>,
+}
+
+/// Resolved settings the broker runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub amqp_listen: SocketAddr,
+    pub management_listen: SocketAddr,
+    pub prometheus_listen: SocketAddr,
+    pub default_user: String,
+    pub default_pass: String,
+    pub default_vhost: String,
+    pub loopback_users: Vec<String>,
+    pub heartbeat: u16,
+    pub frame_max: u32,
+    pub channel_max: u16,
+    pub max_connections: usize,
+    pub max_message_size: u64,
+    pub log_level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("warren-data"),
+            amqp_listen: SocketAddr::from(([0, 0, 0, 0], 5672)),
+            management_listen: SocketAddr::from(([0, 0, 0, 0], 15672)),
+            prometheus_listen: SocketAddr::from(([0, 0, 0, 0], 15692)),
+            default_user: "guest".into(),
+            default_pass: "guest".into(),
+            default_vhost: "/".into(),
+            loopback_users: vec!["guest".into()],
+            heartbeat: 60,
+            frame_max: 131072,
+            channel_max: 2047,
+            max_connections: 0,
+            max_message_size: 128 * 1024 * 1024,
+            log_level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid setting {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+}
+
+impl Config {
+    /// Merges flags/environment over the file over the defaults, then validates.
+    pub fn resolve(cli: Cli) -> Result<Self, ConfigError> {
+        let file = match &cli.config {
+            Some(p) => FileConfig::load(p)?,
+            None => FileConfig::default(),
+        };
+        let d = Config::default();
+        let c = Config {
+            data_dir: cli.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
+            amqp_listen: cli
+                .amqp_listen
+                .or(file.amqp_listen)
+                .unwrap_or(d.amqp_listen),
+            management_listen: cli
+                .management_listen
+                .or(file.management_listen)
+                .unwrap_or(d.management_listen),
+            prometheus_listen: cli
+                .prometheus_listen
+                .or(file.prometheus_listen)
+                .unwrap_or(d.prometheus_listen),
+            default_user: cli
+                .default_user
+                .or(file.default_user)
+                .unwrap_or(d.default_user),
+            default_pass: cli
+                .default_pass
+                .or(file.default_pass)
+                .unwrap_or(d.default_pass),
+            default_vhost: cli
+                .default_vhost
+                .or(file.default_vhost)
+                .unwrap_or(d.default_vhost),
+            loopback_users: cli
+                .loopback_users
+                .or(file.loopback_users)
+                .unwrap_or(d.loopback_users),
+            heartbeat: cli.heartbeat.or(file.heartbeat).unwrap_or(d.heartbeat),
+            frame_max: cli.frame_max.or(file.frame_max).unwrap_or(d.frame_max),
+            channel_max: cli
+                .channel_max
+                .or(file.channel_max)
+                .unwrap_or(d.channel_max),
+            max_connections: cli
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(d.max_connections),
+            max_message_size: cli
+                .max_message_size
+                .or(file.max_message_size)
+                .unwrap_or(d.max_message_size),
+            log_level: cli.log_level.or(file.log_level).unwrap_or(d.log_level),
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// The name reported to clients as `cluster_name`.
+    pub fn cluster_name(&self) -> String {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
+        format!("warren@{host}")
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.frame_max < crate::codec::FRAME_MIN_SIZE {
+            return Err(ConfigError::Invalid {
+                key: "frame-max",
+                message: format!("{} is below the AMQP minimum of 4096", self.frame_max),
+            });
+        }
+        if self.channel_max == 0 {
+            return Err(ConfigError::Invalid {
+                key: "channel-max",
+                message: "must be at least 1".into(),
+            });
+        }
+        if self.default_user.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "default-user",
+                message: "must not be empty".into(),
+            });
+        }
+        if self.max_message_size == 0 || self.max_message_size > 512 * 1024 * 1024 {
+            return Err(ConfigError::Invalid {
+                key: "max-message-size",
+                message: "must be between 1 byte and 512 MiB".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_beats_file_beats_default() {
+        let dir = std::env::temp_dir().join(format!("warren-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("warren.toml");
+        std::fs::write(&path, "heartbeat = 10\nframe-max = 8192\n").unwrap();
+        let cli = Cli {
+            config: Some(path.clone()),
+            heartbeat: Some(5),
+            ..Default::default()
+        };
+        let c = Config::resolve(cli).unwrap();
+        assert_eq!(c.heartbeat, 5);
+        assert_eq!(c.frame_max, 8192);
+        assert_eq!(c.channel_max, 2047);
+        std::fs::write(&path, "hartbeat = 10\n").unwrap();
+        let err = Config::resolve(Cli {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("hartbeat"), "{err}");
+    }
+
+    #[test]
+    fn rejects_tiny_frame_max() {
+        let c = Config {
+            frame_max: 100,
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,689 @@
+//! One client connection: the opening handshake (protocol header, SASL, tune, vhost), then a
+//! reader that decodes frames and drives the channels, and a writer that flushes the outbox.
+//!
+//! The reader does all the work of the requests it reads — routing, enqueueing, acking — in
+//! its own task, without awaiting anything but the socket, and processes every frame already
+//! buffered before reading again, so confirms and replies for a burst of requests go out
+//! together. It stops reading while the outbox is over its bound (the client is not reading
+//! replies) or while a resource alarm blocks publishers.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use amq_protocol::protocol::{AMQPClass, channel, connection};
+use amq_protocol::types::{AMQPValue, FieldTable, LongString};
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tracing::{debug, info, warn};
+
+use crate::auth;
+use crate::broker::Broker;
+use crate::channel::Channel;
+use crate::codec::{self, FrameDecoder, RawFrame};
+use crate::error::{AmqpError, Result};
+use crate::outbox::{HIGH_WATER, Outbox};
+use crate::vhost::Vhost;
+
+/// How long a peer has for each step of the opening handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long we wait for `connection.close-ok` after sending `connection.close`.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// The reader stops reading requests while this much output is waiting to be written.
+const READ_PAUSE_AT: usize = 4 * HIGH_WATER;
+
+/// What every channel of a connection shares.
+#[derive(Debug)]
+pub struct ConnShared {
+    pub id: u64,
+    pub broker: Arc<Broker>,
+    pub vhost: Arc<Vhost>,
+    pub user: String,
+    pub outbox: Arc<Outbox>,
+    pub frame_max: u32,
+    /// The client understands server-sent `basic.cancel`.
+    pub cancel_notify: bool,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Broker")
+    }
+}
+
+impl std::fmt::Debug for Vhost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vhost").field("name", &self.name).finish()
+    }
+}
+
+fn server_properties(broker: &Broker) -> FieldTable {
+    let mut caps = FieldTable::default();
+    for c in [
+        "publisher_confirms",
+        "exchange_exchange_bindings",
+        "basic.nack",
+        "consumer_cancel_notify",
+        "connection.blocked",
+        "consumer_priorities",
+        "authentication_failure_close",
+        "per_consumer_qos",
+        "direct_reply_to",
+    ] {
+        caps.insert(c.into(), AMQPValue::Boolean(true));
+    }
+    let s = |v: &str| AMQPValue::LongString(LongString::from(v.as_bytes().to_vec()));
+    let mut p = FieldTable::default();
+    p.insert("capabilities".into(), AMQPValue::FieldTable(caps));
+    p.insert("product".into(), s("Warren"));
+    p.insert("version".into(), s(env!("CARGO_PKG_VERSION")));
+    p.insert("platform".into(), s("Rust"));
+    p.insert("cluster_name".into(), s(&broker.config.cluster_name()));
+    p.insert("copyright".into(), s("Copyright the Warren authors"));
+    p.insert(
+        "information".into(),
+        s("Licensed under the Apache License 2.0"),
+    );
+    p
+}
+
+fn client_capability(props: &FieldTable, name: &str) -> bool {
+    matches!(
+        props.inner().get("capabilities"),
+        Some(AMQPValue::FieldTable(c)) if matches!(c.inner().get(name), Some(AMQPValue::Boolean(true)))
+    )
+}
+
+/// The socket's read side with its buffer and frame decoder.
+struct Reader {
+    rd: OwnedReadHalf,
+    buf: BytesMut,
+    decoder: FrameDecoder,
+}
+
+impl Reader {
+    /// Reads until one frame is complete. `None` on EOF.
+    async fn frame(&mut self) -> Result<Option<RawFrame>> {
+        loop {
+            if let Some(f) = self.decoder.decode(&mut self.buf)? {
+                return Ok(Some(f));
+            }
+            match self.rd.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return Ok(None),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Reads the next method frame of the handshake (skipping heartbeats).
+    async fn method(&mut self) -> Result<Option<AMQPClass>> {
+        loop {
+            let f = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.frame()).await {
+                Ok(r) => r?,
+                Err(_) => return Ok(None),
+            };
+            let Some(f) = f else { return Ok(None) };
+            match f.kind {
+                codec::FRAME_HEARTBEAT => continue,
+                codec::FRAME_METHOD if f.channel == 0 => {
+                    return codec::decode_method(&f.payload).map(Some);
+                }
+                _ => {
+                    return Err(AmqpError::command_invalid(
+                        "expected a connection method during the handshake",
+                    ));
+                }
+            }
+        }
+    }
+}
+
+fn encode(m: &AMQPClass) -> BytesMut {
+    let mut b = BytesMut::new();
+    codec::encode_method(&mut b, 0, m);
+    b
+}
+
+fn close_method(e: &AmqpError) -> AMQPClass {
+    AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+        reply_code: e.code,
+        reply_text: e.reply_text().into(),
+        class_id: e.class_id,
+        method_id: e.method_id,
+    }))
+}
+
+/// Sends `connection.close` during the handshake and waits briefly for `close-ok`.
+async fn refuse(reader: &mut Reader, wr: &mut OwnedWriteHalf, e: AmqpError) {
+    debug!(code = e.code, text = %e.text, "closing connection during handshake");
+    if wr.write_all(&encode(&close_method(&e))).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        while let Ok(Some(m)) = reader.method().await {
+            if matches!(m, AMQPClass::Connection(connection::AMQPMethod::CloseOk(_))) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+struct Opened {
+    user: String,
+    vhost: Arc<Vhost>,
+    frame_max: u32,
+    channel_max: u16,
+    heartbeat: u16,
+    client_properties: FieldTable,
+}
+
+/// Serves one accepted TCP connection until it closes.
+pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let (rd, mut wr) = stream.into_split();
+    let mut reader = Reader {
+        rd,
+        buf: BytesMut::with_capacity(64 * 1024),
+        decoder: FrameDecoder::new(broker.config.frame_max),
+    };
+    let opened = match handshake(&broker, &mut reader, &mut wr, peer).await {
+        Ok(Some(o)) => o,
+        Ok(None) => return,
+        Err(e) => {
+            refuse(&mut reader, &mut wr, e).await;
+            return;
+        }
+    };
+    let id = broker.next_connection_id();
+    let user = opened.user.clone();
+    let span =
+        tracing::info_span!("connection", id, %peer, user = %user, vhost = %opened.vhost.name);
+    let _enter = span.enter();
+    info!("connection opened");
+    let outbox = Outbox::new();
+    let shared = Arc::new(ConnShared {
+        id,
+        broker: broker.clone(),
+        vhost: opened.vhost.clone(),
+        user: opened.user.clone(),
+        outbox: outbox.clone(),
+        frame_max: opened.frame_max,
+        cancel_notify: client_capability(&opened.client_properties, "consumer_cancel_notify"),
+    });
+    let heartbeat = Duration::from_secs(opened.heartbeat as u64);
+    let writer = tokio::spawn(write_loop(outbox.clone(), wr, heartbeat));
+    reader.decoder = FrameDecoder::new(opened.frame_max);
+    let mut conn = Connection {
+        shared,
+        channels: HashMap::new(),
+        channel_max: opened.channel_max,
+        closing: false,
+        blocked_capable: client_capability(&opened.client_properties, "connection.blocked"),
+        has_published: false,
+    };
+    let reason = conn.run(&mut reader, heartbeat).await;
+    conn.cleanup();
+    outbox.close();
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer).await;
+    info!(reason = %reason, "connection closed");
+}
+
+/// Protocol header, start/start-ok (authentication), tune/tune-ok, open/open-ok.
+async fn handshake(
+    broker: &Broker,
+    reader: &mut Reader,
+    wr: &mut OwnedWriteHalf,
+    peer: SocketAddr,
+) -> Result<Option<Opened>> {
+    let mut header = [0u8; 8];
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.rd.read_exact(&mut header)).await {
+        Ok(Ok(_)) => {}
+        _ => return Ok(None),
+    }
+    if &header != codec::PROTOCOL_HEADER {
+        // Tell the peer which protocol we speak, then close (AMQP 0-9-1 §4.2.2).
+        let _ = wr.write_all(codec::PROTOCOL_HEADER).await;
+        return Ok(None);
+    }
+    let start = AMQPClass::Connection(connection::AMQPMethod::Start(connection::Start {
+        version_major: 0,
+        version_minor: 9,
+        server_properties: server_properties(broker),
+        mechanisms: "PLAIN AMQPLAIN".into(),
+        locales: "en_US".into(),
+    }));
+    if wr.write_all(&encode(&start)).await.is_err() {
+        return Ok(None);
+    }
+    let Some(m) = reader.method().await? else {
+        return Ok(None);
+    };
+    let AMQPClass::Connection(connection::AMQPMethod::StartOk(start_ok)) = m else {
+        return Err(AmqpError::command_invalid("expected connection.start-ok"));
+    };
+    let credentials = match start_ok.mechanism.as_str() {
+        "PLAIN" => auth::parse_plain(start_ok.response.as_bytes()),
+        "AMQPLAIN" => auth::parse_amqplain(start_ok.response.as_bytes()),
+        other => {
+            return Err(AmqpError::access_refused(format!(
+                "unsupported authentication mechanism '{other}'"
+            )));
+        }
+    };
+    let failure_close =
+        client_capability(&start_ok.client_properties, "authentication_failure_close");
+    let user = match credentials
+        .ok_or_else(|| AmqpError::access_refused("malformed SASL response"))
+        .and_then(|(u, p)| broker.access.authenticate(&u, &p, peer.ip()))
+    {
+        Ok(u) => u,
+        Err(e) => {
+            warn!(%peer, "authentication failed: {}", e.text);
+            if failure_close {
+                return Err(e);
+            }
+            return Ok(None);
+        }
+    };
+    let tune = AMQPClass::Connection(connection::AMQPMethod::Tune(connection::Tune {
+        channel_max: broker.config.channel_max,
+        frame_max: broker.config.frame_max,
+        heartbeat: broker.config.heartbeat,
+    }));
+    if wr.write_all(&encode(&tune)).await.is_err() {
+        return Ok(None);
+    }
+    let Some(m) = reader.method().await? else {
+        return Ok(None);
+    };
+    let AMQPClass::Connection(connection::AMQPMethod::TuneOk(t)) = m else {
+        return Err(AmqpError::command_invalid("expected connection.tune-ok"));
+    };
+    let frame_max = match t.frame_max {
+        0 => broker.config.frame_max,
+        f if f < codec::FRAME_MIN_SIZE => {
+            return Err(AmqpError::not_allowed(format!(
+                "frame_max={f} < {} min size",
+                codec::FRAME_MIN_SIZE
+            )));
+        }
+        f if f > broker.config.frame_max => {
+            return Err(AmqpError::not_allowed(format!(
+                "frame_max={f} > {} max size",
+                broker.config.frame_max
+            )));
+        }
+        f => f,
+    };
+    let channel_max = match t.channel_max {
+        0 => broker.config.channel_max,
+        c => c.min(broker.config.channel_max),
+    };
+    let Some(m) = reader.method().await? else {
+        return Ok(None);
+    };
+    let AMQPClass::Connection(connection::AMQPMethod::Open(open)) = m else {
+        return Err(AmqpError::command_invalid("expected connection.open"));
+    };
+    let vhost_name = open.virtual_host.as_str();
+    let Some(vhost) = broker.vhost(vhost_name) else {
+        return Err(AmqpError::not_allowed(format!(
+            "vhost '{vhost_name}' not found"
+        )));
+    };
+    if broker
+        .access
+        .vhost_permission(&user.name, vhost_name)
+        .is_none()
+    {
+        return Err(AmqpError::not_allowed(format!(
+            "access to vhost '{vhost_name}' refused for user '{}'",
+            user.name
+        )));
+    }
+    let open_ok = AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {}));
+    if wr.write_all(&encode(&open_ok)).await.is_err() {
+        return Ok(None);
+    }
+    Ok(Some(Opened {
+        user: user.name.clone(),
+        vhost,
+        frame_max,
+        channel_max,
+        heartbeat: t.heartbeat,
+        client_properties: start_ok.client_properties,
+    }))
+}
+
+/// Flushes the outbox to the socket, one write per batch; sends heartbeats when idle.
+async fn write_loop(outbox: Arc<Outbox>, mut wr: OwnedWriteHalf, heartbeat: Duration) {
+    loop {
+        let chunk = outbox.take();
+        if chunk.is_empty() {
+            if outbox.is_closed() {
+                break;
+            }
+            let notified = outbox.data.notified();
+            if heartbeat.is_zero() {
+                notified.await;
+            } else if tokio::time::timeout(heartbeat / 2, notified).await.is_err() {
+                codec::encode_heartbeat(&mut outbox.writer());
+            }
+            continue;
+        }
+        if wr.write_all(&chunk).await.is_err() {
+            outbox.close();
+            break;
+        }
+        drop(chunk);
+        outbox.after_write();
+    }
+    let _ = wr.shutdown().await;
+}
+
+enum Flow {
+    Continue,
+    Exit(&'static str),
+}
+
+struct Connection {
+    shared: Arc<ConnShared>,
+    channels: HashMap<u16, Channel>,
+    channel_max: u16,
+    /// We sent `connection.close` and wait for `close-ok`.
+    closing: bool,
+    blocked_capable: bool,
+    has_published: bool,
+}
+
+impl Connection {
+    fn send(&self, ch: u16, m: AMQPClass) {
+        codec::encode_method(&mut self.shared.outbox.writer(), ch, &m);
+    }
+
+    async fn run(&mut self, reader: &mut Reader, heartbeat: Duration) -> String {
+        let broker = self.shared.broker.clone();
+        let mut alarms = broker.alarms();
+        let mut blocked_sent = false;
+        loop {
+            // Everything already buffered is handled before reading again.
+            loop {
+                let frame = match reader.decoder.decode(&mut reader.buf) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => {
+                        if self.closing {
+                            return "bad frame while closing".into();
+                        }
+                        self.close_with(e);
+                        reader.buf.clear();
+                        break;
+                    }
+                };
+                match self.handle_frame(frame) {
+                    Ok(Flow::Continue) => {}
+                    Ok(Flow::Exit(why)) => return why.into(),
+                    Err(e) => self.close_with(e),
+                }
+            }
+            for ch in self.channels.values_mut() {
+                ch.flush_confirms();
+            }
+            if self.shared.outbox.is_closed() {
+                return "socket closed".into();
+            }
+            while self.shared.outbox.len() > READ_PAUSE_AT && !self.shared.outbox.is_closed() {
+                let drained = self.shared.outbox.wait_for_drain();
+                let _ = tokio::time::timeout(Duration::from_millis(100), drained).await;
+            }
+            // Resource alarms block connections that publish.
+            if self.has_published && !self.closing && !alarms.borrow().is_empty() {
+                if !blocked_sent && self.blocked_capable {
+                    let reason = format!("low on {}", alarms.borrow().join(", "));
+                    self.send(
+                        0,
+                        AMQPClass::Connection(connection::AMQPMethod::Blocked(
+                            connection::Blocked {
+                                reason: reason.into(),
+                            },
+                        )),
+                    );
+                    blocked_sent = true;
+                }
+                if alarms.changed().await.is_err() {
+                    return "broker shutting down".into();
+                }
+                continue;
+            }
+            if blocked_sent {
+                self.send(
+                    0,
+                    AMQPClass::Connection(connection::AMQPMethod::Unblocked(
+                        connection::Unblocked {},
+                    )),
+                );
+                blocked_sent = false;
+            }
+            let timeout = if self.closing {
+                CLOSE_TIMEOUT
+            } else if heartbeat.is_zero() {
+                Duration::from_secs(24 * 3600)
+            } else {
+                heartbeat * 2
+            };
+            tokio::select! {
+                r = tokio::time::timeout(timeout, reader.rd.read_buf(&mut reader.buf)) => match r {
+                    Ok(Ok(0)) => return "client closed the socket".into(),
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return format!("read error: {e}"),
+                    Err(_) if self.closing => return "no close-ok from client".into(),
+                    Err(_) => {
+                        warn!("missed heartbeats from client, timeout: {}s", heartbeat.as_secs() * 2);
+                        return "missed heartbeats".into();
+                    }
+                },
+                _ = alarms.changed() => {}
+            }
+        }
+    }
+
+    /// A hard error: `connection.close`, then wait for `close-ok` ignoring everything else.
+    fn close_with(&mut self, e: AmqpError) {
+        if self.closing {
+            return;
+        }
+        warn!(
+            code = e.code,
+            class_id = e.class_id,
+            method_id = e.method_id,
+            "connection error: {}",
+            e.text
+        );
+        self.closing = true;
+        for ch in self.channels.values_mut() {
+            ch.flush_confirms();
+        }
+        self.send(0, close_method(&e));
+    }
+
+    fn handle_frame(&mut self, f: RawFrame) -> Result<Flow> {
+        if self.closing {
+            if f.kind == codec::FRAME_METHOD && f.channel == 0 {
+                match codec::method_ids(&f.payload) {
+                    Some((10, 51)) => return Ok(Flow::Exit("closed after error")),
+                    Some((10, 50)) => {
+                        self.send(
+                            0,
+                            AMQPClass::Connection(connection::AMQPMethod::CloseOk(
+                                connection::CloseOk {},
+                            )),
+                        );
+                        return Ok(Flow::Exit("closed after error"));
+                    }
+                    _ => {}
+                }
+            }
+            return Ok(Flow::Continue);
+        }
+        if f.kind == codec::FRAME_HEARTBEAT {
+            if f.channel != 0 {
+                return Err(AmqpError::frame_error(
+                    "heartbeat frame on a non-zero channel",
+                ));
+            }
+            return Ok(Flow::Continue);
+        }
+        if f.channel == 0 {
+            return self.connection_frame(f);
+        }
+        if f.channel > self.channel_max {
+            return Err(AmqpError::channel_error(format!(
+                "channel {} exceeds the negotiated channel_max of {}",
+                f.channel, self.channel_max
+            )));
+        }
+        let id = f.channel;
+        let Some(ch) = self.channels.get_mut(&id) else {
+            if f.kind != codec::FRAME_METHOD {
+                return Err(AmqpError::channel_error(format!(
+                    "content frame on channel {id}, which is not open"
+                )));
+            }
+            return match codec::decode_method(&f.payload)? {
+                AMQPClass::Channel(channel::AMQPMethod::Open(_)) => {
+                    self.channels
+                        .insert(id, Channel::new(id, self.shared.clone()));
+                    self.send(
+                        id,
+                        AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
+                    );
+                    Ok(Flow::Continue)
+                }
+                m => Err(AmqpError::channel_error("expected 'channel.open'")
+                    .on_method(m.get_amqp_class_id(), m.get_amqp_method_id())),
+            };
+        };
+        if ch.closing {
+            if f.kind == codec::FRAME_METHOD {
+                match codec::method_ids(&f.payload) {
+                    Some((20, 41)) => {
+                        self.channels.remove(&id);
+                    }
+                    Some((20, 40)) => {
+                        self.channels.remove(&id);
+                        self.send(
+                            id,
+                            AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                        );
+                    }
+                    _ => {}
+                }
+            }
+            return Ok(Flow::Continue);
+        }
+        let result = match f.kind {
+            codec::FRAME_METHOD => {
+                if ch.expecting_content() {
+                    return Err(AmqpError::unexpected_frame(
+                        "expected content header for class 60, got non content header frame instead",
+                    ));
+                }
+                match codec::decode_method(&f.payload)? {
+                    AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
+                        ch.flush_confirms();
+                        ch.cleanup();
+                        self.channels.remove(&id);
+                        self.send(
+                            id,
+                            AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                        );
+                        return Ok(Flow::Continue);
+                    }
+                    AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => {
+                        return Ok(Flow::Continue);
+                    }
+                    AMQPClass::Connection(_) => {
+                        return Err(AmqpError::command_invalid(format!(
+                            "connection method on channel {id}"
+                        )));
+                    }
+                    m => {
+                        if matches!(
+                            m,
+                            AMQPClass::Basic(amq_protocol::protocol::basic::AMQPMethod::Publish(_))
+                        ) {
+                            self.has_published = true;
+                        }
+                        ch.handle_method(m)
+                    }
+                }
+            }
+            codec::FRAME_HEADER => {
+                let h = codec::decode_header(&f.payload)?;
+                ch.handle_header(h)
+            }
+            codec::FRAME_BODY => ch.handle_body(f.payload),
+            other => Err(AmqpError::frame_error(format!(
+                "unexpected frame type {other}"
+            ))),
+        };
+        if let Err(e) = result {
+            if e.is_hard() {
+                return Err(e);
+            }
+            debug!(channel = id, code = e.code, "channel error: {}", e.text);
+            ch.flush_confirms();
+            ch.cleanup();
+            ch.closing = true;
+            let m = AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+                reply_code: e.code,
+                reply_text: e.reply_text().into(),
+                class_id: e.class_id,
+                method_id: e.method_id,
+            }));
+            self.send(id, m);
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn connection_frame(&mut self, f: RawFrame) -> Result<Flow> {
+        if f.kind != codec::FRAME_METHOD {
+            return Err(AmqpError::command_invalid("content frame on channel 0"));
+        }
+        match codec::decode_method(&f.payload)? {
+            AMQPClass::Connection(connection::AMQPMethod::Close(c)) => {
+                debug!(code = c.reply_code, "client closed the connection");
+                self.cleanup();
+                self.send(
+                    0,
+                    AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
+                );
+                Ok(Flow::Exit("client closed the connection"))
+            }
+            AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)) => Ok(Flow::Exit("close-ok")),
+            AMQPClass::Connection(connection::AMQPMethod::Blocked(_))
+            | AMQPClass::Connection(connection::AMQPMethod::Unblocked(_)) => Ok(Flow::Continue),
+            AMQPClass::Connection(connection::AMQPMethod::UpdateSecret(_)) => Err(
+                AmqpError::not_implemented("connection.update-secret is not supported"),
+            ),
+            m => Err(AmqpError::command_invalid(format!(
+                "method {}.{} is not valid on channel 0 of an open connection",
+                m.get_amqp_class_id(),
+                m.get_amqp_method_id()
+            ))
+            .on_method(m.get_amqp_class_id(), m.get_amqp_method_id())),
+        }
+    }
+
+    /// Releases channels (requeueing unacked messages) and exclusive queues.
+    fn cleanup(&mut self) {
+        for (_, mut ch) in self.channels.drain() {
+            ch.cleanup();
+        }
+        self.shared.vhost.remove_exclusive_queues(self.shared.id);
+    }
+}

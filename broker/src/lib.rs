@@ -1,0 +1,24 @@
+//! Warren broker node: a RabbitMQ-compatible AMQP 0-9-1 broker.
+//!
+//! Map (see ARCHITECTURE.md): [`codec`] frames bytes; [`connection`] runs the handshake and a
+//! connection's reader/writer; [`channel`] handles methods; [`vhost`] holds exchanges, queues
+//! and bindings and routes; [`exchange`] matches bindings; [`queue::state`] is the queue state
+//! machine and [`queue`] its runtime; [`auth`] users and permissions; [`broker`] the node.
+
+pub mod auth;
+pub mod broker;
+pub mod channel;
+pub mod codec;
+pub mod config;
+pub mod connection;
+pub mod dead_letter;
+pub mod error;
+pub mod exchange;
+pub mod message;
+pub mod outbox;
+pub mod queue;
+pub mod server;
+pub mod vhost;
+
+pub use broker::Broker;
+pub use config::Config;

@@ -1,0 +1,491 @@
+//! A queue on this node: the deterministic [`state::QueueState`] plus what only a running node
+//! has — consumers, their credit, the connections deliveries are written to, timers, and the
+//! dead-lettering of what the state machine hands out.
+//!
+//! Concurrency: each queue sits behind one mutex, taken by whichever task acts on it (the
+//! publishing connection, the acking connection, the queue's timer, a writer that drained).
+//! Nothing awaits while holding it. Lock order is queue → channel deliveries → connection
+//! outbox; dead letters are routed only after the queue lock is released, so queues
+//! dead-lettering into each other cannot deadlock.
+
+pub mod args;
+pub mod state;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use amq_protocol::types::FieldTable;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::channel::ChannelShared;
+use crate::message::Message;
+use crate::vhost::Vhost;
+use args::QueueArgs;
+use state::{Command, DeadLetterReason, Effect, Millis, MsgId, QueueState, Settlement};
+
+/// Wall-clock milliseconds: the runtime's time source, passed into the state machine.
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A consumer attached to a queue.
+#[derive(Debug)]
+pub struct Consumer {
+    pub tag: String,
+    pub channel: Arc<ChannelShared>,
+    pub no_ack: bool,
+    /// Per-consumer prefetch (`basic.qos` with global=false); 0 is unlimited.
+    pub prefetch: u32,
+    pub unacked: AtomicU32,
+    pub priority: i32,
+    pub exclusive: bool,
+}
+
+impl Consumer {
+    fn has_credit(&self) -> bool {
+        if self.no_ack {
+            return true;
+        }
+        (self.prefetch == 0 || self.unacked.load(Ordering::Relaxed) < self.prefetch)
+            && self.channel.has_global_credit()
+    }
+}
+
+struct Inner {
+    state: QueueState,
+    /// Highest priority first; round-robin by moving the served consumer behind its peers.
+    /// For single-active-consumer queues, registration order (the first is active).
+    consumers: Vec<Arc<Consumer>>,
+    had_consumer: bool,
+    last_used: Millis,
+    fx: Vec<Effect>,
+}
+
+/// Dead letters collected under the lock, published after it is released.
+type Letters = Vec<(Arc<Message>, DeadLetterReason)>;
+
+pub struct Queue {
+    pub name: String,
+    pub durable: bool,
+    pub auto_delete: bool,
+    /// The connection that owns an exclusive queue.
+    pub exclusive_owner: Option<u64>,
+    pub arguments: FieldTable,
+    pub args: QueueArgs,
+    vhost: Weak<Vhost>,
+    me: Weak<Queue>,
+    inner: Mutex<Inner>,
+    timer: Arc<Notify>,
+    deleted: AtomicBool,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue").field("name", &self.name).finish()
+    }
+}
+
+/// What `basic.get` returns.
+pub struct GetResult {
+    pub id: MsgId,
+    pub msg: Arc<Message>,
+    pub redelivered: bool,
+    pub remaining: u32,
+}
+
+impl Queue {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: String,
+        durable: bool,
+        auto_delete: bool,
+        exclusive_owner: Option<u64>,
+        arguments: FieldTable,
+        args: QueueArgs,
+        vhost: Weak<Vhost>,
+    ) -> Arc<Self> {
+        let q = Arc::new_cyclic(|me| Queue {
+            name,
+            durable,
+            auto_delete,
+            exclusive_owner,
+            inner: Mutex::new(Inner {
+                state: QueueState::new(args.config.clone()),
+                consumers: Vec::new(),
+                had_consumer: false,
+                last_used: now_ms(),
+                fx: Vec::new(),
+            }),
+            arguments,
+            args,
+            vhost,
+            me: me.clone(),
+            timer: Arc::new(Notify::new()),
+            deleted: AtomicBool::new(false),
+        });
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::spawn(run_timer(Arc::downgrade(&q)));
+        }
+        q
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
+    }
+
+    pub fn message_count(&self) -> u32 {
+        self.inner.lock().state.ready_count() as u32
+    }
+
+    pub fn consumer_count(&self) -> u32 {
+        self.inner.lock().consumers.len() as u32
+    }
+
+    /// (ready, unacked, consumers)
+    pub fn counts(&self) -> (u64, u64, usize) {
+        let g = self.inner.lock();
+        (
+            g.state.ready_count(),
+            g.state.unacked_count(),
+            g.consumers.len(),
+        )
+    }
+
+    pub fn touch(&self) {
+        self.inner.lock().last_used = now_ms();
+        self.timer.notify_one();
+    }
+
+    /// Enqueues a routed message; false if the queue refused it (reject-publish overflow).
+    pub fn publish(&self, msg: Arc<Message>, now: Millis) -> bool {
+        if self.is_deleted() {
+            return true;
+        }
+        let mut letters = Letters::new();
+        let accepted;
+        let wake_timer;
+        {
+            let mut g = self.inner.lock();
+            let had_expiry = g.state.next_expiry();
+            let mut fx = std::mem::take(&mut g.fx);
+            g.state.apply(Command::Enqueue { msg }, now, &mut fx);
+            accepted = !fx.iter().any(|e| matches!(e, Effect::Refused));
+            collect_letters(&mut fx, &mut letters);
+            g.fx = fx;
+            self.deliver_ready(&mut g, now, &mut letters);
+            wake_timer = g.state.next_expiry().is_some() && g.state.next_expiry() != had_expiry;
+        }
+        if wake_timer {
+            self.timer.notify_one();
+        }
+        self.dead_letter(letters, now);
+        accepted
+    }
+
+    /// Delivers ready messages to consumers with credit, until either runs out.
+    fn deliver_ready(&self, g: &mut Inner, now: Millis, letters: &mut Letters) {
+        let Some(me) = self.me.upgrade() else { return };
+        let sac = self.args.single_active_consumer;
+        while g.state.ready_count() > 0 && !g.consumers.is_empty() {
+            let candidates = if sac { 1 } else { g.consumers.len() };
+            let Some(i) = (0..candidates).find(|&i| {
+                let c = &g.consumers[i];
+                c.has_credit() && c.channel.writable(&me)
+            }) else {
+                return;
+            };
+            let c = g.consumers[i].clone();
+            let mut fx = std::mem::take(&mut g.fx);
+            g.state
+                .apply(Command::Checkout { settled: c.no_ack }, now, &mut fx);
+            let mut delivered = None;
+            for e in fx.drain(..) {
+                match e {
+                    Effect::Delivery {
+                        id,
+                        msg,
+                        redelivered,
+                        ..
+                    } => delivered = Some((id, msg, redelivered)),
+                    Effect::DeadLetter { msg, reason } => letters.push((msg, reason)),
+                    _ => {}
+                }
+            }
+            g.fx = fx;
+            let Some((id, msg, redelivered)) = delivered else {
+                return;
+            };
+            if !c.channel.deliver(&c, &me, id, &msg, redelivered) && !c.no_ack {
+                // The channel closed under us: put the message back.
+                let mut fx = std::mem::take(&mut g.fx);
+                g.state.apply(
+                    Command::Settle {
+                        ids: vec![id],
+                        how: Settlement::Requeue,
+                    },
+                    now,
+                    &mut fx,
+                );
+                fx.clear();
+                g.fx = fx;
+            }
+            if !sac {
+                // Round-robin within the priority level.
+                let c = g.consumers.remove(i);
+                let pos = g.consumers.partition_point(|x| x.priority >= c.priority);
+                g.consumers.insert(pos, c);
+            }
+        }
+    }
+
+    /// Tries to deliver again (after credit was granted or a connection drained).
+    pub fn kick(&self) {
+        let now = now_ms();
+        let mut letters = Letters::new();
+        {
+            let mut g = self.inner.lock();
+            self.deliver_ready(&mut g, now, &mut letters);
+        }
+        self.dead_letter(letters, now);
+    }
+
+    pub fn settle(&self, ids: Vec<MsgId>, how: Settlement) {
+        if self.is_deleted() {
+            return;
+        }
+        let now = now_ms();
+        let mut letters = Letters::new();
+        {
+            let mut g = self.inner.lock();
+            let mut fx = std::mem::take(&mut g.fx);
+            g.state.apply(Command::Settle { ids, how }, now, &mut fx);
+            collect_letters(&mut fx, &mut letters);
+            g.fx = fx;
+            self.deliver_ready(&mut g, now, &mut letters);
+        }
+        if how == Settlement::Requeue {
+            self.timer.notify_one();
+        }
+        self.dead_letter(letters, now);
+    }
+
+    /// `basic.get`.
+    pub fn get(&self, no_ack: bool) -> Option<GetResult> {
+        let now = now_ms();
+        let mut letters = Letters::new();
+        let mut result = None;
+        {
+            let mut g = self.inner.lock();
+            g.last_used = now;
+            let mut fx = std::mem::take(&mut g.fx);
+            g.state
+                .apply(Command::Checkout { settled: no_ack }, now, &mut fx);
+            for e in fx.drain(..) {
+                match e {
+                    Effect::Delivery {
+                        id,
+                        msg,
+                        redelivered,
+                        remaining,
+                    } => {
+                        result = Some(GetResult {
+                            id,
+                            msg,
+                            redelivered,
+                            remaining,
+                        })
+                    }
+                    Effect::DeadLetter { msg, reason } => letters.push((msg, reason)),
+                    _ => {}
+                }
+            }
+            g.fx = fx;
+        }
+        self.timer.notify_one();
+        self.dead_letter(letters, now);
+        result
+    }
+
+    pub fn purge(&self) -> u32 {
+        let mut g = self.inner.lock();
+        let mut fx = Vec::new();
+        g.state.apply(Command::Purge, now_ms(), &mut fx);
+        fx.iter()
+            .find_map(|e| match e {
+                Effect::Purged { count } => Some(*count),
+                _ => None,
+            })
+            .unwrap_or(0)
+    }
+
+    pub fn has_exclusive_consumer(&self) -> bool {
+        self.inner.lock().consumers.iter().any(|c| c.exclusive)
+    }
+
+    /// Attaches a consumer. 403 if exclusivity forbids it.
+    pub fn add_consumer(&self, c: Arc<Consumer>) -> crate::error::Result<()> {
+        let mut g = self.inner.lock();
+        if c.exclusive && !g.consumers.is_empty() || g.consumers.iter().any(|x| x.exclusive) {
+            return Err(crate::error::AmqpError::access_refused(format!(
+                "queue '{}' in vhost '{}' in exclusive use",
+                self.name,
+                self.vhost_name()
+            )));
+        }
+        g.had_consumer = true;
+        if self.args.single_active_consumer {
+            g.consumers.push(c);
+        } else {
+            let pos = g.consumers.partition_point(|x| x.priority >= c.priority);
+            g.consumers.insert(pos, c);
+        }
+        Ok(())
+    }
+
+    /// Detaches a consumer; true if it was the last one of an auto-delete queue (which the
+    /// caller then deletes).
+    pub fn remove_consumer(&self, tag: &str, channel: &Arc<ChannelShared>) -> bool {
+        let mut g = self.inner.lock();
+        g.consumers
+            .retain(|c| !(c.tag == tag && Arc::ptr_eq(&c.channel, channel)));
+        g.last_used = now_ms();
+        let last = g.consumers.is_empty();
+        drop(g);
+        self.timer.notify_one();
+        if !last {
+            // A single-active-consumer queue promotes the next consumer.
+            self.kick();
+        }
+        last && self.auto_delete && !self.is_deleted()
+    }
+
+    /// Marks the queue deleted and tells its consumers (server-sent `basic.cancel`).
+    /// Returns the number of ready messages dropped.
+    pub fn mark_deleted(&self) -> u32 {
+        self.deleted.store(true, Ordering::Release);
+        let (count, consumers) = {
+            let mut g = self.inner.lock();
+            let count = g.state.ready_count() as u32;
+            let mut fx = Vec::new();
+            g.state.apply(Command::Purge, now_ms(), &mut fx);
+            (count, std::mem::take(&mut g.consumers))
+        };
+        for c in consumers {
+            c.channel.consumer_cancelled_by_server(&c.tag);
+        }
+        self.timer.notify_one();
+        count
+    }
+
+    fn vhost_name(&self) -> String {
+        self.vhost
+            .upgrade()
+            .map(|v| v.name.clone())
+            .unwrap_or_default()
+    }
+
+    /// Routes dead letters through the queue's dead-letter exchange.
+    fn dead_letter(&self, letters: Letters, now: Millis) {
+        if letters.is_empty() {
+            return;
+        }
+        let Some(vhost) = self.vhost.upgrade() else {
+            return;
+        };
+        let (dlx, dlrk) = {
+            let g = self.inner.lock();
+            let c = g.state.config();
+            (
+                c.dead_letter_exchange.clone(),
+                c.dead_letter_routing_key.clone(),
+            )
+        };
+        let Some(dlx) = dlx else { return };
+        for (msg, reason) in letters {
+            let (dead, keys) = crate::dead_letter::dead_letter(
+                &msg,
+                &self.name,
+                reason,
+                now / 1000,
+                &dlx,
+                dlrk.as_deref(),
+            );
+            let dead = Arc::new(dead);
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            let Ok(targets) = vhost.route(&dlx, &keys, dead.headers()) else {
+                tracing::debug!(queue = %self.name, dlx = %dlx, "dead-letter exchange missing; message dropped");
+                continue;
+            };
+            for t in targets {
+                if crate::dead_letter::is_cycle(&dead, &t.name) {
+                    continue;
+                }
+                t.publish(dead.clone(), now);
+            }
+        }
+    }
+
+    /// Expires messages and the queue itself; returns when the timer should next fire.
+    fn on_timer(&self) -> Option<Millis> {
+        let now = now_ms();
+        let mut letters = Letters::new();
+        let (next, expire_queue) = {
+            let mut g = self.inner.lock();
+            let mut fx = std::mem::take(&mut g.fx);
+            g.state.apply(Command::Expire, now, &mut fx);
+            collect_letters(&mut fx, &mut letters);
+            g.fx = fx;
+            let queue_deadline = match self.args.expires {
+                Some(e) if g.consumers.is_empty() => Some(g.last_used + e),
+                _ => None,
+            };
+            let expire_queue = queue_deadline.is_some_and(|d| now >= d);
+            let next = match (g.state.next_expiry().map(|t| t + 1), queue_deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            (next, expire_queue)
+        };
+        self.dead_letter(letters, now);
+        if expire_queue && let Some(v) = self.vhost.upgrade() {
+            tracing::debug!(queue = %self.name, "queue expired (x-expires)");
+            v.remove_queue(&self.name);
+            return None;
+        }
+        next
+    }
+}
+
+fn collect_letters(fx: &mut Vec<Effect>, letters: &mut Letters) {
+    for e in fx.drain(..) {
+        if let Effect::DeadLetter { msg, reason } = e {
+            letters.push((msg, reason));
+        }
+    }
+}
+
+/// One timer task per queue: message TTL and queue expiry. Holds only a weak reference, so a
+/// deleted queue's task ends.
+async fn run_timer(q: Weak<Queue>) {
+    loop {
+        let (next, timer) = {
+            let Some(q) = q.upgrade() else { return };
+            if q.is_deleted() {
+                return;
+            }
+            (q.on_timer(), q.timer.clone())
+        };
+        // Re-check at least every few seconds, so a queue dropped without being marked
+        // deleted still ends its task.
+        let wait = match next {
+            Some(at) => at.saturating_sub(now_ms()).clamp(1, 5_000),
+            None => 5_000,
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(wait), timer.notified()).await;
+    }
+}

@@ -1,0 +1,474 @@
+//! A virtual host: its exchanges, queues and bindings, and routing across them.
+//!
+//! Routing follows exchange-to-exchange bindings and alternate exchanges, visiting each
+//! exchange once, and returns each queue once however many paths lead to it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Weak};
+
+use amq_protocol::types::FieldTable;
+use parking_lot::{Mutex, RwLock};
+
+use crate::channel::ChannelShared;
+use crate::error::{AmqpError, Result};
+use crate::exchange::{Binding, Destination, Exchange, ExchangeKind};
+use crate::queue::Queue;
+use crate::queue::args::{self, QueueArgs};
+
+/// Pre-declared exchanges of every vhost.
+const STANDARD_EXCHANGES: &[(&str, ExchangeKind)] = &[
+    ("", ExchangeKind::Direct),
+    ("amq.direct", ExchangeKind::Direct),
+    ("amq.fanout", ExchangeKind::Fanout),
+    ("amq.topic", ExchangeKind::Topic),
+    ("amq.headers", ExchangeKind::Headers),
+    ("amq.match", ExchangeKind::Headers),
+];
+
+pub const REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+pub struct Vhost {
+    pub name: String,
+    exchanges: RwLock<HashMap<String, Arc<Exchange>>>,
+    queues: RwLock<HashMap<String, Arc<Queue>>>,
+    /// Direct reply-to consumers by token.
+    reply_consumers: Mutex<HashMap<String, (Weak<ChannelShared>, String)>>,
+    me: Weak<Vhost>,
+}
+
+/// Properties of a queue being declared.
+pub struct QueueSpec<'a> {
+    pub name: &'a str,
+    pub durable: bool,
+    pub exclusive_owner: Option<u64>,
+    pub auto_delete: bool,
+    pub arguments: &'a FieldTable,
+}
+
+impl Vhost {
+    pub fn new(name: &str) -> Arc<Self> {
+        let v = Arc::new_cyclic(|me| Vhost {
+            name: name.to_owned(),
+            exchanges: RwLock::new(HashMap::new()),
+            queues: RwLock::new(HashMap::new()),
+            reply_consumers: Mutex::new(HashMap::new()),
+            me: me.clone(),
+        });
+        {
+            let mut ex = v.exchanges.write();
+            for (n, k) in STANDARD_EXCHANGES {
+                ex.insert(
+                    (*n).to_owned(),
+                    Arc::new(Exchange::new(
+                        n,
+                        *k,
+                        true,
+                        false,
+                        false,
+                        FieldTable::default(),
+                    )),
+                );
+            }
+        }
+        v
+    }
+
+    fn no_exchange(&self, name: &str) -> AmqpError {
+        AmqpError::not_found(format!("no exchange '{name}' in vhost '{}'", self.name))
+    }
+
+    fn no_queue(&self, name: &str) -> AmqpError {
+        AmqpError::not_found(format!("no queue '{name}' in vhost '{}'", self.name))
+    }
+
+    pub fn exchange(&self, name: &str) -> Option<Arc<Exchange>> {
+        self.exchanges.read().get(name).cloned()
+    }
+
+    pub fn queue(&self, name: &str) -> Option<Arc<Queue>> {
+        self.queues.read().get(name).cloned()
+    }
+
+    pub fn queues(&self) -> Vec<Arc<Queue>> {
+        self.queues.read().values().cloned().collect()
+    }
+
+    pub fn exchanges(&self) -> Vec<Arc<Exchange>> {
+        self.exchanges.read().values().cloned().collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn declare_exchange(
+        &self,
+        name: &str,
+        kind: &str,
+        passive: bool,
+        durable: bool,
+        auto_delete: bool,
+        internal: bool,
+        arguments: &FieldTable,
+    ) -> Result<()> {
+        if passive {
+            return self
+                .exchange(name)
+                .map(|_| ())
+                .ok_or_else(|| self.no_exchange(name));
+        }
+        let Some(k) = ExchangeKind::parse(kind) else {
+            return Err(AmqpError::command_invalid(format!(
+                "unknown exchange type '{kind}'"
+            )));
+        };
+        let mut all = self.exchanges.write();
+        if let Some(e) = all.get(name) {
+            let mismatch = |arg: &str, got: String, current: String| {
+                AmqpError::precondition(format!(
+                    "inequivalent arg '{arg}' for exchange '{name}' in vhost '{}': received '{got}' but current is '{current}'",
+                    self.name
+                ))
+            };
+            if e.kind != k {
+                return Err(mismatch("type", k.as_str().into(), e.kind.as_str().into()));
+            }
+            if e.durable != durable {
+                return Err(mismatch(
+                    "durable",
+                    durable.to_string(),
+                    e.durable.to_string(),
+                ));
+            }
+            if e.auto_delete != auto_delete {
+                return Err(mismatch(
+                    "auto_delete",
+                    auto_delete.to_string(),
+                    e.auto_delete.to_string(),
+                ));
+            }
+            if e.internal != internal {
+                return Err(mismatch(
+                    "internal",
+                    internal.to_string(),
+                    e.internal.to_string(),
+                ));
+            }
+            let new_ae = Exchange::new(name, k, durable, auto_delete, internal, arguments.clone())
+                .alternate_exchange();
+            if e.alternate_exchange() != new_ae {
+                return Err(mismatch(
+                    "alternate-exchange",
+                    new_ae.unwrap_or_default(),
+                    e.alternate_exchange().unwrap_or_default(),
+                ));
+            }
+            return Ok(());
+        }
+        all.insert(
+            name.to_owned(),
+            Arc::new(Exchange::new(
+                name,
+                k,
+                durable,
+                auto_delete,
+                internal,
+                arguments.clone(),
+            )),
+        );
+        Ok(())
+    }
+
+    /// Deletes an exchange and every binding to or from it. Deleting a missing exchange is
+    /// not an error (RabbitMQ ≥ 3.x behaves the same).
+    pub fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<()> {
+        let mut all = self.exchanges.write();
+        let Some(e) = all.get(name).cloned() else {
+            return Ok(());
+        };
+        if if_unused && !e.bindings.read().is_empty() {
+            return Err(AmqpError::precondition(format!(
+                "exchange '{name}' in vhost '{}' in use",
+                self.name
+            )));
+        }
+        all.remove(name);
+        let dest = Destination::Exchange(name.to_owned());
+        for other in all.values() {
+            other.bindings.write().remove_destination(&dest);
+        }
+        Ok(())
+    }
+
+    /// Binds `source` to a queue or exchange. Missing source or destination: 404.
+    pub fn bind(
+        &self,
+        source: &str,
+        dest: Destination,
+        routing_key: &str,
+        args: &FieldTable,
+    ) -> Result<()> {
+        if source.is_empty() || matches!(&dest, Destination::Exchange(n) if n.is_empty()) {
+            return Err(AmqpError::access_refused(format!(
+                "operation not permitted on the default exchange"
+            )));
+        }
+        let src = self
+            .exchange(source)
+            .ok_or_else(|| self.no_exchange(source))?;
+        match &dest {
+            Destination::Queue(q) => {
+                self.queue(q).ok_or_else(|| self.no_queue(q))?;
+            }
+            Destination::Exchange(x) => {
+                self.exchange(x).ok_or_else(|| self.no_exchange(x))?;
+            }
+        }
+        src.bindings.write().add(Binding {
+            destination: dest,
+            routing_key: routing_key.to_owned(),
+            arguments: args.clone(),
+        });
+        Ok(())
+    }
+
+    pub fn unbind(
+        &self,
+        source: &str,
+        dest: Destination,
+        routing_key: &str,
+        args: &FieldTable,
+    ) -> Result<()> {
+        if source.is_empty() || matches!(&dest, Destination::Exchange(n) if n.is_empty()) {
+            return Err(AmqpError::access_refused(
+                "operation not permitted on the default exchange",
+            ));
+        }
+        let src = self
+            .exchange(source)
+            .ok_or_else(|| self.no_exchange(source))?;
+        match &dest {
+            Destination::Queue(q) => {
+                self.queue(q).ok_or_else(|| self.no_queue(q))?;
+            }
+            Destination::Exchange(x) => {
+                self.exchange(x).ok_or_else(|| self.no_exchange(x))?;
+            }
+        }
+        let removed = src.bindings.write().remove(&Binding {
+            destination: dest,
+            routing_key: routing_key.to_owned(),
+            arguments: args.clone(),
+        });
+        if removed {
+            self.auto_delete_exchange(&src);
+        }
+        Ok(())
+    }
+
+    /// An auto-delete exchange goes when its last binding goes.
+    fn auto_delete_exchange(&self, e: &Arc<Exchange>) {
+        if e.auto_delete && e.bindings.read().is_empty() {
+            let _ = self.delete_exchange(&e.name, true);
+        }
+    }
+
+    /// Declares a queue, or checks an existing one. Returns it and whether it was created.
+    pub fn declare_queue(&self, spec: QueueSpec<'_>) -> Result<(Arc<Queue>, bool)> {
+        let mut all = self.queues.write();
+        if let Some(q) = all.get(spec.name) {
+            self.check_exclusive(q, spec.exclusive_owner)?;
+            let mismatch = |arg: &str, got: bool, current: bool| {
+                AmqpError::precondition(format!(
+                    "inequivalent arg '{arg}' for queue '{}' in vhost '{}': received '{got}' but current is '{current}'",
+                    spec.name, self.name
+                ))
+            };
+            if q.durable != spec.durable {
+                return Err(mismatch("durable", spec.durable, q.durable));
+            }
+            if q.exclusive_owner.is_some() != spec.exclusive_owner.is_some() {
+                return Err(mismatch(
+                    "exclusive",
+                    spec.exclusive_owner.is_some(),
+                    q.exclusive_owner.is_some(),
+                ));
+            }
+            if q.auto_delete != spec.auto_delete {
+                return Err(mismatch("auto_delete", spec.auto_delete, q.auto_delete));
+            }
+            args::check_equivalent(&q.arguments, spec.arguments, spec.name, &self.name)?;
+            q.touch();
+            return Ok((q.clone(), false));
+        }
+        let parsed: QueueArgs = args::parse(spec.arguments, spec.name, &self.name)?;
+        let q = Queue::new(
+            spec.name.to_owned(),
+            spec.durable,
+            spec.auto_delete,
+            spec.exclusive_owner,
+            spec.arguments.clone(),
+            parsed,
+            self.me.clone(),
+        );
+        all.insert(spec.name.to_owned(), q.clone());
+        Ok((q, true))
+    }
+
+    /// 405 if `q` is exclusive to another connection.
+    pub fn check_exclusive(&self, q: &Queue, conn: Option<u64>) -> Result<()> {
+        match q.exclusive_owner {
+            Some(owner) if Some(owner) != conn => Err(AmqpError::resource_locked(format!(
+                "cannot obtain exclusive access to locked queue '{}' in vhost '{}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
+                q.name, self.name
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Looks a queue up for a connection: 404 if missing, 405 if exclusive elsewhere.
+    pub fn queue_for(&self, name: &str, conn: u64) -> Result<Arc<Queue>> {
+        let q = self.queue(name).ok_or_else(|| self.no_queue(name))?;
+        self.check_exclusive(&q, Some(conn))?;
+        Ok(q)
+    }
+
+    /// `queue.delete`: returns the number of messages deleted. A missing queue is not an error.
+    pub fn delete_queue(
+        &self,
+        name: &str,
+        conn: u64,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> Result<u32> {
+        let Some(q) = self.queue(name) else {
+            return Ok(0);
+        };
+        self.check_exclusive(&q, Some(conn))?;
+        let (ready, _, consumers) = q.counts();
+        if if_unused && consumers > 0 {
+            return Err(AmqpError::precondition(format!(
+                "queue '{name}' in vhost '{}' in use",
+                self.name
+            )));
+        }
+        if if_empty && ready > 0 {
+            return Err(AmqpError::precondition(format!(
+                "queue '{name}' in vhost '{}' is not empty",
+                self.name
+            )));
+        }
+        Ok(self.remove_queue(name))
+    }
+
+    /// Removes a queue, its bindings, and auto-delete exchanges left without bindings.
+    pub fn remove_queue(&self, name: &str) -> u32 {
+        let Some(q) = self.queues.write().remove(name) else {
+            return 0;
+        };
+        let count = q.mark_deleted();
+        let dest = Destination::Queue(name.to_owned());
+        let touched: Vec<Arc<Exchange>> = self
+            .exchanges
+            .read()
+            .values()
+            .filter(|e| e.bindings.write().remove_destination(&dest))
+            .cloned()
+            .collect();
+        for e in touched {
+            self.auto_delete_exchange(&e);
+        }
+        count
+    }
+
+    /// Deletes the exclusive queues of a closed connection.
+    pub fn remove_exclusive_queues(&self, conn: u64) {
+        let names: Vec<String> = self
+            .queues
+            .read()
+            .values()
+            .filter(|q| q.exclusive_owner == Some(conn))
+            .map(|q| q.name.clone())
+            .collect();
+        for n in names {
+            self.remove_queue(&n);
+        }
+    }
+
+    /// The queues a message published to `exchange` with these routing keys reaches.
+    /// Err if the exchange does not exist.
+    pub fn route(
+        &self,
+        exchange: &str,
+        routing_keys: &[&str],
+        headers: Option<&FieldTable>,
+    ) -> Result<Vec<Arc<Queue>>> {
+        let queues = self.queues.read();
+        let exchanges = self.exchanges.read();
+        if exchange.is_empty() {
+            // The default exchange: every queue is bound by its own name.
+            let mut out: Vec<Arc<Queue>> = Vec::with_capacity(routing_keys.len());
+            for k in routing_keys {
+                if let Some(q) = queues.get(*k)
+                    && !out.iter().any(|x| Arc::ptr_eq(x, q))
+                {
+                    out.push(q.clone());
+                }
+            }
+            return Ok(out);
+        }
+        let start = exchanges
+            .get(exchange)
+            .ok_or_else(|| self.no_exchange(exchange))?;
+        let mut out: Vec<Arc<Queue>> = Vec::new();
+        let mut visited: HashSet<String> = HashSet::new();
+        let mut pending = vec![start.clone()];
+        let mut dests = Vec::new();
+        while let Some(ex) = pending.pop() {
+            if !visited.insert(ex.name.clone()) {
+                continue;
+            }
+            dests.clear();
+            ex.bindings
+                .read()
+                .matching(ex.kind, routing_keys, headers, &mut dests);
+            if dests.is_empty()
+                && let Some(ae) = ex.alternate_exchange()
+                && let Some(ae) = exchanges.get(&ae)
+            {
+                pending.push(ae.clone());
+            }
+            for d in dests.drain(..) {
+                match d {
+                    Destination::Queue(n) => {
+                        if let Some(q) = queues.get(&n)
+                            && !out.iter().any(|x| Arc::ptr_eq(x, q))
+                        {
+                            out.push(q.clone());
+                        }
+                    }
+                    Destination::Exchange(n) => {
+                        if let Some(e) = exchanges.get(&n) {
+                            pending.push(e.clone());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn register_reply_consumer(&self, token: &str, ch: &Arc<ChannelShared>, tag: &str) {
+        self.reply_consumers
+            .lock()
+            .insert(token.to_owned(), (Arc::downgrade(ch), tag.to_owned()));
+    }
+
+    pub fn unregister_reply_consumer(&self, token: &str) {
+        self.reply_consumers.lock().remove(token);
+    }
+
+    /// The channel and consumer tag behind a direct reply-to address.
+    pub fn reply_consumer(&self, token: &str) -> Option<(Arc<ChannelShared>, String)> {
+        let g = self.reply_consumers.lock();
+        let (w, tag) = g.get(token)?;
+        Some((w.upgrade()?, tag.clone()))
+    }
+}

@@ -1,0 +1,1 @@
+//! End-to-end test harness for Warren (multi-node clusters, Kubernetes control plane). Filled in by later issues.

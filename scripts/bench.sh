@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# Throughput/latency benchmark: Warren beside RabbitMQ, in the same run.
+#
+# How to run (from anywhere in the checkout):
+#
+#   scripts/bench.sh                       # 30 s per case, both brokers
+#   BENCH_SECONDS=10 scripts/bench.sh      # shorter cases
+#   BENCH_ONLY=rabbitmq scripts/bench.sh   # only one side (warren | rabbitmq)
+#   BENCH_SIZES="16 1024 4096" scripts/bench.sh
+#   BENCH_RATE=5000 scripts/bench.sh       # fixed publish rate (msg/s) instead of
+#                                          # flat out; latency at a known load
+#
+# What it does: installs deps (scripts/deps.sh rabbitmq perftest), builds
+# `cargo build --release -p warren-broker`, starts Warren on a free port with a
+# temp data dir, starts the reference RabbitMQ (scripts/rabbitmq-ref.sh, port
+# 5673), then for each message size runs RabbitMQ PerfTest against each broker
+# one after the other:
+#
+#   1 producer, 1 consumer, consumer autoack, transient (non-persistent)
+#   messages, server-named exclusive queue, BENCH_SECONDS per case,
+#   consumer latency measured by PerfTest (timestamp in the message body).
+#
+# From PerfTest's summary it takes "receiving rate avg" (msg/s) and the consumer
+# latency percentiles, prints a markdown table with Warren/RabbitMQ ratios, and
+# saves it with the raw PerfTest output to bench-results/<timestamp>/.
+# Producer and consumer run flat out unless BENCH_RATE is set, so latency is
+# latency under saturation (queueing included). Broker, PerfTest and the build
+# share this machine's cores: compare the ratios, not the absolute numbers.
+# The reference RabbitMQ is left as it was found (stopped if bench started it).
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$WARREN_ROOT"
+
+SECONDS_PER_CASE="${BENCH_SECONDS:-30}"
+SIZES="${BENCH_SIZES:-16 1024}"
+ONLY="${BENCH_ONLY:-}"
+RATE="${BENCH_RATE:-}"
+case "$ONLY" in "" | warren | rabbitmq) ;; *) die "BENCH_ONLY must be warren or rabbitmq" ;; esac
+BROKERS=()
+[ "$ONLY" = rabbitmq ] || BROKERS+=(warren)
+[ "$ONLY" = warren ] || BROKERS+=(rabbitmq)
+
+STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
+OUT="$WARREN_ROOT/bench-results/$STAMP"
+mkdir -p "$OUT"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/warren-bench.XXXXXX")"
+WARREN_PID=""
+REF_STARTED=""
+
+cleanup() {
+    local rc=$?
+    [ -n "$WARREN_PID" ] && stop_warren "$WARREN_PID"
+    if [ -n "$REF_STARTED" ]; then
+        "$WARREN_ROOT/scripts/rabbitmq-ref.sh" stop || true
+    fi
+    rm -rf "$WORK"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+header "dependencies"
+"$WARREN_ROOT/scripts/deps.sh" rabbitmq perftest
+
+declare -A URL
+if [[ " ${BROKERS[*]} " == *" warren "* ]]; then
+    header "cargo build --release -p warren-broker"
+    cargo build --release -p warren-broker
+    BIN="$(cargo_target_dir)/release/warren-broker"
+    PORT="$(free_port)"
+    header "start warren on 127.0.0.1:$PORT"
+    start_warren "$BIN" "$PORT" "$WORK/warren-data" "$OUT/warren.log"
+    URL[warren]="amqp://guest:guest@127.0.0.1:$PORT/%2f"
+fi
+if [[ " ${BROKERS[*]} " == *" rabbitmq "* ]]; then
+    header "start reference rabbitmq"
+    if ! "$WARREN_ROOT/scripts/rabbitmq-ref.sh" status 2>/dev/null; then
+        REF_STARTED=1
+    fi
+    URL[rabbitmq]="$("$WARREN_ROOT/scripts/rabbitmq-ref.sh" start)"
+fi
+
+java -jar "$PERFTEST_JAR" --version 2>/dev/null | head -n1 | sed 's/\x1b\[[0-9;]*m//g' >"$OUT/perftest-version.txt"
+PT_VERSION="$(cat "$OUT/perftest-version.txt")"
+
+# results: RES[broker,size,field]
+declare -A RES
+for size in $SIZES; do
+    for broker in "${BROKERS[@]}"; do
+        header "PerfTest: $broker, ${size} B, ${SECONDS_PER_CASE} s"
+        log="$OUT/perftest-$broker-$size.txt"
+        args=(-h "${URL[$broker]}" -x 1 -y 1 -s "$size" -a -z "$SECONDS_PER_CASE"
+            -o "$OUT/perftest-$broker-$size.csv")
+        [ -n "$RATE" ] && args+=(-r "$RATE")
+        echo "java -jar $PERFTEST_JAR ${args[*]}" | tee "$log"
+        # PerfTest stops itself after -z seconds; the timeout is a backstop.
+        if ! timeout "$((SECONDS_PER_CASE + 60))" java -jar "$PERFTEST_JAR" "${args[@]}" 2>&1 |
+            sed 's/\x1b\[[0-9;]*m//g' | tee -a "$log" | grep -E 'time [0-9.]+ s|rate avg|latency min'; then
+            die "PerfTest against $broker (size $size) failed; see $log"
+        fi
+        # Summary lines (PerfTest 2.x):
+        #   id: X, receiving rate avg: 12847 msg/s
+        #   id: X, consumer latency min/median/75th/95th/99th 1784/146237/396403/740283/845222 µs
+        recv="$(grep -oE 'receiving rate avg: [0-9]+' "$log" | tail -n1 | grep -oE '[0-9]+$' || true)"
+        sent="$(grep -oE 'sending rate avg: [0-9]+' "$log" | tail -n1 | grep -oE '[0-9]+$' || true)"
+        lat="$(grep -oE 'consumer latency min/median/75th/95th/99th [0-9/]+ [µm]s' "$log" | tail -n1 || true)"
+        [ -n "$recv" ] && [ -n "$lat" ] || die "could not parse PerfTest summary in $log"
+        unit="$(echo "$lat" | awk '{print $NF}')"
+        nums="$(echo "$lat" | awk '{print $(NF-1)}')"
+        p50="$(echo "$nums" | cut -d/ -f2)"
+        p99="$(echo "$nums" | cut -d/ -f5)"
+        if [ "$unit" = ms ]; then p50=$((p50 * 1000)); p99=$((p99 * 1000)); fi
+        RES[$broker,$size,recv]="$recv"
+        RES[$broker,$size,sent]="${sent:-?}"
+        RES[$broker,$size,p50]="$p50" # microseconds
+        RES[$broker,$size,p99]="$p99" # microseconds
+        # Let the broker drain and settle between cases.
+        sleep 2
+    done
+done
+
+fmt_us() { # microseconds -> human
+    awk -v u="$1" 'BEGIN { if (u >= 1000000) printf "%.2f s", u/1e6; else if (u >= 1000) printf "%.1f ms", u/1e3; else printf "%d µs", u }'
+}
+ratio() { # a/b with 2 decimals, or n/a
+    awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a/b; else print "n/a" }'
+}
+
+report="$OUT/results.md"
+{
+    echo "# Warren vs RabbitMQ — PerfTest, $STAMP"
+    echo
+    echo "- command: \`BENCH_SECONDS=$SECONDS_PER_CASE BENCH_SIZES=\"$SIZES\"${ONLY:+ BENCH_ONLY=$ONLY}${RATE:+ BENCH_RATE=$RATE} scripts/bench.sh\`"
+    echo "- load: PerfTest 1 producer / 1 consumer, autoack, transient messages, ${SECONDS_PER_CASE} s per case, publish rate ${RATE:-unlimited}"
+    echo "- tool: $PT_VERSION; reference: RabbitMQ $(dpkg-query -W -f='${Version}' rabbitmq-server 2>/dev/null || echo '?') (Debian)"
+    echo "- host: $(nproc) cores, $(uname -sr); git $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
+    echo
+    echo "| broker | size (B) | send rate (msg/s) | receive rate (msg/s) | p50 latency | p99 latency |"
+    echo "|---|---:|---:|---:|---:|---:|"
+    for size in $SIZES; do
+        for broker in "${BROKERS[@]}"; do
+            echo "| $broker | $size | ${RES[$broker,$size,sent]} | ${RES[$broker,$size,recv]} | $(fmt_us "${RES[$broker,$size,p50]}") | $(fmt_us "${RES[$broker,$size,p99]}") |"
+        done
+    done
+    if [ ${#BROKERS[@]} = 2 ]; then
+        echo
+        echo "| size (B) | receive rate Warren/RabbitMQ (higher is better) | p99 latency Warren/RabbitMQ (lower is better) |"
+        echo "|---:|---:|---:|"
+        for size in $SIZES; do
+            echo "| $size | $(ratio "${RES[warren,$size,recv]}" "${RES[rabbitmq,$size,recv]}") | $(ratio "${RES[warren,$size,p99]}" "${RES[rabbitmq,$size,p99]}") |"
+        done
+    fi
+} >"$report"
+
+header "results ($report)"
+cat "$report"

@@ -1,0 +1,85 @@
+# shellcheck shell=bash
+# Shared helpers for scripts/*.sh. Source it; it does not run anything.
+
+# Repository root (scripts/..), absolute.
+WARREN_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# Cache outside the checkout (PerfTest, CI target dir).
+WARREN_CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/warren"
+# PerfTest: latest 2.x on Maven Central. Maven Central carries only the thin
+# jar (the uber jar is published on GitHub releases only), so deps.sh fetches
+# the thin jar plus its runtime dependencies into lib/ and writes a launcher
+# jar whose manifest has Main-Class and Class-Path; `java -jar` runs it.
+PERFTEST_VERSION="${PERFTEST_VERSION:-2.22.1}"
+PERFTEST_DIR="$WARREN_CACHE/perf-test-$PERFTEST_VERSION"
+PERFTEST_JAR="$PERFTEST_DIR/perf-test-$PERFTEST_VERSION-with-dependencies.jar"
+
+# Python venv with pika/pytest (gitignored).
+WARREN_VENV="$WARREN_ROOT/.deps/venv"
+
+header() {
+    printf '\n\033[1m==== %s ====\033[0m\n' "$*"
+}
+
+die() {
+    printf '\033[31mERROR: %s\033[0m\n' "$*" >&2
+    exit 1
+}
+
+# Print a TCP port that is free on 127.0.0.1 right now.
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+# true if something accepts TCP connections on 127.0.0.1:$1
+port_open() {
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# Absolute path of the cargo target dir (honours CARGO_TARGET_DIR, relative
+# values are relative to the repository root where cargo runs).
+cargo_target_dir() {
+    local d="${CARGO_TARGET_DIR:-target}"
+    case "$d" in
+    /*) echo "$d" ;;
+    *) echo "$WARREN_ROOT/$d" ;;
+    esac
+}
+
+# start_warren BINARY PORT DATA_DIR LOG_FILE
+# Starts the broker in the background, sets WARREN_PID, waits until the AMQP
+# port accepts connections (30 s), fails loudly (with the log) otherwise.
+start_warren() {
+    local bin="$1" port="$2" data="$3" logf="$4"
+    [ -x "$bin" ] || die "Warren binary not found at $bin (did cargo build succeed? CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-<unset>})"
+    mkdir -p "$data"
+    "$bin" --amqp-listen "127.0.0.1:$port" --data-dir "$data" --log-level info >"$logf" 2>&1 &
+    WARREN_PID=$!
+    local i
+    for i in $(seq 1 300); do
+        if ! kill -0 "$WARREN_PID" 2>/dev/null; then
+            echo "---- warren log ($logf) ----" >&2
+            tail -n 50 "$logf" >&2 || true
+            die "warren-broker exited during startup"
+        fi
+        if port_open "$port"; then
+            echo "warren-broker pid $WARREN_PID listening on 127.0.0.1:$port (data $data, log $logf)"
+            return 0
+        fi
+        sleep 0.1
+    done
+    tail -n 50 "$logf" >&2 || true
+    die "warren-broker did not listen on 127.0.0.1:$port within 30 s"
+}
+
+# stop_warren PID: SIGTERM, then SIGKILL after 10 s.
+stop_warren() {
+    local pid="$1" i
+    kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 1 100); do
+        kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}

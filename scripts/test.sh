@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# The single test command: every tier except benchmarks.
+#
+#   scripts/test.sh
+#
+# 1. scripts/deps.sh (Debian rabbitmq-server, .deps/venv with pika+pytest,
+#    npm packages, PerfTest)
+# 2. cargo test --workspace
+# 3. cargo build -p warren-broker
+# 4. Python client suite (pika):  tests/clients/python   against a fresh Warren
+# 5. Node client suite (amqplib): tests/clients/node     against a fresh Warren
+# 6. differential suite: tests/differential/run.py, a fresh Warren vs the
+#    reference RabbitMQ (scripts/rabbitmq-ref.sh, wiped before start)
+#
+# Each Warren runs on a free 127.0.0.1 port with a temp data dir; suites get
+# AMQP_URL=amqp://guest:guest@127.0.0.1:PORT/%2f. All brokers are stopped on
+# exit. Any failure (including a missing suite) fails the script.
+# Honours CARGO_TARGET_DIR (the broker binary is taken from it).
+# Set WARREN_KEEP_LOGS=1 to keep broker logs (path printed at the end).
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$WARREN_ROOT"
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/warren-test.XXXXXX")"
+WARREN_PIDS=()
+REF_USED=""
+CURRENT_STEP=""
+STEP_START=0
+SUMMARY=()
+
+cleanup() {
+    local rc=$?
+    set +e
+    for pid in "${WARREN_PIDS[@]}"; do stop_warren "$pid"; done
+    if [ -n "$REF_USED" ]; then
+        "$WARREN_ROOT/scripts/rabbitmq-ref.sh" stop
+    fi
+    if { [ "$rc" != 0 ] || [ -n "${WARREN_KEEP_LOGS:-}" ]; } && [ -n "$(ls -A "$WORK")" ]; then
+        echo "broker logs kept in $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+    echo
+    for line in "${SUMMARY[@]}"; do echo "$line"; done
+    if [ "$rc" = 0 ]; then
+        printf '\033[32mALL TESTS PASSED\033[0m\n'
+    else
+        printf '\033[31mFAILED%s (exit %s)\033[0m\n' "${CURRENT_STEP:+ in step: $CURRENT_STEP}" "$rc"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+step() {
+    if [ -n "$CURRENT_STEP" ]; then
+        SUMMARY+=("  ok  $CURRENT_STEP ($((SECONDS - STEP_START)) s)")
+    fi
+    CURRENT_STEP="$1"
+    STEP_START=$SECONDS
+    [ -n "$1" ] && header "$1"
+    return 0
+}
+
+# A suite that is missing is a failure, never a skip.
+require_suite() {
+    [ -e "$1" ] || die "test suite missing: $1 does not exist (it is part of the README test command; a missing suite is a failure, not a skip)"
+}
+
+# Fresh Warren for one suite; sets URL.
+fresh_warren() {
+    local name="$1" port
+    port="$(free_port)"
+    start_warren "$BIN" "$port" "$WORK/data-$name" "$WORK/warren-$name.log"
+    WARREN_PIDS+=("$WARREN_PID")
+    URL="amqp://guest:guest@127.0.0.1:$port/%2f"
+}
+
+# run_suite NAME CMD...: run CMD; on failure show the broker's log tail.
+run_suite() {
+    local name="$1"
+    shift
+    echo "+ AMQP_URL=$AMQP_URL $*"
+    if ! "$@"; then
+        echo "---- tail of Warren log for $name ($WORK/warren-$name.log) ----" >&2
+        tail -n 40 "$WORK/warren-$name.log" >&2 || true
+        die "$name suite failed"
+    fi
+}
+
+step "check test suites are present"
+require_suite tests/clients/python
+require_suite tests/clients/node
+require_suite tests/differential/run.py
+[ -n "$(find tests/clients/node -name node_modules -prune -o -type f -regextype posix-extended \
+    -regex '.*/([^/]*[._-]test|test-[^/]*|test)\.[cm]?js' -print)" ] ||
+    die "tests/clients/node has no test files (*.test.js); node --test would pass vacuously"
+echo "tests/clients/python, tests/clients/node, tests/differential/run.py present"
+
+step "dependencies (scripts/deps.sh)"
+"$WARREN_ROOT/scripts/deps.sh"
+
+step "cargo test --workspace"
+cargo test --workspace
+
+step "cargo build -p warren-broker"
+cargo build -p warren-broker
+BIN="$(cargo_target_dir)/debug/warren-broker"
+[ -x "$BIN" ] || die "expected the broker binary at $BIN"
+echo "binary: $BIN"
+
+step "python client suite (pika) against Warren"
+fresh_warren python
+export AMQP_URL="$URL"
+run_suite python "$WARREN_VENV/bin/pytest" -q tests/clients/python
+
+step "node client suite (amqplib) against Warren"
+fresh_warren node
+export AMQP_URL="$URL"
+run_suite node node --test tests/clients/node/
+
+step "differential suite: Warren vs reference RabbitMQ"
+fresh_warren differential
+export AMQP_URL="$URL"
+WARREN_URL="$URL"
+REF_USED=1
+"$WARREN_ROOT/scripts/rabbitmq-ref.sh" reset
+RABBITMQ_URL="$("$WARREN_ROOT/scripts/rabbitmq-ref.sh" start)"
+export WARREN_URL RABBITMQ_URL
+export RABBITMQ_MGMT_URL="http://127.0.0.1:${WARREN_REF_MGMT_PORT:-15673}"
+run_suite differential "$WARREN_VENV/bin/python" tests/differential/run.py \
+    --warren "$WARREN_URL" --rabbitmq "$RABBITMQ_URL"
+
+step ""
