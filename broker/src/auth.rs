@@ -114,12 +114,15 @@ fn compile(pattern: &str) -> std::result::Result<Regex, String> {
     Regex::new(pattern).map_err(|e| format!("invalid permission regex {pattern:?}: {e}"))
 }
 
+/// (user, vhost)
+type UserVhost = (String, String);
+
 /// The node's users and their permissions.
 #[derive(Debug, Default)]
 pub struct AccessControl {
     users: RwLock<HashMap<String, Arc<User>>>,
     permissions: RwLock<HashMap<(String, String), Arc<Permission>>>,
-    topic_permissions: RwLock<HashMap<(String, String), Vec<Arc<TopicPermission>>>>,
+    topic_permissions: RwLock<HashMap<UserVhost, Vec<Arc<TopicPermission>>>>,
     loopback_users: RwLock<Vec<String>>,
 }
 

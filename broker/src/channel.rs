@@ -165,7 +165,7 @@ enum TxOp {
         exchange: String,
         routing_key: String,
         mandatory: bool,
-        header: ContentHeader,
+        header: Box<ContentHeader>,
         body: Bytes,
     },
     Settle {
@@ -886,7 +886,7 @@ impl Channel {
                                 &exchange,
                                 &routing_key,
                                 mandatory,
-                                header,
+                                *header,
                                 body,
                             )?;
                         }
@@ -987,10 +987,10 @@ impl Channel {
             return Ok(());
         };
         let body = p.body.split().freeze();
-        let seq = self.confirm_seq.map(|s| {
+        let seq = self.confirm_seq;
+        if let Some(s) = seq {
             self.confirm_seq = Some(s + 1);
-            s
-        });
+        }
         let result = if self.tx.is_some() {
             self.validate_publish(&p.exchange, &p.routing_key, &header)
                 .map(|_| {
@@ -999,7 +999,7 @@ impl Channel {
                             exchange: p.exchange,
                             routing_key: p.routing_key,
                             mandatory: p.mandatory,
-                            header,
+                            header: Box::new(header),
                             body,
                         });
                     }

@@ -206,9 +206,9 @@ impl Vhost {
         args: &FieldTable,
     ) -> Result<()> {
         if source.is_empty() || matches!(&dest, Destination::Exchange(n) if n.is_empty()) {
-            return Err(AmqpError::access_refused(format!(
-                "operation not permitted on the default exchange"
-            )));
+            return Err(AmqpError::access_refused(
+                "operation not permitted on the default exchange",
+            ));
         }
         let src = self
             .exchange(source)

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! Queues, consumers, acknowledgements, confirms, transactions, dead lettering and TTL,
 //! driven by lapin against a real broker.
 mod common;
@@ -809,9 +810,9 @@ async fn slow_consumer_does_not_grow_output_without_bound() {
     declare(&ch, &q, FieldTable::default()).await;
     // Raw client that consumes and then stops reading.
     let mut s = tokio::net::TcpStream::connect(b.addr).await.unwrap();
-    raw::handshake(&mut s).await;
-    raw::send_method(&mut s, 1, raw::channel_open()).await;
-    raw::send_method(&mut s, 1, raw::consume(&q, true)).await;
+    common::raw::handshake(&mut s).await;
+    common::raw::send_method(&mut s, 1, common::raw::channel_open()).await;
+    common::raw::send_method(&mut s, 1, common::raw::consume(&q, true)).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let mut sink = [0u8; 4096];
     let _ = tokio::time::timeout(Duration::from_millis(100), s.read(&mut sink)).await;
@@ -831,86 +832,4 @@ async fn slow_consumer_does_not_grow_output_without_bound() {
     // 400 × 64 KiB = 25 MiB published; socket buffers plus our bounded outbox hold far less.
     assert!(common::eventually(|| vh.queue(&q).unwrap().message_count() > 100).await);
     s.shutdown().await.ok();
-}
-
-mod raw {
-    //! Just enough hand-made AMQP to play a client that misbehaves.
-    use amq_protocol::protocol::{AMQPClass, basic, channel, connection};
-    use amq_protocol::types::FieldTable;
-    use bytes::BytesMut;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpStream;
-    use warren_broker::codec::{FrameDecoder, decode_method, encode_method};
-
-    pub async fn send_method(s: &mut TcpStream, ch: u16, m: AMQPClass) {
-        let mut b = BytesMut::new();
-        encode_method(&mut b, ch, &m);
-        s.write_all(&b).await.unwrap();
-    }
-
-    pub async fn read_method(s: &mut TcpStream, buf: &mut BytesMut) -> AMQPClass {
-        let d = FrameDecoder::new(1 << 20);
-        loop {
-            if let Some(f) = d.decode(buf).unwrap() {
-                if f.kind == 1 {
-                    return decode_method(&f.payload).unwrap();
-                }
-                continue;
-            }
-            assert!(s.read_buf(buf).await.unwrap() > 0, "socket closed");
-        }
-    }
-
-    pub async fn handshake(s: &mut TcpStream) {
-        s.write_all(b"AMQP\x00\x00\x09\x01").await.unwrap();
-        let mut buf = BytesMut::new();
-        let _start = read_method(s, &mut buf).await;
-        send_method(
-            s,
-            0,
-            AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
-                client_properties: FieldTable::default(),
-                mechanism: "PLAIN".into(),
-                response: "\0guest\0guest".into(),
-                locale: "en_US".into(),
-            })),
-        )
-        .await;
-        let _tune = read_method(s, &mut buf).await;
-        send_method(
-            s,
-            0,
-            AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
-                channel_max: 10,
-                frame_max: 131072,
-                heartbeat: 0,
-            })),
-        )
-        .await;
-        send_method(
-            s,
-            0,
-            AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open {
-                virtual_host: "/".into(),
-            })),
-        )
-        .await;
-        let _ok = read_method(s, &mut buf).await;
-    }
-
-    pub fn channel_open() -> AMQPClass {
-        AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {}))
-    }
-
-    pub fn consume(q: &str, no_ack: bool) -> AMQPClass {
-        AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
-            queue: q.into(),
-            consumer_tag: "raw".into(),
-            no_local: false,
-            no_ack,
-            exclusive: false,
-            nowait: false,
-            arguments: FieldTable::default(),
-        }))
-    }
 }

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! Exchanges, bindings and routing, driven by lapin against a real broker.
 mod common;
 

@@ -313,7 +313,7 @@ impl QueueState {
     fn expire(&mut self, now: Millis, out: &mut Vec<Effect>) {
         for level in 0..self.ready.len() {
             while let Some(front) = self.ready[level].front() {
-                if !front.expires_at.is_some_and(|t| now > t) {
+                if front.expires_at.is_none_or(|t| now <= t) {
                     break;
                 }
                 let Some(e) = self.ready[level].pop_front() else {
@@ -435,7 +435,7 @@ mod tests {
         assert_eq!(take(&mut q, 0).unwrap().1, "a");
         let (_, body, redelivered) = take(&mut q, 0).unwrap();
         assert_eq!((body.as_str(), redelivered), ("b", true));
-        assert_eq!(take(&mut q, 0).unwrap().2, false);
+        assert!(!take(&mut q, 0).unwrap().2);
         assert!(take(&mut q, 0).is_none());
         assert_eq!(q.unacked_count(), 3);
     }

@@ -1,5 +1,5 @@
+#![allow(clippy::unwrap_used, dead_code)]
 //! Test harness: a real broker on 127.0.0.1:0 in the test's runtime, and lapin helpers.
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -82,4 +82,144 @@ pub fn unique(prefix: &str) -> String {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+pub mod raw {
+    //! Just enough hand-made AMQP to play a client that misbehaves.
+    use amq_protocol::protocol::{AMQPClass, basic, channel, connection};
+    use amq_protocol::types::{AMQPValue, FieldTable};
+    use bytes::BytesMut;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    use warren_broker::codec::{FrameDecoder, decode_method, encode_method};
+
+    pub async fn send_method(s: &mut TcpStream, ch: u16, m: AMQPClass) {
+        let mut b = BytesMut::new();
+        encode_method(&mut b, ch, &m);
+        s.write_all(&b).await.unwrap();
+    }
+
+    /// The next method frame, or None if the socket closed first (or nothing came in 5 s).
+    pub async fn try_read_method(s: &mut TcpStream, buf: &mut BytesMut) -> Option<AMQPClass> {
+        let d = FrameDecoder::new(1 << 20);
+        loop {
+            if let Some(f) = d.decode(buf).unwrap() {
+                if f.kind == 1 {
+                    return Some(decode_method(&f.payload).unwrap());
+                }
+                continue;
+            }
+            match tokio::time::timeout(Duration::from_secs(5), s.read_buf(buf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return None,
+            }
+        }
+    }
+
+    pub async fn read_method(s: &mut TcpStream, buf: &mut BytesMut) -> AMQPClass {
+        try_read_method(s, buf)
+            .await
+            .expect("socket closed before a method arrived")
+    }
+
+    pub fn start_ok(user: &str, pass: &str, failure_close: bool) -> AMQPClass {
+        let mut caps = FieldTable::default();
+        caps.insert(
+            "authentication_failure_close".into(),
+            AMQPValue::Boolean(failure_close),
+        );
+        caps.insert("connection.blocked".into(), AMQPValue::Boolean(true));
+        caps.insert("consumer_cancel_notify".into(), AMQPValue::Boolean(true));
+        let mut props = FieldTable::default();
+        props.insert("capabilities".into(), AMQPValue::FieldTable(caps));
+        AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
+            client_properties: props,
+            mechanism: "PLAIN".into(),
+            response: format!("\0{user}\0{pass}").into(),
+            locale: "en_US".into(),
+        }))
+    }
+
+    pub async fn handshake(s: &mut TcpStream) -> BytesMut {
+        handshake_with(s, 0).await
+    }
+
+    /// Opens a connection as guest with the given heartbeat; returns the read buffer.
+    pub async fn handshake_with(s: &mut TcpStream, heartbeat: u16) -> BytesMut {
+        s.write_all(b"AMQP\x00\x00\x09\x01").await.unwrap();
+        let mut buf = BytesMut::new();
+        let _start = read_method(s, &mut buf).await;
+        send_method(s, 0, start_ok("guest", "guest", true)).await;
+        let frame_max = match read_method(s, &mut buf).await {
+            AMQPClass::Connection(connection::AMQPMethod::Tune(t)) => t.frame_max,
+            other => panic!("expected connection.tune, got {other:?}"),
+        };
+        send_method(
+            s,
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
+                channel_max: 10,
+                frame_max,
+                heartbeat,
+            })),
+        )
+        .await;
+        send_method(
+            s,
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open {
+                virtual_host: "/".into(),
+            })),
+        )
+        .await;
+        let _ok = read_method(s, &mut buf).await;
+        buf
+    }
+
+    pub fn channel_open() -> AMQPClass {
+        AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {}))
+    }
+
+    pub fn consume(q: &str, no_ack: bool) -> AMQPClass {
+        AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+            queue: q.into(),
+            consumer_tag: "raw".into(),
+            no_local: false,
+            no_ack,
+            exclusive: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        }))
+    }
+
+    /// A frame with arbitrary type, channel and payload.
+    pub fn frame(kind: u8, ch: u16, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![kind];
+        v.extend_from_slice(&ch.to_be_bytes());
+        v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        v.extend_from_slice(payload);
+        v.push(0xCE);
+        v
+    }
+
+    /// Reads until `connection.close` arrives; returns its reply code (None if the socket closed).
+    pub async fn expect_connection_close(s: &mut TcpStream, buf: &mut BytesMut) -> Option<u16> {
+        loop {
+            match try_read_method(s, buf).await? {
+                AMQPClass::Connection(connection::AMQPMethod::Close(c)) => {
+                    send_method(
+                        s,
+                        0,
+                        AMQPClass::Connection(connection::AMQPMethod::CloseOk(
+                            connection::CloseOk {},
+                        )),
+                    )
+                    .await;
+                    return Some(c.reply_code);
+                }
+                _ => continue,
+            }
+        }
+    }
 }
