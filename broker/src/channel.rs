@@ -363,7 +363,7 @@ impl Channel {
                             "operation not permitted on the default exchange",
                         ));
                     }
-                    if name.starts_with("amq.") {
+                    if name.starts_with("amq.") && vhost.exchange(name).is_none() {
                         return Err(AmqpError::access_refused(format!(
                             "exchange name '{name}' contains reserved prefix 'amq.*'"
                         )));
@@ -391,9 +391,15 @@ impl Channel {
             }
             exchange::AMQPMethod::Delete(d) => {
                 let name = d.exchange.as_str();
-                if name.is_empty() || name.starts_with("amq.") {
+                if name.is_empty() {
+                    return Err(AmqpError::access_refused(
+                        "operation not permitted on the default exchange",
+                    ));
+                }
+                if name.starts_with("amq.") {
                     return Err(AmqpError::access_refused(format!(
-                        "operation not permitted on exchange '{name}'"
+                        "deletion of system exchange '{name}' in vhost '{}' not allowed",
+                        vhost.name
                     )));
                 }
                 self.check(Resource::Exchange, name, Access::Configure)?;
@@ -573,6 +579,9 @@ impl Channel {
         let ch = self.id();
         match m {
             basic::AMQPMethod::Publish(p) => {
+                if p.immediate {
+                    return Err(AmqpError::not_implemented("immediate=true"));
+                }
                 self.content = Some(PendingPublish {
                     exchange: p.exchange.to_string(),
                     routing_key: p.routing_key.to_string(),
@@ -1053,6 +1062,9 @@ impl Channel {
                 Access::Write,
             )?;
         }
+        if let Some(exp) = header.properties.expiration() {
+            validate_expiration(exp.as_str())?;
+        }
         if let Some(uid) = header.properties.user_id()
             && uid.as_str() != ctx.user
         {
@@ -1162,6 +1174,20 @@ impl Channel {
             self.ctx().frame_max,
         );
     }
+}
+
+/// The `expiration` property must be a non-negative integer (milliseconds).
+fn validate_expiration(e: &str) -> Result<()> {
+    if e.parse::<u64>().is_ok() {
+        return Ok(());
+    }
+    let why = match e.parse::<i64>() {
+        Ok(n) => format!("{{value_negative,{n}}}"),
+        Err(_) => "no_integer".to_owned(),
+    };
+    Err(AmqpError::precondition(format!(
+        "invalid expiration '{e}': {why}"
+    )))
 }
 
 /// Settles unacked deliveries, one call per queue.

@@ -587,6 +587,17 @@ impl Connection {
         }
         let result = match f.kind {
             codec::FRAME_METHOD => {
+                // amq-protocol drops basic.qos prefetch_size; RabbitMQ refuses a non-zero one.
+                if codec::method_ids(&f.payload) == Some((60, 10))
+                    && let Some(size) = f.payload.get(4..8)
+                    && size != [0, 0, 0, 0]
+                {
+                    let n = u32::from_be_bytes([size[0], size[1], size[2], size[3]]);
+                    return Err(
+                        AmqpError::not_implemented(format!("prefetch_size!=0 ({n})"))
+                            .on_method(60, 10),
+                    );
+                }
                 if ch.expecting_content() {
                     return Err(AmqpError::unexpected_frame(
                         "expected content header for class 60, got non content header frame instead",

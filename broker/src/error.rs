@@ -78,11 +78,13 @@ impl AmqpError {
     pub fn reply_text(&self) -> String {
         let mut s = format!("{} - {}", code_name(self.code), self.text);
         if s.len() > 255 {
-            let mut cut = 255;
+            // RabbitMQ keeps 252 bytes and marks the cut with "...".
+            let mut cut = 252;
             while !s.is_char_boundary(cut) {
                 cut -= 1;
             }
             s.truncate(cut);
+            s.push_str("...");
         }
         s
     }

@@ -221,6 +221,9 @@ impl Vhost {
                 self.exchange(x).ok_or_else(|| self.no_exchange(x))?;
             }
         }
+        if src.kind == ExchangeKind::Headers {
+            crate::exchange::headers::validate(args)?;
+        }
         src.bindings.write().add(Binding {
             destination: dest,
             routing_key: routing_key.to_owned(),
@@ -285,11 +288,8 @@ impl Vhost {
                 return Err(mismatch("durable", spec.durable, q.durable));
             }
             if q.exclusive_owner.is_some() != spec.exclusive_owner.is_some() {
-                return Err(mismatch(
-                    "exclusive",
-                    spec.exclusive_owner.is_some(),
-                    q.exclusive_owner.is_some(),
-                ));
+                // RabbitMQ reports an exclusivity mismatch as a locked queue.
+                return Err(self.locked(&q.name));
             }
             if q.auto_delete != spec.auto_delete {
                 return Err(mismatch("auto_delete", spec.auto_delete, q.auto_delete));
@@ -312,13 +312,17 @@ impl Vhost {
         Ok((q, true))
     }
 
+    fn locked(&self, queue: &str) -> AmqpError {
+        AmqpError::resource_locked(format!(
+            "cannot obtain exclusive access to locked queue '{queue}' in vhost '{}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
+            self.name
+        ))
+    }
+
     /// 405 if `q` is exclusive to another connection.
     pub fn check_exclusive(&self, q: &Queue, conn: Option<u64>) -> Result<()> {
         match q.exclusive_owner {
-            Some(owner) if Some(owner) != conn => Err(AmqpError::resource_locked(format!(
-                "cannot obtain exclusive access to locked queue '{}' in vhost '{}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
-                q.name, self.name
-            ))),
+            Some(owner) if Some(owner) != conn => Err(self.locked(&q.name)),
             _ => Ok(()),
         }
     }
@@ -351,7 +355,7 @@ impl Vhost {
         }
         if if_empty && ready > 0 {
             return Err(AmqpError::precondition(format!(
-                "queue '{name}' in vhost '{}' is not empty",
+                "queue '{name}' in vhost '{}' not empty",
                 self.name
             )));
         }

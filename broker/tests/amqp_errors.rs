@@ -339,7 +339,11 @@ async fn channel_errors_close_only_the_channel() {
         )
         .await
         .unwrap_err();
-    assert_eq!(code(&e), Some(403));
+    assert_eq!(
+        code(&e),
+        Some(406),
+        "existing amq.* exchanges are checked for equivalence"
+    );
 
     let x = unique("x");
     let ch2 = fresh().await;
@@ -745,4 +749,75 @@ async fn oversized_message_is_refused_on_its_channel() {
         .unwrap_err();
     assert_eq!(code(&e), Some(406));
     assert!(c.create_channel().await.is_ok(), "connection survives");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_and_invalid_publish_options() {
+    let b = TestBroker::start().await;
+    // basic.qos with prefetch_size != 0: 540 (as RabbitMQ).
+    let (mut s, mut buf) = connected(&b).await;
+    send_method(&mut s, 1, raw::channel_open()).await;
+    s.write_all(&frame(1, 1, &[0, 60, 0, 10, 0, 0, 3, 232, 0, 1, 0]))
+        .await
+        .unwrap();
+    assert_eq!(expect_connection_close(&mut s, &mut buf).await, Some(540));
+
+    // immediate=true: 540.
+    let (mut s, mut buf) = connected(&b).await;
+    send_method(&mut s, 1, raw::channel_open()).await;
+    let publish = AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+        exchange: "".into(),
+        routing_key: "q".into(),
+        mandatory: false,
+        immediate: true,
+    }));
+    send_method(&mut s, 1, publish).await;
+    assert_eq!(expect_connection_close(&mut s, &mut buf).await, Some(540));
+
+    // An expiration that is not a non-negative integer: 406 on the channel.
+    let (c, _) = b.channel().await;
+    for bad in ["-1", "soon", ""] {
+        let ch = c.create_channel().await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let e = ch
+            .basic_publish(
+                "".into(),
+                "any".into(),
+                BasicPublishOptions::default(),
+                b"x",
+                BasicProperties::default().with_expiration(bad.into()),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), Some(406), "expiration {bad:?}");
+    }
+
+    // A headers binding with an unknown x-match: 406.
+    let ch = c.create_channel().await.unwrap();
+    let q = unique("hq");
+    ch.queue_declare(
+        q.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut a = FieldTable::default();
+    a.insert("x-match".into(), AMQPValue::LongString("bogus".into()));
+    let e = ch
+        .queue_bind(
+            q.as_str().into(),
+            "amq.headers".into(),
+            "".into(),
+            QueueBindOptions::default(),
+            a,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), Some(406));
+    still_serving(&b).await;
 }

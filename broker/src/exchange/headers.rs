@@ -17,6 +17,20 @@ fn values_equal(a: &AMQPValue, b: &AMQPValue) -> bool {
     }
 }
 
+/// Binding arguments of a headers exchange: `x-match`, if given, must be a known mode.
+pub fn validate(binding_args: &FieldTable) -> crate::error::Result<()> {
+    let Some(v) = binding_args.inner().get("x-match") else {
+        return Ok(());
+    };
+    match value_as_string(v).as_deref() {
+        Some("all" | "any" | "all-with-x" | "any-with-x") => Ok(()),
+        other => Err(crate::error::AmqpError::precondition(format!(
+            "Invalid x-match field value <<\"{}\">>; expected all, any, all-with-x, or any-with-x",
+            other.unwrap_or_default()
+        ))),
+    }
+}
+
 pub fn matches(binding_args: &FieldTable, headers: Option<&FieldTable>) -> bool {
     let mode = binding_args
         .inner()

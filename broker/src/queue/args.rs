@@ -50,7 +50,7 @@ pub fn parse(args: &FieldTable, queue: &str, vhost: &str) -> Result<QueueArgs> {
                     k,
                     queue,
                     vhost,
-                    format!("{{unacceptable_type,{}}}", type_name(v)),
+                    format!("\"expected integer, got {}\"", type_name(v)),
                 )
             })?;
             if i < min {
@@ -61,7 +61,7 @@ pub fn parse(args: &FieldTable, queue: &str, vhost: &str) -> Result<QueueArgs> {
                     k,
                     queue,
                     vhost,
-                    format!("{{value_too_large,{i},{max}}}"),
+                    format!("{{max_value_exceeded,{i}}}"),
                 ));
             }
             Ok(i as u64)
@@ -96,13 +96,8 @@ pub fn parse(args: &FieldTable, queue: &str, vhost: &str) -> Result<QueueArgs> {
                     "drop-head" => Overflow::DropHead,
                     "reject-publish" => Overflow::RejectPublish,
                     "reject-publish-dlx" => Overflow::RejectPublishDlx,
-                    other => {
-                        return Err(invalid(
-                            k,
-                            queue,
-                            vhost,
-                            format!("{{unknown_overflow,{other}}}"),
-                        ));
+                    _ => {
+                        return Err(invalid(k, queue, vhost, "invalid_overflow"));
                     }
                 }
             }
@@ -126,7 +121,7 @@ pub fn parse(args: &FieldTable, queue: &str, vhost: &str) -> Result<QueueArgs> {
                         k,
                         queue,
                         vhost,
-                        format!("{{unsupported_queue_type,{t}}}"),
+                        format!("\"unsupported queue type '{t}'\""),
                     ));
                 }
                 out.queue_type = Some(t);
@@ -195,20 +190,49 @@ pub fn check_equivalent(
             continue;
         }
         if a != b {
+            // RabbitMQ names the type only when one side is missing.
+            let one_missing = a.is_none() || b.is_none();
             return Err(AmqpError::precondition(format!(
                 "inequivalent arg '{k}' for queue '{queue}' in vhost '{vhost}': received {} but current is {}",
-                describe(&b),
-                describe(&a)
+                describe(&b, new.inner().get(*k), one_missing),
+                describe(&a, existing.inner().get(*k), one_missing)
             )));
         }
     }
     Ok(())
 }
 
-fn describe(v: &Option<String>) -> String {
+fn describe(v: &Option<String>, raw: Option<&AMQPValue>, typed: bool) -> String {
+    match (v, raw) {
+        (Some(s), Some(raw)) if typed => {
+            format!("the value '{s}' of type '{}'", rabbit_type_name(raw))
+        }
+        (Some(s), _) => format!("'{s}'"),
+        (None, _) => "none".into(),
+    }
+}
+
+/// RabbitMQ's names for AMQP field types, as they appear in its error texts.
+fn rabbit_type_name(v: &AMQPValue) -> &'static str {
     match v {
-        Some(s) => format!("the value '{s}'"),
-        None => "none".into(),
+        AMQPValue::Boolean(_) => "bool",
+        AMQPValue::ShortShortInt(_) => "byte",
+        AMQPValue::ShortShortUInt(_) => "unsignedbyte",
+        AMQPValue::ShortInt(_) => "short",
+        AMQPValue::ShortUInt(_) => "unsignedshort",
+        AMQPValue::LongInt(_) => "signedint",
+        AMQPValue::LongUInt(_) => "unsignedint",
+        AMQPValue::LongLongInt(_) => "long",
+        AMQPValue::Float(_) => "float",
+        AMQPValue::Double(_) => "double",
+        AMQPValue::DecimalValue(_) => "decimal",
+        AMQPValue::ShortString(_) => "shortstr",
+        AMQPValue::LongString(_) => "longstr",
+        AMQPValue::FieldArray(_) => "array",
+        AMQPValue::Timestamp(_) => "timestamp",
+        AMQPValue::FieldTable(_) => "table",
+        AMQPValue::ByteArray(_) => "binary",
+        AMQPValue::Void => "void",
     }
 }
 

@@ -287,6 +287,8 @@ impl QueueState {
                 self.expired(e, out);
                 continue;
             }
+            // Expired messages now at the head are dropped before counting what remains.
+            self.expire(now, out);
             out.push(Effect::Delivery {
                 id: e.id,
                 msg: e.msg.clone(),

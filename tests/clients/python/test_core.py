@@ -11,7 +11,7 @@ import pytest
 from pika.exceptions import (AMQPConnectionError, ChannelClosedByBroker, NackError,
                              UnroutableError)
 
-from conftest import bodies, connect, consume, get_all, record_methods
+from pika_helpers import bodies, connect, consume, get_all, record_methods
 
 # ---------------------------------------------------------------------------
 # publish / consume / get
@@ -48,9 +48,9 @@ def test_unacked_messages_requeued_when_channel_closes(broker):
     _tag, got = consume(broker.conn, ch2, q, 1)
     assert bodies(got) == ["x"]
     ch2.close()
-    m, _p, b = ch.basic_get(q, auto_ack=True)
-    assert b == b"x"
-    assert m.redelivered is True
+    again = get_all(ch, q, expect=1)
+    assert bodies(again) == ["x"]
+    assert again[0][0].redelivered is True
 
 
 def test_basic_get_and_get_empty(broker):
