@@ -192,6 +192,8 @@ pub struct Channel {
     reply_to: Option<(String, String)>,
     /// Exchange last checked for write access (the common case: publish to one exchange).
     write_ok: Option<String>,
+    /// A queue this channel published to that asked publishers to pause.
+    flow_wait: Option<Arc<Queue>>,
 }
 
 fn reply(ctx: &ConnShared, ch: u16, m: AMQPClass) {
@@ -219,6 +221,7 @@ impl Channel {
             last_queue: None,
             reply_to: None,
             write_ok: None,
+            flow_wait: None,
         }
     }
 
@@ -228,6 +231,11 @@ impl Channel {
 
     fn ctx(&self) -> &ConnShared {
         &self.shared.conn
+    }
+
+    /// The queue (if any) whose backlog should pause this connection's reading.
+    pub fn take_flow_wait(&mut self) -> Option<Arc<Queue>> {
+        self.flow_wait.take()
     }
 
     pub fn expecting_content(&self) -> bool {
@@ -1152,6 +1160,9 @@ impl Channel {
         let mut accepted = true;
         for q in queues {
             accepted &= q.publish(msg.clone(), now);
+            if q.flow_pressure() {
+                self.flow_wait = Some(q);
+            }
         }
         Ok(accepted)
     }

@@ -32,6 +32,8 @@ use crate::vhost::Vhost;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long we wait for `connection.close-ok` after sending `connection.close`.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest a publisher pauses for one queue's backlog before reading again.
+const FLOW_WAIT_MAX: Duration = Duration::from_millis(500);
 /// The reader stops reading requests while this much output is waiting to be written.
 const READ_PAUSE_AT: usize = 4 * HIGH_WATER;
 
@@ -430,8 +432,21 @@ impl Connection {
                     Err(e) => self.close_with(e),
                 }
             }
+            let mut flow_wait = None;
             for ch in self.channels.values_mut() {
                 ch.flush_confirms();
+                if let Some(q) = ch.take_flow_wait() {
+                    flow_wait = Some(q);
+                }
+            }
+            // Credit flow: a queue whose consumers' connections are behind asks us to stop
+            // reading publishes until it catches up (bounded, so heartbeats and other
+            // channels are never starved for long).
+            if let Some(q) = flow_wait {
+                let until = tokio::time::Instant::now() + FLOW_WAIT_MAX;
+                while q.flow_pressure() && tokio::time::Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
             }
             if self.shared.outbox.is_closed() {
                 return "socket closed".into();

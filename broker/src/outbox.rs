@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 use crate::queue::Queue;
 
 /// Above this many buffered bytes, queues stop delivering to the connection.
-pub const HIGH_WATER: usize = 512 * 1024;
+pub const HIGH_WATER: usize = 256 * 1024;
 
 pub struct OutboxInner {
     pub buf: BytesMut,

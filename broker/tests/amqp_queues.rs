@@ -831,5 +831,52 @@ async fn slow_consumer_does_not_grow_output_without_bound() {
     let vh = b.broker.vhost("/").unwrap();
     // 400 × 64 KiB = 25 MiB published; socket buffers plus our bounded outbox hold far less.
     assert!(common::eventually(|| vh.queue(&q).unwrap().message_count() > 100).await);
+    // With a backlog that waits only on the consumer's connection, publishers are asked to
+    // pause (credit flow)...
+    for _ in 0..1100 {
+        ch.basic_publish(
+            "".into(),
+            q.as_str().into(),
+            BasicPublishOptions::default(),
+            b"small",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    }
+    assert!(common::eventually(|| vh.queue(&q).unwrap().flow_pressure()).await);
     s.shutdown().await.ok();
+
+    // ...but a consumer that is simply out of prefetch credit never stalls publishers.
+    let q2 = unique("noack");
+    declare(&ch, &q2, FieldTable::default()).await;
+    let (_c2, cch) = b.channel().await;
+    cch.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    let _held = cch
+        .basic_consume(
+            q2.as_str().into(),
+            "held".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for _ in 0..1500 {
+        ch.basic_publish(
+            "".into(),
+            q2.as_str().into(),
+            BasicPublishOptions::default(),
+            b"m",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    }
+    ch.wait_for_confirms().await.unwrap();
+    let queue2 = vh.queue(&q2).unwrap();
+    assert_eq!(queue2.counts().0, 1499);
+    assert!(!queue2.flow_pressure());
 }

@@ -66,6 +66,10 @@ struct Inner {
     fx: Vec<Effect>,
 }
 
+/// Ready messages above which a queue whose deliveries wait on full connection buffers asks
+/// its publishers to pause.
+const FLOW_BACKLOG: u64 = 1000;
+
 /// Dead letters collected under the lock, published after it is released.
 type Letters = Vec<(Arc<Message>, DeadLetterReason)>;
 
@@ -82,6 +86,7 @@ pub struct Queue {
     inner: Mutex<Inner>,
     timer: Arc<Notify>,
     deleted: AtomicBool,
+    flow_pressure: AtomicBool,
 }
 
 impl std::fmt::Debug for Queue {
@@ -127,6 +132,7 @@ impl Queue {
             me: me.clone(),
             timer: Arc::new(Notify::new()),
             deleted: AtomicBool::new(false),
+            flow_pressure: AtomicBool::new(false),
         });
         if tokio::runtime::Handle::try_current().is_ok() {
             tokio::spawn(run_timer(Arc::downgrade(&q)));
@@ -189,15 +195,30 @@ impl Queue {
 
     /// Delivers ready messages to consumers with credit, until either runs out.
     fn deliver_ready(&self, g: &mut Inner, now: Millis, letters: &mut Letters) {
-        let Some(me) = self.me.upgrade() else { return };
+        let output_blocked = self.deliver_until_stuck(g, now, letters);
+        let pressure = output_blocked && g.state.ready_count() > FLOW_BACKLOG;
+        self.flow_pressure.store(pressure, Ordering::Relaxed);
+    }
+
+    /// Returns true if it stopped because every consumer with credit had a full outbox.
+    fn deliver_until_stuck(&self, g: &mut Inner, now: Millis, letters: &mut Letters) -> bool {
+        let Some(me) = self.me.upgrade() else {
+            return false;
+        };
         let sac = self.args.single_active_consumer;
         while g.state.ready_count() > 0 && !g.consumers.is_empty() {
             let candidates = if sac { 1 } else { g.consumers.len() };
+            let mut credit_but_full = false;
             let Some(i) = (0..candidates).find(|&i| {
                 let c = &g.consumers[i];
-                c.has_credit() && c.channel.writable(&me)
+                if !c.has_credit() {
+                    return false;
+                }
+                let writable = c.channel.writable(&me);
+                credit_but_full |= !writable;
+                writable
             }) else {
-                return;
+                return credit_but_full;
             };
             let c = g.consumers[i].clone();
             let mut fx = std::mem::take(&mut g.fx);
@@ -218,7 +239,7 @@ impl Queue {
             }
             g.fx = fx;
             let Some((id, msg, redelivered)) = delivered else {
-                return;
+                return false;
             };
             if !c.channel.deliver(&c, &me, id, &msg, redelivered) && !c.no_ack {
                 // The channel closed under us: put the message back.
@@ -241,6 +262,15 @@ impl Queue {
                 g.consumers.insert(pos, c);
             }
         }
+        false
+    }
+
+    /// Publishers to this queue should pause: it has a backlog that only waits for its
+    /// consumers' connections to drain (credit-based flow control, as RabbitMQ's). A queue
+    /// whose consumers are out of prefetch credit never applies pressure, so a consumer that
+    /// does not ack cannot stall publishers.
+    pub fn flow_pressure(&self) -> bool {
+        self.flow_pressure.load(Ordering::Relaxed)
     }
 
     /// Tries to deliver again (after credit was granted or a connection drained).
