@@ -99,16 +99,32 @@ async fn nack_requeue_keeps_order_and_sets_redelivered() {
     .unwrap();
     assert!(get(&ch, &q, true).await.is_none());
 
-    // Acking an unknown tag is a channel error 406.
-    let err = ch.basic_ack(999, BasicAckOptions::default()).await;
-    let err = match err {
-        Err(e) => e,
-        Ok(()) => ch
-            .basic_get(q.as_str().into(), BasicGetOptions::default())
-            .await
-            .unwrap_err(),
-    };
-    assert_eq!(code(&err), Some(406), "{err:?}");
+    // Acking an unknown tag is a channel error 406 (seen on the wire: lapin may report the
+    // closed channel before the reason).
+    let mut s = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    let mut buf = common::raw::handshake(&mut s).await;
+    common::raw::send_method(&mut s, 1, common::raw::channel_open()).await;
+    let _open_ok = common::raw::read_method(&mut s, &mut buf).await;
+    let ack = amq_protocol::protocol::AMQPClass::Basic(
+        amq_protocol::protocol::basic::AMQPMethod::Ack(amq_protocol::protocol::basic::Ack {
+            delivery_tag: 999,
+            multiple: false,
+        }),
+    );
+    common::raw::send_method(&mut s, 1, ack).await;
+    match common::raw::read_method(&mut s, &mut buf).await {
+        amq_protocol::protocol::AMQPClass::Channel(
+            amq_protocol::protocol::channel::AMQPMethod::Close(c),
+        ) => {
+            assert_eq!(c.reply_code, 406);
+            assert!(
+                c.reply_text.as_str().contains("unknown delivery tag 999"),
+                "{}",
+                c.reply_text
+            );
+        }
+        other => panic!("expected channel.close, got {other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
