@@ -1097,6 +1097,7 @@ impl Channel {
         self.validate_publish(exchange, routing_key, &header)?;
         let ctx = self.shared.conn.clone();
         let mut props = header.properties;
+        let mut props_changed = false;
 
         // Sender-selected distribution: CC and BCC add routing keys; BCC is not delivered.
         let mut keys: Vec<String> = vec![routing_key.to_owned()];
@@ -1112,6 +1113,7 @@ impl Channel {
                         }
                     }
                     props = rebuild_properties(&props, Some(t), true);
+                    props_changed = true;
                 }
             }
         }
@@ -1128,9 +1130,20 @@ impl Channel {
                 ));
             };
             props = props.with_reply_to(format!("{REPLY_TO}.{token}").into());
+            props_changed = true;
         }
 
-        let msg = Message::new(exchange.to_owned(), routing_key.to_owned(), props, body);
+        let msg = if props_changed {
+            Message::new(exchange.to_owned(), routing_key.to_owned(), props, body)
+        } else {
+            Message::with_header_payload(
+                exchange.to_owned(),
+                routing_key.to_owned(),
+                props,
+                header.raw,
+                body,
+            )
+        };
 
         if exchange.is_empty()
             && let Some(token) = routing_key

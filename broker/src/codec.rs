@@ -160,6 +160,8 @@ pub fn decode_method(payload: &[u8]) -> Result<AMQPClass> {
 /// A decoded content header frame.
 #[derive(Debug, Clone)]
 pub struct ContentHeader {
+    /// The frame payload as received, reusable when no property changes.
+    pub raw: Bytes,
     pub class_id: u16,
     pub body_size: u64,
     pub properties: AMQPProperties,
@@ -168,6 +170,8 @@ pub struct ContentHeader {
 pub fn decode_header(payload: &[u8]) -> Result<ContentHeader> {
     match parse_content_header(payload) {
         Ok((_, h)) => Ok(ContentHeader {
+            // A copy, so a queued message does not pin the whole socket read buffer.
+            raw: Bytes::copy_from_slice(payload),
             class_id: h.class_id,
             body_size: h.body_size,
             properties: h.properties,

@@ -26,6 +26,18 @@ impl Message {
         body: Bytes,
     ) -> Self {
         let header_payload = encode_header_payload(body.len() as u64, &properties);
+        Self::with_header_payload(exchange, routing_key, properties, header_payload, body)
+    }
+
+    /// A message whose content header payload is already encoded (as received from the
+    /// publisher, when the broker changed no property): no re-encoding per message.
+    pub fn with_header_payload(
+        exchange: String,
+        routing_key: String,
+        properties: AMQPProperties,
+        header_payload: Bytes,
+        body: Bytes,
+    ) -> Self {
         Self {
             exchange,
             routing_key,

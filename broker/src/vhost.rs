@@ -3,7 +3,7 @@
 //! Routing follows exchange-to-exchange bindings and alternate exchanges, visiting each
 //! exchange once, and returns each queue once however many paths lead to it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 
 use amq_protocol::types::FieldTable;
@@ -151,13 +151,13 @@ impl Vhost {
                     e.internal.to_string(),
                 ));
             }
-            let new_ae = Exchange::new(name, k, durable, auto_delete, internal, arguments.clone())
-                .alternate_exchange();
-            if e.alternate_exchange() != new_ae {
+            let new_ae =
+                Exchange::new(name, k, durable, auto_delete, internal, arguments.clone()).alternate;
+            if e.alternate != new_ae {
                 return Err(mismatch(
                     "alternate-exchange",
                     new_ae.unwrap_or_default(),
-                    e.alternate_exchange().unwrap_or_default(),
+                    e.alternate.clone().unwrap_or_default(),
                 ));
             }
             return Ok(());
@@ -422,38 +422,39 @@ impl Vhost {
             .get(exchange)
             .ok_or_else(|| self.no_exchange(exchange))?;
         let mut out: Vec<Arc<Queue>> = Vec::new();
-        let mut visited: HashSet<String> = HashSet::new();
-        let mut pending = vec![start.clone()];
-        let mut dests = Vec::new();
+        // Exchange graphs are small: a Vec of visited pointers beats hashing names.
+        let mut visited: Vec<*const Exchange> = Vec::new();
+        let mut pending: Vec<&Arc<Exchange>> = vec![start];
         while let Some(ex) = pending.pop() {
-            if !visited.insert(ex.name.clone()) {
+            if visited.contains(&Arc::as_ptr(ex)) {
                 continue;
             }
-            dests.clear();
+            visited.push(Arc::as_ptr(ex));
+            let mut matched = false;
             ex.bindings
                 .read()
-                .matching(ex.kind, routing_keys, headers, &mut dests);
-            if dests.is_empty()
-                && let Some(ae) = ex.alternate_exchange()
-                && let Some(ae) = exchanges.get(&ae)
+                .for_each_match(ex.kind, routing_keys, headers, |d| {
+                    matched = true;
+                    match d {
+                        Destination::Queue(n) => {
+                            if let Some(q) = queues.get(n)
+                                && !out.iter().any(|x| Arc::ptr_eq(x, q))
+                            {
+                                out.push(q.clone());
+                            }
+                        }
+                        Destination::Exchange(n) => {
+                            if let Some(e) = exchanges.get(n) {
+                                pending.push(e);
+                            }
+                        }
+                    }
+                });
+            if !matched
+                && let Some(ae) = &ex.alternate
+                && let Some(ae) = exchanges.get(ae)
             {
-                pending.push(ae.clone());
-            }
-            for d in dests.drain(..) {
-                match d {
-                    Destination::Queue(n) => {
-                        if let Some(q) = queues.get(&n)
-                            && !out.iter().any(|x| Arc::ptr_eq(x, q))
-                        {
-                            out.push(q.clone());
-                        }
-                    }
-                    Destination::Exchange(n) => {
-                        if let Some(e) = exchanges.get(&n) {
-                            pending.push(e.clone());
-                        }
-                    }
-                }
+                pending.push(ae);
             }
         }
         Ok(out)

@@ -136,29 +136,40 @@ impl Bindings {
         headers: Option<&FieldTable>,
         out: &mut Vec<Destination>,
     ) {
+        self.for_each_match(kind, routing_keys, headers, |d| out.push(d.clone()));
+    }
+
+    /// Calls `f` for each destination matched, without allocating (the publish hot path).
+    pub fn for_each_match(
+        &self,
+        kind: ExchangeKind,
+        routing_keys: &[&str],
+        headers: Option<&FieldTable>,
+        mut f: impl FnMut(&Destination),
+    ) {
         match kind {
             ExchangeKind::Direct => {
                 for k in routing_keys {
                     if let Some(d) = self.by_key.get(*k) {
-                        out.extend(d.iter().cloned());
+                        d.iter().for_each(&mut f);
                     }
                 }
             }
-            ExchangeKind::Fanout => out.extend(self.list.iter().map(|b| b.destination.clone())),
+            ExchangeKind::Fanout => self.list.iter().for_each(|b| f(&b.destination)),
             ExchangeKind::Topic => {
                 for b in &self.list {
                     if routing_keys
                         .iter()
                         .any(|k| topic::matches(&b.routing_key, k))
                     {
-                        out.push(b.destination.clone());
+                        f(&b.destination);
                     }
                 }
             }
             ExchangeKind::Headers => {
                 for b in &self.list {
                     if headers::matches(&b.arguments, headers) {
-                        out.push(b.destination.clone());
+                        f(&b.destination);
                     }
                 }
             }
@@ -174,6 +185,8 @@ pub struct Exchange {
     pub auto_delete: bool,
     pub internal: bool,
     pub arguments: FieldTable,
+    /// The `alternate-exchange` argument (no `x-` prefix, as in RabbitMQ).
+    pub alternate: Option<String>,
     pub bindings: RwLock<Bindings>,
 }
 
@@ -186,6 +199,10 @@ impl Exchange {
         internal: bool,
         arguments: FieldTable,
     ) -> Self {
+        let alternate = arguments
+            .inner()
+            .get("alternate-exchange")
+            .and_then(crate::message::value_as_string);
         Self {
             name: name.to_owned(),
             kind,
@@ -193,16 +210,9 @@ impl Exchange {
             auto_delete,
             internal,
             arguments,
+            alternate,
             bindings: RwLock::new(Bindings::default()),
         }
-    }
-
-    /// The `alternate-exchange` argument (no `x-` prefix, as in RabbitMQ).
-    pub fn alternate_exchange(&self) -> Option<String> {
-        self.arguments
-            .inner()
-            .get("alternate-exchange")
-            .and_then(crate::message::value_as_string)
     }
 }
 
