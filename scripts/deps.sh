@@ -56,16 +56,19 @@ stop_system_rabbitmq() {
     done
     [ -n "$sys_pids" ] || return 0
     say "the system rabbitmq-server (beam.smp pid$sys_pids) listens on 5672; stopping it (Warren owns 5672 in tests)"
-    if [ -d /run/systemd/system ]; then
-        as_root systemctl stop rabbitmq-server >/dev/null 2>&1 || true
-    elif [ -x /etc/init.d/rabbitmq-server ]; then
-        as_root /etc/init.d/rabbitmq-server stop >/dev/null 2>&1 || true
+    # Only through the service manager when it actually runs the node: the
+    # init script's `rabbitmqctl stop PIDFILE` waits forever for a pid file
+    # that a node started any other way never writes.
+    if [ -d /run/systemd/system ] && systemctl is-active --quiet rabbitmq-server 2>/dev/null; then
+        as_root timeout 90 systemctl stop rabbitmq-server >/dev/null 2>&1 || true
+    elif [ -x /etc/init.d/rabbitmq-server ] && [ -s /var/run/rabbitmq/pid ]; then
+        as_root timeout 90 /etc/init.d/rabbitmq-server stop >/dev/null 2>&1 || true
     fi
     # Not under service control (or the service stop failed): SIGTERM makes
     # the Erlang VM shut down cleanly; SIGKILL after 20 s.
-    local i
+    local _
     for pid in $sys_pids; do as_root kill -TERM "$pid" 2>/dev/null || true; done
-    for i in $(seq 1 40); do
+    for _ in $(seq 1 40); do
         [ -n "$(pids_on_5672)" ] || break
         sleep 0.5
     done

@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2034  # variables are used by the scripts that source this
 # Shared helpers for scripts/*.sh. Source it; it does not run anything.
 
 # Repository root (scripts/..), absolute.
@@ -48,11 +49,30 @@ cargo_target_dir() {
 # start_warren BINARY PORT DATA_DIR LOG_FILE
 # Starts the broker in the background, sets WARREN_PID, waits until the AMQP
 # port accepts connections (30 s), fails loudly (with the log) otherwise.
+# The management and Prometheus listeners (default 0.0.0.0:15672/15692) get
+# free loopback ports too, so several brokers never collide; they are put in
+# WARREN_MGMT_PORT / WARREN_PROM_PORT (empty if the binary lacks the flags).
 start_warren() {
     local bin="$1" port="$2" data="$3" logf="$4"
     [ -x "$bin" ] || die "Warren binary not found at $bin (did cargo build succeed? CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-<unset>})"
     mkdir -p "$data"
-    "$bin" --amqp-listen "127.0.0.1:$port" --data-dir "$data" --log-level info >"$logf" 2>&1 &
+    local extra=() help
+    help="$("$bin" --help 2>&1 || true)"
+    WARREN_MGMT_PORT=""
+    WARREN_PROM_PORT=""
+    if [[ "$help" == *--management-listen* ]]; then
+        WARREN_MGMT_PORT="$(free_port)"
+        extra+=(--management-listen "127.0.0.1:$WARREN_MGMT_PORT")
+    fi
+    if [[ "$help" == *--prometheus-listen* ]]; then
+        WARREN_PROM_PORT="$(free_port)"
+        extra+=(--prometheus-listen "127.0.0.1:$WARREN_PROM_PORT")
+    fi
+    # A WARREN_CONFIG/WARREN_* in the caller's environment must not redirect
+    # the test broker (clap reads them as flag defaults). NO_COLOR: plain log files.
+    env -u WARREN_CONFIG -u WARREN_DATA_DIR -u WARREN_AMQP_LISTEN NO_COLOR=1 \
+        "$bin" --amqp-listen "127.0.0.1:$port" --data-dir "$data" "${extra[@]}" \
+        --log-level info >"$logf" 2>&1 &
     WARREN_PID=$!
     local i
     for i in $(seq 1 300); do
@@ -73,10 +93,10 @@ start_warren() {
 
 # stop_warren PID: SIGTERM, then SIGKILL after 10 s.
 stop_warren() {
-    local pid="$1" i
+    local pid="$1"
     kill -0 "$pid" 2>/dev/null || return 0
     kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 1 100); do
+    for _ in $(seq 1 100); do
         kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
         sleep 0.1
     done

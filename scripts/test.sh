@@ -68,13 +68,24 @@ require_suite() {
     [ -e "$1" ] || die "test suite missing: $1 does not exist (it is part of the README test command; a missing suite is a failure, not a skip)"
 }
 
-# Fresh Warren for one suite; sets URL.
+# Fresh Warren for one suite (the previous suite's broker is stopped first);
+# sets URL and exports AMQP_URL, WARREN_URL, and WARREN_MGMT_URL /
+# WARREN_PROMETHEUS_URL when the binary has those listeners.
 fresh_warren() {
-    local name="$1" port
+    local name="$1" port pid
+    for pid in "${WARREN_PIDS[@]}"; do stop_warren "$pid"; done
+    WARREN_PIDS=()
     port="$(free_port)"
     start_warren "$BIN" "$port" "$WORK/data-$name" "$WORK/warren-$name.log"
     WARREN_PIDS+=("$WARREN_PID")
     URL="amqp://guest:guest@127.0.0.1:$port/%2f"
+    export AMQP_URL="$URL" WARREN_URL="$URL"
+    if [ -n "$WARREN_MGMT_PORT" ]; then
+        export WARREN_MGMT_URL="http://127.0.0.1:$WARREN_MGMT_PORT"
+    fi
+    if [ -n "$WARREN_PROM_PORT" ]; then
+        export WARREN_PROMETHEUS_URL="http://127.0.0.1:$WARREN_PROM_PORT/metrics"
+    fi
 }
 
 # run_suite NAME CMD...: run CMD; on failure show the broker's log tail.
@@ -112,23 +123,20 @@ echo "binary: $BIN"
 
 step "python client suite (pika) against Warren"
 fresh_warren python
-export AMQP_URL="$URL"
 run_suite python "$WARREN_VENV/bin/pytest" -q tests/clients/python
 
 step "node client suite (amqplib) against Warren"
 fresh_warren node
-export AMQP_URL="$URL"
 run_suite node node --test tests/clients/node/
 
 step "differential suite: Warren vs reference RabbitMQ"
 fresh_warren differential
-export AMQP_URL="$URL"
-WARREN_URL="$URL"
 REF_USED=1
 "$WARREN_ROOT/scripts/rabbitmq-ref.sh" reset
 RABBITMQ_URL="$("$WARREN_ROOT/scripts/rabbitmq-ref.sh" start)"
-export WARREN_URL RABBITMQ_URL
+export RABBITMQ_URL
 export RABBITMQ_MGMT_URL="http://127.0.0.1:${WARREN_REF_MGMT_PORT:-15673}"
+export RABBITMQ_PROMETHEUS_URL="http://127.0.0.1:${WARREN_REF_PROM_PORT:-15693}/metrics"
 run_suite differential "$WARREN_VENV/bin/python" tests/differential/run.py \
     --warren "$WARREN_URL" --rabbitmq "$RABBITMQ_URL"
 
