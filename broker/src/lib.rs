@@ -16,6 +16,7 @@ pub mod error;
 pub mod exchange;
 pub mod message;
 pub mod outbox;
+pub mod policy;
 pub mod queue;
 pub mod server;
 pub mod vhost;

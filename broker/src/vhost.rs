@@ -12,6 +12,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::channel::ChannelShared;
 use crate::error::{AmqpError, Result};
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind};
+use crate::policy::{self, Policy};
 use crate::queue::Queue;
 use crate::queue::args::{self, QueueArgs};
 
@@ -33,6 +34,8 @@ pub struct Vhost {
     queues: RwLock<HashMap<String, Arc<Queue>>>,
     /// Direct reply-to consumers by token.
     reply_consumers: Mutex<HashMap<String, (Weak<ChannelShared>, String)>>,
+    policies: RwLock<Vec<Policy>>,
+    operator_policies: RwLock<Vec<Policy>>,
     me: Weak<Vhost>,
 }
 
@@ -52,6 +55,8 @@ impl Vhost {
             exchanges: RwLock::new(HashMap::new()),
             queues: RwLock::new(HashMap::new()),
             reply_consumers: Mutex::new(HashMap::new()),
+            policies: RwLock::new(Vec::new()),
+            operator_policies: RwLock::new(Vec::new()),
             me: me.clone(),
         });
         {
@@ -162,17 +167,10 @@ impl Vhost {
             }
             return Ok(());
         }
-        all.insert(
-            name.to_owned(),
-            Arc::new(Exchange::new(
-                name,
-                k,
-                durable,
-                auto_delete,
-                internal,
-                arguments.clone(),
-            )),
-        );
+        let e = Exchange::new(name, k, durable, auto_delete, internal, arguments.clone());
+        *e.policy_alternate.write() =
+            policy::policy_alternate_exchange(policy::select(&self.policies.read(), name, false));
+        all.insert(name.to_owned(), Arc::new(e));
         Ok(())
     }
 
@@ -299,6 +297,7 @@ impl Vhost {
             return Ok((q.clone(), false));
         }
         let parsed: QueueArgs = args::parse(spec.arguments, spec.name, &self.name)?;
+        let effective = self.effective_queue_config(spec.name, &parsed, spec.arguments);
         let q = Queue::new(
             spec.name.to_owned(),
             spec.durable,
@@ -307,6 +306,7 @@ impl Vhost {
             spec.arguments.clone(),
             parsed,
             self.me.clone(),
+            effective,
         );
         all.insert(spec.name.to_owned(), q.clone());
         Ok((q, true))
@@ -450,14 +450,97 @@ impl Vhost {
                         }
                     }
                 });
-            if !matched
-                && let Some(ae) = &ex.alternate
-                && let Some(ae) = exchanges.get(ae)
-            {
-                pending.push(ae);
+            if !matched {
+                let ae = match &ex.alternate {
+                    Some(a) => Some(a.clone()),
+                    None => ex.policy_alternate.read().clone(),
+                };
+                if let Some(ae) = ae.and_then(|a| exchanges.get(&a)) {
+                    pending.push(ae);
+                }
             }
         }
         Ok(out)
+    }
+
+    fn effective_queue_config(
+        &self,
+        name: &str,
+        args: &QueueArgs,
+        raw: &FieldTable,
+    ) -> (crate::queue::state::QueueConfig, Option<u64>) {
+        let policies = self.policies.read();
+        let operator = self.operator_policies.read();
+        policy::effective_queue_config(
+            args,
+            raw,
+            policy::select(&policies, name, true),
+            policy::select(&operator, name, true),
+        )
+    }
+
+    /// Adds or replaces a policy (or operator policy) and applies it to existing objects.
+    pub fn put_policy(&self, p: Policy, operator: bool) {
+        {
+            let mut list = if operator {
+                self.operator_policies.write()
+            } else {
+                self.policies.write()
+            };
+            list.retain(|x| x.name != p.name);
+            list.push(p);
+        }
+        self.reapply_policies();
+    }
+
+    /// Removes a policy; false if there was none by that name.
+    pub fn delete_policy(&self, name: &str, operator: bool) -> bool {
+        let removed = {
+            let mut list = if operator {
+                self.operator_policies.write()
+            } else {
+                self.policies.write()
+            };
+            let before = list.len();
+            list.retain(|x| x.name != name);
+            list.len() != before
+        };
+        if removed {
+            self.reapply_policies();
+        }
+        removed
+    }
+
+    pub fn policies(&self, operator: bool) -> Vec<Policy> {
+        if operator {
+            self.operator_policies.read().clone()
+        } else {
+            self.policies.read().clone()
+        }
+    }
+
+    /// The names of the policy and operator policy applying to a queue (for the API).
+    pub fn queue_policy_names(&self, name: &str) -> (Option<String>, Option<String>) {
+        let p = self.policies.read();
+        let o = self.operator_policies.read();
+        (
+            policy::select(&p, name, true).map(|x| x.name.clone()),
+            policy::select(&o, name, true).map(|x| x.name.clone()),
+        )
+    }
+
+    /// Recomputes every queue's and exchange's effective settings after a policy change.
+    /// `max-priority` is fixed at declaration, as in RabbitMQ.
+    fn reapply_policies(&self) {
+        for q in self.queues() {
+            let (config, expires) = self.effective_queue_config(&q.name, &q.args, &q.arguments);
+            q.apply_config(config, expires);
+        }
+        let policies = self.policies.read().clone();
+        for e in self.exchanges() {
+            *e.policy_alternate.write() =
+                policy::policy_alternate_exchange(policy::select(&policies, &e.name, false));
+        }
     }
 
     pub fn register_reply_consumer(&self, token: &str, ch: &Arc<ChannelShared>, tag: &str) {

@@ -187,6 +187,8 @@ pub struct Exchange {
     pub arguments: FieldTable,
     /// The `alternate-exchange` argument (no `x-` prefix, as in RabbitMQ).
     pub alternate: Option<String>,
+    /// The alternate exchange a policy gives this exchange (its own argument wins).
+    pub policy_alternate: RwLock<Option<String>>,
     pub bindings: RwLock<Bindings>,
 }
 
@@ -211,6 +213,7 @@ impl Exchange {
             internal,
             arguments,
             alternate,
+            policy_alternate: RwLock::new(None),
             bindings: RwLock::new(Bindings::default()),
         }
     }

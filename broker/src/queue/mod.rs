@@ -63,6 +63,8 @@ struct Inner {
     consumers: Vec<Arc<Consumer>>,
     had_consumer: bool,
     last_used: Millis,
+    /// `x-expires` in effect (client argument, policy or operator policy).
+    expires: Option<u64>,
     fx: Vec<Effect>,
 }
 
@@ -80,6 +82,7 @@ pub struct Queue {
     /// The connection that owns an exclusive queue.
     pub exclusive_owner: Option<u64>,
     pub arguments: FieldTable,
+    /// The client's arguments, validated (policies are applied on top, in the state).
     pub args: QueueArgs,
     vhost: Weak<Vhost>,
     me: Weak<Queue>,
@@ -113,17 +116,20 @@ impl Queue {
         arguments: FieldTable,
         args: QueueArgs,
         vhost: Weak<Vhost>,
+        effective: (state::QueueConfig, Option<u64>),
     ) -> Arc<Self> {
+        let (config, expires) = effective;
         let q = Arc::new_cyclic(|me| Queue {
             name,
             durable,
             auto_delete,
             exclusive_owner,
             inner: Mutex::new(Inner {
-                state: QueueState::new(args.config.clone()),
+                state: QueueState::new(config),
                 consumers: Vec::new(),
                 had_consumer: false,
                 last_used: now_ms(),
+                expires,
                 fx: Vec::new(),
             }),
             arguments,
@@ -271,6 +277,26 @@ impl Queue {
     /// does not ack cannot stall publishers.
     pub fn flow_pressure(&self) -> bool {
         self.flow_pressure.load(Ordering::Relaxed)
+    }
+
+    /// Applies new effective settings (a policy changed). Limits take effect at once.
+    pub fn apply_config(&self, config: state::QueueConfig, expires: Option<u64>) {
+        let now = now_ms();
+        let mut letters = Letters::new();
+        {
+            let mut g = self.inner.lock();
+            if *g.state.config() == config && g.expires == expires {
+                return;
+            }
+            g.expires = expires;
+            let mut fx = std::mem::take(&mut g.fx);
+            g.state.apply(Command::SetConfig(config), now, &mut fx);
+            collect_letters(&mut fx, &mut letters);
+            g.fx = fx;
+            self.deliver_ready(&mut g, now, &mut letters);
+        }
+        self.timer.notify_one();
+        self.dead_letter(letters, now);
     }
 
     /// Tries to deliver again (after credit was granted or a connection drained).
@@ -470,7 +496,7 @@ impl Queue {
             g.state.apply(Command::Expire, now, &mut fx);
             collect_letters(&mut fx, &mut letters);
             g.fx = fx;
-            let queue_deadline = match self.args.expires {
+            let queue_deadline = match g.expires {
                 Some(e) if g.consumers.is_empty() => Some(g.last_used + e),
                 _ => None,
             };
