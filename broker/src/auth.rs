@@ -93,6 +93,11 @@ fn hash_with_salt(salt: &[u8], password: &str) -> String {
     B64.encode(out)
 }
 
+/// Is `hash` in the stored format (base64 of 4-byte salt + SHA-256)?
+pub fn is_password_hash(hash: &str) -> bool {
+    B64.decode(hash).is_ok_and(|raw| raw.len() == 36)
+}
+
 pub fn verify_password(hash: &str, password: &str) -> bool {
     let Ok(raw) = B64.decode(hash) else {
         return false;
@@ -198,7 +203,71 @@ impl AccessControl {
         Ok(())
     }
 
-    /// SASL authentication: the user, if the password matches and the peer may use it.
+    /// Every user, sorted by name.
+    pub fn users(&self) -> Vec<Arc<User>> {
+        let mut v: Vec<Arc<User>> = self.users.read().values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Every (user, vhost, permission), sorted by user then vhost.
+    pub fn permissions(&self) -> Vec<(String, String, Arc<Permission>)> {
+        let mut v: Vec<_> = self
+            .permissions
+            .read()
+            .iter()
+            .map(|((u, vh), p)| (u.clone(), vh.clone(), p.clone()))
+            .collect();
+        v.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        v
+    }
+
+    /// Every (user, vhost, topic permission), sorted by user, vhost, exchange.
+    pub fn topic_permissions(&self) -> Vec<(String, String, Arc<TopicPermission>)> {
+        let mut v: Vec<_> = self
+            .topic_permissions
+            .read()
+            .iter()
+            .flat_map(|((u, vh), list)| {
+                list.iter()
+                    .map(|tp| (u.clone(), vh.clone(), tp.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        v.sort_by(|a, b| (&a.0, &a.1, &a.2.exchange).cmp(&(&b.0, &b.1, &b.2.exchange)));
+        v
+    }
+
+    /// Removes a user's topic permissions in a vhost (for one exchange, or all); false if
+    /// there were none.
+    pub fn clear_topic_permissions(&self, user: &str, vhost: &str, exchange: Option<&str>) -> bool {
+        let mut all = self.topic_permissions.write();
+        let key = (user.to_owned(), vhost.to_owned());
+        let Some(list) = all.get_mut(&key) else {
+            return false;
+        };
+        let before = list.len();
+        match exchange {
+            Some(x) => list.retain(|t| t.exchange != x),
+            None => list.clear(),
+        }
+        let removed = list.len() != before;
+        if list.is_empty() {
+            all.remove(&key);
+        }
+        removed
+    }
+
+    /// Forgets every permission on a deleted vhost.
+    pub fn clear_vhost(&self, vhost: &str) {
+        self.permissions.write().retain(|(_, v), _| v != vhost);
+        self.topic_permissions
+            .write()
+            .retain(|(_, v), _| v != vhost);
+    }
+
+    /// Authentication (SASL, and the management API's HTTP basic auth): the user, if the
+    /// password matches and the peer may use it.
     pub fn authenticate(&self, name: &str, password: &str, peer: IpAddr) -> Result<Arc<User>> {
         let refused = || {
             AmqpError::access_refused(format!(

@@ -1,15 +1,37 @@
 //! The node: configuration, users, vhosts and node-wide state shared by every connection.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
 
 use parking_lot::RwLock;
 use tokio::sync::watch;
 
 use crate::auth::AccessControl;
 use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::parameters::Parameters;
+use crate::registry::ConnectionRegistry;
+use crate::store::log::{MessageLog, Recovered};
 use crate::vhost::Vhost;
+
+/// A listener the node serves, for the management API's overview and health checks.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    /// `amqp`, `http`, `prometheus`, as RabbitMQ names them.
+    pub protocol: String,
+    pub addr: SocketAddr,
+}
+
+/// A virtual host's description and tags (management metadata only).
+#[derive(Debug, Clone, Default)]
+pub struct VhostMetadata {
+    pub description: String,
+    pub tags: Vec<String>,
+    pub default_queue_type: Option<String>,
+}
 
 pub struct Broker {
     pub config: Config,
@@ -19,6 +41,19 @@ pub struct Broker {
     pub open_connections: AtomicUsize,
     /// Active resource alarms (e.g. "memory", "disk"); publishers are blocked while any is on.
     alarms: watch::Sender<Vec<String>>,
+    /// Counters for the Prometheus endpoint.
+    pub metrics: Metrics,
+    /// Open connections, for the management API.
+    pub connections: ConnectionRegistry,
+    /// Runtime parameters (federation upstreams, shovels).
+    pub parameters: Parameters,
+    vhost_metadata: RwLock<HashMap<String, VhostMetadata>>,
+    listeners: RwLock<Vec<Listener>>,
+    pub started_at: Instant,
+    /// The message log, on a node with storage (see [`Broker::open_store`]).
+    store: std::sync::OnceLock<Arc<MessageLog>>,
+    /// Set by [`Broker::recover`]: lets vhosts save the node's metadata on change.
+    me: std::sync::OnceLock<std::sync::Weak<Broker>>,
 }
 
 impl Broker {
@@ -40,10 +75,11 @@ impl Broker {
         ) {
             tracing::error!("{e}");
         }
+        let metrics = Metrics::default();
         let mut vhosts = HashMap::new();
         vhosts.insert(
             config.default_vhost.clone(),
-            Vhost::new(&config.default_vhost),
+            Vhost::with_queue_counters(&config.default_vhost, metrics.queues.clone()),
         );
         let (alarms, _) = watch::channel(Vec::new());
         Arc::new(Self {
@@ -53,7 +89,51 @@ impl Broker {
             next_connection_id: AtomicU64::new(1),
             open_connections: AtomicUsize::new(0),
             alarms,
+            metrics,
+            connections: ConnectionRegistry::default(),
+            parameters: Parameters::default(),
+            vhost_metadata: RwLock::new(HashMap::new()),
+            listeners: RwLock::new(Vec::new()),
+            started_at: Instant::now(),
+            store: std::sync::OnceLock::new(),
+            me: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Opens the message log under the data directory and returns what it recovered. Queues
+    /// declared afterwards in any vhost persist their persistent messages.
+    pub fn open_store(&self) -> std::io::Result<Recovered> {
+        let (log, recovered) = MessageLog::open(&self.config.data_dir.join("messages"))?;
+        for v in self.vhosts.read().values() {
+            v.attach_store(log.clone());
+        }
+        let _ = self.store.set(log);
+        Ok(recovered)
+    }
+
+    /// Saves the node's metadata whenever `v` changes something durable.
+    pub(crate) fn watch_durable_changes(me: std::sync::Weak<Broker>, v: &Vhost) {
+        v.set_on_durable_change(move || {
+            if let Some(b) = me.upgrade() {
+                b.persist_metadata();
+            }
+        });
+    }
+
+    pub(crate) fn set_self(self: &Arc<Self>) {
+        let _ = self.me.set(Arc::downgrade(self));
+        for v in self.vhosts.read().values() {
+            Broker::watch_durable_changes(Arc::downgrade(self), v);
+        }
+    }
+
+    pub fn store(&self) -> Option<&Arc<MessageLog>> {
+        self.store.get()
+    }
+
+    /// The highest message-log sequence number on disk (everything, without storage).
+    pub fn store_synced(&self) -> u64 {
+        self.store.get().map_or(u64::MAX, |s| s.synced_now())
     }
 
     pub fn vhost(&self, name: &str) -> Option<Arc<Vhost>> {
@@ -64,8 +144,67 @@ impl Broker {
         self.vhosts
             .write()
             .entry(name.to_owned())
-            .or_insert_with(|| Vhost::new(name))
+            .or_insert_with(|| {
+                let v = Vhost::with_queue_counters(name, self.metrics.queues.clone());
+                if let Some(store) = self.store.get() {
+                    v.attach_store(store.clone());
+                }
+                if let Some(me) = self.me.get() {
+                    Broker::watch_durable_changes(me.clone(), &v);
+                }
+                v
+            })
             .clone()
+    }
+
+    /// Deletes a virtual host: its queues (consumers are cancelled), its permissions and
+    /// parameters; its connections are closed. False if there was none by that name.
+    pub fn delete_vhost(&self, name: &str) -> bool {
+        let Some(vhost) = self.vhosts.write().remove(name) else {
+            return false;
+        };
+        for q in vhost.queues() {
+            vhost.remove_queue(&q.name);
+        }
+        self.access.clear_vhost(name);
+        self.parameters.clear_vhost(name);
+        self.vhost_metadata.write().remove(name);
+        for c in self.connections.list() {
+            if c.vhost.name == name {
+                c.control
+                    .request_close(&format!("vhost '{name}' is deleted"));
+            }
+        }
+        true
+    }
+
+    pub fn vhost_metadata(&self, name: &str) -> VhostMetadata {
+        self.vhost_metadata
+            .read()
+            .get(name)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn set_vhost_metadata(&self, name: &str, meta: VhostMetadata) {
+        self.vhost_metadata.write().insert(name.to_owned(), meta);
+    }
+
+    /// Records a listener once it is bound (the port may have been chosen by the OS).
+    pub fn register_listener(&self, protocol: &str, addr: SocketAddr) {
+        self.listeners.write().push(Listener {
+            protocol: protocol.to_owned(),
+            addr,
+        });
+    }
+
+    pub fn listeners(&self) -> Vec<Listener> {
+        self.listeners.read().clone()
+    }
+
+    /// The node name shown by the management API.
+    pub fn node_name(&self) -> String {
+        self.config.cluster_name()
     }
 
     pub fn vhost_names(&self) -> Vec<String> {
@@ -87,6 +226,11 @@ impl Broker {
 
     pub fn clear_alarm(&self, resource: &str) {
         self.alarms.send_modify(|a| a.retain(|x| x != resource));
+    }
+
+    /// The alarms in effect now.
+    pub fn active_alarms(&self) -> Vec<String> {
+        self.alarms.borrow().clone()
     }
 
     pub fn alarms(&self) -> watch::Receiver<Vec<String>> {

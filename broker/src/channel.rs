@@ -5,7 +5,7 @@
 //! [`ChannelShared`] is the part queues reach from other tasks: the delivery-tag counter, the
 //! unacked map and the connection's outbox.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
@@ -20,6 +20,7 @@ use crate::connection::ConnShared;
 use crate::error::{AmqpError, Result};
 use crate::exchange::{Destination, ExchangeKind};
 use crate::message::{Message, rebuild_properties};
+use crate::metrics::{ChannelStats, DeliveryStats, PublishStats};
 use crate::queue::state::{MsgId, Settlement};
 use crate::queue::{Consumer, Queue, now_ms};
 use crate::vhost::{QueueSpec, REPLY_TO};
@@ -48,9 +49,25 @@ pub struct ChannelShared {
     /// `basic.qos` with global=true; 0 is unlimited.
     global_prefetch: AtomicU32,
     open: AtomicBool,
+    /// Publish and delivery counters (metrics).
+    pub stats: ChannelStats,
 }
 
 impl ChannelShared {
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Deliveries awaiting acknowledgement on this channel.
+    pub fn unacked_count(&self) -> u32 {
+        self.unacked_count.load(Ordering::Relaxed)
+    }
+
+    /// `basic.qos` with global=true; 0 is unlimited.
+    pub fn global_prefetch(&self) -> u32 {
+        self.global_prefetch.load(Ordering::Relaxed)
+    }
+
     pub fn has_global_credit(&self) -> bool {
         let limit = self.global_prefetch.load(Ordering::Relaxed);
         limit == 0 || self.unacked_count.load(Ordering::Relaxed) < limit
@@ -87,6 +104,12 @@ impl ChannelShared {
             );
             self.unacked_count.fetch_add(1, Ordering::Relaxed);
             consumer.unacked.fetch_add(1, Ordering::Relaxed);
+            consumer.stats.delivered_ack.fetch_add(1, Ordering::Relaxed);
+        } else {
+            consumer.stats.delivered.fetch_add(1, Ordering::Relaxed);
+        }
+        if redelivered {
+            consumer.stats.redelivered.fetch_add(1, Ordering::Relaxed);
         }
         let mut out = self.conn.outbox.writer();
         codec::encode_deliver(
@@ -184,6 +207,11 @@ pub struct Channel {
     confirm_seq: Option<u64>,
     /// Highest sequence number acked but not yet told to the client (sent in batches).
     confirm_pending_ack: Option<u64>,
+    /// Confirms that wait for the message log: (publish seq, log seq needed, ack?), in order.
+    /// Later confirms queue behind them so a `multiple` ack never covers an unsynced message.
+    confirm_waiting: VecDeque<(u64, u64, bool)>,
+    /// The log sequence number the publish being routed must wait for.
+    route_wait: u64,
     tx: Option<Vec<TxOp>>,
     consumers: HashMap<String, ConsumerEntry>,
     prefetch: u32,
@@ -194,6 +222,8 @@ pub struct Channel {
     write_ok: Option<String>,
     /// A queue this channel published to that asked publishers to pause.
     flow_wait: Option<Arc<Queue>>,
+    /// Counters of the exchange last published to (the common case: one exchange).
+    pub_stats: Option<Arc<PublishStats>>,
 }
 
 fn reply(ctx: &ConnShared, ch: u16, m: AMQPClass) {
@@ -202,7 +232,7 @@ fn reply(ctx: &ConnShared, ch: u16, m: AMQPClass) {
 
 impl Channel {
     pub fn new(id: u16, conn: Arc<ConnShared>) -> Self {
-        Self {
+        let ch = Self {
             shared: Arc::new(ChannelShared {
                 id,
                 conn,
@@ -210,11 +240,14 @@ impl Channel {
                 unacked_count: AtomicU32::new(0),
                 global_prefetch: AtomicU32::new(0),
                 open: AtomicBool::new(true),
+                stats: ChannelStats::default(),
             }),
             closing: false,
             content: None,
             confirm_seq: None,
             confirm_pending_ack: None,
+            confirm_waiting: VecDeque::new(),
+            route_wait: 0,
             tx: None,
             consumers: HashMap::new(),
             prefetch: 0,
@@ -222,7 +255,10 @@ impl Channel {
             reply_to: None,
             write_ok: None,
             flow_wait: None,
-        }
+            pub_stats: None,
+        };
+        ch.ctx().broker.metrics.channel_opened(&ch.shared);
+        ch
     }
 
     fn id(&self) -> u16 {
@@ -242,14 +278,38 @@ impl Channel {
         self.content.is_some()
     }
 
-    /// Sends the batched publisher-confirm ack, if any.
+    /// Sends the batched publisher-confirm ack, if any, after releasing the confirms whose
+    /// messages the log has now synced.
     pub fn flush_confirms(&mut self) {
+        if !self.confirm_waiting.is_empty() {
+            let synced = self.ctx().broker.store_synced();
+            while let Some(&(seq, wait, ok)) = self.confirm_waiting.front() {
+                if wait > synced {
+                    break;
+                }
+                self.confirm_waiting.pop_front();
+                self.confirm_now(seq, ok);
+            }
+        }
         if let Some(tag) = self.confirm_pending_ack.take() {
             codec::encode_confirm(&mut self.ctx().outbox.writer(), self.id(), tag, true, true);
         }
     }
 
-    fn confirm(&mut self, seq: u64, ok: bool) {
+    /// True while some confirm waits for the message log.
+    pub fn awaiting_sync(&self) -> bool {
+        !self.confirm_waiting.is_empty()
+    }
+
+    fn confirm(&mut self, seq: u64, ok: bool, wait: u64) {
+        if wait > 0 || !self.confirm_waiting.is_empty() {
+            self.confirm_waiting.push_back((seq, wait, ok));
+            return;
+        }
+        self.confirm_now(seq, ok);
+    }
+
+    fn confirm_now(&mut self, seq: u64, ok: bool) {
         if ok {
             self.confirm_pending_ack = Some(seq);
         } else {
@@ -272,6 +332,7 @@ impl Channel {
             self.shared.open.store(false, Ordering::Release);
             std::mem::take(&mut d.unacked)
         };
+        self.ctx().broker.metrics.channel_closed(&self.shared);
         let vhost = self.ctx().vhost.clone();
         for (tag, e) in self.consumers.drain() {
             if e.queue.remove_consumer(&tag, &self.shared) {
@@ -737,6 +798,7 @@ impl Channel {
             unacked: AtomicU32::new(0),
             priority,
             exclusive: c.exclusive,
+            stats: self.delivery_stats(&q.name),
         });
         q.add_consumer(consumer)?;
         self.consumers
@@ -759,7 +821,9 @@ impl Channel {
         let name = self.queue_name(g.queue.as_str())?;
         self.check(Resource::Queue, &name, Access::Read)?;
         let q = self.ctx().vhost.queue_for(&name, self.ctx().id)?;
+        let stats = self.delivery_stats(&q.name);
         let Some(r) = q.get(g.no_ack) else {
+            stats.get_empty.fetch_add(1, Ordering::Relaxed);
             reply(
                 self.ctx(),
                 ch,
@@ -767,6 +831,10 @@ impl Channel {
             );
             return Ok(());
         };
+        if g.no_ack { &stats.get } else { &stats.get_ack }.fetch_add(1, Ordering::Relaxed);
+        if r.redelivered {
+            stats.redelivered.fetch_add(1, Ordering::Relaxed);
+        }
         let mut d = self.shared.deliveries.lock();
         d.next_tag += 1;
         let tag = d.next_tag;
@@ -846,6 +914,17 @@ impl Channel {
             }
         };
         self.release_credit(taken.iter());
+        if how == Settlement::Ack {
+            for u in &taken {
+                match &u.consumer {
+                    Some(c) => c.stats.acked.fetch_add(1, Ordering::Relaxed),
+                    None => self
+                        .delivery_stats(&u.queue.name)
+                        .acked
+                        .fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }
         let global = self.shared.global_prefetch.load(Ordering::Relaxed) > 0;
         settle_grouped(taken.into_iter(), how);
         if global {
@@ -1027,7 +1106,12 @@ impl Channel {
         };
         let accepted = result.map_err(|e| e.on_method(60, 40))?;
         if let Some(seq) = seq {
-            self.confirm(seq, accepted);
+            let wait = std::mem::take(&mut self.route_wait);
+            self.confirm(seq, accepted, wait);
+            // `pub_stats` is this publish's exchange: routing set it.
+            if accepted && let Some(s) = &self.pub_stats {
+                s.confirmed.fetch_add(1, Ordering::Relaxed);
+            }
         }
         Ok(())
     }
@@ -1095,6 +1179,8 @@ impl Channel {
         body: Bytes,
     ) -> Result<bool> {
         self.validate_publish(exchange, routing_key, &header)?;
+        let stats = self.publish_stats(exchange);
+        stats.published.fetch_add(1, Ordering::Relaxed);
         let ctx = self.shared.conn.clone();
         let mut props = header.properties;
         let mut props_changed = false;
@@ -1155,7 +1241,10 @@ impl Channel {
                 return Ok(true);
             }
             if mandatory {
+                stats.returned.fetch_add(1, Ordering::Relaxed);
                 self.send_return(&msg);
+            } else {
+                stats.dropped.fetch_add(1, Ordering::Relaxed);
             }
             return Ok(true);
         }
@@ -1164,20 +1253,51 @@ impl Channel {
         let queues = ctx.vhost.route(exchange, &key_refs, msg.headers())?;
         if queues.is_empty() {
             if mandatory {
+                stats.returned.fetch_add(1, Ordering::Relaxed);
                 self.send_return(&msg);
+            } else {
+                stats.dropped.fetch_add(1, Ordering::Relaxed);
             }
             return Ok(true);
         }
+        let routed = queues.len() as u64;
+        stats.routed.fetch_add(routed, Ordering::Relaxed);
         let msg = Arc::new(msg);
         let now = now_ms();
         let mut accepted = true;
         for q in queues {
-            accepted &= q.publish(msg.clone(), now);
+            let published = q.publish(msg.clone(), now);
+            accepted &= published.accepted;
+            self.route_wait = self.route_wait.max(published.wait_for);
             if q.flow_pressure() {
                 self.flow_wait = Some(q);
             }
         }
         Ok(accepted)
+    }
+
+    /// The counters for publishes to `exchange` (kept at hand for the next publish).
+    fn publish_stats(&mut self, exchange: &str) -> Arc<PublishStats> {
+        if let Some(s) = &self.pub_stats
+            && s.exchange == exchange
+        {
+            return s.clone();
+        }
+        let vhost = &self.shared.conn.vhost;
+        let s = self
+            .shared
+            .stats
+            .publish(exchange, |e| vhost.exchange(e).is_some());
+        self.pub_stats = Some(s.clone());
+        s
+    }
+
+    /// This channel's delivery counters for a queue.
+    fn delivery_stats(&self, queue: &str) -> Arc<DeliveryStats> {
+        let vhost = &self.shared.conn.vhost;
+        self.shared
+            .stats
+            .delivery(queue, |q| vhost.queue(q).is_some())
     }
 
     fn send_return(&self, msg: &Message) {

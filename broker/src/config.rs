@@ -28,7 +28,7 @@ pub struct Cli {
     /// Address of the AMQP 0-9-1 listener [default: 0.0.0.0:5672].
     #[arg(long, env = "WARREN_AMQP_LISTEN")]
     pub amqp_listen: Option<SocketAddr>,
-    /// Address of the management HTTP API [default: 0.0.0.0:15672]. Served once the management issue lands.
+    /// Address of the management HTTP API (RabbitMQ-compatible) [default: 0.0.0.0:15672].
     #[arg(long, env = "WARREN_MANAGEMENT_LISTEN")]
     pub management_listen: Option<SocketAddr>,
     /// Address of the Prometheus endpoint [default: 0.0.0.0:15692]. Served once the metrics issue lands.

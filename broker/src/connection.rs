@@ -48,6 +48,10 @@ pub struct ConnShared {
     pub frame_max: u32,
     /// The client understands server-sent `basic.cancel`.
     pub cancel_notify: bool,
+    /// What the management API shows about this connection.
+    pub info: crate::registry::ConnectionInfo,
+    /// Close requests from the management API, and the open channels it lists.
+    pub control: crate::registry::ConnectionControl,
 }
 
 impl std::fmt::Debug for Broker {
@@ -181,11 +185,13 @@ struct Opened {
     channel_max: u16,
     heartbeat: u16,
     client_properties: FieldTable,
+    mechanism: String,
 }
 
 /// Serves one accepted TCP connection until it closes.
 pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
+    let local = stream.local_addr().unwrap_or(peer);
     let (rd, mut wr) = stream.into_split();
     let mut reader = Reader {
         rd,
@@ -215,7 +221,20 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         outbox: outbox.clone(),
         frame_max: opened.frame_max,
         cancel_notify: client_capability(&opened.client_properties, "consumer_cancel_notify"),
+        info: crate::registry::ConnectionInfo {
+            name: format!("{peer} -> {local}"),
+            peer,
+            local,
+            client_properties: opened.client_properties.clone(),
+            connected_at: crate::queue::now_ms(),
+            channel_max: opened.channel_max,
+            heartbeat: opened.heartbeat,
+            auth_mechanism: opened.mechanism.clone(),
+        },
+        control: Default::default(),
     });
+    broker.connections.register(shared.clone());
+    broker.metrics.connection_opened();
     let heartbeat = Duration::from_secs(opened.heartbeat as u64);
     let writer = tokio::spawn(write_loop(outbox.clone(), wr, heartbeat));
     reader.decoder = FrameDecoder::new(opened.frame_max);
@@ -228,7 +247,9 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         has_published: false,
     };
     let reason = conn.run(&mut reader, heartbeat).await;
+    broker.connections.deregister(id);
     conn.cleanup();
+    broker.metrics.connection_closed();
     outbox.close();
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer).await;
     info!(reason = %reason, "connection closed");
@@ -358,6 +379,7 @@ async fn handshake(
         channel_max,
         heartbeat: t.heartbeat,
         client_properties: start_ok.client_properties,
+        mechanism: start_ok.mechanism.to_string(),
     }))
 }
 
@@ -387,6 +409,18 @@ async fn write_loop(outbox: Arc<Outbox>, mut wr: OwnedWriteHalf, heartbeat: Dura
     let _ = wr.shutdown().await;
 }
 
+/// Resolves when the message log syncs more (never without a log).
+async fn wait_for_sync(synced: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    match synced {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
 enum Flow {
     Continue,
     Exit(&'static str),
@@ -410,6 +444,7 @@ impl Connection {
     async fn run(&mut self, reader: &mut Reader, heartbeat: Duration) -> String {
         let broker = self.shared.broker.clone();
         let mut alarms = broker.alarms();
+        let mut synced = broker.store().map(|s| s.synced());
         let mut blocked_sent = false;
         loop {
             // Everything already buffered is handled before reading again.
@@ -469,8 +504,13 @@ impl Connection {
                     );
                     blocked_sent = true;
                 }
-                if alarms.changed().await.is_err() {
-                    return "broker shutting down".into();
+                tokio::select! {
+                    r = alarms.changed() => if r.is_err() {
+                        return "broker shutting down".into();
+                    },
+                    why = self.shared.control.close_requested() => {
+                        self.close_with(AmqpError::new(crate::error::code::CONNECTION_FORCED, why));
+                    }
                 }
                 continue;
             }
@@ -502,6 +542,11 @@ impl Connection {
                     }
                 },
                 _ = alarms.changed() => {}
+                // Publisher confirms waiting for the message log go out when it syncs.
+                _ = wait_for_sync(&mut synced), if self.channels.values().any(Channel::awaiting_sync) => {}
+                why = self.shared.control.close_requested(), if !self.closing => {
+                    self.close_with(AmqpError::new(crate::error::code::CONNECTION_FORCED, why));
+                }
             }
         }
     }
@@ -570,8 +615,9 @@ impl Connection {
             }
             return match codec::decode_method(&f.payload)? {
                 AMQPClass::Channel(channel::AMQPMethod::Open(_)) => {
-                    self.channels
-                        .insert(id, Channel::new(id, self.shared.clone()));
+                    let ch = Channel::new(id, self.shared.clone());
+                    self.shared.control.add_channel(&ch.shared);
+                    self.channels.insert(id, ch);
                     self.send(
                         id,
                         AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),

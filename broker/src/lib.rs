@@ -14,11 +14,17 @@ pub mod connection;
 pub mod dead_letter;
 pub mod error;
 pub mod exchange;
+pub mod management;
 pub mod message;
+pub mod metrics;
 pub mod outbox;
+pub mod parameters;
+pub mod persistence;
 pub mod policy;
 pub mod queue;
+pub mod registry;
 pub mod server;
+pub mod store;
 pub mod vhost;
 
 pub use broker::Broker;

@@ -4,7 +4,7 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 use warren_broker::config::{Cli, Config};
-use warren_broker::{Broker, server};
+use warren_broker::{Broker, management, metrics, server};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -50,6 +50,12 @@ async fn run(config: Config) -> Result<(), String> {
     let listener = TcpListener::bind(config.amqp_listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.amqp_listen))?;
+    let management = TcpListener::bind(config.management_listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.management_listen))?;
+    let prometheus = TcpListener::bind(config.prometheus_listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.prometheus_listen))?;
     tracing::info!(
         data_dir = %config.data_dir.display(),
         default_user = %config.default_user,
@@ -57,6 +63,20 @@ async fn run(config: Config) -> Result<(), String> {
         env!("CARGO_PKG_VERSION")
     );
     let broker = Broker::new(config);
+    broker
+        .recover()
+        .map_err(|e| format!("cannot recover from the data directory: {e}"))?;
+    tokio::spawn(management::run(
+        broker.clone(),
+        management,
+        std::future::pending(),
+    ));
+    let metrics_broker = broker.clone();
+    tokio::spawn(async move {
+        if let Err(e) = metrics::run(metrics_broker, prometheus, std::future::pending()).await {
+            tracing::error!("Prometheus listener failed: {e}");
+        }
+    });
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
         tracing::info!("shutting down");

@@ -15,6 +15,7 @@ use crate::broker::Broker;
 pub async fn run(broker: Arc<Broker>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "AMQP 0-9-1 listener started");
+        broker.register_listener("amqp", addr);
     }
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(5);

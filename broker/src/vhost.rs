@@ -12,9 +12,11 @@ use parking_lot::{Mutex, RwLock};
 use crate::channel::ChannelShared;
 use crate::error::{AmqpError, Result};
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind};
+use crate::metrics::QueueCounters;
 use crate::policy::{self, Policy};
 use crate::queue::Queue;
 use crate::queue::args::{self, QueueArgs};
+use crate::store::log::MessageLog;
 
 /// Pre-declared exchanges of every vhost.
 const STANDARD_EXCHANGES: &[(&str, ExchangeKind)] = &[
@@ -36,8 +38,17 @@ pub struct Vhost {
     reply_consumers: Mutex<HashMap<String, (Weak<ChannelShared>, String)>>,
     policies: RwLock<Vec<Policy>>,
     operator_policies: RwLock<Vec<Policy>>,
+    /// Queue declarations, creations and deletions, counted for metrics (node-wide: the
+    /// broker gives every vhost the same counters).
+    pub queue_counters: Arc<QueueCounters>,
+    /// The node's message log, when it has storage: durable queues persist through it.
+    store: std::sync::OnceLock<Arc<MessageLog>>,
+    /// Called after a change a restart must remember (the node saves its metadata).
+    on_durable_change: std::sync::OnceLock<DurableChangeHook>,
     me: Weak<Vhost>,
 }
+
+type DurableChangeHook = Box<dyn Fn() + Send + Sync>;
 
 /// Properties of a queue being declared.
 pub struct QueueSpec<'a> {
@@ -50,6 +61,10 @@ pub struct QueueSpec<'a> {
 
 impl Vhost {
     pub fn new(name: &str) -> Arc<Self> {
+        Self::with_queue_counters(name, Arc::default())
+    }
+
+    pub fn with_queue_counters(name: &str, queue_counters: Arc<QueueCounters>) -> Arc<Self> {
         let v = Arc::new_cyclic(|me| Vhost {
             name: name.to_owned(),
             exchanges: RwLock::new(HashMap::new()),
@@ -57,6 +72,9 @@ impl Vhost {
             reply_consumers: Mutex::new(HashMap::new()),
             policies: RwLock::new(Vec::new()),
             operator_policies: RwLock::new(Vec::new()),
+            queue_counters,
+            store: std::sync::OnceLock::new(),
+            on_durable_change: std::sync::OnceLock::new(),
             me: me.clone(),
         });
         {
@@ -84,6 +102,23 @@ impl Vhost {
 
     fn no_queue(&self, name: &str) -> AmqpError {
         AmqpError::not_found(format!("no queue '{name}' in vhost '{}'", self.name))
+    }
+
+    /// Sets what runs after every durable change (once).
+    pub fn set_on_durable_change(&self, f: impl Fn() + Send + Sync + 'static) {
+        let _ = self.on_durable_change.set(Box::new(f));
+    }
+
+    /// Never called with a lock of this vhost held: the hook reads the whole vhost.
+    fn durable_changed(&self) {
+        if let Some(f) = self.on_durable_change.get() {
+            f();
+        }
+    }
+
+    /// Gives the vhost the node's message log (once, before any queue is declared).
+    pub fn attach_store(&self, store: Arc<MessageLog>) {
+        let _ = self.store.set(store);
     }
 
     pub fn exchange(&self, name: &str) -> Option<Arc<Exchange>> {
@@ -171,6 +206,10 @@ impl Vhost {
         *e.policy_alternate.write() =
             policy::policy_alternate_exchange(policy::select(&self.policies.read(), name, false));
         all.insert(name.to_owned(), Arc::new(e));
+        drop(all);
+        if durable {
+            self.durable_changed();
+        }
         Ok(())
     }
 
@@ -191,6 +230,10 @@ impl Vhost {
         let dest = Destination::Exchange(name.to_owned());
         for other in all.values() {
             other.bindings.write().remove_destination(&dest);
+        }
+        drop(all);
+        if e.durable {
+            self.durable_changed();
         }
         Ok(())
     }
@@ -227,6 +270,9 @@ impl Vhost {
             routing_key: routing_key.to_owned(),
             arguments: args.clone(),
         });
+        if src.durable {
+            self.durable_changed();
+        }
         Ok(())
     }
 
@@ -260,6 +306,9 @@ impl Vhost {
         });
         if removed {
             self.auto_delete_exchange(&src);
+            if src.durable {
+                self.durable_changed();
+            }
         }
         Ok(())
     }
@@ -294,6 +343,7 @@ impl Vhost {
             }
             args::check_equivalent(&q.arguments, spec.arguments, spec.name, &self.name)?;
             q.touch();
+            QueueCounters::inc(&self.queue_counters.declared);
             return Ok((q.clone(), false));
         }
         let parsed: QueueArgs = args::parse(spec.arguments, spec.name, &self.name)?;
@@ -307,8 +357,15 @@ impl Vhost {
             parsed,
             self.me.clone(),
             effective,
+            self.store.get().cloned(),
         );
         all.insert(spec.name.to_owned(), q.clone());
+        drop(all);
+        QueueCounters::inc(&self.queue_counters.declared);
+        QueueCounters::inc(&self.queue_counters.created);
+        if spec.durable && spec.exclusive_owner.is_none() {
+            self.durable_changed();
+        }
         Ok((q, true))
     }
 
@@ -367,6 +424,7 @@ impl Vhost {
         let Some(q) = self.queues.write().remove(name) else {
             return 0;
         };
+        QueueCounters::inc(&self.queue_counters.deleted);
         let count = q.mark_deleted();
         let dest = Destination::Queue(name.to_owned());
         let touched: Vec<Arc<Exchange>> = self
@@ -378,6 +436,9 @@ impl Vhost {
             .collect();
         for e in touched {
             self.auto_delete_exchange(&e);
+        }
+        if q.durable && q.exclusive_owner.is_none() {
+            self.durable_changed();
         }
         count
     }
@@ -491,6 +552,7 @@ impl Vhost {
             list.push(p);
         }
         self.reapply_policies();
+        self.durable_changed();
     }
 
     /// Removes a policy; false if there was none by that name.
@@ -507,6 +569,7 @@ impl Vhost {
         };
         if removed {
             self.reapply_policies();
+            self.durable_changed();
         }
         removed
     }

@@ -11,6 +11,7 @@
 pub mod args;
 pub mod state;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -21,6 +22,7 @@ use tokio::sync::Notify;
 
 use crate::channel::ChannelShared;
 use crate::message::Message;
+use crate::store::log::{MessageLog, Record, StoredMessage};
 use crate::vhost::Vhost;
 use args::QueueArgs;
 use state::{Command, DeadLetterReason, Effect, Millis, MsgId, QueueState, Settlement};
@@ -44,6 +46,8 @@ pub struct Consumer {
     pub unacked: AtomicU32,
     pub priority: i32,
     pub exclusive: bool,
+    /// The channel's delivery counters for this queue (metrics).
+    pub stats: Arc<crate::metrics::DeliveryStats>,
 }
 
 impl Consumer {
@@ -65,6 +69,8 @@ struct Inner {
     last_used: Millis,
     /// `x-expires` in effect (client argument, policy or operator policy).
     expires: Option<u64>,
+    /// Message-log ids of the persistent messages this (durable) queue holds.
+    sids: HashMap<MsgId, u64>,
     fx: Vec<Effect>,
 }
 
@@ -88,6 +94,9 @@ pub struct Queue {
     me: Weak<Queue>,
     inner: Mutex<Inner>,
     timer: Arc<Notify>,
+    /// The node's message log, for durable queues of a node with storage.
+    store: Option<Arc<MessageLog>>,
+    vhost_name: String,
     deleted: AtomicBool,
     flow_pressure: AtomicBool,
 }
@@ -96,6 +105,13 @@ impl std::fmt::Debug for Queue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Queue").field("name", &self.name).finish()
     }
+}
+
+/// The outcome of enqueueing one message.
+#[derive(Debug, Clone, Copy)]
+pub struct Published {
+    pub accepted: bool,
+    pub wait_for: u64,
 }
 
 /// What `basic.get` returns.
@@ -117,7 +133,9 @@ impl Queue {
         args: QueueArgs,
         vhost: Weak<Vhost>,
         effective: (state::QueueConfig, Option<u64>),
+        store: Option<Arc<MessageLog>>,
     ) -> Arc<Self> {
+        let vhost_name = vhost.upgrade().map(|v| v.name.clone()).unwrap_or_default();
         let (config, expires) = effective;
         let q = Arc::new_cyclic(|me| Queue {
             name,
@@ -130,6 +148,7 @@ impl Queue {
                 had_consumer: false,
                 last_used: now_ms(),
                 expires,
+                sids: HashMap::new(),
                 fx: Vec::new(),
             }),
             arguments,
@@ -137,6 +156,8 @@ impl Queue {
             vhost,
             me: me.clone(),
             timer: Arc::new(Notify::new()),
+            store: if durable { store } else { None },
+            vhost_name,
             deleted: AtomicBool::new(false),
             flow_pressure: AtomicBool::new(false),
         });
@@ -168,26 +189,73 @@ impl Queue {
         )
     }
 
+    /// Depths and consumers for a metrics scrape, with the (connection, channel) of each
+    /// consumer.
+    pub fn metrics_sample(&self) -> (crate::metrics::QueueSample, Vec<(u64, u16)>) {
+        let g = self.inner.lock();
+        let sample = crate::metrics::QueueSample {
+            ready: g.state.ready_count(),
+            unacked: g.state.unacked_count(),
+            ready_bytes: g.state.ready_bytes(),
+            unacked_bytes: g.state.unacked_bytes(),
+            consumers: g.consumers.len() as u64,
+        };
+        let channels = g
+            .consumers
+            .iter()
+            .map(|c| (c.channel.conn.id, c.channel.id))
+            .collect();
+        (sample, channels)
+    }
+
     pub fn touch(&self) {
         self.inner.lock().last_used = now_ms();
         self.timer.notify_one();
     }
 
-    /// Enqueues a routed message; false if the queue refused it (reject-publish overflow).
-    pub fn publish(&self, msg: Arc<Message>, now: Millis) -> bool {
+    /// Enqueues a routed message. `accepted` is false if the queue refused it (reject-publish
+    /// overflow); `wait_for` is the message-log sequence number that must be on disk before
+    /// the publish may be confirmed (0: nothing to wait for).
+    pub fn publish(&self, msg: Arc<Message>, now: Millis) -> Published {
         if self.is_deleted() {
-            return true;
+            return Published {
+                accepted: true,
+                wait_for: 0,
+            };
         }
         let mut letters = Letters::new();
         let accepted;
+        let mut wait_for = 0;
         let wake_timer;
         {
             let mut g = self.inner.lock();
             let had_expiry = g.state.next_expiry();
             let mut fx = std::mem::take(&mut g.fx);
-            g.state.apply(Command::Enqueue { msg }, now, &mut fx);
+            let persist = self.store.is_some() && msg.persistent();
+            g.state
+                .apply(Command::Enqueue { msg: msg.clone() }, now, &mut fx);
             accepted = !fx.iter().any(|e| matches!(e, Effect::Refused));
-            collect_letters(&mut fx, &mut letters);
+            for e in fx.drain(..) {
+                if let Effect::Accepted { id } = e {
+                    if persist && let Some(store) = &self.store {
+                        let sid = store.next_sid();
+                        let expires_at = g.state.expires_at(id);
+                        wait_for = store.append(&Record::Enqueue(StoredMessage {
+                            sid,
+                            vhost: self.vhost_name.clone(),
+                            queue: self.name.clone(),
+                            expires_at,
+                            exchange: msg.exchange.clone(),
+                            routing_key: msg.routing_key.clone(),
+                            header_payload: msg.header_payload.to_vec(),
+                            body: msg.body.to_vec(),
+                        }));
+                        g.sids.insert(id, sid);
+                    }
+                } else {
+                    self.absorb(&mut g.sids, e, &mut letters);
+                }
+            }
             g.fx = fx;
             self.deliver_ready(&mut g, now, &mut letters);
             wake_timer = g.state.next_expiry().is_some() && g.state.next_expiry() != had_expiry;
@@ -196,7 +264,85 @@ impl Queue {
             self.timer.notify_one();
         }
         self.dead_letter(letters, now);
-        accepted
+        Published { accepted, wait_for }
+    }
+
+    /// Puts recovered messages back, in their original order, marked redelivered: they may
+    /// have been delivered before the restart (at-least-once).
+    pub fn restore(&self, messages: Vec<StoredMessage>) {
+        let mut g = self.inner.lock();
+        let mut fx = std::mem::take(&mut g.fx);
+        for m in messages {
+            let Ok(header) = crate::codec::decode_header(&m.header_payload) else {
+                tracing::error!(queue = %self.name, sid = m.sid, "unreadable stored message properties; dropped");
+                continue;
+            };
+            let msg = Arc::new(Message::with_header_payload(
+                m.exchange,
+                m.routing_key,
+                header.properties,
+                bytes::Bytes::from(m.header_payload),
+                bytes::Bytes::from(m.body),
+            ));
+            g.state.apply(
+                Command::Restore {
+                    msg,
+                    expires_at: m.expires_at,
+                    redelivered: true,
+                },
+                now_ms(),
+                &mut fx,
+            );
+            for e in fx.drain(..) {
+                if let Effect::Accepted { id } = e {
+                    g.sids.insert(id, m.sid);
+                }
+            }
+        }
+        g.fx = fx;
+        drop(g);
+        self.timer.notify_one();
+    }
+
+    /// Handles what any command may produce besides its own result: dead letters (routed
+    /// after the lock is released) and removals (recorded in the message log). Returns the
+    /// effects it does not handle.
+    fn absorb(
+        &self,
+        sids: &mut HashMap<MsgId, u64>,
+        e: Effect,
+        letters: &mut Letters,
+    ) -> Option<Effect> {
+        match e {
+            Effect::DeadLetter { msg, reason } => {
+                letters.push((msg, reason));
+                None
+            }
+            Effect::Removed { id } => {
+                if let Some(sid) = sids.remove(&id)
+                    && let Some(store) = &self.store
+                {
+                    store.append(&Record::Remove {
+                        vhost: self.vhost_name.clone(),
+                        queue: self.name.clone(),
+                        sid,
+                    });
+                }
+                None
+            }
+            other => Some(other),
+        }
+    }
+
+    fn absorb_all(
+        &self,
+        sids: &mut HashMap<MsgId, u64>,
+        fx: &mut Vec<Effect>,
+        letters: &mut Letters,
+    ) {
+        for e in fx.drain(..) {
+            self.absorb(sids, e, letters);
+        }
     }
 
     /// Delivers ready messages to consumers with credit, until either runs out.
@@ -232,15 +378,14 @@ impl Queue {
                 .apply(Command::Checkout { settled: c.no_ack }, now, &mut fx);
             let mut delivered = None;
             for e in fx.drain(..) {
-                match e {
-                    Effect::Delivery {
-                        id,
-                        msg,
-                        redelivered,
-                        ..
-                    } => delivered = Some((id, msg, redelivered)),
-                    Effect::DeadLetter { msg, reason } => letters.push((msg, reason)),
-                    _ => {}
+                if let Some(Effect::Delivery {
+                    id,
+                    msg,
+                    redelivered,
+                    ..
+                }) = self.absorb(&mut g.sids, e, letters)
+                {
+                    delivered = Some((id, msg, redelivered));
                 }
             }
             g.fx = fx;
@@ -291,7 +436,7 @@ impl Queue {
             g.expires = expires;
             let mut fx = std::mem::take(&mut g.fx);
             g.state.apply(Command::SetConfig(config), now, &mut fx);
-            collect_letters(&mut fx, &mut letters);
+            self.absorb_all(&mut g.sids, &mut fx, &mut letters);
             g.fx = fx;
             self.deliver_ready(&mut g, now, &mut letters);
         }
@@ -320,7 +465,7 @@ impl Queue {
             let mut g = self.inner.lock();
             let mut fx = std::mem::take(&mut g.fx);
             g.state.apply(Command::Settle { ids, how }, now, &mut fx);
-            collect_letters(&mut fx, &mut letters);
+            self.absorb_all(&mut g.sids, &mut fx, &mut letters);
             g.fx = fx;
             self.deliver_ready(&mut g, now, &mut letters);
         }
@@ -342,22 +487,19 @@ impl Queue {
             g.state
                 .apply(Command::Checkout { settled: no_ack }, now, &mut fx);
             for e in fx.drain(..) {
-                match e {
-                    Effect::Delivery {
+                if let Some(Effect::Delivery {
+                    id,
+                    msg,
+                    redelivered,
+                    remaining,
+                }) = self.absorb(&mut g.sids, e, &mut letters)
+                {
+                    result = Some(GetResult {
                         id,
                         msg,
                         redelivered,
                         remaining,
-                    } => {
-                        result = Some(GetResult {
-                            id,
-                            msg,
-                            redelivered,
-                            remaining,
-                        })
-                    }
-                    Effect::DeadLetter { msg, reason } => letters.push((msg, reason)),
-                    _ => {}
+                    });
                 }
             }
             g.fx = fx;
@@ -371,12 +513,19 @@ impl Queue {
         let mut g = self.inner.lock();
         let mut fx = Vec::new();
         g.state.apply(Command::Purge, now_ms(), &mut fx);
-        fx.iter()
-            .find_map(|e| match e {
-                Effect::Purged { count } => Some(*count),
-                _ => None,
-            })
-            .unwrap_or(0)
+        let mut letters = Letters::new();
+        let mut count = 0;
+        for e in fx {
+            if let Some(Effect::Purged { count: n }) = self.absorb(&mut g.sids, e, &mut letters) {
+                count = n;
+            }
+        }
+        count
+    }
+
+    /// The queue's consumers; for a single-active-consumer queue the first is the active one.
+    pub fn consumers(&self) -> Vec<Arc<Consumer>> {
+        self.inner.lock().consumers.clone()
     }
 
     pub fn has_exclusive_consumer(&self) -> bool {
@@ -429,6 +578,17 @@ impl Queue {
             let count = g.state.ready_count() as u32;
             let mut fx = Vec::new();
             g.state.apply(Command::Purge, now_ms(), &mut fx);
+            if let Some(store) = &self.store
+                && !g.sids.is_empty()
+            {
+                // One record drops everything the queue had, unacked included.
+                let sids: Vec<u64> = g.sids.drain().map(|(_, s)| s).collect();
+                store.append(&Record::Purge {
+                    vhost: self.vhost_name.clone(),
+                    queue: self.name.clone(),
+                });
+                store.forget(&sids);
+            }
             (count, std::mem::take(&mut g.consumers))
         };
         for c in consumers {
@@ -494,7 +654,7 @@ impl Queue {
             let mut g = self.inner.lock();
             let mut fx = std::mem::take(&mut g.fx);
             g.state.apply(Command::Expire, now, &mut fx);
-            collect_letters(&mut fx, &mut letters);
+            self.absorb_all(&mut g.sids, &mut fx, &mut letters);
             g.fx = fx;
             let queue_deadline = match g.expires {
                 Some(e) if g.consumers.is_empty() => Some(g.last_used + e),
@@ -514,14 +674,6 @@ impl Queue {
             return None;
         }
         next
-    }
-}
-
-fn collect_letters(fx: &mut Vec<Effect>, letters: &mut Letters) {
-    for e in fx.drain(..) {
-        if let Effect::DeadLetter { msg, reason } = e {
-            letters.push((msg, reason));
-        }
     }
 }
 

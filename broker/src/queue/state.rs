@@ -67,6 +67,13 @@ pub enum Command {
     Enqueue {
         msg: Arc<Message>,
     },
+    /// A message recovered from disk: its deadline and redelivered flag are kept, no limits
+    /// are applied (it was accepted before the restart).
+    Restore {
+        msg: Arc<Message>,
+        expires_at: Option<Millis>,
+        redelivered: bool,
+    },
     /// Take the next live ready message. With `settled` (no-ack consumers, `basic.get`
     /// no-ack) it leaves the queue at once; otherwise it waits as unacked.
     Checkout {
@@ -85,8 +92,10 @@ pub enum Command {
 /// Outputs of the state machine.
 #[derive(Debug, Clone)]
 pub enum Effect {
-    /// The enqueued message was accepted (`Enqueue`).
-    Accepted,
+    /// The enqueued message was accepted (`Enqueue`) under this id.
+    Accepted {
+        id: MsgId,
+    },
     /// The queue refused the message (reject-publish overflow): the publisher gets a nack.
     Refused,
     /// A checked-out message.
@@ -105,6 +114,11 @@ pub enum Effect {
     },
     Purged {
         count: u32,
+    },
+    /// The message left the queue for good (acked, consumed without ack, discarded, expired,
+    /// dropped or purged): what a persistent store must forget.
+    Removed {
+        id: MsgId,
     },
 }
 
@@ -167,6 +181,14 @@ impl QueueState {
     pub fn apply(&mut self, cmd: Command, now: Millis, out: &mut Vec<Effect>) {
         match cmd {
             Command::Enqueue { msg } => self.enqueue(msg, now, out),
+            Command::Restore {
+                msg,
+                expires_at,
+                redelivered,
+            } => {
+                let id = self.push(msg, expires_at, redelivered);
+                out.push(Effect::Accepted { id });
+            }
             Command::Checkout { settled } => self.checkout(settled, now, out),
             Command::Settle { ids, how } => {
                 for id in ids {
@@ -177,7 +199,7 @@ impl QueueState {
             Command::Purge => {
                 let count = self.ready_count as u32;
                 for l in &mut self.ready {
-                    l.clear();
+                    out.extend(l.drain(..).map(|e| Effect::Removed { id: e.id }));
                 }
                 self.ready_count = 0;
                 self.ready_bytes = 0;
@@ -224,6 +246,24 @@ impl QueueState {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        let id = self.push(msg, ttl.map(|t| now.saturating_add(t)), false);
+        out.push(Effect::Accepted { id });
+        self.enforce_limits(out);
+    }
+
+    /// The deadline of the message with this id, if it is ready or unacked and has one.
+    pub fn expires_at(&self, id: MsgId) -> Option<Millis> {
+        if let Some(e) = self.unacked.get(&id) {
+            return e.expires_at;
+        }
+        self.ready
+            .iter()
+            .flat_map(|l| l.iter().rev())
+            .find(|e| e.id == id)
+            .and_then(|e| e.expires_at)
+    }
+
+    fn push(&mut self, msg: Arc<Message>, expires_at: Option<Millis>, redelivered: bool) -> MsgId {
         let level = (msg.priority() as usize).min(self.ready.len() - 1);
         let id = self.next_id;
         self.next_id += 1;
@@ -232,12 +272,11 @@ impl QueueState {
         self.ready[level].push_back(Entry {
             id,
             msg,
-            expires_at: ttl.map(|t| now.saturating_add(t)),
-            redelivered: false,
+            expires_at,
+            redelivered,
             level,
         });
-        out.push(Effect::Accepted);
-        self.enforce_limits(out);
+        id
     }
 
     /// drop-head: drop the oldest messages until within limits.
@@ -247,6 +286,7 @@ impl QueueState {
         }
         while self.over_limit(0, 0) {
             let Some(e) = self.pop_head() else { break };
+            out.push(Effect::Removed { id: e.id });
             if self.dead_lettering() {
                 out.push(Effect::DeadLetter {
                     msg: e.msg,
@@ -295,7 +335,9 @@ impl QueueState {
                 redelivered: e.redelivered,
                 remaining: self.ready_count as u32,
             });
-            if !settled {
+            if settled {
+                out.push(Effect::Removed { id: e.id });
+            } else {
                 self.unacked_bytes += e.msg.size();
                 self.unacked.insert(e.id, e);
             }
@@ -304,6 +346,7 @@ impl QueueState {
     }
 
     fn expired(&mut self, e: Entry, out: &mut Vec<Effect>) {
+        out.push(Effect::Removed { id: e.id });
         if self.dead_lettering() {
             out.push(Effect::DeadLetter {
                 msg: e.msg,
@@ -333,6 +376,9 @@ impl QueueState {
             return;
         };
         self.unacked_bytes -= e.msg.size();
+        if how != Settlement::Requeue {
+            out.push(Effect::Removed { id: e.id });
+        }
         match how {
             Settlement::Ack => {}
             Settlement::Discard => {
@@ -491,6 +537,10 @@ mod tests {
         run(&mut r, Command::Enqueue { msg: msg("2") }, 0);
         let fx = run(&mut r, Command::Enqueue { msg: msg("3") }, 0);
         assert!(matches!(fx.as_slice(), [Effect::Refused]));
+        assert!(
+            !fx.iter().any(|e| matches!(e, Effect::Removed { .. })),
+            "never enqueued"
+        );
 
         let mut d = QueueState::new(QueueConfig {
             overflow: Overflow::RejectPublishDlx,
@@ -553,7 +603,10 @@ mod tests {
         run(&mut q, Command::Enqueue { msg: msg("c") }, 0);
         let _ = take(&mut q, 0);
         let fx = run(&mut q, Command::Purge, 0);
-        assert!(matches!(fx.as_slice(), [Effect::Purged { count: 1 }]));
+        assert!(matches!(
+            fx.as_slice(),
+            [Effect::Removed { .. }, Effect::Purged { count: 1 }]
+        ));
         assert_eq!(q.unacked_count(), 1);
     }
 
@@ -586,5 +639,80 @@ mod tests {
         let mut a = QueueState::new(QueueConfig::default());
         let mut b = QueueState::new(QueueConfig::default());
         assert_eq!(script(&mut a), script(&mut b));
+    }
+
+    #[test]
+    fn every_accepted_message_is_removed_exactly_once() {
+        let mut q = QueueState::new(QueueConfig {
+            max_length: Some(3),
+            message_ttl: Some(100),
+            ..Default::default()
+        });
+        let mut accepted = Vec::new();
+        let mut removed = Vec::new();
+        let mut record = |fx: Vec<Effect>| {
+            for e in fx {
+                match e {
+                    Effect::Accepted { id } => accepted.push(id),
+                    Effect::Removed { id } => removed.push(id),
+                    _ => {}
+                }
+            }
+        };
+        for i in 0..5 {
+            record(run(
+                &mut q,
+                Command::Enqueue {
+                    msg: msg(&i.to_string()),
+                },
+                0,
+            )); // 2 dropped
+        }
+        let take_id = |q: &mut QueueState, settled: bool, now| {
+            let fx = run(q, Command::Checkout { settled }, now);
+            let id = fx.iter().find_map(|e| match e {
+                Effect::Delivery { id, .. } => Some(*id),
+                _ => None,
+            });
+            (id, fx)
+        };
+        let (a, fx) = take_id(&mut q, false, 0);
+        record(fx);
+        let (_, fx) = take_id(&mut q, true, 0); // consumed without ack
+        record(fx);
+        record(run(
+            &mut q,
+            Command::Settle {
+                ids: vec![a.unwrap()],
+                how: Settlement::Requeue,
+            },
+            0,
+        ));
+        record(run(
+            &mut q,
+            Command::Settle {
+                ids: vec![a.unwrap()],
+                how: Settlement::Requeue,
+            },
+            0,
+        ));
+        let (b, fx) = take_id(&mut q, false, 0);
+        record(fx);
+        record(run(
+            &mut q,
+            Command::Settle {
+                ids: vec![b.unwrap()],
+                how: Settlement::Discard,
+            },
+            0,
+        ));
+        record(run(&mut q, Command::Enqueue { msg: msg("late") }, 50));
+        record(run(&mut q, Command::Expire, 101)); // the rest but "late" expire
+        record(run(&mut q, Command::Purge, 120));
+        let mut a2 = accepted.clone();
+        let mut r2 = removed.clone();
+        a2.sort_unstable();
+        r2.sort_unstable();
+        assert_eq!(a2, r2, "accepted {accepted:?}, removed {removed:?}");
     }
 }

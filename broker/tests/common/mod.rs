@@ -39,6 +39,32 @@ impl TestBroker {
         }
     }
 
+    /// Serves this broker's Prometheus endpoint on 127.0.0.1:0; returns its base URL
+    /// (`http://127.0.0.1:PORT`). The listener lives as long as the test's runtime.
+    pub async fn start_metrics(&self) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(warren_broker::metrics::run(
+            self.broker.clone(),
+            listener,
+            std::future::pending(),
+        ));
+        format!("http://{addr}")
+    }
+
+    /// Serves this broker's management HTTP API on 127.0.0.1:0; returns its base URL
+    /// (`http://127.0.0.1:PORT`). The listener lives as long as the test's runtime.
+    pub async fn start_management(&self) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(warren_broker::management::run(
+            self.broker.clone(),
+            listener,
+            std::future::pending(),
+        ));
+        format!("http://{addr}")
+    }
+
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@{}/%2f", self.addr)
     }

@@ -1,0 +1,196 @@
+//! The management HTTP API, compatible with RabbitMQ's `rabbitmq_management` plugin: the same
+//! paths, JSON shapes, status codes and error bodies (`{"error": …, "reason": …}`), so
+//! `rabbitmqadmin`, monitoring tools and operators written for RabbitMQ work unchanged.
+//!
+//! Every request authenticates with HTTP basic auth against the node's users ([`auth`]); the
+//! user's tags decide what it may do, as in RabbitMQ. Handlers live in one file per resource
+//! group and act on the broker through the same vhost/queue/exchange operations AMQP clients
+//! use, so both paths check and refuse the same things.
+//!
+//! Only the fields Warren can fill truthfully are served: no message rates, no Erlang
+//! process statistics.
+
+mod auth;
+mod bindings;
+mod body;
+mod connections;
+mod definitions;
+mod exchanges;
+mod fields;
+mod overview;
+mod parameters;
+mod policies;
+mod queues;
+mod users;
+mod vhosts;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tracing::info;
+
+use crate::broker::Broker;
+use crate::error::AmqpError;
+
+/// The RabbitMQ version whose management API Warren follows (checked against RabbitMQ 3.10's
+/// responses). Tools read `rabbitmq_version` to decide which API features they may use.
+pub const RABBITMQ_API_VERSION: &str = "3.10.8";
+
+/// Serves the management API until `shutdown` resolves. Tests pass a listener bound to
+/// `127.0.0.1:0`; the binary binds `--management-listen`.
+pub async fn run(
+    broker: Arc<Broker>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "management HTTP API listener started");
+        broker.register_listener("http", addr);
+    }
+    let app = router(broker).into_make_service_with_connect_info::<SocketAddr>();
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        tracing::error!("management HTTP API stopped: {e}");
+    }
+    info!("management HTTP API listener stopped");
+}
+
+/// All routes of the API.
+pub fn router(broker: Arc<Broker>) -> Router {
+    let saver = broker.clone();
+    Router::new()
+        .merge(overview::routes())
+        .merge(vhosts::routes())
+        .merge(users::routes())
+        .merge(queues::routes())
+        .merge(exchanges::routes())
+        .merge(bindings::routes())
+        .merge(connections::routes())
+        .merge(definitions::routes())
+        .merge(policies::routes())
+        .merge(parameters::routes())
+        .fallback(|| async { ApiError::not_found() })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "Method Not Allowed",
+            )
+        })
+        .layer(axum::middleware::map_response(
+            move |req_method: axum::http::Method, resp: axum::response::Response| {
+                let saver = saver.clone();
+                async move {
+                    // Users, permissions, vhosts and parameters change only through this API:
+                    // a successful change is saved before the client hears of it.
+                    if req_method != axum::http::Method::GET && resp.status().is_success() {
+                        tokio::task::spawn_blocking(move || saver.persist_metadata())
+                            .await
+                            .ok();
+                    }
+                    resp
+                }
+            },
+        ))
+        .with_state(broker)
+}
+
+/// An API error: status and RabbitMQ's `{"error", "reason"}` body.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    error: &'static str,
+    reason: String,
+    /// Ask the client for credentials (bad or missing login).
+    challenge: bool,
+}
+
+pub type ApiResult<T = Response> = Result<T, ApiError>;
+
+impl ApiError {
+    pub fn new(status: StatusCode, error: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            status,
+            error,
+            reason: reason.into(),
+            challenge: false,
+        }
+    }
+
+    pub fn bad_request(reason: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", reason)
+    }
+
+    /// RabbitMQ's answer for any missing object.
+    pub fn not_found() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "Object Not Found", "Not Found")
+    }
+
+    /// Authenticated, but not allowed (RabbitMQ answers 401, not 403).
+    pub fn not_authorised(reason: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "not_authorised", reason)
+    }
+
+    /// Bad or missing credentials.
+    pub fn login_failed(reason: impl Into<String>) -> Self {
+        Self {
+            challenge: true,
+            ..Self::new(StatusCode::UNAUTHORIZED, "not_authorized", reason)
+        }
+    }
+}
+
+/// AMQP errors from vhost/queue operations, mapped as RabbitMQ's management plugin maps them.
+impl From<AmqpError> for ApiError {
+    fn from(e: AmqpError) -> Self {
+        match e.code {
+            crate::error::code::ACCESS_REFUSED => Self::not_authorised(e.text),
+            crate::error::code::NOT_FOUND => Self::new(StatusCode::NOT_FOUND, "not_found", e.text),
+            _ => Self::bad_request(e.text),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (
+            self.status,
+            axum::Json(json!({"error": self.error, "reason": self.reason})),
+        )
+            .into_response();
+        if self.challenge {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"RabbitMQ Management\""),
+            );
+        }
+        r
+    }
+}
+
+/// 200 with a JSON body.
+pub fn ok(v: Value) -> ApiResult {
+    Ok(axum::Json(v).into_response())
+}
+
+/// 201 when an object was created, 204 when an existing one was updated (RabbitMQ's PUT).
+pub fn created_or_updated(created: bool) -> ApiResult {
+    Ok(if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::NO_CONTENT
+    }
+    .into_response())
+}
+
+pub fn no_content() -> ApiResult {
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

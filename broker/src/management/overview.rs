@@ -1,0 +1,219 @@
+//! `/api/overview`, `/api/whoami`, `/api/nodes` and the health checks.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use serde_json::{Value, json};
+
+use super::auth::Caller;
+use super::{ApiError, ApiResult, RABBITMQ_API_VERSION, ok};
+use crate::broker::Broker;
+
+pub fn routes() -> Router<Arc<Broker>> {
+    Router::new()
+        .route("/api/overview", get(overview))
+        .route("/api/whoami", get(whoami))
+        .route("/api/nodes", get(nodes))
+        .route("/api/nodes/{node}", get(node))
+        .route("/api/health/checks/alarms", get(alarms))
+        .route("/api/health/checks/local-alarms", get(alarms))
+        .route("/api/health/checks/virtual-hosts", get(virtual_hosts))
+        .route(
+            "/api/health/checks/node-is-quorum-critical",
+            get(quorum_critical),
+        )
+        .route(
+            "/api/health/checks/node-is-mirror-sync-critical",
+            get(quorum_critical),
+        )
+        .route(
+            "/api/health/checks/port-listener/{port}",
+            get(port_listener),
+        )
+}
+
+fn exchange_types() -> Value {
+    json!([
+        {"name": "direct", "description": "AMQP direct exchange, as per the AMQP specification", "enabled": true},
+        {"name": "fanout", "description": "AMQP fanout exchange, as per the AMQP specification", "enabled": true},
+        {"name": "headers", "description": "AMQP headers exchange, as per the AMQP specification", "enabled": true},
+        {"name": "topic", "description": "AMQP topic exchange, as per the AMQP specification", "enabled": true},
+    ])
+}
+
+fn listeners(broker: &Broker) -> Value {
+    let node = broker.node_name();
+    Value::Array(
+        broker
+            .listeners()
+            .iter()
+            .map(|l| {
+                json!({
+                    "node": node,
+                    "protocol": l.protocol,
+                    "ip_address": l.addr.ip().to_string(),
+                    "port": l.addr.port(),
+                })
+            })
+            .collect(),
+    )
+}
+
+async fn overview(State(broker): State<Arc<Broker>>, caller: Caller) -> ApiResult {
+    let (mut exchanges, mut queues, mut consumers) = (0u64, 0u64, 0u64);
+    let (mut ready, mut unacked) = (0u64, 0u64);
+    for v in caller.visible_vhosts(&broker) {
+        exchanges += v.exchanges().len() as u64;
+        for q in v.queues() {
+            let (r, u, c) = q.counts();
+            queues += 1;
+            ready += r;
+            unacked += u;
+            consumers += c as u64;
+        }
+    }
+    let conns: Vec<_> = broker
+        .connections
+        .list()
+        .into_iter()
+        .filter(|c| caller.is_monitor() || c.user == caller.name())
+        .collect();
+    let channels: usize = conns.iter().map(|c| c.control.channels().len()).sum();
+    ok(json!({
+        "management_version": RABBITMQ_API_VERSION,
+        "rabbitmq_version": RABBITMQ_API_VERSION,
+        "product_name": "Warren",
+        "product_version": env!("CARGO_PKG_VERSION"),
+        "cluster_name": broker.config.cluster_name(),
+        "node": broker.node_name(),
+        "rates_mode": "none",
+        "exchange_types": exchange_types(),
+        "object_totals": {
+            "connections": conns.len(),
+            "channels": channels,
+            "exchanges": exchanges,
+            "queues": queues,
+            "consumers": consumers,
+        },
+        "queue_totals": {
+            "messages": ready + unacked,
+            "messages_ready": ready,
+            "messages_unacknowledged": unacked,
+        },
+        "listeners": listeners(&broker),
+    }))
+}
+
+async fn whoami(caller: Caller) -> ApiResult {
+    ok(json!({"name": caller.user.name, "tags": caller.user.tags}))
+}
+
+/// Resident memory in bytes, from `/proc/self/status` (Linux only).
+fn mem_used() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Bytes available to unprivileged users on the data directory's filesystem.
+fn disk_free(broker: &Broker) -> Option<u64> {
+    let s = rustix::fs::statvfs(&broker.config.data_dir).ok()?;
+    Some(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+fn node_json(broker: &Broker) -> Value {
+    let alarms = broker.active_alarms();
+    let mut n = json!({
+        "name": broker.node_name(),
+        "type": "disc",
+        "running": true,
+        "uptime": broker.started_at.elapsed().as_millis() as u64,
+        "os_pid": std::process::id().to_string(),
+        "processors": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "mem_alarm": alarms.iter().any(|a| a == "memory"),
+        "disk_free_alarm": alarms.iter().any(|a| a == "disk"),
+        "partitions": [],
+        "exchange_types": exchange_types(),
+        "auth_mechanisms": [
+            {"name": "PLAIN", "description": "SASL PLAIN authentication mechanism", "enabled": true},
+            {"name": "AMQPLAIN", "description": "QPid AMQPLAIN mechanism", "enabled": true},
+        ],
+    });
+    if let Some(m) = mem_used() {
+        n["mem_used"] = json!(m);
+    }
+    if let Some(d) = disk_free(broker) {
+        n["disk_free"] = json!(d);
+    }
+    n
+}
+
+async fn nodes(State(broker): State<Arc<Broker>>, caller: Caller) -> ApiResult {
+    caller.require_monitor()?;
+    ok(json!([node_json(&broker)]))
+}
+
+async fn node(
+    State(broker): State<Arc<Broker>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult {
+    caller.require_monitor()?;
+    if name != broker.node_name() {
+        return Err(ApiError::not_found());
+    }
+    ok(node_json(&broker))
+}
+
+fn failed(body: Value) -> ApiResult {
+    Ok((StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response())
+}
+
+async fn alarms(State(broker): State<Arc<Broker>>, _caller: Caller) -> ApiResult {
+    let alarms = broker.active_alarms();
+    if alarms.is_empty() {
+        return ok(json!({"status": "ok"}));
+    }
+    let node = broker.node_name();
+    failed(json!({
+        "status": "failed",
+        "reason": "resource alarm(s) in effect in the cluster",
+        "alarms": alarms.iter().map(|a| json!({"node": node, "resource": a})).collect::<Vec<_>>(),
+    }))
+}
+
+/// Every vhost of this node is served (they have no separate processes that could be down).
+async fn virtual_hosts(_caller: Caller) -> ApiResult {
+    ok(json!({"status": "ok"}))
+}
+
+async fn quorum_critical(_caller: Caller) -> ApiResult {
+    ok(json!({"status": "ok", "reason": "single node cluster"}))
+}
+
+async fn port_listener(
+    State(broker): State<Arc<Broker>>,
+    _caller: Caller,
+    Path(port): Path<String>,
+) -> ApiResult {
+    let port: u16 = port
+        .parse()
+        .map_err(|_| ApiError::bad_request("Invalid port"))?;
+    let mut ports: Vec<u16> = broker.listeners().iter().map(|l| l.addr.port()).collect();
+    ports.sort_unstable();
+    if ports.contains(&port) {
+        ok(json!({"status": "ok", "port": port}))
+    } else {
+        failed(json!({
+            "status": "failed",
+            "reason": "No active listener",
+            "missing": port,
+            "ports": ports,
+        }))
+    }
+}

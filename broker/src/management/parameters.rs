@@ -1,0 +1,173 @@
+//! `/api/parameters/{component}/{vhost}/{name}` for `federation-upstream`,
+//! `federation-upstream-set` and `shovel` (validated by [`crate::parameters`]), and the link
+//! status lists `/api/federation-links` and `/api/shovels`, empty until links run.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::routing::get;
+use bytes::Bytes;
+use serde_json::{Value, json};
+
+use super::auth::Caller;
+use super::{ApiError, ApiResult, created_or_updated, no_content, ok};
+use crate::broker::Broker;
+use crate::parameters::{COMPONENTS, Parameter};
+
+pub fn routes() -> Router<Arc<Broker>> {
+    Router::new()
+        .route("/api/parameters", get(list_all))
+        .route("/api/parameters/{component}", get(list_component))
+        .route("/api/parameters/{component}/{vhost}", get(list_vhost))
+        .route(
+            "/api/parameters/{component}/{vhost}/{name}",
+            get(show).put(put).delete(delete),
+        )
+        .route("/api/federation-links", get(federation_links))
+        .route("/api/federation-links/{vhost}", get(federation_links_vhost))
+        .route("/api/shovels", get(shovels))
+        .route("/api/shovels/{vhost}", get(shovels_vhost))
+}
+
+pub fn parameter_json(p: &Parameter) -> Value {
+    json!({
+        "value": p.value,
+        "vhost": p.vhost,
+        "component": p.component,
+        "name": p.name,
+    })
+}
+
+/// Reading parameters takes the policymaker tag, as in RabbitMQ.
+fn visible(broker: &Broker, caller: &Caller, component: Option<&str>) -> ApiResult<Vec<Value>> {
+    if !caller.is_policymaker() {
+        return Err(ApiError::not_authorised(
+            "User not authorised to access object",
+        ));
+    }
+    Ok(broker
+        .parameters
+        .list(component, None)
+        .iter()
+        .filter(|p| caller.can_access(broker, &p.vhost))
+        .map(parameter_json)
+        .collect())
+}
+
+async fn list_all(State(broker): State<Arc<Broker>>, caller: Caller) -> ApiResult {
+    ok(Value::Array(visible(&broker, &caller, None)?))
+}
+
+async fn list_component(
+    State(broker): State<Arc<Broker>>,
+    caller: Caller,
+    Path(component): Path<String>,
+) -> ApiResult {
+    ok(Value::Array(visible(&broker, &caller, Some(&component))?))
+}
+
+async fn list_vhost(
+    State(broker): State<Arc<Broker>>,
+    caller: Caller,
+    Path((component, vhost)): Path<(String, String)>,
+) -> ApiResult {
+    caller.policy_vhost(&broker, &vhost)?;
+    ok(Value::Array(
+        broker
+            .parameters
+            .list(Some(&component), Some(&vhost))
+            .iter()
+            .map(parameter_json)
+            .collect(),
+    ))
+}
+
+async fn show(
+    State(broker): State<Arc<Broker>>,
+    caller: Caller,
+    Path((component, vhost, name)): Path<(String, String, String)>,
+) -> ApiResult {
+    caller.policy_vhost(&broker, &vhost)?;
+    let p = broker
+        .parameters
+        .get(&component, &vhost, &name)
+        .ok_or_else(ApiError::not_found)?;
+    ok(parameter_json(&p))
+}
+
+/// Validates and stores `value` (the body's `value` field, or the definitions file entry's).
+pub fn put_parameter(
+    broker: &Broker,
+    component: &str,
+    vhost: &str,
+    name: &str,
+    value: Value,
+) -> ApiResult<bool> {
+    if !COMPONENTS.contains(&component) {
+        return Err(ApiError::bad_request(format!(
+            "component {component} not found"
+        )));
+    }
+    if broker.vhost(vhost).is_none() {
+        return Err(ApiError::bad_request(format!("vhost '{vhost}' not found")));
+    }
+    broker
+        .parameters
+        .put(component, vhost, name, value)
+        .map_err(|e| ApiError::bad_request(format!("Validation failed: {e} (parameter {name})")))
+}
+
+async fn put(
+    State(broker): State<Arc<Broker>>,
+    caller: Caller,
+    Path((component, vhost, name)): Path<(String, String, String)>,
+    bytes: Bytes,
+) -> ApiResult {
+    caller.policy_vhost(&broker, &vhost)?;
+    let body = super::body::Body::parse(&bytes)?;
+    let value = body
+        .get("value")
+        .cloned()
+        .ok_or_else(|| super::body::missing("value"))?;
+    created_or_updated(put_parameter(&broker, &component, &vhost, &name, value)?)
+}
+
+async fn delete(
+    State(broker): State<Arc<Broker>>,
+    caller: Caller,
+    Path((component, vhost, name)): Path<(String, String, String)>,
+) -> ApiResult {
+    caller.policy_vhost(&broker, &vhost)?;
+    if !broker.parameters.delete(&component, &vhost, &name) {
+        return Err(ApiError::not_found());
+    }
+    no_content()
+}
+
+async fn federation_links(caller: Caller) -> ApiResult {
+    caller.require_monitor()?;
+    ok(json!([]))
+}
+
+async fn federation_links_vhost(
+    State(broker): State<Arc<Broker>>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+) -> ApiResult {
+    caller.vhost(&broker, &vhost)?;
+    ok(json!([]))
+}
+
+async fn shovels(_caller: Caller) -> ApiResult {
+    ok(json!([]))
+}
+
+async fn shovels_vhost(
+    State(broker): State<Arc<Broker>>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+) -> ApiResult {
+    caller.vhost(&broker, &vhost)?;
+    ok(json!([]))
+}

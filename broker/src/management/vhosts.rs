@@ -1,0 +1,119 @@
+//! `/api/vhosts`: list, create (PUT), show, delete.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::routing::get;
+use bytes::Bytes;
+use serde_json::{Value, json};
+
+use super::auth::Caller;
+use super::body::Body;
+use super::{ApiError, ApiResult, created_or_updated, no_content, ok};
+use crate::broker::Broker;
+use crate::vhost::Vhost;
+
+pub fn routes() -> Router<Arc<Broker>> {
+    Router::new()
+        .route("/api/vhosts", get(list))
+        .route("/api/vhosts/{vhost}", get(show).put(put).delete(delete))
+}
+
+pub fn vhost_json(broker: &Broker, v: &Vhost) -> Value {
+    let meta = broker.vhost_metadata(&v.name);
+    let (mut ready, mut unacked) = (0u64, 0u64);
+    for q in v.queues() {
+        let (r, u, _) = q.counts();
+        ready += r;
+        unacked += u;
+    }
+    json!({
+        "name": v.name,
+        "description": meta.description,
+        "tags": meta.tags,
+        "default_queue_type": meta.default_queue_type.as_deref().unwrap_or("undefined"),
+        "metadata": {"description": meta.description, "tags": meta.tags},
+        "tracing": false,
+        "cluster_state": {broker.node_name(): "running"},
+        "messages": ready + unacked,
+        "messages_ready": ready,
+        "messages_unacknowledged": unacked,
+    })
+}
+
+async fn list(State(broker): State<Arc<Broker>>, caller: Caller) -> ApiResult {
+    let mut names = broker.vhost_names();
+    names.sort();
+    let list: Vec<Value> = names
+        .iter()
+        .filter(|n| caller.is_monitor() || caller.can_access(&broker, n))
+        .filter_map(|n| broker.vhost(n))
+        .map(|v| vhost_json(&broker, &v))
+        .collect();
+    ok(Value::Array(list))
+}
+
+async fn show(
+    State(broker): State<Arc<Broker>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult {
+    let v = broker.vhost(&name).ok_or_else(ApiError::not_found)?;
+    if !caller.is_monitor() && !caller.can_access(&broker, &name) {
+        return Err(ApiError::not_authorised(
+            "User not authorised to access virtual host",
+        ));
+    }
+    ok(vhost_json(&broker, &v))
+}
+
+/// Creates a vhost, or updates its description and tags. The creator gets no permissions
+/// (as in RabbitMQ, they are granted separately).
+pub fn put_vhost(broker: &Broker, name: &str, body: &Body) -> ApiResult<bool> {
+    if name.is_empty() {
+        return Err(ApiError::bad_request("the vhost name must not be empty"));
+    }
+    let mut meta = broker.vhost_metadata(name);
+    if let Some(d) = body.opt_str("description")? {
+        meta.description = d.to_owned();
+    }
+    if let Some(t) = body.tags("tags")? {
+        meta.tags = t;
+    }
+    if let Some(q) = body.opt_str("default_queue_type")? {
+        if !matches!(q, "classic" | "quorum" | "undefined") {
+            return Err(ApiError::bad_request(format!(
+                "field 'default_queue_type' must be classic or quorum, got \"{q}\""
+            )));
+        }
+        meta.default_queue_type = (q != "undefined").then(|| q.to_owned());
+    }
+    let created = broker.vhost(name).is_none();
+    broker.add_vhost(name);
+    broker.set_vhost_metadata(name, meta);
+    Ok(created)
+}
+
+async fn put(
+    State(broker): State<Arc<Broker>>,
+    caller: Caller,
+    Path(name): Path<String>,
+    bytes: Bytes,
+) -> ApiResult {
+    caller.require_admin()?;
+    let body = Body::parse(&bytes)?;
+    created_or_updated(put_vhost(&broker, &name, &body)?)
+}
+
+async fn delete(
+    State(broker): State<Arc<Broker>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult {
+    caller.require_admin()?;
+    if !broker.delete_vhost(&name) {
+        return Err(ApiError::not_found());
+    }
+    no_content()
+}
