@@ -104,6 +104,8 @@ step "check test suites are present"
 require_suite tests/clients/python
 require_suite tests/clients/node
 require_suite tests/differential/run.py
+require_suite tests/management/compat.py
+require_suite tests/management/rabbitmqadmin_test.sh
 [ -n "$(find tests/clients/node -name node_modules -prune -o -type f -regextype posix-extended \
     -regex '.*/([^/]*[._-]test|test-[^/]*|test)\.[cm]?js' -print)" ] ||
     die "tests/clients/node has no test files (*.test.js); node --test would pass vacuously"
@@ -139,5 +141,15 @@ export RABBITMQ_MGMT_URL="http://127.0.0.1:${WARREN_REF_MGMT_PORT:-15673}"
 export RABBITMQ_PROMETHEUS_URL="http://127.0.0.1:${WARREN_REF_PROM_PORT:-15693}/metrics"
 run_suite differential "$WARREN_VENV/bin/python" tests/differential/run.py \
     --warren "$WARREN_URL" --rabbitmq "$RABBITMQ_URL"
+
+step "management API: same calls against Warren and reference RabbitMQ"
+[ -n "${WARREN_MGMT_URL:-}" ] || die "the broker binary serves no management API"
+run_suite differential python3 tests/management/compat.py \
+    --warren "$WARREN_MGMT_URL" --rabbitmq "$RABBITMQ_MGMT_URL"
+
+step "management API: rabbitmqadmin against Warren"
+fresh_warren rabbitmqadmin
+run_suite rabbitmqadmin env WARREN_MGMT_PORT="$WARREN_MGMT_PORT" \
+    tests/management/rabbitmqadmin_test.sh --no-start
 
 step ""
