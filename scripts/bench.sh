@@ -9,6 +9,10 @@
 #   BENCH_SIZES="16 1024 4096" scripts/bench.sh
 #   BENCH_RATE=5000 scripts/bench.sh       # fixed publish rate (msg/s) instead of
 #                                          # flat out; latency at a known load
+#   BENCH_MODE=persistent scripts/bench.sh # durable queue, persistent messages,
+#                                          # confirms (-c 100), manual acks
+#                                          # (-q 200 -A 100); reports confirm
+#                                          # latency and Warren's records per fsync
 #
 # What it does: installs deps (scripts/deps.sh rabbitmq perftest), builds
 # `cargo build --release -p warren-broker`, starts Warren on a free port with a
@@ -36,6 +40,8 @@ SECONDS_PER_CASE="${BENCH_SECONDS:-30}"
 SIZES="${BENCH_SIZES:-16 1024}"
 ONLY="${BENCH_ONLY:-}"
 RATE="${BENCH_RATE:-}"
+MODE="${BENCH_MODE:-transient}"
+case "$MODE" in transient | persistent) ;; *) die "BENCH_MODE must be transient or persistent" ;; esac
 case "$ONLY" in "" | warren | rabbitmq) ;; *) die "BENCH_ONLY must be warren or rabbitmq" ;; esac
 BROKERS=()
 [ "$ONLY" = rabbitmq ] || BROKERS+=(warren)
@@ -90,8 +96,14 @@ for size in $SIZES; do
     for broker in "${BROKERS[@]}"; do
         header "PerfTest: $broker, ${size} B, ${SECONDS_PER_CASE} s"
         log="$OUT/perftest-$broker-$size.txt"
-        args=(-h "${URL[$broker]}" -x 1 -y 1 -s "$size" -a -z "$SECONDS_PER_CASE"
+        args=(-h "${URL[$broker]}" -x 1 -y 1 -s "$size" -z "$SECONDS_PER_CASE"
             -o "$OUT/perftest-$broker-$size.csv")
+        if [ "$MODE" = persistent ]; then
+            # PerfTest declares the named queue durable; it is deleted after the case.
+            args+=(-f persistent -c 100 -q 200 -A 100 -u "bench-durable-$size" --auto-delete false)
+        else
+            args+=(-a)
+        fi
         [ -n "$RATE" ] && args+=(-r "$RATE")
         echo "java -jar $PERFTEST_JAR ${args[*]}" | tee "$log"
         # PerfTest stops itself after -z seconds; the timeout is a backstop.
@@ -104,7 +116,11 @@ for size in $SIZES; do
         #   id: X, consumer latency min/median/75th/95th/99th 1784/146237/396403/740283/845222 µs
         recv="$(grep -oE 'receiving rate avg: [0-9]+' "$log" | tail -n1 | grep -oE '[0-9]+$' || true)"
         sent="$(grep -oE 'sending rate avg: [0-9]+' "$log" | tail -n1 | grep -oE '[0-9]+$' || true)"
-        lat="$(grep -oE 'consumer latency min/median/75th/95th/99th [0-9/]+ [µm]s' "$log" | tail -n1 || true)"
+        if [ "$MODE" = persistent ]; then
+            lat="$(grep -oE 'confirm latency min/median/75th/95th/99th [0-9/]+ [µm]s' "$log" | tail -n1 || true)"
+        else
+            lat="$(grep -oE 'consumer latency min/median/75th/95th/99th [0-9/]+ [µm]s' "$log" | tail -n1 || true)"
+        fi
         [ -n "$recv" ] && [ -n "$lat" ] || die "could not parse PerfTest summary in $log"
         unit="$(echo "$lat" | awk '{print $NF}')"
         nums="$(echo "$lat" | awk '{print $(NF-1)}')"
@@ -132,7 +148,18 @@ report="$OUT/results.md"
     echo "# Warren vs RabbitMQ — PerfTest, $STAMP"
     echo
     echo "- command: \`BENCH_SECONDS=$SECONDS_PER_CASE BENCH_SIZES=\"$SIZES\"${ONLY:+ BENCH_ONLY=$ONLY}${RATE:+ BENCH_RATE=$RATE} scripts/bench.sh\`"
-    echo "- load: PerfTest 1 producer / 1 consumer, autoack, transient messages, ${SECONDS_PER_CASE} s per case, publish rate ${RATE:-unlimited}"
+    if [ "$MODE" = persistent ]; then
+        echo "- load: PerfTest 1 producer / 1 consumer, durable queue, persistent messages, confirms (-c 100), manual acks (-q 200 -A 100), ${SECONDS_PER_CASE} s per case; latency columns are **confirm** latency"
+        totals="$(grep -a 'message store totals' "$OUT/warren.log" 2>/dev/null | tail -n1 || true)"
+        if [ -n "$totals" ]; then
+            rec="$(echo "$totals" | grep -oE 'records=[0-9]+' | cut -d= -f2)"
+            fs="$(echo "$totals" | grep -oE 'fsyncs=[0-9]+' | cut -d= -f2)"
+            by="$(echo "$totals" | grep -oE 'bytes=[0-9]+' | cut -d= -f2)"
+            echo "- Warren message store over the whole run: $rec records in $fs fsyncs ($(ratio "$rec" "$fs") records per fsync; a message is one enqueue and one remove record), $by bytes written ($(ratio "$by" "$((rec / 2))") bytes per message)"
+        fi
+    else
+        echo "- load: PerfTest 1 producer / 1 consumer, autoack, transient messages, ${SECONDS_PER_CASE} s per case, publish rate ${RATE:-unlimited}"
+    fi
     echo "- tool: $PT_VERSION; reference: RabbitMQ $(dpkg-query -W -f='${Version}' rabbitmq-server 2>/dev/null || echo '?') (Debian)"
     echo "- host: $(nproc) cores, $(uname -sr); git $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
     echo

@@ -228,6 +228,8 @@ struct Pending {
     /// Encoded records not yet written, per segment number.
     chunks: Vec<(u64, Vec<u8>)>,
     last_seq: u64,
+    /// `last_seq` when the flusher last took the buffer.
+    flushed_seq: u64,
     segment: u64,
     segment_bytes: u64,
     /// Segment of each live enqueued message, and live count per segment.
@@ -350,6 +352,7 @@ impl MessageLog {
             pending: Mutex::new(Pending {
                 chunks: Vec::new(),
                 last_seq: 0,
+                flushed_seq: 0,
                 segment,
                 segment_bytes: 0,
                 sid_segment,
@@ -437,20 +440,40 @@ impl MessageLog {
 
     fn flush_loop(self: Arc<Self>) {
         let mut files: BTreeMap<u64, File> = BTreeMap::new();
+        let mut last_report = std::time::Instant::now();
+        let mut reported_fsyncs = 0;
         loop {
-            let (chunks, seq, deletable, shutdown) = {
+            // Group commit at work, for operators and benchmarks: records per fsync.
+            if last_report.elapsed() >= Duration::from_secs(10) {
+                let fsyncs = self.fsyncs.load(Ordering::Relaxed);
+                if fsyncs != reported_fsyncs {
+                    let records = self.records_written.load(Ordering::Relaxed);
+                    tracing::info!(
+                        records,
+                        fsyncs,
+                        bytes = self.bytes_written.load(Ordering::Relaxed),
+                        records_per_fsync = records as f64 / fsyncs.max(1) as f64,
+                        "message store totals"
+                    );
+                    reported_fsyncs = fsyncs;
+                }
+                last_report = std::time::Instant::now();
+            }
+            let (chunks, seq, deletable, shutdown, records) = {
                 let mut p = self.pending.lock();
                 while p.chunks.is_empty() && p.deletable.is_empty() && !p.shutdown {
                     self.wake.wait_for(&mut p, Duration::from_millis(200));
                 }
+                let records = p.last_seq - p.flushed_seq;
+                p.flushed_seq = p.last_seq;
                 (
                     std::mem::take(&mut p.chunks),
                     p.last_seq,
                     std::mem::take(&mut p.deletable),
                     p.shutdown,
+                    records,
                 )
             };
-            let mut records = 0;
             let mut ok = true;
             for (seg, data) in &chunks {
                 let file = match files.get_mut(seg) {
@@ -473,7 +496,6 @@ impl MessageLog {
                     ok = false;
                     break;
                 }
-                records += 1;
                 self.bytes_written
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
             }
