@@ -106,6 +106,7 @@ require_suite tests/clients/node
 require_suite tests/differential/run.py
 require_suite tests/management/compat.py
 require_suite tests/management/rabbitmqadmin_test.sh
+require_suite tests/metrics/prometheus_scrape_test.sh
 [ -n "$(find tests/clients/node -name node_modules -prune -o -type f -regextype posix-extended \
     -regex '.*/([^/]*[._-]test|test-[^/]*|test)\.[cm]?js' -print)" ] ||
     die "tests/clients/node has no test files (*.test.js); node --test would pass vacuously"
@@ -122,6 +123,9 @@ cargo build -p warren-broker
 BIN="$(cargo_target_dir)/debug/warren-broker"
 [ -x "$BIN" ] || die "expected the broker binary at $BIN"
 echo "binary: $BIN"
+
+step "Prometheus: Debian prometheus scrapes Warren under a workload"
+tests/metrics/prometheus_scrape_test.sh "$BIN"
 
 step "python client suite (pika) against Warren"
 fresh_warren python

@@ -229,8 +229,16 @@ pub struct QueueCounters {
 }
 
 impl QueueCounters {
-    pub fn inc(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+    pub fn declared(&self) {
+        self.declared.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn created(&self) {
+        self.created.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn deleted(&self) {
+        self.deleted.fetch_add(1, Ordering::Relaxed);
     }
 }
 

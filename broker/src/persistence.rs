@@ -10,7 +10,7 @@ use crate::auth::User;
 use crate::broker::Broker;
 use crate::exchange::Destination;
 use crate::store::metadata::{
-    self, BindingDef, ExchangeDef, PermissionDef, PolicyDef, QueueDef, Snapshot,
+    self, BindingDef, ExchangeDef, ParameterDef, PermissionDef, PolicyDef, QueueDef, Snapshot,
     TopicPermissionDef, UserDef,
 };
 use crate::vhost::QueueSpec;
@@ -118,6 +118,14 @@ impl Broker {
                 }
             }
         }
+        for p in self.parameters.list(None, None) {
+            s.parameters.push(ParameterDef {
+                component: p.component,
+                vhost: p.vhost,
+                name: p.name,
+                value: p.value,
+            });
+        }
         s.exchanges
             .sort_by(|a, b| (&a.vhost, &a.name).cmp(&(&b.vhost, &b.name)));
         s.queues
@@ -182,6 +190,14 @@ impl Broker {
                 match crate::policy::parse_policy(&p.name, &p.vhost, &p.body, p.operator) {
                     Ok(pol) => v.put_policy(pol, p.operator),
                     Err(e) => tracing::error!("stored policy {} skipped: {e}", p.name),
+                }
+            }
+            for p in s.parameters {
+                if let Err(e) = self
+                    .parameters
+                    .put(&p.component, &p.vhost, &p.name, p.value)
+                {
+                    tracing::error!("stored parameter {}/{} skipped: {e}", p.component, p.name);
                 }
             }
             for e in s.exchanges {

@@ -343,7 +343,7 @@ impl Vhost {
             }
             args::check_equivalent(&q.arguments, spec.arguments, spec.name, &self.name)?;
             q.touch();
-            QueueCounters::inc(&self.queue_counters.declared);
+            self.queue_counters.declared();
             return Ok((q.clone(), false));
         }
         let parsed: QueueArgs = args::parse(spec.arguments, spec.name, &self.name)?;
@@ -361,8 +361,8 @@ impl Vhost {
         );
         all.insert(spec.name.to_owned(), q.clone());
         drop(all);
-        QueueCounters::inc(&self.queue_counters.declared);
-        QueueCounters::inc(&self.queue_counters.created);
+        self.queue_counters.declared();
+        self.queue_counters.created();
         if spec.durable && spec.exclusive_owner.is_none() {
             self.durable_changed();
         }
@@ -424,7 +424,7 @@ impl Vhost {
         let Some(q) = self.queues.write().remove(name) else {
             return 0;
         };
-        QueueCounters::inc(&self.queue_counters.deleted);
+        self.queue_counters.deleted();
         let count = q.mark_deleted();
         let dest = Destination::Queue(name.to_owned());
         let touched: Vec<Arc<Exchange>> = self

@@ -15,6 +15,7 @@ use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 struct Node {
     child: Child,
     port: u16,
+    mgmt: u16,
     log: PathBuf,
 }
 
@@ -35,18 +36,24 @@ fn data_dir(name: &str) -> PathBuf {
 impl Node {
     async fn start(dir: &Path) -> Node {
         let port = free_port();
+        let mgmt = free_port();
         let log = dir.with_extension(format!("{port}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_warren-broker"))
             .args(["--data-dir", dir.to_str().unwrap()])
             .args(["--amqp-listen", &format!("127.0.0.1:{port}")])
-            .args(["--management-listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--management-listen", &format!("127.0.0.1:{mgmt}")])
             .args(["--prometheus-listen", &format!("127.0.0.1:{}", free_port())])
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let node = Node { child, port, log };
+        let node = Node {
+            child,
+            port,
+            mgmt,
+            log,
+        };
         for _ in 0..200 {
             if tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
@@ -432,4 +439,96 @@ async fn damaged_segment_keeps_the_prefix_and_says_what_was_lost() {
             && log.contains("kept the 6 records"),
         "log should say exactly what was lost:\n{log}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_permissions_policies_and_parameters_survive_a_crash() {
+    let dir = data_dir("mgmt");
+    let node = Node::start(&dir).await;
+    let http = reqwest::Client::new();
+    let api = |node: &Node, path: &str| format!("http://127.0.0.1:{}/api/{path}", node.mgmt);
+    // The management listener may come up a moment after AMQP.
+    for _ in 0..100 {
+        if http
+            .get(api(&node, "overview"))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let put = |url: String, body: serde_json::Value| {
+        let http = http.clone();
+        async move {
+            let r = http
+                .put(url)
+                .basic_auth("guest", Some("guest"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success(), "{}", r.status());
+        }
+    };
+    put(api(&node, "vhosts/v2"), serde_json::json!({})).await;
+    put(
+        api(&node, "users/alice"),
+        serde_json::json!({"password": "pw", "tags": "monitoring"}),
+    )
+    .await;
+    put(
+        api(&node, "permissions/v2/alice"),
+        serde_json::json!({"configure": "^a", "write": ".*", "read": ".*"}),
+    )
+    .await;
+    put(
+        api(&node, "policies/v2/cap"),
+        serde_json::json!({"pattern": "^q", "definition": {"max-length": 7}, "apply-to": "queues"}),
+    )
+    .await;
+    put(
+        api(&node, "parameters/federation-upstream/v2/up"),
+        serde_json::json!({"value": {"uri": "amqp://remote", "prefetch-count": 10}}),
+    )
+    .await;
+    node.crash();
+
+    let node = Node::start(&dir).await;
+    let get = |url: String, user: &'static str, pass: &'static str| {
+        let http = http.clone();
+        async move {
+            let mut last = None;
+            for _ in 0..100 {
+                match http.get(&url).basic_auth(user, Some(pass)).send().await {
+                    Ok(r) => {
+                        last = Some(r.status());
+                        if r.status().is_success() {
+                            return r.json::<serde_json::Value>().await.unwrap();
+                        }
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+            panic!("GET {url} failed: {last:?}");
+        }
+    };
+    // alice can log in with her password after the restart.
+    let me = get(api(&node, "whoami"), "alice", "pw").await;
+    assert_eq!(me["name"], "alice");
+    let perm = get(api(&node, "permissions/v2/alice"), "guest", "guest").await;
+    assert_eq!(perm["configure"], "^a");
+    let pol = get(api(&node, "policies/v2/cap"), "guest", "guest").await;
+    assert_eq!(pol["definition"]["max-length"], 7);
+    let par = get(
+        api(&node, "parameters/federation-upstream/v2/up"),
+        "guest",
+        "guest",
+    )
+    .await;
+    assert_eq!(par["value"]["prefetch-count"], 10);
+    node.crash();
 }

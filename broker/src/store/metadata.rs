@@ -24,6 +24,17 @@ pub struct Snapshot {
     pub exchanges: Vec<ExchangeDef>,
     pub queues: Vec<QueueDef>,
     pub bindings: Vec<BindingDef>,
+    /// Runtime parameters (federation upstreams, shovels), as the management API takes them.
+    #[serde(default)]
+    pub parameters: Vec<ParameterDef>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct ParameterDef {
+    pub component: String,
+    pub vhost: String,
+    pub name: String,
+    pub value: serde_json::Value,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
