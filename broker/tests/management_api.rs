@@ -1368,3 +1368,87 @@ async fn definitions_round_trip() {
         StatusCode::UNAUTHORIZED
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_message_stats_count_and_rate() {
+    use lapin::options::*;
+    let b = TestBroker::start().await;
+    let api = Api::start(&b).await;
+    let (_c, ch) = b.channel().await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    ch.queue_declare(
+        "stats-q".into(),
+        QueueDeclareOptions::default(),
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    for _ in 0..5 {
+        ch.basic_publish(
+            "".into(),
+            "stats-q".into(),
+            BasicPublishOptions::default(),
+            b"m",
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    for _ in 0..3 {
+        let m = ch
+            .basic_get("stats-q".into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .unwrap();
+        m.delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    let m = ch
+        .basic_get("stats-q".into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+        .unwrap();
+    m.delivery
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let again = ch
+        .basic_get("stats-q".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(again.delivery.redelivered);
+    // Counts are immediate; rates appear after a sampling interval.
+    let vh = b.broker.vhost("/").unwrap();
+    let q = vh.queue("stats-q").unwrap();
+    let t0 = std::time::Instant::now();
+    q.stats.sample(t0);
+    let (status, v) = api.get("/queues/%2F/stats-q").await;
+    assert_eq!(status, StatusCode::OK);
+    let s = &v["message_stats"];
+    assert_eq!(s["publish"], 5);
+    assert_eq!(s["deliver_get"], 5);
+    assert_eq!(s["ack"], 3);
+    assert_eq!(s["redeliver"], 1);
+    assert_eq!(s["publish_details"]["rate"], 0.0);
+    ch.basic_publish(
+        "".into(),
+        "stats-q".into(),
+        BasicPublishOptions::default(),
+        b"m",
+        lapin::BasicProperties::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    q.stats.sample(t0 + std::time::Duration::from_secs(1));
+    let (_, v) = api.get("/queues/%2F/stats-q").await;
+    assert_eq!(v["message_stats"]["publish_details"]["rate"], 1.0);
+}

@@ -53,6 +53,7 @@ pub async fn run(
         info!(%addr, "management HTTP API listener started");
         broker.register_listener("http", addr);
     }
+    tokio::spawn(sample_rates(Arc::downgrade(&broker)));
     let app = router(broker).into_make_service_with_connect_info::<SocketAddr>();
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
@@ -61,6 +62,26 @@ pub async fn run(
         tracing::error!("management HTTP API stopped: {e}");
     }
     info!("management HTTP API listener stopped");
+}
+
+/// How often message rates are sampled (RabbitMQ's default collection interval).
+pub const RATE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Samples every queue's counters, so the API can report rates; ends with the broker.
+async fn sample_rates(broker: std::sync::Weak<Broker>) {
+    let mut tick = tokio::time::interval(RATE_INTERVAL);
+    loop {
+        tick.tick().await;
+        let Some(b) = broker.upgrade() else { return };
+        let now = std::time::Instant::now();
+        for name in b.vhost_names() {
+            if let Some(v) = b.vhost(&name) {
+                for q in v.queues() {
+                    q.stats.sample(now);
+                }
+            }
+        }
+    }
 }
 
 /// All routes of the API.

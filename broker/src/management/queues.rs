@@ -62,7 +62,22 @@ pub fn queue_json(broker: &Broker, v: &Vhost, q: &Queue) -> Value {
         "consumers": consumers,
         "policy": policy,
         "operator_policy": operator_policy,
+        "message_stats": message_stats(q),
     })
+}
+
+/// RabbitMQ's `message_stats`: counts since declaration and `<name>_details.rate` (per second,
+/// over the last sampling interval of [`super::RATE_INTERVAL`]).
+pub fn message_stats(q: &Queue) -> Value {
+    let mut m = serde_json::Map::new();
+    for (name, count, rate) in q.stats.snapshot() {
+        m.insert(name.into(), json!(count));
+        m.insert(
+            format!("{name}_details"),
+            json!({ "rate": (rate * 10.0).round() / 10.0 }),
+        );
+    }
+    Value::Object(m)
 }
 
 fn sorted_queues(v: &Vhost) -> Vec<Arc<Queue>> {

@@ -12,7 +12,7 @@ pub mod args;
 pub mod state;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -94,6 +94,7 @@ pub struct Queue {
     me: Weak<Queue>,
     inner: Mutex<Inner>,
     timer: Arc<Notify>,
+    pub stats: QueueStats,
     /// The node's message log, for durable queues of a node with storage.
     store: Option<Arc<MessageLog>>,
     vhost_name: String,
@@ -104,6 +105,65 @@ pub struct Queue {
 impl std::fmt::Debug for Queue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Queue").field("name", &self.name).finish()
+    }
+}
+
+/// Message counts of one queue since it was declared, and their rates over the last
+/// sampling interval (for the management API's `message_stats`). Counting is a relaxed atomic
+/// increment on the message path; rates are computed by a sampler off it.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    pub publish: AtomicU64,
+    pub deliver_get: AtomicU64,
+    pub ack: AtomicU64,
+    pub redeliver: AtomicU64,
+    rates: Mutex<RateSample>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct RateSample {
+    at: Option<std::time::Instant>,
+    counts: [u64; 4],
+    rates: [f64; 4],
+}
+
+impl QueueStats {
+    fn counts(&self) -> [u64; 4] {
+        [
+            self.publish.load(Ordering::Relaxed),
+            self.deliver_get.load(Ordering::Relaxed),
+            self.ack.load(Ordering::Relaxed),
+            self.redeliver.load(Ordering::Relaxed),
+        ]
+    }
+
+    /// Takes a sample; rates are per second since the previous one.
+    pub fn sample(&self, now: std::time::Instant) {
+        let counts = self.counts();
+        let mut s = self.rates.lock();
+        if let Some(at) = s.at {
+            let secs = now.duration_since(at).as_secs_f64();
+            if secs > 0.0 {
+                let previous = s.counts;
+                for ((rate, now_count), before) in s.rates.iter_mut().zip(counts).zip(previous) {
+                    *rate = now_count.saturating_sub(before) as f64 / secs;
+                }
+            }
+        }
+        s.at = Some(now);
+        s.counts = counts;
+    }
+
+    /// (name, count, rate) for publish, deliver_get, ack, redeliver.
+    pub fn snapshot(&self) -> [(&'static str, u64, f64); 4] {
+        let counts = self.counts();
+        let rates = self.rates.lock().rates;
+        [
+            ("publish", counts[0], rates[0]),
+            ("deliver_get", counts[1], rates[1]),
+            ("ack", counts[2], rates[2]),
+            ("redeliver", counts[3], rates[3]),
+        ]
     }
 }
 
@@ -156,6 +216,7 @@ impl Queue {
             vhost,
             me: me.clone(),
             timer: Arc::new(Notify::new()),
+            stats: QueueStats::default(),
             store: if durable { store } else { None },
             vhost_name,
             deleted: AtomicBool::new(false),
@@ -235,6 +296,9 @@ impl Queue {
             g.state
                 .apply(Command::Enqueue { msg: msg.clone() }, now, &mut fx);
             accepted = !fx.iter().any(|e| matches!(e, Effect::Refused));
+            if accepted {
+                self.stats.publish.fetch_add(1, Ordering::Relaxed);
+            }
             for e in fx.drain(..) {
                 if let Effect::Accepted { id } = e {
                     if persist && let Some(store) = &self.store {
@@ -386,6 +450,10 @@ impl Queue {
                 }) = self.absorb(&mut g.sids, e, letters)
                 {
                     delivered = Some((id, msg, redelivered));
+                    self.stats.deliver_get.fetch_add(1, Ordering::Relaxed);
+                    if redelivered {
+                        self.stats.redeliver.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
             g.fx = fx;
@@ -456,6 +524,11 @@ impl Queue {
     }
 
     pub fn settle(&self, ids: Vec<MsgId>, how: Settlement) {
+        if how == Settlement::Ack {
+            self.stats
+                .ack
+                .fetch_add(ids.len() as u64, Ordering::Relaxed);
+        }
         if self.is_deleted() {
             return;
         }
@@ -494,6 +567,10 @@ impl Queue {
                     remaining,
                 }) = self.absorb(&mut g.sids, e, &mut letters)
                 {
+                    self.stats.deliver_get.fetch_add(1, Ordering::Relaxed);
+                    if redelivered {
+                        self.stats.redeliver.fetch_add(1, Ordering::Relaxed);
+                    }
                     result = Some(GetResult {
                         id,
                         msg,
