@@ -52,6 +52,8 @@ pub struct Broker {
     pub started_at: Instant,
     /// The message log, on a node with storage (see [`Broker::open_store`]).
     store: std::sync::OnceLock<Arc<MessageLog>>,
+    /// The memory high watermark in bytes (from the configured fraction of physical memory).
+    memory_limit: AtomicU64,
     /// Set by [`Broker::recover`]: lets vhosts save the node's metadata on change.
     me: std::sync::OnceLock<std::sync::Weak<Broker>>,
 }
@@ -75,6 +77,9 @@ impl Broker {
         ) {
             tracing::error!("{e}");
         }
+        // Without /proc/meminfo, assume 1 GiB of memory rather than never alarming.
+        let memory_limit = (crate::resources::total_memory_bytes().unwrap_or(1 << 30) as f64
+            * config.vm_memory_high_watermark) as u64;
         let metrics = Metrics::default();
         let mut vhosts = HashMap::new();
         vhosts.insert(
@@ -96,6 +101,7 @@ impl Broker {
             listeners: RwLock::new(Vec::new()),
             started_at: Instant::now(),
             store: std::sync::OnceLock::new(),
+            memory_limit: AtomicU64::new(memory_limit),
             me: std::sync::OnceLock::new(),
         })
     }
@@ -125,6 +131,16 @@ impl Broker {
         for v in self.vhosts.read().values() {
             Broker::watch_durable_changes(Arc::downgrade(self), v);
         }
+    }
+
+    /// The memory high watermark in bytes.
+    pub fn memory_limit_bytes(&self) -> u64 {
+        self.memory_limit.load(Ordering::Relaxed)
+    }
+
+    /// Changes the memory high watermark (as `rabbitmqctl set_vm_memory_high_watermark`).
+    pub fn set_memory_limit_bytes(&self, bytes: u64) {
+        self.memory_limit.store(bytes, Ordering::Relaxed);
     }
 
     pub fn store(&self) -> Option<&Arc<MessageLog>> {

@@ -65,6 +65,13 @@ pub struct Cli {
     /// Log filter, e.g. `info` or `warren_broker=debug` [default: info].
     #[arg(long, env = "WARREN_LOG_LEVEL")]
     pub log_level: Option<String>,
+    /// Memory high watermark as a fraction of physical memory; above it publishers are
+    /// blocked [default: 0.4].
+    #[arg(long, env = "WARREN_VM_MEMORY_HIGH_WATERMARK")]
+    pub vm_memory_high_watermark: Option<f64>,
+    /// Free disk space, in bytes, below which publishers are blocked [default: 50000000].
+    #[arg(long, env = "WARREN_DISK_FREE_LIMIT")]
+    pub disk_free_limit: Option<u64>,
 }
 
 /// The configuration file: the same keys as the flags.
@@ -85,6 +92,8 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     pub max_message_size: Option<u64>,
     pub log_level: Option<String>,
+    pub vm_memory_high_watermark: Option<f64>,
+    pub disk_free_limit: Option<u64>,
 }
 
 /// Resolved settings the broker runs with.
@@ -104,6 +113,8 @@ pub struct Config {
     pub max_connections: usize,
     pub max_message_size: u64,
     pub log_level: String,
+    pub vm_memory_high_watermark: f64,
+    pub disk_free_limit: u64,
 }
 
 impl Default for Config {
@@ -123,6 +134,8 @@ impl Default for Config {
             max_connections: 0,
             max_message_size: 128 * 1024 * 1024,
             log_level: "info".into(),
+            vm_memory_high_watermark: 0.4,
+            disk_free_limit: 50_000_000,
         }
     }
 }
@@ -206,6 +219,14 @@ impl Config {
                 .or(file.max_message_size)
                 .unwrap_or(d.max_message_size),
             log_level: cli.log_level.or(file.log_level).unwrap_or(d.log_level),
+            vm_memory_high_watermark: cli
+                .vm_memory_high_watermark
+                .or(file.vm_memory_high_watermark)
+                .unwrap_or(d.vm_memory_high_watermark),
+            disk_free_limit: cli
+                .disk_free_limit
+                .or(file.disk_free_limit)
+                .unwrap_or(d.disk_free_limit),
         };
         c.validate()?;
         Ok(c)
@@ -222,6 +243,15 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "frame-max",
                 message: format!("{} is below the AMQP minimum of 4096", self.frame_max),
+            });
+        }
+        if !(self.vm_memory_high_watermark > 0.0 && self.vm_memory_high_watermark <= 1.0) {
+            return Err(ConfigError::Invalid {
+                key: "vm-memory-high-watermark",
+                message: format!(
+                    "{} is not a fraction of physical memory in (0, 1]",
+                    self.vm_memory_high_watermark
+                ),
             });
         }
         if self.channel_max == 0 {

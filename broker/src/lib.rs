@@ -23,6 +23,7 @@ pub mod persistence;
 pub mod policy;
 pub mod queue;
 pub mod registry;
+pub mod resources;
 pub mod server;
 pub mod store;
 pub mod vhost;

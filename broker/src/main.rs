@@ -66,6 +66,9 @@ async fn run(config: Config) -> Result<(), String> {
     broker
         .recover()
         .map_err(|e| format!("cannot recover from the data directory: {e}"))?;
+    tokio::spawn(warren_broker::resources::monitor(
+        std::sync::Arc::downgrade(&broker),
+    ));
     tokio::spawn(management::run(
         broker.clone(),
         management,

@@ -351,6 +351,16 @@ const FAMILIES: &[(&str, MetricType, &str)] = &[
         "Memory used in bytes",
     ),
     (
+        "rabbitmq_resident_memory_limit_bytes",
+        MetricType::GAUGE,
+        "Memory high watermark in bytes",
+    ),
+    (
+        "rabbitmq_disk_space_available_limit_bytes",
+        MetricType::GAUGE,
+        "Free disk space low watermark in bytes",
+    ),
+    (
         "rabbitmq_disk_space_available_bytes",
         MetricType::GAUGE,
         "Disk space available in bytes",
@@ -689,6 +699,14 @@ impl BrokerCollector {
             "rabbitmq_process_resident_memory_bytes",
             process.resident_bytes as f64,
         );
+        out.one(
+            "rabbitmq_resident_memory_limit_bytes",
+            b.memory_limit_bytes() as f64,
+        );
+        out.one(
+            "rabbitmq_disk_space_available_limit_bytes",
+            b.config.disk_free_limit as f64,
+        );
         if let Some(d) = process.disk_available {
             out.one("rabbitmq_disk_space_available_bytes", d as f64);
         }
@@ -932,10 +950,7 @@ fn process_sample(b: &Broker) -> ProcessSample {
         .ok()
         .and_then(|s| parse_max_open_files(&s))
         .unwrap_or(0);
-    let resident_bytes = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| parse_vm_rss(&s))
-        .unwrap_or(0);
+    let resident_bytes = crate::resources::resident_memory_bytes().unwrap_or(0);
     let limit = b.config.max_connections as u64;
     ProcessSample {
         open_fds,
@@ -943,18 +958,8 @@ fn process_sample(b: &Broker) -> ProcessSample {
         open_sockets: b.open_connections.load(Ordering::Relaxed) as u64,
         max_sockets: if limit > 0 { limit } else { max_fds },
         resident_bytes,
-        disk_available: disk_available(&b.config.data_dir),
+        disk_available: crate::resources::disk_available(&b.config.data_dir),
     }
-}
-
-/// Bytes available to an unprivileged user on the filesystem holding `dir` (or its nearest
-/// existing ancestor, before the data directory is created).
-fn disk_available(dir: &std::path::Path) -> Option<u64> {
-    dir.ancestors()
-        .filter(|p| !p.as_os_str().is_empty())
-        .chain([std::path::Path::new(".")])
-        .find_map(|p| rustix::fs::statvfs(p).ok())
-        .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
 }
 
 /// The soft limit from `/proc/self/limits`' "Max open files" line.
@@ -965,17 +970,6 @@ fn parse_max_open_files(limits: &str) -> Option<u64> {
         .next()?
         .parse()
         .ok()
-}
-
-/// `VmRSS` from `/proc/self/status`, in bytes.
-fn parse_vm_rss(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: u64 = line["VmRSS:".len()..]
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1101,10 +1095,6 @@ mod tests {
         let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
                       Max open files            1024                 524288               files     \n";
         assert_eq!(parse_max_open_files(limits), Some(1024));
-        assert_eq!(
-            parse_vm_rss("Name:\tx\nVmRSS:\t    2048 kB\n"),
-            Some(2048 * 1024)
-        );
     }
 
     #[test]

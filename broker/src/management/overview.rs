@@ -112,20 +112,6 @@ async fn whoami(caller: Caller) -> ApiResult {
     ok(json!({"name": caller.user.name, "tags": caller.user.tags}))
 }
 
-/// Resident memory in bytes, from `/proc/self/status` (Linux only).
-fn mem_used() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-/// Bytes available to unprivileged users on the data directory's filesystem.
-fn disk_free(broker: &Broker) -> Option<u64> {
-    let s = rustix::fs::statvfs(&broker.config.data_dir).ok()?;
-    Some(s.f_bavail.saturating_mul(s.f_frsize))
-}
-
 fn node_json(broker: &Broker) -> Value {
     let alarms = broker.active_alarms();
     let mut n = json!({
@@ -136,6 +122,8 @@ fn node_json(broker: &Broker) -> Value {
         "os_pid": std::process::id().to_string(),
         "processors": std::thread::available_parallelism().map_or(1, |n| n.get()),
         "mem_alarm": alarms.iter().any(|a| a == "memory"),
+        "mem_limit": broker.memory_limit_bytes(),
+        "disk_free_limit": broker.config.disk_free_limit,
         "disk_free_alarm": alarms.iter().any(|a| a == "disk"),
         "partitions": [],
         "exchange_types": exchange_types(),
@@ -144,10 +132,10 @@ fn node_json(broker: &Broker) -> Value {
             {"name": "AMQPLAIN", "description": "QPid AMQPLAIN mechanism", "enabled": true},
         ],
     });
-    if let Some(m) = mem_used() {
+    if let Some(m) = crate::resources::resident_memory_bytes() {
         n["mem_used"] = json!(m);
     }
-    if let Some(d) = disk_free(broker) {
+    if let Some(d) = crate::resources::disk_available(&broker.config.data_dir) {
         n["disk_free"] = json!(d);
     }
     n
