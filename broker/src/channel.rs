@@ -491,11 +491,8 @@ impl Channel {
                     &b.arguments,
                 )?;
                 if !b.nowait {
-                    reply(
-                        self.ctx(),
-                        ch,
-                        AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})),
-                    );
+                    let ok = exchange::AMQPMethod::BindOk(exchange::BindOk {});
+                    reply(self.ctx(), ch, AMQPClass::Exchange(ok));
                 }
             }
             exchange::AMQPMethod::Unbind(b) => {
@@ -508,11 +505,8 @@ impl Channel {
                     &b.arguments,
                 )?;
                 if !b.nowait {
-                    reply(
-                        self.ctx(),
-                        ch,
-                        AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})),
-                    );
+                    let ok = exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {});
+                    reply(self.ctx(), ch, AMQPClass::Exchange(ok));
                 }
             }
             _ => {

@@ -238,6 +238,28 @@ impl Vhost {
         Ok(())
     }
 
+    /// The source exchange of a binding, after checking both ends: the default exchange
+    /// cannot be bound (403); a missing source or destination is 404.
+    fn binding_source(&self, source: &str, dest: &Destination) -> Result<Arc<Exchange>> {
+        if source.is_empty() || matches!(dest, Destination::Exchange(n) if n.is_empty()) {
+            return Err(AmqpError::access_refused(
+                "operation not permitted on the default exchange",
+            ));
+        }
+        let src = self
+            .exchange(source)
+            .ok_or_else(|| self.no_exchange(source))?;
+        match dest {
+            Destination::Queue(q) => {
+                self.queue(q).ok_or_else(|| self.no_queue(q))?;
+            }
+            Destination::Exchange(x) => {
+                self.exchange(x).ok_or_else(|| self.no_exchange(x))?;
+            }
+        }
+        Ok(src)
+    }
+
     /// Binds `source` to a queue or exchange. Missing source or destination: 404.
     pub fn bind(
         &self,
@@ -246,22 +268,7 @@ impl Vhost {
         routing_key: &str,
         args: &FieldTable,
     ) -> Result<()> {
-        if source.is_empty() || matches!(&dest, Destination::Exchange(n) if n.is_empty()) {
-            return Err(AmqpError::access_refused(
-                "operation not permitted on the default exchange",
-            ));
-        }
-        let src = self
-            .exchange(source)
-            .ok_or_else(|| self.no_exchange(source))?;
-        match &dest {
-            Destination::Queue(q) => {
-                self.queue(q).ok_or_else(|| self.no_queue(q))?;
-            }
-            Destination::Exchange(x) => {
-                self.exchange(x).ok_or_else(|| self.no_exchange(x))?;
-            }
-        }
+        let src = self.binding_source(source, &dest)?;
         if src.kind == ExchangeKind::Headers {
             crate::exchange::headers::validate(args)?;
         }
@@ -283,22 +290,7 @@ impl Vhost {
         routing_key: &str,
         args: &FieldTable,
     ) -> Result<()> {
-        if source.is_empty() || matches!(&dest, Destination::Exchange(n) if n.is_empty()) {
-            return Err(AmqpError::access_refused(
-                "operation not permitted on the default exchange",
-            ));
-        }
-        let src = self
-            .exchange(source)
-            .ok_or_else(|| self.no_exchange(source))?;
-        match &dest {
-            Destination::Queue(q) => {
-                self.queue(q).ok_or_else(|| self.no_queue(q))?;
-            }
-            Destination::Exchange(x) => {
-                self.exchange(x).ok_or_else(|| self.no_exchange(x))?;
-            }
-        }
+        let src = self.binding_source(source, &dest)?;
         let removed = src.bindings.write().remove(&Binding {
             destination: dest,
             routing_key: routing_key.to_owned(),

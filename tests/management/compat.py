@@ -22,12 +22,15 @@ import urllib.request
 
 # (call label, field) → why Warren differs on purpose.
 _FRESH_QUEUE = "RabbitMQ leaves a new queue's counters out until its first stats emission (5 s)"
+_STATS = [f"message_stats.{n}{suffix}" for n in ("publish", "deliver_get", "ack", "redeliver")
+          for suffix in ("", "_details", "_details.rate")]
+_FRESH_FIELDS = ("consumers", "messages", "messages_ready", "messages_unacknowledged",
+                 "operator_policy", "policy", "state", "message_stats", *_STATS)
 DELIBERATE = {
     ("definitions", "vhosts[].description"): "Warren exports vhost metadata (RabbitMQ 3.11+ does too)",
     ("definitions", "vhosts[].tags"): "Warren exports vhost metadata (RabbitMQ 3.11+ does too)",
-    **{("queue", f): _FRESH_QUEUE for f in ("consumers", "messages", "messages_ready",
-                                             "messages_unacknowledged", "operator_policy",
-                                             "policy", "state")},
+    **{("queue", f): _FRESH_QUEUE for f in _FRESH_FIELDS},
+    **{("queues", f"[].{f}"): _FRESH_QUEUE for f in _FRESH_FIELDS},
 }
 
 
