@@ -157,6 +157,13 @@ impl Broker {
             for name in &s.vhosts {
                 self.add_vhost(name);
             }
+            // The snapshot is the truth about users: a default user deleted before the
+            // restart must not come back.
+            for u in self.access.users() {
+                if !s.users.iter().any(|d| d.name == u.name) {
+                    self.access.delete_user(&u.name);
+                }
+            }
             for u in s.users {
                 self.access.put_user(User {
                     name: u.name,

@@ -475,6 +475,11 @@ async fn users_permissions_policies_and_parameters_survive_a_crash() {
     };
     put(api(&node, "vhosts/v2"), serde_json::json!({})).await;
     put(
+        api(&node, "users/admin2"),
+        serde_json::json!({"password": "pw2", "tags": "administrator"}),
+    )
+    .await;
+    put(
         api(&node, "users/alice"),
         serde_json::json!({"password": "pw", "tags": "monitoring"}),
     )
@@ -494,6 +499,13 @@ async fn users_permissions_policies_and_parameters_survive_a_crash() {
         serde_json::json!({"value": {"uri": "amqp://remote", "prefetch-count": 10}}),
     )
     .await;
+    let r = http
+        .delete(api(&node, "users/guest"))
+        .basic_auth("admin2", Some("pw2"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
     node.crash();
 
     let node = Node::start(&dir).await;
@@ -519,16 +531,24 @@ async fn users_permissions_policies_and_parameters_survive_a_crash() {
     // alice can log in with her password after the restart.
     let me = get(api(&node, "whoami"), "alice", "pw").await;
     assert_eq!(me["name"], "alice");
-    let perm = get(api(&node, "permissions/v2/alice"), "guest", "guest").await;
+    let perm = get(api(&node, "permissions/v2/alice"), "admin2", "pw2").await;
     assert_eq!(perm["configure"], "^a");
-    let pol = get(api(&node, "policies/v2/cap"), "guest", "guest").await;
+    let pol = get(api(&node, "policies/v2/cap"), "admin2", "pw2").await;
     assert_eq!(pol["definition"]["max-length"], 7);
     let par = get(
         api(&node, "parameters/federation-upstream/v2/up"),
-        "guest",
-        "guest",
+        "admin2",
+        "pw2",
     )
     .await;
     assert_eq!(par["value"]["prefetch-count"], 10);
+    // The deleted default user stays deleted.
+    let r = http
+        .get(api(&node, "whoami"))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::UNAUTHORIZED);
     node.crash();
 }
