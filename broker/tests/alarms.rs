@@ -41,7 +41,12 @@ async fn expect(s: &mut tokio::net::TcpStream, buf: &mut bytes::BytesMut, blocke
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_watermark_blocks_and_unblocks_publishers() {
-    let b = TestBroker::start().await;
+    // No disk limit, so only the memory alarm is in play whatever this machine's disk holds.
+    let config = Config {
+        disk_free_limit: 0,
+        ..Config::default()
+    };
+    let b = TestBroker::start_with(config).await;
     let mut s = tokio::net::TcpStream::connect(b.addr).await.unwrap();
     let mut buf = raw::handshake(&mut s).await;
     send_method(&mut s, 1, raw::channel_open()).await;
@@ -51,12 +56,12 @@ async fn memory_watermark_blocks_and_unblocks_publishers() {
     // A watermark below what the process really uses raises the alarm on the next check.
     b.broker.set_memory_limit_bytes(1);
     warren_broker::resources::check(&b.broker);
-    assert_eq!(b.broker.active_alarms(), ["memory"]);
+    assert!(b.broker.active_alarms().iter().any(|a| a == "memory"));
     expect(&mut s, &mut buf, true).await;
 
     b.broker.set_memory_limit_bytes(u64::MAX);
     warren_broker::resources::check(&b.broker);
-    assert!(b.broker.active_alarms().is_empty());
+    assert!(!b.broker.active_alarms().iter().any(|a| a == "memory"));
     expect(&mut s, &mut buf, false).await;
 }
 
