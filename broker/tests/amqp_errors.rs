@@ -487,17 +487,7 @@ async fn permissions_are_enforced_per_method() {
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
-    ch.basic_publish(
-        "amq.direct".into(),
-        "k".into(),
-        BasicPublishOptions::default(),
-        b"x",
-        BasicProperties::default(),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    common::publish_confirmed(&ch, "amq.direct", "k", b"x", BasicProperties::default()).await;
     let e = ch
         .basic_publish(
             "amq.fanout".into(),
@@ -525,17 +515,14 @@ async fn permissions_are_enforced_per_method() {
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
-    ch.basic_publish(
-        "amq.topic".into(),
-        "allowed.x".into(),
-        BasicPublishOptions::default(),
+    common::publish_confirmed(
+        &ch,
+        "amq.topic",
+        "allowed.x",
         b"x",
         BasicProperties::default(),
     )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    .await;
     let e = ch
         .basic_publish(
             "amq.topic".into(),

@@ -31,17 +31,7 @@ async fn declare(ch: &Channel, name: &str, a: FieldTable) {
 }
 
 async fn publish(ch: &Channel, rk: &str, body: &str, props: BasicProperties) -> Confirmation {
-    ch.basic_publish(
-        "".into(),
-        rk.into(),
-        BasicPublishOptions::default(),
-        body.as_bytes(),
-        props,
-    )
-    .await
-    .expect("publish")
-    .await
-    .expect("confirm")
+    common::publish_confirmed(ch, "", rk, body.as_bytes(), props).await
 }
 
 async fn get(ch: &Channel, q: &str, no_ack: bool) -> Option<lapin::message::BasicGetMessage> {

@@ -30,17 +30,7 @@ async fn get_all(ch: &Channel, q: &str) -> Vec<String> {
 }
 
 async fn publish(ch: &Channel, ex: &str, rk: &str, body: &str, props: BasicProperties) {
-    ch.basic_publish(
-        ex.into(),
-        rk.into(),
-        BasicPublishOptions::default(),
-        body.as_bytes(),
-        props,
-    )
-    .await
-    .expect("publish")
-    .await
-    .expect("confirm");
+    common::publish_confirmed(ch, ex, rk, body.as_bytes(), props).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -157,28 +157,8 @@ async fn restart_keeps_exactly_what_is_durable() {
         } else {
             BasicProperties::default()
         };
-        ch.basic_publish(
-            "dx".into(),
-            "a.b".into(),
-            BasicPublishOptions::default(),
-            format!("{i}").as_bytes(),
-            props,
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-        ch.basic_publish(
-            "".into(),
-            "tq".into(),
-            BasicPublishOptions::default(),
-            b"t",
-            persistent(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+        common::publish_confirmed(&ch, "dx", "a.b", format!("{i}").as_bytes(), props).await;
+        common::publish_confirmed(&ch, "", "tq", b"t", persistent()).await;
     }
     // One persistent message is consumed and acked: it must not come back.
     let first = ch
@@ -265,17 +245,7 @@ async fn restart_keeps_exactly_what_is_durable() {
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
-    ch.basic_publish(
-        "dx".into(),
-        "a.c".into(),
-        BasicPublishOptions::default(),
-        b"after",
-        persistent(),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    common::publish_confirmed(&ch, "dx", "a.c", b"after", persistent()).await;
     assert_eq!(drain(&ch, "dq").await.len(), 1);
     node.crash();
 }
@@ -396,17 +366,7 @@ async fn damaged_segment_keeps_the_prefix_and_says_what_was_lost() {
     .await
     .unwrap();
     for i in 0..10u8 {
-        ch.basic_publish(
-            "".into(),
-            "cq".into(),
-            BasicPublishOptions::default(),
-            &[i; 100],
-            persistent(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+        common::publish_confirmed(&ch, "", "cq", &[i; 100], persistent()).await;
     }
     node.crash();
     // Flip one byte inside the 7th record of the only segment.

@@ -1386,17 +1386,8 @@ async fn queue_message_stats_count_and_rate() {
     .await
     .unwrap();
     for _ in 0..5 {
-        ch.basic_publish(
-            "".into(),
-            "stats-q".into(),
-            BasicPublishOptions::default(),
-            b"m",
-            lapin::BasicProperties::default(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+        common::publish_confirmed(&ch, "", "stats-q", b"m", lapin::BasicProperties::default())
+            .await;
     }
     for _ in 0..3 {
         let m = ch
@@ -1437,17 +1428,7 @@ async fn queue_message_stats_count_and_rate() {
     assert_eq!(s["ack"], 3);
     assert_eq!(s["redeliver"], 1);
     assert_eq!(s["publish_details"]["rate"], 0.0);
-    ch.basic_publish(
-        "".into(),
-        "stats-q".into(),
-        BasicPublishOptions::default(),
-        b"m",
-        lapin::BasicProperties::default(),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    common::publish_confirmed(&ch, "", "stats-q", b"m", lapin::BasicProperties::default()).await;
     q.stats.sample(t0 + std::time::Duration::from_secs(1));
     let (_, v) = api.get("/queues/%2F/stats-q").await;
     assert_eq!(v["message_stats"]["publish_details"]["rate"], 1.0);

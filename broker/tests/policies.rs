@@ -13,17 +13,14 @@ use warren_broker::policy::parse_policy;
 
 async fn publish_n(ch: &Channel, q: &str, n: usize) {
     for i in 0..n {
-        ch.basic_publish(
-            "".into(),
-            q.into(),
-            BasicPublishOptions::default(),
+        common::publish_confirmed(
+            ch,
+            "",
+            q,
             i.to_string().as_bytes(),
             BasicProperties::default(),
         )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+        .await;
     }
 }
 
@@ -176,16 +173,13 @@ async fn policy_ttl_dead_lettering_and_alternate_exchange() {
     )
     .await
     .unwrap();
-    ch.basic_publish(
-        x.as_str().into(),
-        "unbound".into(),
-        BasicPublishOptions::default(),
+    common::publish_confirmed(
+        &ch,
+        x.as_str(),
+        "unbound",
         b"stray",
         BasicProperties::default(),
     )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    .await;
     assert_eq!(vh.queue(&catch).unwrap().message_count(), 1);
 }

@@ -249,3 +249,24 @@ pub mod raw {
         }
     }
 }
+
+/// Publishes on a channel in confirm mode and waits for the broker's confirm.
+pub async fn publish_confirmed(
+    ch: &lapin::Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    props: lapin::BasicProperties,
+) -> lapin::Confirmation {
+    ch.basic_publish(
+        exchange.into(),
+        routing_key.into(),
+        lapin::options::BasicPublishOptions::default(),
+        body,
+        props,
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("confirm")
+}
