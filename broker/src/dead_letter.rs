@@ -59,15 +59,14 @@ pub fn dead_letter(
     if let Some(pos) = deaths
         .iter()
         .position(|d| matches!(d, AMQPValue::FieldTable(t) if same(t)))
+        && let AMQPValue::FieldTable(old) = deaths.remove(pos)
     {
-        if let AMQPValue::FieldTable(old) = deaths.remove(pos) {
-            let count = old
-                .inner()
-                .get("count")
-                .and_then(crate::queue::args::as_int)
-                .unwrap_or(0);
-            entry.insert("count".into(), AMQPValue::LongLongInt(count + 1));
-        }
+        let count = old
+            .inner()
+            .get("count")
+            .and_then(crate::queue::args::as_int)
+            .unwrap_or(0);
+        entry.insert("count".into(), AMQPValue::LongLongInt(count + 1));
     }
     deaths.insert(0, AMQPValue::FieldTable(entry));
     headers.insert(

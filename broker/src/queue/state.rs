@@ -622,16 +622,16 @@ mod tests {
                     },
                     i,
                 );
-                if i % 3 == 0 {
-                    if let Some((id, b, _)) = take(q, i) {
-                        log.push(b);
-                        let how = if i % 2 == 0 {
-                            Settlement::Requeue
-                        } else {
-                            Settlement::Ack
-                        };
-                        run(q, Command::Settle { ids: vec![id], how }, i);
-                    }
+                if i % 3 == 0
+                    && let Some((id, b, _)) = take(q, i)
+                {
+                    log.push(b);
+                    let how = if i % 2 == 0 {
+                        Settlement::Requeue
+                    } else {
+                        Settlement::Ack
+                    };
+                    run(q, Command::Settle { ids: vec![id], how }, i);
                 }
             }
             (log, q.ready_count(), q.unacked_count())
