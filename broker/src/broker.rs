@@ -218,9 +218,9 @@ impl Broker {
         self.listeners.read().clone()
     }
 
-    /// The node name shown by the management API.
+    /// The node name shown by the management API and in metric labels (`node-name`).
     pub fn node_name(&self) -> String {
-        self.config.cluster_name()
+        self.config.node_name.clone()
     }
 
     pub fn vhost_names(&self) -> Vec<String> {

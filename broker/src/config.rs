@@ -62,6 +62,15 @@ pub struct Cli {
     /// Largest message body accepted, in bytes [default: 134217728].
     #[arg(long, env = "WARREN_MAX_MESSAGE_SIZE")]
     pub max_message_size: Option<u64>,
+    /// This node's name, shown by the management API (`/api/nodes`, `node` fields) and in the
+    /// `rabbitmq_node` metric labels [default: warren@$HOSTNAME].
+    #[arg(long, env = "WARREN_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// The cluster's name: `cluster_name` in `/api/overview` and `/api/cluster-name`, the
+    /// `cluster_name` server property sent to clients, the `rabbitmq_cluster` metric label
+    /// [default: the node name].
+    #[arg(long, env = "WARREN_CLUSTER_NAME")]
+    pub cluster_name: Option<String>,
     /// Log filter, e.g. `info` or `warren_broker=debug` [default: info].
     #[arg(long, env = "WARREN_LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -91,6 +100,8 @@ pub struct FileConfig {
     pub channel_max: Option<u16>,
     pub max_connections: Option<usize>,
     pub max_message_size: Option<u64>,
+    pub node_name: Option<String>,
+    pub cluster_name: Option<String>,
     pub log_level: Option<String>,
     pub vm_memory_high_watermark: Option<f64>,
     pub disk_free_limit: Option<u64>,
@@ -112,9 +123,39 @@ pub struct Config {
     pub channel_max: u16,
     pub max_connections: usize,
     pub max_message_size: u64,
+    /// This node's name (`warren@$HOSTNAME` unless configured).
+    pub node_name: String,
+    /// The cluster's name (the node name unless configured).
+    pub cluster_name: String,
     pub log_level: String,
     pub vm_memory_high_watermark: f64,
     pub disk_free_limit: u64,
+}
+
+/// `warren@$HOSTNAME` (`warren@localhost` without `HOSTNAME`), as RabbitMQ's `rabbit@host`.
+pub fn default_node_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("warren@{host}")
+}
+
+/// A node or cluster name: shown in JSON, metric labels and a server property.
+fn check_name(key: &'static str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() || name.len() > 255 {
+        return Err(ConfigError::Invalid {
+            key,
+            message: "must be between 1 and 255 bytes long".into(),
+        });
+    }
+    if name.chars().any(char::is_control) {
+        return Err(ConfigError::Invalid {
+            key,
+            message: "must not contain control characters".into(),
+        });
+    }
+    Ok(())
 }
 
 impl Default for Config {
@@ -133,6 +174,8 @@ impl Default for Config {
             channel_max: 2047,
             max_connections: 0,
             max_message_size: 128 * 1024 * 1024,
+            node_name: default_node_name(),
+            cluster_name: default_node_name(),
             log_level: "info".into(),
             vm_memory_high_watermark: 0.4,
             disk_free_limit: 50_000_000,
@@ -218,6 +261,13 @@ impl Config {
                 .max_message_size
                 .or(file.max_message_size)
                 .unwrap_or(d.max_message_size),
+            cluster_name: cli
+                .cluster_name
+                .or(file.cluster_name)
+                .or_else(|| cli.node_name.clone())
+                .or_else(|| file.node_name.clone())
+                .unwrap_or(d.cluster_name),
+            node_name: cli.node_name.or(file.node_name).unwrap_or(d.node_name),
             log_level: cli.log_level.or(file.log_level).unwrap_or(d.log_level),
             vm_memory_high_watermark: cli
                 .vm_memory_high_watermark
@@ -230,12 +280,6 @@ impl Config {
         };
         c.validate()?;
         Ok(c)
-    }
-
-    /// The name reported to clients as `cluster_name`.
-    pub fn cluster_name(&self) -> String {
-        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
-        format!("warren@{host}")
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -266,6 +310,8 @@ impl Config {
                 message: "must not be empty".into(),
             });
         }
+        check_name("node-name", &self.node_name)?;
+        check_name("cluster-name", &self.cluster_name)?;
         if self.max_message_size == 0 || self.max_message_size > 512 * 1024 * 1024 {
             return Err(ConfigError::Invalid {
                 key: "max-message-size",
@@ -302,6 +348,58 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("hartbeat"), "{err}");
+    }
+
+    #[test]
+    fn names_default_to_the_host_and_cluster_follows_node() {
+        let c = Config::resolve(Cli::default()).unwrap();
+        assert_eq!(c.node_name, default_node_name());
+        assert!(c.node_name.starts_with("warren@"));
+        assert_eq!(c.cluster_name, c.node_name);
+
+        let c = Config::resolve(Cli {
+            node_name: Some("warren@pod-0.warren.ns".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.node_name, "warren@pod-0.warren.ns");
+        assert_eq!(c.cluster_name, "warren@pod-0.warren.ns");
+
+        let dir = std::env::temp_dir().join(format!("warren-cfg-names-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("warren.toml");
+        std::fs::write(
+            &path,
+            "node-name = \"warren@file\"\ncluster-name = \"prod\"\n",
+        )
+        .unwrap();
+        let c = Config::resolve(Cli {
+            config: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (c.node_name.as_str(), c.cluster_name.as_str()),
+            ("warren@file", "prod")
+        );
+        // A node name given as a flag still leaves the file's cluster name in place.
+        let c = Config::resolve(Cli {
+            config: Some(path),
+            node_name: Some("warren@flag".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (c.node_name.as_str(), c.cluster_name.as_str()),
+            ("warren@flag", "prod")
+        );
+
+        let err = Config::resolve(Cli {
+            cluster_name: Some(String::new()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("cluster-name"), "{err}");
     }
 
     #[test]

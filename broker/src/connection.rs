@@ -87,7 +87,7 @@ fn server_properties(broker: &Broker) -> FieldTable {
     p.insert("product".into(), s("Warren"));
     p.insert("version".into(), s(env!("CARGO_PKG_VERSION")));
     p.insert("platform".into(), s("Rust"));
-    p.insert("cluster_name".into(), s(&broker.config.cluster_name()));
+    p.insert("cluster_name".into(), s(&broker.config.cluster_name));
     p.insert("copyright".into(), s("Copyright the Warren authors"));
     p.insert(
         "information".into(),

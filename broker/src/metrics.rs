@@ -891,7 +891,7 @@ impl BrokerCollector {
             ],
             1.0,
         );
-        let cluster = b.config.cluster_name();
+        let cluster = b.config.cluster_name.clone();
         let id = cluster_permanent_id(&cluster);
         out.add(
             "rabbitmq_identity_info",

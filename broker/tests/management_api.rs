@@ -280,6 +280,96 @@ async fn overview_nodes_and_health_checks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_node_and_cluster_names() {
+    // Defaults: both names are warren@$HOSTNAME, as before the settings existed.
+    let b = TestBroker::start().await;
+    let api = Api::start(&b).await;
+    let (_, o) = api.get("/overview").await;
+    let default = warren_broker::config::default_node_name();
+    assert_eq!(o["cluster_name"], default.as_str());
+    assert_eq!(o["node"], default.as_str());
+    assert_eq!(api.get("/cluster-name").await.1, json!({"name": default}));
+
+    let b = TestBroker::start_with(warren_broker::Config {
+        node_name: "warren@warren-0.warren-nodes.ns".into(),
+        cluster_name: "orders".into(),
+        ..Default::default()
+    })
+    .await;
+    let api = Api::start(&b).await;
+    let (s, o) = api.get("/overview").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(o["cluster_name"], "orders");
+    assert_eq!(o["node"], "warren@warren-0.warren-nodes.ns");
+    assert!(
+        o["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["node"] == "warren@warren-0.warren-nodes.ns")
+    );
+    let (s, body) = api.get("/cluster-name").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(body, json!({"name": "orders"}));
+    let (_, n) = api.get("/nodes").await;
+    assert_eq!(n[0]["name"], "warren@warren-0.warren-nodes.ns");
+    assert_eq!(
+        api.get("/nodes/warren@warren-0.warren-nodes.ns").await.0,
+        StatusCode::OK
+    );
+    let (_, v) = api.get("/vhosts/%2F").await;
+    assert_eq!(
+        v["cluster_state"],
+        json!({"warren@warren-0.warren-nodes.ns": "running"})
+    );
+    // Anyone may read the name; nobody changes it through the API.
+    api.put("/users/m", json!({"password": "pw", "tags": "management"}))
+        .await;
+    assert_eq!(
+        api.as_user("m", "pw").get("/cluster-name").await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        api.put("/cluster-name", json!({"name": "x"})).await.0,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+
+    // Clients see the cluster name in the server properties.
+    let mut sock = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut sock, b"AMQP\x00\x00\x09\x01")
+        .await
+        .unwrap();
+    let mut buf = bytes::BytesMut::new();
+    match raw::read_method(&mut sock, &mut buf).await {
+        amq_protocol::protocol::AMQPClass::Connection(
+            amq_protocol::protocol::connection::AMQPMethod::Start(start),
+        ) => assert_eq!(
+            start.server_properties.inner().get("cluster_name"),
+            Some(&lapin::types::AMQPValue::LongString("orders".into()))
+        ),
+        other => panic!("expected connection.start, got {other:?}"),
+    }
+
+    // Prometheus identity labels.
+    let metrics = b.start_metrics().await;
+    let text = reqwest::get(format!("{metrics}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let identity = text
+        .lines()
+        .find(|l| l.starts_with("rabbitmq_identity_info{"))
+        .unwrap();
+    assert!(
+        identity.contains("rabbitmq_node=\"warren@warren-0.warren-nodes.ns\"")
+            && identity.contains("rabbitmq_cluster=\"orders\""),
+        "{identity}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vhosts_users_and_permissions() {
     let b = TestBroker::start().await;
     let api = Api::start(&b).await;

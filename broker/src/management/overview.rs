@@ -17,6 +17,7 @@ pub fn routes() -> Router<Arc<Broker>> {
     Router::new()
         .route("/api/overview", get(overview))
         .route("/api/whoami", get(whoami))
+        .route("/api/cluster-name", get(cluster_name))
         .route("/api/nodes", get(nodes))
         .route("/api/nodes/{node}", get(node))
         .route("/api/health/checks/alarms", get(alarms))
@@ -88,7 +89,7 @@ async fn overview(State(broker): State<Arc<Broker>>, caller: Caller) -> ApiResul
         "rabbitmq_version": RABBITMQ_API_VERSION,
         "product_name": "Warren",
         "product_version": env!("CARGO_PKG_VERSION"),
-        "cluster_name": broker.config.cluster_name(),
+        "cluster_name": broker.config.cluster_name,
         "node": broker.node_name(),
         "rates_mode": "none",
         "exchange_types": exchange_types(),
@@ -106,6 +107,12 @@ async fn overview(State(broker): State<Arc<Broker>>, caller: Caller) -> ApiResul
         },
         "listeners": listeners(&broker),
     }))
+}
+
+/// RabbitMQ's `GET /api/cluster-name`. The name comes from the `cluster-name` setting, so
+/// there is no `PUT`.
+async fn cluster_name(State(broker): State<Arc<Broker>>, _caller: Caller) -> ApiResult {
+    ok(json!({"name": broker.config.cluster_name}))
 }
 
 async fn whoami(caller: Caller) -> ApiResult {
