@@ -47,6 +47,7 @@ cargo_target_dir() {
 }
 
 # start_warren BINARY PORT DATA_DIR LOG_FILE
+# (flags in the array WARREN_EXTRA_ARGS, if set, are passed on)
 # Starts the broker in the background, sets WARREN_PID, waits until the AMQP
 # port accepts connections (30 s), fails loudly (with the log) otherwise.
 # The management and Prometheus listeners (default 0.0.0.0:15672/15692) get
@@ -68,6 +69,8 @@ start_warren() {
         WARREN_PROM_PORT="$(free_port)"
         extra+=(--prometheus-listen "127.0.0.1:$WARREN_PROM_PORT")
     fi
+    # Extra flags for this broker (e.g. the AMQPS listener), from the caller's array.
+    extra+=("${WARREN_EXTRA_ARGS[@]+"${WARREN_EXTRA_ARGS[@]}"}")
     # A WARREN_CONFIG/WARREN_* in the caller's environment must not redirect
     # the test broker (clap reads them as flag defaults). NO_COLOR: plain log files.
     env -u WARREN_CONFIG -u WARREN_DATA_DIR -u WARREN_AMQP_LISTEN NO_COLOR=1 \

@@ -8,6 +8,7 @@
 # 2. cargo test --workspace
 # 3. cargo build -p warren-broker
 # 4. Python client suite (pika):  tests/clients/python   against a fresh Warren
+#    (which also serves AMQPS with a test PKI from scripts/test-pki.sh)
 # 5. Node client suite (amqplib): tests/clients/node     against a fresh Warren
 # 6. differential suite: tests/differential/run.py, a fresh Warren vs the
 #    reference RabbitMQ (scripts/rabbitmq-ref.sh, wiped before start)
@@ -128,7 +129,15 @@ step "Prometheus: Debian prometheus scrapes Warren under a workload"
 tests/metrics/prometheus_scrape_test.sh "$BIN"
 
 step "python client suite (pika) against Warren"
+# This broker also serves AMQPS with mutual TLS, for test_tls.py.
+"$WARREN_ROOT/scripts/test-pki.sh" "$WORK/tls"
+AMQPS_PORT="$(free_port)"
+WARREN_EXTRA_ARGS=(--amqps-listen "127.0.0.1:$AMQPS_PORT"
+    --tls-cert-file "$WORK/tls/tls.crt" --tls-key-file "$WORK/tls/tls.key"
+    --tls-ca-file "$WORK/tls/ca.crt")
 fresh_warren python
+WARREN_EXTRA_ARGS=()
+export AMQPS_PORT WARREN_TLS_DIR="$WORK/tls"
 run_suite python "$WARREN_VENV/bin/pytest" -q tests/clients/python
 
 step "node client suite (amqplib) against Warren"

@@ -25,9 +25,25 @@ pub struct Cli {
     /// Directory holding this node's data [default: ./warren-data].
     #[arg(long, env = "WARREN_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Address of the AMQP 0-9-1 listener [default: 0.0.0.0:5672].
+    /// Address of the plain-TCP AMQP 0-9-1 listener, or `none` to serve AMQP over TLS only
+    /// [default: 0.0.0.0:5672].
     #[arg(long, env = "WARREN_AMQP_LISTEN")]
-    pub amqp_listen: Option<SocketAddr>,
+    pub amqp_listen: Option<Listen>,
+    /// Address of the AMQP 0-9-1 over TLS (AMQPS) listener, e.g. `0.0.0.0:5671`; needs
+    /// --tls-cert-file and --tls-key-file [default: none].
+    #[arg(long, env = "WARREN_AMQPS_LISTEN")]
+    pub amqps_listen: Option<Listen>,
+    /// PEM file with the AMQPS listener's certificate chain, server certificate first
+    /// (`tls.crt` of a kubernetes.io/tls Secret).
+    #[arg(long, env = "WARREN_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM file with the private key of --tls-cert-file (`tls.key`).
+    #[arg(long, env = "WARREN_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM file with CA certificates; when set, AMQPS clients must present a certificate
+    /// signed by one of them (mutual TLS) [default: none, no client certificates asked for].
+    #[arg(long, env = "WARREN_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
     /// Address of the management HTTP API (RabbitMQ-compatible) [default: 0.0.0.0:15672].
     #[arg(long, env = "WARREN_MANAGEMENT_LISTEN")]
     pub management_listen: Option<SocketAddr>,
@@ -88,7 +104,11 @@ pub struct Cli {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
-    pub amqp_listen: Option<SocketAddr>,
+    pub amqp_listen: Option<Listen>,
+    pub amqps_listen: Option<Listen>,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    pub tls_ca_file: Option<PathBuf>,
     pub management_listen: Option<SocketAddr>,
     pub prometheus_listen: Option<SocketAddr>,
     pub default_user: Option<String>,
@@ -111,7 +131,13 @@ pub struct FileConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub data_dir: PathBuf,
-    pub amqp_listen: SocketAddr,
+    /// The plain-TCP AMQP listener; `None` serves AMQP over TLS only.
+    pub amqp_listen: Option<SocketAddr>,
+    /// The AMQPS listener; `None` (the default) serves no TLS.
+    pub amqps_listen: Option<SocketAddr>,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    pub tls_ca_file: Option<PathBuf>,
     pub management_listen: SocketAddr,
     pub prometheus_listen: SocketAddr,
     pub default_user: String,
@@ -130,6 +156,42 @@ pub struct Config {
     pub log_level: String,
     pub vm_memory_high_watermark: f64,
     pub disk_free_limit: u64,
+}
+
+/// A listener setting: an address, or `none` for no listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    Addr(SocketAddr),
+    None,
+}
+
+impl Listen {
+    pub fn addr(self) -> Option<SocketAddr> {
+        match self {
+            Listen::Addr(a) => Some(a),
+            Listen::None => None,
+        }
+    }
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.eq_ignore_ascii_case("none") {
+            return Ok(Listen::None);
+        }
+        s.parse().map(Listen::Addr).map_err(|_| {
+            format!("'{s}' is neither an address like 0.0.0.0:5672 (or [::]:5672) nor 'none'")
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// `warren@$HOSTNAME` (`warren@localhost` without `HOSTNAME`), as RabbitMQ's `rabbit@host`.
@@ -162,7 +224,11 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("warren-data"),
-            amqp_listen: SocketAddr::from(([0, 0, 0, 0], 5672)),
+            amqp_listen: Some(SocketAddr::from(([0, 0, 0, 0], 5672))),
+            amqps_listen: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_ca_file: None,
             management_listen: SocketAddr::from(([0, 0, 0, 0], 15672)),
             prometheus_listen: SocketAddr::from(([0, 0, 0, 0], 15692)),
             default_user: "guest".into(),
@@ -222,7 +288,14 @@ impl Config {
             amqp_listen: cli
                 .amqp_listen
                 .or(file.amqp_listen)
-                .unwrap_or(d.amqp_listen),
+                .map_or(d.amqp_listen, Listen::addr),
+            amqps_listen: cli
+                .amqps_listen
+                .or(file.amqps_listen)
+                .map_or(d.amqps_listen, Listen::addr),
+            tls_cert_file: cli.tls_cert_file.or(file.tls_cert_file),
+            tls_key_file: cli.tls_key_file.or(file.tls_key_file),
+            tls_ca_file: cli.tls_ca_file.or(file.tls_ca_file),
             management_listen: cli
                 .management_listen
                 .or(file.management_listen)
@@ -282,6 +355,56 @@ impl Config {
         Ok(c)
     }
 
+    /// The AMQPS listener's files, when it is on.
+    pub fn tls_files(&self) -> Option<crate::tls::TlsFiles> {
+        self.amqps_listen?;
+        Some(crate::tls::TlsFiles {
+            cert: self.tls_cert_file.clone()?,
+            key: self.tls_key_file.clone()?,
+            ca: self.tls_ca_file.clone(),
+        })
+    }
+
+    fn validate_listeners(&self) -> Result<(), ConfigError> {
+        if self.amqps_listen.is_some() {
+            for (key, v) in [
+                ("tls-cert-file", &self.tls_cert_file),
+                ("tls-key-file", &self.tls_key_file),
+            ] {
+                if v.is_none() {
+                    return Err(ConfigError::Invalid {
+                        key,
+                        message: "is required when amqps-listen is set".into(),
+                    });
+                }
+            }
+        } else {
+            // TLS files without a TLS listener are most likely a forgotten amqps-listen.
+            for (key, v) in [
+                ("tls-cert-file", &self.tls_cert_file),
+                ("tls-key-file", &self.tls_key_file),
+                ("tls-ca-file", &self.tls_ca_file),
+            ] {
+                if v.is_some() {
+                    return Err(ConfigError::Invalid {
+                        key,
+                        message: "is set but amqps-listen is not (no TLS listener would use it)"
+                            .into(),
+                    });
+                }
+            }
+            if self.amqp_listen.is_none() {
+                return Err(ConfigError::Invalid {
+                    key: "amqp-listen",
+                    message: "is none and amqps-listen is not set: the node would accept no \
+                              AMQP connections"
+                        .into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.frame_max < crate::codec::FRAME_MIN_SIZE {
             return Err(ConfigError::Invalid {
@@ -310,6 +433,7 @@ impl Config {
                 message: "must not be empty".into(),
             });
         }
+        self.validate_listeners()?;
         check_name("node-name", &self.node_name)?;
         check_name("cluster-name", &self.cluster_name)?;
         if self.max_message_size == 0 || self.max_message_size > 512 * 1024 * 1024 {
@@ -400,6 +524,72 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("cluster-name"), "{err}");
+    }
+
+    #[test]
+    fn listeners_and_tls_files() {
+        let dir = std::env::temp_dir().join(format!("warren-cfg-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("warren.toml");
+        std::fs::write(
+            &path,
+            "amqp-listen = \"none\"\namqps-listen = \"0.0.0.0:5671\"\n\
+             tls-cert-file = \"/etc/warren/tls/tls.crt\"\n\
+             tls-key-file = \"/etc/warren/tls/tls.key\"\n\
+             tls-ca-file = \"/etc/warren/tls/ca.crt\"\n",
+        )
+        .unwrap();
+        let c = Config::resolve(Cli {
+            config: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.amqp_listen, None);
+        assert_eq!(c.amqps_listen, Some("0.0.0.0:5671".parse().unwrap()));
+        let files = c.tls_files().unwrap();
+        assert_eq!(files.cert, PathBuf::from("/etc/warren/tls/tls.crt"));
+        assert_eq!(files.ca, Some(PathBuf::from("/etc/warren/tls/ca.crt")));
+        // A flag turns the plain listener back on.
+        let c = Config::resolve(Cli {
+            config: Some(path.clone()),
+            amqp_listen: Some("127.0.0.1:5672".parse().unwrap()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.amqp_listen, Some("127.0.0.1:5672".parse().unwrap()));
+
+        // Defaults: plain on 5672, no TLS.
+        let c = Config::resolve(Cli::default()).unwrap();
+        assert_eq!(c.amqp_listen, Some("0.0.0.0:5672".parse().unwrap()));
+        assert!(c.amqps_listen.is_none() && c.tls_files().is_none());
+
+        let err = |cli: Cli| Config::resolve(cli).unwrap_err().to_string();
+        let e = err(Cli {
+            amqps_listen: Some(Listen::Addr("0.0.0.0:5671".parse().unwrap())),
+            tls_key_file: Some("k".into()),
+            ..Default::default()
+        });
+        assert!(e.contains("tls-cert-file") && e.contains("required"), "{e}");
+        let e = err(Cli {
+            tls_ca_file: Some("ca".into()),
+            ..Default::default()
+        });
+        assert!(
+            e.contains("tls-ca-file") && e.contains("amqps-listen"),
+            "{e}"
+        );
+        let e = err(Cli {
+            amqp_listen: Some(Listen::None),
+            ..Default::default()
+        });
+        assert!(e.contains("amqp-listen") && e.contains("no"), "{e}");
+        assert!("nowhere".parse::<Listen>().unwrap_err().contains("'none'"));
+        std::fs::write(&path, "amqp-listen = \"localhost\"\n").unwrap();
+        let e = err(Cli {
+            config: Some(path),
+            ..Default::default()
+        });
+        assert!(e.contains("localhost"), "{e}");
     }
 
     #[test]

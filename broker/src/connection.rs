@@ -15,9 +15,8 @@ use std::time::Duration;
 use amq_protocol::protocol::{AMQPClass, channel, connection};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString};
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tracing::{debug, info, warn};
 
 use crate::auth;
@@ -103,14 +102,15 @@ fn client_capability(props: &FieldTable, name: &str) -> bool {
     )
 }
 
-/// The socket's read side with its buffer and frame decoder.
-struct Reader {
-    rd: OwnedReadHalf,
+/// The socket's read side with its buffer and frame decoder. `R` is a TCP read half on the
+/// plain listener, the read half of a TLS stream on the AMQPS listener.
+struct Reader<R> {
+    rd: R,
     buf: BytesMut,
     decoder: FrameDecoder,
 }
 
-impl Reader {
+impl<R: AsyncRead + Unpin> Reader<R> {
     /// Reads until one frame is complete. `None` on EOF.
     async fn frame(&mut self) -> Result<Option<RawFrame>> {
         loop {
@@ -162,10 +162,21 @@ fn close_method(e: &AmqpError) -> AMQPClass {
     }))
 }
 
+/// Writes bytes during the handshake and pushes them out (a TLS stream may hold them back
+/// until flushed; for TCP the flush does nothing).
+async fn send_now<W: AsyncWrite + Unpin>(wr: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    wr.write_all(bytes).await?;
+    wr.flush().await
+}
+
 /// Sends `connection.close` during the handshake and waits briefly for `close-ok`.
-async fn refuse(reader: &mut Reader, wr: &mut OwnedWriteHalf, e: AmqpError) {
+async fn refuse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    reader: &mut Reader<R>,
+    wr: &mut W,
+    e: AmqpError,
+) {
     debug!(code = e.code, text = %e.text, "closing connection during handshake");
-    if wr.write_all(&encode(&close_method(&e))).await.is_err() {
+    if send_now(wr, &encode(&close_method(&e))).await.is_err() {
         return;
     }
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
@@ -192,7 +203,35 @@ struct Opened {
 pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().unwrap_or(peer);
-    let (rd, mut wr) = stream.into_split();
+    // Owned halves: no lock between the reader and the writer task.
+    let (rd, wr) = stream.into_split();
+    serve_io(broker, rd, wr, peer, local, None).await;
+}
+
+/// Serves one connection whose TLS handshake is done, until it closes.
+pub async fn serve_tls(
+    broker: Arc<Broker>,
+    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: SocketAddr,
+    local: SocketAddr,
+) {
+    let session = crate::tls::TlsSession::of(stream.get_ref().1);
+    let (rd, wr) = tokio::io::split(stream);
+    serve_io(broker, rd, wr, peer, local, Some(session)).await;
+}
+
+/// The connection over any byte stream: handshake, then reader and writer until it closes.
+async fn serve_io<R, W>(
+    broker: Arc<Broker>,
+    rd: R,
+    mut wr: W,
+    peer: SocketAddr,
+    local: SocketAddr,
+    tls: Option<crate::tls::TlsSession>,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let mut reader = Reader {
         rd,
         buf: BytesMut::with_capacity(64 * 1024),
@@ -230,6 +269,7 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
             channel_max: opened.channel_max,
             heartbeat: opened.heartbeat,
             auth_mechanism: opened.mechanism.clone(),
+            tls,
         },
         control: Default::default(),
     });
@@ -256,10 +296,10 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
 }
 
 /// Protocol header, start/start-ok (authentication), tune/tune-ok, open/open-ok.
-async fn handshake(
+async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     broker: &Broker,
-    reader: &mut Reader,
-    wr: &mut OwnedWriteHalf,
+    reader: &mut Reader<R>,
+    wr: &mut W,
     peer: SocketAddr,
 ) -> Result<Option<Opened>> {
     let mut header = [0u8; 8];
@@ -269,7 +309,7 @@ async fn handshake(
     }
     if &header != codec::PROTOCOL_HEADER {
         // Tell the peer which protocol we speak, then close (AMQP 0-9-1 §4.2.2).
-        let _ = wr.write_all(codec::PROTOCOL_HEADER).await;
+        let _ = send_now(wr, codec::PROTOCOL_HEADER).await;
         return Ok(None);
     }
     let start = AMQPClass::Connection(connection::AMQPMethod::Start(connection::Start {
@@ -279,7 +319,7 @@ async fn handshake(
         mechanisms: "PLAIN AMQPLAIN".into(),
         locales: "en_US".into(),
     }));
-    if wr.write_all(&encode(&start)).await.is_err() {
+    if send_now(wr, &encode(&start)).await.is_err() {
         return Ok(None);
     }
     let Some(m) = reader.method().await? else {
@@ -317,7 +357,7 @@ async fn handshake(
         frame_max: broker.config.frame_max,
         heartbeat: broker.config.heartbeat,
     }));
-    if wr.write_all(&encode(&tune)).await.is_err() {
+    if send_now(wr, &encode(&tune)).await.is_err() {
         return Ok(None);
     }
     let Some(m) = reader.method().await? else {
@@ -369,7 +409,7 @@ async fn handshake(
         )));
     }
     let open_ok = AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {}));
-    if wr.write_all(&encode(&open_ok)).await.is_err() {
+    if send_now(wr, &encode(&open_ok)).await.is_err() {
         return Ok(None);
     }
     Ok(Some(Opened {
@@ -384,7 +424,7 @@ async fn handshake(
 }
 
 /// Flushes the outbox to the socket, one write per batch; sends heartbeats when idle.
-async fn write_loop(outbox: Arc<Outbox>, mut wr: OwnedWriteHalf, heartbeat: Duration) {
+async fn write_loop<W: AsyncWrite + Unpin>(outbox: Arc<Outbox>, mut wr: W, heartbeat: Duration) {
     loop {
         let chunk = outbox.take();
         if chunk.is_empty() {
@@ -399,7 +439,7 @@ async fn write_loop(outbox: Arc<Outbox>, mut wr: OwnedWriteHalf, heartbeat: Dura
             }
             continue;
         }
-        if wr.write_all(&chunk).await.is_err() {
+        if wr.write_all(&chunk).await.is_err() || wr.flush().await.is_err() {
             outbox.close();
             break;
         }
@@ -441,7 +481,11 @@ impl Connection {
         codec::encode_method(&mut self.shared.outbox.writer(), ch, &m);
     }
 
-    async fn run(&mut self, reader: &mut Reader, heartbeat: Duration) -> String {
+    async fn run<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut Reader<R>,
+        heartbeat: Duration,
+    ) -> String {
         let broker = self.shared.broker.clone();
         let mut alarms = broker.alarms();
         let mut synced = broker.store().map(|s| s.synced());

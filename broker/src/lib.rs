@@ -26,6 +26,7 @@ pub mod registry;
 pub mod resources;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod vhost;
 
 pub use broker::Broker;

@@ -47,9 +47,28 @@ async fn run(config: Config) -> Result<(), String> {
             config.data_dir.display()
         )
     })?;
-    let listener = TcpListener::bind(config.amqp_listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", config.amqp_listen))?;
+    // TLS files are read before anything listens: a bad file stops the start with its name.
+    let tls = match config.tls_files() {
+        Some(files) => Some(warren_broker::tls::acceptor(&files).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let listener = match config.amqp_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr}: {e}"))?,
+        ),
+        None => None,
+    };
+    let tls_listener = match (config.amqps_listen, tls) {
+        (Some(addr), Some(acceptor)) => Some((
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr}: {e}"))?,
+            acceptor,
+        )),
+        _ => None,
+    };
     let management = TcpListener::bind(config.management_listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.management_listen))?;
@@ -80,10 +99,29 @@ async fn run(config: Config) -> Result<(), String> {
             tracing::error!("Prometheus listener failed: {e}");
         }
     });
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("shutting down");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
     };
-    server::run(broker, listener, shutdown).await;
+    let mut servers = tokio::task::JoinSet::new();
+    if let Some(listener) = listener {
+        servers.spawn(server::run(
+            broker.clone(),
+            listener,
+            until_stopped(stopped.clone()),
+        ));
+    }
+    if let Some((listener, acceptor)) = tls_listener {
+        servers.spawn(server::run_tls(
+            broker.clone(),
+            listener,
+            acceptor,
+            until_stopped(stopped.clone()),
+        ));
+    }
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("shutting down");
+    let _ = stop.send(true);
+    while servers.join_next().await.is_some() {}
     Ok(())
 }

@@ -29,6 +29,8 @@ pub struct ConnectionInfo {
     pub channel_max: u16,
     pub heartbeat: u16,
     pub auth_mechanism: String,
+    /// The TLS session, on the AMQPS listener.
+    pub tls: Option<crate::tls::TlsSession>,
 }
 
 /// Requests from outside the connection's task, and its open channels.

@@ -47,7 +47,7 @@ fn visible_connections(broker: &Broker, caller: &Caller) -> Vec<Arc<ConnShared>>
 
 fn connection_json(broker: &Broker, c: &ConnShared) -> Value {
     let i = &c.info;
-    json!({
+    let mut v = json!({
         "name": i.name,
         "node": broker.node_name(),
         "vhost": c.vhost.name,
@@ -59,7 +59,7 @@ fn connection_json(broker: &Broker, c: &ConnShared) -> Value {
         "port": i.local.port(),
         "peer_host": i.peer.ip().to_string(),
         "peer_port": i.peer.port(),
-        "ssl": false,
+        "ssl": i.tls.is_some(),
         "auth_mechanism": i.auth_mechanism,
         "channels": c.control.channels().len(),
         "channel_max": i.channel_max,
@@ -67,7 +67,12 @@ fn connection_json(broker: &Broker, c: &ConnShared) -> Value {
         "timeout": i.heartbeat,
         "client_properties": table_to_json(&i.client_properties),
         "connected_at": i.connected_at,
-    })
+    });
+    if let Some(t) = &i.tls {
+        v["ssl_protocol"] = json!(t.protocol);
+        v["ssl_cipher"] = json!(t.cipher);
+    }
+    v
 }
 
 fn channel_name(c: &ConnShared, number: u16) -> String {

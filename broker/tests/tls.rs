@@ -1,0 +1,518 @@
+#![allow(clippy::unwrap_used)]
+//! AMQPS: lapin over TLS against a broker with a certificate made at test time, mutual TLS
+//! (a client without a certificate, or with one from another CA, is refused), and — against a
+//! real `warren-broker` process — TLS only (`amqp-listen = "none"`) and start-up errors that
+//! name the bad file.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_lite::StreamExt;
+use lapin::options::*;
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use warren_broker::tls::TlsFiles;
+use warren_broker::{Broker, Config};
+
+/// PEM files of one test PKI: a CA, a server certificate for localhost/127.0.0.1, a client
+/// certificate, and a client certificate from an unrelated CA.
+struct Pki {
+    dir: PathBuf,
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: String,
+    client_key: String,
+    rogue_cert: String,
+    rogue_key: String,
+}
+
+fn new_ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
+}
+
+/// A leaf certificate and its key, both PEM.
+fn leaf(
+    issuer: &CertifiedIssuer<'static, KeyPair>,
+    cn: &str,
+    sans: &[&str],
+    usage: ExtendedKeyUsagePurpose,
+) -> (String, String) {
+    let key = KeyPair::generate().unwrap();
+    let mut p =
+        CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.extended_key_usages = vec![usage];
+    let cert = p.signed_by(&key, issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let dir = std::env::temp_dir().join(format!("warren-tls-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = new_ca("Warren test CA");
+        let (server_cert, server_key) = leaf(
+            &ca,
+            "localhost",
+            &["localhost", "127.0.0.1"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let (client_cert, client_key) = leaf(&ca, "app", &[], ExtendedKeyUsagePurpose::ClientAuth);
+        let rogue = new_ca("Some other CA");
+        let (rogue_cert, rogue_key) = leaf(&rogue, "app", &[], ExtendedKeyUsagePurpose::ClientAuth);
+        let write = |file: &str, text: &str| {
+            let p = dir.join(file);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        Pki {
+            ca: write("ca.crt", &ca.pem()),
+            server_cert: write("tls.crt", &server_cert),
+            server_key: write("tls.key", &server_key),
+            client_cert,
+            client_key,
+            rogue_cert,
+            rogue_key,
+            dir,
+        }
+    }
+
+    fn files(&self, mtls: bool) -> TlsFiles {
+        TlsFiles {
+            cert: self.server_cert.clone(),
+            key: self.server_key.clone(),
+            ca: mtls.then(|| self.ca.clone()),
+        }
+    }
+
+    fn ca_pem(&self) -> String {
+        std::fs::read_to_string(&self.ca).unwrap()
+    }
+
+    /// lapin's TLS settings: trust our CA, present `identity` if any.
+    fn client(&self, identity: Option<(&str, &str)>) -> OwnedTLSConfig {
+        OwnedTLSConfig {
+            identity: identity.map(|(cert, key)| OwnedIdentity::PKCS8 {
+                pem: cert.as_bytes().to_vec(),
+                key: key.as_bytes().to_vec(),
+            }),
+            cert_chain: Some(self.ca_pem()),
+        }
+    }
+}
+
+/// A broker in this process with a plain and a TLS listener (and the management API).
+struct TlsBroker {
+    broker: Arc<Broker>,
+    plain: u16,
+    tls: u16,
+    mgmt: String,
+}
+
+async fn start(pki: &Pki, mtls: bool) -> TlsBroker {
+    let broker = Broker::new(Config::default());
+    let plain = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tls = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mgmt = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (plain_port, tls_port) = (
+        plain.local_addr().unwrap().port(),
+        tls.local_addr().unwrap().port(),
+    );
+    let mgmt_url = format!("http://{}", mgmt.local_addr().unwrap());
+    let acceptor = warren_broker::tls::acceptor(&pki.files(mtls)).unwrap();
+    tokio::spawn(warren_broker::server::run(
+        broker.clone(),
+        plain,
+        std::future::pending(),
+    ));
+    tokio::spawn(warren_broker::server::run_tls(
+        broker.clone(),
+        tls,
+        acceptor,
+        std::future::pending(),
+    ));
+    tokio::spawn(warren_broker::management::run(
+        broker.clone(),
+        mgmt,
+        std::future::pending(),
+    ));
+    TlsBroker {
+        broker,
+        plain: plain_port,
+        tls: tls_port,
+        mgmt: mgmt_url,
+    }
+}
+
+async fn connect_tls(port: u16, tls: OwnedTLSConfig) -> lapin::Result<Connection> {
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        Connection::connect_with_config(
+            &format!("amqps://guest:guest@localhost:{port}/%2f"),
+            ConnectionProperties::default(),
+            tls,
+            lapin::runtime::default_runtime().unwrap(),
+        ),
+    )
+    .await
+    .expect("TLS connect neither succeeded nor failed within 10 s")
+}
+
+async fn get_json(url: &str) -> Value {
+    reqwest::Client::new()
+        .get(url)
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Publish with a confirm, then consume it back, on one connection.
+async fn round_trip(conn: &Connection, queue: &str) {
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let confirm =
+        common::publish_confirmed(&ch, "", queue, b"over tls", BasicProperties::default()).await;
+    assert!(confirm.is_ack());
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "c".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(5), consumer.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.data, b"over tls");
+    d.ack(BasicAckOptions::default()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lapin_over_mutual_tls_publishes_and_consumes() {
+    let pki = Pki::new("mtls");
+    let b = start(&pki, true).await;
+    let conn = connect_tls(b.tls, pki.client(Some((&pki.client_cert, &pki.client_key))))
+        .await
+        .unwrap();
+    round_trip(&conn, "tls-q").await;
+
+    // The management API: the listener as RabbitMQ lists it, the connection as TLS.
+    let o = get_json(&format!("{}/api/overview", b.mgmt)).await;
+    let listeners = o["listeners"].as_array().unwrap();
+    assert!(
+        listeners
+            .iter()
+            .any(|l| l["protocol"] == "amqp/ssl" && l["port"] == b.tls),
+        "{listeners:?}"
+    );
+    assert!(
+        listeners
+            .iter()
+            .any(|l| l["protocol"] == "amqp" && l["port"] == b.plain)
+    );
+    let conns = get_json(&format!("{}/api/connections", b.mgmt)).await;
+    assert_eq!(conns[0]["ssl"], true, "{conns}");
+    assert!(
+        conns[0]["ssl_protocol"]
+            .as_str()
+            .unwrap()
+            .starts_with("tlsv1."),
+        "{conns}"
+    );
+    assert!(!conns[0]["ssl_cipher"].as_str().unwrap().is_empty());
+    let health = reqwest::Client::new()
+        .get(format!(
+            "{}/api/health/checks/port-listener/{}",
+            b.mgmt, b.tls
+        ))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    conn.close(200, "bye".into()).await.unwrap();
+
+    // The plain listener still serves plain clients, which show as not TLS.
+    let plain = Connection::connect(
+        &format!("amqp://guest:guest@127.0.0.1:{}/%2f", b.plain),
+        ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    assert!(common::eventually(|| b.broker.connections.len() == 1).await);
+    let conns = get_json(&format!("{}/api/connections", b.mgmt)).await;
+    assert_eq!(conns[0]["ssl"], false, "{conns}");
+    assert!(conns[0].get("ssl_protocol").is_none());
+    plain.close(200, "bye".into()).await.unwrap();
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_refuses_clients_without_a_trusted_certificate() {
+    let pki = Pki::new("refuse");
+    let b = start(&pki, true).await;
+    let no_cert = connect_tls(b.tls, pki.client(None)).await;
+    // The server's alert, as the client reports it.
+    let e = format!(
+        "{:?}",
+        no_cert.expect_err("a client without a certificate got in")
+    );
+    assert!(e.contains("CertificateRequired"), "{e}");
+    let rogue = connect_tls(b.tls, pki.client(Some((&pki.rogue_cert, &pki.rogue_key)))).await;
+    let e = format!(
+        "{:?}",
+        rogue.expect_err("a certificate from another CA got in")
+    );
+    assert!(e.contains("UnknownCA"), "{e}");
+    // A plain AMQP client on the TLS port gets nowhere either.
+    let plain_on_tls = tokio::time::timeout(
+        Duration::from_secs(10),
+        Connection::connect(
+            &format!("amqp://guest:guest@127.0.0.1:{}/%2f", b.tls),
+            ConnectionProperties::default(),
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(plain_on_tls.is_err());
+    assert!(b.broker.connections.is_empty());
+    // The listener is still fine for a client that has one.
+    let ok = connect_tls(b.tls, pki.client(Some((&pki.client_cert, &pki.client_key))))
+        .await
+        .unwrap();
+    ok.close(200, "bye".into()).await.unwrap();
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_ca_no_client_certificate_is_needed() {
+    let pki = Pki::new("server-only");
+    let b = start(&pki, false).await;
+    let conn = connect_tls(b.tls, pki.client(None)).await.unwrap();
+    round_trip(&conn, "tls-server-only").await;
+    conn.close(200, "bye".into()).await.unwrap();
+    // A client that does not trust our CA refuses the server.
+    let untrusting = connect_tls(
+        b.tls,
+        OwnedTLSConfig {
+            identity: None,
+            cert_chain: None,
+        },
+    )
+    .await;
+    let e = format!(
+        "{:?}",
+        untrusting.expect_err("an unknown server was trusted")
+    );
+    assert!(e.contains("UnknownIssuer"), "{e}");
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs the binary with these arguments to completion (it must fail to start); returns its
+/// exit code and stderr.
+fn failed_start(args: &[&str]) -> (Option<i32>, String) {
+    let data = std::env::temp_dir().join(format!("warren-tls-fail-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_warren-broker"))
+        .args(["--data-dir", data.to_str().unwrap()])
+        .args(["--management-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--prometheus-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(args)
+        .env_remove("WARREN_CONFIG")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&data);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_only_node_and_start_up_errors() {
+    let pki = Pki::new("process");
+    let tls_port = free_port();
+    let mgmt_port = free_port();
+    let data = pki.dir.join("data");
+    let config = pki.dir.join("warren.toml");
+    // The configuration as an operator would write it: TOML, TLS only, mutual TLS.
+    std::fs::write(
+        &config,
+        format!(
+            "amqp-listen = \"none\"\n\
+             amqps-listen = \"127.0.0.1:{tls_port}\"\n\
+             tls-cert-file = \"{}\"\n\
+             tls-key-file = \"{}\"\n\
+             tls-ca-file = \"{}\"\n\
+             management-listen = \"127.0.0.1:{mgmt_port}\"\n\
+             prometheus-listen = \"127.0.0.1:{}\"\n\
+             data-dir = \"{}\"\n",
+            path(&pki.server_cert),
+            path(&pki.server_key),
+            path(&pki.ca),
+            free_port(),
+            path(&data),
+        ),
+    )
+    .unwrap();
+    let log = pki.dir.join("node.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_warren-broker"))
+        .args(["--config", path(&config)])
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut up = false;
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", tls_port))
+            .await
+            .is_ok()
+        {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        up,
+        "TLS-only node did not start: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let conn = connect_tls(
+        tls_port,
+        pki.client(Some((&pki.client_cert, &pki.client_key))),
+    )
+    .await
+    .unwrap();
+    round_trip(&conn, "tls-only").await;
+    // Only the TLS listener: no plain AMQP listener is registered or reachable.
+    let o = get_json(&format!("http://127.0.0.1:{mgmt_port}/api/overview")).await;
+    let protocols: Vec<&str> = o["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["protocol"].as_str().unwrap())
+        .collect();
+    assert!(protocols.contains(&"amqp/ssl"), "{protocols:?}");
+    assert!(!protocols.contains(&"amqp"), "{protocols:?}");
+    let plain_client = Connection::connect(
+        &format!("amqp://guest:guest@127.0.0.1:{tls_port}/%2f"),
+        ConnectionProperties::default(),
+    )
+    .await;
+    assert!(plain_client.is_err(), "a plain AMQP client got in");
+    conn.close(200, "bye".into()).await.unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // Start-up errors name the file and stop the node.
+    let tls_args = |cert: &Path, key: &Path| {
+        vec![
+            "--amqp-listen".to_owned(),
+            "none".to_owned(),
+            "--amqps-listen".to_owned(),
+            format!("127.0.0.1:{}", free_port()),
+            "--tls-cert-file".to_owned(),
+            path(cert).to_owned(),
+            "--tls-key-file".to_owned(),
+            path(key).to_owned(),
+        ]
+    };
+    let run =
+        |args: Vec<String>| failed_start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let missing = pki.dir.join("missing.crt");
+    let (code, err) = run(tls_args(&missing, &pki.server_key));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("cannot read TLS certificate file") && err.contains(path(&missing)),
+        "{err}"
+    );
+    let garbage = pki.dir.join("garbage.crt");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    let (code, err) = run(tls_args(&garbage, &pki.server_key));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(path(&garbage)) && err.contains("no PEM certificate"),
+        "{err}"
+    );
+    // A key that belongs to another certificate.
+    let other_key = pki.dir.join("other.key");
+    std::fs::write(&other_key, &pki.client_key).unwrap();
+    let (code, err) = run(tls_args(&pki.server_cert, &other_key));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(path(&other_key)), "{err}");
+    // The certificate file given as the key.
+    let (code, err) = run(tls_args(&pki.server_cert, &pki.server_cert));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("no PEM private key") && err.contains(path(&pki.server_cert)),
+        "{err}"
+    );
+    let mut with_bad_ca = tls_args(&pki.server_cert, &pki.server_key);
+    with_bad_ca.extend(["--tls-ca-file".to_owned(), path(&garbage).to_owned()]);
+    let (code, err) = run(with_bad_ca);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("TLS CA file") && err.contains(path(&garbage)),
+        "{err}"
+    );
+    // Settings that cannot work are configuration errors (exit 2).
+    let (code, err) = failed_start(&["--amqp-listen", "none"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("amqp-listen"), "{err}");
+    let (code, err) = failed_start(&["--amqps-listen", "127.0.0.1:5671"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("tls-cert-file"), "{err}");
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}
