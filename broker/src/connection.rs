@@ -274,6 +274,10 @@ async fn serve_io<R, W>(
         control: Default::default(),
     });
     broker.connections.register(shared.clone());
+    if broker.is_draining() {
+        // The drain began after our handshake checked; its sweep may have missed us.
+        shared.control.request_close(crate::broker::DRAIN_REASON);
+    }
     broker.metrics.connection_opened();
     let heartbeat = Duration::from_secs(opened.heartbeat as u64);
     let writer = tokio::spawn(write_loop(outbox.clone(), wr, heartbeat));
@@ -392,6 +396,13 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     let AMQPClass::Connection(connection::AMQPMethod::Open(open)) = m else {
         return Err(AmqpError::command_invalid("expected connection.open"));
     };
+    if broker.is_draining() {
+        info!(%peer, user = %user.name, "connection refused: the node is being drained");
+        return Err(AmqpError::new(
+            crate::error::code::CONNECTION_FORCED,
+            crate::broker::DRAIN_REASON,
+        ));
+    }
     let vhost_name = open.virtual_host.as_str();
     let Some(vhost) = broker.vhost(vhost_name) else {
         return Err(AmqpError::not_allowed(format!(

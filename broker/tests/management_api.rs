@@ -1523,3 +1523,155 @@ async fn queue_message_stats_count_and_rate() {
     let (_, v) = api.get("/queues/%2F/stats-q").await;
     assert_eq!(v["message_stats"]["publish_details"]["rate"], 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_closes_and_refuses_connections_until_ended() {
+    let b = TestBroker::start().await;
+    let api = Api::start(&b).await;
+    let (s, n) = api.get("/nodes").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(n[0]["being_drained"], false);
+
+    // A client with a consumer on one queue, and a durable queue holding messages.
+    let conn = b.connect().await;
+    let mut events = conn.events_listener();
+    let ch = conn.create_channel().await.unwrap();
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare("left-behind".into(), durable, FieldTable::default())
+        .await
+        .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        common::publish_confirmed(
+            &ch,
+            "",
+            "left-behind",
+            b"m",
+            lapin::BasicProperties::default(),
+        )
+        .await;
+    }
+    ch.queue_declare(
+        "consumed".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.basic_consume(
+        "consumed".into(),
+        "c".into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    // And one more client, speaking raw AMQP, to see the close on the wire.
+    let mut raw_sock = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    let mut raw_buf = raw::handshake(&mut raw_sock).await;
+    assert!(common::eventually(|| b.broker.connections.len() == 2).await);
+
+    // Only administrators drain.
+    api.put(
+        "/users/mon",
+        json!({"password": "pw", "tags": "monitoring"}),
+    )
+    .await;
+    let mon = api.as_user("mon", "pw");
+    assert_eq!(
+        mon.post("/warren/drain", json!({})).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(mon.get("/warren/drain").await.1["being_drained"], false);
+
+    // The raw client answers the close as soon as it comes.
+    let raw_close = tokio::spawn(async move {
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            raw::expect_connection_close(&mut raw_sock, &mut raw_buf),
+        )
+        .await
+    });
+    let started = std::time::Instant::now();
+    let (s, report) = api.post("/warren/drain", json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{report}");
+    // It answers once the clients are gone, not after its whole wait.
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(report["being_drained"], true);
+    assert_eq!(report["node"], b.broker.node_name().as_str());
+    assert_eq!(report["connections_closed"], 2);
+    assert_eq!(report["connections_open"], 0, "{report}");
+    assert_eq!(
+        report["queues"],
+        json!([
+            {"vhost": "/", "name": "consumed", "durable": false, "messages": 0, "consumers": 0},
+            {"vhost": "/", "name": "left-behind", "durable": true, "messages": 3, "consumers": 0},
+        ])
+    );
+    // The clients heard 320 CONNECTION_FORCED with the reason.
+    assert_eq!(raw_close.await.unwrap().unwrap(), Some(320));
+    let error = tokio::time::timeout(Duration::from_secs(5), async {
+        use futures_lite::StreamExt;
+        loop {
+            match events.next().await {
+                Some(lapin::Event::Error(e)) => return e,
+                Some(_) => continue,
+                None => panic!("lapin's event stream ended without an error"),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(common::code(&error), Some(320), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("CONNECTION_FORCED - node is being drained"),
+        "{error}"
+    );
+    assert!(!conn.status().connected());
+
+    // New connections are refused with the same reply while draining.
+    let refused = lapin::Connection::connect(&b.url(), lapin::ConnectionProperties::default())
+        .await
+        .expect_err("a drained node accepted a connection");
+    assert_eq!(common::code(&refused), Some(320), "{refused}");
+    assert!(
+        refused.to_string().contains("node is being drained"),
+        "{refused}"
+    );
+    assert!(b.broker.connections.is_empty());
+    let (_, n) = api.get("/nodes").await;
+    assert_eq!(n[0]["being_drained"], true);
+    // Draining again is harmless.
+    assert_eq!(api.post("/warren/drain", json!({})).await.0, StatusCode::OK);
+
+    // DELETE ends it.
+    assert_eq!(
+        mon.delete("/warren/drain").await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let (s, report) = api.delete("/warren/drain").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(report["being_drained"], false);
+    assert_eq!(api.get("/nodes").await.1[0]["being_drained"], false);
+    let again = b.connect().await;
+    let ch = again.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            "left-behind".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(q.message_count(), 3);
+}

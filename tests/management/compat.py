@@ -29,6 +29,8 @@ _FRESH_FIELDS = ("consumers", "messages", "messages_ready", "messages_unacknowle
 DELIBERATE = {
     ("definitions", "vhosts[].description"): "Warren exports vhost metadata (RabbitMQ 3.11+ does too)",
     ("definitions", "vhosts[].tags"): "Warren exports vhost metadata (RabbitMQ 3.11+ does too)",
+    ("nodes", "[].being_drained"): "Warren's drain (maintenance mode) flag; RabbitMQ 3.10 "
+                                   "reports maintenance mode only through rabbitmq-diagnostics",
     **{("queue", f): _FRESH_QUEUE for f in _FRESH_FIELDS},
     **{("queues", f"[].{f}"): _FRESH_QUEUE for f in _FRESH_FIELDS},
 }
@@ -103,6 +105,7 @@ def main():
         ("overview bad login", "GET", "/overview", None, {"auth": bad_auth}),
         ("whoami", "GET", "/whoami", None, {}),
         ("nodes", "GET", "/nodes", None, {}),
+        ("cluster name", "GET", "/cluster-name", None, {}),
         ("vhosts", "GET", "/vhosts", None, {}),
         ("vhost /", "GET", "/vhosts/%2F", None, {}),
         ("vhost missing", "GET", "/vhosts/compat-nope", None, {}),

@@ -23,6 +23,7 @@ mod policies;
 mod queues;
 mod users;
 mod vhosts;
+mod warren;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -98,6 +99,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .merge(definitions::routes())
         .merge(policies::routes())
         .merge(parameters::routes())
+        .merge(warren::routes())
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async {
             ApiError::new(

@@ -133,6 +133,7 @@ fn node_json(broker: &Broker) -> Value {
         "disk_free_limit": broker.config.disk_free_limit,
         "disk_free_alarm": alarms.iter().any(|a| a == "disk"),
         "partitions": [],
+        "being_drained": broker.is_draining(),
         "exchange_types": exchange_types(),
         "auth_mechanisms": [
             {"name": "PLAIN", "description": "SASL PLAIN authentication mechanism", "enabled": true},

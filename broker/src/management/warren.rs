@@ -1,0 +1,93 @@
+//! Warren's own endpoints, under `/api/warren/` (RabbitMQ has no equivalent):
+//!
+//! * `POST /api/warren/drain` (administrator): maintenance mode. The node refuses new client
+//!   connections and closes the open ones with 320 CONNECTION_FORCED, waits up to
+//!   [`DRAIN_WAIT`] for them to go, and answers with what is left on the node: its queues with
+//!   their messages and consumers. Used by `warren-broker drain` (a pod's preStop hook).
+//! * `GET /api/warren/drain` (monitoring): the same report, without changing anything.
+//! * `DELETE /api/warren/drain` (administrator): ends the drain; connections are served again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::routing::get;
+use serde_json::{Value, json};
+
+use super::auth::Caller;
+use super::{ApiResult, ok};
+use crate::broker::Broker;
+
+/// How long `POST /api/warren/drain` waits for the closed connections to go (a client has up
+/// to 3 s to answer `connection.close`), so the report shows the queues as they are left.
+pub const DRAIN_WAIT: Duration = Duration::from_secs(3);
+
+pub fn routes() -> Router<Arc<Broker>> {
+    Router::new().route("/api/warren/drain", get(status).post(start).delete(stop))
+}
+
+/// The node's queues, by vhost and name.
+fn queues(broker: &Broker) -> Vec<Value> {
+    let mut names = broker.vhost_names();
+    names.sort();
+    let mut out = Vec::new();
+    for vhost in names {
+        let Some(v) = broker.vhost(&vhost) else {
+            continue;
+        };
+        let mut qs = v.queues();
+        qs.sort_by(|a, b| a.name.cmp(&b.name));
+        for q in qs {
+            let (ready, unacked, consumers) = q.counts();
+            out.push(json!({
+                "vhost": vhost,
+                "name": q.name,
+                "durable": q.durable,
+                "messages": ready + unacked,
+                "consumers": consumers,
+            }));
+        }
+    }
+    out
+}
+
+fn report(broker: &Broker) -> Value {
+    json!({
+        "node": broker.node_name(),
+        "being_drained": broker.is_draining(),
+        "connections_open": broker.connections.len(),
+        "queues": queues(broker),
+    })
+}
+
+async fn status(State(broker): State<Arc<Broker>>, caller: Caller) -> ApiResult {
+    caller.require_monitor()?;
+    ok(report(&broker))
+}
+
+async fn start(State(broker): State<Arc<Broker>>, caller: Caller) -> ApiResult {
+    caller.require_admin()?;
+    let closed = broker.start_drain();
+    tracing::warn!(
+        user = %caller.name(),
+        connections = closed,
+        "node is being drained: closing client connections and refusing new ones"
+    );
+    let deadline = tokio::time::Instant::now() + DRAIN_WAIT;
+    while !broker.connections.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut r = report(&broker);
+    r["connections_closed"] = json!(closed);
+    ok(r)
+}
+
+async fn stop(State(broker): State<Arc<Broker>>, caller: Caller) -> ApiResult {
+    caller.require_admin()?;
+    if broker.is_draining() {
+        tracing::warn!(user = %caller.name(), "drain ended: serving client connections again");
+    }
+    broker.end_drain();
+    ok(report(&broker))
+}
