@@ -1,1 +1,257 @@
-//! End-to-end test harness for Warren (multi-node clusters, Kubernetes control plane). Filled in by later issues.
+//! Helpers for the end-to-end tests: the real Kubernetes control plane started by
+//! `e2e/control-plane.sh`, the operator and broker binaries built by cargo, namespaces,
+//! and waiting for conditions without fixed sleeps.
+//!
+//! Every test here needs `KUBECONFIG` pointing at that control plane; without it the test
+//! fails and says how to start one (`bash e2e/run.sh` does everything).
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+
+/// A client for the test control plane; fails loudly when there is none.
+pub async fn client() -> Client {
+    warren_operator::install_crypto_provider();
+    if std::env::var_os("KUBECONFIG").is_none() {
+        panic!(
+            "KUBECONFIG is not set: these tests need the real control plane. Start it with \
+             `bash e2e/control-plane.sh start` and `eval \"$(bash e2e/control-plane.sh env)\"`, \
+             or run everything with `bash e2e/run.sh`"
+        );
+    }
+    let client = Client::try_default()
+        .await
+        .unwrap_or_else(|e| panic!("cannot build a client from KUBECONFIG: {e}"));
+    if let Err(e) = client.apiserver_version().await {
+        panic!("the API server in KUBECONFIG does not answer ({e}); is the control plane running?");
+    }
+    client
+}
+
+/// The directory holding the workspace's built binaries (`target/debug`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/debug/deps/<test> → target/debug
+    exe.parent()
+        .and_then(|p| p.parent())
+        .map(PathBuf::from)
+        .expect("target dir")
+}
+
+/// Path of a workspace binary; it must have been built (`cargo build --workspace --bins`).
+pub fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it first with `cargo build -p warren-operator -p warren-broker --bins`",
+        path.display()
+    );
+    path
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .expect("repo root")
+}
+
+/// Applies the committed CRDs from `crds/` and waits until the API server serves them.
+pub async fn ensure_crds(client: &Client) {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let dir = repo_root().join("crds");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("crds dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("read crd");
+        let crd: CustomResourceDefinition = serde_yaml::from_str(&text).expect("parse crd");
+        let name = crd.metadata.name.clone().expect("crd name");
+        api.patch(
+            &name,
+            &PatchParams::apply("warren-e2e").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("applying {}: {e}", path.display()));
+        names.push(name);
+    }
+    for name in names {
+        wait_for(
+            &format!("CRD {name} established"),
+            Duration::from_secs(60),
+            || {
+                let api = api.clone();
+                let name = name.clone();
+                async move {
+                    let crd = api.get(&name).await.ok()?;
+                    crd.status?
+                        .conditions?
+                        .iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                        .then_some(())
+                }
+            },
+        )
+        .await;
+    }
+}
+
+/// Creates a namespace with a unique name.
+pub async fn namespace(client: &Client, prefix: &str) -> String {
+    let name = format!("{prefix}-{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let ns: Namespace = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": name},
+    }))
+    .expect("namespace");
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("create namespace");
+    name
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` saying what it waited for.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The operator binary running against the test control plane; killed on drop.
+pub struct Operator {
+    child: Child,
+    pub metrics_url: String,
+}
+
+impl Operator {
+    /// Starts `warren-operator` watching `namespace` only, with its Lease there too, so
+    /// tests running in parallel do not see each other's resources.
+    pub fn start(namespace: &str) -> Self {
+        Self::start_with(namespace, &[])
+    }
+
+    pub fn start_with(namespace: &str, extra: &[&str]) -> Self {
+        let port = free_port();
+        let log = std::env::temp_dir().join(format!("warren-operator-{namespace}.log"));
+        let log_file = std::fs::File::create(&log).expect("operator log");
+        let child = Command::new(binary("warren-operator"))
+            .args(["--namespace", namespace, "--lease-namespace", namespace])
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .args(["--log-format", "text"])
+            .args(extra)
+            .env("RUST_LOG", "info,warren_operator=debug")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn warren-operator");
+        eprintln!("operator for {namespace} logs to {}", log.display());
+        Operator {
+            child,
+            metrics_url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `warren-broker` process on loopback ports; killed on drop.
+pub struct Broker {
+    child: Child,
+    pub amqp_port: u16,
+    pub management_url: String,
+    _data: PathBuf,
+}
+
+impl Broker {
+    pub async fn start() -> Self {
+        let amqp_port = free_port();
+        let mgmt_port = free_port();
+        let prom_port = free_port();
+        let data = std::env::temp_dir().join(format!("warren-e2e-broker-{amqp_port}"));
+        let _ = std::fs::remove_dir_all(&data);
+        let child = Command::new(binary("warren-broker"))
+            .args(["--data-dir", &data.to_string_lossy()])
+            .args(["--amqp-listen", &format!("127.0.0.1:{amqp_port}")])
+            .args(["--management-listen", &format!("127.0.0.1:{mgmt_port}")])
+            .args(["--prometheus-listen", &format!("127.0.0.1:{prom_port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn warren-broker");
+        let management_url = format!("http://127.0.0.1:{mgmt_port}");
+        let http = reqwest::Client::new();
+        let url = format!("{management_url}/api/overview");
+        wait_for(
+            "the broker's management API",
+            Duration::from_secs(30),
+            || {
+                let http = http.clone();
+                let url = url.clone();
+                async move {
+                    let r = http
+                        .get(&url)
+                        .basic_auth("guest", Some("guest"))
+                        .send()
+                        .await
+                        .ok()?;
+                    r.status().is_success().then_some(())
+                }
+            },
+        )
+        .await;
+        Broker {
+            child,
+            amqp_port,
+            management_url,
+            _data: data,
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self._data);
+    }
+}

@@ -1,0 +1,156 @@
+//! `warren-operator`: runs the controllers of the `warren.dev` custom resources.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use tracing_subscriber::EnvFilter;
+use warren_operator::cluster::controller::{self, Context};
+use warren_operator::lease::{Elector, LeaseConfig};
+use warren_operator::metrics::{self, Health, Metrics};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+/// The Warren operator: reconciles RabbitCluster, Policy, Federation and Shovel resources.
+#[derive(Debug, Parser)]
+#[command(name = "warren-operator", version)]
+struct Cli {
+    /// Watch only this namespace (namespace-scoped mode); every namespace when unset.
+    #[arg(long, env = "WARREN_OPERATOR_NAMESPACE")]
+    namespace: Option<String>,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        env = "WARREN_OPERATOR_METRICS_ADDR",
+        default_value = "0.0.0.0:8080"
+    )]
+    metrics_addr: SocketAddr,
+    /// Elect a leader through a Lease so several replicas can run; only the leader reconciles.
+    #[arg(long, env = "WARREN_OPERATOR_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Name of the leader Lease.
+    #[arg(
+        long,
+        env = "WARREN_OPERATOR_LEASE_NAME",
+        default_value = "warren-operator"
+    )]
+    lease_name: String,
+    /// Namespace of the leader Lease (the operator's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// This replica's identity in the Lease and in Events (its pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Seconds a leader's Lease lasts without renewal.
+    #[arg(long, default_value_t = 15)]
+    lease_duration: u64,
+    /// Log format: json (structured, one object per line) or text.
+    #[arg(
+        long,
+        env = "WARREN_OPERATOR_LOG_FORMAT",
+        value_enum,
+        default_value = "json"
+    )]
+    log_format: LogFormat,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    warren_operator::install_crypto_provider();
+    let filter = EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,kube_runtime::controller=warn"));
+    match cli.log_format {
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("warren-operator: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let client = kube::Client::try_default().await.map_err(|e| {
+        format!("cannot configure a Kubernetes client (KUBECONFIG or in-cluster): {e}")
+    })?;
+    let metrics = Metrics::new();
+    let health = Health::default();
+    let server = tokio::spawn(metrics::serve(
+        cli.metrics_addr,
+        metrics.clone(),
+        health.clone(),
+    ));
+    // Ready once the API server answers.
+    loop {
+        match client.apiserver_version().await {
+            Ok(v) => {
+                tracing::info!(version = %v.git_version, "connected to the API server");
+                break;
+            }
+            Err(e) => {
+                tracing::warn!("API server not reachable yet: {e}");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    }
+    health.ready.store(true, Ordering::Relaxed);
+    let identity = cli.identity.clone().unwrap_or_else(|| {
+        format!(
+            "{}-{}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "warren-operator".into()),
+            std::process::id()
+        )
+    });
+    let ctx = Context::new(client.clone(), metrics.clone(), Some(identity.clone()));
+    let controllers = controller::run(ctx, cli.namespace.clone());
+    if !cli.leader_elect {
+        metrics.leader.set(1);
+        controllers.await;
+        return Ok(());
+    }
+    let elector = Elector::new(
+        client,
+        LeaseConfig {
+            name: cli.lease_name.clone(),
+            namespace: cli.lease_namespace.clone(),
+            identity,
+            duration: Duration::from_secs(cli.lease_duration.max(2)),
+            renew: Duration::from_secs((cli.lease_duration / 3).max(1)),
+        },
+    );
+    tokio::select! {
+        acquired = elector.acquire() => acquired.map_err(|e| format!("leader election failed: {e}"))?,
+        _ = tokio::signal::ctrl_c() => return Ok(()),
+    }
+    metrics.leader.set(1);
+    tokio::select! {
+        () = controllers => Ok(()),
+        lost = elector.hold() => Err(format!("stopping: {lost}")),
+        r = server => Err(format!("metrics server stopped: {r:?}")),
+    }
+}
