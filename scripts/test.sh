@@ -116,8 +116,11 @@ echo "tests/clients/python, tests/clients/node, tests/differential/run.py presen
 step "dependencies (scripts/deps.sh)"
 "$WARREN_ROOT/scripts/deps.sh"
 
-step "cargo test --workspace"
-cargo test --workspace
+step "cargo test --workspace (all but the Kubernetes e2e tests)"
+cargo test --workspace --exclude warren-e2e
+
+step "operator on a real Kubernetes control plane (e2e/run.sh)"
+bash "$WARREN_ROOT/e2e/run.sh"
 
 step "cargo build -p warren-broker"
 cargo build -p warren-broker

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The operator's end-to-end tests on a real Kubernetes control plane.
+#
+#   bash e2e/run.sh [cargo test filter...]
+#
+# Installs kubectl and helm (scripts/kubetools.sh), builds the control plane once per
+# pinned version (e2e/control-plane.sh build, cached under ~/.cache/warren/k8s), starts
+# it from a wiped state dir, checks the committed CRDs match the Rust types, builds the
+# operator and broker binaries and runs `cargo test -p warren-e2e`. The control plane is
+# stopped afterwards unless KEEP=1.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+KUBETOOLS="$(bash scripts/kubetools.sh | tail -1)"
+export PATH="$KUBETOOLS:$PATH"
+export KUBECTL="$KUBETOOLS/kubectl"
+
+bash e2e/control-plane.sh build
+bash e2e/control-plane.sh stop --wipe >/dev/null 2>&1 || true
+if [ "${KEEP:-}" != 1 ]; then
+    trap 'bash "$ROOT/e2e/control-plane.sh" stop >/dev/null 2>&1 || true' EXIT
+fi
+bash e2e/control-plane.sh start
+eval "$(bash e2e/control-plane.sh env)"
+
+echo "==== CRDs in crds/ match the Rust types ===="
+GENERATED="$(mktemp -d)"
+cargo run -q -p warren-operator --bin crdgen -- "$GENERATED" >/dev/null
+if ! diff -ru crds "$GENERATED"; then
+    echo "crds/ is stale: run \`cargo run -p warren-operator --bin crdgen\` and commit the result" >&2
+    exit 1
+fi
+rm -rf "$GENERATED"
+
+echo "==== cargo build (operator and broker binaries) ===="
+cargo build -p warren-operator -p warren-broker --bins
+
+echo "==== cargo test -p warren-e2e ===="
+cargo test -p warren-e2e -- "$@"
