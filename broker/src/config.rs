@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
 /// Command-line interface of `warren-broker`. Every flag can also be set through the
@@ -16,9 +16,14 @@ use serde::Deserialize;
 #[command(
     name = "warren-broker",
     version,
-    about = "Warren: a RabbitMQ-compatible AMQP 0-9-1 broker node"
+    about = "Warren: a RabbitMQ-compatible AMQP 0-9-1 broker node",
+    long_about = "Warren: a RabbitMQ-compatible AMQP 0-9-1 broker node.\n\n\
+        Without a subcommand, runs a node with the settings below. The subcommands are \
+        one-shot clients of a running node's management API, for container probes and hooks."
 )]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// TOML configuration file; keys are the flag names below (e.g. `amqp-listen = "0.0.0.0:5672"`).
     #[arg(long, env = "WARREN_CONFIG")]
     pub config: Option<PathBuf>,
@@ -97,6 +102,68 @@ pub struct Cli {
     /// Free disk space, in bytes, below which publishers are blocked [default: 50000000].
     #[arg(long, env = "WARREN_DISK_FREE_LIMIT")]
     pub disk_free_limit: Option<u64>,
+}
+
+/// One-shot clients of the local node's management API (for Kubernetes probes and hooks).
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Health checks of a running node: exit 0 if it passes, 1 with the reason on stderr.
+    ///
+    /// `warren-broker check ready`: for a readiness probe.
+    Check {
+        #[command(subcommand)]
+        check: Check,
+    },
+    /// Drain the node and print the queues left on it (for a pod's preStop hook).
+    ///
+    /// POST /api/warren/drain: the node closes every client connection with
+    /// 320 CONNECTION_FORCED and refuses new ones until the drain ends (`--end`, which is
+    /// DELETE /api/warren/drain) or the node restarts. Exit 0 once the node is draining.
+    Drain {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// End the drain instead: the node accepts connections again.
+        #[arg(long)]
+        end: bool,
+        /// Print the report as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Check {
+    /// Ready to serve clients: the virtual hosts check passes and the node is not drained.
+    ///
+    /// GET /api/health/checks/virtual-hosts answers 200 and /api/nodes does not show
+    /// `being_drained`. Resource alarms do not make a node unready (they block publishers and
+    /// are reported by /api/health/checks/alarms).
+    Ready {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// How a subcommand reaches the node's management API. Without flags it uses what the node
+/// itself uses: `management-listen` (a wildcard address becomes 127.0.0.1) and the default
+/// user, from the same flags, `WARREN_*` environment and `--config` file.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Base URL of the management API [default: http://127.0.0.1:15672, or from
+    /// management-listen].
+    #[arg(long, env = "WARREN_MANAGEMENT_URL")]
+    pub management_url: Option<String>,
+    /// User for the management API [default: the default user: WARREN_DEFAULT_USER,
+    /// default-user in the config file, or guest].
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Password of --user [default: the default user's: WARREN_DEFAULT_PASS, default-pass
+    /// in the config file, or guest].
+    #[arg(long)]
+    pub password: Option<String>,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub timeout: f64,
 }
 
 /// The configuration file: the same keys as the flags.

@@ -21,6 +21,7 @@ pub mod outbox;
 pub mod parameters;
 pub mod persistence;
 pub mod policy;
+pub mod probe;
 pub mod queue;
 pub mod registry;
 pub mod resources;

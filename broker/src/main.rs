@@ -1,18 +1,25 @@
-//! `warren-broker`: parses configuration and runs a node. Everything else is in the library.
+//! `warren-broker`: parses configuration and runs a node, or runs one of the probe
+//! subcommands against a running node. Everything else is in the library.
+
+use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
-use warren_broker::config::{Cli, Config};
+use warren_broker::config::{Check, Cli, ClientArgs, Command, Config};
 use warren_broker::{Broker, management, metrics, server};
 
-fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    let mut cli = Cli::parse();
+    if let Some(command) = cli.command.take() {
+        return run_command(command, cli);
+    }
     let config = match Config::resolve(cli) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("warren-broker: {e}");
-            return std::process::ExitCode::from(2);
+            return ExitCode::from(2);
         }
     };
     tracing_subscriber::fmt()
@@ -28,14 +35,14 @@ fn main() -> std::process::ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("warren-broker: cannot start the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
+            return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(config)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("warren-broker: {e}");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     }
 }
@@ -124,4 +131,101 @@ async fn run(config: Config) -> Result<(), String> {
     let _ = stop.send(true);
     while servers.join_next().await.is_some() {}
     Ok(())
+}
+
+/// A subcommand: one request (or two) to the node's management API. Exit 0 on success, 1 with
+/// one line on stderr otherwise.
+fn run_command(command: Command, cli: Cli) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("warren-broker: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(command_main(command, cli)) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("warren-broker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn command_main(command: Command, cli: Cli) -> Result<String, String> {
+    use warren_broker::probe;
+    let args = match &command {
+        Command::Check {
+            check: Check::Ready { client },
+        } => client,
+        Command::Drain { client, .. } => client,
+    };
+    let (client, user, timeout) = client_for(args, cli)?;
+    match command {
+        Command::Check {
+            check: Check::Ready { .. },
+        } => {
+            let node = probe::within(timeout, &client, probe::check_ready(&client, &user))
+                .await
+                .map_err(|e| format!("not ready: {e}"))?;
+            Ok(format!("ready: node {node}\n"))
+        }
+        Command::Drain { end, json, .. } => {
+            let report = probe::within(timeout, &client, probe::drain(&client, &user, end))
+                .await
+                .map_err(|e| format!("drain failed: {e}"))?;
+            Ok(if json {
+                format!("{report:#}\n")
+            } else {
+                probe::describe_drain(&report)
+            })
+        }
+    }
+}
+
+/// The management API client for a subcommand: flags first, then what the node itself would
+/// use (management-listen and the default user, from flags, environment and config file).
+fn client_for(
+    args: &ClientArgs,
+    cli: Cli,
+) -> Result<(warren_broker::probe::Client, String, Duration), String> {
+    let timeout = Duration::try_from_secs_f64(args.timeout)
+        .ok()
+        .filter(|t| !t.is_zero())
+        .ok_or_else(|| {
+            format!(
+                "--timeout {} is not a positive number of seconds",
+                args.timeout
+            )
+        })?;
+    let need_config =
+        args.management_url.is_none() || args.user.is_none() || args.password.is_none();
+    let config = if need_config {
+        Some(Config::resolve(cli).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    let url = match (&args.management_url, &config) {
+        (Some(u), _) => u.clone(),
+        (None, Some(c)) => warren_broker::probe::local_url(c.management_listen),
+        (None, None) => "http://127.0.0.1:15672".to_owned(),
+    };
+    let user = args
+        .user
+        .clone()
+        .or_else(|| config.as_ref().map(|c| c.default_user.clone()))
+        .unwrap_or_else(|| "guest".into());
+    let password = args
+        .password
+        .clone()
+        .or_else(|| config.as_ref().map(|c| c.default_pass.clone()))
+        .unwrap_or_else(|| "guest".into());
+    let client = warren_broker::probe::Client::new(&url, &user, &password)?;
+    Ok((client, user, timeout))
 }
