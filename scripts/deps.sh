@@ -111,6 +111,12 @@ dep_rabbitmq() {
 
 # ---------------------------------------------------------------- python
 dep_python() {
+    # The pika suite's TLS tests use a PKI made with the openssl CLI (scripts/test-pki.sh).
+    if ! command -v openssl >/dev/null 2>&1; then
+        command -v apt-get >/dev/null 2>&1 || die "openssl not found (needed by scripts/test-pki.sh)"
+        say "installing openssl (apt)"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssl
+    fi
     local reqs=() f
     for f in tests/requirements.txt tests/clients/python/requirements.txt tests/differential/requirements.txt; do
         [ -f "$f" ] && reqs+=("$f")

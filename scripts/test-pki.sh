@@ -11,6 +11,7 @@
 # EC P-256 keys, valid for 2 days. Nothing here is secret: tests only.
 set -euo pipefail
 dir="${1:?usage: test-pki.sh DIR}"
+command -v openssl >/dev/null 2>&1 || { echo "test-pki.sh: openssl not found (scripts/deps.sh python installs it)" >&2; exit 1; }
 mkdir -p "$dir"
 cd "$dir"
 ossl() { openssl "$@" 2>/dev/null; }
