@@ -5,9 +5,9 @@
 #
 # Installs kubectl and helm (scripts/kubetools.sh), builds the control plane once per
 # pinned version (e2e/control-plane.sh build, cached under ~/.cache/warren/k8s), starts
-# it from a wiped state dir, checks the committed CRDs match the Rust types, builds the
-# operator and broker binaries and runs `cargo test -p warren-e2e`. The control plane is
-# stopped afterwards unless KEEP=1.
+# it from a wiped state dir, checks the committed CRDs match the Rust types, starts the
+# reference RabbitMQ (scripts/rabbitmq-ref.sh), builds the operator and broker binaries and
+# runs `cargo test -p warren-e2e`. Both are stopped afterwards unless KEEP=1.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -32,6 +32,15 @@ if ! diff -ru crds "$GENERATED"; then
     exit 1
 fi
 rm -rf "$GENERATED"
+
+echo "==== reference RabbitMQ (the operator must configure a stock broker too) ===="
+bash scripts/deps.sh rabbitmq >/dev/null
+bash scripts/rabbitmq-ref.sh start >/dev/null
+if [ "${KEEP:-}" != 1 ]; then
+    trap 'bash "$ROOT/e2e/control-plane.sh" stop >/dev/null 2>&1 || true; bash "$ROOT/scripts/rabbitmq-ref.sh" stop >/dev/null 2>&1 || true' EXIT
+fi
+export RABBITMQ_MGMT_URL="http://127.0.0.1:${WARREN_REF_MGMT_PORT:-15673}"
+export RABBITMQ_AMQP_PORT="${WARREN_REF_AMQP_PORT:-5673}"
 
 echo "==== cargo build (operator and broker binaries) ===="
 cargo build -p warren-operator -p warren-broker --bins

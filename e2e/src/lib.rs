@@ -37,11 +37,13 @@ pub async fn client() -> Client {
 /// The directory holding the workspace's built binaries (`target/debug`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/debug/deps/<test> → target/debug
-    exe.parent()
-        .and_then(|p| p.parent())
-        .map(PathBuf::from)
-        .expect("target dir")
+    // target/debug/deps/<test> → target/debug; target/release/<bin> → target/release
+    let dir = exe.parent().expect("exe dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().map(PathBuf::from).expect("target dir")
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// Path of a workspace binary; it must have been built (`cargo build --workspace --bins`).
@@ -196,31 +198,52 @@ impl Drop for Operator {
 
 /// A `warren-broker` process on loopback ports; killed on drop.
 pub struct Broker {
-    child: Child,
+    child: Option<Child>,
     pub amqp_port: u16,
+    pub management_port: u16,
+    prometheus_port: u16,
     pub management_url: String,
-    _data: PathBuf,
+    data: PathBuf,
 }
 
 impl Broker {
     pub async fn start() -> Self {
         let amqp_port = free_port();
-        let mgmt_port = free_port();
-        let prom_port = free_port();
+        let management_port = free_port();
+        let prometheus_port = free_port();
         let data = std::env::temp_dir().join(format!("warren-e2e-broker-{amqp_port}"));
         let _ = std::fs::remove_dir_all(&data);
+        let mut broker = Broker {
+            child: None,
+            amqp_port,
+            management_port,
+            prometheus_port,
+            management_url: format!("http://127.0.0.1:{management_port}"),
+            data,
+        };
+        broker.run().await;
+        broker
+    }
+
+    async fn run(&mut self) {
         let child = Command::new(binary("warren-broker"))
-            .args(["--data-dir", &data.to_string_lossy()])
-            .args(["--amqp-listen", &format!("127.0.0.1:{amqp_port}")])
-            .args(["--management-listen", &format!("127.0.0.1:{mgmt_port}")])
-            .args(["--prometheus-listen", &format!("127.0.0.1:{prom_port}")])
+            .args(["--data-dir", &self.data.to_string_lossy()])
+            .args(["--amqp-listen", &format!("127.0.0.1:{}", self.amqp_port)])
+            .args([
+                "--management-listen",
+                &format!("127.0.0.1:{}", self.management_port),
+            ])
+            .args([
+                "--prometheus-listen",
+                &format!("127.0.0.1:{}", self.prometheus_port),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn warren-broker");
-        let management_url = format!("http://127.0.0.1:{mgmt_port}");
+        self.child = Some(child);
         let http = reqwest::Client::new();
-        let url = format!("{management_url}/api/overview");
+        let url = format!("{}/api/overview", self.management_url);
         wait_for(
             "the broker's management API",
             Duration::from_secs(30),
@@ -239,19 +262,52 @@ impl Broker {
             },
         )
         .await;
-        Broker {
-            child,
-            amqp_port,
-            management_url,
-            _data: data,
+    }
+
+    /// Kills the process (its data stays).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
+    }
+
+    /// Starts the process again on the same ports and data.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.run().await;
+    }
+
+    /// GET on the management API as guest; `None` on 404.
+    pub async fn get(&self, path: &str) -> Option<serde_json::Value> {
+        let r = reqwest::Client::new()
+            .get(format!("{}{path}", self.management_url))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await
+            .expect("management API");
+        if r.status() == 404 {
+            return None;
+        }
+        assert!(r.status().is_success(), "GET {path}: {}", r.status());
+        Some(r.json().await.expect("json"))
+    }
+
+    /// DELETE on the management API as guest.
+    pub async fn delete(&self, path: &str) {
+        let r = reqwest::Client::new()
+            .delete(format!("{}{path}", self.management_url))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await
+            .expect("management API");
+        assert!(r.status().is_success(), "DELETE {path}: {}", r.status());
     }
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self._data);
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.data);
     }
 }

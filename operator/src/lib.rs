@@ -7,6 +7,7 @@ pub mod crd;
 pub mod lease;
 pub mod management;
 pub mod metrics;
+pub mod topology;
 
 /// Selects rustls' crypto provider for the whole process (several are linked in through
 /// dependencies, so rustls cannot pick one by itself). Call before any TLS client is built.

@@ -7,8 +7,10 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use tracing_subscriber::EnvFilter;
 use warren_operator::cluster::controller::{self, Context};
+use warren_operator::crd::{Federation, Policy, Shovel};
 use warren_operator::lease::{Elector, LeaseConfig};
 use warren_operator::metrics::{self, Health, Metrics};
+use warren_operator::topology;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
@@ -49,6 +51,10 @@ struct Cli {
     /// Seconds a leader's Lease lasts without renewal.
     #[arg(long, default_value_t = 15)]
     lease_duration: u64,
+    /// Seconds between re-applies of each Policy, Federation and Shovel (drift correction:
+    /// a change made directly on the broker is undone within this time).
+    #[arg(long, env = "WARREN_OPERATOR_TOPOLOGY_RESYNC", default_value_t = 60)]
+    topology_resync_seconds: u64,
     /// Log format: json (structured, one object per line) or text.
     #[arg(
         long,
@@ -127,7 +133,21 @@ async fn run(cli: Cli) -> Result<(), String> {
         )
     });
     let ctx = Context::new(client.clone(), metrics.clone(), Some(identity.clone()));
-    let controllers = controller::run(ctx, cli.namespace.clone());
+    let topology = topology::Context::new(
+        client.clone(),
+        metrics.clone(),
+        Some(identity.clone()),
+        Duration::from_secs(cli.topology_resync_seconds.max(1)),
+    );
+    let ns = cli.namespace.clone();
+    let controllers = async move {
+        tokio::join!(
+            controller::run(ctx, ns.clone()),
+            topology::run::<Policy>(topology.clone(), ns.clone()),
+            topology::run::<Federation>(topology.clone(), ns.clone()),
+            topology::run::<Shovel>(topology, ns),
+        );
+    };
     if !cli.leader_elect {
         metrics.leader.set(1);
         controllers.await;

@@ -1,7 +1,6 @@
 //! Pieces shared by the `Policy`, `Federation` and `Shovel` resources: how they name the
 //! broker they configure, and what happens on the broker when they are deleted.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -38,19 +37,6 @@ pub enum DeletionPolicy {
     Delete,
     /// Leave the object on the broker.
     Retain,
-}
-
-/// Status common to the resources that configure a broker through its management API.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct TopologyStatus {
-    /// `Ready` is true once the broker holds exactly what the spec says; when the broker
-    /// refuses, its message is the broker's error text.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub conditions: Vec<Condition>,
-    /// The `metadata.generation` this status describes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub observed_generation: Option<i64>,
 }
 
 pub(crate) fn default_vhost() -> String {

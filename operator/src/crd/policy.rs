@@ -7,8 +7,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::common::{
-    ConnectionSecretReference, DeletionPolicy, RabbitClusterReference, TopologyStatus,
-    default_vhost,
+    ConnectionSecretReference, DeletionPolicy, RabbitClusterReference, default_vhost,
 };
 
 /// A policy on a Warren or RabbitMQ broker.
@@ -18,7 +17,7 @@ use super::common::{
     version = "v1alpha1",
     kind = "Policy",
     namespaced,
-    status = "TopologyStatus",
+    status = "PolicyStatus",
     shortname = "wpol",
     category = "warren",
     doc = "A policy on a broker: queue and exchange settings chosen by a name pattern.",
@@ -219,4 +218,21 @@ pub enum Overflow {
     DropHead,
     RejectPublish,
     RejectPublishDlx,
+}
+
+/// What the operator observed of the policy.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyStatus {
+    /// `Ready` is true once the broker holds the policy as the spec says; when the broker
+    /// refuses, its message is the broker's error text.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Queues and exchanges the policy currently applies to (`queue <name>`,
+    /// `exchange <name>`; at most 100).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub applies_to: Vec<String>,
 }

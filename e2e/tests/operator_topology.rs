@@ -1,0 +1,664 @@
+//! Policy, Federation and Shovel resources configure a real broker through its management
+//! API: a Warren process reached through a RabbitCluster, and Debian's RabbitMQ reached
+//! through a connection Secret. The operator runs against the real control plane.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+use warren_e2e::{Broker, Operator, client, ensure_crds, namespace, wait_for};
+use warren_operator::crd::{Federation, Policy, RabbitCluster, Shovel};
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// A management API to check what the operator wrote.
+#[derive(Clone)]
+struct Mgmt {
+    url: String,
+    user: String,
+    pass: String,
+}
+
+impl Mgmt {
+    fn of(b: &Broker) -> Self {
+        Mgmt {
+            url: b.management_url.clone(),
+            user: "guest".into(),
+            pass: "guest".into(),
+        }
+    }
+
+    /// The reference RabbitMQ started by e2e/run.sh.
+    fn rabbitmq() -> Self {
+        let url = std::env::var("RABBITMQ_MGMT_URL").unwrap_or_else(|_| {
+            panic!("RABBITMQ_MGMT_URL is not set: start Debian's RabbitMQ with `bash scripts/rabbitmq-ref.sh start` (e2e/run.sh does)")
+        });
+        Mgmt {
+            url,
+            user: "guest".into(),
+            pass: "guest".into(),
+        }
+    }
+
+    async fn get(&self, path: &str) -> Option<Value> {
+        let r = reqwest::Client::new()
+            .get(format!("{}{path}", self.url))
+            .basic_auth(&self.user, Some(&self.pass))
+            .send()
+            .await
+            .ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        r.json().await.ok()
+    }
+
+    async fn put(&self, path: &str, body: Value) {
+        let r = reqwest::Client::new()
+            .put(format!("{}{path}", self.url))
+            .basic_auth(&self.user, Some(&self.pass))
+            .json(&body)
+            .send()
+            .await
+            .expect("PUT");
+        assert!(r.status().is_success(), "PUT {path}: {}", r.status());
+    }
+
+    async fn delete(&self, path: &str) {
+        let r = reqwest::Client::new()
+            .delete(format!("{}{path}", self.url))
+            .basic_auth(&self.user, Some(&self.pass))
+            .send()
+            .await
+            .expect("DELETE");
+        assert!(
+            r.status().is_success() || r.status() == 404,
+            "DELETE {path}: {}",
+            r.status()
+        );
+    }
+
+    /// Waits until GET `path` satisfies `check`.
+    async fn wait(&self, what: &str, path: &str, check: impl Fn(&Value) -> bool) -> Value {
+        wait_for(what, LONG, || {
+            let me = self.clone();
+            let path = path.to_string();
+            let ok = |v: &Value| check(v);
+            async move { me.get(&path).await }.then_filter(ok)
+        })
+        .await
+    }
+
+    async fn wait_gone(&self, what: &str, path: &str) {
+        wait_for(what, LONG, || {
+            let me = self.clone();
+            let path = path.to_string();
+            async move { me.get(&path).await.is_none().then_some(()) }
+        })
+        .await
+    }
+}
+
+/// `async { … }.then_filter(f)`: keeps `Some(v)` only when `f(&v)`.
+trait ThenFilter: std::future::Future<Output = Option<Value>> + Sized {
+    fn then_filter<F: Fn(&Value) -> bool>(
+        self,
+        f: F,
+    ) -> impl std::future::Future<Output = Option<Value>> {
+        async move { self.await.filter(|v| f(v)) }
+    }
+}
+impl<T: std::future::Future<Output = Option<Value>>> ThenFilter for T {}
+
+async fn create<K>(client: &Client, ns: &str, manifest: Value)
+where
+    K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let obj: K = serde_json::from_value(manifest).expect("manifest");
+    Api::<K>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &obj)
+        .await
+        .expect("create");
+}
+
+async fn patch<K>(client: &Client, ns: &str, name: &str, p: Value) -> Result<K, kube::Error>
+where
+    K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    Api::<K>::namespaced(client.clone(), ns)
+        .patch(name, &PatchParams::default(), &Patch::Merge(&p))
+        .await
+}
+
+async fn secret(client: &Client, ns: &str, name: &str, data: Value) {
+    let s: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": ns}, "stringData": data,
+    }))
+    .expect("secret");
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .patch(name, &PatchParams::apply("e2e").force(), &Patch::Apply(&s))
+        .await
+        .expect("secret");
+}
+
+/// Waits for the resource's Ready condition to have `status`; returns (reason, message).
+async fn wait_ready<K>(client: &Client, ns: &str, name: &str, status: &str) -> (String, String)
+where
+    K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api = Api::<K>::namespaced(client.clone(), ns);
+    wait_for(&format!("{name} Ready={status}"), LONG, || {
+        let api = api.clone();
+        async move {
+            let obj = serde_json::to_value(api.get(name).await.ok()?).ok()?;
+            let conds = obj.get("status")?.get("conditions")?.as_array()?.clone();
+            let c = conds.iter().find(|c| c["type"] == "Ready")?;
+            (c["status"] == status).then(|| {
+                (
+                    c["reason"].as_str().unwrap_or("").to_string(),
+                    c["message"].as_str().unwrap_or("").to_string(),
+                )
+            })
+        }
+    })
+    .await
+}
+
+async fn status_of<K>(client: &Client, ns: &str, name: &str) -> Value
+where
+    K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let obj = Api::<K>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .expect("get");
+    serde_json::to_value(obj).expect("json")["status"].clone()
+}
+
+async fn delete<K>(client: &Client, ns: &str, name: &str)
+where
+    K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api = Api::<K>::namespaced(client.clone(), ns);
+    api.delete(name, &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_for(&format!("{name} deleted (finalizer done)"), LONG, || {
+        let api = api.clone();
+        async move { api.get_opt(name).await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+}
+
+/// A RabbitCluster whose management API is the local broker (the operator runs outside
+/// Kubernetes' network here) and whose default user is the broker's `guest`.
+async fn cluster_for(client: &Client, ns: &str, name: &str, broker: &Broker) {
+    secret(
+        client,
+        ns,
+        &format!("{name}-user"),
+        json!({"username": "guest", "password": "guest"}),
+    )
+    .await;
+    create::<RabbitCluster>(
+        client,
+        ns,
+        json!({
+            "apiVersion": "warren.dev/v1alpha1", "kind": "RabbitCluster",
+            "metadata": {"name": name, "namespace": ns,
+                         "annotations": {"warren.dev/management-uri": broker.management_url}},
+            "spec": {"replicas": 1, "persistence": {"storage": "0"},
+                     "defaultUser": {"secretName": format!("{name}-user")}},
+        }),
+    )
+    .await;
+}
+
+async fn reconciles(op: &Operator, controller: &str) -> u64 {
+    let text = reqwest::get(format!("{}/metrics", op.metrics_url))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let prefix = format!("warren_operator_reconciliations_total{{controller=\"{controller}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn policies_reach_warren_follow_changes_and_come_back_after_drift() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = namespace(&client, "policy").await;
+    let op = Operator::start_with(&ns, &["--topology-resync-seconds", "2"]);
+    let mut broker = Broker::start().await;
+    let mgmt = Mgmt::of(&broker);
+    cluster_for(&client, &ns, "site", &broker).await;
+
+    create::<Policy>(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "warren.dev/v1alpha1", "kind": "Policy",
+            "metadata": {"name": "limits", "namespace": ns},
+            "spec": {"pattern": "^orders\\.", "applyTo": "queues", "priority": 2,
+                     "definition": {"max-length": 10, "overflow": "reject-publish"},
+                     "rabbitClusterReference": {"name": "site"}},
+        }),
+    )
+    .await;
+    let path = "/api/policies/%2F/limits";
+    let p = mgmt.wait("the policy on the broker", path, |_| true).await;
+    assert_eq!(p["pattern"], "^orders\\.");
+    assert_eq!(p["apply-to"], "queues");
+    assert_eq!(p["priority"], 2);
+    assert_eq!(
+        p["definition"],
+        json!({"max-length": 10, "overflow": "reject-publish"})
+    );
+    wait_ready::<Policy>(&client, &ns, "limits", "True").await;
+
+    // It reports what it applies to.
+    mgmt.put("/api/queues/%2F/orders.eu", json!({"durable": true}))
+        .await;
+    wait_for("status.appliesTo", LONG, || {
+        let client = client.clone();
+        let ns = ns.clone();
+        async move {
+            let st = status_of::<Policy>(&client, &ns, "limits").await;
+            st["appliesTo"]
+                .as_array()?
+                .iter()
+                .any(|v| v == "queue orders.eu")
+                .then_some(())
+        }
+    })
+    .await;
+    assert_eq!(
+        status_of::<Policy>(&client, &ns, "limits").await["observedGeneration"],
+        1
+    );
+
+    // A change to the spec reaches the broker.
+    patch::<Policy>(
+        &client,
+        &ns,
+        "limits",
+        json!({"spec": {"definition": {"max-length": 20}}}),
+    )
+    .await
+    .expect("patch");
+    mgmt.wait("max-length 20", path, |p| {
+        p["definition"]["max-length"] == 20
+    })
+    .await;
+
+    // Drift: deleted or changed directly on the broker, it comes back.
+    mgmt.delete(path).await;
+    mgmt.wait(
+        "the policy restored after deletion on the broker",
+        path,
+        |_| true,
+    )
+    .await;
+    mgmt.put(
+        path,
+        json!({"pattern": ".*", "definition": {"max-length": 1}}),
+    )
+    .await;
+    mgmt.wait(
+        "the policy restored after a change on the broker",
+        path,
+        |p| p["pattern"] == "^orders\\.",
+    )
+    .await;
+
+    // name and vhost are immutable.
+    let err = patch::<Policy>(&client, &ns, "limits", json!({"spec": {"name": "other"}}))
+        .await
+        .expect_err("immutable");
+    assert!(err.to_string().contains("name cannot be changed"), "{err}");
+
+    // The broker refuses: Ready=False with the broker's own text.
+    create::<Policy>(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "warren.dev/v1alpha1", "kind": "Policy",
+            "metadata": {"name": "novhost", "namespace": ns},
+            "spec": {"vhost": "missing", "pattern": ".", "definition": {"expires": 1000},
+                     "rabbitClusterReference": {"name": "site"}},
+        }),
+    )
+    .await;
+    let (reason, message) = wait_ready::<Policy>(&client, &ns, "novhost", "False").await;
+    assert_eq!(reason, "BrokerRefused", "{message}");
+    assert!(message.contains("missing"), "{message}");
+    delete::<Policy>(&client, &ns, "novhost").await;
+
+    // The broker goes away: Ready=False, retried with backoff, not in a hot loop.
+    broker.kill();
+    let (reason, message) = wait_ready::<Policy>(&client, &ns, "limits", "False").await;
+    assert_eq!(reason, "BrokerUnreachable", "{message}");
+    let before = reconciles(&op, "policy").await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let during = reconciles(&op, "policy").await - before;
+    assert!(
+        during <= 6,
+        "{during} reconciles in 10 s against a dead broker: a hot loop"
+    );
+    broker.restart().await;
+    wait_ready::<Policy>(&client, &ns, "limits", "True").await;
+    mgmt.wait("the policy back on the restarted broker", path, |_| true)
+        .await;
+
+    // Cluster missing or scaled to zero.
+    create::<Policy>(&client, &ns, json!({
+        "apiVersion": "warren.dev/v1alpha1", "kind": "Policy",
+        "metadata": {"name": "orphan", "namespace": ns},
+        "spec": {"pattern": ".", "definition": {"expires": 1000}, "rabbitClusterReference": {"name": "nope"}},
+    }))
+    .await;
+    let (reason, message) = wait_ready::<Policy>(&client, &ns, "orphan", "False").await;
+    assert_eq!(reason, "ClusterNotFound");
+    assert!(message.contains("nope"), "{message}");
+    delete::<Policy>(&client, &ns, "orphan").await;
+    patch::<RabbitCluster>(&client, &ns, "site", json!({"spec": {"replicas": 0}}))
+        .await
+        .expect("scale to zero");
+    let (reason, _) = wait_ready::<Policy>(&client, &ns, "limits", "False").await;
+    assert_eq!(reason, "ClusterScaledToZero");
+    patch::<RabbitCluster>(&client, &ns, "site", json!({"spec": {"replicas": 1}}))
+        .await
+        .expect("scale up");
+    wait_ready::<Policy>(&client, &ns, "limits", "True").await;
+
+    // Deleting the resource deletes the policy from the broker.
+    delete::<Policy>(&client, &ns, "limits").await;
+    mgmt.wait_gone("the policy removed from the broker", path)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn federation_and_shovel_reach_warren_and_follow_their_secrets() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = namespace(&client, "links").await;
+    // A long resync: only the Secret watch can explain a fast re-apply.
+    let _op = Operator::start_with(&ns, &["--topology-resync-seconds", "600"]);
+    let broker = Broker::start().await;
+    let mgmt = Mgmt::of(&broker);
+    cluster_for(&client, &ns, "site", &broker).await;
+
+    secret(
+        &client,
+        &ns,
+        "upstream",
+        json!({"uri": "amqp://user:pw@dc2.example:5672"}),
+    )
+    .await;
+    create::<Federation>(&client, &ns, json!({
+        "apiVersion": "warren.dev/v1alpha1", "kind": "Federation",
+        "metadata": {"name": "dc2", "namespace": ns},
+        "spec": {"uriSecret": {"name": "upstream"}, "prefetchCount": 100, "ackMode": "on-confirm",
+                 "maxHops": 2, "expires": 60000, "rabbitClusterReference": {"name": "site"},
+                 "deletionPolicy": "retain"},
+    }))
+    .await;
+    let path = "/api/parameters/federation-upstream/%2F/dc2";
+    let p = mgmt
+        .wait("the upstream on the broker", path, |_| true)
+        .await;
+    assert_eq!(p["value"]["uri"], "amqp://user:pw@dc2.example:5672");
+    assert_eq!(p["value"]["prefetch-count"], 100);
+    assert_eq!(p["value"]["ack-mode"], "on-confirm");
+    assert_eq!(p["value"]["max-hops"], 2);
+    wait_ready::<Federation>(&client, &ns, "dc2", "True").await;
+
+    // Rotating the Secret re-applies within seconds.
+    secret(
+        &client,
+        &ns,
+        "upstream",
+        json!({"uri": "amqps://user:new@dc2.example:5671,amqps://user:new@dc3.example:5671"}),
+    )
+    .await;
+    mgmt.wait("the rotated URIs", path, |p| {
+        p["value"]["uri"]
+            == json!([
+                "amqps://user:new@dc2.example:5671",
+                "amqps://user:new@dc3.example:5671"
+            ])
+    })
+    .await;
+
+    secret(
+        &client,
+        &ns,
+        "shovel-uris",
+        json!({"srcUri": "amqp://", "destUri": "amqp://"}),
+    )
+    .await;
+    create::<Shovel>(&client, &ns, json!({
+        "apiVersion": "warren.dev/v1alpha1", "kind": "Shovel",
+        "metadata": {"name": "move", "namespace": ns},
+        "spec": {"uriSecret": {"name": "shovel-uris"}, "srcQueue": "old", "destExchange": "amq.topic",
+                 "destExchangeKey": "moved", "srcPrefetchCount": 50, "ackMode": "on-confirm",
+                 "destAddForwardHeaders": true, "rabbitClusterReference": {"name": "site"}},
+    }))
+    .await;
+    let spath = "/api/parameters/shovel/%2F/move";
+    let s = mgmt.wait("the shovel on the broker", spath, |_| true).await;
+    assert_eq!(s["value"]["src-queue"], "old");
+    assert_eq!(s["value"]["dest-exchange"], "amq.topic");
+    assert_eq!(s["value"]["dest-exchange-key"], "moved");
+    assert_eq!(s["value"]["src-uri"], "amqp://");
+    assert_eq!(s["value"]["ack-mode"], "on-confirm");
+    wait_ready::<Shovel>(&client, &ns, "move", "True").await;
+
+    // An invalid combination is refused by the API server.
+    let bad: Result<Shovel, _> = serde_json::from_value(json!({
+        "apiVersion": "warren.dev/v1alpha1", "kind": "Shovel",
+        "metadata": {"name": "bad", "namespace": ns},
+        "spec": {"uriSecret": {"name": "shovel-uris"}, "srcQueue": "a", "srcExchange": "x",
+                 "destQueue": "b", "rabbitClusterReference": {"name": "site"}},
+    }));
+    let err = Api::<Shovel>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &bad.expect("shovel"))
+        .await
+        .expect_err("two sources");
+    assert!(err.to_string().contains("exactly one source"), "{err}");
+
+    // deletionPolicy: delete removes the shovel; retain keeps the upstream.
+    delete::<Shovel>(&client, &ns, "move").await;
+    mgmt.wait_gone("the shovel removed", spath).await;
+    delete::<Federation>(&client, &ns, "dc2").await;
+    assert!(
+        mgmt.get(path).await.is_some(),
+        "retain keeps the upstream on the broker"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_resources_configure_a_stock_rabbitmq() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = namespace(&client, "stock").await;
+    let _op = Operator::start_with(&ns, &["--topology-resync-seconds", "3"]);
+    let rmq = Mgmt::rabbitmq();
+    let amqp_port = std::env::var("RABBITMQ_AMQP_PORT").unwrap_or_else(|_| "5673".into());
+    secret(
+        &client,
+        &ns,
+        "rabbitmq",
+        json!({"uri": rmq.url, "username": "guest", "password": "guest"}),
+    )
+    .await;
+    let target = json!({"name": "rabbitmq"});
+    let suffix = &ns[ns.len() - 6..];
+    let (pol, up, sh) = (
+        format!("fed-{suffix}"),
+        format!("self-{suffix}"),
+        format!("move-{suffix}"),
+    );
+
+    secret(
+        &client,
+        &ns,
+        "self-uri",
+        json!({"uri": format!("amqp://guest:guest@127.0.0.1:{amqp_port}")}),
+    )
+    .await;
+    create::<Federation>(&client, &ns, json!({
+        "apiVersion": "warren.dev/v1alpha1", "kind": "Federation",
+        "metadata": {"name": "up", "namespace": ns},
+        "spec": {"name": up, "uriSecret": {"name": "self-uri"}, "exchange": format!("src-{suffix}"),
+                 "ackMode": "on-confirm", "connectionSecret": target},
+    }))
+    .await;
+    create::<Policy>(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "warren.dev/v1alpha1", "kind": "Policy",
+            "metadata": {"name": "fed", "namespace": ns},
+            "spec": {"name": pol, "pattern": format!("^fed-{suffix}$"), "applyTo": "exchanges",
+                     "definition": {"federation-upstream": up}, "connectionSecret": target},
+        }),
+    )
+    .await;
+    let p = rmq
+        .wait(
+            "the policy on RabbitMQ",
+            &format!("/api/policies/%2F/{pol}"),
+            |_| true,
+        )
+        .await;
+    assert_eq!(p["definition"]["federation-upstream"], up);
+    let u = rmq
+        .wait(
+            "the upstream on RabbitMQ",
+            &format!("/api/parameters/federation-upstream/%2F/{up}"),
+            |_| true,
+        )
+        .await;
+    assert_eq!(u["value"]["ack-mode"], "on-confirm");
+    wait_ready::<Policy>(&client, &ns, "fed", "True").await;
+    wait_ready::<Federation>(&client, &ns, "up", "True").await;
+
+    // A federated exchange makes a link; its live state reaches the Federation's status.
+    rmq.put(
+        &format!("/api/exchanges/%2F/src-{suffix}"),
+        json!({"type": "fanout"}),
+    )
+    .await;
+    rmq.put(
+        &format!("/api/exchanges/%2F/fed-{suffix}"),
+        json!({"type": "fanout"}),
+    )
+    .await;
+    let links = wait_for("a federation link in status.links", LONG, || {
+        let client = client.clone();
+        let ns = ns.clone();
+        async move {
+            let st = status_of::<Federation>(&client, &ns, "up").await;
+            let links = st["links"].as_array()?.clone();
+            links
+                .iter()
+                .any(|l| l["status"] == "running")
+                .then_some(links)
+        }
+    })
+    .await;
+    assert_eq!(links[0]["name"], format!("fed-{suffix}"));
+    assert_eq!(links[0]["type"], "exchange");
+
+    secret(
+        &client,
+        &ns,
+        "shovel-uris",
+        json!({"srcUri": "amqp://", "destUri": "amqp://"}),
+    )
+    .await;
+    create::<Shovel>(&client, &ns, json!({
+        "apiVersion": "warren.dev/v1alpha1", "kind": "Shovel",
+        "metadata": {"name": "move", "namespace": ns},
+        "spec": {"name": sh, "uriSecret": {"name": "shovel-uris"}, "srcQueue": format!("a-{suffix}"),
+                 "destQueue": format!("b-{suffix}"), "ackMode": "on-confirm", "srcPrefetchCount": 10,
+                 "connectionSecret": target},
+    }))
+    .await;
+    rmq.wait(
+        "the shovel on RabbitMQ",
+        &format!("/api/parameters/shovel/%2F/{sh}"),
+        |_| true,
+    )
+    .await;
+    wait_for("the shovel running in status.state", LONG, || {
+        let client = client.clone();
+        let ns = ns.clone();
+        async move {
+            (status_of::<Shovel>(&client, &ns, "move").await["state"] == "running").then_some(())
+        }
+    })
+    .await;
+
+    // Drift on RabbitMQ is corrected too.
+    rmq.delete(&format!("/api/policies/%2F/{pol}")).await;
+    rmq.wait(
+        "the policy restored on RabbitMQ",
+        &format!("/api/policies/%2F/{pol}"),
+        |_| true,
+    )
+    .await;
+
+    for name in ["move"] {
+        delete::<Shovel>(&client, &ns, name).await;
+    }
+    delete::<Policy>(&client, &ns, "fed").await;
+    delete::<Federation>(&client, &ns, "up").await;
+    rmq.wait_gone(
+        "shovel removed from RabbitMQ",
+        &format!("/api/parameters/shovel/%2F/{sh}"),
+    )
+    .await;
+    rmq.wait_gone(
+        "policy removed from RabbitMQ",
+        &format!("/api/policies/%2F/{pol}"),
+    )
+    .await;
+    rmq.wait_gone(
+        "upstream removed from RabbitMQ",
+        &format!("/api/parameters/federation-upstream/%2F/{up}"),
+    )
+    .await;
+    rmq.delete(&format!("/api/exchanges/%2F/src-{suffix}"))
+        .await;
+    rmq.delete(&format!("/api/exchanges/%2F/fed-{suffix}"))
+        .await;
+    rmq.delete(&format!("/api/queues/%2F/a-{suffix}")).await;
+    rmq.delete(&format!("/api/queues/%2F/b-{suffix}")).await;
+}

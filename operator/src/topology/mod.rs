@@ -1,0 +1,578 @@
+//! Controllers for the resources that configure a broker through its management HTTP API:
+//! `Policy`, `Federation` and `Shovel`. One generic reconcile does the work; each kind says
+//! where its object lives on the broker, how its body is made and what to report.
+//!
+//! The broker is found through a `rabbitClusterReference` (the cluster's client Service and
+//! default-user Secret, or the cluster's `warren.dev/management-uri` annotation) or a
+//! `connectionSecret` (any broker, a stock RabbitMQ included).
+
+pub mod federation;
+pub mod policy;
+pub mod shovel;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::{Patch, PatchParams};
+use kube::core::NamespaceResourceScope;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use parking_lot::Mutex;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use crate::cluster::build;
+use crate::cluster::controller::MANAGEMENT_URI_ANNOTATION;
+use crate::conditions;
+use crate::crd::RabbitCluster;
+use crate::crd::common::{ConnectionSecretReference, DeletionPolicy, RabbitClusterReference};
+use crate::management::{ManagementClient, ManagementError};
+use crate::metrics::Metrics;
+
+/// Annotation on a RabbitCluster listing the namespaces (comma-separated, or `*`) whose
+/// Policy/Federation/Shovel resources may configure it.
+pub const ALLOWED_NAMESPACES_ANNOTATION: &str = "warren.dev/topology-allowed-namespaces";
+
+/// Where a resource's broker is.
+pub enum Target<'a> {
+    Cluster(&'a RabbitClusterReference),
+    Secret(&'a ConnectionSecretReference),
+    /// Neither or both: the schema refuses this, but old objects may predate a rule.
+    Invalid,
+}
+
+/// What a kind of topology resource contributes to the generic controller.
+pub trait Topology:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + Serialize
+    + DeserializeOwned
+    + Debug
+    + Send
+    + Sync
+    + 'static
+{
+    /// Controller name in metrics and logs.
+    const CONTROLLER: &'static str;
+    /// Finalizer that removes the object from the broker.
+    const FINALIZER: &'static str;
+    /// What the object is called on the broker, for messages ("policy", "federation upstream").
+    const NOUN: &'static str;
+
+    fn target(&self) -> Target<'_>;
+    fn vhost(&self) -> &str;
+    fn deletion_policy(&self) -> DeletionPolicy;
+    /// Name on the broker: `spec.name`, or `metadata.name`.
+    fn broker_name(&self) -> String;
+    /// Management API path of the object.
+    fn path(&self) -> String;
+    /// A Secret (in the resource's namespace) the body is built from.
+    fn uri_secret(&self) -> Option<&str> {
+        None
+    }
+    /// The PUT body; `secret` holds the `uri_secret`'s keys.
+    fn body(&self, secret: Option<&BTreeMap<String, String>>) -> Result<Value, String>;
+    /// Management API paths read after a successful apply, for the status.
+    fn observe_paths(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Extra status fields from what `observe_paths` returned (None where a GET failed).
+    fn observed_status(&self, _observed: &[Option<Value>]) -> serde_json::Map<String, Value> {
+        serde_json::Map::new()
+    }
+}
+
+/// Shared state of the topology controllers.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    /// Periodic re-apply interval (drift correction).
+    pub resync: Duration,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        metrics: Metrics,
+        instance: Option<String>,
+        resync: Duration,
+    ) -> Arc<Self> {
+        let reporter = Reporter {
+            controller: "warren-operator".into(),
+            instance,
+        };
+        Arc::new(Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            resync,
+            failures: Mutex::new(HashMap::new()),
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// The broker (or finding it) failed; the message is for the Ready condition.
+    #[error("{message}")]
+    NotReady {
+        reason: &'static str,
+        message: String,
+    },
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+impl Error {
+    fn kind(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::NotReady { reason, .. } => reason,
+            Error::Finalizer(_) => "finalizer",
+        }
+    }
+}
+
+fn not_ready(reason: &'static str, message: impl Into<String>) -> Error {
+    Error::NotReady {
+        reason,
+        message: message.into(),
+    }
+}
+
+fn key<T: Topology>(obj: &T) -> String {
+    format!(
+        "{}/{}/{}",
+        T::CONTROLLER,
+        obj.namespace().unwrap_or_default(),
+        obj.name_any()
+    )
+}
+
+fn secret_map(secret: &Secret) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for (k, v) in secret.data.iter().flatten() {
+        if let Ok(s) = String::from_utf8(v.0.clone()) {
+            out.insert(k.clone(), s);
+        }
+    }
+    for (k, v) in secret.string_data.iter().flatten() {
+        out.insert(k.clone(), v.clone());
+    }
+    out
+}
+
+async fn read_secret(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    what: &str,
+) -> Result<BTreeMap<String, String>, Error> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    match api.get_opt(name).await? {
+        Some(s) => Ok(secret_map(&s)),
+        None => Err(not_ready(
+            "SecretNotFound",
+            format!("{what}: Secret {ns}/{name} does not exist"),
+        )),
+    }
+}
+
+/// Finds the broker of `obj` and a client for its management API.
+async fn connect<T: Topology>(obj: &T, ctx: &Context) -> Result<ManagementClient, Error> {
+    let ns = obj.namespace().unwrap_or_else(|| "default".into());
+    match obj.target() {
+        Target::Invalid => Err(not_ready(
+            "InvalidSpec",
+            "set exactly one of spec.rabbitClusterReference and spec.connectionSecret",
+        )),
+        Target::Secret(r) => {
+            let s = read_secret(&ctx.client, &ns, &r.name, "spec.connectionSecret").await?;
+            let get = |k: &str| {
+                s.get(k).filter(|v| !v.is_empty()).cloned().ok_or_else(|| {
+                    not_ready(
+                        "SecretIncomplete",
+                        format!(
+                            "spec.connectionSecret: Secret {ns}/{} has no key {k}",
+                            r.name
+                        ),
+                    )
+                })
+            };
+            let (uri, user, pass) = (get("uri")?, get("username")?, get("password")?);
+            ManagementClient::new(&uri, &user, &pass)
+                .map_err(|e| not_ready("BrokerUnreachable", e.to_string()))
+        }
+        Target::Cluster(r) => {
+            let cluster_ns = r.namespace.clone().unwrap_or_else(|| ns.clone());
+            let clusters: Api<RabbitCluster> = Api::namespaced(ctx.client.clone(), &cluster_ns);
+            let Some(rc) = clusters.get_opt(&r.name).await? else {
+                return Err(not_ready(
+                    "ClusterNotFound",
+                    format!("RabbitCluster {cluster_ns}/{} does not exist", r.name),
+                ));
+            };
+            if cluster_ns != ns {
+                let allowed = rc
+                    .annotations()
+                    .get(ALLOWED_NAMESPACES_ANNOTATION)
+                    .is_some_and(|list| {
+                        list.split(',').map(str::trim).any(|n| n == "*" || n == ns)
+                    });
+                if !allowed {
+                    return Err(not_ready(
+                        "NamespaceNotAllowed",
+                        format!(
+                            "RabbitCluster {cluster_ns}/{} does not allow resources from namespace {ns}: \
+                             add {ns} to its annotation {ALLOWED_NAMESPACES_ANNOTATION}",
+                            r.name
+                        ),
+                    ));
+                }
+            }
+            if rc.spec.replicas == 0 {
+                return Err(not_ready(
+                    "ClusterScaledToZero",
+                    format!(
+                        "RabbitCluster {cluster_ns}/{} is scaled to zero nodes",
+                        r.name
+                    ),
+                ));
+            }
+            let Some(user) = rc.status.as_ref().and_then(|s| s.default_user.clone()) else {
+                return Err(not_ready(
+                    "ClusterNotReady",
+                    format!(
+                        "RabbitCluster {cluster_ns}/{} has no default user yet",
+                        r.name
+                    ),
+                ));
+            };
+            let secret_ref = &user.secret_reference;
+            let creds = read_secret(
+                &ctx.client,
+                &secret_ref.namespace,
+                &secret_ref.name,
+                "default user",
+            )
+            .await?;
+            let (Some(u), Some(p)) = (creds.get("username"), creds.get("password")) else {
+                return Err(not_ready(
+                    "ClusterNotReady",
+                    format!("Secret {} lacks username or password", secret_ref.name),
+                ));
+            };
+            let url = rc
+                .annotations()
+                .get(MANAGEMENT_URI_ANNOTATION)
+                .cloned()
+                .unwrap_or_else(|| {
+                    format!(
+                        "http://{}.{}.svc:{}",
+                        user.service_reference.name,
+                        user.service_reference.namespace,
+                        build::MANAGEMENT_PORT
+                    )
+                });
+            ManagementClient::new(&url, u, p)
+                .map_err(|e| not_ready("BrokerUnreachable", e.to_string()))
+        }
+    }
+}
+
+fn broker_error(e: ManagementError) -> Error {
+    match e {
+        ManagementError::Refused { .. } => not_ready("BrokerRefused", e.to_string()),
+        ManagementError::Unreachable { .. } => not_ready("BrokerUnreachable", e.to_string()),
+        ManagementError::BadAnswer { .. } => not_ready("BrokerBadAnswer", e.to_string()),
+    }
+}
+
+async fn event<T: Topology>(ctx: &Context, obj: &T, type_: EventType, reason: &str, note: String) {
+    let ev = Event {
+        type_,
+        reason: reason.to_string(),
+        note: Some(note),
+        action: reason.to_string(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &obj.object_ref(&())).await {
+        tracing::warn!(object = %key(obj), "cannot publish event {reason}: {e}");
+    }
+}
+
+fn current_conditions<T: Topology>(obj: &T) -> Vec<Condition> {
+    serde_json::to_value(obj)
+        .ok()
+        .and_then(|v| v.get("status")?.get("conditions").cloned())
+        .and_then(|c| serde_json::from_value(c).ok())
+        .unwrap_or_default()
+}
+
+async fn write_status<T: Topology>(
+    obj: &T,
+    ctx: &Context,
+    ready: Result<(), (&str, String)>,
+    extra: serde_json::Map<String, Value>,
+) -> Result<(), Error> {
+    let mut conds = current_conditions(obj);
+    let generation = obj.meta().generation;
+    match &ready {
+        Ok(()) => conditions::set(
+            &mut conds,
+            "Ready",
+            true,
+            "Applied",
+            format!(
+                "the broker holds {} {} as specified",
+                T::NOUN,
+                obj.broker_name()
+            ),
+            generation,
+        ),
+        Err((reason, message)) => conditions::set(
+            &mut conds,
+            "Ready",
+            false,
+            reason,
+            message.clone(),
+            generation,
+        ),
+    }
+    let mut status = json!({"conditions": conds, "observedGeneration": generation});
+    if let Some(map) = status.as_object_mut() {
+        map.extend(extra);
+    }
+    let before = serde_json::to_value(obj)
+        .ok()
+        .and_then(|v| v.get("status").cloned());
+    let mut merged = before.clone().unwrap_or_else(|| json!({}));
+    crate::cluster::merge::merge(&mut merged, &status);
+    if before.as_ref() == Some(&merged) {
+        return Ok(());
+    }
+    let api: Api<T> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"status": status})),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn apply<T: Topology>(obj: &T, ctx: &Context) -> Result<Action, Error> {
+    let result: Result<serde_json::Map<String, Value>, Error> = async {
+        let ns = obj.namespace().unwrap_or_else(|| "default".into());
+        let secret = match obj.uri_secret() {
+            Some(name) => Some(read_secret(&ctx.client, &ns, name, "spec.uriSecret").await?),
+            None => None,
+        };
+        let body = obj
+            .body(secret.as_ref())
+            .map_err(|m| not_ready("InvalidSpec", m))?;
+        let client = connect(obj, ctx).await?;
+        client.put(&obj.path(), &body).await.map_err(broker_error)?;
+        let mut observed = Vec::new();
+        for path in obj.observe_paths() {
+            observed.push(client.get::<Value>(&path).await.ok());
+        }
+        Ok(obj.observed_status(&observed))
+    }
+    .await;
+    match result {
+        Ok(extra) => {
+            let was_ready = conditions::is_true(&current_conditions(obj), "Ready");
+            write_status(obj, ctx, Ok(()), extra).await?;
+            if !was_ready {
+                event(
+                    ctx,
+                    obj,
+                    EventType::Normal,
+                    "Applied",
+                    format!("Applied {} {} on the broker", T::NOUN, obj.broker_name()),
+                )
+                .await;
+            }
+            Ok(Action::requeue(ctx.resync))
+        }
+        Err(Error::NotReady { reason, message }) => {
+            write_status(
+                obj,
+                ctx,
+                Err((reason, message.clone())),
+                serde_json::Map::new(),
+            )
+            .await?;
+            event(ctx, obj, EventType::Warning, reason, message.clone()).await;
+            Err(Error::NotReady { reason, message })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn cleanup<T: Topology>(obj: &T, ctx: &Context) -> Result<Action, Error> {
+    if obj.deletion_policy() == DeletionPolicy::Retain {
+        event(
+            ctx,
+            obj,
+            EventType::Normal,
+            "Retained",
+            format!(
+                "Left {} {} on the broker (deletionPolicy: retain)",
+                T::NOUN,
+                obj.broker_name()
+            ),
+        )
+        .await;
+        return Ok(Action::await_change());
+    }
+    let client = match connect(obj, ctx).await {
+        Ok(c) => c,
+        // Nothing left to delete from.
+        Err(Error::NotReady {
+            reason: "ClusterNotFound",
+            ..
+        }) => return Ok(Action::await_change()),
+        Err(e) => return Err(e),
+    };
+    client.delete(&obj.path()).await.map_err(broker_error)?;
+    event(
+        ctx,
+        obj,
+        EventType::Normal,
+        "Deleted",
+        format!("Deleted {} {} from the broker", T::NOUN, obj.broker_name()),
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+async fn reconcile<T: Topology>(obj: Arc<T>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.start(T::CONTROLLER);
+    let ns = obj.namespace().unwrap_or_else(|| "default".into());
+    let api: Api<T> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = finalizer(&api, T::FINALIZER, obj.clone(), |event| async {
+        match event {
+            Finalizer::Apply(o) => apply(&*o, &ctx).await,
+            Finalizer::Cleanup(o) => cleanup(&*o, &ctx).await,
+        }
+    })
+    .await;
+    match result {
+        Ok(action) => {
+            ctx.failures.lock().remove(&key(&*obj));
+            Ok(action)
+        }
+        Err(kube::runtime::finalizer::Error::ApplyFailed(e))
+        | Err(kube::runtime::finalizer::Error::CleanupFailed(e)) => Err(e),
+        Err(e) => Err(Error::Finalizer(e.to_string())),
+    }
+}
+
+fn error_policy<T: Topology>(obj: Arc<T>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.failed(T::CONTROLLER, error.kind());
+    let failures = {
+        let mut f = ctx.failures.lock();
+        let n = f.entry(key(&*obj)).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    // 2s, 4s, 8s … capped at 5 minutes: an unreachable broker is retried, not hammered.
+    let delay = Duration::from_secs(2u64 << failures.min(8).saturating_sub(1))
+        .min(Duration::from_secs(300));
+    tracing::warn!(object = %key(&*obj), attempt = failures, ?delay, "{error}");
+    Action::requeue(delay)
+}
+
+/// Names of the Secrets `obj` reads.
+fn referenced_secrets<T: Topology>(obj: &T) -> Vec<String> {
+    let mut names = Vec::new();
+    if let Some(s) = obj.uri_secret() {
+        names.push(s.to_string());
+    }
+    if let Target::Secret(r) = obj.target() {
+        names.push(r.name.clone());
+    }
+    names
+}
+
+/// Runs the controller of kind `T` until shutdown. Secrets a resource references and the
+/// RabbitCluster it targets are watched, so rotating a Secret or a cluster becoming ready
+/// re-applies at once.
+pub async fn run<T: Topology>(ctx: Arc<Context>, namespace: Option<String>) {
+    let client = ctx.client.clone();
+    let (objects, secrets, clusters) = match &namespace {
+        Some(ns) => (
+            Api::<T>::namespaced(client.clone(), ns),
+            Api::<Secret>::namespaced(client.clone(), ns),
+            Api::<RabbitCluster>::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::<T>::all(client.clone()),
+            Api::<Secret>::all(client.clone()),
+            Api::<RabbitCluster>::all(client.clone()),
+        ),
+    };
+    let controller = Controller::new(objects, watcher::Config::default());
+    let store = controller.store();
+    let store2 = store.clone();
+    controller
+        .watches(
+            secrets,
+            watcher::Config::default(),
+            move |secret: Secret| {
+                let ns = secret.namespace();
+                let name = secret.name_any();
+                store
+                    .state()
+                    .iter()
+                    .filter(|o| {
+                        o.namespace() == ns && referenced_secrets(o.as_ref()).contains(&name)
+                    })
+                    .map(|o| ObjectRef::from_obj(o.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .watches(
+            clusters,
+            watcher::Config::default(),
+            move |rc: RabbitCluster| {
+                let rc_ns = rc.namespace();
+                let name = rc.name_any();
+                store2
+                    .state()
+                    .iter()
+                    .filter(|o| match o.target() {
+                        Target::Cluster(r) => {
+                            r.name == name && r.namespace.clone().or_else(|| o.namespace()) == rc_ns
+                        }
+                        _ => false,
+                    })
+                    .map(|o| ObjectRef::from_obj(o.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .shutdown_on_signal()
+        .run(reconcile::<T>, error_policy::<T>, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!("reconcile stream: {e}");
+            }
+        })
+        .await;
+}
