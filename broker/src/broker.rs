@@ -52,7 +52,8 @@ pub struct Broker {
     pub started_at: Instant,
     /// The message log, on a node with storage (see [`Broker::open_store`]).
     store: std::sync::OnceLock<Arc<MessageLog>>,
-    /// The memory high watermark in bytes (from the configured fraction of physical memory).
+    /// The memory high watermark in bytes (the configured fraction of physical memory or of
+    /// the container's memory limit, whichever is lower).
     memory_limit: AtomicU64,
     /// Set by [`Broker::recover`]: lets vhosts save the node's metadata on change.
     me: std::sync::OnceLock<std::sync::Weak<Broker>>,
@@ -82,7 +83,8 @@ impl Broker {
         ) {
             tracing::error!("{e}");
         }
-        // Without /proc/meminfo, assume 1 GiB of memory rather than never alarming.
+        // The lower of physical memory and the container's limit. Without /proc/meminfo or a
+        // cgroup limit, assume 1 GiB of memory rather than never alarming.
         let memory_limit = (crate::resources::total_memory_bytes().unwrap_or(1 << 30) as f64
             * config.vm_memory_high_watermark) as u64;
         let metrics = Metrics::default();

@@ -95,7 +95,8 @@ pub struct Cli {
     /// Log filter, e.g. `info` or `warren_broker=debug` [default: info].
     #[arg(long, env = "WARREN_LOG_LEVEL")]
     pub log_level: Option<String>,
-    /// Memory high watermark as a fraction of physical memory; above it publishers are
+    /// Memory high watermark as a fraction of the memory available to the node (physical
+    /// memory, or the container's cgroup memory limit when lower); above it publishers are
     /// blocked [default: 0.4].
     #[arg(long, env = "WARREN_VM_MEMORY_HIGH_WATERMARK")]
     pub vm_memory_high_watermark: Option<f64>,
@@ -483,7 +484,7 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "vm-memory-high-watermark",
                 message: format!(
-                    "{} is not a fraction of physical memory in (0, 1]",
+                    "{} is not a fraction of the node's memory in (0, 1]",
                     self.vm_memory_high_watermark
                 ),
             });

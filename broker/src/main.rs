@@ -89,6 +89,13 @@ async fn run(config: Config) -> Result<(), String> {
         env!("CARGO_PKG_VERSION")
     );
     let broker = Broker::new(config);
+    tracing::info!(
+        memory_limit = broker.memory_limit_bytes(),
+        physical_memory = warren_broker::resources::physical_memory_bytes(),
+        cgroup_memory_limit =
+            warren_broker::resources::cgroup_memory_limit(std::path::Path::new("/")),
+        "memory high watermark set"
+    );
     broker
         .recover()
         .map_err(|e| format!("cannot recover from the data directory: {e}"))?;

@@ -97,3 +97,25 @@ fn watermark_must_be_a_fraction() {
             .contains("vm-memory-high-watermark")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_report_the_watermark_of_the_memory_the_node_may_use() {
+    let b = TestBroker::start().await;
+    let url = b.start_management().await;
+    let nodes: serde_json::Value = reqwest::Client::new()
+        .get(format!("{url}/api/nodes"))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // The lower of physical memory and this process's cgroup limit, times the watermark.
+    let total = warren_broker::resources::total_memory_bytes().unwrap();
+    assert!(total <= warren_broker::resources::physical_memory_bytes().unwrap());
+    if let Some(limit) = warren_broker::resources::cgroup_memory_limit(std::path::Path::new("/")) {
+        assert!(total <= limit);
+    }
+    assert_eq!(nodes[0]["mem_limit"], (total as f64 * 0.4) as u64);
+}
