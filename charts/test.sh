@@ -32,7 +32,8 @@
 #
 # Installs what it uses: helm/kubectl (scripts/kubetools.sh), kubernetes-validate (PyPI,
 # venv .deps/chart-venv), @kubernetes-models/prometheus-operator (npm, charts/tests),
-# Debian's prometheus for promtool (apt-get). Builds warren-operator and warren-broker.
+# Debian's prometheus for promtool (apt-get). Builds warren-operator and warren-broker
+# (cargo build), unless WARREN_OPERATOR_BIN and WARREN_BROKER_BIN name binaries to use.
 # Prints "N passed, 0 failed" at the end; any failure exits non-zero.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
@@ -52,9 +53,11 @@ case "${1:-}" in
 esac
 
 PASSED=0
+LAST_PASS=$SECONDS
 pass() {
     PASSED=$((PASSED + 1))
-    printf '  ok  %s\n' "$*"
+    printf '  ok  %s (%d s)\n' "$*" $((SECONDS - LAST_PASS))
+    LAST_PASS=$SECONDS
 }
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/warren-chart-test.XXXXXX")"
@@ -207,10 +210,16 @@ header "live: helm install/upgrade/uninstall on the control plane"
 [ -n "${KUBECONFIG:-}" ] || die "KUBECONFIG is not set: the live chart tests need the control plane (bash e2e/run.sh runs them; or start one with bash e2e/control-plane.sh start and eval \"\$(bash e2e/control-plane.sh env)\"; --static runs only the static checks)"
 kc() { "$KUBECTL" "$@"; }
 kc version >/dev/null 2>&1 || die "the API server in KUBECONFIG ($KUBECONFIG) does not answer"
-TARGET_DIR="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
-cargo build -q -p warren-operator -p warren-broker --bins
-OPERATOR_BIN="$TARGET_DIR/debug/warren-operator"
-BROKER_BIN="$TARGET_DIR/debug/warren-broker"
+# The binaries: WARREN_OPERATOR_BIN / WARREN_BROKER_BIN when given (both), else built here.
+if [ -n "${WARREN_OPERATOR_BIN:-}" ] && [ -n "${WARREN_BROKER_BIN:-}" ]; then
+    OPERATOR_BIN="$WARREN_OPERATOR_BIN"
+    BROKER_BIN="$WARREN_BROKER_BIN"
+else
+    TARGET_DIR="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
+    cargo build -q -p warren-operator -p warren-broker --bins
+    OPERATOR_BIN="$TARGET_DIR/debug/warren-operator"
+    BROKER_BIN="$TARGET_DIR/debug/warren-broker"
+fi
 [ -x "$OPERATOR_BIN" ] || die "no operator binary at $OPERATOR_BIN"
 [ -x "$BROKER_BIN" ] || die "no broker binary at $BROKER_BIN"
 
@@ -248,6 +257,17 @@ EOF
     done
 }
 CLEANUP_CMDS+=("'$KUBECTL' delete pv -l warren.dev/chart-test=$RUN_ID --wait=false")
+
+# On a failure, RabbitClusters left behind would hold their namespace in Terminating (their
+# finalizer needs a running operator): drop the finalizers before deleting namespaces.
+drop_finalizers() { # NS...
+    local ns rc
+    for ns in "$@"; do
+        for rc in $(kc -n "$ns" get rabbitcluster -o name 2>/dev/null); do
+            kc -n "$ns" patch "$rc" --type merge -p '{"metadata":{"finalizers":null}}' >/dev/null 2>&1
+        done
+    done
+}
 
 # helm_install RELEASE NAMESPACE ARGS...: install, adopting CRDs that exist without
 # belonging to a release of this chart (applied by hand with `kubectl apply -f crds/`, or
@@ -322,12 +342,20 @@ is_ready() { # NS NAME REPLICAS
     [ "$(condition "$1" "$2" AllReplicasReady)" = True ] &&
         [ "$(kc -n "$1" get rabbitcluster "$2" -o jsonpath='{.status.readyReplicas}')" = "$3" ]
 }
+cond_is() { # NS NAME TYPE STATUS
+    [ "$(condition "$1" "$2" "$3")" = "$4" ]
+}
+field_is() { # NS OBJECT JSONPATH VALUE
+    [ "$(kc -n "$1" get "$2" -o jsonpath="$3")" = "$4" ]
+}
 message_has() { # NS NAME TYPE TEXT
     condition_message "$1" "$2" "$3" | grep -qF -- "$4"
 }
+# RBAC denials read `User "system:serviceaccount:..." cannot VERB resource "R" in API group "G"`.
+RBAC_DENIED='cannot [a-z]+ resource'
 no_forbidden() { # LOG
-    if grep -qi 'forbidden' "$1"; then
-        grep -i 'forbidden' "$1" | head -5 >&2
+    if grep -qE "$RBAC_DENIED" "$1"; then
+        grep -E "$RBAC_DENIED" "$1" | head -5 >&2
         die "the operator hit a Forbidden error: the chart's RBAC lacks a permission it needs (log $1)"
     fi
 }
@@ -341,8 +369,8 @@ exercise() {
     pass "$ns: samples/rabbitcluster-minimal.yaml reconciled to AllReplicasReady (3 of 3)"
     for obj in statefulset/hello-warren-server service/hello-warren service/hello-warren-nodes \
         secret/hello-warren-default-user secret/hello-warren-cluster-secret configmap/hello-warren-config \
-        serviceaccount/hello-warren-server poddisruptionbudget/hello-warren; do
-        kc -n "$ns" get "$obj" >/dev/null 2>&1 || kc -n "$ns" get "$obj" >/dev/null
+        serviceaccount/hello-warren-server poddisruptionbudget/hello-warren-server; do
+        kc -n "$ns" get "$obj" >/dev/null || die "$obj missing in $ns"
     done
     [ -n "$(kc -n "$ns" get events.events.k8s.io --field-selector reason=Created -o name)" ] ||
         die "no Created Event in $ns: the operator could not write Events"
@@ -352,7 +380,7 @@ exercise() {
     kc -n "$ns" patch rabbitcluster hello-warren --type merge -p '{"spec":{"persistence":{"storage":"20Gi"}}}' >/dev/null
     wait_until "the resize to be refused for the StorageClass" 60 message_has "$ns" hello-warren ReconcileSuccess "does not allow volume expansion"
     kc -n "$ns" patch rabbitcluster hello-warren --type merge -p '{"spec":{"persistence":{"storage":"10Gi"}}}' >/dev/null
-    wait_until "ReconcileSuccess again" 60 test "$(condition "$ns" hello-warren ReconcileSuccess)" = True
+    wait_until "ReconcileSuccess again" 60 cond_is "$ns" hello-warren ReconcileSuccess True
     pass "$ns: a resize is checked against the StorageClasses (refused: no class allows expansion)"
 
     # Scale-down drains the node through its management API: a real broker stands in for
@@ -375,6 +403,16 @@ exercise() {
     curl -fsS -u "$user:$pass" "$mgmt/api/warren/drain" | grep -q '"being_drained":true' ||
         die "the broker standing in for hello-warren-server-2 was not drained"
     pass "$ns: scale-down 3 -> 2 drained the node (pods read, StatefulSet patched)"
+
+    # A Policy reaches the broker of hello-warren (the same stand-in), and leaves it when deleted.
+    kc apply -n "$ns" -f samples/policy.yaml >/dev/null
+    wait_until "Policy orders-limits Ready" 60 field_is "$ns" policy/orders-limits '{.status.conditions[?(@.type=="Ready")].status}' True
+    curl -fsS -u "$user:$pass" "$mgmt/api/policies/%2F/orders-limits" | grep -q 'orders' ||
+        die "the broker has no policy orders-limits"
+    kc -n "$ns" delete policy orders-limits --wait --timeout=60s >/dev/null
+    [ "$(curl -s -o /dev/null -w '%{http_code}' -u "$user:$pass" "$mgmt/api/policies/%2F/orders-limits")" = 404 ] ||
+        die "deleting the Policy did not delete it from the broker"
+    pass "$ns: samples/policy.yaml written to the broker, and removed with the Policy"
 
     # Volume expansion: a class that allows it; the claim is resized and the StatefulSet
     # re-created with the new claim template.
@@ -402,8 +440,8 @@ spec:
 EOF
     wait_until "vol ready" 120 is_ready "$ns" vol 1
     kc -n "$ns" patch rabbitcluster vol --type merge -p '{"spec":{"persistence":{"storage":"2Gi"}}}' >/dev/null
-    wait_until "the claim of vol resized to 2Gi" 120 test "$(kc -n "$ns" get pvc persistence-vol-server-0 -o jsonpath='{.spec.resources.requests.storage}')" = 2Gi
-    wait_until "vol's StatefulSet re-created with a 2Gi claim template" 120 test "$(kc -n "$ns" get statefulset vol-server -o jsonpath='{.spec.volumeClaimTemplates[0].spec.resources.requests.storage}')" = 2Gi
+    wait_until "the claim of vol resized to 2Gi" 120 field_is "$ns" pvc/persistence-vol-server-0 '{.spec.resources.requests.storage}' 2Gi
+    wait_until "vol's StatefulSet re-created with a 2Gi claim template" 120 field_is "$ns" statefulset/vol-server '{.spec.volumeClaimTemplates[0].spec.resources.requests.storage}' 2Gi
     wait_until "vol ready again" 120 is_ready "$ns" vol 1
     pass "$ns: volume expansion resized the claim and re-created the StatefulSet"
     no_forbidden "$log"
@@ -413,7 +451,7 @@ EOF
 # ---- cluster scope
 OP_NS="warren-chart-$RUN_ID"
 APPS_NS="warren-chart-apps-$RUN_ID"
-CLEANUP_CMDS+=("'$HELM' uninstall warren -n $OP_NS --wait" "'$KUBECTL' delete namespace $OP_NS $APPS_NS --wait=false")
+CLEANUP_CMDS+=("'$HELM' uninstall warren -n $OP_NS --wait" "drop_finalizers $OP_NS $APPS_NS" "'$KUBECTL' delete namespace $OP_NS $APPS_NS --wait=false")
 helm_install warren "$OP_NS" >"$WORK/helm-install.out" 2>&1 || { cat "$WORK/helm-install.out"; die "helm install failed"; }
 for crd in rabbitclusters policies federations shovels; do
     kc wait --for=condition=Established "crd/$crd.warren.dev" --timeout=60s >/dev/null
@@ -447,7 +485,7 @@ pass "helm upgrade: 2 replicas, PodDisruptionBudget, new flags; the operator kee
 
 # ---- namespace scope, second release, CRDs from the first
 NS_NS="warren-chart-ns-$RUN_ID"
-CLEANUP_CMDS+=("'$HELM' uninstall warren-team -n $NS_NS --wait" "'$KUBECTL' delete namespace $NS_NS --wait=false")
+CLEANUP_CMDS+=("'$HELM' uninstall warren-team -n $NS_NS --wait" "drop_finalizers $NS_NS" "'$KUBECTL' delete namespace $NS_NS --wait=false")
 helm_install warren-team "$NS_NS" --set rbac.scope=namespace --set crds.install=false \
     >"$WORK/helm-install-ns.out" 2>&1 || { cat "$WORK/helm-install-ns.out"; die "helm install (namespace scope) failed"; }
 pass "helm install (namespace scope, crds.install=false) next to the first release"
