@@ -228,10 +228,13 @@ SERVER="$(kc config view --raw --minify -o jsonpath='{.clusters[0].cluster.serve
 CA_DATA="$(kc config view --raw --minify -o jsonpath='{.clusters[0].cluster.certificate-authority-data}')"
 
 # wait_until WHAT TIMEOUT_S CMD...: poll CMD every second.
+# While an operator runs (CURRENT_OP_LOG), an RBAC denial in its log fails at once.
+CURRENT_OP_LOG=""
 wait_until() {
     local what="$1" timeout="$2" t0=$SECONDS
     shift 2
     until "$@" >/dev/null 2>&1; do
+        [ -z "$CURRENT_OP_LOG" ] || no_forbidden "$CURRENT_OP_LOG"
         ((SECONDS - t0 < timeout)) || die "timed out after ${timeout}s waiting for $what"
         sleep 1
     done
@@ -329,6 +332,7 @@ EOF
         RUST_LOG="info,warren_operator=debug" "$OPERATOR_BIN" "${args[@]}" >"$log" 2>&1 &
     OP_PID=$!
     PIDS+=("$OP_PID")
+    CURRENT_OP_LOG="$log"
     wait_until "the operator's /readyz" 30 curl -fsS "http://127.0.0.1:$OP_PORT/readyz"
 }
 

@@ -79,36 +79,37 @@ watched namespace (namespace scope). charts/test.sh runs the operator with exact
 permissions: a missing one fails it.
 */}}
 {{- define "warren-operator.rules" -}}
-# The custom resources: watched, finalizers added and removed, status written.
+# The custom resources: watched, finalizers added and removed (JSON patch), status patched.
 - apiGroups: ["warren.dev"]
   resources: ["rabbitclusters", "policies", "federations", "shovels"]
-  verbs: ["get", "list", "watch", "update", "patch"]
+  verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["warren.dev"]
   resources: ["rabbitclusters/status", "policies/status", "federations/status", "shovels/status"]
-  verbs: ["get", "update", "patch"]
+  verbs: ["patch"]
 # Owner references with blockOwnerDeletion need this where OwnerReferencesPermissionEnforcement is on.
 - apiGroups: ["warren.dev"]
   resources: ["rabbitclusters/finalizers", "policies/finalizers", "federations/finalizers", "shovels/finalizers"]
   verbs: ["update"]
-# What a RabbitCluster owns, written by server-side apply; the StatefulSet is deleted
-# (orphaning its pods) to grow its volume claim template.
+# What a RabbitCluster owns, written by server-side apply (which needs create for a new
+# object and patch); the StatefulSet is also deleted (orphaning its pods) to grow its volume
+# claim template. Nothing else is deleted: owner references let the garbage collector do it.
 - apiGroups: ["apps"]
   resources: ["statefulsets"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["services", "configmaps", "secrets", "serviceaccounts"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 # Pods are only read: is a node running before it is drained.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get"]
 # Volume expansion resizes the claims.
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]
-  verbs: ["get", "list", "patch"]
+  verbs: ["get", "patch"]
 # Events about every create, update and failure (kube-rs Recorder: events.k8s.io/v1).
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
