@@ -47,3 +47,12 @@ cargo build -p warren-operator -p warren-broker --bins
 
 echo "==== cargo test -p warren-e2e ===="
 cargo test -p warren-e2e -- "$@"
+
+# On the same control plane: the Helm chart (install/upgrade/uninstall with the operator
+# confined to the chart's RBAC) and the Grafana dashboards (every panel's query against a
+# real Prometheus scraping a live broker and operator).
+echo "==== Helm chart: charts/test.sh ===="
+bash charts/test.sh
+
+echo "==== Grafana dashboards: tests/dashboards/panels_test.sh ===="
+bash tests/dashboards/panels_test.sh
