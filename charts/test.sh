@@ -32,7 +32,7 @@
 #
 # Installs what it uses: helm/kubectl (scripts/kubetools.sh), kubernetes-validate (PyPI,
 # venv .deps/chart-venv), @kubernetes-models/prometheus-operator (npm, charts/tests),
-# Debian's prometheus for promtool (apt-get). Builds warren-operator and warren-broker
+# Debian's prometheus for promtool and curl (apt-get). Builds warren-operator and warren-broker
 # (cargo build), unless WARREN_OPERATOR_BIN and WARREN_BROKER_BIN name binaries to use.
 # Prints "N passed, 0 failed" at the end; any failure exits non-zero.
 set -euo pipefail
@@ -112,6 +112,12 @@ if ! command -v promtool >/dev/null 2>&1; then
     [ "$rc" = 0 ] || die "apt-get install prometheus failed (rc $rc)"
 fi
 promtool --version 2>&1 | head -1
+if ! command -v curl >/dev/null 2>&1; then
+    echo "installing curl (apt-get)"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q curl >/dev/null ||
+        { as_root apt-get update -q && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q curl; } ||
+        die "curl is missing and could not be installed"
+fi
 
 if ! "$CHART_VENV/bin/python" -c "import kubernetes_validate, yaml, sys; sys.exit(kubernetes_validate.version.__version__ != '$KUBE_VALIDATE_VERSION')" 2>/dev/null; then
     echo "installing kubernetes-validate $KUBE_VALIDATE_VERSION into $CHART_VENV"
