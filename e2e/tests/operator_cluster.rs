@@ -753,3 +753,77 @@ async fn volumes_grow_when_the_class_allows_and_never_shrink() {
     let message = wait_condition(&client, &ns, "vol", "ReconcileSuccess", "False").await;
     assert!(message.contains("cannot shrink"), "{message}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_secrets_are_checked_and_a_renewed_certificate_rolls_the_pods() {
+    let (client, ns, _op) = setup("tls").await;
+    create_cluster(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "warren.dev/v1alpha1", "kind": "RabbitCluster",
+            "metadata": {"name": "sec", "namespace": ns},
+            "spec": {"replicas": 2, "persistence": {"storage": "0"},
+                     "tls": {"secretName": "sec-tls", "disableNonTLSListeners": true}},
+        }),
+    )
+    .await;
+    // The Secret does not exist yet: the spec cannot be applied and says what to create.
+    let message = wait_condition(&client, &ns, "sec", "ReconcileSuccess", "False").await;
+    assert!(
+        message.contains("spec.tls.secretName") && message.contains("sec-tls"),
+        "{message}"
+    );
+    let tls = |crt: &str| -> Secret {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+            "metadata": {"name": "sec-tls", "namespace": ns},
+            "stringData": {"tls.crt": crt, "tls.key": "key"},
+        }))
+        .expect("secret")
+    };
+    let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+    secrets
+        .create(&PostParams::default(), &tls("cert-1"))
+        .await
+        .expect("tls secret");
+    wait_settled(&client, &ns, "sec", 2).await;
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns)
+        .get("sec-config")
+        .await
+        .expect("cm");
+    let toml_text = cm.data.expect("data")["warren.toml"].clone();
+    assert!(toml_text.contains("amqp-listen = \"none\""), "{toml_text}");
+    assert!(
+        toml_text.contains("amqps-listen = \"0.0.0.0:5671\""),
+        "{toml_text}"
+    );
+
+    // Renewing the certificate rolls the pods (the broker reads it at start).
+    let hash = |p: &Pod| {
+        p.labels()
+            .get("controller-revision-hash")
+            .cloned()
+            .unwrap_or_default()
+    };
+    let old = hash(&pods(&client, &ns, "sec").await[0]);
+    secrets
+        .patch(
+            "sec-tls",
+            &PatchParams::apply("e2e").force(),
+            &Patch::Apply(&tls("cert-2")),
+        )
+        .await
+        .expect("renew");
+    wait_for("pods rolled onto the renewed certificate", LONG, || {
+        let client = client.clone();
+        let ns = ns.clone();
+        let old = old.clone();
+        async move {
+            let p = pods(&client, &ns, "sec").await;
+            (p.len() == 2 && p.iter().all(|p| hash(p) != old)).then_some(())
+        }
+    })
+    .await;
+    wait_settled(&client, &ns, "sec", 2).await;
+}

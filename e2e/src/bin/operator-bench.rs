@@ -19,7 +19,9 @@ fn manifest(ns: &str, name: &str, replicas: i32) -> RabbitCluster {
     serde_json::from_value(json!({
         "apiVersion": "warren.dev/v1alpha1", "kind": "RabbitCluster",
         "metadata": {"name": name, "namespace": ns},
-        "spec": {"replicas": replicas, "persistence": {"storage": "0"}},
+        // Small requests: 200 clusters must fit on the three fake nodes (64 CPUs each).
+        "spec": {"replicas": replicas, "persistence": {"storage": "0"},
+                 "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}}},
     }))
     .expect("manifest")
 }

@@ -17,6 +17,7 @@ use kube::api::{DeleteParams, Patch, PatchParams, PropagationPolicy};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use parking_lot::Mutex;
@@ -149,13 +150,33 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
         ),
     };
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=warren-operator");
-    Controller::new(clusters, watcher::Config::default())
+    let controller = Controller::new(clusters, watcher::Config::default());
+    let store = controller.store();
+    controller
         .owns(sts, owned.clone())
         .owns(svc, owned.clone())
         .owns(cm, owned.clone())
-        .owns(sec, owned.clone())
         .owns(sa, owned.clone())
         .owns(pdb, owned)
+        // Secrets: the cluster's own, and the ones it references (TLS certificates, an
+        // imported default user), so a renewed certificate or a created Secret acts at once.
+        .watches(sec, watcher::Config::default(), move |secret: Secret| {
+            let ns = secret.namespace();
+            let name = secret.name_any();
+            store
+                .state()
+                .iter()
+                .filter(|rc| {
+                    rc.namespace() == ns
+                        && (references_secret(rc, &name)
+                            || secret.owner_references().iter().any(|o| {
+                                o.kind == "RabbitCluster"
+                                    && Some(&o.uid) == rc.metadata.uid.as_ref()
+                            }))
+                })
+                .map(|rc| ObjectRef::from_obj(rc.as_ref()))
+                .collect::<Vec<_>>()
+        })
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -164,6 +185,18 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
             }
         })
         .await;
+}
+
+/// Whether the cluster's spec names Secret `name` (TLS, CA, imported default user).
+fn references_secret(rc: &RabbitCluster, name: &str) -> bool {
+    let tls = rc.spec.tls.as_ref();
+    tls.is_some_and(|t| t.secret_name == name || t.ca_secret_name.as_deref() == Some(name))
+        || rc
+            .spec
+            .default_user
+            .as_ref()
+            .and_then(|d| d.secret_name.as_deref())
+            == Some(name)
 }
 
 fn key(rc: &RabbitCluster) -> String {
@@ -445,6 +478,7 @@ async fn apply_objects(
         .unwrap_or(rc.spec.replicas);
     // Validate the spec's StatefulSet even when the scale-down below keeps more replicas.
     let mut sts = build::stateful_set(rc, rc.spec.replicas).map_err(spec_error)?;
+    stamp_tls_version(rc, ctx, &mut sts).await?;
     check_storage(rc, ctx, current.as_ref()).await?;
 
     apply_and_report(ctx, rc, sa).await?;
@@ -495,6 +529,55 @@ async fn apply_objects(
         spec.replicas = Some(replicas);
     }
     apply_and_report(ctx, rc, sts).await?;
+    Ok(())
+}
+
+/// Annotation on the pod template with the TLS Secrets' resource versions: the broker reads
+/// its certificate at start, so a renewed certificate rolls the pods one at a time.
+pub const TLS_VERSION_ANNOTATION: &str = "warren.dev/tls-secret-version";
+
+async fn stamp_tls_version(
+    rc: &RabbitCluster,
+    ctx: &Context,
+    sts: &mut StatefulSet,
+) -> Result<(), Error> {
+    let Some(tls) = &rc.spec.tls else {
+        return Ok(());
+    };
+    let ns = build::namespace(rc);
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut versions = Vec::new();
+    for (field, name, keys) in [
+        (
+            "spec.tls.secretName",
+            Some(&tls.secret_name),
+            &["tls.crt", "tls.key"][..],
+        ),
+        (
+            "spec.tls.caSecretName",
+            tls.ca_secret_name.as_ref(),
+            &["ca.crt"][..],
+        ),
+    ] {
+        let Some(name) = name else { continue };
+        let Some(secret) = secrets.get_opt(name).await? else {
+            return Err(Error::Spec(format!(
+                "{field}: Secret {ns}/{name} does not exist; create it (keys {})",
+                keys.join(", ")
+            )));
+        };
+        if let Some(missing) = keys.iter().find(|k| secret_value(&secret, k).is_none()) {
+            return Err(Error::Spec(format!(
+                "{field}: Secret {ns}/{name} has no key {missing}"
+            )));
+        }
+        versions.push(secret.metadata.resource_version.unwrap_or_default());
+    }
+    if let Some(meta) = sts.spec.as_mut().and_then(|s| s.template.metadata.as_mut()) {
+        meta.annotations
+            .get_or_insert_with(Default::default)
+            .insert(TLS_VERSION_ANNOTATION.to_string(), versions.join(","));
+    }
     Ok(())
 }
 
