@@ -212,6 +212,10 @@ pub struct Channel {
     confirm_waiting: VecDeque<(u64, u64, bool)>,
     /// The log sequence number the publish being routed must wait for.
     route_wait: u64,
+    /// A `tx.commit` whose persistent messages are not on disk yet: `commit-ok` waits for the
+    /// message log to sync past this sequence number, and the connection reads nothing more
+    /// until then (so no later reply overtakes it).
+    commit_waiting: Option<u64>,
     tx: Option<Vec<TxOp>>,
     consumers: HashMap<String, ConsumerEntry>,
     prefetch: u32,
@@ -248,6 +252,7 @@ impl Channel {
             confirm_pending_ack: None,
             confirm_waiting: VecDeque::new(),
             route_wait: 0,
+            commit_waiting: None,
             tx: None,
             consumers: HashMap::new(),
             prefetch: 0,
@@ -281,6 +286,12 @@ impl Channel {
     /// Sends the batched publisher-confirm ack, if any, after releasing the confirms whose
     /// messages the log has now synced.
     pub fn flush_confirms(&mut self) {
+        if let Some(wait) = self.commit_waiting
+            && wait <= self.ctx().broker.store_synced()
+        {
+            self.commit_waiting = None;
+            self.commit_ok();
+        }
         if !self.confirm_waiting.is_empty() {
             let synced = self.ctx().broker.store_synced();
             while let Some(&(seq, wait, ok)) = self.confirm_waiting.front() {
@@ -296,9 +307,23 @@ impl Channel {
         }
     }
 
-    /// True while some confirm waits for the message log.
+    /// True while some confirm or a `tx.commit` waits for the message log.
     pub fn awaiting_sync(&self) -> bool {
-        !self.confirm_waiting.is_empty()
+        !self.confirm_waiting.is_empty() || self.commit_waiting.is_some()
+    }
+
+    /// True while a `tx.commit` waits for the message log: the connection must not handle
+    /// further frames until it is answered.
+    pub fn commit_pending(&self) -> bool {
+        self.commit_waiting.is_some()
+    }
+
+    fn commit_ok(&self) {
+        reply(
+            self.ctx(),
+            self.id(),
+            AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})),
+        );
     }
 
     fn confirm(&mut self, seq: u64, ok: bool, wait: u64) {
@@ -983,11 +1008,14 @@ impl Channel {
                         TxOp::Settle { tag, multiple, how } => self.settle(tag, multiple, how)?,
                     }
                 }
-                reply(
-                    self.ctx(),
-                    ch,
-                    AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})),
-                );
+                // As with confirms: persistent messages of durable queues must be on disk
+                // before the client hears the transaction is committed.
+                let wait = std::mem::take(&mut self.route_wait);
+                if wait > self.ctx().broker.store_synced() {
+                    self.commit_waiting = Some(wait);
+                } else {
+                    self.commit_ok();
+                }
             }
             tx::AMQPMethod::Rollback(_) => {
                 if self.tx.replace(Vec::new()).is_none() {

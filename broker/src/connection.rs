@@ -289,6 +289,7 @@ async fn serve_io<R, W>(
         closing: false,
         blocked_capable: client_capability(&opened.client_properties, "connection.blocked"),
         has_published: false,
+        sync_pause: false,
     };
     let reason = conn.run(&mut reader, heartbeat).await;
     broker.connections.deregister(id);
@@ -485,6 +486,9 @@ struct Connection {
     closing: bool,
     blocked_capable: bool,
     has_published: bool,
+    /// A channel's `tx.commit` waits for the message log: no frame is handled (nor read) until
+    /// it is answered, so replies keep their order.
+    sync_pause: bool,
 }
 
 impl Connection {
@@ -502,8 +506,16 @@ impl Connection {
         let mut synced = broker.store().map(|s| s.synced());
         let mut blocked_sent = false;
         loop {
+            if self.sync_pause {
+                // The log may have synced: answer the waiting commit, then handle what the
+                // client sent after it (already buffered, perhaps nothing more will come).
+                for ch in self.channels.values_mut() {
+                    ch.flush_confirms();
+                }
+                self.sync_pause = self.channels.values().any(Channel::commit_pending);
+            }
             // Everything already buffered is handled before reading again.
-            loop {
+            while !self.sync_pause || self.closing {
                 let frame = match reader.decoder.decode(&mut reader.buf) {
                     Ok(Some(f)) => f,
                     Ok(None) => break,
@@ -529,6 +541,7 @@ impl Connection {
                     flow_wait = Some(q);
                 }
             }
+            self.sync_pause = self.channels.values().any(Channel::commit_pending);
             // Credit flow: a queue whose consumers' connections are behind asks us to stop
             // reading publishes until it catches up (bounded, so heartbeats and other
             // channels are never starved for long).
@@ -586,7 +599,7 @@ impl Connection {
                 heartbeat * 2
             };
             tokio::select! {
-                r = tokio::time::timeout(timeout, reader.rd.read_buf(&mut reader.buf)) => match r {
+                r = tokio::time::timeout(timeout, reader.rd.read_buf(&mut reader.buf)), if !self.sync_pause || self.closing => match r {
                     Ok(Ok(0)) => return "client closed the socket".into(),
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => return format!("read error: {e}"),
@@ -745,7 +758,9 @@ impl Connection {
                         ) {
                             self.has_published = true;
                         }
-                        ch.handle_method(m)
+                        let r = ch.handle_method(m);
+                        self.sync_pause |= ch.commit_pending();
+                        r
                     }
                 }
             }

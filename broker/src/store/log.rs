@@ -428,6 +428,11 @@ impl MessageLog {
         self.synced_tx.subscribe()
     }
 
+    /// The sequence number of the last record appended (on disk or not).
+    pub fn appended_seq(&self) -> u64 {
+        self.pending.lock().last_seq
+    }
+
     pub fn synced_now(&self) -> u64 {
         *self.synced_tx.borrow()
     }
