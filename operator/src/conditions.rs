@@ -55,6 +55,17 @@ pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
         .any(|c| c.type_ == type_ && c.status == "True")
 }
 
+/// An Event note within the API server's limit of 1024 bytes.
+pub fn event_note(s: String) -> String {
+    const MAX: usize = 1024;
+    if s.len() <= MAX {
+        return s;
+    }
+    let mut cut = truncate(s, MAX - 3);
+    cut.push_str("…");
+    cut
+}
+
 fn truncate(mut s: String, max: usize) -> String {
     if s.len() > max {
         let mut cut = max;
@@ -73,6 +84,15 @@ fn jiff_now() -> k8s_openapi::jiff::Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_notes_fit_the_api_limit() {
+        let long = "é".repeat(2000);
+        let note = event_note(long);
+        assert!(note.len() <= 1024, "{}", note.len());
+        assert!(note.ends_with('…'));
+        assert_eq!(event_note("short".into()), "short");
+    }
 
     #[test]
     fn transition_time_moves_only_on_status_change() {

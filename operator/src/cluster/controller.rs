@@ -116,7 +116,7 @@ impl Context {
         let ev = Event {
             type_,
             reason: reason.to_string(),
-            note: Some(note),
+            note: Some(crate::conditions::event_note(note)),
             action: reason.to_string(),
             secondary: related,
         };

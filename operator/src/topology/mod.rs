@@ -306,7 +306,7 @@ async fn event<T: Topology>(ctx: &Context, obj: &T, type_: EventType, reason: &s
     let ev = Event {
         type_,
         reason: reason.to_string(),
-        note: Some(note),
+        note: Some(crate::conditions::event_note(note)),
         action: reason.to_string(),
         secondary: None,
     };
