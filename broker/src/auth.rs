@@ -122,6 +122,14 @@ fn compile(pattern: &str) -> std::result::Result<Regex, String> {
 /// (user, vhost)
 type UserVhost = (String, String);
 
+/// The node's own account, used by its federation links and shovels to reach the node through
+/// an `amqp://` URI without a host (RabbitMQ's direct connection as user `none`). It is not a
+/// stored user: it logs in only from loopback with a secret the node draws at start-up
+/// ([`AccessControl::set_internal_secret`]), has every permission on every vhost, may publish
+/// any `user-id`, and never appears in the user list, definitions or the snapshot. The name is
+/// reserved: the management API refuses to create a user by this name.
+pub const INTERNAL_USER: &str = "warren-links";
+
 /// The node's users and their permissions.
 #[derive(Debug, Default)]
 pub struct AccessControl {
@@ -129,9 +137,45 @@ pub struct AccessControl {
     permissions: RwLock<HashMap<(String, String), Arc<Permission>>>,
     topic_permissions: RwLock<HashMap<UserVhost, Vec<Arc<TopicPermission>>>>,
     loopback_users: RwLock<Vec<String>>,
+    /// The internal account's password (see [`INTERNAL_USER`]); `None` disables it.
+    internal_secret: RwLock<Option<String>>,
+}
+
+/// Full configure/write/read access (the internal account's, on every vhost).
+fn full_access() -> Arc<Permission> {
+    static FULL: std::sync::OnceLock<Arc<Permission>> = std::sync::OnceLock::new();
+    FULL.get_or_init(|| {
+        let all = || Regex::new(".*").expect("valid regex");
+        Arc::new(Permission {
+            configure: all(),
+            write: all(),
+            read: all(),
+        })
+    })
+    .clone()
 }
 
 impl AccessControl {
+    /// Enables the internal account with this password (see [`INTERNAL_USER`]).
+    pub fn set_internal_secret(&self, secret: String) {
+        *self.internal_secret.write() = Some(secret);
+    }
+
+    /// The internal account's password, for the links that log in with it.
+    pub fn internal_secret(&self) -> Option<String> {
+        self.internal_secret.read().clone()
+    }
+
+    fn is_internal(&self, user: &str) -> bool {
+        user == INTERNAL_USER && self.internal_secret.read().is_some()
+    }
+
+    /// Whether `user` may publish messages whose `user-id` names someone else (RabbitMQ's
+    /// `impersonator` tag; the internal account republishes federated messages as is).
+    pub fn may_impersonate(&self, user: &str) -> bool {
+        self.is_internal(user) || self.user(user).is_some_and(|u| u.has_tag("impersonator"))
+    }
+
     pub fn set_loopback_users(&self, users: Vec<String>) {
         *self.loopback_users.write() = users;
     }
@@ -274,6 +318,26 @@ impl AccessControl {
                 "Login was refused using authentication mechanism PLAIN. For details see the broker logfile. (user '{name}')"
             ))
         };
+        if name == INTERNAL_USER {
+            let secret = self.internal_secret.read().clone();
+            return match secret {
+                Some(s)
+                    if peer.is_loopback()
+                        && s.len() == password.len()
+                        && s.bytes()
+                            .zip(password.bytes())
+                            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                            == 0 =>
+                {
+                    Ok(Arc::new(User {
+                        name: INTERNAL_USER.to_owned(),
+                        password_hash: String::new(),
+                        tags: vec!["administrator".into(), "impersonator".into()],
+                    }))
+                }
+                _ => Err(refused()),
+            };
+        }
         let user = self.user(name).ok_or_else(refused)?;
         if !verify_password(&user.password_hash, password) {
             return Err(refused());
@@ -287,6 +351,9 @@ impl AccessControl {
     }
 
     pub fn vhost_permission(&self, user: &str, vhost: &str) -> Option<Arc<Permission>> {
+        if self.is_internal(user) {
+            return Some(full_access());
+        }
         self.permissions
             .read()
             .get(&(user.to_owned(), vhost.to_owned()))
@@ -424,6 +491,31 @@ mod tests {
             ac.authenticate("guest", "nope", "127.0.0.1".parse().unwrap())
                 .is_err()
         );
+    }
+
+    #[test]
+    fn internal_account_only_with_the_secret_from_loopback() {
+        let ac = AccessControl::default();
+        let lo = "127.0.0.1".parse().unwrap();
+        assert!(
+            ac.authenticate(INTERNAL_USER, "", lo).is_err(),
+            "off by default"
+        );
+        assert!(ac.vhost_permission(INTERNAL_USER, "/").is_none());
+        ac.set_internal_secret("s3cret".into());
+        let u = ac.authenticate(INTERNAL_USER, "s3cret", lo).unwrap();
+        assert!(u.has_tag("administrator"));
+        assert!(ac.authenticate(INTERNAL_USER, "s3cre", lo).is_err());
+        assert!(
+            ac.authenticate(INTERNAL_USER, "s3cret", "10.0.0.1".parse().unwrap())
+                .is_err()
+        );
+        assert!(ac.vhost_permission(INTERNAL_USER, "any").is_some());
+        assert!(ac.may_impersonate(INTERNAL_USER));
+        assert!(ac.users().is_empty(), "never listed");
+        ac.add_user("imp", "pw", &["impersonator"]);
+        ac.add_user("plain", "pw", &[]);
+        assert!(ac.may_impersonate("imp") && !ac.may_impersonate("plain"));
     }
 
     #[test]

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use crate::auth::AccessControl;
 use crate::config::Config;
+use crate::links::Links;
 use crate::metrics::Metrics;
 use crate::parameters::Parameters;
 use crate::registry::ConnectionRegistry;
@@ -47,6 +48,8 @@ pub struct Broker {
     pub connections: ConnectionRegistry,
     /// Runtime parameters (federation upstreams, shovels).
     pub parameters: Parameters,
+    /// Federation links and shovels running on this node.
+    pub links: Links,
     vhost_metadata: RwLock<HashMap<String, VhostMetadata>>,
     listeners: RwLock<Vec<Listener>>,
     pub started_at: Instant,
@@ -88,11 +91,12 @@ impl Broker {
         let memory_limit = (crate::resources::total_memory_bytes().unwrap_or(1 << 30) as f64
             * config.vm_memory_high_watermark) as u64;
         let metrics = Metrics::default();
+        let links = Links::default();
         let mut vhosts = HashMap::new();
-        vhosts.insert(
-            config.default_vhost.clone(),
-            Vhost::with_queue_counters(&config.default_vhost, metrics.queues.clone()),
-        );
+        let default_vhost =
+            Vhost::with_queue_counters(&config.default_vhost, metrics.queues.clone());
+        default_vhost.set_topology_watch(links.topology_sender());
+        vhosts.insert(config.default_vhost.clone(), default_vhost);
         let (alarms, _) = watch::channel(Vec::new());
         Arc::new(Self {
             config,
@@ -104,6 +108,7 @@ impl Broker {
             metrics,
             connections: ConnectionRegistry::default(),
             parameters: Parameters::default(),
+            links,
             vhost_metadata: RwLock::new(HashMap::new()),
             listeners: RwLock::new(Vec::new()),
             started_at: Instant::now(),
@@ -170,6 +175,7 @@ impl Broker {
             .entry(name.to_owned())
             .or_insert_with(|| {
                 let v = Vhost::with_queue_counters(name, self.metrics.queues.clone());
+                v.set_topology_watch(self.links.topology_sender());
                 if let Some(store) = self.store.get() {
                     v.attach_store(store.clone());
                 }
@@ -252,6 +258,23 @@ impl Broker {
             c.control.request_close(DRAIN_REASON);
         }
         open.len()
+    }
+
+    /// Stops the node's federation links and shovels (settling what they have in flight),
+    /// then asks every client connection to close (`320 CONNECTION_FORCED`, after the confirms
+    /// for what it already took) and waits up to `timeout` for them to go. New connections
+    /// are refused meanwhile. For a clean stop on SIGTERM.
+    pub async fn shutdown(&self, timeout: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        self.draining.store(true, Ordering::Release);
+        self.links.shutdown(timeout / 2).await;
+        for c in self.connections.list() {
+            c.control
+                .request_close("broker forced connection closure with reason 'shutdown'");
+        }
+        while !self.connections.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     /// Ends draining: connections are accepted again.

@@ -1181,6 +1181,7 @@ impl Channel {
         }
         if let Some(uid) = header.properties.user_id()
             && uid.as_str() != ctx.user
+            && !ctx.broker.access.may_impersonate(&ctx.user)
         {
             return Err(AmqpError::precondition(format!(
                 "user_id property set to '{}' but authenticated user was '{}'",

@@ -613,8 +613,32 @@ impl Connection {
                 // Publisher confirms waiting for the message log go out when it syncs.
                 _ = wait_for_sync(&mut synced), if self.channels.values().any(Channel::awaiting_sync) => {}
                 why = self.shared.control.close_requested(), if !self.closing => {
+                    // Closed from outside (drain, node shutdown): confirms for what was
+                    // already taken go out first, so a publisher knows exactly what the node
+                    // kept (a shovel or federation link then neither loses nor duplicates).
+                    self.settle_confirms(&mut synced).await;
                     self.close_with(AmqpError::new(crate::error::code::CONNECTION_FORCED, why));
                 }
+            }
+        }
+    }
+
+    /// Waits (up to 5 s) for the message log to sync every persistent message whose confirm
+    /// is pending, and queues the confirms.
+    async fn settle_confirms(&mut self, synced: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            for ch in self.channels.values_mut() {
+                ch.flush_confirms();
+            }
+            if !self.channels.values().any(Channel::awaiting_sync) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, wait_for_sync(synced))
+                .await
+                .is_err()
+            {
+                return;
             }
         }
     }

@@ -3,7 +3,8 @@
 //! Map (see ARCHITECTURE.md): [`codec`] frames bytes; [`connection`] runs the handshake and a
 //! connection's reader/writer; [`channel`] handles methods; [`vhost`] holds exchanges, queues
 //! and bindings and routes; [`exchange`] matches bindings; [`queue::state`] is the queue state
-//! machine and [`queue`] its runtime; [`auth`] users and permissions; [`broker`] the node.
+//! machine and [`queue`] its runtime; [`auth`] users and permissions; [`broker`] the node;
+//! [`links`] runs federation links and shovels.
 
 pub mod auth;
 pub mod broker;
@@ -14,6 +15,7 @@ pub mod connection;
 pub mod dead_letter;
 pub mod error;
 pub mod exchange;
+pub mod links;
 pub mod management;
 pub mod message;
 pub mod metrics;

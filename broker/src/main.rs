@@ -28,6 +28,9 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // One TLS crypto provider for the whole process (rustls cannot choose when a build links
+    // several).
+    warren_broker::links::connect::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -133,11 +136,37 @@ async fn run(config: Config) -> Result<(), String> {
             until_stopped(stopped.clone()),
         ));
     }
-    let _ = tokio::signal::ctrl_c().await;
+    // Federation links and shovels start once the AMQP listeners are bound (links to
+    // `amqp://`, the node itself, connect to them).
+    warren_broker::links::start(&broker);
+    wait_for_signal().await;
     tracing::info!("shutting down");
     let _ = stop.send(true);
     while servers.join_next().await.is_some() {}
+    // A clean stop: links settle what they have in flight, clients get the confirms for what
+    // the node took before their connection is closed.
+    broker.shutdown(Duration::from_secs(10)).await;
+    tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGINT (Ctrl-C) or SIGTERM (what `kill` and Kubernetes send).
+async fn wait_for_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
 }
 
 /// A subcommand: one request (or two) to the node's management API. Exit 0 on success, 1 with

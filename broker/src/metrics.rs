@@ -516,6 +516,38 @@ const FAMILIES: &[(&str, MetricType, &str)] = &[
         MetricType::UNTYPED,
         "RabbitMQ node & cluster identity info",
     ),
+    // Warren's own: federation links and shovels (`crate::links`), one series per link in both
+    // endpoints (there are few links, and a sum over links means nothing).
+    (
+        "warren_shovel_state",
+        MetricType::GAUGE,
+        "1 for the shovel's current state (starting, running, terminated), 0 for the others",
+    ),
+    (
+        "warren_shovel_messages_forwarded_total",
+        MetricType::COUNTER,
+        "Messages the shovel published to its destination and settled with its source",
+    ),
+    (
+        "warren_shovel_messages_pending",
+        MetricType::GAUGE,
+        "Messages the shovel received from its source and has not acknowledged to it yet",
+    ),
+    (
+        "warren_federation_link_state",
+        MetricType::GAUGE,
+        "1 for the federation link's current state (starting, running, error), 0 for the others",
+    ),
+    (
+        "warren_federation_messages_forwarded_total",
+        MetricType::COUNTER,
+        "Messages the federation link republished locally and settled with its upstream",
+    ),
+    (
+        "warren_federation_link_pending",
+        MetricType::GAUGE,
+        "Messages the federation link received from its upstream and has not acknowledged to it yet",
+    ),
 ];
 
 /// Families are built in [`FAMILIES`] order; this collects their samples.
@@ -891,6 +923,58 @@ impl BrokerCollector {
             ],
             1.0,
         );
+        // Links.
+        for l in b.links.shovels(None) {
+            let labels = [("vhost", l.vhost.as_str()), ("shovel", l.name.as_str())];
+            let current = l.state_name();
+            for state in crate::links::status::SHOVEL_STATES {
+                let with_state = [labels[0], labels[1], ("state", state)];
+                out.add(
+                    "warren_shovel_state",
+                    &with_state,
+                    f64::from(u8::from(*state == current)),
+                );
+            }
+            out.add(
+                "warren_shovel_messages_forwarded_total",
+                &labels,
+                l.forwarded() as f64,
+            );
+            out.add(
+                "warren_shovel_messages_pending",
+                &labels,
+                l.pending() as f64,
+            );
+        }
+        for l in b.links.federation_links(None) {
+            let kind = l.kind.federation_type();
+            let labels = [
+                ("vhost", l.vhost.as_str()),
+                ("upstream", l.upstream.as_str()),
+                ("type", kind),
+                ("name", l.name.as_str()),
+            ];
+            let current = l.state_name();
+            for state in crate::links::status::FEDERATION_STATES {
+                let with_state = [labels[0], labels[1], labels[2], labels[3], ("state", state)];
+                out.add(
+                    "warren_federation_link_state",
+                    &with_state,
+                    f64::from(u8::from(*state == current)),
+                );
+            }
+            out.add(
+                "warren_federation_messages_forwarded_total",
+                &labels,
+                l.forwarded() as f64,
+            );
+            out.add(
+                "warren_federation_link_pending",
+                &labels,
+                l.pending() as f64,
+            );
+        }
+
         let cluster = b.config.cluster_name.clone();
         let id = cluster_permanent_id(&cluster);
         out.add(

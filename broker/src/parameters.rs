@@ -1,14 +1,16 @@
 //! Runtime parameters: per-vhost, per-component JSON values (`federation-upstream`,
 //! `federation-upstream-set`, `shovel`), validated as RabbitMQ's plugins validate them.
 //!
-//! They are stored and listed here; the federation and shovel links that act on them come
-//! with the links issue. Validation is strict: an unknown key or a value of the wrong type
-//! is refused with a message naming the key, so a typo is not silently ignored.
+//! They are stored and listed here; [`crate::links`] runs the shovels and federation links they
+//! define, and watches this store ([`Parameters::subscribe`]) to follow changes. Validation is
+//! strict: an unknown key, a value of the wrong type or a URI that does not parse is refused
+//! with a message naming the key, so a typo is not silently ignored.
 
 use std::collections::BTreeMap;
 
 use parking_lot::RwLock;
 use serde_json::{Map, Value};
+use tokio::sync::watch;
 
 pub const COMPONENTS: &[&str] = &["federation-upstream", "federation-upstream-set", "shovel"];
 
@@ -22,12 +24,32 @@ pub struct Parameter {
 }
 
 /// Parameters keyed by (component, vhost, name).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Parameters {
     all: RwLock<BTreeMap<(String, String, String), Value>>,
+    /// Bumped on every change.
+    changed: watch::Sender<u64>,
+}
+
+impl Default for Parameters {
+    fn default() -> Self {
+        Self {
+            all: RwLock::default(),
+            changed: watch::channel(0).0,
+        }
+    }
 }
 
 impl Parameters {
+    /// Wakes on every change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
     /// Validates and stores a parameter; returns true if it was new.
     pub fn put(
         &self,
@@ -38,7 +60,9 @@ impl Parameters {
     ) -> Result<bool, String> {
         validate(component, &value)?;
         let key = (component.to_owned(), vhost.to_owned(), name.to_owned());
-        Ok(self.all.write().insert(key, value).is_none())
+        let new = self.all.write().insert(key, value).is_none();
+        self.bump();
+        Ok(new)
     }
 
     pub fn get(&self, component: &str, vhost: &str, name: &str) -> Option<Parameter> {
@@ -54,7 +78,11 @@ impl Parameters {
 
     pub fn delete(&self, component: &str, vhost: &str, name: &str) -> bool {
         let key = (component.to_owned(), vhost.to_owned(), name.to_owned());
-        self.all.write().remove(&key).is_some()
+        let removed = self.all.write().remove(&key).is_some();
+        if removed {
+            self.bump();
+        }
+        removed
     }
 
     /// Parameters, optionally of one component and one vhost, in key order.
@@ -76,6 +104,7 @@ impl Parameters {
 
     pub fn clear_vhost(&self, vhost: &str) {
         self.all.write().retain(|(_, v, _), _| v != vhost);
+        self.bump();
     }
 }
 
@@ -90,6 +119,8 @@ enum Kind {
     /// A non-negative number (integer or float).
     Number,
     Object,
+    /// Message properties (`dest-publish-properties`): a JSON object of property names.
+    Properties,
     OneOf(&'static [&'static str]),
     /// `src-delete-after`: `never`, `queue-length` or a non-negative integer.
     DeleteAfter,
@@ -129,12 +160,12 @@ const SHOVEL_KEYS: &[(&str, Kind)] = &[
     ("dest-exchange-key", Kind::Str),
     ("dest-add-forward-headers", Kind::Bool),
     ("dest-add-timestamp-header", Kind::Bool),
-    ("dest-publish-properties", Kind::Object),
+    ("dest-publish-properties", Kind::Properties),
     ("ack-mode", Kind::OneOf(ACK_MODES)),
     ("reconnect-delay", Kind::Number),
     // Older names RabbitMQ still accepts.
     ("add-forward-headers", Kind::Bool),
-    ("publish-properties", Kind::Object),
+    ("publish-properties", Kind::Properties),
     ("delete-after", Kind::DeleteAfter),
     ("prefetch-count", Kind::Count),
 ];
@@ -146,6 +177,7 @@ fn check(kind: Kind, key: &str, v: &Value) -> Result<(), String> {
             Value::Array(a) => !a.is_empty() && a.iter().all(Value::is_string),
             _ => false,
         },
+        Kind::Properties => v.is_object(),
         Kind::Str => v.is_string(),
         Kind::Bool => v.is_boolean(),
         Kind::Count => v.is_u64(),
@@ -155,7 +187,15 @@ fn check(kind: Kind, key: &str, v: &Value) -> Result<(), String> {
         Kind::DeleteAfter => v.is_u64() || matches!(v.as_str(), Some("never" | "queue-length")),
     };
     if ok {
-        return Ok(());
+        return match (kind, v) {
+            (Kind::Uris, Value::String(u)) => check_uri(key, u),
+            (Kind::Uris, Value::Array(a)) => a
+                .iter()
+                .filter_map(Value::as_str)
+                .try_for_each(|u| check_uri(key, u)),
+            (Kind::Properties, Value::Object(m)) => check_properties(key, m),
+            _ => Ok(()),
+        };
     }
     let expected = match kind {
         Kind::Uris => "a URI string or a non-empty list of URI strings".to_owned(),
@@ -163,11 +203,63 @@ fn check(kind: Kind, key: &str, v: &Value) -> Result<(), String> {
         Kind::Bool => "a boolean".to_owned(),
         Kind::Count => "a non-negative integer".to_owned(),
         Kind::Number => "a non-negative number".to_owned(),
-        Kind::Object => "a JSON object".to_owned(),
+        Kind::Object | Kind::Properties => "a JSON object".to_owned(),
         Kind::OneOf(options) => format!("one of {}", options.join(", ")),
         Kind::DeleteAfter => "never, queue-length or a non-negative integer".to_owned(),
     };
     Err(format!("{key} should be {expected}, actually was {v}"))
+}
+
+fn check_uri(key: &str, uri: &str) -> Result<(), String> {
+    crate::links::uri::LinkUri::parse(uri)
+        .map(|_| ())
+        .map_err(|e| {
+            format!(
+                "{key}: \"{}\" is not a valid URI: {e}",
+                crate::links::uri::redact_str(uri)
+            )
+        })
+}
+
+/// The message properties a shovel may set on what it publishes (RabbitMQ's `P_basic` fields).
+pub const PUBLISH_PROPERTIES: &[&str] = &[
+    "content_type",
+    "content_encoding",
+    "headers",
+    "delivery_mode",
+    "priority",
+    "correlation_id",
+    "reply_to",
+    "expiration",
+    "message_id",
+    "timestamp",
+    "type",
+    "user_id",
+    "app_id",
+    "cluster_id",
+];
+
+fn check_properties(key: &str, m: &Map<String, Value>) -> Result<(), String> {
+    for (k, v) in m {
+        let ok = match k.as_str() {
+            "headers" => v.is_object(),
+            "delivery_mode" | "priority" => v.as_u64().is_some_and(|n| n <= 255),
+            "timestamp" => v.is_u64(),
+            name if PUBLISH_PROPERTIES.contains(&name) => {
+                v.as_str().is_some_and(|s| s.len() <= 255)
+            }
+            _ => {
+                return Err(format!(
+                    "{key}: unexpected property '{k}' (expected one of {})",
+                    PUBLISH_PROPERTIES.join(", ")
+                ));
+            }
+        };
+        if !ok {
+            return Err(format!("{key}: property '{k}' has the wrong type: {v}"));
+        }
+    }
+    Ok(())
 }
 
 fn check_keys(
@@ -247,6 +339,13 @@ pub fn validate(component: &str, value: &Value) -> Result<(), String> {
                 (false, false) => Err("one of 'src-queue' or 'src-exchange' is required".into()),
                 _ if obj.contains_key("dest-queue") && obj.contains_key("dest-exchange") => {
                     Err("cannot specify both 'dest-exchange' and 'dest-queue'".into())
+                }
+                _ if obj.get("ack-mode").and_then(Value::as_str) == Some("no-ack")
+                    && ["src-delete-after", "delete-after"]
+                        .iter()
+                        .any(|k| obj.get(*k).is_some_and(Value::is_u64)) =>
+                {
+                    Err("cannot specify 'no-ack' and numerical 'delete-after'".into())
                 }
                 _ => Ok(()),
             }

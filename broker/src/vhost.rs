@@ -45,6 +45,9 @@ pub struct Vhost {
     store: std::sync::OnceLock<Arc<MessageLog>>,
     /// Called after a change a restart must remember (the node saves its metadata).
     on_durable_change: std::sync::OnceLock<DurableChangeHook>,
+    /// Bumped when exchanges, queues, bindings or policies change: federation links follow
+    /// the exchanges and queues policies select, and the bindings of federated exchanges.
+    topology: std::sync::OnceLock<tokio::sync::watch::Sender<u64>>,
     me: Weak<Vhost>,
 }
 
@@ -75,6 +78,7 @@ impl Vhost {
             queue_counters,
             store: std::sync::OnceLock::new(),
             on_durable_change: std::sync::OnceLock::new(),
+            topology: std::sync::OnceLock::new(),
             me: me.clone(),
         });
         {
@@ -107,6 +111,17 @@ impl Vhost {
     /// Sets what runs after every durable change (once).
     pub fn set_on_durable_change(&self, f: impl Fn() + Send + Sync + 'static) {
         let _ = self.on_durable_change.set(Box::new(f));
+    }
+
+    /// Sets the signal bumped on topology changes (once).
+    pub fn set_topology_watch(&self, tx: tokio::sync::watch::Sender<u64>) {
+        let _ = self.topology.set(tx);
+    }
+
+    fn topology_changed(&self) {
+        if let Some(tx) = self.topology.get() {
+            tx.send_modify(|g| *g = g.wrapping_add(1));
+        }
     }
 
     /// Never called with a lock of this vhost held: the hook reads the whole vhost.
@@ -207,6 +222,7 @@ impl Vhost {
             policy::policy_alternate_exchange(policy::select(&self.policies.read(), name, false));
         all.insert(name.to_owned(), Arc::new(e));
         drop(all);
+        self.topology_changed();
         if durable {
             self.durable_changed();
         }
@@ -232,6 +248,7 @@ impl Vhost {
             other.bindings.write().remove_destination(&dest);
         }
         drop(all);
+        self.topology_changed();
         if e.durable {
             self.durable_changed();
         }
@@ -277,6 +294,7 @@ impl Vhost {
             routing_key: routing_key.to_owned(),
             arguments: args.clone(),
         });
+        self.topology_changed();
         if src.durable {
             self.durable_changed();
         }
@@ -297,6 +315,7 @@ impl Vhost {
             arguments: args.clone(),
         });
         if removed {
+            self.topology_changed();
             self.auto_delete_exchange(&src);
             if src.durable {
                 self.durable_changed();
@@ -353,6 +372,7 @@ impl Vhost {
         );
         all.insert(spec.name.to_owned(), q.clone());
         drop(all);
+        self.topology_changed();
         self.queue_counters.declared();
         self.queue_counters.created();
         if spec.durable && spec.exclusive_owner.is_none() {
@@ -426,6 +446,7 @@ impl Vhost {
             .filter(|e| e.bindings.write().remove_destination(&dest))
             .cloned()
             .collect();
+        self.topology_changed();
         for e in touched {
             self.auto_delete_exchange(&e);
         }
@@ -483,6 +504,11 @@ impl Vhost {
                 continue;
             }
             visited.push(Arc::as_ptr(ex));
+            if ex.kind == ExchangeKind::FederationUpstream
+                && !crate::links::federation::upstream_exchange_forwards(&ex.arguments, headers)
+            {
+                continue;
+            }
             let mut matched = false;
             ex.bindings
                 .read()
@@ -587,6 +613,7 @@ impl Vhost {
     /// Recomputes every queue's and exchange's effective settings after a policy change.
     /// `max-priority` is fixed at declaration, as in RabbitMQ.
     fn reapply_policies(&self) {
+        self.topology_changed();
         for q in self.queues() {
             let (config, expires) = self.effective_queue_config(&q.name, &q.args, &q.arguments);
             q.apply_config(config, expires);

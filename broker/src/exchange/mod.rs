@@ -16,6 +16,12 @@ pub enum ExchangeKind {
     Fanout,
     Topic,
     Headers,
+    /// `x-federation-upstream`: what a federation downstream declares on its upstream (as
+    /// RabbitMQ's federation plugin does). A fanout exchange that passes on only the messages
+    /// the downstream has not seen and that have made fewer than `x-max-hops` hops (see
+    /// [`crate::links::federation::upstream_exchange_forwards`], applied in
+    /// [`crate::vhost::Vhost::route`]).
+    FederationUpstream,
 }
 
 impl ExchangeKind {
@@ -25,6 +31,7 @@ impl ExchangeKind {
             "fanout" => Self::Fanout,
             "topic" => Self::Topic,
             "headers" => Self::Headers,
+            "x-federation-upstream" => Self::FederationUpstream,
             _ => return None,
         })
     }
@@ -34,6 +41,7 @@ impl ExchangeKind {
             Self::Fanout => "fanout",
             Self::Topic => "topic",
             Self::Headers => "headers",
+            Self::FederationUpstream => "x-federation-upstream",
         }
     }
 }
@@ -155,7 +163,9 @@ impl Bindings {
                     }
                 }
             }
-            ExchangeKind::Fanout => self.list.iter().for_each(|b| f(&b.destination)),
+            ExchangeKind::Fanout | ExchangeKind::FederationUpstream => {
+                self.list.iter().for_each(|b| f(&b.destination))
+            }
             ExchangeKind::Topic => {
                 for b in &self.list {
                     if routing_keys

@@ -1,6 +1,7 @@
 //! `/api/parameters/{component}/{vhost}/{name}` for `federation-upstream`,
-//! `federation-upstream-set` and `shovel` (validated by [`crate::parameters`]), and the link
-//! status lists `/api/federation-links` and `/api/shovels`, empty until links run.
+//! `federation-upstream-set` and `shovel` (validated by [`crate::parameters`]), and the status
+//! of the links they start ([`crate::links`]): `/api/federation-links` and `/api/shovels`, in
+//! RabbitMQ 3.10's shape plus two counters of Warren's own, `forwarded` and `pending`.
 
 use std::sync::Arc;
 
@@ -145,9 +146,35 @@ async fn delete(
     no_content()
 }
 
-async fn federation_links(caller: Caller) -> ApiResult {
+fn federation_json(broker: &Broker, caller: &Caller, vhost: Option<&str>) -> Value {
+    let node = broker.node_name();
+    Value::Array(
+        broker
+            .links
+            .federation_links(vhost)
+            .iter()
+            .filter(|l| caller.can_access(broker, &l.vhost))
+            .map(|l| l.federation_json(&node))
+            .collect(),
+    )
+}
+
+fn shovels_json(broker: &Broker, caller: &Caller, vhost: Option<&str>) -> Value {
+    let node = broker.node_name();
+    Value::Array(
+        broker
+            .links
+            .shovels(vhost)
+            .iter()
+            .filter(|l| caller.can_access(broker, &l.vhost))
+            .map(|l| l.shovel_json(&node))
+            .collect(),
+    )
+}
+
+async fn federation_links(State(broker): State<Arc<Broker>>, caller: Caller) -> ApiResult {
     caller.require_monitor()?;
-    ok(json!([]))
+    ok(federation_json(&broker, &caller, None))
 }
 
 async fn federation_links_vhost(
@@ -156,11 +183,11 @@ async fn federation_links_vhost(
     Path(vhost): Path<String>,
 ) -> ApiResult {
     caller.vhost(&broker, &vhost)?;
-    ok(json!([]))
+    ok(federation_json(&broker, &caller, Some(&vhost)))
 }
 
-async fn shovels(_caller: Caller) -> ApiResult {
-    ok(json!([]))
+async fn shovels(State(broker): State<Arc<Broker>>, caller: Caller) -> ApiResult {
+    ok(shovels_json(&broker, &caller, None))
 }
 
 async fn shovels_vhost(
@@ -169,5 +196,5 @@ async fn shovels_vhost(
     Path(vhost): Path<String>,
 ) -> ApiResult {
     caller.vhost(&broker, &vhost)?;
-    ok(json!([]))
+    ok(shovels_json(&broker, &caller, Some(&vhost)))
 }

@@ -104,6 +104,11 @@ pub fn put_user_from(broker: &Broker, name: &str, body: &Body) -> ApiResult<bool
     if name.is_empty() {
         return Err(ApiError::bad_request("the user name must not be empty"));
     }
+    if name == crate::auth::INTERNAL_USER {
+        return Err(ApiError::bad_request(format!(
+            "the user name '{name}' is reserved for the node's federation links and shovels"
+        )));
+    }
     if let Some(alg) = body.opt_str("hashing_algorithm")?
         && alg != HASHING_ALGORITHM
     {

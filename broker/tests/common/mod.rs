@@ -32,6 +32,8 @@ impl TestBroker {
                 let _ = rx.await;
             },
         ));
+        // Federation links and shovels, as the binary runs them.
+        warren_broker::links::start(&broker);
         Self {
             addr,
             broker,

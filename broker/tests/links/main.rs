@@ -1,0 +1,9 @@
+#![allow(clippy::unwrap_used)]
+//! Federation links and shovels between real brokers: several Warren nodes in this process,
+//! each on its own port with its own cluster name.
+#[path = "../common/mod.rs"]
+mod common;
+
+mod federation;
+mod harness;
+mod shovel;
