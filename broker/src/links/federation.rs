@@ -755,84 +755,91 @@ async fn exchange_link(
     let mut fwd = Forwarder::new(uch.clone(), dch, link.upstream.ack_mode, status.clone());
     let window = usize::from(link.upstream.prefetch);
     let local_x: ShortString = link.object.as_str().into();
-    loop {
-        tokio::select! {
-            biased;
-            why = super::stopped(stop) => {
-                let _ = uch.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
-                fwd.drain().await?;
-                if why == Stop::Removed {
-                    // Nothing federates this exchange from that upstream any more.
-                    let _ = cmd.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
-                    let _ = cmd.exchange_delete(internal_x.as_str().into(), ExchangeDeleteOptions::default()).await;
-                }
-                return Ok(Outcome::Stopped);
-            }
-            r = fwd.settle_next() => { r?; }
-            r = ctx.topology.changed() => {
-                if r.is_err() {
+    let result: Result<Outcome, Outcome> = async {
+        loop {
+            tokio::select! {
+                biased;
+                why = super::stopped(stop) => {
+                    let _ = uch.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
+                    fwd.drain().await?;
+                    if why == Stop::Removed {
+                        // Nothing federates this exchange from that upstream any more.
+                        let _ = cmd.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+                        let _ = cmd.exchange_delete(internal_x.as_str().into(), ExchangeDeleteOptions::default()).await;
+                    }
                     return Ok(Outcome::Stopped);
                 }
-                let now = local_bindings(broker, &link.vhost, &link.object);
-                let mut kept = Vec::with_capacity(bound.len());
-                for (local_b, up_args) in std::mem::take(&mut bound) {
-                    if now.contains(&local_b) {
-                        kept.push((local_b, up_args));
-                    } else {
-                        cmd.exchange_unbind(
-                            internal_x.as_str().into(),
-                            ux.as_str().into(),
-                            local_b.0.as_str().into(),
-                            ExchangeUnbindOptions::default(),
-                            up_args,
-                        )
-                        .await?;
+                r = fwd.settle_next() => { r?; }
+                r = ctx.topology.changed() => {
+                    if r.is_err() {
+                        return Ok(Outcome::Stopped);
+                    }
+                    let now = local_bindings(broker, &link.vhost, &link.object);
+                    let mut kept = Vec::with_capacity(bound.len());
+                    for (local_b, up_args) in std::mem::take(&mut bound) {
+                        if now.contains(&local_b) {
+                            kept.push((local_b, up_args));
+                        } else {
+                            cmd.exchange_unbind(
+                                internal_x.as_str().into(),
+                                ux.as_str().into(),
+                                local_b.0.as_str().into(),
+                                ExchangeUnbindOptions::default(),
+                                up_args,
+                            )
+                            .await?;
+                        }
+                    }
+                    bound = kept;
+                    for (key, args) in now {
+                        if bound.iter().any(|(b, _)| b.0 == key && b.1 == args) {
+                            continue;
+                        }
+                        if let Some(up_args) = binding_args(&args) {
+                            cmd.exchange_bind(
+                                internal_x.as_str().into(),
+                                ux.as_str().into(),
+                                key.as_str().into(),
+                                ExchangeBindOptions::default(),
+                                up_args.clone(),
+                            )
+                            .await?;
+                            bound.push(((key, args), up_args));
+                        }
                     }
                 }
-                bound = kept;
-                for (key, args) in now {
-                    if bound.iter().any(|(b, _)| b.0 == key && b.1 == args) {
+                d = consumer.next(), if fwd.in_flight() < window => {
+                    let d = match d {
+                        None => return Err(Outcome::Failed("the upstream cancelled the link's consumer".into())),
+                        Some(Err(e)) => return Err(e.into()),
+                        Some(Ok(d)) => d,
+                    };
+                    fwd.received();
+                    if !should_forward(d.properties.headers().as_ref(), link.upstream.max_hops, &ctx.cluster, &link.vhost) {
+                        fwd.drop_message(d.delivery_tag).await?;
                         continue;
                     }
-                    if let Some(up_args) = binding_args(&args) {
-                        cmd.exchange_bind(
-                            internal_x.as_str().into(),
-                            ux.as_str().into(),
-                            key.as_str().into(),
-                            ExchangeBindOptions::default(),
-                            up_args.clone(),
-                        )
-                        .await?;
-                        bound.push(((key, args), up_args));
+                    let mut entry = FieldTable::default();
+                    entry.insert("uri".into(), longstr(&up.redacted));
+                    entry.insert("exchange".into(), longstr(&ux));
+                    entry.insert("redelivered".into(), AMQPValue::Boolean(d.redelivered));
+                    if let Some(c) = &ctx.upstream_cluster {
+                        entry.insert("cluster-name".into(), longstr(c));
                     }
+                    entry.insert("vhost".into(), longstr(&ctx.upstream_vhost));
+                    let mut headers = d.properties.headers().clone().unwrap_or_default();
+                    prepend_table_header(&mut headers, RECEIVED_FROM, entry);
+                    let props = republish_properties(d.properties, headers, link.upstream.trust_user_id);
+                    fwd.forward(d.delivery_tag, local_x.clone(), d.routing_key, d.data, props).await?;
                 }
-            }
-            d = consumer.next(), if fwd.in_flight() < window => {
-                let d = match d {
-                    None => return Err(Outcome::Failed("the upstream cancelled the link's consumer".into())),
-                    Some(Err(e)) => return Err(e.into()),
-                    Some(Ok(d)) => d,
-                };
-                fwd.received();
-                if !should_forward(d.properties.headers().as_ref(), link.upstream.max_hops, &ctx.cluster, &link.vhost) {
-                    fwd.drop_message(d.delivery_tag).await?;
-                    continue;
-                }
-                let mut entry = FieldTable::default();
-                entry.insert("uri".into(), longstr(&up.redacted));
-                entry.insert("exchange".into(), longstr(&ux));
-                entry.insert("redelivered".into(), AMQPValue::Boolean(d.redelivered));
-                if let Some(c) = &ctx.upstream_cluster {
-                    entry.insert("cluster-name".into(), longstr(c));
-                }
-                entry.insert("vhost".into(), longstr(&ctx.upstream_vhost));
-                let mut headers = d.properties.headers().clone().unwrap_or_default();
-                prepend_table_header(&mut headers, RECEIVED_FROM, entry);
-                let props = republish_properties(d.properties, headers, link.upstream.trust_user_id);
-                fwd.forward(d.delivery_tag, local_x.clone(), d.routing_key, d.data, props).await?;
             }
         }
     }
+    .await;
+    if result.is_err() {
+        fwd.salvage().await;
+    }
+    result
 }
 
 /// The message's properties with new headers; `user-id` dropped unless the upstream is
@@ -972,64 +979,71 @@ async fn queue_link(
     let local_q: ShortString = link.object.as_str().into();
     let mut tick = tokio::time::interval(QUEUE_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            biased;
-            _ = super::stopped(stop) => {
-                if consumer.is_some() && !cancelling {
-                    let _ = uch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
-                }
-                fwd.drain().await?;
-                return Ok(Outcome::Stopped);
-            }
-            r = fwd.settle_next() => { r?; }
-            _ = tick.tick() => {
-                if local.is_deleted() {
-                    return Err(Outcome::Failed(format!("queue '{}' was deleted", link.object)));
-                }
-                let (ready, _, consumers) = local.counts();
-                let starved = consumers > 0 && ready == 0;
-                if starved && consumer.is_none() {
-                    let mut args = FieldTable::default();
-                    args.insert("x-priority".into(), AMQPValue::LongInt(-1));
-                    consumer = Some(uch.basic_consume(
-                        uq.as_str().into(),
-                        tag.as_str().into(),
-                        BasicConsumeOptions::default(),
-                        args,
-                    ).await?);
-                } else if !starved && consumer.is_some() && !cancelling {
-                    cancelling = true;
-                    uch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await?;
-                }
-            }
-            d = async { consumer.as_mut()?.next().await }, if consumer.is_some() && fwd.in_flight() < window => {
-                let d = match d {
-                    None => {
-                        if !cancelling {
-                            return Err(Outcome::Failed("the upstream cancelled the link's consumer".into()));
-                        }
-                        consumer = None;
-                        cancelling = false;
-                        continue;
+    let result: Result<Outcome, Outcome> = async {
+        loop {
+            tokio::select! {
+                biased;
+                _ = super::stopped(stop) => {
+                    if consumer.is_some() && !cancelling {
+                        let _ = uch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
                     }
-                    Some(Err(e)) => return Err(e.into()),
-                    Some(Ok(d)) => d,
-                };
-                fwd.received();
-                let headers = queue_link_headers(
-                    d.properties.headers().as_ref(),
-                    &up.redacted,
-                    &uq,
-                    d.redelivered,
-                    d.exchange.as_str(),
-                    d.routing_key.as_str(),
-                );
-                let props = republish_properties(d.properties, headers, link.upstream.trust_user_id);
-                fwd.forward(d.delivery_tag, "".into(), local_q.clone(), d.data, props).await?;
+                    fwd.drain().await?;
+                    return Ok(Outcome::Stopped);
+                }
+                r = fwd.settle_next() => { r?; }
+                _ = tick.tick() => {
+                    if local.is_deleted() {
+                        return Err(Outcome::Failed(format!("queue '{}' was deleted", link.object)));
+                    }
+                    let (ready, _, consumers) = local.counts();
+                    let starved = consumers > 0 && ready == 0;
+                    if starved && consumer.is_none() {
+                        let mut args = FieldTable::default();
+                        args.insert("x-priority".into(), AMQPValue::LongInt(-1));
+                        consumer = Some(uch.basic_consume(
+                            uq.as_str().into(),
+                            tag.as_str().into(),
+                            BasicConsumeOptions::default(),
+                            args,
+                        ).await?);
+                    } else if !starved && consumer.is_some() && !cancelling {
+                        cancelling = true;
+                        uch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await?;
+                    }
+                }
+                d = async { consumer.as_mut()?.next().await }, if consumer.is_some() && fwd.in_flight() < window => {
+                    let d = match d {
+                        None => {
+                            if !cancelling {
+                                return Err(Outcome::Failed("the upstream cancelled the link's consumer".into()));
+                            }
+                            consumer = None;
+                            cancelling = false;
+                            continue;
+                        }
+                        Some(Err(e)) => return Err(e.into()),
+                        Some(Ok(d)) => d,
+                    };
+                    fwd.received();
+                    let headers = queue_link_headers(
+                        d.properties.headers().as_ref(),
+                        &up.redacted,
+                        &uq,
+                        d.redelivered,
+                        d.exchange.as_str(),
+                        d.routing_key.as_str(),
+                    );
+                    let props = republish_properties(d.properties, headers, link.upstream.trust_user_id);
+                    fwd.forward(d.delivery_tag, "".into(), local_q.clone(), d.data, props).await?;
+                }
             }
         }
     }
+    .await;
+    if result.is_err() {
+        fwd.salvage().await;
+    }
+    result
 }
 
 #[cfg(test)]

@@ -177,18 +177,53 @@ impl Forwarder {
         };
         let first = (&mut head.publish).await;
         let mut settled = Settled::default();
-        self.settle_head(first, &mut settled).await?;
-        while let Some(head) = self.in_flight.front_mut() {
+        let mut r = self.settle_head(first, &mut settled).await;
+        while r.is_ok()
+            && let Some(head) = self.in_flight.front_mut()
+        {
             match poll_once(&mut head.publish).await {
-                Some(r) => self.settle_head(r, &mut settled).await?,
+                Some(x) => r = self.settle_head(x, &mut settled).await,
                 None => break,
             }
         }
-        self.flush_acks().await?;
+        // Acknowledge what the destination took even when the rest failed: the source must
+        // not send those again.
+        let flushed = self.flush_acks().await;
         self.status
             .forwarded
             .fetch_add(settled.forwarded, Ordering::Relaxed);
+        r?;
+        flushed?;
         Ok(settled)
+    }
+
+    /// After a failure: settles every in-flight message the destination already confirmed (its
+    /// confirm arrived before the failure) and waits briefly for the acknowledgements to be
+    /// written, so a session that ends does not leave the source to redeliver what the
+    /// destination kept.
+    pub async fn salvage(&mut self) {
+        let mut settled = Settled::default();
+        while let Some(head) = self.in_flight.front_mut() {
+            match poll_once(&mut head.publish).await {
+                Some(Ok(c)) if !c.is_nack() || self.mode == AckMode::NoAck => {
+                    if self.settle_head(Ok(c), &mut settled).await.is_err() {
+                        break;
+                    }
+                }
+                _ => break,
+            }
+        }
+        self.status
+            .forwarded
+            .fetch_add(settled.forwarded, Ordering::Relaxed);
+        let _ = self.flush_acks().await;
+        let acks = std::mem::take(&mut self.acks);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async move {
+            for a in acks {
+                let _ = a.await;
+            }
+        })
+        .await;
     }
 
     async fn settle_head(

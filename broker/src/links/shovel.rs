@@ -601,44 +601,51 @@ async fn transfer_inner(
     let mut published = 0u64;
     let mut settled = 0u64;
     let mut consuming = true;
-    loop {
-        tokio::select! {
-            biased;
-            _ = super::stopped(stop) => {
-                // Stop taking messages, settle what is in flight; closing requeues the rest.
-                let _ = sch.basic_cancel(tag.clone(), BasicCancelOptions::default()).await;
-                fwd.drain().await?;
-                return Ok(Outcome::Stopped);
-            }
-            r = fwd.settle_next() => {
-                settled += r?.forwarded;
-                if remaining.is_some_and(|n| settled >= n) {
-                    fwd.drain().await?;
-                    return Ok(Outcome::Finished);
-                }
-            }
-            d = consumer.next(), if consuming && fwd.in_flight() < window => {
-                let delivery = match d {
-                    None => return Err(Outcome::Failed("the source cancelled the shovel's consumer".into())),
-                    Some(Err(e)) => return Err(e.into()),
-                    Some(Ok(d)) => d,
-                };
-                if remaining.is_some_and(|n| published >= n) {
-                    // Beyond src-delete-after: left unacknowledged, requeued when we close.
-                    continue;
-                }
-                fwd.received();
-                let (exchange, routing_key) = def.route(&delivery.exchange, &delivery.routing_key);
-                let props = def.properties(delivery.properties, cluster_name, &src.redacted, &dest.redacted);
-                fwd.forward(delivery.delivery_tag, exchange, routing_key, delivery.data, props).await?;
-                published += 1;
-                if remaining.is_some_and(|n| published >= n) {
-                    consuming = false;
+    let result: Result<Outcome, Outcome> = async {
+        loop {
+            tokio::select! {
+                biased;
+                _ = super::stopped(stop) => {
+                    // Stop taking messages, settle what is in flight; closing requeues the rest.
                     let _ = sch.basic_cancel(tag.clone(), BasicCancelOptions::default()).await;
+                    fwd.drain().await?;
+                    return Ok(Outcome::Stopped);
+                }
+                r = fwd.settle_next() => {
+                    settled += r?.forwarded;
+                    if remaining.is_some_and(|n| settled >= n) {
+                        fwd.drain().await?;
+                        return Ok(Outcome::Finished);
+                    }
+                }
+                d = consumer.next(), if consuming && fwd.in_flight() < window => {
+                    let delivery = match d {
+                        None => return Err(Outcome::Failed("the source cancelled the shovel's consumer".into())),
+                        Some(Err(e)) => return Err(e.into()),
+                        Some(Ok(d)) => d,
+                    };
+                    if remaining.is_some_and(|n| published >= n) {
+                        // Beyond src-delete-after: left unacknowledged, requeued when we close.
+                        continue;
+                    }
+                    fwd.received();
+                    let (exchange, routing_key) = def.route(&delivery.exchange, &delivery.routing_key);
+                    let props = def.properties(delivery.properties, cluster_name, &src.redacted, &dest.redacted);
+                    fwd.forward(delivery.delivery_tag, exchange, routing_key, delivery.data, props).await?;
+                    published += 1;
+                    if remaining.is_some_and(|n| published >= n) {
+                        consuming = false;
+                        let _ = sch.basic_cancel(tag.clone(), BasicCancelOptions::default()).await;
+                    }
                 }
             }
         }
     }
+    .await;
+    if result.is_err() {
+        fwd.salvage().await;
+    }
+    result
 }
 
 #[cfg(test)]

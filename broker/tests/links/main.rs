@@ -6,4 +6,5 @@ mod common;
 
 mod federation;
 mod harness;
+mod process;
 mod shovel;
