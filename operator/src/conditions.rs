@@ -62,7 +62,7 @@ pub fn event_note(s: String) -> String {
         return s;
     }
     let mut cut = truncate(s, MAX - 3);
-    cut.push_str("…");
+    cut.push('…');
     cut
 }
 
