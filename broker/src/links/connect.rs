@@ -537,3 +537,34 @@ pub fn has_capability(t: &FieldTable, name: &str) -> bool {
         Some(AMQPValue::FieldTable(caps)) if matches!(caps.inner().get(name), Some(AMQPValue::Boolean(true)))
     )
 }
+
+/// A connection's events, for [`lost`].
+pub type Events = std::pin::Pin<Box<dyn futures_lite::Stream<Item = lapin::Event> + Send>>;
+
+pub fn events(conn: &Connection) -> Events {
+    Box::pin(conn.events_listener())
+}
+
+/// Resolves when the connection reports an error (a peer closing it, a missed heartbeat, a
+/// socket error); returns why. Links also check `status().connected()` now and then, for an
+/// idle link to notice a peer that went away.
+pub async fn failed(events: &mut Events) -> String {
+    use futures_lite::StreamExt;
+    loop {
+        match events.next().await {
+            Some(lapin::Event::Error(e)) => return describe(&e),
+            Some(_) => {}
+            None => return "connection closed".into(),
+        }
+    }
+}
+
+/// How often a link checks that its connections are still open.
+pub const HEALTH_CHECK: Duration = Duration::from_millis(250);
+
+/// Why a link must restart, if one of its connections is no longer open.
+pub fn closed(what: &[(&str, &Connection)]) -> Option<String> {
+    what.iter()
+        .find(|(_, c)| !c.status().connected())
+        .map(|(name, _)| format!("{name} connection closed"))
+}

@@ -753,6 +753,9 @@ async fn exchange_link(
     status.set_running(&up.redacted, "", Some(down.name.clone()));
     tracing::info!(vhost = %link.vhost, exchange = %link.object, upstream = %link.upstream.name, uri = %up.redacted, "federation link running");
     let mut fwd = Forwarder::new(uch.clone(), dch, link.upstream.ack_mode, status.clone());
+    let mut up_events = connect::events(&up.conn);
+    let mut down_events = connect::events(&down.conn);
+    let mut health = tokio::time::interval(connect::HEALTH_CHECK);
     let window = usize::from(link.upstream.prefetch);
     let local_x: ShortString = link.object.as_str().into();
     let result: Result<Outcome, Outcome> = async {
@@ -768,6 +771,17 @@ async fn exchange_link(
                         let _ = cmd.exchange_delete(internal_x.as_str().into(), ExchangeDeleteOptions::default()).await;
                     }
                     return Ok(Outcome::Stopped);
+                }
+                why = connect::failed(&mut up_events) => {
+                    return Err(Outcome::Failed(format!("upstream connection: {why}")));
+                }
+                why = connect::failed(&mut down_events) => {
+                    return Err(Outcome::Failed(format!("local connection: {why}")));
+                }
+                _ = health.tick() => {
+                    if let Some(why) = connect::closed(&[("upstream", &up.conn), ("local", &down.conn)]) {
+                        return Err(Outcome::Failed(why));
+                    }
                 }
                 r = fwd.settle_next() => { r?; }
                 r = ctx.topology.changed() => {
@@ -975,6 +989,9 @@ async fn queue_link(
     let mut consumer: Option<Consumer> = None;
     let mut cancelling = false;
     let mut fwd = Forwarder::new(uch.clone(), dch, link.upstream.ack_mode, status.clone());
+    let mut up_events = connect::events(&up.conn);
+    let mut down_events = connect::events(&down.conn);
+    let mut health = tokio::time::interval(connect::HEALTH_CHECK);
     let window = usize::from(link.upstream.prefetch);
     let local_q: ShortString = link.object.as_str().into();
     let mut tick = tokio::time::interval(QUEUE_CHECK);
@@ -989,6 +1006,17 @@ async fn queue_link(
                     }
                     fwd.drain().await?;
                     return Ok(Outcome::Stopped);
+                }
+                why = connect::failed(&mut up_events) => {
+                    return Err(Outcome::Failed(format!("upstream connection: {why}")));
+                }
+                why = connect::failed(&mut down_events) => {
+                    return Err(Outcome::Failed(format!("local connection: {why}")));
+                }
+                _ = health.tick() => {
+                    if let Some(why) = connect::closed(&[("upstream", &up.conn), ("local", &down.conn)]) {
+                        return Err(Outcome::Failed(why));
+                    }
                 }
                 r = fwd.settle_next() => { r?; }
                 _ = tick.tick() => {

@@ -597,6 +597,9 @@ async fn transfer_inner(
     status.set_running(&src.redacted, &dest.redacted, None);
     tracing::info!(vhost = %def.vhost, shovel = %def.name, src = %src.redacted, dest = %dest.redacted, "shovel running");
     let mut fwd = Forwarder::new(sch.clone(), dch, def.ack_mode, status.clone());
+    let mut src_events = connect::events(&src.conn);
+    let mut dest_events = connect::events(&dest.conn);
+    let mut health = tokio::time::interval(connect::HEALTH_CHECK);
     let window = usize::from(def.prefetch);
     let mut published = 0u64;
     let mut settled = 0u64;
@@ -610,6 +613,17 @@ async fn transfer_inner(
                     let _ = sch.basic_cancel(tag.clone(), BasicCancelOptions::default()).await;
                     fwd.drain().await?;
                     return Ok(Outcome::Stopped);
+                }
+                why = connect::failed(&mut src_events) => {
+                    return Err(Outcome::Failed(format!("source connection: {why}")));
+                }
+                why = connect::failed(&mut dest_events) => {
+                    return Err(Outcome::Failed(format!("destination connection: {why}")));
+                }
+                _ = health.tick() => {
+                    if let Some(why) = connect::closed(&[("source", &src.conn), ("destination", &dest.conn)]) {
+                        return Err(Outcome::Failed(why));
+                    }
                 }
                 r = fwd.settle_next() => {
                     settled += r?.forwarded;
