@@ -12,6 +12,8 @@
 # 5. Node client suite (amqplib): tests/clients/node     against a fresh Warren
 # 6. differential suite: tests/differential/run.py, a fresh Warren vs the
 #    reference RabbitMQ (scripts/rabbitmq-ref.sh, wiped before start)
+# 7. links: tests/links/test_rabbitmq.py (shovels and federation, Warren ↔ RabbitMQ) and
+#    tests/links/netns.sh (two namespaces, the link cut with iptables; needs root)
 #
 # Each Warren runs on a free 127.0.0.1 port with a temp data dir; suites get
 # AMQP_URL=amqp://guest:guest@127.0.0.1:PORT/%2f. All brokers are stopped on
@@ -108,6 +110,8 @@ require_suite tests/differential/run.py
 require_suite tests/management/compat.py
 require_suite tests/management/rabbitmqadmin_test.sh
 require_suite tests/metrics/prometheus_scrape_test.sh
+require_suite tests/links/test_rabbitmq.py
+require_suite tests/links/netns.sh
 [ -n "$(find tests/clients/node -name node_modules -prune -o -type f -regextype posix-extended \
     -regex '.*/([^/]*[._-]test|test-[^/]*|test)\.[cm]?js' -print)" ] ||
     die "tests/clients/node has no test files (*.test.js); node --test would pass vacuously"
@@ -162,6 +166,14 @@ step "management API: same calls against Warren and reference RabbitMQ"
 [ -n "${WARREN_MGMT_URL:-}" ] || die "the broker binary serves no management API"
 run_suite differential python3 tests/management/compat.py \
     --warren "$WARREN_MGMT_URL" --rabbitmq "$RABBITMQ_MGMT_URL"
+
+step "links: shovels and federation between Warren and reference RabbitMQ, both ways"
+# Its own Warren nodes (restarted mid-test); the running reference RabbitMQ, which some tests
+# stop and start again (scripts/rabbitmq-ref.sh, same WARREN_REF_* environment).
+WARREN_BIN="$BIN" run_suite links "$WARREN_VENV/bin/pytest" -q tests/links/test_rabbitmq.py
+
+step "links: two data centres in network namespaces, the link cut and restored (root)"
+tests/links/netns.sh "$BIN"
 
 step "management API: rabbitmqadmin against Warren"
 fresh_warren rabbitmqadmin

@@ -139,6 +139,9 @@ pub struct AccessControl {
     loopback_users: RwLock<Vec<String>>,
     /// The internal account's password (see [`INTERNAL_USER`]); `None` disables it.
     internal_secret: RwLock<Option<String>>,
+    /// Addresses besides loopback the internal account may log in from: the node's own
+    /// listener addresses (a listener bound to one address is reached from that address).
+    internal_peers: RwLock<Vec<IpAddr>>,
 }
 
 /// Full configure/write/read access (the internal account's, on every vhost).
@@ -164,6 +167,14 @@ impl AccessControl {
     /// The internal account's password, for the links that log in with it.
     pub fn internal_secret(&self) -> Option<String> {
         self.internal_secret.read().clone()
+    }
+
+    /// Lets the internal account log in from `ip`, one of the node's own addresses.
+    pub fn allow_internal_from(&self, ip: IpAddr) {
+        let mut peers = self.internal_peers.write();
+        if !peers.contains(&ip) {
+            peers.push(ip);
+        }
     }
 
     fn is_internal(&self, user: &str) -> bool {
@@ -322,7 +333,7 @@ impl AccessControl {
             let secret = self.internal_secret.read().clone();
             return match secret {
                 Some(s)
-                    if peer.is_loopback()
+                    if (peer.is_loopback() || self.internal_peers.read().contains(&peer))
                         && s.len() == password.len()
                         && s.bytes()
                             .zip(password.bytes())
@@ -509,6 +520,12 @@ mod tests {
         assert!(
             ac.authenticate(INTERNAL_USER, "s3cret", "10.0.0.1".parse().unwrap())
                 .is_err()
+        );
+        ac.allow_internal_from("10.0.0.1".parse().unwrap());
+        assert!(
+            ac.authenticate(INTERNAL_USER, "s3cret", "10.0.0.1".parse().unwrap())
+                .is_ok(),
+            "from the node's own listener address"
         );
         assert!(ac.vhost_permission(INTERNAL_USER, "any").is_some());
         assert!(ac.may_impersonate(INTERNAL_USER));

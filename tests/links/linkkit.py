@@ -168,7 +168,8 @@ class Amqp:
 class Warren:
     """A warren-broker process that keeps its ports and data directory across restarts."""
 
-    def __init__(self, name, cluster_name=None, extra=(), netns=None, host="127.0.0.1"):
+    def __init__(self, name, cluster_name=None, extra=(), netns=None, host="127.0.0.1",
+                 user="guest", password="guest"):
         self.bin = os.environ.get("WARREN_BIN") or os.path.join(ROOT, "target", "debug", "warren-broker")
         if not os.access(self.bin, os.X_OK):
             raise AssertionError(f"warren-broker binary not found at {self.bin} (set WARREN_BIN)")
@@ -181,17 +182,20 @@ class Warren:
         self.prom = free_port()
         self.extra = list(extra)
         self.netns = netns
+        self.user, self.password = user, password
+        if user != "guest":
+            self.extra += ["--default-user", user, "--default-pass", password]
         self.proc = None
         self.starts = 0
         self.start()
 
     @property
     def url(self):
-        return f"amqp://guest:guest@{self.host}:{self.port}/%2f"
+        return f"amqp://{self.user}:{self.password}@{self.host}:{self.port}/%2f"
 
     @property
     def api(self):
-        return Api(f"http://{self.host}:{self.mgmt}")
+        return Api(f"http://{self.host}:{self.mgmt}", self.user, self.password)
 
     def log_path(self):
         return os.path.join(self.dir, f"warren-{self.starts}.log")

@@ -17,6 +17,7 @@ import base64
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -31,6 +32,10 @@ DELIBERATE = {
     ("definitions", "vhosts[].tags"): "Warren exports vhost metadata (RabbitMQ 3.11+ does too)",
     ("nodes", "[].being_drained"): "Warren's drain (maintenance mode) flag; RabbitMQ 3.10 "
                                    "reports maintenance mode only through rabbitmq-diagnostics",
+    **{(label, f"[].{f}"): "Warren's link counters (messages forwarded, pending acknowledgement); "
+                           "RabbitMQ 3.10 reports neither"
+       for label in ("shovels", "shovels vhost", "federation-links running", "federation-links vhost")
+       for f in ("forwarded", "pending")},
     **{("queue", f): _FRESH_QUEUE for f in _FRESH_FIELDS},
     **{("queues", f"[].{f}"): _FRESH_QUEUE for f in _FRESH_FIELDS},
 }
@@ -96,6 +101,10 @@ def main():
 
     n = f"compat-{os.getpid()}"
     q, x, u, p, up = f"{n}-q", f"{n}-x", f"{n}-u", f"{n}-p", f"{n}-up"
+    # A shovel and a federation link on each broker, both within the node ("amqp://").
+    sh, fx, fup, fpol = f"{n}-shovel", f"{n}-fx", f"{n}-fup", f"{n}-fpol"
+    shovel = {"src-protocol": "amqp091", "src-uri": "amqp://", "src-queue": f"{n}-shq",
+              "dest-protocol": "amqp091", "dest-uri": "amqp://", "dest-queue": f"{n}-shq2"}
     bad_auth = "Basic " + base64.b64encode(b"guest:wrong").decode()
     msg = {"properties": {"delivery_mode": 2, "headers": {"h": 1}}, "routing_key": "a.b",
            "payload": "hello", "payload_encoding": "string"}
@@ -148,6 +157,22 @@ def main():
         ("upstream bad key", "PUT", f"/parameters/federation-upstream/%2F/{up}-bad", {"value": {"uri": "amqp://r", "bogus": 1}}, {}),
         ("unknown component", "PUT", f"/parameters/compat-nope/%2F/x", {"value": {}}, {}),
         ("federation-links", "GET", "/federation-links", None, {}),
+        ("put shovel", "PUT", f"/parameters/shovel/%2F/{sh}", {"value": shovel}, {}),
+        ("shovel bad key", "PUT", f"/parameters/shovel/%2F/{sh}-bad", {"value": dict(shovel, bogus=1)}, {}),
+        ("shovels", "GET", "/shovels", None, {"wait": "state"}),
+        ("shovels vhost", "GET", "/shovels/%2F", None, {}),
+        ("federated exchange", "PUT", f"/exchanges/%2F/{fx}", {"type": "topic"}, {}),
+        ("put local upstream", "PUT", f"/parameters/federation-upstream/%2F/{fup}", {"value": {"uri": "amqp://"}}, {}),
+        ("federation policy", "PUT", f"/policies/%2F/{fpol}",
+         {"pattern": f"^{fx}$", "apply-to": "exchanges", "definition": {"federation-upstream": fup}}, {}),
+        ("federation-links running", "GET", "/federation-links", None, {"wait": "status"}),
+        ("federation-links vhost", "GET", "/federation-links/%2F", None, {}),
+        ("delete federation policy", "DELETE", f"/policies/%2F/{fpol}", None, {}),
+        ("delete local upstream", "DELETE", f"/parameters/federation-upstream/%2F/{fup}", None, {}),
+        ("delete federated exchange", "DELETE", f"/exchanges/%2F/{fx}", None, {}),
+        ("delete shovel", "DELETE", f"/parameters/shovel/%2F/{sh}", None, {}),
+        ("delete shovel source", "DELETE", f"/queues/%2F/{n}-shq", None, {}),
+        ("delete shovel destination", "DELETE", f"/queues/%2F/{n}-shq2", None, {}),
         ("put user", "PUT", f"/users/{u}", {"password": "pw", "tags": "management"}, {}),
         ("user", "GET", f"/users/{u}", None, {}),
         ("put permission", "PUT", f"/permissions/%2F/{u}", {"configure": ".*", "write": ".*", "read": ".*"}, {}),
@@ -178,6 +203,14 @@ def main():
                 lu, lp = extra["login"]
                 auth = "Basic " + base64.b64encode(f"{lu}:{lp}".encode()).decode()
             out[name] = b.call(method, path, body, auth=auth)
+            if "wait" in extra:
+                # Links start asynchronously: compare them once every one is running.
+                key, deadline = extra["wait"], time.time() + 20
+                while time.time() < deadline and not (
+                        isinstance(out[name][1], list) and out[name][1]
+                        and all(e.get(key) == "running" for e in out[name][1])):
+                    time.sleep(0.25)
+                    out[name] = b.call(method, path, body, auth=auth)
         (rs, rb), (ws, wb) = out["rabbitmq"], out["warren"]
         problems, notes = [], []
         if rs != ws:

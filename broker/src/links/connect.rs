@@ -220,6 +220,10 @@ async fn local_listener(broker: &Broker) -> Result<(SocketAddr, bool), String> {
                     IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
                 });
             }
+            if !addr.ip().is_loopback() {
+                // A listener bound to one address: the link connects from that address.
+                broker.access.allow_internal_from(addr.ip());
+            }
             return Ok((addr, tls));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
