@@ -153,7 +153,7 @@ def check_dashboard(prom, path, deadline):
     return len(passed), problems
 
 
-SELECTOR = re.compile(r"\b(up|rabbitmq_\w+|warren_operator_\w+)\s*(\{[^}]*\})?")
+SELECTOR = re.compile(r"\b(up|rabbitmq_\w+|warren_(?:operator|shovel|federation)_\w+)\b\s*(\{[^}]*\})?")
 
 
 def check_rules(prom, path):

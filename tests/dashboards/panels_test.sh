@@ -118,11 +118,31 @@ start_warren "$BROKER_BIN" "$AMQP_PORT" "$WORK/data" "$WORK/broker.log"
 WARREN_EXTRA_ARGS=()
 PIDS+=("$WARREN_PID")
 for _ in $(seq 1 100); do port_open "$WARREN_PROM_PORT" && break; sleep 0.1; done
+# A shovel and a federation link on the broker, for the federation and shovels dashboard
+# (both to and from the broker itself: `amqp://` is the local node).
+mgmt() {
+    curl -fsS -u guest:guest -X PUT -H 'content-type: application/json' \
+        "http://127.0.0.1:$WARREN_MGMT_PORT$1" -d "$2" >/dev/null || die "PUT $1 failed"
+}
+mgmt /api/queues/%2F/panels.src '{"durable": true}'
+mgmt /api/queues/%2F/panels.dst '{"durable": true}'
+mgmt /api/parameters/shovel/%2F/panels-shovel \
+    '{"value": {"src-uri": "amqp://", "src-queue": "panels.src", "dest-uri": "amqp://", "dest-queue": "panels.dst", "ack-mode": "on-confirm"}}'
+mgmt /api/exchanges/%2F/panels.up '{"type": "fanout"}'
+mgmt /api/exchanges/%2F/panels.fed '{"type": "fanout"}'
+mgmt /api/parameters/federation-upstream/%2F/panels-up \
+    "{\"value\": {\"uri\": \"amqp://guest:guest@127.0.0.1:$AMQP_PORT\", \"exchange\": \"panels.up\"}}"
+mgmt /api/policies/%2F/panels-fed \
+    '{"pattern": "^panels\\.fed$", "apply-to": "exchanges", "definition": {"federation-upstream": "panels-up"}}'
+
 AMQP_URL="amqp://guest:guest@127.0.0.1:$AMQP_PORT/%2f" WORKLOAD_SECONDS=600 \
     "$WARREN_VENV/bin/python" tests/dashboards/workload.py >"$WORK/workload.log" 2>&1 &
 PIDS+=("$!")
 
 # ---- operator with one good and one failing cluster
+# The CRDs (the test must not depend on what ran before it on this control plane).
+kc apply --server-side --force-conflicts --field-manager warren-panels-test -f crds/ >/dev/null
+kc wait --for condition=established --timeout=60s -f crds/ >/dev/null
 kc create namespace "$NS" >/dev/null
 OP_PORT="$(free_port)"
 "$OPERATOR_BIN" --namespace "$NS" --lease-namespace "$NS" --metrics-addr "127.0.0.1:$OP_PORT" \
