@@ -8,3 +8,4 @@ mod federation;
 mod harness;
 mod process;
 mod shovel;
+mod tls;
