@@ -164,7 +164,7 @@ async fn shovels_over_tls_with_rabbitmqs_uri_parameters() {
             st["dest_uri"]
                 .as_str()
                 .unwrap()
-                .starts_with(&format!("amqps://localhost:")),
+                .starts_with("amqps://localhost:"),
             "{st}"
         );
     }
