@@ -55,6 +55,8 @@ pub struct Broker {
     pub started_at: Instant,
     /// The message log, on a node with storage (see [`Broker::open_store`]).
     store: std::sync::OnceLock<Arc<MessageLog>>,
+    /// The memory budget for message bodies and the page files, on a node with storage.
+    paging: std::sync::OnceLock<Arc<crate::paging::Paging>>,
     /// The memory high watermark in bytes (the configured fraction of physical memory or of
     /// the container's memory limit, whichever is lower).
     memory_limit: AtomicU64,
@@ -113,6 +115,7 @@ impl Broker {
             listeners: RwLock::new(Vec::new()),
             started_at: Instant::now(),
             store: std::sync::OnceLock::new(),
+            paging: std::sync::OnceLock::new(),
             memory_limit: AtomicU64::new(memory_limit),
             me: std::sync::OnceLock::new(),
             draining: AtomicBool::new(false),
@@ -123,10 +126,25 @@ impl Broker {
     /// declared afterwards in any vhost persist their persistent messages.
     pub fn open_store(&self) -> std::io::Result<Recovered> {
         let (log, recovered) = MessageLog::open(&self.config.data_dir.join("messages"))?;
+        let budget = self
+            .config
+            .message_memory_budget
+            .bytes(self.memory_limit_bytes());
+        let paging = crate::paging::Paging::open(
+            budget,
+            &self.config.data_dir.join("pages"),
+            Some(log.clone()),
+        )?;
+        tracing::info!(
+            budget,
+            "message bodies beyond the memory budget are paged out to disk"
+        );
         for v in self.vhosts.read().values() {
             v.attach_store(log.clone());
+            v.attach_paging(paging.clone());
         }
         let _ = self.store.set(log);
+        let _ = self.paging.set(paging);
         Ok(recovered)
     }
 
@@ -160,6 +178,11 @@ impl Broker {
         self.store.get()
     }
 
+    /// The memory budget for message bodies and the page files, on a node with storage.
+    pub fn paging(&self) -> Option<&Arc<crate::paging::Paging>> {
+        self.paging.get()
+    }
+
     /// The highest message-log sequence number on disk (everything, without storage).
     pub fn store_synced(&self) -> u64 {
         self.store.get().map_or(u64::MAX, |s| s.synced_now())
@@ -178,6 +201,9 @@ impl Broker {
                 v.set_topology_watch(self.links.topology_sender());
                 if let Some(store) = self.store.get() {
                     v.attach_store(store.clone());
+                }
+                if let Some(paging) = self.paging.get() {
+                    v.attach_paging(paging.clone());
                 }
                 if let Some(me) = self.me.get() {
                     Broker::watch_durable_changes(me.clone(), &v);
@@ -280,6 +306,14 @@ impl Broker {
     /// Ends draining: connections are accepted again.
     pub fn end_drain(&self) {
         self.draining.store(false, Ordering::Release);
+    }
+
+    /// Ends a graceful stop: everything the message log holds is written and synced, the
+    /// flusher has stopped.
+    pub fn close_store(&self) {
+        if let Some(log) = self.store.get() {
+            log.close();
+        }
     }
 
     pub fn next_connection_id(&self) -> u64 {

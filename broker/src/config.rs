@@ -103,6 +103,11 @@ pub struct Cli {
     /// Free disk space, in bytes, below which publishers are blocked [default: 50000000].
     #[arg(long, env = "WARREN_DISK_FREE_LIMIT")]
     pub disk_free_limit: Option<u64>,
+    /// Message bodies all queues together keep in memory; beyond it the least-soon-needed
+    /// bodies are paged out to disk. Bytes (`268435456`, `256MiB`, `1GB`) or a fraction of
+    /// the memory high watermark (`0.5`, `50%`) [default: 0.5].
+    #[arg(long, env = "WARREN_MESSAGE_MEMORY_BUDGET")]
+    pub message_memory_budget: Option<MemoryBudget>,
 }
 
 /// One-shot clients of the local node's management API (for Kubernetes probes and hooks).
@@ -193,6 +198,7 @@ pub struct FileConfig {
     pub log_level: Option<String>,
     pub vm_memory_high_watermark: Option<f64>,
     pub disk_free_limit: Option<u64>,
+    pub message_memory_budget: Option<MemoryBudget>,
 }
 
 /// Resolved settings the broker runs with.
@@ -224,6 +230,76 @@ pub struct Config {
     pub log_level: String,
     pub vm_memory_high_watermark: f64,
     pub disk_free_limit: u64,
+    pub message_memory_budget: MemoryBudget,
+}
+
+/// `message-memory-budget`: bytes, or a fraction of the memory high watermark.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MemoryBudget {
+    Bytes(u64),
+    Fraction(f64),
+}
+
+impl MemoryBudget {
+    /// The budget in bytes, for a node whose memory high watermark is `watermark_bytes`.
+    pub fn bytes(self, watermark_bytes: u64) -> u64 {
+        match self {
+            MemoryBudget::Bytes(b) => b,
+            MemoryBudget::Fraction(f) => (watermark_bytes as f64 * f) as u64,
+        }
+    }
+}
+
+impl std::str::FromStr for MemoryBudget {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let bad = || {
+            format!(
+                "'{s}' is neither bytes (like 268435456, 256MiB or 1GB) nor a fraction of the \
+                 memory high watermark (like 0.5 or 50%)"
+            )
+        };
+        if let Some(p) = t.strip_suffix('%') {
+            let p: f64 = p.trim().parse().map_err(|_| bad())?;
+            return Ok(MemoryBudget::Fraction(p / 100.0));
+        }
+        if t.contains('.') {
+            return t.parse().map(MemoryBudget::Fraction).map_err(|_| bad());
+        }
+        let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (n, unit) = t.split_at(digits);
+        let n: u64 = n.parse().map_err(|_| bad())?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "kb" => 1_000,
+            "mb" => 1_000_000,
+            "gb" => 1_000_000_000,
+            "kib" => 1 << 10,
+            "mib" => 1 << 20,
+            "gib" => 1 << 30,
+            _ => return Err(bad()),
+        };
+        n.checked_mul(mult).map(MemoryBudget::Bytes).ok_or_else(bad)
+    }
+}
+
+impl<'de> Deserialize<'de> for MemoryBudget {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Float(f64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(b) => Ok(MemoryBudget::Bytes(b)),
+            Raw::Float(f) => Ok(MemoryBudget::Fraction(f)),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 /// A listener setting: an address, or `none` for no listener.
@@ -313,6 +389,7 @@ impl Default for Config {
             log_level: "info".into(),
             vm_memory_high_watermark: 0.4,
             disk_free_limit: 50_000_000,
+            message_memory_budget: MemoryBudget::Fraction(0.5),
         }
     }
 }
@@ -418,6 +495,10 @@ impl Config {
                 .disk_free_limit
                 .or(file.disk_free_limit)
                 .unwrap_or(d.disk_free_limit),
+            message_memory_budget: cli
+                .message_memory_budget
+                .or(file.message_memory_budget)
+                .unwrap_or(d.message_memory_budget),
         };
         c.validate()?;
         Ok(c)
@@ -488,6 +569,23 @@ impl Config {
                     self.vm_memory_high_watermark
                 ),
             });
+        }
+        match self.message_memory_budget {
+            MemoryBudget::Fraction(f) if !(f > 0.0 && f <= 1.0) => {
+                return Err(ConfigError::Invalid {
+                    key: "message-memory-budget",
+                    message: format!(
+                        "{f} is not a fraction of the memory high watermark in (0, 1]"
+                    ),
+                });
+            }
+            MemoryBudget::Bytes(b) if b < 1 << 20 => {
+                return Err(ConfigError::Invalid {
+                    key: "message-memory-budget",
+                    message: format!("{b} bytes is below the minimum of 1 MiB"),
+                });
+            }
+            _ => {}
         }
         if self.channel_max == 0 {
             return Err(ConfigError::Invalid {
@@ -658,6 +756,59 @@ mod tests {
             ..Default::default()
         });
         assert!(e.contains("localhost"), "{e}");
+    }
+
+    #[test]
+    fn message_memory_budget_in_bytes_or_as_a_fraction() {
+        let parse = |s: &str| s.parse::<MemoryBudget>();
+        assert_eq!(parse("8388608"), Ok(MemoryBudget::Bytes(8 << 20)));
+        assert_eq!(parse("256MiB"), Ok(MemoryBudget::Bytes(256 << 20)));
+        assert_eq!(parse("1 GB"), Ok(MemoryBudget::Bytes(1_000_000_000)));
+        assert_eq!(parse("0.25"), Ok(MemoryBudget::Fraction(0.25)));
+        assert_eq!(parse("50%"), Ok(MemoryBudget::Fraction(0.5)));
+        assert!(parse("lots").unwrap_err().contains("neither bytes"));
+        assert!(parse("12 parsecs").is_err());
+        assert!(parse("99999999999999999999GiB").is_err());
+        assert_eq!(MemoryBudget::Fraction(0.5).bytes(1000), 500);
+        assert_eq!(
+            Config::default().message_memory_budget,
+            MemoryBudget::Fraction(0.5)
+        );
+
+        let dir = std::env::temp_dir().join(format!("warren-cfg-budget-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("warren.toml");
+        for (text, want) in [
+            (
+                "message-memory-budget = 16777216\n",
+                MemoryBudget::Bytes(16 << 20),
+            ),
+            ("message-memory-budget = 0.3\n", MemoryBudget::Fraction(0.3)),
+            (
+                "message-memory-budget = \"64MiB\"\n",
+                MemoryBudget::Bytes(64 << 20),
+            ),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let c = Config::resolve(Cli {
+                config: Some(path.clone()),
+                ..Default::default()
+            })
+            .unwrap();
+            assert_eq!(c.message_memory_budget, want, "{text}");
+        }
+        for bad in [
+            "message-memory-budget = 1.5\n",
+            "message-memory-budget = 1000\n",
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            let e = Config::resolve(Cli {
+                config: Some(path.clone()),
+                ..Default::default()
+            })
+            .unwrap_err();
+            assert!(e.to_string().contains("message-memory-budget"), "{e}");
+        }
     }
 
     #[test]

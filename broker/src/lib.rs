@@ -20,6 +20,7 @@ pub mod management;
 pub mod message;
 pub mod metrics;
 pub mod outbox;
+pub mod paging;
 pub mod parameters;
 pub mod persistence;
 pub mod policy;

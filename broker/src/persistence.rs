@@ -152,6 +152,12 @@ impl Broker {
     pub fn recover(self: &Arc<Self>) -> std::io::Result<()> {
         let snapshot = metadata::load(&self.config.data_dir)?;
         let recovered = self.open_store()?;
+        if let (Some(paging), Ok(rt)) = (self.paging(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(crate::paging::run_pager(
+                Arc::downgrade(self),
+                paging.clone(),
+            ));
+        }
         let mut queues = 0;
         if let Some(s) = snapshot {
             for name in &s.vhosts {
@@ -267,11 +273,7 @@ impl Broker {
                     tracing::warn!(%vhost, %queue, count = list.len(), "stored messages of a queue that no longer exists dropped");
                     if let Some(store) = self.store() {
                         let sids: Vec<u64> = list.iter().map(|m| m.sid).collect();
-                        store.append(&crate::store::log::Record::Purge {
-                            vhost: vhost.clone(),
-                            queue: queue.clone(),
-                        });
-                        store.forget(&sids);
+                        store.purge(&vhost, &queue, &sids);
                     }
                 }
             }

@@ -43,6 +43,8 @@ pub struct Vhost {
     pub queue_counters: Arc<QueueCounters>,
     /// The node's message log, when it has storage: durable queues persist through it.
     store: std::sync::OnceLock<Arc<MessageLog>>,
+    /// The node's memory budget for message bodies and its page files, when it has storage.
+    paging: std::sync::OnceLock<Arc<crate::paging::Paging>>,
     /// Called after a change a restart must remember (the node saves its metadata).
     on_durable_change: std::sync::OnceLock<DurableChangeHook>,
     /// Bumped when exchanges, queues, bindings or policies change: federation links follow
@@ -77,6 +79,7 @@ impl Vhost {
             operator_policies: RwLock::new(Vec::new()),
             queue_counters,
             store: std::sync::OnceLock::new(),
+            paging: std::sync::OnceLock::new(),
             on_durable_change: std::sync::OnceLock::new(),
             topology: std::sync::OnceLock::new(),
             me: me.clone(),
@@ -134,6 +137,11 @@ impl Vhost {
     /// Gives the vhost the node's message log (once, before any queue is declared).
     pub fn attach_store(&self, store: Arc<MessageLog>) {
         let _ = self.store.set(store);
+    }
+
+    /// Queues declared from now on page bodies out under the node's memory budget.
+    pub fn attach_paging(&self, paging: Arc<crate::paging::Paging>) {
+        let _ = self.paging.set(paging);
     }
 
     pub fn exchange(&self, name: &str) -> Option<Arc<Exchange>> {
@@ -369,6 +377,7 @@ impl Vhost {
             self.me.clone(),
             effective,
             self.store.get().cloned(),
+            self.paging.get().cloned(),
         );
         all.insert(spec.name.to_owned(), q.clone());
         drop(all);

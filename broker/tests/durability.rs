@@ -2,91 +2,17 @@
 //! Durability against a real `warren-broker` process: restart, `kill -9` in a publish loop,
 //! and a damaged segment file.
 mod common;
+#[path = "common/node.rs"]
+mod node;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+use node::{Node, data_dir};
 
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
-
-struct Node {
-    child: Child,
-    port: u16,
-    mgmt: u16,
-    log: PathBuf,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn data_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("warren-dur-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-impl Node {
-    async fn start(dir: &Path) -> Node {
-        let port = free_port();
-        let mgmt = free_port();
-        let log = dir.with_extension(format!("{port}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_warren-broker"))
-            .args(["--data-dir", dir.to_str().unwrap()])
-            .args(["--amqp-listen", &format!("127.0.0.1:{port}")])
-            .args(["--management-listen", &format!("127.0.0.1:{mgmt}")])
-            .args(["--prometheus-listen", &format!("127.0.0.1:{}", free_port())])
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let node = Node {
-            child,
-            port,
-            mgmt,
-            log,
-        };
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                return node;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("broker did not start; log:\n{}", node.log_text());
-    }
-
-    fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
-    }
-
-    async fn connect(&self) -> Connection {
-        Connection::connect(&self.url(), ConnectionProperties::default())
-            .await
-            .unwrap()
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGKILL: no chance to flush or clean up.
-    fn crash(mut self) -> String {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-        self.log_text()
-    }
-}
+use lapin::{BasicProperties, ExchangeKind};
 
 fn persistent() -> BasicProperties {
     BasicProperties::default().with_delivery_mode(2)

@@ -4,7 +4,13 @@
 //!
 //! Concurrency: each queue sits behind one mutex, taken by whichever task acts on it (the
 //! publishing connection, the acking connection, the queue's timer, a writer that drained).
-//! Nothing awaits while holding it. Lock order is queue → channel deliveries → connection
+//! Nothing awaits while holding it.
+//!
+//! Paging (see [`crate::paging`]): after each operation the queue reports the bytes of bodies
+//! it holds to the node's budget and, over it, pages out its least-soon-needed messages.
+//! Consumers never wait on a disk read under the lock: paged messages ahead of delivery are
+//! read back in batches on a blocking thread, and delivery resumes when they arrive. Only
+//! `basic.get`, and a dead letter whose content is paged out, read under the lock. Lock order is queue → channel deliveries → connection
 //! outbox; dead letters are routed only after the queue lock is released, so queues
 //! dead-lettering into each other cannot deadlock.
 
@@ -22,7 +28,8 @@ use tokio::sync::Notify;
 
 use crate::channel::ChannelShared;
 use crate::message::Message;
-use crate::store::log::{MessageLog, Record, StoredMessage};
+use crate::paging::{PageRef, Paging};
+use crate::store::log::{EnqueueRef, MessageLog, Record, RecoveredMessage};
 use crate::vhost::Vhost;
 use args::QueueArgs;
 use state::{Command, DeadLetterReason, Effect, Millis, MsgId, QueueState, Settlement};
@@ -69,9 +76,16 @@ struct Inner {
     last_used: Millis,
     /// `x-expires` in effect (client argument, policy or operator policy).
     expires: Option<u64>,
-    /// Message-log ids of the persistent messages this (durable) queue holds.
-    sids: HashMap<MsgId, u64>,
+    /// Where each message with a copy on disk has it: in the message log (persistent messages
+    /// of a durable queue, from the start) or in a page file (once paged out).
+    pages: HashMap<MsgId, PageRef>,
     fx: Vec<Effect>,
+    /// Resident body bytes last reported to the node's budget.
+    accounted: u64,
+    /// A batch of paged messages is being read back.
+    reading: bool,
+    /// Checkouts since the queue last looked whether to read ahead.
+    checkouts: u32,
 }
 
 /// Ready messages above which a queue whose deliveries wait on full connection buffers asks
@@ -80,6 +94,12 @@ const FLOW_BACKLOG: u64 = 1000;
 
 /// Dead letters collected under the lock, published after it is released.
 type Letters = Vec<(Arc<Message>, DeadLetterReason)>;
+
+/// Most messages read back in one batch (besides the byte bound, the budget's 1/16).
+const READ_AHEAD_COUNT: usize = 1024;
+/// A queue looks whether to read ahead every this many checkouts (and whenever the next
+/// message is paged out).
+const READ_AHEAD_EVERY: u32 = 32;
 
 pub struct Queue {
     pub name: String,
@@ -97,6 +117,10 @@ pub struct Queue {
     pub stats: QueueStats,
     /// The node's message log, for durable queues of a node with storage.
     store: Option<Arc<MessageLog>>,
+    /// The node's memory budget for bodies and its page files, on a node with storage.
+    paging: Option<Arc<Paging>>,
+    /// Resident body bytes (as last accounted), read without the lock by the pager.
+    resident: AtomicU64,
     vhost_name: String,
     deleted: AtomicBool,
     flow_pressure: AtomicBool,
@@ -194,6 +218,7 @@ impl Queue {
         vhost: Weak<Vhost>,
         effective: (state::QueueConfig, Option<u64>),
         store: Option<Arc<MessageLog>>,
+        paging: Option<Arc<Paging>>,
     ) -> Arc<Self> {
         let vhost_name = vhost.upgrade().map(|v| v.name.clone()).unwrap_or_default();
         let (config, expires) = effective;
@@ -208,8 +233,11 @@ impl Queue {
                 had_consumer: false,
                 last_used: now_ms(),
                 expires,
-                sids: HashMap::new(),
+                pages: HashMap::new(),
                 fx: Vec::new(),
+                accounted: 0,
+                reading: false,
+                checkouts: 0,
             }),
             arguments,
             args,
@@ -218,6 +246,8 @@ impl Queue {
             timer: Arc::new(Notify::new()),
             stats: QueueStats::default(),
             store: if durable { store } else { None },
+            paging,
+            resident: AtomicU64::new(0),
             vhost_name,
             deleted: AtomicBool::new(false),
             flow_pressure: AtomicBool::new(false),
@@ -299,29 +329,35 @@ impl Queue {
             if accepted {
                 self.stats.publish.fetch_add(1, Ordering::Relaxed);
             }
-            for e in fx.drain(..) {
-                if let Effect::Accepted { id } = e {
-                    if persist && let Some(store) = &self.store {
-                        let sid = store.next_sid();
-                        let expires_at = g.state.expires_at(id);
-                        wait_for = store.append(&Record::Enqueue(StoredMessage {
+            // The enqueue record goes first: drop-head may remove the new message at once.
+            for e in &fx {
+                if let Effect::Accepted { id } = *e
+                    && persist
+                    && let Some(store) = &self.store
+                {
+                    let sid = store.next_sid();
+                    let expires_at = g.state.expires_at(id);
+                    wait_for = store.append_enqueue(
+                        &EnqueueRef {
                             sid,
-                            vhost: self.vhost_name.clone(),
-                            queue: self.name.clone(),
+                            vhost: &self.vhost_name,
+                            queue: &self.name,
                             expires_at,
-                            exchange: msg.exchange.clone(),
-                            routing_key: msg.routing_key.clone(),
-                            header_payload: msg.header_payload.to_vec(),
-                            body: msg.body.to_vec(),
-                        }));
-                        g.sids.insert(id, sid);
-                    }
-                } else {
-                    self.absorb(&mut g.sids, e, &mut letters);
+                            exchange: &msg.exchange,
+                            routing_key: &msg.routing_key,
+                            header_payload: &msg.header_payload,
+                            body: &msg.body,
+                        },
+                        &msg.body,
+                    );
+                    g.pages.insert(id, PageRef::Log(sid));
                 }
             }
+            self.absorb(&mut g, &mut fx, &mut letters);
+            fx.clear();
             g.fx = fx;
             self.deliver_ready(&mut g, now, &mut letters);
+            self.account(&mut g);
             wake_timer = g.state.next_expiry().is_some() && g.state.next_expiry() != had_expiry;
         }
         if wake_timer {
@@ -332,81 +368,305 @@ impl Queue {
     }
 
     /// Puts recovered messages back, in their original order, marked redelivered: they may
-    /// have been delivered before the restart (at-least-once).
-    pub fn restore(&self, messages: Vec<StoredMessage>) {
+    /// have been delivered before the restart (at-least-once). Their content stays in the log
+    /// until the queue reads it back ahead of its consumers.
+    pub fn restore(&self, messages: Vec<RecoveredMessage>) {
         let mut g = self.inner.lock();
         let mut fx = std::mem::take(&mut g.fx);
+        let now = now_ms();
         for m in messages {
-            let Ok(header) = crate::codec::decode_header(&m.header_payload) else {
-                tracing::error!(queue = %self.name, sid = m.sid, "unreadable stored message properties; dropped");
-                continue;
-            };
-            let msg = Arc::new(Message::with_header_payload(
-                m.exchange,
-                m.routing_key,
-                header.properties,
-                bytes::Bytes::from(m.header_payload),
-                bytes::Bytes::from(m.body),
-            ));
             g.state.apply(
                 Command::Restore {
-                    msg,
+                    msg: None,
+                    size: m.size,
+                    priority: m.priority,
                     expires_at: m.expires_at,
                     redelivered: true,
                 },
-                now_ms(),
+                now,
                 &mut fx,
             );
             for e in fx.drain(..) {
                 if let Effect::Accepted { id } = e {
-                    g.sids.insert(id, m.sid);
+                    g.pages.insert(id, PageRef::Log(m.sid));
                 }
             }
         }
         g.fx = fx;
+        self.start_read_ahead(&mut g);
+        self.account(&mut g);
         drop(g);
         self.timer.notify_one();
     }
 
     /// Handles what any command may produce besides its own result: dead letters (routed
-    /// after the lock is released) and removals (recorded in the message log). Returns the
-    /// effects it does not handle.
-    fn absorb(
-        &self,
-        sids: &mut HashMap<MsgId, u64>,
-        e: Effect,
-        letters: &mut Letters,
-    ) -> Option<Effect> {
-        match e {
-            Effect::DeadLetter { msg, reason } => {
-                letters.push((msg, reason));
-                None
+    /// after the lock is released; paged ones are read back first, while their copy on disk
+    /// still exists) and removals (recorded in the message log, or a page file's space
+    /// released). Leaves in `fx` the effects it does not handle.
+    fn absorb(&self, g: &mut Inner, fx: &mut Vec<Effect>, letters: &mut Letters) {
+        let paged: Vec<MsgId> = fx
+            .iter()
+            .filter_map(|e| match e {
+                Effect::DeadLetter {
+                    id: Some(id),
+                    msg: None,
+                    ..
+                } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        let mut read = if paged.is_empty() {
+            HashMap::new()
+        } else {
+            self.read_now(g, &paged)
+        };
+        fx.retain_mut(|e| match e {
+            Effect::DeadLetter { id, msg, reason } => {
+                match msg.take().or_else(|| id.and_then(|id| read.remove(&id))) {
+                    Some(m) => letters.push((m, *reason)),
+                    None => tracing::error!(
+                        queue = %self.name,
+                        "a paged-out message could not be read back to be dead-lettered; dropped"
+                    ),
+                }
+                false
             }
             Effect::Removed { id } => {
-                if let Some(sid) = sids.remove(&id)
-                    && let Some(store) = &self.store
-                {
+                self.forget(&mut g.pages, *id);
+                false
+            }
+            _ => true,
+        });
+    }
+
+    /// A message left the queue for good: what it had on disk goes too.
+    fn forget(&self, pages: &mut HashMap<MsgId, PageRef>, id: MsgId) {
+        match pages.remove(&id) {
+            Some(PageRef::Log(sid)) => {
+                if let Some(store) = &self.store {
                     store.append(&Record::Remove {
                         vhost: self.vhost_name.clone(),
                         queue: self.name.clone(),
                         sid,
                     });
                 }
-                None
             }
-            other => Some(other),
+            Some(r @ PageRef::Page(_)) => {
+                if let Some(p) = &self.paging {
+                    p.release(r);
+                }
+            }
+            None => {}
         }
     }
 
-    fn absorb_all(
-        &self,
-        sids: &mut HashMap<MsgId, u64>,
-        fx: &mut Vec<Effect>,
-        letters: &mut Letters,
-    ) {
-        for e in fx.drain(..) {
-            self.absorb(sids, e, letters);
+    /// Reads paged messages back under the lock (for `basic.get` and dead letters; consumers
+    /// use [`Self::start_read_ahead`]). Messages that cannot be read are reported and left to
+    /// the caller.
+    fn read_now(&self, g: &Inner, ids: &[MsgId]) -> HashMap<MsgId, Arc<Message>> {
+        let Some(paging) = &self.paging else {
+            return HashMap::new();
+        };
+        let refs: Vec<(MsgId, PageRef)> = ids
+            .iter()
+            .filter_map(|id| g.pages.get(id).map(|r| (*id, *r)))
+            .collect();
+        let read = paging.read(&refs.iter().map(|(_, r)| *r).collect::<Vec<_>>());
+        let mut out = HashMap::new();
+        for ((id, _), m) in refs.into_iter().zip(read) {
+            match m {
+                Ok(m) => {
+                    out.insert(id, m);
+                }
+                Err(e) => {
+                    tracing::error!(queue = %self.name, "cannot read a paged-out message back: {e}")
+                }
+            }
         }
+        out
+    }
+
+    /// Makes sure the next message to deliver is in memory, reading a batch back now.
+    /// Messages that are lost (unreadable) are discarded.
+    fn page_in_now(&self, g: &mut Inner, letters: &mut Letters) {
+        if !g.state.next_is_paged() {
+            return;
+        }
+        let Some(paging) = &self.paging else { return };
+        let b = paging.batch_bytes();
+        let mut ids = g.state.read_ahead(b / 2, b, READ_AHEAD_COUNT);
+        if ids.is_empty() {
+            return;
+        }
+        let mut read = self.read_now(g, &ids);
+        ids.retain(|id| !read.contains_key(id));
+        let msgs: Vec<(MsgId, Arc<Message>)> = read.drain().collect();
+        self.apply(g, Command::PageIn { msgs }, letters);
+        if !ids.is_empty() {
+            tracing::error!(queue = %self.name, lost = ids.len(), "paged-out messages could not be read back; dropped");
+            self.apply(g, Command::Discard { ids }, letters);
+        }
+    }
+
+    /// Applies a command whose only effects are removals and dead letters.
+    fn apply(&self, g: &mut Inner, cmd: Command, letters: &mut Letters) {
+        let mut fx = std::mem::take(&mut g.fx);
+        g.state.apply(cmd, now_ms(), &mut fx);
+        self.absorb(g, &mut fx, letters);
+        fx.clear();
+        g.fx = fx;
+    }
+
+    /// Starts reading the next paged messages back on a blocking thread if the queue's head
+    /// in memory runs short; delivery resumes when they arrive ([`Self::paged_in`]).
+    fn start_read_ahead(&self, g: &mut Inner) {
+        let Some(paging) = &self.paging else { return };
+        if g.reading || g.state.paged_ready() == 0 {
+            return;
+        }
+        let b = paging.batch_bytes();
+        let ids = g.state.read_ahead(b / 2, b, READ_AHEAD_COUNT);
+        if ids.is_empty() {
+            return;
+        }
+        let refs: Vec<(MsgId, PageRef)> = ids
+            .iter()
+            .filter_map(|id| g.pages.get(id).map(|r| (*id, *r)))
+            .collect();
+        if tokio::runtime::Handle::try_current().is_err() {
+            let mut letters = Letters::new();
+            self.page_in_now(g, &mut letters);
+            return;
+        }
+        g.reading = true;
+        let me = self.me.clone();
+        let paging = paging.clone();
+        tokio::task::spawn_blocking(move || {
+            let read = paging.read(&refs.iter().map(|(_, r)| *r).collect::<Vec<_>>());
+            if let Some(q) = me.upgrade() {
+                q.paged_in(ids, refs.into_iter().map(|(id, _)| id).zip(read).collect());
+            }
+        });
+    }
+
+    /// A batch read back by [`Self::start_read_ahead`] arrived: `wanted` were asked for,
+    /// `read` holds what was found for them.
+    fn paged_in(&self, wanted: Vec<MsgId>, read: Vec<(MsgId, std::io::Result<Arc<Message>>)>) {
+        let now = now_ms();
+        let mut letters = Letters::new();
+        {
+            let mut g = self.inner.lock();
+            g.reading = false;
+            if self.is_deleted() {
+                return;
+            }
+            let mut msgs = Vec::with_capacity(read.len());
+            let mut lost: Vec<MsgId> = wanted
+                .iter()
+                .filter(|id| !g.pages.contains_key(id))
+                .copied()
+                .collect();
+            for (id, m) in read {
+                match m {
+                    Ok(m) => msgs.push((id, m)),
+                    // Written moments ago and not yet on disk: try again later.
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                        tracing::warn!(queue = %self.name, "paging in: {e}");
+                    }
+                    Err(e) => {
+                        // The message may have left the queue meanwhile (then this is moot).
+                        if g.pages.contains_key(&id) {
+                            tracing::error!(queue = %self.name, "cannot read a paged-out message back: {e}; dropped");
+                            lost.push(id);
+                        }
+                    }
+                }
+            }
+            self.apply(&mut g, Command::PageIn { msgs }, &mut letters);
+            if !lost.is_empty() {
+                self.apply(&mut g, Command::Discard { ids: lost }, &mut letters);
+            }
+            self.deliver_ready(&mut g, now, &mut letters);
+            self.account(&mut g);
+        }
+        self.dead_letter(letters, now);
+    }
+
+    /// Reports this queue's resident bytes to the node's budget; over budget, pages out.
+    fn account(&self, g: &mut Inner) {
+        let Some(paging) = &self.paging else { return };
+        let deleted = self.is_deleted();
+        let now = if deleted { 0 } else { g.state.resident_bytes() };
+        paging.account(g.accounted, now);
+        g.accounted = now;
+        if !deleted && paging.over_budget() {
+            let want = paging.resident().saturating_sub(paging.target());
+            self.page_out(g, paging, want);
+            if paging.over_budget() {
+                paging.wake_pager();
+            }
+        }
+        self.resident.store(g.accounted, Ordering::Relaxed);
+    }
+
+    /// Pages out up to `want` bytes of bodies, keeping the head of the queue in memory.
+    fn page_out(&self, g: &mut Inner, paging: &Arc<Paging>, want: u64) {
+        let keep = 2 * paging.batch_bytes();
+        let pages = &g.pages;
+        let candidates = g
+            .state
+            .page_out_candidates(keep, 2 * READ_AHEAD_COUNT, want, |id| {
+                pages.contains_key(&id)
+            });
+        if candidates.is_empty() {
+            return;
+        }
+        let mut ids = Vec::with_capacity(candidates.len());
+        let mut to_write = Vec::new();
+        for (id, m) in &candidates {
+            if g.pages.contains_key(id) {
+                ids.push(*id);
+            } else {
+                to_write.push((*id, m));
+            }
+        }
+        if !to_write.is_empty() {
+            let msgs: Vec<&Message> = to_write.iter().map(|(_, m)| m.as_ref()).collect();
+            match paging.write(&msgs) {
+                Ok(refs) => {
+                    for ((id, _), r) in to_write.iter().zip(refs) {
+                        g.pages.insert(*id, r);
+                        ids.push(*id);
+                    }
+                }
+                // Those stay in memory; the memory alarm is the backstop.
+                Err(e) => tracing::error!(queue = %self.name, "cannot write to a page file: {e}"),
+            }
+        }
+        let mut fx = std::mem::take(&mut g.fx);
+        g.state.apply(Command::PageOut { ids }, now_ms(), &mut fx);
+        fx.clear();
+        g.fx = fx;
+        let now = g.state.resident_bytes();
+        paging.account(g.accounted, now);
+        g.accounted = now;
+    }
+
+    /// Called by the pager when the node is over its budget.
+    pub fn page_out_for_node(&self) {
+        let Some(paging) = &self.paging else { return };
+        let mut g = self.inner.lock();
+        if self.is_deleted() {
+            return;
+        }
+        let want = paging.resident().saturating_sub(paging.target());
+        self.page_out(&mut g, paging, want);
+        self.resident.store(g.accounted, Ordering::Relaxed);
+    }
+
+    /// Body bytes this queue holds in memory (as last accounted).
+    pub fn resident_bytes(&self) -> u64 {
+        self.resident.load(Ordering::Relaxed)
     }
 
     /// Delivers ready messages to consumers with credit, until either runs out.
@@ -436,18 +696,31 @@ impl Queue {
             }) else {
                 return credit_but_full;
             };
+            if g.state.paged_ready() > 0 {
+                g.checkouts = g.checkouts.wrapping_add(1);
+                if g.state.next_is_paged() {
+                    // Wait for the batch being read (or start one): its arrival delivers.
+                    self.start_read_ahead(g);
+                    if g.state.next_is_paged() {
+                        return false;
+                    }
+                } else if g.checkouts.is_multiple_of(READ_AHEAD_EVERY) {
+                    self.start_read_ahead(g);
+                }
+            }
             let c = g.consumers[i].clone();
             let mut fx = std::mem::take(&mut g.fx);
             g.state
                 .apply(Command::Checkout { settled: c.no_ack }, now, &mut fx);
+            self.absorb(g, &mut fx, letters);
             let mut delivered = None;
             for e in fx.drain(..) {
-                if let Some(Effect::Delivery {
+                if let Effect::Delivery {
                     id,
                     msg,
                     redelivered,
                     ..
-                }) = self.absorb(&mut g.sids, e, letters)
+                } = e
                 {
                     delivered = Some((id, msg, redelivered));
                     self.stats.deliver_get.fetch_add(1, Ordering::Relaxed);
@@ -459,6 +732,11 @@ impl Queue {
             g.fx = fx;
             let Some((id, msg, redelivered)) = delivered else {
                 return false;
+            };
+            let Some(msg) = msg.or_else(|| self.read_now(g, &[id]).remove(&id)) else {
+                // Lost on disk: nothing to deliver.
+                self.apply(g, Command::Discard { ids: vec![id] }, letters);
+                continue;
             };
             if !c.channel.deliver(&c, &me, id, &msg, redelivered) && !c.no_ack {
                 // The channel closed under us: put the message back.
@@ -502,11 +780,9 @@ impl Queue {
                 return;
             }
             g.expires = expires;
-            let mut fx = std::mem::take(&mut g.fx);
-            g.state.apply(Command::SetConfig(config), now, &mut fx);
-            self.absorb_all(&mut g.sids, &mut fx, &mut letters);
-            g.fx = fx;
+            self.apply(&mut g, Command::SetConfig(config), &mut letters);
             self.deliver_ready(&mut g, now, &mut letters);
+            self.account(&mut g);
         }
         self.timer.notify_one();
         self.dead_letter(letters, now);
@@ -519,6 +795,7 @@ impl Queue {
         {
             let mut g = self.inner.lock();
             self.deliver_ready(&mut g, now, &mut letters);
+            self.account(&mut g);
         }
         self.dead_letter(letters, now);
     }
@@ -536,11 +813,9 @@ impl Queue {
         let mut letters = Letters::new();
         {
             let mut g = self.inner.lock();
-            let mut fx = std::mem::take(&mut g.fx);
-            g.state.apply(Command::Settle { ids, how }, now, &mut fx);
-            self.absorb_all(&mut g.sids, &mut fx, &mut letters);
-            g.fx = fx;
+            self.apply(&mut g, Command::Settle { ids, how }, &mut letters);
             self.deliver_ready(&mut g, now, &mut letters);
+            self.account(&mut g);
         }
         if how == Settlement::Requeue {
             self.timer.notify_one();
@@ -556,30 +831,45 @@ impl Queue {
         {
             let mut g = self.inner.lock();
             g.last_used = now;
-            let mut fx = std::mem::take(&mut g.fx);
-            g.state
-                .apply(Command::Checkout { settled: no_ack }, now, &mut fx);
-            for e in fx.drain(..) {
-                if let Some(Effect::Delivery {
-                    id,
-                    msg,
-                    redelivered,
-                    remaining,
-                }) = self.absorb(&mut g.sids, e, &mut letters)
-                {
-                    self.stats.deliver_get.fetch_add(1, Ordering::Relaxed);
-                    if redelivered {
-                        self.stats.redeliver.fetch_add(1, Ordering::Relaxed);
-                    }
-                    result = Some(GetResult {
+            loop {
+                self.page_in_now(&mut g, &mut letters);
+                let mut fx = std::mem::take(&mut g.fx);
+                g.state
+                    .apply(Command::Checkout { settled: no_ack }, now, &mut fx);
+                self.absorb(&mut g, &mut fx, &mut letters);
+                let mut delivered = None;
+                for e in fx.drain(..) {
+                    if let Effect::Delivery {
                         id,
                         msg,
                         redelivered,
                         remaining,
-                    });
+                    } = e
+                    {
+                        delivered = Some((id, msg, redelivered, remaining));
+                    }
                 }
+                g.fx = fx;
+                let Some((id, msg, redelivered, remaining)) = delivered else {
+                    break;
+                };
+                let Some(msg) = msg.or_else(|| self.read_now(&g, &[id]).remove(&id)) else {
+                    self.apply(&mut g, Command::Discard { ids: vec![id] }, &mut letters);
+                    continue;
+                };
+                self.stats.deliver_get.fetch_add(1, Ordering::Relaxed);
+                if redelivered {
+                    self.stats.redeliver.fetch_add(1, Ordering::Relaxed);
+                }
+                result = Some(GetResult {
+                    id,
+                    msg,
+                    redelivered,
+                    remaining,
+                });
+                break;
             }
-            g.fx = fx;
+            self.account(&mut g);
         }
         self.timer.notify_one();
         self.dead_letter(letters, now);
@@ -591,12 +881,15 @@ impl Queue {
         let mut fx = Vec::new();
         g.state.apply(Command::Purge, now_ms(), &mut fx);
         let mut letters = Letters::new();
-        let mut count = 0;
-        for e in fx {
-            if let Some(Effect::Purged { count: n }) = self.absorb(&mut g.sids, e, &mut letters) {
-                count = n;
-            }
-        }
+        self.absorb(&mut g, &mut fx, &mut letters);
+        let count = fx
+            .iter()
+            .find_map(|e| match e {
+                Effect::Purged { count } => Some(*count),
+                _ => None,
+            })
+            .unwrap_or(0);
+        self.account(&mut g);
         count
     }
 
@@ -655,17 +948,24 @@ impl Queue {
             let count = g.state.ready_count() as u32;
             let mut fx = Vec::new();
             g.state.apply(Command::Purge, now_ms(), &mut fx);
+            let mut sids = Vec::new();
+            for (_, r) in g.pages.drain() {
+                match r {
+                    PageRef::Log(sid) => sids.push(sid),
+                    PageRef::Page(_) => {
+                        if let Some(p) = &self.paging {
+                            p.release(r);
+                        }
+                    }
+                }
+            }
             if let Some(store) = &self.store
-                && !g.sids.is_empty()
+                && !sids.is_empty()
             {
                 // One record drops everything the queue had, unacked included.
-                let sids: Vec<u64> = g.sids.drain().map(|(_, s)| s).collect();
-                store.append(&Record::Purge {
-                    vhost: self.vhost_name.clone(),
-                    queue: self.name.clone(),
-                });
-                store.forget(&sids);
+                store.purge(&self.vhost_name, &self.name, &sids);
             }
+            self.account(&mut g);
             (count, std::mem::take(&mut g.consumers))
         };
         for c in consumers {
@@ -729,10 +1029,8 @@ impl Queue {
         let mut letters = Letters::new();
         let (next, expire_queue) = {
             let mut g = self.inner.lock();
-            let mut fx = std::mem::take(&mut g.fx);
-            g.state.apply(Command::Expire, now, &mut fx);
-            self.absorb_all(&mut g.sids, &mut fx, &mut letters);
-            g.fx = fx;
+            self.apply(&mut g, Command::Expire, &mut letters);
+            self.account(&mut g);
             let queue_deadline = match g.expires {
                 Some(e) if g.consumers.is_empty() => Some(g.last_used + e),
                 _ => None,
@@ -751,6 +1049,20 @@ impl Queue {
             return None;
         }
         next
+    }
+}
+
+impl Drop for Queue {
+    /// A queue dropped without being deleted (its vhost went) still gives back its share of
+    /// the node's memory budget.
+    fn drop(&mut self) {
+        if let Some(p) = &self.paging {
+            let g = self.inner.get_mut();
+            p.account(g.accounted, 0);
+            for (_, r) in g.pages.drain() {
+                p.release(r);
+            }
+        }
     }
 }
 

@@ -7,6 +7,13 @@
 //!
 //! Ready messages are kept in order of arrival (one list per priority level); a requeued
 //! message goes back to its original position, found by its id, which only ever increases.
+//!
+//! Paging: a message's content may be out of memory (its entry keeps only id, size, level,
+//! deadline and flags). Which messages to page out or read back is asked of the state
+//! ([`QueueState::page_out_candidates`], [`QueueState::read_ahead`]) and applied as commands
+//! ([`Command::PageOut`], [`Command::PageIn`]); where the content went is the runtime's
+//! business. Effects that hand a message out (`Delivery`, `DeadLetter`) carry `None` for a
+//! paged one, with its id, for the runtime to read back.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -68,9 +75,12 @@ pub enum Command {
         msg: Arc<Message>,
     },
     /// A message recovered from disk: its deadline and redelivered flag are kept, no limits
-    /// are applied (it was accepted before the restart).
+    /// are applied (it was accepted before the restart). `msg` is `None` when only its
+    /// metadata is in memory (its content stays on disk until read back).
     Restore {
-        msg: Arc<Message>,
+        msg: Option<Arc<Message>>,
+        size: u64,
+        priority: u8,
         expires_at: Option<Millis>,
         redelivered: bool,
     },
@@ -87,6 +97,21 @@ pub enum Command {
     Expire,
     Purge,
     SetConfig(QueueConfig),
+    /// Drop the in-memory content of these messages (ready or unacked): the runtime has a
+    /// copy on disk. Unknown or already paged ids are ignored.
+    PageOut {
+        ids: Vec<MsgId>,
+    },
+    /// Content read back from disk. Ids no longer in the queue, or already in memory, are
+    /// ignored.
+    PageIn {
+        msgs: Vec<(MsgId, Arc<Message>)>,
+    },
+    /// Remove messages whose content is lost (unreadable from disk): they leave the queue as
+    /// `Removed`, without dead-lettering.
+    Discard {
+        ids: Vec<MsgId>,
+    },
 }
 
 /// Outputs of the state machine.
@@ -98,18 +123,21 @@ pub enum Effect {
     },
     /// The queue refused the message (reject-publish overflow): the publisher gets a nack.
     Refused,
-    /// A checked-out message.
+    /// A checked-out message (`None`: paged out, to be read back by id).
     Delivery {
         id: MsgId,
-        msg: Arc<Message>,
+        msg: Option<Arc<Message>>,
         redelivered: bool,
         /// Ready messages left after this one (for `basic.get-ok`).
         remaining: u32,
     },
     /// `Checkout` found nothing.
     Empty,
+    /// A message to dead-letter. `id` is the message's, if it had been accepted (`msg` is
+    /// `None` when paged out: the runtime reads it back by id before releasing it).
     DeadLetter {
-        msg: Arc<Message>,
+        id: Option<MsgId>,
+        msg: Option<Arc<Message>>,
         reason: DeadLetterReason,
     },
     Purged {
@@ -125,7 +153,10 @@ pub enum Effect {
 #[derive(Debug, Clone)]
 struct Entry {
     id: MsgId,
-    msg: Arc<Message>,
+    /// `None` while paged out.
+    msg: Option<Arc<Message>>,
+    /// Body size (what `x-max-length-bytes` and the memory budget count).
+    size: u64,
     expires_at: Option<Millis>,
     redelivered: bool,
     level: usize,
@@ -141,6 +172,11 @@ pub struct QueueState {
     ready_count: u64,
     ready_bytes: u64,
     unacked_bytes: u64,
+    /// Body bytes in memory, ready and unacked, and of those the ready ones.
+    resident_bytes: u64,
+    ready_resident_bytes: u64,
+    /// Ready messages whose content is paged out.
+    paged_ready: u64,
 }
 
 impl QueueState {
@@ -169,6 +205,14 @@ impl QueueState {
     pub fn unacked_bytes(&self) -> u64 {
         self.unacked_bytes
     }
+    /// Body bytes held in memory (ready and unacked messages).
+    pub fn resident_bytes(&self) -> u64 {
+        self.resident_bytes
+    }
+    /// Ready messages whose content is paged out.
+    pub fn paged_ready(&self) -> u64 {
+        self.paged_ready
+    }
 
     /// The earliest deadline among messages at the head of each level, if any.
     pub fn next_expiry(&self) -> Option<Millis> {
@@ -183,10 +227,12 @@ impl QueueState {
             Command::Enqueue { msg } => self.enqueue(msg, now, out),
             Command::Restore {
                 msg,
+                size,
+                priority,
                 expires_at,
                 redelivered,
             } => {
-                let id = self.push(msg, expires_at, redelivered);
+                let id = self.push(msg, size, priority, expires_at, redelivered);
                 out.push(Effect::Accepted { id });
             }
             Command::Checkout { settled } => self.checkout(settled, now, out),
@@ -201,8 +247,11 @@ impl QueueState {
                 for l in &mut self.ready {
                     out.extend(l.drain(..).map(|e| Effect::Removed { id: e.id }));
                 }
+                self.resident_bytes -= self.ready_resident_bytes;
                 self.ready_count = 0;
                 self.ready_bytes = 0;
+                self.ready_resident_bytes = 0;
+                self.paged_ready = 0;
                 out.push(Effect::Purged { count });
             }
             Command::SetConfig(config) => {
@@ -213,6 +262,31 @@ impl QueueState {
                     ..config
                 };
                 self.enforce_limits(out);
+            }
+            Command::PageOut { ids } => {
+                for id in ids {
+                    self.page_out(id);
+                }
+            }
+            Command::PageIn { msgs } => {
+                for (id, msg) in msgs {
+                    self.page_in(id, msg);
+                }
+            }
+            Command::Discard { ids } => {
+                for id in ids {
+                    let e = match self.unacked.remove(&id) {
+                        Some(e) => {
+                            self.unacked_bytes -= e.size;
+                            Some(e)
+                        }
+                        None => self.take_ready(id),
+                    };
+                    if let Some(e) = e {
+                        self.dropped(&e);
+                        out.push(Effect::Removed { id });
+                    }
+                }
             }
         }
     }
@@ -235,7 +309,8 @@ impl QueueState {
         if self.config.overflow != Overflow::DropHead && self.over_limit(1, msg.size()) {
             if self.config.overflow == Overflow::RejectPublishDlx && self.dead_lettering() {
                 out.push(Effect::DeadLetter {
-                    msg,
+                    id: None,
+                    msg: Some(msg),
                     reason: DeadLetterReason::MaxLen,
                 });
             }
@@ -246,7 +321,14 @@ impl QueueState {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let id = self.push(msg, ttl.map(|t| now.saturating_add(t)), false);
+        let (size, priority) = (msg.size(), msg.priority());
+        let id = self.push(
+            Some(msg),
+            size,
+            priority,
+            ttl.map(|t| now.saturating_add(t)),
+            false,
+        );
         out.push(Effect::Accepted { id });
         self.enforce_limits(out);
     }
@@ -263,20 +345,230 @@ impl QueueState {
             .and_then(|e| e.expires_at)
     }
 
-    fn push(&mut self, msg: Arc<Message>, expires_at: Option<Millis>, redelivered: bool) -> MsgId {
-        let level = (msg.priority() as usize).min(self.ready.len() - 1);
+    fn push(
+        &mut self,
+        msg: Option<Arc<Message>>,
+        size: u64,
+        priority: u8,
+        expires_at: Option<Millis>,
+        redelivered: bool,
+    ) -> MsgId {
+        let level = (priority as usize).min(self.ready.len() - 1);
         let id = self.next_id;
         self.next_id += 1;
-        self.ready_count += 1;
-        self.ready_bytes += msg.size();
-        self.ready[level].push_back(Entry {
+        let e = Entry {
             id,
             msg,
+            size,
             expires_at,
             redelivered,
             level,
-        });
+        };
+        if e.msg.is_some() {
+            self.resident_bytes += size;
+        }
+        self.count_ready(&e);
+        self.ready[level].push_back(e);
         id
+    }
+
+    /// Counts an entry entering the ready lists.
+    fn count_ready(&mut self, e: &Entry) {
+        self.ready_count += 1;
+        self.ready_bytes += e.size;
+        if e.msg.is_some() {
+            self.ready_resident_bytes += e.size;
+        } else {
+            self.paged_ready += 1;
+        }
+    }
+
+    /// Counts an entry leaving the ready lists (for unacked, or for good).
+    fn uncount_ready(&mut self, e: &Entry) {
+        self.ready_count -= 1;
+        self.ready_bytes -= e.size;
+        if e.msg.is_some() {
+            self.ready_resident_bytes -= e.size;
+        } else {
+            self.paged_ready -= 1;
+        }
+    }
+
+    /// An entry that left the queue for good.
+    fn dropped(&mut self, e: &Entry) {
+        if e.msg.is_some() {
+            self.resident_bytes -= e.size;
+        }
+    }
+
+    /// The position of a ready message: (level, index). Each level is sorted by id.
+    fn find_ready(&self, id: MsgId) -> Option<(usize, usize)> {
+        self.ready.iter().enumerate().find_map(|(l, list)| {
+            let i = list.partition_point(|e| e.id < id);
+            list.get(i).filter(|e| e.id == id).map(|_| (l, i))
+        })
+    }
+
+    fn take_ready(&mut self, id: MsgId) -> Option<Entry> {
+        let (l, i) = self.find_ready(id)?;
+        let e = self.ready[l].remove(i)?;
+        self.uncount_ready(&e);
+        Some(e)
+    }
+
+    fn page_out(&mut self, id: MsgId) {
+        if let Some(e) = self.unacked.get_mut(&id) {
+            if e.msg.take().is_some() {
+                self.resident_bytes -= e.size;
+            }
+            return;
+        }
+        let Some((l, i)) = self.find_ready(id) else {
+            return;
+        };
+        let e = &mut self.ready[l][i];
+        if e.msg.take().is_some() {
+            self.resident_bytes -= e.size;
+            self.ready_resident_bytes -= e.size;
+            self.paged_ready += 1;
+        }
+    }
+
+    fn page_in(&mut self, id: MsgId, msg: Arc<Message>) {
+        if let Some(e) = self.unacked.get_mut(&id) {
+            if e.msg.is_none() {
+                e.msg = Some(msg);
+                self.resident_bytes += e.size;
+            }
+            return;
+        }
+        let Some((l, i)) = self.find_ready(id) else {
+            return;
+        };
+        let e = &mut self.ready[l][i];
+        if e.msg.is_none() {
+            e.msg = Some(msg);
+            self.resident_bytes += e.size;
+            self.ready_resident_bytes += e.size;
+            self.paged_ready -= 1;
+        }
+    }
+
+    /// Ready messages in delivery order: highest priority first, then by arrival.
+    fn delivery_order(&self) -> impl Iterator<Item = &Entry> {
+        self.ready.iter().rev().flat_map(|l| l.iter())
+    }
+
+    /// Whether the next message to deliver has its content paged out.
+    pub fn next_is_paged(&self) -> bool {
+        self.delivery_order()
+            .next()
+            .is_some_and(|e| e.msg.is_none())
+    }
+
+    /// What to page out to free `want` bytes: messages in memory that will be needed last.
+    /// First unacked messages that already have a copy on disk (`has_copy`: dropping them
+    /// costs nothing, and most are acked without being needed again), newest first; then
+    /// ready ones from the back of the delivery order; then the other unacked ones. The first
+    /// `keep_bytes` (at most `keep_count` messages) of the delivery order stay: consumers get
+    /// those next.
+    pub fn page_out_candidates(
+        &self,
+        keep_bytes: u64,
+        keep_count: usize,
+        want: u64,
+        has_copy: impl Fn(MsgId) -> bool,
+    ) -> Vec<(MsgId, Arc<Message>)> {
+        let mut out = Vec::new();
+        let mut found = 0u64;
+        let mut unacked: Vec<(&Entry, bool)> = self
+            .unacked
+            .values()
+            .filter(|e| e.msg.is_some())
+            .map(|e| (e, has_copy(e.id)))
+            .collect();
+        // Copies first, then newest first.
+        unacked.sort_unstable_by_key(|(e, copy)| (!*copy, std::cmp::Reverse(e.id)));
+        let (free, costly): (Vec<_>, Vec<_>) = unacked.into_iter().partition(|(_, c)| *c);
+        let mut take = |e: &Entry, out: &mut Vec<(MsgId, Arc<Message>)>| {
+            if let Some(m) = &e.msg {
+                found += e.size;
+                out.push((e.id, m.clone()));
+            }
+            found >= want
+        };
+        for (e, _) in free {
+            if take(e, &mut out) {
+                return out;
+            }
+        }
+        // The kept window: how many entries of each level (highest first) it covers.
+        let (mut kept_bytes, mut kept_count, mut kept_resident) = (0u64, 0usize, 0u64);
+        let mut kept = vec![0usize; self.ready.len()];
+        'window: for (l, list) in self.ready.iter().enumerate().rev() {
+            for e in list {
+                if kept_bytes >= keep_bytes || kept_count >= keep_count {
+                    break 'window;
+                }
+                kept[l] += 1;
+                kept_count += 1;
+                kept_bytes += e.size;
+                if e.msg.is_some() {
+                    kept_resident += e.size;
+                }
+            }
+        }
+        // Resident bytes beyond the window: when they are all found, stop looking.
+        let mut beyond = self.ready_resident_bytes - kept_resident;
+        'ready: for (l, list) in self.ready.iter().enumerate() {
+            for e in list.iter().skip(kept[l]).rev() {
+                if beyond == 0 {
+                    break 'ready;
+                }
+                if e.msg.is_some() {
+                    beyond -= e.size;
+                    if take(e, &mut out) {
+                        return out;
+                    }
+                }
+            }
+        }
+        for (e, _) in costly {
+            if take(e, &mut out) {
+                return out;
+            }
+        }
+        out
+    }
+
+    /// Paged-out messages to read back now, if the messages in memory at the head of the
+    /// delivery order are fewer than `low_bytes` (and `batch_count / 2` messages): the next
+    /// paged ones in delivery order, up to `batch_bytes` or `batch_count` messages.
+    pub fn read_ahead(&self, low_bytes: u64, batch_bytes: u64, batch_count: usize) -> Vec<MsgId> {
+        if self.paged_ready == 0 {
+            return Vec::new();
+        }
+        let mut order = self.delivery_order().peekable();
+        let (mut ahead_bytes, mut ahead_count) = (0u64, 0usize);
+        while let Some(e) = order.next_if(|e| e.msg.is_some()) {
+            ahead_bytes += e.size;
+            ahead_count += 1;
+            if ahead_bytes >= low_bytes || ahead_count >= batch_count / 2 {
+                return Vec::new();
+            }
+        }
+        let mut ids = Vec::new();
+        let mut bytes = 0u64;
+        for e in order {
+            if bytes >= batch_bytes || ids.len() >= batch_count {
+                break;
+            }
+            if e.msg.is_none() {
+                bytes += e.size;
+                ids.push(e.id);
+            }
+        }
+        ids
     }
 
     /// drop-head: drop the oldest messages until within limits.
@@ -286,9 +578,11 @@ impl QueueState {
         }
         while self.over_limit(0, 0) {
             let Some(e) = self.pop_head() else { break };
+            self.dropped(&e);
             out.push(Effect::Removed { id: e.id });
             if self.dead_lettering() {
                 out.push(Effect::DeadLetter {
+                    id: Some(e.id),
                     msg: e.msg,
                     reason: DeadLetterReason::MaxLen,
                 });
@@ -299,8 +593,7 @@ impl QueueState {
     /// The oldest message of the lowest non-empty level (what drop-head drops).
     fn pop_head(&mut self) -> Option<Entry> {
         let e = self.ready.iter_mut().find(|l| !l.is_empty())?.pop_front()?;
-        self.ready_count -= 1;
-        self.ready_bytes -= e.msg.size();
+        self.uncount_ready(&e);
         Some(e)
     }
 
@@ -312,8 +605,7 @@ impl QueueState {
             .rev()
             .find(|l| !l.is_empty())?
             .pop_front()?;
-        self.ready_count -= 1;
-        self.ready_bytes -= e.msg.size();
+        self.uncount_ready(&e);
         Some(e)
     }
 
@@ -336,9 +628,10 @@ impl QueueState {
                 remaining: self.ready_count as u32,
             });
             if settled {
+                self.dropped(&e);
                 out.push(Effect::Removed { id: e.id });
             } else {
-                self.unacked_bytes += e.msg.size();
+                self.unacked_bytes += e.size;
                 self.unacked.insert(e.id, e);
             }
             return;
@@ -346,9 +639,11 @@ impl QueueState {
     }
 
     fn expired(&mut self, e: Entry, out: &mut Vec<Effect>) {
+        self.dropped(&e);
         out.push(Effect::Removed { id: e.id });
         if self.dead_lettering() {
             out.push(Effect::DeadLetter {
+                id: Some(e.id),
                 msg: e.msg,
                 reason: DeadLetterReason::Expired,
             });
@@ -364,8 +659,7 @@ impl QueueState {
                 let Some(e) = self.ready[level].pop_front() else {
                     break;
                 };
-                self.ready_count -= 1;
-                self.ready_bytes -= e.msg.size();
+                self.uncount_ready(&e);
                 self.expired(e, out);
             }
         }
@@ -375,8 +669,9 @@ impl QueueState {
         let Some(mut e) = self.unacked.remove(&id) else {
             return;
         };
-        self.unacked_bytes -= e.msg.size();
+        self.unacked_bytes -= e.size;
         if how != Settlement::Requeue {
+            self.dropped(&e);
             out.push(Effect::Removed { id: e.id });
         }
         match how {
@@ -384,6 +679,7 @@ impl QueueState {
             Settlement::Discard => {
                 if self.dead_lettering() {
                     out.push(Effect::DeadLetter {
+                        id: Some(e.id),
                         msg: e.msg,
                         reason: DeadLetterReason::Rejected,
                     });
@@ -391,8 +687,7 @@ impl QueueState {
             }
             Settlement::Requeue => {
                 e.redelivered = true;
-                self.ready_count += 1;
-                self.ready_bytes += e.msg.size();
+                self.count_ready(&e);
                 let level = &mut self.ready[e.level];
                 let pos = level.partition_point(|x| x.id < e.id);
                 level.insert(pos, e);
@@ -437,7 +732,7 @@ mod tests {
                     ..
                 } => Some((
                     id,
-                    String::from_utf8_lossy(&msg.body).into_owned(),
+                    String::from_utf8_lossy(&msg.expect("in memory").body).into_owned(),
                     redelivered,
                 )),
                 _ => None,
@@ -448,9 +743,10 @@ mod tests {
         effects
             .iter()
             .filter_map(|e| match e {
-                Effect::DeadLetter { msg, reason } => {
-                    Some((String::from_utf8_lossy(&msg.body).into_owned(), *reason))
-                }
+                Effect::DeadLetter { msg, reason, .. } => Some((
+                    String::from_utf8_lossy(&msg.as_ref().expect("in memory").body).into_owned(),
+                    *reason,
+                )),
                 _ => None,
             })
             .collect()
@@ -714,5 +1010,163 @@ mod tests {
         a2.sort_unstable();
         r2.sort_unstable();
         assert_eq!(a2, r2, "accepted {accepted:?}, removed {removed:?}");
+    }
+
+    fn ids(fx: &[Effect]) -> Vec<MsgId> {
+        fx.iter()
+            .filter_map(|e| match e {
+                Effect::Accepted { id } => Some(*id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn paging_out_keeps_the_head_and_counts_bytes() {
+        let mut q = QueueState::new(QueueConfig::default());
+        let mut all = Vec::new();
+        for i in 0..10 {
+            all.extend(ids(&run(
+                &mut q,
+                Command::Enqueue {
+                    msg: msg(&format!("{i:03}")),
+                },
+                0,
+            )));
+        }
+        assert_eq!(q.resident_bytes(), 30);
+        // Keep the first 4 (12 bytes); free 9 bytes: the last three go, newest first.
+        let c = q.page_out_candidates(12, 100, 9, |_| false);
+        let picked: Vec<MsgId> = c.iter().map(|(id, _)| *id).collect();
+        assert_eq!(picked, vec![all[9], all[8], all[7]]);
+        run(&mut q, Command::PageOut { ids: picked }, 0);
+        assert_eq!((q.resident_bytes(), q.paged_ready()), (21, 3));
+        // Everything beyond the window is asked for: only resident ones come back.
+        let c = q.page_out_candidates(12, 100, 1000, |_| false);
+        assert_eq!(c.len(), 3);
+        run(
+            &mut q,
+            Command::PageOut {
+                ids: c.iter().map(|(id, _)| *id).collect(),
+            },
+            0,
+        );
+        assert_eq!((q.resident_bytes(), q.paged_ready()), (12, 6));
+        // Nothing to read ahead while 12 bytes are in memory at the head (low water 6).
+        assert!(q.read_ahead(6, 9, 100).is_empty());
+        // Take three: 3 bytes left ahead, below the low water: the next 9 bytes come back.
+        for i in 0..3 {
+            assert_eq!(take(&mut q, 0).unwrap().1, format!("{i:03}"));
+        }
+        let want = q.read_ahead(6, 9, 100);
+        assert_eq!(want, vec![all[4], all[5], all[6]]);
+        assert!(!q.next_is_paged());
+        take(&mut q, 0);
+        assert!(q.next_is_paged());
+        // A paged message is delivered without content; the runtime reads it back.
+        let fx = run(&mut q, Command::Checkout { settled: false }, 0);
+        assert!(matches!(fx[0], Effect::Delivery { msg: None, id, .. } if id == all[4]));
+        // Read back (the unacked one, and the next), requeue: redelivered, in place.
+        run(
+            &mut q,
+            Command::PageIn {
+                msgs: vec![(all[4], msg("004")), (all[5], msg("005"))],
+            },
+            0,
+        );
+        run(
+            &mut q,
+            Command::Settle {
+                ids: vec![all[4]],
+                how: Settlement::Requeue,
+            },
+            0,
+        );
+        let (_, body, redelivered) = take(&mut q, 0).unwrap();
+        assert_eq!((body.as_str(), redelivered), ("004", true));
+        // Lost content: discarded, counted out.
+        let before = q.ready_count();
+        let fx = run(
+            &mut q,
+            Command::Discard {
+                ids: vec![all[9], 12345],
+            },
+            0,
+        );
+        assert!(matches!(fx.as_slice(), [Effect::Removed { id }] if *id == all[9]));
+        assert_eq!(q.ready_count(), before - 1);
+        // Purge of what is left, in memory or not: nothing counted any more.
+        run(&mut q, Command::Purge, 0);
+        assert_eq!((q.paged_ready(), q.ready_count()), (0, 0));
+        assert_eq!(q.resident_bytes(), 15, "the five unacked, in memory");
+        let unacked: Vec<MsgId> = all[..5].to_vec();
+        run(
+            &mut q,
+            Command::Settle {
+                ids: unacked,
+                how: Settlement::Ack,
+            },
+            0,
+        );
+        assert_eq!(q.resident_bytes(), 0);
+    }
+
+    #[test]
+    fn paged_messages_expire_and_dead_letter_by_id() {
+        let mut q = QueueState::new(QueueConfig {
+            message_ttl: Some(10),
+            dead_letter_exchange: Some("dlx".into()),
+            max_priority: Some(3),
+            ..Default::default()
+        });
+        let a = ids(&run(&mut q, Command::Enqueue { msg: msg("a") }, 0))[0];
+        run(
+            &mut q,
+            Command::Restore {
+                msg: None,
+                size: 7,
+                priority: 2,
+                expires_at: Some(5),
+                redelivered: false,
+            },
+            0,
+        );
+        run(&mut q, Command::PageOut { ids: vec![a] }, 0);
+        assert_eq!(
+            (q.resident_bytes(), q.paged_ready(), q.ready_bytes()),
+            (0, 2, 8)
+        );
+        let fx = run(&mut q, Command::Expire, 20);
+        let dead: Vec<(Option<MsgId>, bool)> = fx
+            .iter()
+            .filter_map(|e| match e {
+                Effect::DeadLetter { id, msg, .. } => Some((*id, msg.is_some())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(dead.len(), 2);
+        assert!(dead.iter().all(|(id, inmem)| id.is_some() && !inmem));
+        assert_eq!(
+            (q.ready_count(), q.paged_ready(), q.ready_bytes()),
+            (0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn unacked_with_a_copy_on_disk_page_out_first() {
+        let mut q = QueueState::new(QueueConfig::default());
+        let mut all = Vec::new();
+        for b in ["a", "b", "c", "d"] {
+            all.extend(ids(&run(&mut q, Command::Enqueue { msg: msg(b) }, 0)));
+        }
+        take(&mut q, 0);
+        take(&mut q, 0);
+        // "a" has a copy, "b" does not: a, then the ready tail (d; c is the kept head), then b.
+        let c: Vec<MsgId> = q
+            .page_out_candidates(1, 100, 100, |id| id == all[0])
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(c, vec![all[0], all[3], all[1]]);
     }
 }
