@@ -65,6 +65,7 @@ pub enum LinkKey {
 }
 
 /// What a link should run: built from parameters and policies by the reconciler.
+#[derive(Clone)]
 pub enum Spec {
     Shovel(Box<shovel::ShovelDef>),
     Federation(Box<federation::FederationLink>),
@@ -209,7 +210,13 @@ impl Links {
             let (stop, stop_rx) = watch::channel(Stop::No);
             let fingerprint = spec.fingerprint();
             tracing::info!(?key, "link starting");
-            let task = tokio::spawn(spec.run(Arc::downgrade(broker), status.clone(), stop_rx));
+            let task = tokio::spawn(supervise(
+                key.clone(),
+                spec,
+                Arc::downgrade(broker),
+                status.clone(),
+                stop_rx,
+            ));
             running.insert(
                 key,
                 Running {
@@ -220,6 +227,47 @@ impl Links {
                 },
             );
         }
+    }
+}
+
+/// Runs a link in a task of its own and starts it again if it panics, after 1 s, then twice
+/// as long each time up to a minute (a link that fails normally retries by itself, after its
+/// reconnect delay; this only guards against a bug taking a link down for good).
+async fn supervise(
+    key: LinkKey,
+    spec: Spec,
+    broker: Weak<Broker>,
+    status: Arc<LinkStatus>,
+    stop: watch::Receiver<Stop>,
+) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let run = tokio::spawn(
+            spec.clone()
+                .run(broker.clone(), status.clone(), stop.clone()),
+        );
+        let abort = run.abort_handle();
+        // Dropping this task (the node aborting a link that would not stop) aborts the link.
+        struct AbortOnDrop(tokio::task::AbortHandle);
+        impl Drop for AbortOnDrop {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let _guard = AbortOnDrop(abort);
+        match run.await {
+            Ok(()) => return,
+            Err(e) if e.is_panic() => {
+                tracing::error!(?key, "link task panicked; restarting it in {backoff:?}");
+                status.set_failed("internal error (the link restarts)");
+            }
+            Err(_) => return,
+        }
+        let mut stop = stop.clone();
+        if sleep_or_stop(backoff, &mut stop).await {
+            return;
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(60));
     }
 }
 

@@ -540,3 +540,63 @@ async fn upstream_sets_single_upstreams_and_errors() {
     );
     assert!(wait_for(10, || async { api.federation_links("sx").await.len() == 1 }).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_id_is_kept_only_for_trusted_upstreams() {
+    let down = node("u-down").await;
+    let up = node("u-up").await;
+    let api = Api::start(&down).await;
+    let (_cd, chd) = down.channel().await;
+    let (_cu, chu) = up.channel().await;
+    for x in ["trusted", "untrusted"] {
+        topic(&chd, x).await;
+        declare(&chd, &format!("{x}-q"), false).await;
+        bind(&chd, &format!("{x}-q"), x, "#").await;
+    }
+    for (name, trust, x) in [("t", true, "trusted"), ("u", false, "untrusted")] {
+        let (s, v) = api
+            .put_param(
+                "federation-upstream",
+                "/",
+                name,
+                json!({"uri": up.url(), "trust-user-id": trust, "ack-mode": "on-publish", "reconnect-delay": 0.2}),
+            )
+            .await;
+        assert!(s.is_success(), "{v}");
+        api.put_policy(
+            "/",
+            &format!("p-{name}"),
+            json!({"pattern": format!("^{x}$"), "definition": {"federation-upstream": name}}),
+        )
+        .await;
+    }
+    assert!(running(&api, "trusted", 1).await && running(&api, "untrusted", 1).await);
+    for x in ["trusted", "untrusted"] {
+        chu.basic_publish(
+            x.into(),
+            "k".into(),
+            BasicPublishOptions::default(),
+            b"signed",
+            BasicProperties::default().with_user_id("guest".into()),
+        )
+        .await
+        .unwrap();
+    }
+    assert!(
+        wait_for(10, || async {
+            depth(&down, "/", "trusted-q") == 1 && depth(&down, "/", "untrusted-q") == 1
+        })
+        .await
+    );
+    let t = drain_deliveries(&chd, "trusted-q").await;
+    let u = drain_deliveries(&chd, "untrusted-q").await;
+    assert_eq!(
+        t[0].properties.user_id().as_ref().map(|s| s.as_str()),
+        Some("guest")
+    );
+    assert_eq!(
+        u[0].properties.user_id(),
+        &None,
+        "dropped unless the upstream is trusted"
+    );
+}
