@@ -51,6 +51,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> Result<(), String> {
+    // The handler first: a SIGTERM that arrives while the node starts still stops it cleanly
+    // (without one, the default action would kill the process on the spot).
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| tracing::error!("cannot listen for SIGTERM: {e}"))
+        .ok();
     std::fs::create_dir_all(&config.data_dir).map_err(|e| {
         format!(
             "cannot create data directory {}: {e}",
@@ -139,33 +144,32 @@ async fn run(config: Config) -> Result<(), String> {
     // Federation links and shovels start once the AMQP listeners are bound (links to
     // `amqp://`, the node itself, connect to them).
     warren_broker::links::start(&broker);
-    wait_for_signal().await;
-    tracing::info!("shutting down");
+    let signal = wait_for_signal(term).await;
+    tracing::info!("{signal} received; shutting down");
     let _ = stop.send(true);
     while servers.join_next().await.is_some() {}
     // A clean stop: links settle what they have in flight, clients get the confirms for what
-    // the node took before their connection is closed.
+    // the node took before their connection is closed (320 CONNECTION_FORCED); then everything
+    // the message log holds is written and synced before the process exits 0.
     broker.shutdown(Duration::from_secs(10)).await;
-    tracing::info!("stopped");
+    broker.close_store();
+    tracing::info!("shutdown complete");
     Ok(())
 }
 
-/// SIGINT (Ctrl-C) or SIGTERM (what `kill` and Kubernetes send).
-async fn wait_for_signal() {
+/// SIGINT (Ctrl-C) or SIGTERM (what `kill` and Kubernetes send); returns which.
+async fn wait_for_signal(term: Option<tokio::signal::unix::Signal>) -> &'static str {
     let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
+        match term {
+            Some(mut s) => {
                 s.recv().await;
             }
-            Err(e) => {
-                tracing::error!("cannot listen for SIGTERM: {e}");
-                std::future::pending::<()>().await;
-            }
+            None => std::future::pending::<()>().await,
         }
     };
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term => "SIGTERM",
     }
 }
 

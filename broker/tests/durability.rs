@@ -438,3 +438,104 @@ async fn users_permissions_policies_and_parameters_survive_a_crash() {
     assert_eq!(r.status(), reqwest::StatusCode::UNAUTHORIZED);
     node.crash();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_cleanly_and_keeps_every_confirmed_message() {
+    let dir = data_dir("sigterm");
+    let node = Node::start(&dir).await;
+    let c = node.connect().await;
+    let ch = c.create_channel().await.unwrap();
+    ch.queue_declare(
+        "term".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    // A publisher with confirms, 64 in flight, until the node closes its connection.
+    let publisher = {
+        let ch = ch.clone();
+        tokio::spawn(async move {
+            let mut done = Vec::new();
+            let mut inflight = std::collections::VecDeque::new();
+            let mut n = 0u64;
+            let error = loop {
+                match ch
+                    .basic_publish(
+                        "".into(),
+                        "term".into(),
+                        BasicPublishOptions::default(),
+                        &n.to_be_bytes(),
+                        persistent(),
+                    )
+                    .await
+                {
+                    Ok(p) => inflight.push_back((n, p)),
+                    Err(e) => break e,
+                }
+                n += 1;
+                if inflight.len() >= 64 {
+                    let (id, p) = inflight.pop_front().unwrap();
+                    match p.await {
+                        Ok(conf) if conf.is_ack() => done.push(id),
+                        Ok(_) => {}
+                        Err(e) => break e,
+                    }
+                }
+            };
+            // Confirms that made it before the close still count.
+            for (id, p) in inflight {
+                if let Ok(conf) = p.await
+                    && conf.is_ack()
+                {
+                    done.push(id);
+                }
+            }
+            (done, error)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (status, log) = node.terminate();
+    let (confirmed, error) = publisher.await.unwrap();
+    assert_eq!(status.code(), Some(0), "exit status {status}; log:\n{log}");
+    assert!(
+        log.contains("SIGTERM received; shutting down")
+            && log.contains("message store closed")
+            && log.contains("shutdown complete"),
+        "the log should say how the node stopped:\n{log}"
+    );
+    assert_eq!(
+        common::code(&error),
+        Some(320),
+        "the publisher is told CONNECTION_FORCED: {error}"
+    );
+    assert!(!confirmed.is_empty(), "the publisher never got a confirm");
+
+    let node = Node::start(&dir).await;
+    let c = node.connect().await;
+    let ch = c.create_channel().await.unwrap();
+    let present: BTreeSet<u64> = drain(&ch, "term")
+        .await
+        .iter()
+        .map(|d| u64::from_be_bytes(d.data.clone().try_into().unwrap()))
+        .collect();
+    let lost: Vec<_> = confirmed.iter().filter(|n| !present.contains(n)).collect();
+    eprintln!(
+        "sigterm test: {} confirmed, {} present after restart, {} lost",
+        confirmed.len(),
+        present.len(),
+        lost.len()
+    );
+    assert!(
+        lost.is_empty(),
+        "confirmed but lost: {:?}",
+        &lost[..lost.len().min(20)]
+    );
+    node.crash();
+}
