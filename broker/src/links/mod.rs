@@ -47,6 +47,8 @@ pub enum Stop {
     /// The node is shutting down: stop cleanly, keep upstream resources (they buffer messages
     /// until the node is back).
     Shutdown,
+    /// Its definition changed: stop cleanly, keep upstream resources for the new link.
+    Restart,
 }
 
 /// Identifies a link.
@@ -197,10 +199,15 @@ impl Links {
                 wanted.remove(k);
                 true
             }
-            _ => {
+            changed => {
                 if !r.task.is_finished() {
                     tracing::info!(key = ?k, "link stopping");
-                    let _ = r.stop.send(Stop::Removed);
+                    let why = if changed.is_some() {
+                        Stop::Restart
+                    } else {
+                        Stop::Removed
+                    };
+                    let _ = r.stop.send(why);
                 }
                 false
             }

@@ -600,3 +600,47 @@ async fn user_id_is_kept_only_for_trusted_upstreams() {
         "dropped unless the upstream is trusted"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_upstream_restarts_the_link_and_keeps_the_upstream_queue() {
+    let down = node("r-down").await;
+    let up = node("r-up").await;
+    let api = Api::start(&down).await;
+    let (_cd, chd) = down.channel().await;
+    topic(&chd, "rx").await;
+    declare(&chd, "rq", false).await;
+    bind(&chd, "rq", "rx", "#").await;
+    federate(&api, "up", &up, "^rx$", json!({})).await;
+    assert!(running(&api, "rx", 1).await);
+    let uv = up.broker.vhost("/").unwrap();
+    let before = uv.queue("federation: rx -> r-down").unwrap();
+    let first = api.federation_links("rx").await[0]["timestamp"].clone();
+    let (s, _) = api
+        .put_param(
+            "federation-upstream",
+            "/",
+            "up",
+            json!({"uri": up.url(), "reconnect-delay": 0.2, "prefetch-count": 50}),
+        )
+        .await;
+    assert!(s.is_success());
+    // A new link (new status), same upstream queue: nothing it held is dropped.
+    assert!(
+        wait_for(10, || async {
+            let l = api.federation_links("rx").await;
+            l.len() == 1
+                && l[0]["status"] == "running"
+                && (l[0]["timestamp"] != first || l[0]["forwarded"] == 0)
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = uv.queue("federation: rx -> r-down").unwrap();
+    assert!(
+        std::sync::Arc::ptr_eq(&before, &after),
+        "the upstream queue was kept"
+    );
+    let (_cu, chu) = up.channel().await;
+    publish(&chu, "rx", "k", "after").await;
+    assert!(wait_for(10, || async { depth(&down, "/", "rq") == 1 }).await);
+}
