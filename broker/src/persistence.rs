@@ -262,6 +262,7 @@ impl Broker {
             }
         }
         let mut messages = 0;
+        let clean = recovered.clean;
         for ((vhost, queue), list) in recovered.messages {
             let target = self.vhost(&vhost).and_then(|v| v.queue(&queue));
             match target {
@@ -281,6 +282,7 @@ impl Broker {
         tracing::info!(
             queues,
             messages,
+            clean_shutdown = clean,
             "recovered from {}",
             self.config.data_dir.display()
         );

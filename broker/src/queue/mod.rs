@@ -367,9 +367,9 @@ impl Queue {
         Published { accepted, wait_for }
     }
 
-    /// Puts recovered messages back, in their original order, marked redelivered: they may
-    /// have been delivered before the restart (at-least-once). Their content stays in the log
-    /// until the queue reads it back ahead of its consumers.
+    /// Puts recovered messages back, in their original order, marked redelivered if they may
+    /// have been delivered before the restart (see [`MessageLog::mark_delivered`]). Their
+    /// content stays in the log until the queue reads it back ahead of its consumers.
     pub fn restore(&self, messages: Vec<RecoveredMessage>) {
         let mut g = self.inner.lock();
         let mut fx = std::mem::take(&mut g.fx);
@@ -381,11 +381,18 @@ impl Queue {
                     size: m.size,
                     priority: m.priority,
                     expires_at: m.expires_at,
-                    redelivered: true,
+                    redelivered: m.redelivered,
                 },
                 now,
                 &mut fx,
             );
+            // Redelivered after a crash without a marker: the next clean restart must still
+            // say so.
+            if m.redelivered
+                && let Some(store) = &self.store
+            {
+                store.mark_delivered(m.sid);
+            }
             for e in fx.drain(..) {
                 if let Effect::Accepted { id } = e {
                     g.pages.insert(id, PageRef::Log(m.sid));
@@ -437,6 +444,14 @@ impl Queue {
             }
             _ => true,
         });
+    }
+
+    /// A message is delivered for the first time: the log notes it (lazily), so a clean
+    /// restart knows which recovered messages were never delivered.
+    fn note_delivered(&self, g: &Inner, id: MsgId) {
+        if let (Some(store), Some(PageRef::Log(sid))) = (&self.store, g.pages.get(&id)) {
+            store.mark_delivered(*sid);
+        }
     }
 
     /// A message left the queue for good: what it had on disk goes too.
@@ -738,6 +753,9 @@ impl Queue {
                 self.apply(g, Command::Discard { ids: vec![id] }, letters);
                 continue;
             };
+            if !redelivered {
+                self.note_delivered(g, id);
+            }
             if !c.channel.deliver(&c, &me, id, &msg, redelivered) && !c.no_ack {
                 // The channel closed under us: put the message back.
                 let mut fx = std::mem::take(&mut g.fx);
@@ -857,6 +875,9 @@ impl Queue {
                     self.apply(&mut g, Command::Discard { ids: vec![id] }, &mut letters);
                     continue;
                 };
+                if !redelivered {
+                    self.note_delivered(&g, id);
+                }
                 self.stats.deliver_get.fetch_add(1, Ordering::Relaxed);
                 if redelivered {
                     self.stats.redeliver.fetch_add(1, Ordering::Relaxed);

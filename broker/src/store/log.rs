@@ -39,6 +39,8 @@ pub const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 const REC_ENQUEUE: u8 = 1;
 const REC_REMOVE: u8 = 2;
 const REC_PURGE: u8 = 3;
+const REC_DELIVERED: u8 = 4;
+const REC_CLEAN: u8 = 5;
 
 /// How long a read waits for the flusher to write a record appended moments before.
 const READ_WAIT: Duration = Duration::from_secs(10);
@@ -117,6 +119,14 @@ pub enum Record {
         vhost: String,
         queue: String,
     },
+    /// These messages have been delivered at least once (written lazily, with whatever is
+    /// synced next: see [`MessageLog::mark_delivered`]).
+    Delivered {
+        sids: Vec<u64>,
+    },
+    /// The node stopped cleanly: every record before this one, delivery markers included, was
+    /// written and synced. Only meaningful as the very last record of the log.
+    Clean,
 }
 
 impl Record {
@@ -147,6 +157,14 @@ impl Record {
                 frame::put_str(out, vhost);
                 frame::put_str(out, queue);
             }
+            Record::Delivered { sids } => {
+                out.push(REC_DELIVERED);
+                out.extend_from_slice(&(sids.len() as u32).to_be_bytes());
+                for sid in sids {
+                    out.extend_from_slice(&sid.to_be_bytes());
+                }
+            }
+            Record::Clean => out.push(REC_CLEAN),
         });
     }
 
@@ -180,6 +198,10 @@ impl Record {
                 vhost: vhost.to_owned(),
                 queue: queue.to_owned(),
             },
+            Meta::Delivered(sids) => Record::Delivered {
+                sids: sids.collect(),
+            },
+            Meta::Clean => Record::Clean,
         };
         Some(rec)
     }
@@ -204,6 +226,21 @@ enum Meta<'a> {
         vhost: &'a str,
         queue: &'a str,
     },
+    Delivered(SidList<'a>),
+    Clean,
+}
+
+/// The message ids of a delivery marker, read in place.
+#[derive(Clone)]
+struct SidList<'a>(&'a [u8]);
+
+impl Iterator for SidList<'_> {
+    type Item = u64;
+    fn next(&mut self) -> Option<u64> {
+        let (head, rest) = self.0.split_first_chunk::<8>()?;
+        self.0 = rest;
+        Some(u64::from_be_bytes(*head))
+    }
 }
 
 impl<'a> Meta<'a> {
@@ -237,6 +274,11 @@ impl<'a> Meta<'a> {
                 vhost: r.str()?,
                 queue: r.str()?,
             },
+            REC_DELIVERED => {
+                let n = r.u32()? as usize;
+                Meta::Delivered(SidList(r.take(n.checked_mul(8)?)?))
+            }
+            REC_CLEAN => Meta::Clean,
             _ => return None,
         };
         r.done().then_some(m)
@@ -262,6 +304,9 @@ pub struct RecoveredMessage {
     /// Body size in bytes.
     pub size: u64,
     pub priority: u8,
+    /// It may have been delivered before: a delivery marker says so, or the node did not stop
+    /// cleanly (markers are written lazily, so after a crash any message may have been).
+    pub redelivered: bool,
 }
 
 /// Everything recovered at start-up: live messages per (vhost, queue), in publish order.
@@ -269,6 +314,8 @@ pub struct RecoveredMessage {
 pub struct Recovered {
     pub messages: BTreeMap<(String, String), Vec<RecoveredMessage>>,
     pub segments: Vec<SegmentReport>,
+    /// The previous run stopped cleanly (its last record is a clean-stop record).
+    pub clean: bool,
 }
 
 fn segment_path(dir: &Path, n: u64) -> PathBuf {
@@ -332,6 +379,14 @@ struct Loc {
     len: u32,
 }
 
+/// What the log knows about a live message.
+#[derive(Debug, Clone, Copy)]
+struct Live {
+    loc: Loc,
+    /// Delivered at least once (a marker is written or waiting in `delivered`).
+    delivered: bool,
+}
+
 /// A segment's size and what in it is still live.
 #[derive(Debug, Default, Clone, Copy)]
 struct SegInfo {
@@ -353,7 +408,9 @@ struct Pending {
     segment: u64,
     segment_bytes: u64,
     /// The enqueue record of each live message.
-    locs: HashMap<u64, Loc>,
+    locs: HashMap<u64, Live>,
+    /// Messages delivered for the first time whose marker is not written yet.
+    delivered: Vec<u64>,
     /// Every segment on disk or being written, oldest first.
     segs: BTreeMap<u64, SegInfo>,
     /// Segments to delete once the current batch is on disk.
@@ -365,8 +422,15 @@ struct Pending {
 
 impl Pending {
     fn track(&mut self, sid: u64, loc: Loc) {
-        if let Some(old) = self.locs.insert(sid, loc) {
-            self.untrack(old);
+        let live = Live {
+            loc,
+            delivered: false,
+        };
+        if let Some(old) = self.locs.insert(sid, live) {
+            self.untrack(old.loc);
+            if let Some(l) = self.locs.get_mut(&sid) {
+                l.delivered = old.delivered;
+            }
         }
         let s = self.segs.entry(loc.seg).or_default();
         s.live += 1;
@@ -381,9 +445,25 @@ impl Pending {
     }
 
     fn release(&mut self, sid: u64) {
-        if let Some(loc) = self.locs.remove(&sid) {
-            self.untrack(loc);
+        if let Some(live) = self.locs.remove(&sid) {
+            self.untrack(live.loc);
         }
+    }
+
+    /// Appends one record with the delivery markers waiting, for messages still live (a
+    /// message acked before its marker was written needs none).
+    fn push_markers(&mut self) {
+        if self.delivered.is_empty() {
+            return;
+        }
+        let mut sids = std::mem::take(&mut self.delivered);
+        sids.retain(|sid| self.locs.contains_key(sid));
+        if sids.is_empty() {
+            return;
+        }
+        let mut buf = Vec::with_capacity(16 + 8 * sids.len());
+        Record::Delivered { sids }.encode(&mut buf);
+        self.push(buf);
     }
 
     /// Deletes the oldest segments while they hold nothing live. Only a prefix may go: a
@@ -503,6 +583,7 @@ impl MessageLog {
         let mut reports = Vec::new();
         let mut recovering = Recovering::new();
         let mut p = Pending {
+            delivered: Vec::new(),
             pieces: Vec::new(),
             small: Vec::new(),
             small_seg: 0,
@@ -517,6 +598,9 @@ impl MessageLog {
             shutdown: false,
         };
         let mut max_sid = 0;
+        // Whether the last record seen so far is a clean-stop record.
+        let mut clean = false;
+        let mut damaged = false;
         for &s in &segs_on_disk {
             p.segs.entry(s).or_default();
             let report = scan_segment(&segment_path(dir, s), s, |off, len, payload| {
@@ -524,9 +608,11 @@ impl MessageLog {
                     return false;
                 };
                 p.segs.entry(s).or_default().size = off + len as u64;
+                clean = matches!(meta, Meta::Clean);
                 recover_record(&mut p, &mut recovering, s, off, len, meta, &mut max_sid);
                 true
             })?;
+            damaged |= report.reason.is_some();
             if let Some(why) = &report.reason {
                 tracing::error!(
                     segment = s,
@@ -539,13 +625,25 @@ impl MessageLog {
             }
             reports.push(report);
         }
+        let clean = clean && !damaged;
         let recovered = Recovered {
             messages: recovering
                 .into_iter()
                 .filter(|(_, m)| !m.is_empty())
-                .map(|(k, m)| (k, m.into_values().collect()))
+                .map(|(k, m)| {
+                    let list = m
+                        .into_values()
+                        .map(|mut r| {
+                            let delivered = p.locs.get(&r.sid).is_some_and(|l| l.delivered);
+                            r.redelivered = delivered || !clean;
+                            r
+                        })
+                        .collect();
+                    (k, list)
+                })
                 .collect(),
             segments: reports,
+            clean,
         };
         // New writes go to a fresh segment: a damaged tail is never appended to.
         p.segment = segs_on_disk.last().map_or(1, |s| s + 1);
@@ -588,12 +686,27 @@ impl MessageLog {
                 p.release(*sid);
                 p.collect_dead_prefix();
             }
-            Record::Purge { .. } => {}
+            Record::Purge { .. } | Record::Delivered { .. } | Record::Clean => {}
         }
         let seq = p.last_seq;
         drop(p);
         self.wake.notify_one();
         seq
+    }
+
+    /// Notes that a message has been delivered. The marker is written lazily — with the
+    /// next batch the flusher writes, or within half a second when nothing else is — and
+    /// never costs an fsync of its own; markers of messages removed before that are dropped.
+    /// Recovery after a clean stop trusts the markers (a message without one comes back with
+    /// `redelivered=false`); after a crash every message comes back redelivered.
+    pub fn mark_delivered(&self, sid: u64) {
+        let mut p = self.pending.lock();
+        if let Some(l) = p.locs.get_mut(&sid)
+            && !l.delivered
+        {
+            l.delivered = true;
+            p.delivered.push(sid);
+        }
     }
 
     /// Appends an enqueue record (the publish path): `m.body` must be `body`'s bytes, which
@@ -700,7 +813,7 @@ impl MessageLog {
         loop {
             let locs: Vec<Option<Loc>> = which
                 .iter()
-                .map(|&i| p.locs.get(&sids[i]).copied())
+                .map(|&i| p.locs.get(&sids[i]).map(|l| l.loc))
                 .collect();
             let unwritten = locs.iter().flatten().any(|l| !p.is_written(*l));
             if !unwritten || Instant::now() >= deadline {
@@ -742,22 +855,33 @@ impl MessageLog {
         *self.synced_tx.borrow()
     }
 
-    /// Stops the flusher after it wrote what is buffered.
+    /// Stops the flusher after it wrote what is buffered, and waits for it — without the
+    /// clean-stop record ([`Self::close`]): the next start treats this like a crash.
     pub fn shutdown(&self) {
         self.pending.lock().shutdown = true;
         self.wake.notify_one();
-    }
-
-    /// A clean stop: everything appended is written and synced when this returns, and the
-    /// flusher has stopped. Nothing may be appended afterwards.
-    pub fn close(&self) {
-        self.shutdown();
         let handle = self.flusher.lock().take();
         if let Some(h) = handle
             && h.join().is_err()
         {
             tracing::error!("the message store's flusher panicked");
         }
+    }
+
+    /// A clean stop: everything appended is written and synced when this returns, and the
+    /// flusher has stopped; the last record says so, and the next start trusts the delivery
+    /// markers. Nothing may be appended afterwards.
+    pub fn close(&self) {
+        {
+            let mut p = self.pending.lock();
+            if !p.shutdown {
+                p.push_markers();
+                let mut buf = Vec::new();
+                Record::Clean.encode(&mut buf);
+                p.push(buf);
+            }
+        }
+        self.shutdown();
         tracing::info!(
             records = self.records_written.load(Ordering::Relaxed),
             fsyncs = self.fsyncs.load(Ordering::Relaxed),
@@ -789,9 +913,16 @@ impl MessageLog {
             }
             let (pieces, seq, deletable, shutdown, records) = {
                 let mut p = self.pending.lock();
+                let mut waited = false;
                 while p.nothing_to_write() && p.deletable.is_empty() && !p.shutdown {
+                    // Delivery markers alone wait for a pause of their own, then go.
+                    if waited && !p.delivered.is_empty() {
+                        break;
+                    }
                     self.wake.wait_for(&mut p, Duration::from_millis(200));
+                    waited = true;
                 }
+                p.push_markers();
                 let records = p.last_seq - p.flushed_seq;
                 p.flushed_seq = p.last_seq;
                 p.seal_small();
@@ -926,6 +1057,7 @@ fn recover_record(
                         expires_at,
                         size: body_len,
                         priority,
+                        redelivered: true,
                     },
                 );
         }
@@ -942,6 +1074,14 @@ fn recover_record(
                 }
             }
         }
+        Meta::Delivered(sids) => {
+            for sid in sids {
+                if let Some(l) = p.locs.get_mut(&sid) {
+                    l.delivered = true;
+                }
+            }
+        }
+        Meta::Clean => {}
     }
 }
 
@@ -1066,7 +1206,7 @@ mod tests {
             seq = log.append(&Record::Enqueue(msg(i, "q", "body")));
         }
         wait_synced(&log, seq).await;
-        log.close();
+        log.shutdown();
         // Flip a byte in the 6th record's payload.
         let path = segment_path(&dir, 1);
         let mut data = fs::read(&path).unwrap();
@@ -1122,6 +1262,59 @@ mod tests {
         assert!(
             segs <= 2,
             "{segs} segments left for 40 MiB published and acked"
+        );
+        log.close();
+    }
+
+    #[tokio::test]
+    async fn delivery_markers_count_after_a_clean_stop_only() {
+        let dir = tmp("markers");
+        let (log, rec) = MessageLog::open(&dir).unwrap();
+        assert!(!rec.clean, "a new log has no clean stop behind it");
+        for i in 1..=4 {
+            log.append(&Record::Enqueue(msg(i, "q", "x")));
+        }
+        log.mark_delivered(2);
+        log.mark_delivered(3);
+        log.mark_delivered(3);
+        // 3 is acked before its marker is written: no marker needed.
+        log.append(&Record::Remove {
+            vhost: "/".into(),
+            queue: "q".into(),
+            sid: 3,
+        });
+        log.close();
+        let flags = |rec: &Recovered| -> Vec<(u64, bool)> {
+            rec.messages[&("/".into(), "q".into())]
+                .iter()
+                .map(|m| (m.sid, m.redelivered))
+                .collect()
+        };
+        let (log, rec) = MessageLog::open(&dir).unwrap();
+        assert!(rec.clean);
+        assert_eq!(flags(&rec), vec![(1, false), (2, true), (4, false)]);
+        // A crash (no clean-stop record at the end): every message may have been delivered.
+        log.append(&Record::Enqueue(msg(5, "q", "x")));
+        log.shutdown();
+        let (log, rec) = MessageLog::open(&dir).unwrap();
+        assert!(!rec.clean);
+        assert_eq!(
+            flags(&rec),
+            vec![(1, true), (2, true), (4, true), (5, true)]
+        );
+        // (The queue runtime marks what it restored as redelivered again; here 4 and 5 are
+        // not.) Markers written lazily, without a close, are there after the next clean stop.
+        log.mark_delivered(1);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(
+            log.fsyncs.load(Ordering::Relaxed) >= 1,
+            "markers alone get written"
+        );
+        log.close();
+        let (log, rec) = MessageLog::open(&dir).unwrap();
+        assert_eq!(
+            flags(&rec),
+            vec![(1, true), (2, true), (4, false), (5, false)]
         );
         log.close();
     }
