@@ -12,6 +12,12 @@
 //! that paged a persistent message's body out of memory reads it back from here
 //! ([`MessageLog::read`]) instead of keeping a second copy anywhere.
 //!
+//! Compaction: a segment pinned by a few old messages (one unacked message is enough) would
+//! keep every later segment too, since only a prefix of segments may be deleted. A compactor
+//! thread copies the live records of a mostly-dead prefix of segments to the head of the log,
+//! verbatim, and deletes the prefix once the copies are synced (see [`Pending::compaction`] for
+//! the choice and its bound on write amplification).
+//!
 //! Record framing: `len: u32 | crc32(payload): u32 | payload`. At start-up a record that is
 //! truncated or fails its checksum ends the recovery of that segment; what came before it is
 //! kept and the loss is logged precisely. Recovery reads one record at a time and keeps only
@@ -395,7 +401,19 @@ struct SegInfo {
     live_bytes: u64,
 }
 
+/// A prefix of sealed segments worth compacting.
+#[derive(Debug, Clone, Copy)]
+struct Compaction {
+    last: u64,
+    dead: u64,
+    live: u64,
+}
+
 struct Pending {
+    /// Segments roll over at this size ([`SEGMENT_BYTES`] outside tests).
+    segment_limit: u64,
+    /// The compactor must stop (the log is closing).
+    compactor_stop: bool,
     /// Encoded records not yet written, per segment number: write buffers of small records,
     /// and message bodies as published (shared, not copied).
     pieces: Vec<(u64, Bytes)>,
@@ -466,6 +484,38 @@ impl Pending {
         self.push(buf);
     }
 
+    /// The prefix of sealed segments to compact, if any: among the prefixes whose live bytes
+    /// are at most half their dead bytes and whose dead bytes are at least two segments, the
+    /// one freeing the most (dead minus live: what is freed, less what is rewritten). Copying
+    /// at most half as many bytes as a compaction frees bounds what compaction ever writes
+    /// by what was appended (each byte copied is paid for by two bytes of garbage, and copies
+    /// become garbage at most once each time: total copies ≤ total appended), and leaves the
+    /// sealed segments at most three times their live bytes, plus two segments.
+    fn compaction(&self) -> Option<Compaction> {
+        let min_dead = 2 * self.segment_limit;
+        let (mut size, mut live) = (0u64, 0u64);
+        let mut best: Option<(u64, Compaction)> = None;
+        for (&s, info) in self.segs.range(..self.segment) {
+            size += info.size;
+            live += info.live_bytes;
+            let dead = size.saturating_sub(live);
+            if dead >= min_dead && live * 2 <= dead {
+                let gain = dead - live;
+                if best.is_none_or(|(g, _)| gain > g) {
+                    best = Some((
+                        gain,
+                        Compaction {
+                            last: s,
+                            dead,
+                            live,
+                        },
+                    ));
+                }
+            }
+        }
+        best.map(|(_, c)| c)
+    }
+
     /// Deletes the oldest segments while they hold nothing live. Only a prefix may go: a
     /// later segment can hold the removal records of messages enqueued in an older one, and
     /// deleting it first would bring those messages back at the next start.
@@ -489,7 +539,7 @@ impl Pending {
     /// is) to the current segment; returns where it goes.
     fn push_parts(&mut self, head: Vec<u8>, tail: Option<&Bytes>) -> Loc {
         let len = (head.len() + tail.map_or(0, Bytes::len)) as u64;
-        if self.segment_bytes + len > SEGMENT_BYTES && self.segment_bytes > 0 {
+        if self.segment_bytes + len > self.segment_limit && self.segment_bytes > 0 {
             self.segment += 1;
             self.segment_bytes = 0;
             self.segs.entry(self.segment).or_default();
@@ -559,6 +609,12 @@ pub struct MessageLog {
     synced_tx: watch::Sender<u64>,
     /// The flusher thread, joined by [`MessageLog::close`].
     flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Wakes the compactor (a segment was sealed).
+    compact_wake: Condvar,
+    compactor: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Compactions done and the bytes they copied, for operators and tests.
+    pub compactions: AtomicU64,
+    pub compacted_bytes: AtomicU64,
     /// Number of fsyncs and records written, for benchmarks and metrics.
     pub fsyncs: AtomicU64,
     pub records_written: AtomicU64,
@@ -569,8 +625,14 @@ pub struct MessageLog {
 type Recovering = BTreeMap<(String, String), BTreeMap<u64, RecoveredMessage>>;
 
 impl MessageLog {
-    /// Opens (creating) the log in `dir`, recovers what is there, and starts the flusher.
+    /// Opens (creating) the log in `dir`, recovers what is there, and starts the flusher and
+    /// the compactor.
     pub fn open(dir: &Path) -> std::io::Result<(Arc<Self>, Recovered)> {
+        Self::open_with(dir, SEGMENT_BYTES)
+    }
+
+    /// [`Self::open`] with segments of `segment_limit` bytes (small ones in tests).
+    pub fn open_with(dir: &Path, segment_limit: u64) -> std::io::Result<(Arc<Self>, Recovered)> {
         fs::create_dir_all(dir)?;
         let mut segs_on_disk: Vec<u64> = fs::read_dir(dir)?
             .filter_map(|e| e.ok())
@@ -583,6 +645,8 @@ impl MessageLog {
         let mut reports = Vec::new();
         let mut recovering = Recovering::new();
         let mut p = Pending {
+            segment_limit,
+            compactor_stop: false,
             delivered: Vec::new(),
             pieces: Vec::new(),
             small: Vec::new(),
@@ -658,6 +722,10 @@ impl MessageLog {
             next_sid: AtomicU64::new(max_sid + 1),
             synced_tx: watch::channel(0).0,
             flusher: Mutex::new(None),
+            compact_wake: Condvar::new(),
+            compactor: Mutex::new(None),
+            compactions: AtomicU64::new(0),
+            compacted_bytes: AtomicU64::new(0),
             fsyncs: AtomicU64::new(0),
             records_written: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
@@ -667,6 +735,11 @@ impl MessageLog {
             .name("warren-log-flusher".into())
             .spawn(move || flusher.flush_loop())?;
         *log.flusher.lock() = Some(handle);
+        let compactor = log.clone();
+        let handle = std::thread::Builder::new()
+            .name("warren-log-compactor".into())
+            .spawn(move || compactor.compact_loop())?;
+        *log.compactor.lock() = Some(handle);
         Ok((log, recovered))
     }
 
@@ -679,7 +752,9 @@ impl MessageLog {
         let mut buf = Vec::with_capacity(64);
         rec.encode(&mut buf);
         let mut p = self.pending.lock();
+        let before = p.segment;
         let loc = p.push(buf);
+        self.sealed(before, p.segment);
         match rec {
             Record::Enqueue(m) => p.track(m.sid, loc),
             Record::Remove { sid, .. } => {
@@ -692,6 +767,13 @@ impl MessageLog {
         drop(p);
         self.wake.notify_one();
         seq
+    }
+
+    /// A segment was sealed: the compactor looks whether there is work.
+    fn sealed(&self, before: u64, now: u64) {
+        if now != before {
+            self.compact_wake.notify_one();
+        }
     }
 
     /// Notes that a message has been delivered. The marker is written lazily — with the
@@ -716,7 +798,9 @@ impl MessageLog {
         let mut head = Vec::with_capacity(64 + m.header_payload.len());
         m.encode_head(&mut head);
         let mut p = self.pending.lock();
+        let before = p.segment;
         let loc = p.push_parts(head, Some(body));
+        self.sealed(before, p.segment);
         p.track(m.sid, loc);
         let seq = p.last_seq;
         drop(p);
@@ -858,6 +942,7 @@ impl MessageLog {
     /// Stops the flusher after it wrote what is buffered, and waits for it — without the
     /// clean-stop record ([`Self::close`]): the next start treats this like a crash.
     pub fn shutdown(&self) {
+        self.stop_compactor();
         self.pending.lock().shutdown = true;
         self.wake.notify_one();
         let handle = self.flusher.lock().take();
@@ -872,6 +957,7 @@ impl MessageLog {
     /// flusher has stopped; the last record says so, and the next start trusts the delivery
     /// markers. Nothing may be appended afterwards.
     pub fn close(&self) {
+        self.stop_compactor();
         {
             let mut p = self.pending.lock();
             if !p.shutdown {
@@ -888,6 +974,167 @@ impl MessageLog {
             bytes = self.bytes_written.load(Ordering::Relaxed),
             "message store closed"
         );
+    }
+
+    fn stop_compactor(&self) {
+        self.pending.lock().compactor_stop = true;
+        self.compact_wake.notify_all();
+        self.written.notify_all();
+        let handle = self.compactor.lock().take();
+        if let Some(h) = handle
+            && h.join().is_err()
+        {
+            tracing::error!("the message store's compactor panicked");
+        }
+    }
+
+    fn compact_loop(self: Arc<Self>) {
+        loop {
+            let plan = {
+                let mut p = self.pending.lock();
+                loop {
+                    if p.compactor_stop || p.shutdown {
+                        return;
+                    }
+                    if let Some(plan) = p.compaction() {
+                        break plan;
+                    }
+                    self.compact_wake
+                        .wait_for(&mut p, Duration::from_millis(500));
+                }
+            };
+            if let Err(e) = self.compact(plan) {
+                // Nothing was deleted: the segments stay as they were.
+                tracing::error!("message store compaction failed: {e}");
+                std::thread::sleep(Duration::from_secs(5));
+            }
+        }
+    }
+
+    /// Copies the live records of segments up to `plan.last` to the head of the log, then
+    /// has the flusher delete those segments once the copies are synced.
+    fn compact(&self, plan: Compaction) -> std::io::Result<()> {
+        let stopping = |p: &Pending| p.compactor_stop || p.shutdown;
+        // The prefix is sealed; wait until it is all written to its files.
+        let mut todo: Vec<(u64, Loc)> = {
+            let mut p = self.pending.lock();
+            while p.written.0 <= plan.last && !stopping(&p) {
+                self.written.wait_for(&mut p, Duration::from_millis(100));
+            }
+            if stopping(&p) {
+                return Ok(());
+            }
+            p.locs
+                .iter()
+                .filter(|(_, l)| l.loc.seg <= plan.last)
+                .map(|(sid, l)| (*sid, l.loc))
+                .collect()
+        };
+        // In log order, so copies keep the order the originals had.
+        todo.sort_unstable_by_key(|(_, l)| (l.seg, l.off));
+        let (mut copied, mut count) = (0u64, 0usize);
+        let mut at = 0;
+        while at < todo.len() {
+            // Batches of up to 4 MiB: read outside the lock, append under it.
+            let mut end = at;
+            let mut bytes = 0u64;
+            while end < todo.len() && (end == at || bytes + todo[end].1.len as u64 <= 4 << 20) {
+                bytes += todo[end].1.len as u64;
+                end += 1;
+            }
+            let batch = &todo[at..end];
+            at = end;
+            let records = self.read_records(batch)?;
+            let mut p = self.pending.lock();
+            if stopping(&p) {
+                return Ok(());
+            }
+            let before = p.segment;
+            for ((sid, old), rec) in batch.iter().zip(records) {
+                // Removed or moved meanwhile: nothing to copy.
+                let Some(live) = p.locs.get(sid).copied() else {
+                    continue;
+                };
+                if live.loc != *old {
+                    continue;
+                }
+                copied += rec.len() as u64;
+                count += 1;
+                let new = p.push(rec);
+                p.track(*sid, new);
+                if live.delivered {
+                    // Its marker may be in the prefix: write it again after the copy.
+                    p.delivered.push(*sid);
+                }
+            }
+            self.sealed(before, p.segment);
+            drop(p);
+            self.wake.notify_one();
+        }
+        let mut p = self.pending.lock();
+        if p.locs.values().any(|l| l.loc.seg <= plan.last) {
+            tracing::warn!(
+                last = plan.last,
+                "message store compaction left live messages behind; segments kept"
+            );
+            return Ok(());
+        }
+        let gone: Vec<u64> = p.segs.range(..=plan.last).map(|(s, _)| *s).collect();
+        for s in &gone {
+            p.segs.remove(s);
+            p.deletable.push(*s);
+        }
+        drop(p);
+        self.wake.notify_one();
+        self.compactions.fetch_add(1, Ordering::Relaxed);
+        self.compacted_bytes.fetch_add(copied, Ordering::Relaxed);
+        tracing::info!(
+            segments = gone.len(),
+            last_segment = plan.last,
+            messages = count,
+            copied_bytes = copied,
+            live_bytes_planned = plan.live,
+            freed_bytes = plan.dead,
+            "message store compacted: live records of mostly-dead segments copied to the head"
+        );
+        Ok(())
+    }
+
+    /// The framed records at `locs` (checked), read from their segment files.
+    fn read_records(&self, locs: &[(u64, Loc)]) -> std::io::Result<Vec<Vec<u8>>> {
+        let mut out: Vec<Vec<u8>> = vec![Vec::new(); locs.len()];
+        let mut by_seg: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+        for (i, (_, l)) in locs.iter().enumerate() {
+            by_seg.entry(l.seg).or_default().push(i);
+        }
+        for (seg, items) in by_seg {
+            let file = File::open(segment_path(&self.dir, seg))?;
+            let places: Vec<(u64, u64)> = items
+                .iter()
+                .map(|&i| (locs[i].1.off, locs[i].1.len as u64))
+                .collect();
+            let (spans, which) = frame::plan_reads(&places, READ_GAP, READ_SPAN);
+            let mut bufs = Vec::with_capacity(spans.len());
+            for s in &spans {
+                let mut b = vec![0; s.len as usize];
+                file.read_exact_at(&mut b, s.off)?;
+                bufs.push(b);
+            }
+            for (k, i) in items.into_iter().enumerate() {
+                let span = spans[which[k]];
+                let l = locs[i].1;
+                let start = (l.off - span.off) as usize;
+                let rec = &bufs[which[k]][start..start + l.len as usize];
+                if frame::unframe(rec).is_none() {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("damaged record in segment {seg} at offset {}", l.off),
+                    ));
+                }
+                out[i] = rec.to_vec();
+            }
+        }
+        Ok(out)
     }
 
     fn flush_loop(self: Arc<Self>) {
@@ -1316,6 +1563,74 @@ mod tests {
             flags(&rec),
             vec![(1, true), (2, true), (4, false), (5, false)]
         );
+        log.close();
+    }
+
+    fn segment_files(dir: &Path) -> usize {
+        fs::read_dir(dir).unwrap().count()
+    }
+
+    #[tokio::test]
+    async fn compaction_keeps_the_log_small_around_a_stuck_message() {
+        let dir = tmp("compaction");
+        let (log, _) = MessageLog::open_with(&dir, 64 * 1024).unwrap();
+        // One old message that is never acked, delivered once.
+        log.append(&Record::Enqueue(msg(1, "stuck", "old")));
+        log.mark_delivered(1);
+        let body = "x".repeat(4000);
+        let mut most = 0;
+        // ~8 MiB published and acked: 120 segments of 64 KiB.
+        for i in 2..2000 {
+            log.append(&Record::Enqueue(msg(i, "q", &body)));
+            let seq = log.append(&Record::Remove {
+                vhost: "/".into(),
+                queue: "q".into(),
+                sid: i,
+            });
+            if i % 50 == 0 {
+                wait_synced(&log, seq).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                most = most.max(segment_files(&dir));
+            }
+        }
+        assert!(log.compactions.load(Ordering::Relaxed) > 5);
+        // Two dead segments trigger a compaction: the pinned one, those two, the current one,
+        // and what the compactor has not caught up with yet.
+        assert!(most <= 10, "{most} segment files at once");
+        let copied = log.compacted_bytes.load(Ordering::Relaxed);
+        assert!(
+            copied < 100 * 1024,
+            "{copied} bytes copied for one small message"
+        );
+        // Still readable where it is now.
+        assert_eq!(log.read(&[1])[0].as_ref().unwrap().body, b"old");
+        log.close();
+        let (log, rec) = MessageLog::open_with(&dir, 64 * 1024).unwrap();
+        assert!(rec.clean);
+        let stuck = &rec.messages[&("/".into(), "stuck".into())];
+        assert_eq!(
+            (stuck.len(), stuck[0].redelivered),
+            (1, true),
+            "marker kept"
+        );
+        assert!(!rec.messages.contains_key(&("/".into(), "q".into())));
+        assert_eq!(log.read(&[1])[0].as_ref().unwrap().body, b"old");
+        log.close();
+    }
+
+    #[tokio::test]
+    async fn a_copy_and_its_original_recover_as_one_message() {
+        // A crash between a compaction's copy and the deletion of the original's segment.
+        let dir = tmp("dupe");
+        let (log, _) = MessageLog::open_with(&dir, 4096).unwrap();
+        log.append(&Record::Enqueue(msg(1, "q", "one")));
+        log.append(&Record::Enqueue(msg(2, "q", &"y".repeat(5000))));
+        log.append(&Record::Enqueue(msg(1, "q", "one")));
+        log.append(&Record::Enqueue(msg(3, "q", "three")));
+        log.shutdown();
+        let (log, rec) = MessageLog::open_with(&dir, 4096).unwrap();
+        assert_eq!(sids(&rec, "q"), vec![1, 2, 3]);
+        assert_eq!(bodies(&log, &[1]), vec![b"one".to_vec()]);
         log.close();
     }
 
