@@ -147,7 +147,7 @@ report="$OUT/results.md"
 {
     echo "# Warren vs RabbitMQ — PerfTest, $STAMP"
     echo
-    echo "- command: \`BENCH_SECONDS=$SECONDS_PER_CASE BENCH_SIZES=\"$SIZES\"${ONLY:+ BENCH_ONLY=$ONLY}${RATE:+ BENCH_RATE=$RATE} scripts/bench.sh\`"
+    echo "- command: \`BENCH_MODE=$MODE BENCH_SECONDS=$SECONDS_PER_CASE BENCH_SIZES=\"$SIZES\"${ONLY:+ BENCH_ONLY=$ONLY}${RATE:+ BENCH_RATE=$RATE} scripts/bench.sh\`"
     if [ "$MODE" = persistent ]; then
         echo "- load: PerfTest 1 producer / 1 consumer, durable queue, persistent messages, confirms (-c 100), manual acks (-q 200 -A 100), ${SECONDS_PER_CASE} s per case; latency columns are **confirm** latency"
         totals="$(grep -a 'message store totals' "$OUT/warren.log" 2>/dev/null | tail -n1 || true)"
