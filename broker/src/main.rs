@@ -10,6 +10,13 @@ use tracing_subscriber::EnvFilter;
 use warren_broker::config::{Check, Cli, ClientArgs, Command, Config};
 use warren_broker::{Broker, management, metrics, server};
 
+/// Colours only for a person at a terminal: not in files, pipes or `kubectl logs`, and never
+/// with `NO_COLOR` set (<https://no-color.org>).
+fn colour_logs() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 fn main() -> ExitCode {
     let mut cli = Cli::parse();
     if let Some(command) = cli.command.take() {
@@ -26,6 +33,7 @@ fn main() -> ExitCode {
         .with_env_filter(
             EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info")),
         )
+        .with_ansi(colour_logs())
         .with_writer(std::io::stderr)
         .init();
     // One TLS crypto provider for the whole process (rustls cannot choose when a build links

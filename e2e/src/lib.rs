@@ -154,6 +154,8 @@ pub fn free_port() -> u16 {
 pub struct Operator {
     child: Child,
     pub metrics_url: String,
+    /// Where its stderr (text logs) goes.
+    pub log: std::path::PathBuf,
 }
 
 impl Operator {
@@ -181,11 +183,17 @@ impl Operator {
         Operator {
             child,
             metrics_url: format!("http://127.0.0.1:{port}"),
+            log,
         }
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// What it has logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 

@@ -275,6 +275,13 @@ async fn a_cluster_gets_every_object_its_pods_and_its_status() {
             .expect(path);
         assert!(r.status().is_success(), "/{path}");
     }
+    // Its text log goes to a file: plain text, no colour codes.
+    let log = op.log_text();
+    assert!(log.contains("INFO"), "the operator logged nothing:\n{log}");
+    assert!(
+        !log.contains('\x1b'),
+        "colour codes in the log file:\n{log}"
+    );
 
     // Deleting the cluster cascades through the owner references (the garbage collector).
     Api::<RabbitCluster>::namespaced(client.clone(), &ns)

@@ -65,6 +65,13 @@ struct Cli {
     log_format: LogFormat,
 }
 
+/// Colours only for a person at a terminal: not in files, pipes or `kubectl logs`, and never
+/// with `NO_COLOR` set (<https://no-color.org>).
+fn colour_logs() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     warren_operator::install_crypto_provider();
@@ -78,6 +85,7 @@ fn main() -> std::process::ExitCode {
             .init(),
         LogFormat::Text => tracing_subscriber::fmt()
             .with_env_filter(filter)
+            .with_ansi(colour_logs())
             .with_writer(std::io::stderr)
             .init(),
     }
