@@ -49,12 +49,22 @@ pub struct Cli {
     /// signed by one of them (mutual TLS) [default: none, no client certificates asked for].
     #[arg(long, env = "WARREN_TLS_CA_FILE")]
     pub tls_ca_file: Option<PathBuf>,
-    /// Address of the management HTTP API (RabbitMQ-compatible) [default: 0.0.0.0:15672].
+    /// Address of the management HTTP API (RabbitMQ-compatible), or `none` to serve it over
+    /// HTTPS only [default: 0.0.0.0:15672].
     #[arg(long, env = "WARREN_MANAGEMENT_LISTEN")]
-    pub management_listen: Option<SocketAddr>,
-    /// Address of the Prometheus endpoint [default: 0.0.0.0:15692]. Served once the metrics issue lands.
+    pub management_listen: Option<Listen>,
+    /// Address of the management API over HTTPS, e.g. `0.0.0.0:15671`, with the node's
+    /// certificate (--tls-cert-file, --tls-key-file); clients are not asked for a certificate
+    /// even when --tls-ca-file is set [default: none].
+    #[arg(long, env = "WARREN_MANAGEMENT_TLS_LISTEN")]
+    pub management_tls_listen: Option<Listen>,
+    /// Address of the Prometheus endpoint, or `none` [default: 0.0.0.0:15692].
     #[arg(long, env = "WARREN_PROMETHEUS_LISTEN")]
-    pub prometheus_listen: Option<SocketAddr>,
+    pub prometheus_listen: Option<Listen>,
+    /// Address of the Prometheus endpoint over HTTPS, e.g. `0.0.0.0:15691`, with the node's
+    /// certificate, as management-tls-listen [default: none].
+    #[arg(long, env = "WARREN_PROMETHEUS_TLS_LISTEN")]
+    pub prometheus_tls_listen: Option<Listen>,
     /// User created on a fresh node, with all permissions on the default vhost and the
     /// administrator tag; replaces `guest` [default: guest].
     #[arg(long, env = "WARREN_DEFAULT_USER")]
@@ -155,8 +165,11 @@ pub enum Check {
 /// user, from the same flags, `WARREN_*` environment and `--config` file.
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
-    /// Base URL of the management API [default: http://127.0.0.1:15672, or from
-    /// management-listen].
+    /// Base URL of the management API, http:// or https:// [default: http://127.0.0.1:15672,
+    /// or from management-listen, or https:// from management-tls-listen when
+    /// management-listen is none]. An https:// URL to a loopback address is not verified (the
+    /// node talking to itself); another host is verified against tls-ca-file, or the system's
+    /// trust anchors.
     #[arg(long, env = "WARREN_MANAGEMENT_URL")]
     pub management_url: Option<String>,
     /// User for the management API [default: the default user: WARREN_DEFAULT_USER,
@@ -182,8 +195,10 @@ pub struct FileConfig {
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
     pub tls_ca_file: Option<PathBuf>,
-    pub management_listen: Option<SocketAddr>,
-    pub prometheus_listen: Option<SocketAddr>,
+    pub management_listen: Option<Listen>,
+    pub management_tls_listen: Option<Listen>,
+    pub prometheus_listen: Option<Listen>,
+    pub prometheus_tls_listen: Option<Listen>,
     pub default_user: Option<String>,
     pub default_pass: Option<String>,
     pub default_vhost: Option<String>,
@@ -212,8 +227,14 @@ pub struct Config {
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
     pub tls_ca_file: Option<PathBuf>,
-    pub management_listen: SocketAddr,
-    pub prometheus_listen: SocketAddr,
+    /// The management API over HTTP; `None` serves it over HTTPS only.
+    pub management_listen: Option<SocketAddr>,
+    /// The management API over HTTPS; `None` (the default) serves no HTTPS.
+    pub management_tls_listen: Option<SocketAddr>,
+    /// The Prometheus endpoint over HTTP; `None` serves none (or HTTPS only).
+    pub prometheus_listen: Option<SocketAddr>,
+    /// The Prometheus endpoint over HTTPS; `None` (the default) serves no HTTPS.
+    pub prometheus_tls_listen: Option<SocketAddr>,
     pub default_user: String,
     pub default_pass: String,
     pub default_vhost: String,
@@ -373,8 +394,10 @@ impl Default for Config {
             tls_cert_file: None,
             tls_key_file: None,
             tls_ca_file: None,
-            management_listen: SocketAddr::from(([0, 0, 0, 0], 15672)),
-            prometheus_listen: SocketAddr::from(([0, 0, 0, 0], 15692)),
+            management_listen: Some(SocketAddr::from(([0, 0, 0, 0], 15672))),
+            management_tls_listen: None,
+            prometheus_listen: Some(SocketAddr::from(([0, 0, 0, 0], 15692))),
+            prometheus_tls_listen: None,
             default_user: "guest".into(),
             default_pass: "guest".into(),
             default_vhost: "/".into(),
@@ -444,11 +467,19 @@ impl Config {
             management_listen: cli
                 .management_listen
                 .or(file.management_listen)
-                .unwrap_or(d.management_listen),
+                .map_or(d.management_listen, Listen::addr),
+            management_tls_listen: cli
+                .management_tls_listen
+                .or(file.management_tls_listen)
+                .map_or(d.management_tls_listen, Listen::addr),
             prometheus_listen: cli
                 .prometheus_listen
                 .or(file.prometheus_listen)
-                .unwrap_or(d.prometheus_listen),
+                .map_or(d.prometheus_listen, Listen::addr),
+            prometheus_tls_listen: cli
+                .prometheus_tls_listen
+                .or(file.prometheus_tls_listen)
+                .map_or(d.prometheus_tls_listen, Listen::addr),
             default_user: cli
                 .default_user
                 .or(file.default_user)
@@ -514,8 +545,29 @@ impl Config {
         })
     }
 
+    /// The node's certificate and key for the HTTPS listeners (management, Prometheus), when
+    /// one is on. No CA: like RabbitMQ's management listener (`verify_none`), they never ask
+    /// clients for a certificate; HTTP basic auth authenticates.
+    pub fn https_files(&self) -> Option<crate::tls::TlsFiles> {
+        if self.management_tls_listen.is_none() && self.prometheus_tls_listen.is_none() {
+            return None;
+        }
+        Some(crate::tls::TlsFiles {
+            cert: self.tls_cert_file.clone()?,
+            key: self.tls_key_file.clone()?,
+            ca: None,
+        })
+    }
+
     fn validate_listeners(&self) -> Result<(), ConfigError> {
-        if self.amqps_listen.is_some() {
+        let tls_listener = [
+            ("amqps-listen", self.amqps_listen),
+            ("management-tls-listen", self.management_tls_listen),
+            ("prometheus-tls-listen", self.prometheus_tls_listen),
+        ]
+        .into_iter()
+        .find_map(|(name, addr)| addr.map(|_| name));
+        if let Some(listener) = tls_listener {
             for (key, v) in [
                 ("tls-cert-file", &self.tls_cert_file),
                 ("tls-key-file", &self.tls_key_file),
@@ -523,7 +575,7 @@ impl Config {
                 if v.is_none() {
                     return Err(ConfigError::Invalid {
                         key,
-                        message: "is required when amqps-listen is set".into(),
+                        message: format!("is required when {listener} is set"),
                     });
                 }
             }
@@ -537,19 +589,28 @@ impl Config {
                 if v.is_some() {
                     return Err(ConfigError::Invalid {
                         key,
-                        message: "is set but amqps-listen is not (no TLS listener would use it)"
+                        message: "is set but no TLS listener (amqps-listen, \
+                                  management-tls-listen, prometheus-tls-listen) is"
                             .into(),
                     });
                 }
             }
-            if self.amqp_listen.is_none() {
-                return Err(ConfigError::Invalid {
-                    key: "amqp-listen",
-                    message: "is none and amqps-listen is not set: the node would accept no \
-                              AMQP connections"
-                        .into(),
-                });
-            }
+        }
+        if self.amqp_listen.is_none() && self.amqps_listen.is_none() {
+            return Err(ConfigError::Invalid {
+                key: "amqp-listen",
+                message: "is none and amqps-listen is not set: the node would accept no \
+                          AMQP connections"
+                    .into(),
+            });
+        }
+        if self.management_listen.is_none() && self.management_tls_listen.is_none() {
+            return Err(ConfigError::Invalid {
+                key: "management-listen",
+                message: "is none and management-tls-listen is not set: the node would serve \
+                          no management API (probes and the operator use it)"
+                    .into(),
+            });
         }
         Ok(())
     }
@@ -750,6 +811,50 @@ mod tests {
         });
         assert!(e.contains("amqp-listen") && e.contains("no"), "{e}");
         assert!("nowhere".parse::<Listen>().unwrap_err().contains("'none'"));
+        // HTTPS management and Prometheus: the node's certificate, no client CA.
+        let e = err(Cli {
+            management_tls_listen: Some(Listen::Addr("0.0.0.0:15671".parse().unwrap())),
+            ..Default::default()
+        });
+        assert!(
+            e.contains("tls-cert-file") && e.contains("management-tls-listen"),
+            "{e}"
+        );
+        let e = err(Cli {
+            management_listen: Some(Listen::None),
+            ..Default::default()
+        });
+        assert!(
+            e.contains("management-listen") && e.contains("management-tls-listen"),
+            "{e}"
+        );
+        std::fs::write(
+            &path,
+            "management-listen = \"none\"\nmanagement-tls-listen = \"0.0.0.0:15671\"\n\
+             prometheus-listen = \"none\"\nprometheus-tls-listen = \"0.0.0.0:15691\"\n\
+             tls-cert-file = \"c\"\ntls-key-file = \"k\"\ntls-ca-file = \"ca\"\n",
+        )
+        .unwrap();
+        let c = Config::resolve(Cli {
+            config: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.management_listen, None);
+        assert_eq!(
+            c.management_tls_listen,
+            Some("0.0.0.0:15671".parse().unwrap())
+        );
+        assert_eq!(c.prometheus_listen, None);
+        assert_eq!(
+            c.prometheus_tls_listen,
+            Some("0.0.0.0:15691".parse().unwrap())
+        );
+        assert!(c.tls_files().is_none(), "no AMQPS listener");
+        let files = c.https_files().unwrap();
+        assert_eq!((files.cert.to_str(), files.ca), (Some("c"), None));
+        assert_eq!(Config::default().management_tls_listen, None);
+        assert!(Config::default().https_files().is_none());
         std::fs::write(&path, "amqp-listen = \"localhost\"\n").unwrap();
         let e = err(Cli {
             config: Some(path),

@@ -15,6 +15,7 @@ pub mod connection;
 pub mod dead_letter;
 pub mod error;
 pub mod exchange;
+pub mod https;
 pub mod links;
 pub mod management;
 pub mod message;

@@ -92,12 +92,24 @@ async fn run(config: Config) -> Result<(), String> {
         )),
         _ => None,
     };
-    let management = TcpListener::bind(config.management_listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", config.management_listen))?;
-    let prometheus = TcpListener::bind(config.prometheus_listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", config.prometheus_listen))?;
+    // The HTTPS listeners (management, Prometheus): the node's certificate, no client CA.
+    let https = match config.https_files() {
+        Some(files) => Some(warren_broker::https::acceptor(&files).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let bind = |addr: Option<std::net::SocketAddr>| async move {
+        match addr {
+            Some(addr) => TcpListener::bind(addr)
+                .await
+                .map(Some)
+                .map_err(|e| format!("cannot listen on {addr}: {e}")),
+            None => Ok(None),
+        }
+    };
+    let management = bind(config.management_listen).await?;
+    let management_tls = bind(config.management_tls_listen).await?;
+    let prometheus = bind(config.prometheus_listen).await?;
+    let prometheus_tls = bind(config.prometheus_tls_listen).await?;
     tracing::info!(
         data_dir = %config.data_dir.display(),
         default_user = %config.default_user,
@@ -118,17 +130,42 @@ async fn run(config: Config) -> Result<(), String> {
     tokio::spawn(warren_broker::resources::monitor(
         std::sync::Arc::downgrade(&broker),
     ));
-    tokio::spawn(management::run(
-        broker.clone(),
-        management,
-        std::future::pending(),
-    ));
-    let metrics_broker = broker.clone();
-    tokio::spawn(async move {
-        if let Err(e) = metrics::run(metrics_broker, prometheus, std::future::pending()).await {
-            tracing::error!("Prometheus listener failed: {e}");
-        }
-    });
+    let https_listener = |listener: TcpListener| match &https {
+        Some(acceptor) => warren_broker::https::TlsListener::new(listener, acceptor.clone())
+            .map_err(|e| format!("HTTPS listener: {e}")),
+        None => Err("an HTTPS listener without the TLS files".to_owned()),
+    };
+    if let Some(listener) = management {
+        tokio::spawn(management::run(
+            broker.clone(),
+            listener,
+            std::future::pending(),
+        ));
+    }
+    if let Some(listener) = management_tls {
+        tokio::spawn(management::run_tls(
+            broker.clone(),
+            https_listener(listener)?,
+            std::future::pending(),
+        ));
+    }
+    if let Some(listener) = prometheus {
+        let metrics_broker = broker.clone();
+        tokio::spawn(async move {
+            if let Err(e) = metrics::run(metrics_broker, listener, std::future::pending()).await {
+                tracing::error!("Prometheus listener failed: {e}");
+            }
+        });
+    }
+    if let Some(listener) = prometheus_tls {
+        let listener = https_listener(listener)?;
+        let metrics_broker = broker.clone();
+        tokio::spawn(async move {
+            if let Err(e) = metrics::run(metrics_broker, listener, std::future::pending()).await {
+                tracing::error!("Prometheus HTTPS listener failed: {e}");
+            }
+        });
+    }
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -261,7 +298,11 @@ fn client_for(
     };
     let url = match (&args.management_url, &config) {
         (Some(u), _) => u.clone(),
-        (None, Some(c)) => warren_broker::probe::local_url(c.management_listen),
+        (None, Some(c)) => match (c.management_listen, c.management_tls_listen) {
+            (Some(addr), _) => warren_broker::probe::local_url(addr),
+            (None, Some(addr)) => warren_broker::probe::local_https_url(addr),
+            (None, None) => "http://127.0.0.1:15672".to_owned(),
+        },
         (None, None) => "http://127.0.0.1:15672".to_owned(),
     };
     let user = args
@@ -274,6 +315,7 @@ fn client_for(
         .clone()
         .or_else(|| config.as_ref().map(|c| c.default_pass.clone()))
         .unwrap_or_else(|| "guest".into());
-    let client = warren_broker::probe::Client::new(&url, &user, &password)?;
+    let ca = config.as_ref().and_then(|c| c.tls_ca_file.as_deref());
+    let client = warren_broker::probe::Client::with_ca(&url, &user, &password, ca)?;
     Ok((client, user, timeout))
 }

@@ -1134,11 +1134,14 @@ const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 
 /// Serves `/metrics` and `/metrics/per-object` on a bound listener until `shutdown` resolves.
 /// Tests pass a listener bound to `127.0.0.1:0`; the binary binds `--prometheus-listen`.
-pub async fn run(
+pub async fn run<L>(
     broker: Arc<Broker>,
-    listener: tokio::net::TcpListener,
+    listener: L,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
+{
     use axum::routing::get;
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "Prometheus listener started");

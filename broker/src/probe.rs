@@ -1,16 +1,26 @@
 //! `warren-broker check ready` and `warren-broker drain`: one-shot clients of the local node's
 //! management API, for a container that has no curl (Kubernetes readiness probe, preStop hook).
 //!
-//! The HTTP client is deliberately tiny: HTTP/1.1 over a plain `TcpStream`, basic auth,
-//! `Connection: close`, the whole command bounded by a timeout. It reads `Content-Length` and
-//! chunked bodies, at most [`MAX_BODY`] bytes.
+//! The HTTP client is deliberately tiny: HTTP/1.1 over a `TcpStream` (or TLS over it, for an
+//! `https://` URL), basic auth, `Connection: close`, the whole command bounded by a timeout. It
+//! reads `Content-Length` and chunked bodies, at most [`MAX_BODY`] bytes.
+//!
+//! HTTPS (a node whose management API is served only on `management-tls-listen`): a loopback
+//! host (`127.0.0.0/8`, `::1`, `localhost`) is the node talking to itself, and its certificate
+//! is not verified (it names the node's service, not `127.0.0.1`, and nothing on the path can
+//! intercept). Any other host is verified: against `tls-ca-file` when the node has one,
+//! otherwise against the system's trust anchors.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
+use rustls::pki_types::ServerName;
+use rustls::pki_types::pem::PemObject;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// The largest response read (a drain report lists every queue).
@@ -27,26 +37,110 @@ pub struct Client {
     /// The URL as given, for messages.
     url: String,
     authorization: String,
+    /// For an `https://` URL.
+    tls: Option<Tls>,
+}
+
+#[derive(Debug, Clone)]
+struct Tls {
+    config: Arc<rustls::ClientConfig>,
+    name: ServerName<'static>,
 }
 
 /// The management URL for a node whose API listens on `addr`: a wildcard address becomes
 /// loopback.
 pub fn local_url(addr: SocketAddr) -> String {
+    format!("http://{}", loopback(addr))
+}
+
+/// [`local_url`] for `management-tls-listen`.
+pub fn local_https_url(addr: SocketAddr) -> String {
+    format!("https://{}", loopback(addr))
+}
+
+fn loopback(addr: SocketAddr) -> SocketAddr {
     let ip = match addr.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
         ip => ip,
     };
-    format!("http://{}", SocketAddr::new(ip, addr.port()))
+    SocketAddr::new(ip, addr.port())
+}
+
+/// The TLS client settings for `host` (see the module documentation).
+fn tls_for(host: &str, ca: Option<&Path>) -> Result<Tls, String> {
+    let name = ServerName::try_from(host.to_owned())
+        .map_err(|e| format!("'{host}' cannot be a TLS server name: {e}"))?;
+    let is_loopback = match &name {
+        ServerName::IpAddress(ip) => IpAddr::from(*ip).is_loopback(),
+        _ => host.eq_ignore_ascii_case("localhost"),
+    };
+    let provider = crate::links::connect::provider();
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?;
+    let builder = if is_loopback {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(crate::links::connect::NoVerification(
+                provider,
+            )))
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        match ca {
+            Some(ca) => {
+                let pem = std::fs::read(ca)
+                    .map_err(|e| format!("cannot read TLS CA file {}: {e}", ca.display()))?;
+                for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+                    let cert = cert.map_err(|e| format!("TLS CA file {}: {e}", ca.display()))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| format!("TLS CA file {}: {e}", ca.display()))?;
+                }
+            }
+            None => {
+                roots.add_parsable_certificates(
+                    crate::links::connect::system_roots().iter().cloned(),
+                );
+            }
+        }
+        if roots.is_empty() {
+            return Err(format!(
+                "no trust anchors to verify {host}'s certificate with (set tls-ca-file)"
+            ));
+        }
+        builder.with_root_certificates(roots)
+    };
+    Ok(Tls {
+        config: Arc::new(builder.with_no_client_auth()),
+        name,
+    })
 }
 
 impl Client {
-    /// `url` is `http://host[:port][/prefix]`.
+    /// `url` is `http[s]://host[:port][/prefix]`; an `https://` URL to a host other than
+    /// loopback is verified against the system's trust anchors.
     pub fn new(url: &str, user: &str, password: &str) -> Result<Client, String> {
+        Self::with_ca(url, user, password, None)
+    }
+
+    /// [`Client::new`], verifying an `https://` URL's certificate (when the host is not
+    /// loopback) against the CA certificates in `ca`.
+    pub fn with_ca(
+        url: &str,
+        user: &str,
+        password: &str,
+        ca: Option<&Path>,
+    ) -> Result<Client, String> {
         let bad = |why: &str| format!("invalid management URL '{url}': {why}");
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| bad("it must start with http:// (the probe speaks plain HTTP)"))?;
+        let (https, rest) = if let Some(rest) = url.strip_prefix("https://") {
+            (true, rest)
+        } else {
+            let rest = url
+                .strip_prefix("http://")
+                .ok_or_else(|| bad("it must start with http:// or https://"))?;
+            (false, rest)
+        };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
             None => (rest, ""),
@@ -73,7 +167,14 @@ impl Client {
         }
         let port = match port {
             Some(p) => p.parse().map_err(|_| bad("the port is not a number"))?,
+            None if https => 443,
             None => 80,
+        };
+        let tls = if https {
+            let name = host.trim_start_matches('[').trim_end_matches(']');
+            Some(tls_for(name, ca).map_err(|e| bad(&e))?)
+        } else {
+            None
         };
         let credentials =
             base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
@@ -83,13 +184,14 @@ impl Client {
             base: path.to_owned(),
             url: url.trim_end_matches('/').to_owned(),
             authorization: format!("Basic {credentials}"),
+            tls,
         })
     }
 
     /// One request; the status and the body. Errors say what could not be done, with the URL.
     pub async fn request(&self, method: &str, path: &str) -> Result<(u16, Vec<u8>), String> {
         let host = self.host.trim_start_matches('[').trim_end_matches(']');
-        let mut stream = TcpStream::connect((host, self.port))
+        let stream = TcpStream::connect((host, self.port))
             .await
             .map_err(|e| format!("cannot reach the management API at {}: {e}", self.url))?;
         let request = format!(
@@ -102,12 +204,43 @@ impl Client {
             self.authorization,
             env!("CARGO_PKG_VERSION"),
         );
+        let response = match &self.tls {
+            None => self.exchange(stream, &request, method, path).await?,
+            Some(tls) => {
+                let stream = tokio_rustls::TlsConnector::from(tls.config.clone())
+                    .connect(tls.name.clone(), stream)
+                    .await
+                    .map_err(|e| {
+                        format!("TLS handshake with the management API at {}: {e}", self.url)
+                    })?;
+                self.exchange(stream, &request, method, path).await?
+            }
+        };
+        parse_response(&response).map_err(|e| format!("{method} {}{path}: {e}", self.url))
+    }
+
+    /// Writes the request and reads the whole response, up to the end of the stream.
+    async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        mut stream: S,
+        request: &str,
+        method: &str,
+        path: &str,
+    ) -> Result<Vec<u8>, String> {
         let io = |e: std::io::Error| format!("{method} {}{path}: {e}", self.url);
         stream.write_all(request.as_bytes()).await.map_err(io)?;
         let mut response = Vec::new();
         let mut chunk = [0u8; 16 * 1024];
         loop {
-            let n = stream.read(&mut chunk).await.map_err(io)?;
+            let n = match stream.read(&mut chunk).await {
+                Ok(n) => n,
+                // A TLS server that closes without close_notify: the response is checked
+                // against its Content-Length (or chunked end) anyway.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !response.is_empty() => {
+                    0
+                }
+                Err(e) => return Err(io(e)),
+            };
             if n == 0 {
                 break;
             }
@@ -119,7 +252,7 @@ impl Client {
             }
             response.extend_from_slice(&chunk[..n]);
         }
-        parse_response(&response).map_err(|e| format!("{method} {}{path}: {e}", self.url))
+        Ok(response)
     }
 
     /// A request whose answer must be JSON.
@@ -351,8 +484,21 @@ mod tests {
         );
         let c = Client::new("http://warren-0.warren", "u", "p").unwrap();
         assert_eq!(c.port, 80);
+        let c = Client::new("https://127.0.0.1:15671", "u", "p").unwrap();
+        assert_eq!((c.port, c.tls.is_some()), (15671, true));
+        let c = Client::new("https://[::1]", "u", "p").unwrap();
+        assert_eq!((c.host.as_str(), c.port), ("[::1]", 443));
+        assert!(c.tls.is_some());
+        // Another host is verified, against the CA file given.
+        let e = Client::with_ca("https://warren", "u", "p", Some(Path::new("/nonexistent")))
+            .unwrap_err();
+        assert!(e.contains("/nonexistent"), "{e}");
+        assert_eq!(
+            local_https_url("0.0.0.0:15671".parse().unwrap()),
+            "https://127.0.0.1:15671"
+        );
         for bad in [
-            "https://x:1",
+            "ftp://x:1",
             "127.0.0.1:15672",
             "http://:1",
             "http://x:port",

@@ -516,3 +516,204 @@ async fn tls_only_node_and_start_up_errors() {
     assert!(err.contains("tls-cert-file"), "{err}");
     let _ = std::fs::remove_dir_all(&pki.dir);
 }
+
+/// A `warren-broker` probe subcommand: exit code, stdout, stderr.
+fn probe(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_warren-broker"))
+        .args(args)
+        .env_remove("WARREN_CONFIG")
+        .env_remove("WARREN_MANAGEMENT_URL")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn management_and_prometheus_over_https_only() {
+    let pki = Pki::new("https");
+    let (amqp, http, https, prom_https) = (free_port(), free_port(), free_port(), free_port());
+    let config = pki.dir.join("warren.toml");
+    // The file asks for plain HTTP management too; the flag turns it off (flag > file). The
+    // CA file is set, yet HTTPS clients need no certificate (RabbitMQ's verify_none).
+    std::fs::write(
+        &config,
+        format!(
+            "amqp-listen = \"127.0.0.1:{amqp}\"\n\
+             management-listen = \"127.0.0.1:{http}\"\n\
+             management-tls-listen = \"127.0.0.1:{https}\"\n\
+             prometheus-listen = \"none\"\n\
+             prometheus-tls-listen = \"127.0.0.1:{prom_https}\"\n\
+             tls-cert-file = \"{}\"\n\
+             tls-key-file = \"{}\"\n\
+             tls-ca-file = \"{}\"\n\
+             data-dir = \"{}\"\n",
+            path(&pki.server_cert),
+            path(&pki.server_key),
+            path(&pki.ca),
+            path(&pki.dir.join("data")),
+        ),
+    )
+    .unwrap();
+    let log = pki.dir.join("node.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_warren-broker"))
+        .args(["--config", path(&config), "--management-listen", "none"])
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut up = false;
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", https))
+            .await
+            .is_ok()
+        {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let node_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(up, "HTTPS management did not start: {}", node_log());
+
+    let ca = reqwest::Certificate::from_pem(pki.ca_pem().as_bytes()).unwrap();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .build()
+        .unwrap();
+    let base = format!("https://localhost:{https}");
+    let put = client
+        .put(format!("{base}/api/queues/%2f/over-https"))
+        .basic_auth("guest", Some("guest"))
+        .json(&serde_json::json!({"durable": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 201);
+    let get = |path: String| {
+        let client = client.clone();
+        async move {
+            let r = client
+                .get(path)
+                .basic_auth("guest", Some("guest"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let queues = get(format!("{base}/api/queues")).await;
+    assert!(
+        queues
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|q| q["name"] == "over-https"),
+        "{queues}"
+    );
+    // The listeners as RabbitMQ lists them: https, and no plain http.
+    let o = get(format!("{base}/api/overview")).await;
+    let listeners = o["listeners"].as_array().unwrap();
+    assert!(
+        listeners
+            .iter()
+            .any(|l| l["protocol"] == "https" && l["port"] == https),
+        "{listeners:?}"
+    );
+    assert!(
+        !listeners.iter().any(|l| l["protocol"] == "http"),
+        "{listeners:?}"
+    );
+    // The plain HTTP port of the file is not served; plain HTTP on the HTTPS port gets no API.
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", http))
+            .await
+            .is_err(),
+        "management-listen = none still listens"
+    );
+    let plain = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{https}/api/overview"))
+        .basic_auth("guest", Some("guest"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    assert!(plain.is_err(), "plain HTTP on the HTTPS port: {plain:?}");
+    // A client that does not trust the CA refuses the server.
+    let untrusting = reqwest::Client::new()
+        .get(format!("{base}/api/overview"))
+        .send()
+        .await;
+    assert!(untrusting.is_err());
+    // Prometheus over HTTPS.
+    let metrics = client
+        .get(format!("https://localhost:{prom_https}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), 200);
+    assert!(metrics.text().await.unwrap().contains("rabbitmq_"));
+
+    // The probes find the HTTPS listener in the node's own configuration.
+    let config_args = ["--config", path(&config), "--management-listen", "none"];
+    let (code, out, err) = probe(&[&config_args[..], &["check", "ready"]].concat());
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.starts_with("ready: node"), "{out}");
+    let (code, out, err) = probe(&[&config_args[..], &["drain"]].concat());
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("is being drained"), "{out}");
+    let (code, _, err) = probe(&[&config_args[..], &["check", "ready"]].concat());
+    assert_eq!(code, Some(1));
+    assert!(err.contains("being drained"), "{err}");
+    let (code, out, err) = probe(&[&config_args[..], &["drain", "--end"]].concat());
+    assert_eq!(code, Some(0), "{out}{err}");
+    // An explicit https:// URL to loopback, without the node's configuration.
+    let url = format!("https://127.0.0.1:{https}");
+    let (code, out, err) = probe(&["check", "ready", "--management-url", &url]);
+    assert_eq!(code, Some(0), "{out}{err}");
+
+    // rabbitmqadmin (Debian's) over HTTPS, trusting the test CA.
+    if let Ok(out) = Command::new("rabbitmqadmin")
+        .args(["-H", "localhost", "-P", &https.to_string(), "--ssl"])
+        .args(["--ssl-ca-cert-file", path(&pki.ca)])
+        .args([
+            "-u", "guest", "-p", "guest", "-f", "tsv", "-q", "list", "queues", "name",
+        ])
+        .output()
+    {
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("over-https"),
+            "rabbitmqadmin --ssl: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // Settings that cannot work are configuration errors (exit 2) naming the keys.
+    let (code, err) = failed_start(&["--management-tls-listen", "127.0.0.1:15671"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("tls-cert-file") && err.contains("management-tls-listen"),
+        "{err}"
+    );
+    let (code, err) = failed_start(&["--prometheus-tls-listen", "127.0.0.1:15691"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("prometheus-tls-listen"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_warren-broker"))
+        .args(["--data-dir", path(&pki.dir.join("none"))])
+        .env("WARREN_MANAGEMENT_LISTEN", "none")
+        .env_remove("WARREN_CONFIG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("management-tls-listen"), "{err}");
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}

@@ -50,19 +50,45 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "management HTTP API listener started");
-        broker.register_listener("http", addr);
-    }
     tokio::spawn(sample_rates(Arc::downgrade(&broker)));
+    serve(broker, listener, "http", shutdown).await
+}
+
+/// Serves the management API over HTTPS (`management-tls-listen`) until `shutdown` resolves.
+/// Samples message rates itself only when the node has no plain HTTP listener (`run` does).
+pub async fn run_tls(
+    broker: Arc<Broker>,
+    listener: crate::https::TlsListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    if broker.config.management_listen.is_none() {
+        tokio::spawn(sample_rates(Arc::downgrade(&broker)));
+    }
+    serve(broker, listener, "https", shutdown).await
+}
+
+async fn serve<L>(
+    broker: Arc<Broker>,
+    listener: L,
+    protocol: &'static str,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "management API listener ({protocol}) started");
+        broker.register_listener(protocol, addr);
+    }
     let app = router(broker).into_make_service_with_connect_info::<SocketAddr>();
+    // `tap_io` for its `ConnectInfo<SocketAddr>` (axum gives it to TCP and tapped listeners).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |_| {});
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
     {
-        tracing::error!("management HTTP API stopped: {e}");
+        tracing::error!("management API ({protocol}) stopped: {e}");
     }
-    info!("management HTTP API listener stopped");
+    info!("management API listener ({protocol}) stopped");
 }
 
 /// How often message rates are sampled (RabbitMQ's default collection interval).
