@@ -133,3 +133,355 @@ impl TlsSession {
         Self { protocol, cipher }
     }
 }
+
+/// `ssl-cert-login-from`: which part of a client certificate's subject is the user name when
+/// a client logs in with SASL EXTERNAL (RabbitMQ's `ssl_cert_login_from`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CertLoginFrom {
+    /// The subject's Common Name (several are joined with `,`).
+    #[default]
+    CommonName,
+    /// The whole subject in RabbitMQ's RFC 4514 form, e.g. `CN=alice,O=Example,C=GB`.
+    DistinguishedName,
+}
+
+impl CertLoginFrom {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CertLoginFrom::CommonName => "common_name",
+            CertLoginFrom::DistinguishedName => "distinguished_name",
+        }
+    }
+}
+
+impl std::fmt::Display for CertLoginFrom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for CertLoginFrom {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "common_name" => Ok(CertLoginFrom::CommonName),
+            "distinguished_name" => Ok(CertLoginFrom::DistinguishedName),
+            _ => Err(format!(
+                "ssl-cert-login-from: '{s}' is neither common_name nor distinguished_name"
+            )),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for CertLoginFrom {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The user name a client certificate (DER, as the TLS handshake verified it) logs in as with
+/// SASL EXTERNAL. The error says what is wrong with the certificate; it goes to the client.
+pub fn cert_login_name(der: &[u8], from: CertLoginFrom) -> Result<String, String> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|e| format!("the client certificate cannot be parsed: {e}"))?;
+    let subject = cert.subject();
+    let name = match from {
+        CertLoginFrom::CommonName => {
+            let cns = subject
+                .iter_common_name()
+                .map(|a| attribute_text(a.attr_value()))
+                .collect::<Result<Vec<_>, _>>()?;
+            if cns.is_empty() {
+                return Err(
+                    "the client certificate's subject has no common name (CN) to log in as".into(),
+                );
+            }
+            cns.join(",")
+        }
+        CertLoginFrom::DistinguishedName => subject_dn(subject)?,
+    };
+    if name.is_empty() {
+        return Err(format!(
+            "the client certificate's subject gives an empty user name ({from})"
+        ));
+    }
+    Ok(name)
+}
+
+/// A subject as RabbitMQ's `rabbit_cert_info:subject/1` writes it (RFC 4514): the last RDN
+/// first, RDNs joined with `,`, the attributes of a multi-valued RDN with `+`, short names for
+/// the usual attribute types and the dotted OID otherwise, values escaped.
+fn subject_dn(name: &x509_parser::x509::X509Name<'_>) -> Result<String, String> {
+    let mut rdns = Vec::new();
+    for rdn in name.iter_rdn() {
+        let mut parts = Vec::new();
+        for attr in rdn.iter() {
+            let oid = attr.attr_type().to_id_string();
+            let key = attribute_short_name(&oid).map_or(oid.clone(), str::to_owned);
+            parts.push(format!(
+                "{key}={}",
+                escape_dn_value(&attribute_text(attr.attr_value())?)
+            ));
+        }
+        rdns.push(parts.join("+"));
+    }
+    rdns.reverse();
+    Ok(rdns.join(","))
+}
+
+/// RabbitMQ's names for attribute types in a DN.
+fn attribute_short_name(oid: &str) -> Option<&'static str> {
+    Some(match oid {
+        "2.5.4.3" => "CN",
+        "2.5.4.4" => "SN",
+        "2.5.4.5" => "SERIALNUMBER",
+        "2.5.4.6" => "C",
+        "2.5.4.7" => "L",
+        "2.5.4.8" => "ST",
+        "2.5.4.9" => "STREET",
+        "2.5.4.10" => "O",
+        "2.5.4.11" => "OU",
+        "2.5.4.12" => "TITLE",
+        "2.5.4.42" => "GIVENNAME",
+        "2.5.4.43" => "INITIALS",
+        "2.5.4.44" => "GENERATIONQUALIFIER",
+        "2.5.4.65" => "PSEUDONYM",
+        "0.9.2342.19200300.100.1.1" => "UID",
+        "0.9.2342.19200300.100.1.25" => "DC",
+        "1.2.840.113549.1.9.1" => "EMAILADDRESS",
+        _ => return None,
+    })
+}
+
+/// An attribute value as text: the directory string types decoded to UTF-8 (TeletexString
+/// read as Latin-1, as RabbitMQ does); any other type as `#` and the hex of its DER (RFC 4514).
+fn attribute_text(v: &x509_parser::der_parser::asn1_rs::Any<'_>) -> Result<String, String> {
+    use x509_parser::der_parser::asn1_rs::{Tag, ToDer};
+    let bad = |what: &str| format!("the client certificate's subject holds an invalid {what}");
+    let data = v.as_bytes();
+    match v.tag() {
+        Tag::Utf8String
+        | Tag::PrintableString
+        | Tag::Ia5String
+        | Tag::NumericString
+        | Tag::VisibleString => std::str::from_utf8(data)
+            .map(str::to_owned)
+            .map_err(|_| bad("string")),
+        Tag::T61String => Ok(data.iter().map(|&b| char::from(b)).collect()),
+        Tag::BmpString => {
+            if !data.len().is_multiple_of(2) {
+                return Err(bad("BMPString"));
+            }
+            let units = data
+                .chunks_exact(2)
+                .map(|c| u16::from_be_bytes([c[0], c[1]]));
+            char::decode_utf16(units)
+                .collect::<Result<String, _>>()
+                .map_err(|_| bad("BMPString"))
+        }
+        Tag::UniversalString => {
+            if !data.len().is_multiple_of(4) {
+                return Err(bad("UniversalString"));
+            }
+            data.chunks_exact(4)
+                .map(|c| char::from_u32(u32::from_be_bytes([c[0], c[1], c[2], c[3]])))
+                .collect::<Option<String>>()
+                .ok_or_else(|| bad("UniversalString"))
+        }
+        _ => {
+            let der = v.to_der_vec().map_err(|_| bad("attribute value"))?;
+            let mut s = String::with_capacity(1 + 2 * der.len());
+            s.push('#');
+            for b in der {
+                s.push_str(&format!("{b:02x}"));
+            }
+            Ok(s)
+        }
+    }
+}
+
+/// Escapes a DN attribute value as RabbitMQ does (RFC 4514 §2.4): `\` before a leading space or
+/// `#`, a trailing space, and `"+,;<>\`; bytes outside printable ASCII (and `~`) as `\XX` of
+/// their UTF-8 encoding.
+fn escape_dn_value(v: &str) -> String {
+    let bytes = v.as_bytes();
+    let mut out = String::with_capacity(v.len());
+    for (i, &b) in bytes.iter().enumerate() {
+        let first = i == 0;
+        let last = i + 1 == bytes.len();
+        match b {
+            b' ' | b'#' if first => {
+                out.push('\\');
+                out.push(char::from(b));
+            }
+            b' ' if last => out.push_str("\\ "),
+            b'"' | b'+' | b',' | b';' | b'<' | b'>' | b'\\' => {
+                out.push('\\');
+                out.push(char::from(b));
+            }
+            b if !(32..126).contains(&b) => out.push_str(&format!("\\{b:02X}")),
+            b => out.push(char::from(b)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use rcgen::string::{BmpString, PrintableString, TeletexString, UniversalString};
+    use rcgen::{CertificateParams, DistinguishedName, DnType, DnValue, KeyPair};
+
+    /// A self-signed certificate (DER) with this subject, in this order (first = outermost).
+    fn cert(subject: &[(DnType, DnValue)]) -> Vec<u8> {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name = DistinguishedName::new();
+        for (t, v) in subject {
+            p.distinguished_name.push(t.clone(), v.clone());
+        }
+        let key = KeyPair::generate().unwrap();
+        p.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    fn utf8(s: &str) -> DnValue {
+        DnValue::Utf8String(s.to_owned())
+    }
+
+    #[test]
+    fn common_name_and_distinguished_name() {
+        let der = cert(&[
+            (DnType::CountryName, utf8("GB")),
+            (DnType::OrganizationName, utf8("Example")),
+            (DnType::OrganizationalUnitName, utf8("Ops")),
+            (DnType::CommonName, utf8("alice")),
+        ]);
+        assert_eq!(
+            cert_login_name(&der, CertLoginFrom::CommonName).unwrap(),
+            "alice"
+        );
+        // RabbitMQ's order: the last RDN first.
+        assert_eq!(
+            cert_login_name(&der, CertLoginFrom::DistinguishedName).unwrap(),
+            "CN=alice,OU=Ops,O=Example,C=GB"
+        );
+        // Less usual attribute types: RabbitMQ's short names, else the dotted OID.
+        let der = cert(&[
+            (
+                DnType::CustomDnType(vec![0, 9, 2342, 19200300, 100, 1, 25]),
+                { DnValue::Ia5String("example".try_into().unwrap()) },
+            ),
+            (DnType::LocalityName, utf8("London")),
+            (DnType::StateOrProvinceName, utf8("England")),
+            (DnType::CustomDnType(vec![1, 2, 3, 4]), utf8("x")),
+            (DnType::CommonName, utf8("bob")),
+        ]);
+        assert_eq!(
+            cert_login_name(&der, CertLoginFrom::DistinguishedName).unwrap(),
+            "CN=bob,1.2.3.4=x,ST=England,L=London,DC=example"
+        );
+    }
+
+    #[test]
+    fn a_certificate_without_a_common_name() {
+        let der = cert(&[(DnType::OrganizationName, utf8("Example"))]);
+        let e = cert_login_name(&der, CertLoginFrom::CommonName).unwrap_err();
+        assert!(e.contains("no common name (CN)"), "{e}");
+        // The DN is still a name.
+        assert_eq!(
+            cert_login_name(&der, CertLoginFrom::DistinguishedName).unwrap(),
+            "O=Example"
+        );
+        let empty = cert(&[]);
+        let e = cert_login_name(&empty, CertLoginFrom::DistinguishedName).unwrap_err();
+        assert!(e.contains("empty user name"), "{e}");
+        let e = cert_login_name(&empty, CertLoginFrom::CommonName).unwrap_err();
+        assert!(e.contains("no common name"), "{e}");
+    }
+
+    #[test]
+    fn values_are_escaped_in_a_dn_only() {
+        let der = cert(&[
+            (
+                DnType::OrganizationName,
+                utf8("#Acme, Inc. + \"Co\" <x>;\\ "),
+            ),
+            (DnType::OrganizationalUnitName, utf8(" Café~")),
+            (DnType::CommonName, utf8("a,b")),
+        ]);
+        assert_eq!(
+            cert_login_name(&der, CertLoginFrom::CommonName).unwrap(),
+            "a,b"
+        );
+        assert_eq!(
+            cert_login_name(&der, CertLoginFrom::DistinguishedName).unwrap(),
+            r#"CN=a\,b,OU=\ Caf\C3\A9\7E,O=\#Acme\, Inc. \+ \"Co\" \<x\>\;\\\ "#
+        );
+    }
+
+    #[test]
+    fn directory_string_types_are_decoded() {
+        let der = cert(&[
+            (
+                DnType::CountryName,
+                DnValue::PrintableString(PrintableString::try_from("GB").unwrap()),
+            ),
+            (
+                DnType::OrganizationName,
+                DnValue::BmpString(BmpString::try_from("Ωmega").unwrap()),
+            ),
+            (
+                DnType::OrganizationalUnitName,
+                DnValue::TeletexString(TeletexString::try_from("Teletex").unwrap()),
+            ),
+            (
+                DnType::CommonName,
+                DnValue::UniversalString(UniversalString::try_from("zoë").unwrap()),
+            ),
+        ]);
+        assert_eq!(
+            cert_login_name(&der, CertLoginFrom::CommonName).unwrap(),
+            "zoë"
+        );
+        assert_eq!(
+            cert_login_name(&der, CertLoginFrom::DistinguishedName).unwrap(),
+            r"CN=zo\C3\AB,OU=Teletex,O=\CE\A9mega,C=GB"
+        );
+    }
+
+    #[test]
+    fn what_is_not_a_certificate_is_an_error_not_a_panic() {
+        for junk in [&b""[..], b"\x30", b"\x30\x03\x02\x01\x00", &[0xff; 64]] {
+            let e = cert_login_name(junk, CertLoginFrom::CommonName).unwrap_err();
+            assert!(e.contains("cannot be parsed"), "{e}");
+        }
+        // A truncated real certificate.
+        let der = cert(&[(DnType::CommonName, utf8("alice"))]);
+        for n in [1, der.len() / 2, der.len() - 1] {
+            assert!(cert_login_name(&der[..n], CertLoginFrom::DistinguishedName).is_err());
+        }
+    }
+
+    #[test]
+    fn login_from_setting() {
+        assert_eq!(
+            "common_name".parse::<CertLoginFrom>(),
+            Ok(CertLoginFrom::CommonName)
+        );
+        assert_eq!(
+            "distinguished_name".parse::<CertLoginFrom>(),
+            Ok(CertLoginFrom::DistinguishedName)
+        );
+        let e = "cn".parse::<CertLoginFrom>().unwrap_err();
+        assert!(
+            e.contains("ssl-cert-login-from")
+                && e.contains("common_name")
+                && e.contains("distinguished_name"),
+            "{e}"
+        );
+        assert_eq!(CertLoginFrom::default(), CertLoginFrom::CommonName);
+    }
+}
