@@ -361,6 +361,28 @@ impl AccessControl {
         Ok(user)
     }
 
+    /// SASL EXTERNAL: the user named by a verified client certificate, without a password.
+    /// The user must exist (the node's internal account never logs in this way) and, like any
+    /// login, a loopback-only user must come from a loopback address.
+    pub fn authenticate_external(&self, name: &str, peer: IpAddr) -> Result<Arc<User>> {
+        let refused = || {
+            AmqpError::access_refused(format!(
+                "Login was refused using authentication mechanism EXTERNAL: no user '{name}' \
+                 (the name taken from the client certificate)"
+            ))
+        };
+        if name == INTERNAL_USER {
+            return Err(refused());
+        }
+        let user = self.user(name).ok_or_else(refused)?;
+        if !peer.is_loopback() && self.loopback_users.read().iter().any(|u| u == name) {
+            return Err(AmqpError::access_refused(format!(
+                "user '{name}' can only connect via localhost"
+            )));
+        }
+        Ok(user)
+    }
+
     pub fn vhost_permission(&self, user: &str, vhost: &str) -> Option<Arc<Permission>> {
         if self.is_internal(user) {
             return Some(full_access());
@@ -500,6 +522,42 @@ mod tests {
         assert_eq!(e.code, 403);
         assert!(
             ac.authenticate("guest", "nope", "127.0.0.1".parse().unwrap())
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn external_login_needs_an_existing_user_and_no_password() {
+        let ac = AccessControl::default();
+        ac.put_user(User {
+            name: "alice".into(),
+            password_hash: String::new(),
+            tags: vec![],
+        });
+        ac.add_user("guest", "guest", &["administrator"]);
+        ac.set_loopback_users(vec!["guest".into()]);
+        let remote: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(
+            ac.authenticate_external("alice", remote).unwrap().name,
+            "alice"
+        );
+        // A user without a password cannot log in with one.
+        assert!(ac.authenticate("alice", "", remote).is_err());
+        let e = ac.authenticate_external("mallory", remote).unwrap_err();
+        assert_eq!(e.code, 403);
+        assert!(
+            e.text.contains("EXTERNAL") && e.text.contains("'mallory'"),
+            "{}",
+            e.text
+        );
+        assert!(ac.authenticate_external("guest", remote).is_err());
+        assert!(
+            ac.authenticate_external("guest", "127.0.0.1".parse().unwrap())
+                .is_ok()
+        );
+        ac.set_internal_secret("s".into());
+        assert!(
+            ac.authenticate_external(INTERNAL_USER, "127.0.0.1".parse().unwrap())
                 .is_err()
         );
     }

@@ -118,6 +118,12 @@ pub struct Cli {
     /// the memory high watermark (`0.5`, `50%`) [default: 0.5].
     #[arg(long, env = "WARREN_MESSAGE_MEMORY_BUDGET")]
     pub message_memory_budget: Option<MemoryBudget>,
+    /// With SASL EXTERNAL (offered on AMQPS connections that presented a client certificate
+    /// verified against --tls-ca-file), the user name is the certificate subject's
+    /// `common_name` (CN) or its whole `distinguished_name` in RabbitMQ's form, e.g.
+    /// `CN=alice,O=Example,C=GB` [default: common_name].
+    #[arg(long, env = "WARREN_SSL_CERT_LOGIN_FROM")]
+    pub ssl_cert_login_from: Option<crate::tls::CertLoginFrom>,
 }
 
 /// One-shot clients of the local node's management API (for Kubernetes probes and hooks).
@@ -214,6 +220,7 @@ pub struct FileConfig {
     pub vm_memory_high_watermark: Option<f64>,
     pub disk_free_limit: Option<u64>,
     pub message_memory_budget: Option<MemoryBudget>,
+    pub ssl_cert_login_from: Option<crate::tls::CertLoginFrom>,
 }
 
 /// Resolved settings the broker runs with.
@@ -252,6 +259,8 @@ pub struct Config {
     pub vm_memory_high_watermark: f64,
     pub disk_free_limit: u64,
     pub message_memory_budget: MemoryBudget,
+    /// Where a SASL EXTERNAL login's user name comes from in the client certificate.
+    pub ssl_cert_login_from: crate::tls::CertLoginFrom,
 }
 
 /// `message-memory-budget`: bytes, or a fraction of the memory high watermark.
@@ -413,6 +422,7 @@ impl Default for Config {
             vm_memory_high_watermark: 0.4,
             disk_free_limit: 50_000_000,
             message_memory_budget: MemoryBudget::Fraction(0.5),
+            ssl_cert_login_from: crate::tls::CertLoginFrom::CommonName,
         }
     }
 }
@@ -530,6 +540,10 @@ impl Config {
                 .message_memory_budget
                 .or(file.message_memory_budget)
                 .unwrap_or(d.message_memory_budget),
+            ssl_cert_login_from: cli
+                .ssl_cert_login_from
+                .or(file.ssl_cert_login_from)
+                .unwrap_or(d.ssl_cert_login_from),
         };
         c.validate()?;
         Ok(c)
@@ -914,6 +928,60 @@ mod tests {
             .unwrap_err();
             assert!(e.to_string().contains("message-memory-budget"), "{e}");
         }
+    }
+
+    #[test]
+    fn ssl_cert_login_from_flag_over_file_over_default() {
+        use crate::tls::CertLoginFrom;
+        assert_eq!(
+            Config::default().ssl_cert_login_from,
+            CertLoginFrom::CommonName
+        );
+        let dir = std::env::temp_dir().join(format!("warren-cfg-certlogin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("warren.toml");
+        std::fs::write(&path, "ssl-cert-login-from = \"distinguished_name\"\n").unwrap();
+        let c = Config::resolve(Cli {
+            config: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.ssl_cert_login_from, CertLoginFrom::DistinguishedName);
+        let c = Config::resolve(Cli {
+            config: Some(path.clone()),
+            ssl_cert_login_from: Some(CertLoginFrom::CommonName),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.ssl_cert_login_from, CertLoginFrom::CommonName);
+        std::fs::write(&path, "ssl-cert-login-from = \"subject\"\n").unwrap();
+        let e = Config::resolve(Cli {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("ssl-cert-login-from") && e.contains("distinguished_name"),
+            "{e}"
+        );
+        let e = Cli::try_parse_from(["warren-broker", "--ssl-cert-login-from", "cn"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--ssl-cert-login-from") && e.contains("common_name"),
+            "{e}"
+        );
+        let cli = Cli::try_parse_from([
+            "warren-broker",
+            "--ssl-cert-login-from",
+            "distinguished_name",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.ssl_cert_login_from,
+            Some(CertLoginFrom::DistinguishedName)
+        );
     }
 
     #[test]

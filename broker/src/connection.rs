@@ -205,7 +205,7 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
     let local = stream.local_addr().unwrap_or(peer);
     // Owned halves: no lock between the reader and the writer task.
     let (rd, wr) = stream.into_split();
-    serve_io(broker, rd, wr, peer, local, None).await;
+    serve_io(broker, rd, wr, peer, local, None, None).await;
 }
 
 /// Serves one connection whose TLS handshake is done, until it closes.
@@ -216,8 +216,16 @@ pub async fn serve_tls(
     local: SocketAddr,
 ) {
     let session = crate::tls::TlsSession::of(stream.get_ref().1);
+    // rustls hands over a client certificate only once its verifier (the CA of tls-ca-file)
+    // accepted it; without a CA no certificate is asked for. The first is the client's own.
+    let peer_cert = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|c| c.as_ref().to_vec());
     let (rd, wr) = tokio::io::split(stream);
-    serve_io(broker, rd, wr, peer, local, Some(session)).await;
+    serve_io(broker, rd, wr, peer, local, Some(session), peer_cert).await;
 }
 
 /// The connection over any byte stream: handshake, then reader and writer until it closes.
@@ -228,6 +236,7 @@ async fn serve_io<R, W>(
     peer: SocketAddr,
     local: SocketAddr,
     tls: Option<crate::tls::TlsSession>,
+    peer_cert: Option<Vec<u8>>,
 ) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -237,7 +246,11 @@ async fn serve_io<R, W>(
         buf: BytesMut::with_capacity(64 * 1024),
         decoder: FrameDecoder::new(broker.config.frame_max),
     };
-    let opened = match handshake(&broker, &mut reader, &mut wr, peer).await {
+    let transport = Transport {
+        tls: tls.is_some(),
+        peer_cert: peer_cert.as_deref(),
+    };
+    let opened = match handshake(&broker, &mut reader, &mut wr, peer, transport).await {
         Ok(Some(o)) => o,
         Ok(None) => return,
         Err(e) => {
@@ -300,12 +313,41 @@ async fn serve_io<R, W>(
     info!(reason = %reason, "connection closed");
 }
 
+/// What authentication can use of the connection's transport.
+#[derive(Clone, Copy)]
+struct Transport<'a> {
+    tls: bool,
+    /// The client's verified certificate (DER), on a mutual-TLS connection.
+    peer_cert: Option<&'a [u8]>,
+}
+
+/// SASL EXTERNAL (RabbitMQ's rabbitmq_auth_mechanism_ssl): the user named by the client
+/// certificate, as `ssl-cert-login-from` says; no password. The SASL response is ignored.
+fn external_login(
+    broker: &Broker,
+    transport: Transport<'_>,
+    peer: SocketAddr,
+) -> Result<Arc<auth::User>> {
+    let Some(cert) = transport.peer_cert else {
+        return Err(AmqpError::access_refused(if transport.tls {
+            "EXTERNAL authentication needs a client certificate; this TLS connection presented none"
+        } else {
+            "EXTERNAL authentication needs a TLS connection with a client certificate; \
+             this is not a TLS connection"
+        }));
+    };
+    let name = crate::tls::cert_login_name(cert, broker.config.ssl_cert_login_from)
+        .map_err(|e| AmqpError::access_refused(format!("EXTERNAL authentication refused: {e}")))?;
+    broker.access.authenticate_external(&name, peer.ip())
+}
+
 /// Protocol header, start/start-ok (authentication), tune/tune-ok, open/open-ok.
 async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     broker: &Broker,
     reader: &mut Reader<R>,
     wr: &mut W,
     peer: SocketAddr,
+    transport: Transport<'_>,
 ) -> Result<Option<Opened>> {
     let mut header = [0u8; 8];
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.rd.read_exact(&mut header)).await {
@@ -321,7 +363,13 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         version_major: 0,
         version_minor: 9,
         server_properties: server_properties(broker),
-        mechanisms: "PLAIN AMQPLAIN".into(),
+        // EXTERNAL only where a client certificate was verified (RabbitMQ with the
+        // rabbitmq_auth_mechanism_ssl plugin lists it after the defaults).
+        mechanisms: if transport.peer_cert.is_some() {
+            "PLAIN AMQPLAIN EXTERNAL".into()
+        } else {
+            "PLAIN AMQPLAIN".into()
+        },
         locales: "en_US".into(),
     }));
     if send_now(wr, &encode(&start)).await.is_err() {
@@ -334,8 +382,9 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         return Err(AmqpError::command_invalid("expected connection.start-ok"));
     };
     let credentials = match start_ok.mechanism.as_str() {
-        "PLAIN" => auth::parse_plain(start_ok.response.as_bytes()),
-        "AMQPLAIN" => auth::parse_amqplain(start_ok.response.as_bytes()),
+        "PLAIN" => Some(auth::parse_plain(start_ok.response.as_bytes())),
+        "AMQPLAIN" => Some(auth::parse_amqplain(start_ok.response.as_bytes())),
+        "EXTERNAL" => None,
         other => {
             return Err(AmqpError::access_refused(format!(
                 "unsupported authentication mechanism '{other}'"
@@ -344,10 +393,13 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     };
     let failure_close =
         client_capability(&start_ok.client_properties, "authentication_failure_close");
-    let user = match credentials
-        .ok_or_else(|| AmqpError::access_refused("malformed SASL response"))
-        .and_then(|(u, p)| broker.access.authenticate(&u, &p, peer.ip()))
-    {
+    let login = match credentials {
+        Some(credentials) => credentials
+            .ok_or_else(|| AmqpError::access_refused("malformed SASL response"))
+            .and_then(|(u, p)| broker.access.authenticate(&u, &p, peer.ip())),
+        None => external_login(broker, transport, peer),
+    };
+    let user = match login {
         Ok(u) => u,
         Err(e) => {
             warn!(%peer, "authentication failed: {}", e.text);

@@ -2,7 +2,8 @@
 //! AMQPS: lapin over TLS against a broker with a certificate made at test time, mutual TLS
 //! (a client without a certificate, or with one from another CA, is refused), and — against a
 //! real `warren-broker` process — TLS only (`amqp-listen = "none"`) and start-up errors that
-//! name the bad file.
+//! name the bad file. SASL EXTERNAL: the user named by the client certificate (its CN, or its
+//! whole DN) logs in without a password.
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -16,12 +17,12 @@ use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
 };
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use warren_broker::tls::TlsFiles;
+use warren_broker::tls::{CertLoginFrom, TlsFiles};
 use warren_broker::{Broker, Config};
 
 /// PEM files of one test PKI: a CA, a server certificate for localhost/127.0.0.1, a client
@@ -35,6 +36,7 @@ struct Pki {
     client_key: String,
     rogue_cert: String,
     rogue_key: String,
+    issuer: CertifiedIssuer<'static, KeyPair>,
 }
 
 fn new_ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
@@ -93,8 +95,23 @@ impl Pki {
             client_key,
             rogue_cert,
             rogue_key,
+            issuer: ca,
             dir,
         }
+    }
+
+    /// A client certificate of our CA with exactly this subject (first = outermost RDN), and
+    /// its key, both PEM.
+    fn client_cert(&self, subject: &[(DnType, &str)]) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name = DistinguishedName::new();
+        for (t, v) in subject {
+            p.distinguished_name.push(t.clone(), *v);
+        }
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
     }
 
     fn files(&self, mtls: bool) -> TlsFiles {
@@ -130,9 +147,22 @@ struct TlsBroker {
 }
 
 async fn start(pki: &Pki, mtls: bool) -> TlsBroker {
-    let broker = Broker::new(Config::default());
-    let plain = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    start_with(pki, mtls, Config::default()).await
+}
+
+/// As `start`, with this configuration; its TLS settings say what the node was told (the
+/// listeners here are made by the test).
+async fn start_with(pki: &Pki, mtls: bool, config: Config) -> TlsBroker {
     let tls = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = Config {
+        amqps_listen: Some(tls.local_addr().unwrap()),
+        tls_cert_file: Some(pki.server_cert.clone()),
+        tls_key_file: Some(pki.server_key.clone()),
+        tls_ca_file: mtls.then(|| pki.ca.clone()),
+        ..config
+    };
+    let broker = Broker::new(config);
+    let plain = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mgmt = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (plain_port, tls_port) = (
         plain.local_addr().unwrap().port(),
@@ -165,10 +195,14 @@ async fn start(pki: &Pki, mtls: bool) -> TlsBroker {
 }
 
 async fn connect_tls(port: u16, tls: OwnedTLSConfig) -> lapin::Result<Connection> {
+    connect_tls_url(&format!("amqps://guest:guest@localhost:{port}/%2f"), tls).await
+}
+
+async fn connect_tls_url(url: &str, tls: OwnedTLSConfig) -> lapin::Result<Connection> {
     tokio::time::timeout(
         Duration::from_secs(10),
         Connection::connect_with_config(
-            &format!("amqps://guest:guest@localhost:{port}/%2f"),
+            url,
             ConnectionProperties::default(),
             tls,
             lapin::runtime::default_runtime().unwrap(),
@@ -328,6 +362,15 @@ async fn without_a_ca_no_client_certificate_is_needed() {
     let conn = connect_tls(b.tls, pki.client(None)).await.unwrap();
     round_trip(&conn, "tls-server-only").await;
     conn.close(200, "bye".into()).await.unwrap();
+    // No client certificates, so no SASL EXTERNAL.
+    let nodes = get_json(&format!("{}/api/nodes", b.mgmt)).await;
+    assert_eq!(external_mechanism(&nodes)["enabled"], false, "{nodes}");
+    let mut buf = bytes::BytesMut::new();
+    let mut s = raw_tls(b.tls, &pki, None).await;
+    assert_eq!(start_mechanisms(&mut s, &mut buf).await, "PLAIN AMQPLAIN");
+    let (code, text) = external_refused(&mut s, &mut buf).await;
+    assert_eq!(code, 403, "{text}");
+    assert!(text.contains("presented none"), "{text}");
     // A client that does not trust our CA refuses the server.
     let untrusting = connect_tls(
         b.tls,
@@ -396,6 +439,7 @@ async fn tls_only_node_and_start_up_errors() {
              tls-ca-file = \"{}\"\n\
              management-listen = \"127.0.0.1:{mgmt_port}\"\n\
              prometheus-listen = \"127.0.0.1:{}\"\n\
+             ssl-cert-login-from = \"distinguished_name\"\n\
              data-dir = \"{}\"\n",
             path(&pki.server_cert),
             path(&pki.server_key),
@@ -514,6 +558,21 @@ async fn tls_only_node_and_start_up_errors() {
     let (code, err) = failed_start(&["--amqps-listen", "127.0.0.1:5671"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("tls-cert-file"), "{err}");
+    let (code, err) = failed_start(&["--ssl-cert-login-from", "subject"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("ssl-cert-login-from")
+            && err.contains("common_name")
+            && err.contains("distinguished_name"),
+        "{err}"
+    );
+    std::fs::write(&config, "ssl-cert-login-from = \"cn\"\n").unwrap();
+    let (code, err) = failed_start(&["--config", path(&config)]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("ssl-cert-login-from") && err.contains("distinguished_name"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&pki.dir);
 }
 
@@ -715,5 +774,284 @@ async fn management_and_prometheus_over_https_only() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("management-tls-listen"), "{err}");
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}
+
+/// PUT on the management API as guest; the answer must be a success.
+async fn put_api(mgmt: &str, path: &str, body: Value) {
+    let r = reqwest::Client::new()
+        .put(format!("{mgmt}/api/{path}"))
+        .basic_auth("guest", Some("guest"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "PUT {path}: {}", r.status());
+}
+
+/// A user without a password (it can only log in with a certificate), with all permissions
+/// on `/` unless `permissions` is false.
+async fn certificate_user(mgmt: &str, name: &str, permissions: bool) {
+    let user = urlencode(name);
+    put_api(mgmt, &format!("users/{user}"), json!({"tags": ""})).await;
+    if permissions {
+        put_api(
+            mgmt,
+            &format!("permissions/%2F/{user}"),
+            json!({"configure": ".*", "write": ".*", "read": ".*"}),
+        )
+        .await;
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
+                char::from(b).to_string()
+            }
+            b => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// lapin over TLS with this client certificate, logging in with SASL EXTERNAL.
+async fn connect_external(
+    port: u16,
+    pki: &Pki,
+    cert: &(String, String),
+) -> lapin::Result<Connection> {
+    connect_tls_url(
+        &format!("amqps://localhost:{port}/%2f?auth_mechanism=external"),
+        pki.client(Some((&cert.0, &cert.1))),
+    )
+    .await
+}
+
+/// A hand-made AMQP client over TLS (rustls, trusting our CA) presenting this certificate, if
+/// any.
+async fn raw_tls(
+    port: u16,
+    pki: &Pki,
+    cert: Option<&(String, String)>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(pki.ca_pem().as_bytes()).unwrap())
+        .unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let config = match cert {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+    };
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// Sends the protocol header; returns the mechanisms of connection.start.
+async fn start_mechanisms(s: &mut impl common::raw::Stream, buf: &mut bytes::BytesMut) -> String {
+    use amq_protocol::protocol::{AMQPClass, connection};
+    use tokio::io::AsyncWriteExt;
+    s.write_all(b"AMQP\x00\x00\x09\x01").await.unwrap();
+    match common::raw::read_method(s, buf).await {
+        AMQPClass::Connection(connection::AMQPMethod::Start(start)) => start.mechanisms.to_string(),
+        other => panic!("expected connection.start, got {other:?}"),
+    }
+}
+
+/// Answers connection.start with SASL EXTERNAL (empty response, authentication_failure_close);
+/// returns the code and text of the connection.close that must follow.
+async fn external_refused(
+    s: &mut impl common::raw::Stream,
+    buf: &mut bytes::BytesMut,
+) -> (u16, String) {
+    use amq_protocol::protocol::{AMQPClass, connection};
+    let AMQPClass::Connection(connection::AMQPMethod::StartOk(mut start_ok)) =
+        common::raw::start_ok("", "", true)
+    else {
+        unreachable!()
+    };
+    start_ok.mechanism = "EXTERNAL".into();
+    start_ok.response = "".into();
+    common::raw::send_method(
+        s,
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::StartOk(start_ok)),
+    )
+    .await;
+    loop {
+        match common::raw::try_read_method(s, buf).await {
+            Some(AMQPClass::Connection(connection::AMQPMethod::Close(c))) => {
+                return (c.reply_code, c.reply_text.to_string());
+            }
+            Some(_) => continue,
+            None => panic!("the socket closed without connection.close"),
+        }
+    }
+}
+
+fn external_mechanism(nodes: &Value) -> Value {
+    nodes[0]["auth_mechanisms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "EXTERNAL")
+        .cloned()
+        .unwrap_or_else(|| panic!("no EXTERNAL in {nodes}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_external_logs_in_as_the_certificate_common_name() {
+    let pki = Pki::new("external-cn");
+    let b = start(&pki, true).await;
+    let nodes = get_json(&format!("{}/api/nodes", b.mgmt)).await;
+    assert_eq!(external_mechanism(&nodes)["enabled"], true, "{nodes}");
+    certificate_user(&b.mgmt, "alice", true).await;
+    let alice = pki.client_cert(&[
+        (DnType::CountryName, "GB"),
+        (DnType::OrganizationName, "Example"),
+        (DnType::CommonName, "alice"),
+    ]);
+
+    // Offered on a connection with a verified client certificate, and only there.
+    let mut buf = bytes::BytesMut::new();
+    let mut s = raw_tls(b.tls, &pki, Some(&alice)).await;
+    assert_eq!(
+        start_mechanisms(&mut s, &mut buf).await,
+        "PLAIN AMQPLAIN EXTERNAL"
+    );
+    drop(s);
+    let mut buf = bytes::BytesMut::new();
+    let mut plain = tokio::net::TcpStream::connect(("127.0.0.1", b.plain))
+        .await
+        .unwrap();
+    assert_eq!(
+        start_mechanisms(&mut plain, &mut buf).await,
+        "PLAIN AMQPLAIN"
+    );
+    // Asking for it anyway over plain TCP: 403, saying why.
+    let (code, text) = external_refused(&mut plain, &mut buf).await;
+    assert_eq!(code, 403, "{text}");
+    assert!(text.contains("not a TLS connection"), "{text}");
+
+    // lapin logs in as alice, no password, and round-trips a message.
+    let conn = connect_external(b.tls, &pki, &alice).await.unwrap();
+    round_trip(&conn, "external-q").await;
+    let conns = get_json(&format!("{}/api/connections", b.mgmt)).await;
+    assert_eq!(conns.as_array().unwrap().len(), 1, "{conns}");
+    assert_eq!(conns[0]["user"], "alice", "{conns}");
+    assert_eq!(conns[0]["auth_mechanism"], "EXTERNAL", "{conns}");
+    assert_eq!(conns[0]["ssl"], true, "{conns}");
+
+    // A certificate naming no user: refused, and the node serves alice on.
+    let bob = pki.client_cert(&[(DnType::CommonName, "bob")]);
+    let e = connect_external(b.tls, &pki, &bob)
+        .await
+        .expect_err("a certificate of an unknown user logged in");
+    assert_eq!(common::code(&e), Some(403), "{e:?}");
+    let mut buf = bytes::BytesMut::new();
+    let mut s = raw_tls(b.tls, &pki, Some(&bob)).await;
+    start_mechanisms(&mut s, &mut buf).await;
+    let (code, text) = external_refused(&mut s, &mut buf).await;
+    assert_eq!(code, 403, "{text}");
+    assert!(
+        text.contains("EXTERNAL") && text.contains("'bob'"),
+        "{text}"
+    );
+    // No CN in the certificate: 403 naming the problem.
+    let no_cn = pki.client_cert(&[(DnType::OrganizationName, "Example")]);
+    let mut buf = bytes::BytesMut::new();
+    let mut s = raw_tls(b.tls, &pki, Some(&no_cn)).await;
+    start_mechanisms(&mut s, &mut buf).await;
+    let (code, text) = external_refused(&mut s, &mut buf).await;
+    assert_eq!(code, 403, "{text}");
+    assert!(text.contains("no common name (CN)"), "{text}");
+    // EXTERNAL with lapin over plain TCP.
+    let e = Connection::connect(
+        &format!("amqp://127.0.0.1:{}/%2f?auth_mechanism=external", b.plain),
+        ConnectionProperties::default(),
+    )
+    .await
+    .expect_err("EXTERNAL logged in over plain TCP");
+    assert_eq!(common::code(&e), Some(403), "{e:?}");
+    // Permissions apply as for any login: a user without access to `/` is refused at
+    // connection.open.
+    certificate_user(&b.mgmt, "dave", false).await;
+    let dave = pki.client_cert(&[(DnType::CommonName, "dave")]);
+    let e = connect_external(b.tls, &pki, &dave)
+        .await
+        .expect_err("a user without permissions opened /");
+    assert_eq!(common::code(&e), Some(530), "{e:?}");
+    // The certificate is not a password: alice, who has none, cannot log in with PLAIN.
+    let e = connect_tls_url(
+        &format!("amqps://alice:@localhost:{}/%2f", b.tls),
+        pki.client(Some((&alice.0, &alice.1))),
+    )
+    .await
+    .expect_err("alice logged in with an empty password");
+    assert_eq!(common::code(&e), Some(403), "{e:?}");
+
+    round_trip(&conn, "external-q2").await;
+    let again = connect_external(b.tls, &pki, &alice).await.unwrap();
+    assert!(common::eventually(|| b.broker.connections.len() == 2).await);
+    again.close(200, "bye".into()).await.unwrap();
+    conn.close(200, "bye".into()).await.unwrap();
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_external_with_the_distinguished_name() {
+    let pki = Pki::new("external-dn");
+    let b = start_with(
+        &pki,
+        true,
+        Config {
+            ssl_cert_login_from: CertLoginFrom::DistinguishedName,
+            ..Config::default()
+        },
+    )
+    .await;
+    let dn = "CN=carol,OU=Team\\, Ops,O=Example,C=GB";
+    certificate_user(&b.mgmt, dn, true).await;
+    // A user named as the CN is not who the certificate logs in as.
+    certificate_user(&b.mgmt, "carol", true).await;
+    let carol = pki.client_cert(&[
+        (DnType::CountryName, "GB"),
+        (DnType::OrganizationName, "Example"),
+        (DnType::OrganizationalUnitName, "Team, Ops"),
+        (DnType::CommonName, "carol"),
+    ]);
+    let conn = connect_external(b.tls, &pki, &carol).await.unwrap();
+    round_trip(&conn, "external-dn-q").await;
+    let conns = get_json(&format!("{}/api/connections", b.mgmt)).await;
+    assert_eq!(conns[0]["user"], dn, "{conns}");
+    assert_eq!(conns[0]["auth_mechanism"], "EXTERNAL", "{conns}");
+    conn.close(200, "bye".into()).await.unwrap();
+    // Another subject with the same CN names no user.
+    let other = pki.client_cert(&[
+        (DnType::OrganizationName, "Elsewhere"),
+        (DnType::CommonName, "carol"),
+    ]);
+    let e = connect_external(b.tls, &pki, &other)
+        .await
+        .expect_err("a DN with no user logged in");
+    assert_eq!(common::code(&e), Some(403), "{e:?}");
     let _ = std::fs::remove_dir_all(&pki.dir);
 }

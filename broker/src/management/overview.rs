@@ -138,6 +138,12 @@ fn node_json(broker: &Broker) -> Value {
         "auth_mechanisms": [
             {"name": "PLAIN", "description": "SASL PLAIN authentication mechanism", "enabled": true},
             {"name": "AMQPLAIN", "description": "QPid AMQPLAIN mechanism", "enabled": true},
+            // Offered on AMQPS connections whose client certificate was verified (mutual TLS).
+            {
+                "name": "EXTERNAL",
+                "description": "TLS peer verification-based authentication mechanism (client certificate)",
+                "enabled": broker.config.amqps_listen.is_some() && broker.config.tls_ca_file.is_some(),
+            },
         ],
     });
     if let Some(m) = crate::resources::resident_memory_bytes() {

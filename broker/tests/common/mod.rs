@@ -118,18 +118,22 @@ pub mod raw {
     use amq_protocol::types::{AMQPValue, FieldTable};
     use bytes::BytesMut;
     use std::time::Duration;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
     use tokio::net::TcpStream;
     use warren_broker::codec::{FrameDecoder, decode_method, encode_method};
 
-    pub async fn send_method(s: &mut TcpStream, ch: u16, m: AMQPClass) {
+    /// Any byte stream: a `TcpStream`, or a TLS stream over one.
+    pub trait Stream: AsyncRead + AsyncWrite + Unpin {}
+    impl<S: AsyncRead + AsyncWrite + Unpin> Stream for S {}
+
+    pub async fn send_method(s: &mut impl Stream, ch: u16, m: AMQPClass) {
         let mut b = BytesMut::new();
         encode_method(&mut b, ch, &m);
         s.write_all(&b).await.unwrap();
     }
 
     /// The next method frame, or None if the socket closed first (or nothing came in 5 s).
-    pub async fn try_read_method(s: &mut TcpStream, buf: &mut BytesMut) -> Option<AMQPClass> {
+    pub async fn try_read_method(s: &mut impl Stream, buf: &mut BytesMut) -> Option<AMQPClass> {
         let d = FrameDecoder::new(1 << 20);
         loop {
             if let Some(f) = d.decode(buf).unwrap() {
@@ -145,7 +149,7 @@ pub mod raw {
         }
     }
 
-    pub async fn read_method(s: &mut TcpStream, buf: &mut BytesMut) -> AMQPClass {
+    pub async fn read_method(s: &mut impl Stream, buf: &mut BytesMut) -> AMQPClass {
         try_read_method(s, buf)
             .await
             .expect("socket closed before a method arrived")
@@ -232,7 +236,7 @@ pub mod raw {
     }
 
     /// Reads until `connection.close` arrives; returns its reply code (None if the socket closed).
-    pub async fn expect_connection_close(s: &mut TcpStream, buf: &mut BytesMut) -> Option<u16> {
+    pub async fn expect_connection_close(s: &mut impl Stream, buf: &mut BytesMut) -> Option<u16> {
         loop {
             match try_read_method(s, buf).await? {
                 AMQPClass::Connection(connection::AMQPMethod::Close(c)) => {
