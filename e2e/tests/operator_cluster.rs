@@ -805,6 +805,12 @@ async fn tls_secrets_are_checked_and_a_renewed_certificate_rolls_the_pods() {
         toml_text.contains("amqps-listen = \"0.0.0.0:5671\""),
         "{toml_text}"
     );
+    // The management API over HTTPS only.
+    assert!(
+        toml_text.contains("management-listen = \"none\"")
+            && toml_text.contains("management-tls-listen = \"0.0.0.0:15671\""),
+        "{toml_text}"
+    );
 
     // Renewing the certificate rolls the pods (the broker reads it at start).
     let hash = |p: &Pod| {

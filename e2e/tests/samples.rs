@@ -150,7 +150,7 @@ async fn every_sample_applies_and_the_clusters_become_ready() {
     wait_ready(&client, &ns, "hello-warren", 3).await;
     wait_ready(&client, &ns, "warren-prod", 3).await;
 
-    // The production cluster is TLS-only: no plain AMQP port on its Service.
+    // The production cluster is TLS-only: no plain AMQP or HTTP management port on its Service.
     let svc = kubectl(&[
         "get",
         "service",
@@ -160,7 +160,7 @@ async fn every_sample_applies_and_the_clusters_become_ready() {
         "-o",
         "jsonpath={.spec.ports[*].name}",
     ]);
-    assert_eq!(svc, "amqps management prometheus");
+    assert_eq!(svc, "amqps management-tls prometheus");
 
     // `kubectl get warren` lists every kind; printer columns are there.
     let all = kubectl(&["get", "warren", "-n", &ns]);

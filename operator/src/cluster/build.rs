@@ -22,6 +22,8 @@ use crate::management::segment;
 pub const AMQP_PORT: i32 = 5672;
 pub const AMQPS_PORT: i32 = 5671;
 pub const MANAGEMENT_PORT: i32 = 15672;
+/// The management API over HTTPS, on clusters with `spec.tls` (RabbitMQ's 15671).
+pub const MANAGEMENT_TLS_PORT: i32 = 15671;
 pub const PROMETHEUS_PORT: i32 = 15692;
 
 /// Where things live in the broker container.
@@ -161,9 +163,44 @@ fn tls_only(rc: &RabbitCluster) -> bool {
         .is_some_and(|t| t.disable_non_tls_listeners)
 }
 
+/// The base URL of the management API on `host`: HTTPS on 15671 when the cluster serves it
+/// over TLS only (`disableNonTLSListeners`), HTTP on 15672 otherwise.
+pub fn management_url(rc: &RabbitCluster, host: &str) -> String {
+    if tls_only(rc) {
+        format!("https://{host}:{MANAGEMENT_TLS_PORT}")
+    } else {
+        format!("http://{host}:{MANAGEMENT_PORT}")
+    }
+}
+
+/// The Secret whose `ca.crt` the operator trusts for the cluster's HTTPS management API:
+/// `spec.tls.caSecretName`, else `spec.tls.secretName` (cert-manager puts the issuing CA there).
+pub fn management_ca_secret(rc: &RabbitCluster) -> Option<&str> {
+    let tls = rc.spec.tls.as_ref()?;
+    Some(tls.ca_secret_name.as_deref().unwrap_or(&tls.secret_name))
+}
+
+/// The management API's ports: plain HTTP unless the cluster is TLS only, HTTPS with TLS.
+fn management_ports(rc: &RabbitCluster) -> Vec<(&'static str, i32, &'static str)> {
+    let mut ports = Vec::new();
+    if !tls_only(rc) {
+        ports.push(("management", MANAGEMENT_PORT, "http"));
+    }
+    if rc.spec.tls.is_some() {
+        ports.push(("management-tls", MANAGEMENT_TLS_PORT, "https"));
+    }
+    ports
+}
+
 /// Headless Service giving each node a stable DNS name (`<pod>.<name>-nodes`); it publishes
 /// addresses before pods are ready so nodes can find each other while starting.
 pub fn nodes_service(rc: &RabbitCluster) -> Result<Service, BuildError> {
+    let mut ports = vec![
+        json!({"name": "amqp", "port": AMQP_PORT, "targetPort": AMQP_PORT, "protocol": "TCP"}),
+    ];
+    for (name, port, _) in management_ports(rc) {
+        ports.push(json!({"name": name, "port": port, "targetPort": port, "protocol": "TCP"}));
+    }
     let v = json!({
         "apiVersion": "v1",
         "kind": "Service",
@@ -172,10 +209,7 @@ pub fn nodes_service(rc: &RabbitCluster) -> Result<Service, BuildError> {
             "clusterIP": "None",
             "publishNotReadyAddresses": true,
             "selector": selector_labels(rc),
-            "ports": [
-                {"name": "amqp", "port": AMQP_PORT, "targetPort": AMQP_PORT, "protocol": "TCP"},
-                {"name": "management", "port": MANAGEMENT_PORT, "targetPort": MANAGEMENT_PORT, "protocol": "TCP"},
-            ],
+            "ports": ports,
         },
     });
     from_json(v, "service", "Service")
@@ -190,7 +224,9 @@ pub fn client_service(rc: &RabbitCluster) -> Result<Service, BuildError> {
     if rc.spec.tls.is_some() {
         ports.push(json!({"name": "amqps", "port": AMQPS_PORT, "targetPort": AMQPS_PORT, "protocol": "TCP", "appProtocol": "amqps"}));
     }
-    ports.push(json!({"name": "management", "port": MANAGEMENT_PORT, "targetPort": MANAGEMENT_PORT, "protocol": "TCP", "appProtocol": "http"}));
+    for (name, port, app) in management_ports(rc) {
+        ports.push(json!({"name": name, "port": port, "targetPort": port, "protocol": "TCP", "appProtocol": app}));
+    }
     ports.push(json!({"name": "prometheus", "port": PROMETHEUS_PORT, "targetPort": PROMETHEUS_PORT, "protocol": "TCP", "appProtocol": "http"}));
     let mut meta = metadata(rc, client_service_name(rc));
     let mut service_labels = labels(rc);
@@ -240,7 +276,7 @@ pub fn default_user_secret(rc: &RabbitCluster, creds: &Credentials) -> Result<Se
             "host": host,
             "port": port.to_string(),
             "uri": uri,
-            "management-uri": format!("http://{host}:{MANAGEMENT_PORT}"),
+            "management-uri": management_url(rc, &host),
             "type": "rabbitmq",
             "provider": "warren",
         },
@@ -332,19 +368,25 @@ pub fn stateful_set(rc: &RabbitCluster, replicas: i32) -> Result<StatefulSet, Bu
         .clone()
         .unwrap_or_else(|| DEFAULT_IMAGE.to_string());
 
-    let mut ports = vec![
-        json!({"name": "management", "containerPort": MANAGEMENT_PORT, "protocol": "TCP"}),
-        json!({"name": "prometheus", "containerPort": PROMETHEUS_PORT, "protocol": "TCP"}),
-    ];
+    let mut ports = Vec::new();
     if !tls_only(rc) {
-        ports.insert(
-            0,
-            json!({"name": "amqp", "containerPort": AMQP_PORT, "protocol": "TCP"}),
-        );
+        ports.push(json!({"name": "amqp", "containerPort": AMQP_PORT, "protocol": "TCP"}));
     }
+    for (name, port, _) in management_ports(rc) {
+        ports.push(json!({"name": name, "containerPort": port, "protocol": "TCP"}));
+    }
+    ports.push(json!({"name": "prometheus", "containerPort": PROMETHEUS_PORT, "protocol": "TCP"}));
     if rc.spec.tls.is_some() {
         ports.push(json!({"name": "amqps", "containerPort": AMQPS_PORT, "protocol": "TCP"}));
     }
+    // The startup probe waits for the management API, on whichever port serves it; the
+    // readiness probe and preStop hook (`warren-broker check ready`, `drain`) read the same
+    // configuration file as the node and use HTTPS when plain HTTP is off.
+    let management_port = if tls_only(rc) {
+        "management-tls"
+    } else {
+        "management"
+    };
 
     let mut mounts = vec![
         json!({"name": "persistence", "mountPath": DATA_DIR}),
@@ -408,7 +450,7 @@ pub fn stateful_set(rc: &RabbitCluster, replicas: i32) -> Result<StatefulSet, Bu
                 "failureThreshold": 3,
             },
             "startupProbe": {
-                "tcpSocket": {"port": "management"},
+                "tcpSocket": {"port": management_port},
                 "periodSeconds": 5,
                 "failureThreshold": 120,
             },
@@ -577,14 +619,101 @@ mod tests {
         );
         assert_eq!(
             names(&cluster(json!({"tls": {"secretName": "t"}}))),
-            ["amqp", "amqps", "management", "prometheus"]
+            [
+                "amqp",
+                "amqps",
+                "management",
+                "management-tls",
+                "prometheus"
+            ]
         );
         assert_eq!(
             names(&cluster(
                 json!({"tls": {"secretName": "t", "disableNonTLSListeners": true}})
             )),
-            ["amqps", "management", "prometheus"]
+            ["amqps", "management-tls", "prometheus"]
         );
+        let https = client_service(&cluster(json!({"tls": {"secretName": "t"}})))
+            .expect("svc")
+            .spec
+            .expect("spec")
+            .ports
+            .expect("ports")
+            .into_iter()
+            .find(|p| p.name.as_deref() == Some("management-tls"))
+            .expect("management-tls");
+        assert_eq!(
+            (https.port, https.app_protocol.as_deref()),
+            (15671, Some("https"))
+        );
+    }
+
+    #[test]
+    fn management_over_https_follows_tls() {
+        let ports = |rc: &RabbitCluster| -> (Vec<i32>, Vec<i32>) {
+            let nodes = nodes_service(rc).expect("svc").spec.expect("spec");
+            let nodes = nodes.ports.expect("ports").iter().map(|p| p.port).collect();
+            let pod = stateful_set(rc, 1)
+                .expect("sts")
+                .spec
+                .expect("spec")
+                .template
+                .spec
+                .expect("pod");
+            let container = pod.containers[0]
+                .ports
+                .clone()
+                .expect("ports")
+                .iter()
+                .map(|p| p.container_port)
+                .collect();
+            (nodes, container)
+        };
+        let plain = cluster(json!({}));
+        assert_eq!(ports(&plain), (vec![5672, 15672], vec![5672, 15672, 15692]));
+        let tls = cluster(json!({"tls": {"secretName": "t"}}));
+        assert_eq!(
+            ports(&tls),
+            (
+                vec![5672, 15672, 15671],
+                vec![5672, 15672, 15671, 15692, 5671]
+            )
+        );
+        let only = cluster(json!({"tls": {"secretName": "t", "disableNonTLSListeners": true}}));
+        assert_eq!(ports(&only), (vec![5672, 15671], vec![15671, 15692, 5671]));
+
+        // The operator's URL, the default user's management-uri and the CA it trusts.
+        assert_eq!(management_url(&plain, "h"), "http://h:15672");
+        assert_eq!(management_url(&tls, "h"), "http://h:15672");
+        assert_eq!(management_url(&only, "h"), "https://h:15671");
+        let uri = |rc: &RabbitCluster| {
+            default_user_secret(rc, &creds())
+                .expect("secret")
+                .string_data
+                .expect("data")["management-uri"]
+                .clone()
+        };
+        assert_eq!(uri(&plain), "http://hare.apps.svc:15672");
+        assert_eq!(uri(&only), "https://hare.apps.svc:15671");
+        assert_eq!(management_ca_secret(&plain), None);
+        assert_eq!(management_ca_secret(&only), Some("t"));
+        let with_ca = cluster(json!({"tls": {"secretName": "t", "caSecretName": "ca"}}));
+        assert_eq!(management_ca_secret(&with_ca), Some("ca"));
+
+        // The startup probe waits on the port that serves the API.
+        let startup = |rc: &RabbitCluster| {
+            let pod = stateful_set(rc, 1)
+                .expect("sts")
+                .spec
+                .expect("spec")
+                .template
+                .spec
+                .expect("pod");
+            let probe = pod.containers[0].startup_probe.clone().expect("probe");
+            serde_json::to_value(probe.tcp_socket.expect("tcp").port).expect("port")
+        };
+        assert_eq!(startup(&tls), json!("management"));
+        assert_eq!(startup(&only), json!("management-tls"));
     }
 
     #[test]

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use toml::Value;
 
 use super::build::{
-    AMQP_PORT, AMQPS_PORT, CA_DIR, DATA_DIR, MANAGEMENT_PORT, PROMETHEUS_PORT, TLS_DIR,
+    AMQP_PORT, AMQPS_PORT, CA_DIR, DATA_DIR, MANAGEMENT_PORT, MANAGEMENT_TLS_PORT, PROMETHEUS_PORT,
+    TLS_DIR,
 };
 use crate::crd::cluster::RabbitCluster;
 use kube::ResourceExt;
@@ -16,6 +17,7 @@ const OPERATOR_KEYS: &[&str] = &[
     "data-dir",
     "amqp-listen",
     "management-listen",
+    "management-tls-listen",
     "prometheus-listen",
     "amqps-listen",
     "tls-cert-file",
@@ -141,9 +143,15 @@ pub fn render(rc: &RabbitCluster) -> Result<String, ConfigError> {
             format!("0.0.0.0:{AMQP_PORT}")
         }),
     );
+    // With TLS the management API is also served over HTTPS (RabbitMQ's 15671); TLS only
+    // turns plain HTTP off, as RabbitMQ's operator does.
     t.insert(
         "management-listen".into(),
-        s(&format!("0.0.0.0:{MANAGEMENT_PORT}")),
+        s(&if tls_only {
+            "none".to_string()
+        } else {
+            format!("0.0.0.0:{MANAGEMENT_PORT}")
+        }),
     );
     t.insert(
         "prometheus-listen".into(),
@@ -151,6 +159,10 @@ pub fn render(rc: &RabbitCluster) -> Result<String, ConfigError> {
     );
     if let Some(tls) = &rc.spec.tls {
         t.insert("amqps-listen".into(), s(&format!("0.0.0.0:{AMQPS_PORT}")));
+        t.insert(
+            "management-tls-listen".into(),
+            s(&format!("0.0.0.0:{MANAGEMENT_TLS_PORT}")),
+        );
         t.insert("tls-cert-file".into(), s(&format!("{TLS_DIR}/tls.crt")));
         t.insert("tls-key-file".into(), s(&format!("{TLS_DIR}/tls.key")));
         if tls.ca_secret_name.is_some() {
@@ -300,6 +312,42 @@ mod tests {
         assert_eq!(c.default_vhost, "apps");
         assert_eq!(c.log_level, "debug");
         assert_eq!(c.loopback_users, vec!["ops".to_string()]);
+    }
+
+    #[test]
+    fn tls_serves_management_over_https_and_tls_only_turns_http_off() {
+        let text = render(&cluster(json!({}))).expect("render");
+        let c = broker_accepts(&text);
+        assert_eq!(c.management_listen, Some(([0, 0, 0, 0], 15672).into()));
+        assert_eq!(c.management_tls_listen, None);
+
+        let text = render(&cluster(json!({"tls": {"secretName": "t"}}))).expect("render");
+        let c = broker_accepts(&text);
+        assert_eq!(c.management_listen, Some(([0, 0, 0, 0], 15672).into()));
+        assert_eq!(c.management_tls_listen, Some(([0, 0, 0, 0], 15671).into()));
+        assert!(c.https_files().is_some());
+        assert_eq!(c.amqp_listen, Some(([0, 0, 0, 0], 5672).into()));
+
+        let text = render(&cluster(json!({"tls": {
+            "secretName": "t", "caSecretName": "ca", "disableNonTLSListeners": true,
+        }})))
+        .expect("render");
+        let c = broker_accepts(&text);
+        assert_eq!(c.management_listen, None);
+        assert_eq!(c.management_tls_listen, Some(([0, 0, 0, 0], 15671).into()));
+        assert_eq!(c.amqp_listen, None);
+        assert_eq!(c.amqps_listen, Some(([0, 0, 0, 0], 5671).into()));
+        // The management listener asks for no client certificate, even with a CA.
+        assert_eq!(c.https_files().expect("https").ca, None);
+        assert!(c.tls_files().expect("amqps").ca.is_some());
+        // Prometheus stays on plain HTTP.
+        assert_eq!(c.prometheus_listen, Some(([0, 0, 0, 0], 15692).into()));
+
+        let err = render(&cluster(json!({"config": {"additionalConfig": {
+            "management-tls-listen": "\"0.0.0.0:1\"",
+        }}})))
+        .expect_err("operator key");
+        assert!(err.to_string().contains("set by the operator"), "{err}");
     }
 
     #[test]

@@ -581,6 +581,33 @@ async fn stamp_tls_version(
     Ok(())
 }
 
+/// A client for the cluster's management API at `url`. For an `https://` URL (a TLS-only
+/// cluster, or an annotation saying so) it trusts the `ca.crt` of the cluster's TLS CA Secret
+/// ([`build::management_ca_secret`]) when there is one, besides the usual roots; the server's
+/// certificate must name the host (the client Service, or `*.<name>-nodes.<ns>.svc` for a
+/// node).
+pub async fn management_client(
+    client: &kube::Client,
+    rc: &RabbitCluster,
+    url: &str,
+    username: &str,
+    password: &str,
+) -> Result<ManagementClient, String> {
+    let mut ca = None;
+    if url.starts_with("https://")
+        && let Some(name) = build::management_ca_secret(rc)
+    {
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &build::namespace(rc));
+        let secret = secrets
+            .get_opt(name)
+            .await
+            .map_err(|e| format!("cannot read the CA of {url} from Secret {name}: {e}"))?;
+        ca = secret.and_then(|s| secret_value(&s, "ca.crt"));
+    }
+    ManagementClient::with_ca(url, username, password, ca.as_deref().map(str::as_bytes))
+        .map_err(|e| e.to_string())
+}
+
 fn ordinal_of(pod: &str) -> Option<i32> {
     pod.rsplit('-').next().and_then(|o| o.parse().ok())
 }
@@ -622,13 +649,13 @@ async fn drain_node(
         .get(MANAGEMENT_URI_ANNOTATION)
         .cloned()
         .unwrap_or_else(|| {
-            format!(
-                "http://{pod}.{}.{ns}.svc:{}",
-                build::nodes_service_name(rc),
-                build::MANAGEMENT_PORT
+            build::management_url(
+                rc,
+                &format!("{pod}.{}.{ns}.svc", build::nodes_service_name(rc)),
             )
         });
-    let client = ManagementClient::new(&url, &creds.username, &creds.password)
+    let client = management_client(&ctx.client, rc, &url, &creds.username, &creds.password)
+        .await
         .map_err(|e| Error::Drain(format!("cannot drain {pod}: {e}")))?;
     let queues = client
         .drain()

@@ -281,15 +281,17 @@ async fn connect<T: Topology>(obj: &T, ctx: &Context) -> Result<ManagementClient
                 .get(MANAGEMENT_URI_ANNOTATION)
                 .cloned()
                 .unwrap_or_else(|| {
-                    format!(
-                        "http://{}.{}.svc:{}",
-                        user.service_reference.name,
-                        user.service_reference.namespace,
-                        build::MANAGEMENT_PORT
+                    build::management_url(
+                        &rc,
+                        &format!(
+                            "{}.{}.svc",
+                            user.service_reference.name, user.service_reference.namespace
+                        ),
                     )
                 });
-            ManagementClient::new(&url, u, p)
-                .map_err(|e| not_ready("BrokerUnreachable", e.to_string()))
+            crate::cluster::controller::management_client(&ctx.client, &rc, &url, u, p)
+                .await
+                .map_err(|e| not_ready("BrokerUnreachable", e))
         }
     }
 }
