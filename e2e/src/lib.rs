@@ -211,22 +211,146 @@ pub struct Broker {
     pub management_port: u16,
     prometheus_port: u16,
     pub management_url: String,
+    /// A client for `management_url` (trusting the test CA when it is HTTPS).
+    pub http: reqwest::Client,
+    /// Serves the management API over HTTPS only, with this certificate.
+    tls: Option<TestPki>,
     data: PathBuf,
+}
+
+/// A CA and a server certificate for 127.0.0.1 and localhost, made with `openssl`.
+#[derive(Clone, Debug)]
+pub struct TestPki {
+    pub dir: PathBuf,
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl TestPki {
+    pub fn new(name: &str) -> TestPki {
+        let dir = std::env::temp_dir().join(format!("warren-e2e-pki-{name}-{}", free_port()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("pki dir");
+        std::fs::write(
+            dir.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+             extendedKeyUsage=serverAuth\n",
+        )
+        .expect("ext.cnf");
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        for args in [
+            &[
+                &["req", "-x509"][..],
+                &ec[..],
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.crt",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=Warren e2e CA",
+                ],
+            ]
+            .concat(),
+            &[
+                &["req"][..],
+                &ec[..],
+                &[
+                    "-keyout",
+                    "tls.key",
+                    "-out",
+                    "tls.csr",
+                    "-subj",
+                    "/CN=localhost",
+                ],
+            ]
+            .concat(),
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "tls.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "tls.crt",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+            ][..]
+                .to_vec(),
+        ] {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .expect("openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).expect(f);
+        TestPki {
+            ca_pem: read("ca.crt"),
+            cert_pem: read("tls.crt"),
+            key_pem: read("tls.key"),
+            dir,
+        }
+    }
 }
 
 impl Broker {
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// A broker whose management API is served over HTTPS only (`management-listen = none`,
+    /// `management-tls-listen`) with `pki`'s certificate.
+    pub async fn start_https_only(pki: &TestPki) -> Self {
+        Self::start_with(Some(pki.clone())).await
+    }
+
+    async fn start_with(tls: Option<TestPki>) -> Self {
         let amqp_port = free_port();
         let management_port = free_port();
         let prometheus_port = free_port();
         let data = std::env::temp_dir().join(format!("warren-e2e-broker-{amqp_port}"));
         let _ = std::fs::remove_dir_all(&data);
+        let (scheme, http) = match &tls {
+            None => ("http", reqwest::Client::new()),
+            Some(pki) => (
+                "https",
+                reqwest::Client::builder()
+                    .add_root_certificate(
+                        reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).expect("CA"),
+                    )
+                    .build()
+                    .expect("client"),
+            ),
+        };
         let mut broker = Broker {
             child: None,
             amqp_port,
             management_port,
             prometheus_port,
-            management_url: format!("http://127.0.0.1:{management_port}"),
+            management_url: format!("{scheme}://127.0.0.1:{management_port}"),
+            http,
+            tls,
             data,
         };
         broker.run().await;
@@ -234,23 +358,31 @@ impl Broker {
     }
 
     async fn run(&mut self) {
-        let child = Command::new(binary("warren-broker"))
-            .args(["--data-dir", &self.data.to_string_lossy()])
+        let management = format!("127.0.0.1:{}", self.management_port);
+        let mut cmd = Command::new(binary("warren-broker"));
+        cmd.args(["--data-dir", &self.data.to_string_lossy()])
             .args(["--amqp-listen", &format!("127.0.0.1:{}", self.amqp_port)])
-            .args([
-                "--management-listen",
-                &format!("127.0.0.1:{}", self.management_port),
-            ])
             .args([
                 "--prometheus-listen",
                 &format!("127.0.0.1:{}", self.prometheus_port),
-            ])
+            ]);
+        match &self.tls {
+            None => cmd.args(["--management-listen", &management]),
+            Some(pki) => cmd
+                .args(["--management-listen", "none"])
+                .args(["--management-tls-listen", &management])
+                .arg("--tls-cert-file")
+                .arg(pki.dir.join("tls.crt"))
+                .arg("--tls-key-file")
+                .arg(pki.dir.join("tls.key")),
+        };
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn warren-broker");
         self.child = Some(child);
-        let http = reqwest::Client::new();
+        let http = self.http.clone();
         let url = format!("{}/api/overview", self.management_url);
         wait_for(
             "the broker's management API",
@@ -288,7 +420,8 @@ impl Broker {
 
     /// GET on the management API as guest; `None` on 404.
     pub async fn get(&self, path: &str) -> Option<serde_json::Value> {
-        let r = reqwest::Client::new()
+        let r = self
+            .http
             .get(format!("{}{path}", self.management_url))
             .basic_auth("guest", Some("guest"))
             .send()
@@ -303,7 +436,8 @@ impl Broker {
 
     /// DELETE on the management API as guest.
     pub async fn delete(&self, path: &str) {
-        let r = reqwest::Client::new()
+        let r = self
+            .http
             .delete(format!("{}{path}", self.management_url))
             .basic_auth("guest", Some("guest"))
             .send()

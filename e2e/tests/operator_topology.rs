@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
-use warren_e2e::{Broker, Operator, client, ensure_crds, namespace, wait_for};
+use warren_e2e::{Broker, Operator, TestPki, client, ensure_crds, namespace, wait_for};
 use warren_operator::crd::{Federation, Policy, RabbitCluster, Shovel};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -19,6 +19,7 @@ struct Mgmt {
     url: String,
     user: String,
     pass: String,
+    http: reqwest::Client,
 }
 
 impl Mgmt {
@@ -27,6 +28,7 @@ impl Mgmt {
             url: b.management_url.clone(),
             user: "guest".into(),
             pass: "guest".into(),
+            http: b.http.clone(),
         }
     }
 
@@ -39,11 +41,13 @@ impl Mgmt {
             url,
             user: "guest".into(),
             pass: "guest".into(),
+            http: reqwest::Client::new(),
         }
     }
 
     async fn get(&self, path: &str) -> Option<Value> {
-        let r = reqwest::Client::new()
+        let r = self
+            .http
             .get(format!("{}{path}", self.url))
             .basic_auth(&self.user, Some(&self.pass))
             .send()
@@ -56,7 +60,8 @@ impl Mgmt {
     }
 
     async fn put(&self, path: &str, body: Value) {
-        let r = reqwest::Client::new()
+        let r = self
+            .http
             .put(format!("{}{path}", self.url))
             .basic_auth(&self.user, Some(&self.pass))
             .json(&body)
@@ -67,7 +72,8 @@ impl Mgmt {
     }
 
     async fn delete(&self, path: &str) {
-        let r = reqwest::Client::new()
+        let r = self
+            .http
             .delete(format!("{}{path}", self.url))
             .basic_auth(&self.user, Some(&self.pass))
             .send()
@@ -246,6 +252,106 @@ async fn reconciles(op: &Operator, controller: &str) -> u64 {
         .find_map(|l| l.strip_prefix(&prefix))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_policy_reaches_a_tls_only_cluster_over_https_trusting_its_ca() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = namespace(&client, "https").await;
+    let _op = Operator::start_with(&ns, &["--topology-resync-seconds", "2"]);
+    // The broker serves its management API over HTTPS only, with a certificate from a CA
+    // only the cluster's TLS Secret knows.
+    let pki = TestPki::new("topology");
+    let broker = Broker::start_https_only(&pki).await;
+    assert!(broker.management_url.starts_with("https://"));
+    let mgmt = Mgmt::of(&broker);
+    secret(
+        &client,
+        &ns,
+        "site-user",
+        json!({"username": "guest", "password": "guest"}),
+    )
+    .await;
+    let tls = json!({"tls.crt": pki.cert_pem, "tls.key": pki.key_pem, "ca.crt": pki.ca_pem});
+    secret(&client, &ns, "site-tls", tls.clone()).await;
+    create::<RabbitCluster>(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "warren.dev/v1alpha1", "kind": "RabbitCluster",
+            "metadata": {"name": "site", "namespace": ns,
+                         "annotations": {"warren.dev/management-uri": broker.management_url}},
+            "spec": {"replicas": 1, "persistence": {"storage": "0"},
+                     "defaultUser": {"secretName": "site-user"},
+                     "tls": {"secretName": "site-tls", "disableNonTLSListeners": true}},
+        }),
+    )
+    .await;
+    create::<Policy>(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "warren.dev/v1alpha1", "kind": "Policy",
+            "metadata": {"name": "limits", "namespace": ns},
+            "spec": {"pattern": "^orders\\.", "applyTo": "queues", "priority": 2,
+                     "definition": {"max-length": 10},
+                     "rabbitClusterReference": {"name": "site"}},
+        }),
+    )
+    .await;
+    let path = "/api/policies/%2F/limits";
+    let p = mgmt.wait("the policy on the broker", path, |_| true).await;
+    assert_eq!(p["definition"], json!({"max-length": 10}));
+    wait_ready::<Policy>(&client, &ns, "limits", "True").await;
+    // The default user's Secret points at HTTPS too.
+    let user = Api::<Secret>::namespaced(client.clone(), &ns)
+        .get("site-default-user")
+        .await
+        .expect("default user secret");
+    let uri = user
+        .data
+        .as_ref()
+        .and_then(|d| d.get("management-uri"))
+        .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+        .unwrap_or_default();
+    assert_eq!(uri, format!("https://site.{ns}.svc:15671"));
+
+    // Without ca.crt the operator has nothing to trust the certificate with: a change
+    // cannot be applied, and the condition says why.
+    // (`stringData` is write-only: a merge patch on `data` removes the key.)
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .patch(
+            "site-tls",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"ca.crt": null}})),
+        )
+        .await
+        .expect("remove ca.crt");
+    patch::<Policy>(
+        &client,
+        &ns,
+        "limits",
+        json!({"spec": {"definition": {"max-length": 20}}}),
+    )
+    .await
+    .expect("patch");
+    let (reason, message) = wait_ready::<Policy>(&client, &ns, "limits", "False").await;
+    assert_eq!(reason, "BrokerUnreachable", "{message}");
+    assert!(message.contains("https://127.0.0.1"), "{message}");
+    assert!(message.contains("UnknownIssuer"), "{message}");
+    assert_eq!(
+        mgmt.get(path).await.expect("policy")["definition"],
+        json!({"max-length": 10})
+    );
+    // With the CA back, the change goes through.
+    secret(&client, &ns, "site-tls", tls).await;
+    mgmt.wait("the changed policy", path, |p| {
+        p["definition"] == json!({"max-length": 20})
+    })
+    .await;
+    wait_ready::<Policy>(&client, &ns, "limits", "True").await;
+    let _ = std::fs::remove_dir_all(&pki.dir);
 }
 
 #[tokio::test(flavor = "multi_thread")]
