@@ -12,7 +12,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
-use warren_e2e::{Broker, Operator, client, ensure_crds, namespace, wait_for};
+use warren_e2e::{Broker, Operator, TestPki, client, ensure_crds, namespace, wait_for};
 use warren_operator::crd::RabbitCluster;
 
 const LONG: Duration = Duration::from_secs(120);
@@ -536,6 +536,64 @@ async fn scale_down_drains_the_node_through_the_broker_first() {
         },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tls_only_cluster_is_drained_over_https() {
+    let (client, ns, _op) = setup("drain-https").await;
+    // The broker serves its management API over HTTPS only; the CA that signed its
+    // certificate is the ca.crt of the cluster's TLS Secret.
+    let pki = TestPki::new("drain");
+    let broker = Broker::start_https_only(&pki).await;
+    let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+    for (name, data) in [
+        (
+            "imported-user",
+            json!({"username": "guest", "password": "guest"}),
+        ),
+        (
+            "drain-tls",
+            json!({"tls.crt": pki.cert_pem, "tls.key": pki.key_pem, "ca.crt": pki.ca_pem}),
+        ),
+    ] {
+        let secret: Secret = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "namespace": ns},
+            "stringData": data,
+        }))
+        .expect("secret");
+        secrets
+            .create(&PostParams::default(), &secret)
+            .await
+            .expect("secret");
+    }
+    create_cluster(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "warren.dev/v1alpha1",
+            "kind": "RabbitCluster",
+            "metadata": {"name": "drain", "namespace": ns,
+                         "annotations": {"warren.dev/management-uri": broker.management_url}},
+            "spec": {"replicas": 2, "persistence": {"storage": "0"},
+                     "defaultUser": {"secretName": "imported-user"},
+                     "tls": {"secretName": "drain-tls", "disableNonTLSListeners": true}},
+        }),
+    )
+    .await;
+    wait_settled(&client, &ns, "drain", 2).await;
+    patch_cluster(&client, &ns, "drain", json!({"spec": {"replicas": 1}})).await;
+    wait_settled(&client, &ns, "drain", 1).await;
+    let rc = Api::<RabbitCluster>::namespaced(client.clone(), &ns)
+        .get("drain")
+        .await
+        .expect("get");
+    let drained = rc.status.expect("status").drained_nodes;
+    assert_eq!(drained.len(), 1, "{drained:?}");
+    assert_eq!(drained[0].pod, "drain-server-1");
+    let nodes = broker.get("/api/nodes").await.expect("nodes");
+    assert_eq!(nodes[0]["being_drained"], true, "{nodes}");
+    let _ = std::fs::remove_dir_all(&pki.dir);
 }
 
 #[tokio::test(flavor = "multi_thread")]
