@@ -462,8 +462,17 @@ async fn reconnects_when_its_connection_is_closed_losing_nothing() {
     let got = drain(&chb, "dst").await;
     let distinct: BTreeSet<&String> = got.iter().collect();
     assert_eq!(distinct.len(), 5000, "nothing lost");
-    // Closing from the server side settles confirms first: no duplicates either.
-    assert_eq!(got.len(), 5000, "no duplicates");
+    // Closing the destination from the server side settles its confirms first, so those three
+    // closes duplicate nothing. Closing the source is different: acks the shovel sent for
+    // messages the destination had already confirmed can be in flight when the source drops
+    // the connection, and the source then requeues them. At-least-once allows that, bounded
+    // by the unacked window (src-prefetch-count = 50) of the one source close.
+    let duplicates = got.len() - distinct.len();
+    eprintln!("{duplicates} duplicates after three destination closes and one source close");
+    assert!(
+        duplicates <= 50,
+        "{duplicates} duplicates, more than one prefetch window"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
