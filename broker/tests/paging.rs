@@ -242,3 +242,89 @@ async fn a_queue_sixteen_times_the_memory_budget() {
     report("persistent after restart", took);
     node.crash();
 }
+
+/// Disk the files under `dir` take (allocated blocks: punched holes do not count).
+fn allocated(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().blocks() * 512)
+        .sum()
+}
+
+/// A consumer that keeps a message in every 1 MiB (at least every 256th) unacked while it
+/// acks the rest: those few pin both 64 MiB page files, which must still give back the space
+/// of everything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_files_pinned_by_a_few_unacked_messages_keep_little_disk() {
+    let dir = data_dir("paging-pinned");
+    let node = Node::start_with(&dir, &["--message-memory-budget", BUDGET]).await;
+    fill(&node, "pinned", false, false).await;
+    let pages = dir.join("pages");
+    let full = allocated(&pages);
+    assert!(
+        full > 100 << 20,
+        "the bodies are in page files ({full} bytes)"
+    );
+
+    let c = node.connect().await;
+    let ch = c.create_channel().await.unwrap();
+    ch.basic_qos(64, BasicQosOptions::default()).await.unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            "pinned".into(),
+            "c".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    let every = (1u64 << 20).div_ceil(body_size() as u64).max(256);
+    for i in 0..count() {
+        let d = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("message {i} did not come; log:\n{}", node.log_text()))
+            .unwrap()
+            .unwrap();
+        assert!(d.data == body(i), "message {i} damaged");
+        if i % every == every / 2 {
+            held.push(d);
+        } else {
+            d.acker.ack(BasicAckOptions::default()).await.unwrap();
+        }
+    }
+    // Acks are asynchronous: wait until the queue holds only the unacked ones' space.
+    let bound = 16 << 20;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut now = allocated(&pages);
+    while now >= bound && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        now = allocated(&pages);
+    }
+    eprintln!(
+        "paging: {} unacked messages of {} KiB keep {} KiB of page files allocated (of {} MiB written)",
+        held.len(),
+        body_size() >> 10,
+        now >> 10,
+        full >> 20
+    );
+    assert!(
+        now < bound,
+        "{now} bytes of page files still allocated for {} unacked messages",
+        held.len()
+    );
+    // The held ones are still readable: requeued by the channel's close, delivered again.
+    c.close(200, "done".into()).await.unwrap();
+    let c = node.connect().await;
+    let ch = c.create_channel().await.unwrap();
+    for d in &held {
+        let m = ch
+            .basic_get("pinned".into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+            .expect("a held message was requeued");
+        assert!(m.delivery.data == d.data, "a requeued message was damaged");
+    }
+    node.crash();
+}

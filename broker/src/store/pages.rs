@@ -7,11 +7,19 @@
 //! [`PAGE_SEGMENT_BYTES`]; each segment counts the messages still in it and is deleted when
 //! the last one is released. Unlike the message log, a page file can go in any order: nothing
 //! is ever replayed from it.
+//!
+//! A page file that keeps a few messages for long (unacked, or far back in a queue) does not
+//! keep the space of the others: released neighbours are merged into runs, and once a run
+//! holds [`PUNCH_MIN`] bytes of whole filesystem blocks not yet given back, a hole is punched
+//! over it (`fallocate(PUNCH_HOLE)`; the file keeps its size, the blocks are freed). So the
+//! disk a page file uses is its live messages plus less than `PUNCH_MIN` and two blocks per
+//! run between them, instead of the whole file.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
 
@@ -22,6 +30,12 @@ use super::frame::{self, Cursor};
 pub const PAGE_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 const READ_GAP: u64 = 64 * 1024;
 const READ_SPAN: u64 = 8 * 1024 * 1024;
+/// A run of released messages is punched out of its page file once it holds this many bytes
+/// of whole blocks not punched yet (so a syscall frees at least this much).
+pub const PUNCH_MIN: u64 = 128 * 1024;
+/// Holes are punched in whole blocks of this size (ext4's and xfs's usual block size; a
+/// larger filesystem block only frees less, never something live).
+const BLOCK: u64 = 4096;
 
 /// Where a paged message is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,13 +49,61 @@ struct Inner {
     seg: u64,
     seg_bytes: u64,
     file: Option<File>,
-    /// Messages still in each page file.
-    live: HashMap<u64, u64>,
+    /// Each page file's live messages and released runs.
+    segs: HashMap<u64, Segment>,
+}
+
+#[derive(Default)]
+struct Segment {
+    /// Messages still in the file.
+    live: u64,
+    /// Released runs of neighbouring records: start -> (end, bytes of it already punched).
+    dead: BTreeMap<u64, (u64, u64)>,
+}
+
+impl Segment {
+    /// Adds the released record `[start, end)` to the runs; returns the block-aligned range to
+    /// punch if its run now has `PUNCH_MIN` bytes of whole blocks not punched yet.
+    fn release(&mut self, start: u64, end: u64) -> Option<(u64, u64)> {
+        let (mut from, mut to, mut punched) = (start, end, 0);
+        let before = self
+            .dead
+            .range(..=start)
+            .next_back()
+            .map(|(s, (e, p))| (*s, *e, *p));
+        if let Some((s, e, p)) = before {
+            if e > start {
+                // Released twice: a bug elsewhere; never punch over what may be live.
+                return None;
+            }
+            if e == start {
+                self.dead.remove(&s);
+                from = s;
+                punched += p;
+            }
+        }
+        if let Some((e, p)) = self.dead.remove(&end) {
+            to = e;
+            punched += p;
+        }
+        let (a, b) = (from.next_multiple_of(BLOCK), to / BLOCK * BLOCK);
+        let whole = b.saturating_sub(a);
+        let punch = if whole >= punched + PUNCH_MIN {
+            punched = whole;
+            Some((a, b))
+        } else {
+            None
+        };
+        self.dead.insert(from, (to, punched));
+        punch
+    }
 }
 
 pub struct PageStore {
     dir: PathBuf,
     inner: Mutex<Inner>,
+    /// Cleared when the filesystem cannot punch holes (page files then only go whole).
+    can_punch: AtomicBool,
 }
 
 fn page_path(dir: &Path, n: u64) -> PathBuf {
@@ -63,8 +125,9 @@ impl PageStore {
                 seg: 1,
                 seg_bytes: 0,
                 file: None,
-                live: HashMap::new(),
+                segs: HashMap::new(),
             }),
+            can_punch: AtomicBool::new(true),
         })
     }
 
@@ -101,8 +164,8 @@ impl PageStore {
             g.file = None;
             g.seg += 1;
             g.seg_bytes = 0;
-            if g.live.get(&old).is_none_or(|n| *n == 0) {
-                g.live.remove(&old);
+            if g.segs.get(&old).is_none_or(|s| s.live == 0) {
+                g.segs.remove(&old);
                 self.delete(old);
             }
         }
@@ -136,7 +199,7 @@ impl PageStore {
             })
             .collect::<Vec<_>>();
         g.seg_bytes = off;
-        *g.live.entry(seg).or_insert(0) += locs.len() as u64;
+        g.segs.entry(seg).or_default().live += locs.len() as u64;
         Ok(locs)
     }
 
@@ -185,22 +248,72 @@ impl PageStore {
             .collect()
     }
 
-    /// The message at `loc` is no longer needed; a page file is deleted with its last one.
+    /// The message at `loc` is no longer needed; a page file is deleted with its last one, and
+    /// until then gives back the blocks of runs of released messages.
     pub fn release(&self, loc: PageLoc) {
-        let mut g = self.inner.lock();
-        let Some(n) = g.live.get_mut(&loc.seg) else {
-            return;
+        let punch = {
+            let mut g = self.inner.lock();
+            let current = g.seg;
+            let Some(s) = g.segs.get_mut(&loc.seg) else {
+                return;
+            };
+            s.live = s.live.saturating_sub(1);
+            if s.live == 0 && loc.seg != current {
+                g.segs.remove(&loc.seg);
+                self.delete(loc.seg);
+                return;
+            }
+            s.release(loc.off, loc.off + loc.len as u64)
         };
-        *n = n.saturating_sub(1);
-        if *n == 0 && loc.seg != g.seg {
-            g.live.remove(&loc.seg);
-            self.delete(loc.seg);
+        // Outside the lock: writers and readers go on meanwhile. Segment numbers are never
+        // reused, so a file deleted in between is simply not found.
+        if let Some((a, b)) = punch
+            && self.can_punch.load(Ordering::Relaxed)
+        {
+            self.punch(loc.seg, a, b);
+        }
+    }
+
+    fn punch(&self, seg: u64, from: u64, to: u64) {
+        let path = page_path(&self.dir, seg);
+        let file = match OpenOptions::new().write(true).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                tracing::warn!(
+                    "cannot open page file {} to free space: {e}",
+                    path.display()
+                );
+                return;
+            }
+        };
+        let flags = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
+        if let Err(e) = rustix::fs::fallocate(&file, flags, from, to - from) {
+            if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS {
+                self.can_punch.store(false, Ordering::Relaxed);
+                tracing::info!(
+                    "the filesystem of {} cannot punch holes: page files free their space only when their last message goes",
+                    self.dir.display()
+                );
+            } else {
+                tracing::warn!("cannot free space in page file {}: {e}", path.display());
+            }
         }
     }
 
     /// Page files on disk now (for tests and metrics).
     pub fn files(&self) -> usize {
         fs::read_dir(&self.dir).map_or(0, |d| d.count())
+    }
+
+    /// Bytes the page files take on disk (allocated blocks, so punched holes do not count).
+    pub fn disk_bytes(&self) -> u64 {
+        fs::read_dir(&self.dir).map_or(0, |d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.blocks() * 512)
+                .sum()
+        })
     }
 
     fn delete(&self, seg: u64) {
@@ -270,5 +383,75 @@ mod tests {
         data[last] ^= 1;
         fs::write(&path, data).unwrap();
         assert!(store.read(&l2)[0].is_err());
+    }
+
+    #[test]
+    fn released_runs_merge_and_punch_whole_blocks_once() {
+        let mut s = Segment::default();
+        // Three neighbours of 100 KiB: no run reaches PUNCH_MIN until the middle one joins.
+        let k = 100 * 1024;
+        assert_eq!(s.release(0, k), None);
+        assert_eq!(s.release(2 * k, 3 * k), None);
+        assert_eq!(s.release(k, 2 * k), Some((0, 3 * k / BLOCK * BLOCK)));
+        assert_eq!(s.dead.len(), 1);
+        // What was punched is not punched again for a small neighbour...
+        assert_eq!(s.release(3 * k, 3 * k + 10), None);
+        // ...and a released record never overlaps a run (a double release is ignored).
+        assert_eq!(s.release(10, 20), None);
+        // A run far away starts its own count, aligned inwards.
+        assert_eq!(s.release(10_000_001, 10_000_001 + PUNCH_MIN + BLOCK), {
+            let a = 10_000_001u64.next_multiple_of(BLOCK);
+            Some((a, (10_000_001 + PUNCH_MIN + BLOCK) / BLOCK * BLOCK))
+        });
+    }
+
+    #[test]
+    fn a_page_file_pinned_by_a_few_messages_gives_back_the_rest() {
+        let dir = std::env::temp_dir().join(format!("warren-pages-punch-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let store = PageStore::open(&dir).unwrap();
+        // Large bodies, and many small ones, in the same file.
+        let big: Vec<Vec<u8>> = (0..64u8).map(|i| vec![i; 64 * 1024]).collect();
+        let items: Vec<(&str, &str, &[u8], &[u8])> =
+            big.iter().map(|b| ("", "big", &b"h"[..], &b[..])).collect();
+        let big_locs = store.write(&items).unwrap();
+        let small: Vec<Vec<u8>> = (0..20_000u32).map(|i| i.to_be_bytes().repeat(25)).collect();
+        let items: Vec<(&str, &str, &[u8], &[u8])> =
+            small.iter().map(|b| ("", "s", &b"h"[..], &b[..])).collect();
+        let small_locs = store.write(&items).unwrap();
+        let before = store.disk_bytes();
+        assert!(before > 6 << 20, "{before} bytes written");
+        let keep = [10usize, 50];
+        let keep_small = [0usize, 7_000, 19_999];
+        for (i, l) in big_locs.iter().enumerate() {
+            if !keep.contains(&i) {
+                store.release(*l);
+            }
+        }
+        for (i, l) in small_locs.iter().enumerate() {
+            if !keep_small.contains(&i) {
+                store.release(*l);
+            }
+        }
+        let after = store.disk_bytes();
+        // Live: two 64 KiB bodies and three tiny ones; each run between them may keep less
+        // than PUNCH_MIN plus two partial blocks.
+        assert!(
+            after < 2 * 65 * 1024 + 5 * (PUNCH_MIN + 2 * BLOCK),
+            "{after} bytes still allocated of {before}"
+        );
+        // What is still live reads back intact.
+        let live: Vec<PageLoc> = keep
+            .iter()
+            .map(|&i| big_locs[i])
+            .chain(keep_small.iter().map(|&i| small_locs[i]))
+            .collect();
+        let got: Vec<Content> = store.read(&live).into_iter().map(Result::unwrap).collect();
+        assert_eq!(got[0].body, big[10]);
+        assert_eq!(got[1].body, big[50]);
+        assert_eq!(got[2].body, small[0]);
+        assert_eq!(got[3].body, small[7_000]);
+        assert_eq!(got[4].body, small[19_999]);
+        let _ = fs::remove_dir_all(&dir);
     }
 }
