@@ -55,6 +55,8 @@ pub struct Broker {
     pub started_at: Instant,
     /// The message log, on a node with storage (see [`Broker::open_store`]).
     store: std::sync::OnceLock<Arc<MessageLog>>,
+    /// The metadata snapshot and journal, on a node with storage (after recovery).
+    pub(crate) meta: std::sync::OnceLock<parking_lot::Mutex<crate::store::metadata::MetaStore>>,
     /// The memory budget for message bodies and the page files, on a node with storage.
     paging: std::sync::OnceLock<Arc<crate::paging::Paging>>,
     /// The memory high watermark in bytes (the configured fraction of physical memory or of
@@ -115,6 +117,7 @@ impl Broker {
             listeners: RwLock::new(Vec::new()),
             started_at: Instant::now(),
             store: std::sync::OnceLock::new(),
+            meta: std::sync::OnceLock::new(),
             paging: std::sync::OnceLock::new(),
             memory_limit: AtomicU64::new(memory_limit),
             me: std::sync::OnceLock::new(),
@@ -150,9 +153,9 @@ impl Broker {
 
     /// Saves the node's metadata whenever `v` changes something durable.
     pub(crate) fn watch_durable_changes(me: std::sync::Weak<Broker>, v: &Vhost) {
-        v.set_on_durable_change(move || {
+        v.set_on_durable_change(move |vhost, change| {
             if let Some(b) = me.upgrade() {
-                b.persist_metadata();
+                b.persist_change(vhost, change);
             }
         });
     }

@@ -4,19 +4,62 @@
 
 use std::sync::Arc;
 
-use parking_lot::Mutex;
-
 use crate::auth::User;
 use crate::broker::Broker;
-use crate::exchange::Destination;
+use crate::exchange::{Binding, Destination, Exchange};
+use crate::policy::Policy;
 use crate::store::metadata::{
-    self, BindingDef, ExchangeDef, ParameterDef, PermissionDef, PolicyDef, QueueDef, Snapshot,
-    TopicPermissionDef, UserDef,
+    self, BindingDef, Change, ExchangeDef, MetaStore, ParameterDef, PermissionDef, PolicyDef,
+    QueueDef, Snapshot, TopicPermissionDef, UserDef,
 };
-use crate::vhost::QueueSpec;
+use crate::vhost::{DurableChange, QueueSpec, Vhost};
 
-/// Serialises snapshot writes (they are whole-file rewrites).
-static SAVING: Mutex<()> = Mutex::new(());
+fn exchange_def(vhost: &str, e: &Exchange) -> ExchangeDef {
+    ExchangeDef {
+        vhost: vhost.to_owned(),
+        name: e.name.clone(),
+        kind: e.kind.as_str().into(),
+        auto_delete: e.auto_delete,
+        internal: e.internal,
+        arguments: metadata::encode_table(&e.arguments),
+    }
+}
+
+fn policy_def(vhost: &str, p: &Policy, operator: bool) -> PolicyDef {
+    PolicyDef {
+        vhost: vhost.to_owned(),
+        name: p.name.clone(),
+        operator,
+        body: serde_json::json!({
+            "pattern": p.pattern.as_str(),
+            "definition": p.definition,
+            "priority": p.priority,
+            "apply-to": p.apply_to.as_str(),
+        }),
+    }
+}
+
+fn binding_def(vhost: &str, source: &str, b: &Binding) -> BindingDef {
+    BindingDef {
+        vhost: vhost.to_owned(),
+        source: source.to_owned(),
+        destination: b.destination.name().to_owned(),
+        destination_is_queue: matches!(b.destination, Destination::Queue(_)),
+        routing_key: b.routing_key.clone(),
+        arguments: metadata::encode_table(&b.arguments),
+    }
+}
+
+/// A queue that a restart brings back.
+fn durable_queue(v: &Vhost, name: &str) -> bool {
+    v.queue(name)
+        .is_some_and(|q| q.durable && q.exclusive_owner.is_none() && !q.is_deleted())
+}
+
+/// An exchange that a restart brings back (or that always exists, for `amq.*`).
+fn durable_exchange(v: &Vhost, name: &str) -> Option<Arc<Exchange>> {
+    v.exchange(name).filter(|e| e.durable && !e.name.is_empty())
+}
 
 impl Broker {
     fn snapshot(&self) -> Snapshot {
@@ -53,17 +96,7 @@ impl Broker {
             s.vhosts.push(name.clone());
             for operator in [false, true] {
                 for p in v.policies(operator) {
-                    s.policies.push(PolicyDef {
-                        vhost: name.clone(),
-                        name: p.name.clone(),
-                        operator,
-                        body: serde_json::json!({
-                            "pattern": p.pattern.as_str(),
-                            "definition": p.definition,
-                            "priority": p.priority,
-                            "apply-to": p.apply_to.as_str(),
-                        }),
-                    });
+                    s.policies.push(policy_def(name, &p, operator));
                 }
             }
             let durable_exchanges: Vec<_> = v
@@ -71,39 +104,17 @@ impl Broker {
                 .into_iter()
                 .filter(|e| e.durable && !e.name.is_empty())
                 .collect();
-            let durable_queue = |n: &str| {
-                v.queue(n)
-                    .is_some_and(|q| q.durable && q.exclusive_owner.is_none())
-            };
             for e in &durable_exchanges {
                 if !e.name.starts_with("amq.") {
-                    s.exchanges.push(ExchangeDef {
-                        vhost: name.clone(),
-                        name: e.name.clone(),
-                        kind: e.kind.as_str().into(),
-                        auto_delete: e.auto_delete,
-                        internal: e.internal,
-                        arguments: metadata::encode_table(&e.arguments),
-                    });
+                    s.exchanges.push(exchange_def(name, e));
                 }
                 for b in e.bindings.read().list() {
-                    let (dest, is_queue, keep) = match &b.destination {
-                        Destination::Queue(q) => (q.clone(), true, durable_queue(q)),
-                        Destination::Exchange(x) => (
-                            x.clone(),
-                            false,
-                            durable_exchanges.iter().any(|d| &d.name == x),
-                        ),
+                    let keep = match &b.destination {
+                        Destination::Queue(q) => durable_queue(&v, q),
+                        Destination::Exchange(x) => durable_exchanges.iter().any(|d| &d.name == x),
                     };
                     if keep {
-                        s.bindings.push(BindingDef {
-                            vhost: name.clone(),
-                            source: e.name.clone(),
-                            destination: dest,
-                            destination_is_queue: is_queue,
-                            routing_key: b.routing_key.clone(),
-                            arguments: metadata::encode_table(&b.arguments),
-                        });
+                        s.bindings.push(binding_def(name, &e.name, b));
                     }
                 }
             }
@@ -133,14 +144,19 @@ impl Broker {
         s
     }
 
-    /// Saves the metadata, on a node with storage. Called after every change that a restart
-    /// must remember; a failure is logged (the change stays in effect in memory).
+    /// Saves all the metadata as a new snapshot, on a node with storage. Called after changes
+    /// that a restart must remember and that have no journal record (users, permissions,
+    /// vhosts, parameters); a failure is logged (the change stays in effect in memory).
     pub fn persist_metadata(&self) {
-        if self.store().is_none() {
+        let Some(meta) = self.meta.get() else {
             return;
-        }
-        let _guard = SAVING.lock();
-        if let Err(e) = metadata::save(&self.config.data_dir, &self.snapshot()) {
+        };
+        let mut m = meta.lock();
+        self.save_snapshot(&mut m);
+    }
+
+    fn save_snapshot(&self, m: &mut MetaStore) {
+        if let Err(e) = m.save(self.snapshot()) {
             tracing::error!(
                 "cannot save metadata to {}: {e}",
                 self.config.data_dir.display()
@@ -148,9 +164,104 @@ impl Broker {
         }
     }
 
+    /// Saves one durable change: a journal record of the object's state now (so whatever
+    /// order racing changes arrive in, the last record is the final state), or a new snapshot
+    /// when the journal has grown past it.
+    pub fn persist_change(&self, vhost: &str, change: DurableChange) {
+        let Some(meta) = self.meta.get() else {
+            return;
+        };
+        let mut m = meta.lock();
+        let Some(record) = self.change_record(vhost, change) else {
+            return;
+        };
+        match m.append(&[record]) {
+            Ok(false) => {}
+            Ok(true) => self.save_snapshot(&mut m),
+            Err(e) => {
+                tracing::error!("cannot append to the metadata journal: {e}; writing a snapshot");
+                self.save_snapshot(&mut m);
+            }
+        }
+    }
+
+    /// The journal record for a change: the object's state as it is now.
+    fn change_record(&self, vhost: &str, change: DurableChange) -> Option<Change> {
+        let v = self.vhost(vhost);
+        let v = v.as_deref();
+        Some(match change {
+            DurableChange::Exchange(name) => match v.and_then(|v| durable_exchange(v, &name)) {
+                // The amq.* exchanges always exist: nothing to save (and never a deletion,
+                // which would drop their bindings).
+                Some(_) if name.starts_with("amq.") => return None,
+                Some(e) => Change::PutExchange(exchange_def(vhost, &e)),
+                None => Change::DelExchange {
+                    vhost: vhost.to_owned(),
+                    name,
+                },
+            },
+            DurableChange::Queue(name) => match v.filter(|v| durable_queue(v, &name)) {
+                Some(v) => {
+                    let q = v.queue(&name)?;
+                    Change::PutQueue(QueueDef {
+                        vhost: vhost.to_owned(),
+                        name,
+                        auto_delete: q.auto_delete,
+                        arguments: metadata::encode_table(&q.arguments),
+                    })
+                }
+                None => Change::DelQueue {
+                    vhost: vhost.to_owned(),
+                    name,
+                },
+            },
+            DurableChange::Binding {
+                source,
+                destination,
+                routing_key,
+                arguments,
+            } => {
+                let b = Binding {
+                    destination,
+                    routing_key,
+                    arguments,
+                };
+                let def = binding_def(vhost, &source, &b);
+                let kept = v.is_some_and(|v| {
+                    durable_exchange(v, &source)
+                        .is_some_and(|src| src.bindings.read().list().contains(&b))
+                        && match &b.destination {
+                            Destination::Queue(q) => durable_queue(v, q),
+                            Destination::Exchange(x) => durable_exchange(v, x).is_some(),
+                        }
+                });
+                if kept {
+                    Change::PutBinding(def)
+                } else {
+                    Change::DelBinding(def)
+                }
+            }
+            DurableChange::Policy { name, operator } => {
+                let p = v.and_then(|v| v.policies(operator).into_iter().find(|p| p.name == name));
+                match p {
+                    Some(p) => Change::PutPolicy(policy_def(vhost, &p, operator)),
+                    None => Change::DelPolicy {
+                        vhost: vhost.to_owned(),
+                        name,
+                        operator,
+                    },
+                }
+            }
+        })
+    }
+
     /// Opens storage under the data directory and restores what a previous run left.
     pub fn recover(self: &Arc<Self>) -> std::io::Result<()> {
         let snapshot = metadata::load(&self.config.data_dir)?;
+        let _ = self.meta.set(parking_lot::Mutex::new(MetaStore::new(
+            &self.config.data_dir,
+            snapshot.as_ref(),
+        )));
         let recovered = self.open_store()?;
         if let (Some(paging), Ok(rt)) = (self.paging(), tokio::runtime::Handle::try_current()) {
             rt.spawn(crate::paging::run_pager(

@@ -53,7 +53,24 @@ pub struct Vhost {
     me: Weak<Vhost>,
 }
 
-type DurableChangeHook = Box<dyn Fn() + Send + Sync>;
+type DurableChangeHook = Box<dyn Fn(&str, DurableChange) + Send + Sync>;
+
+/// What a durable change touched; the node saves that object's state as it is when saved.
+#[derive(Debug, Clone)]
+pub enum DurableChange {
+    Exchange(String),
+    Queue(String),
+    Binding {
+        source: String,
+        destination: Destination,
+        routing_key: String,
+        arguments: FieldTable,
+    },
+    Policy {
+        name: String,
+        operator: bool,
+    },
+}
 
 /// Properties of a queue being declared.
 pub struct QueueSpec<'a> {
@@ -112,7 +129,7 @@ impl Vhost {
     }
 
     /// Sets what runs after every durable change (once).
-    pub fn set_on_durable_change(&self, f: impl Fn() + Send + Sync + 'static) {
+    pub fn set_on_durable_change(&self, f: impl Fn(&str, DurableChange) + Send + Sync + 'static) {
         let _ = self.on_durable_change.set(Box::new(f));
     }
 
@@ -128,9 +145,9 @@ impl Vhost {
     }
 
     /// Never called with a lock of this vhost held: the hook reads the whole vhost.
-    fn durable_changed(&self) {
+    fn durable_changed(&self, change: DurableChange) {
         if let Some(f) = self.on_durable_change.get() {
-            f();
+            f(&self.name, change);
         }
     }
 
@@ -232,7 +249,7 @@ impl Vhost {
         drop(all);
         self.topology_changed();
         if durable {
-            self.durable_changed();
+            self.durable_changed(DurableChange::Exchange(name.to_owned()));
         }
         Ok(())
     }
@@ -258,7 +275,7 @@ impl Vhost {
         drop(all);
         self.topology_changed();
         if e.durable {
-            self.durable_changed();
+            self.durable_changed(DurableChange::Exchange(name.to_owned()));
         }
         Ok(())
     }
@@ -298,13 +315,18 @@ impl Vhost {
             crate::exchange::headers::validate(args)?;
         }
         src.bindings.write().add(Binding {
-            destination: dest,
+            destination: dest.clone(),
             routing_key: routing_key.to_owned(),
             arguments: args.clone(),
         });
         self.topology_changed();
         if src.durable {
-            self.durable_changed();
+            self.durable_changed(DurableChange::Binding {
+                source: source.to_owned(),
+                destination: dest,
+                routing_key: routing_key.to_owned(),
+                arguments: args.clone(),
+            });
         }
         Ok(())
     }
@@ -318,16 +340,21 @@ impl Vhost {
     ) -> Result<()> {
         let src = self.binding_source(source, &dest)?;
         let removed = src.bindings.write().remove(&Binding {
-            destination: dest,
+            destination: dest.clone(),
             routing_key: routing_key.to_owned(),
             arguments: args.clone(),
         });
         if removed {
             self.topology_changed();
-            self.auto_delete_exchange(&src);
             if src.durable {
-                self.durable_changed();
+                self.durable_changed(DurableChange::Binding {
+                    source: source.to_owned(),
+                    destination: dest,
+                    routing_key: routing_key.to_owned(),
+                    arguments: args.clone(),
+                });
             }
+            self.auto_delete_exchange(&src);
         }
         Ok(())
     }
@@ -385,7 +412,7 @@ impl Vhost {
         self.queue_counters.declared();
         self.queue_counters.created();
         if spec.durable && spec.exclusive_owner.is_none() {
-            self.durable_changed();
+            self.durable_changed(DurableChange::Queue(spec.name.to_owned()));
         }
         Ok((q, true))
     }
@@ -460,7 +487,7 @@ impl Vhost {
             self.auto_delete_exchange(&e);
         }
         if q.durable && q.exclusive_owner.is_none() {
-            self.durable_changed();
+            self.durable_changed(DurableChange::Queue(name.to_owned()));
         }
         count
     }
@@ -576,10 +603,13 @@ impl Vhost {
                 self.policies.write()
             };
             list.retain(|x| x.name != p.name);
-            list.push(p);
+            list.push(p.clone());
         }
         self.reapply_policies();
-        self.durable_changed();
+        self.durable_changed(DurableChange::Policy {
+            name: p.name,
+            operator,
+        });
     }
 
     /// Removes a policy; false if there was none by that name.
@@ -596,7 +626,10 @@ impl Vhost {
         };
         if removed {
             self.reapply_policies();
-            self.durable_changed();
+            self.durable_changed(DurableChange::Policy {
+                name: name.to_owned(),
+                operator,
+            });
         }
         removed
     }

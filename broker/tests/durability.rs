@@ -806,3 +806,194 @@ async fn one_unacked_message_does_not_pin_the_log() {
     assert!(drain(&ch, "churn").await.is_empty());
     node.crash();
 }
+
+/// Declares, binds, unbinds and deletes go to the metadata journal (and the journal into a
+/// new snapshot once it outgrows the old one); after `kill -9` the node has exactly the
+/// topology the clients last saw, deletions cascading to bindings as they did live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_changes_are_journalled_and_survive_kill_9() {
+    let dir = data_dir("journal");
+    let node = Node::start(&dir).await;
+    let c = node.connect().await;
+    let ch = c.create_channel().await.unwrap();
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let no_args = FieldTable::default;
+    ch.exchange_declare("ex".into(), ExchangeKind::Topic, durable, no_args())
+        .await
+        .unwrap();
+    let name = |i: u32| format!("orders-service-replica-queue-{i:05}");
+    let n = 2400;
+    let mut queues = BTreeSet::new();
+    let mut bindings = BTreeSet::new();
+    for i in 0..n {
+        let q = name(i);
+        ch.queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            no_args(),
+        )
+        .await
+        .unwrap();
+        for (x, key) in [("amq.topic", format!("a.{i}.#")), ("ex", format!("e.{i}"))] {
+            ch.queue_bind(
+                q.as_str().into(),
+                x.into(),
+                key.as_str().into(),
+                QueueBindOptions::default(),
+                no_args(),
+            )
+            .await
+            .unwrap();
+            bindings.insert((x.to_owned(), q.clone(), key));
+        }
+        queues.insert(q);
+    }
+    for i in 0..n {
+        let q = name(i);
+        if i % 3 == 0 {
+            // Deleted with its bindings; every 9th comes back with one new binding.
+            ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .unwrap();
+            queues.remove(&q);
+            bindings.retain(|b| b.1 != q);
+            if i % 9 == 0 {
+                ch.queue_declare(
+                    q.as_str().into(),
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    no_args(),
+                )
+                .await
+                .unwrap();
+                ch.queue_bind(
+                    q.as_str().into(),
+                    "ex".into(),
+                    "again".into(),
+                    QueueBindOptions::default(),
+                    no_args(),
+                )
+                .await
+                .unwrap();
+                queues.insert(q.clone());
+                bindings.insert(("ex".into(), q, "again".into()));
+            }
+        } else if i % 5 == 0 {
+            let key = format!("a.{i}.#");
+            ch.queue_unbind(
+                q.as_str().into(),
+                "amq.topic".into(),
+                key.as_str().into(),
+                no_args(),
+            )
+            .await
+            .unwrap();
+            bindings.remove(&("amq.topic".to_owned(), q, key));
+        }
+    }
+    // A durable auto-delete exchange goes with its last binding; an exchange bound to "ex"
+    // and deleted takes that binding with it.
+    ch.exchange_declare(
+        "ad".into(),
+        ExchangeKind::Direct,
+        ExchangeDeclareOptions {
+            durable: true,
+            auto_delete: true,
+            ..Default::default()
+        },
+        no_args(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        name(1).as_str().into(),
+        "ad".into(),
+        "k".into(),
+        QueueBindOptions::default(),
+        no_args(),
+    )
+    .await
+    .unwrap();
+    ch.queue_unbind(name(1).as_str().into(), "ad".into(), "k".into(), no_args())
+        .await
+        .unwrap();
+    ch.exchange_declare("gone".into(), ExchangeKind::Fanout, durable, no_args())
+        .await
+        .unwrap();
+    ch.exchange_bind(
+        "gone".into(),
+        "ex".into(),
+        "#".into(),
+        ExchangeBindOptions::default(),
+        no_args(),
+    )
+    .await
+    .unwrap();
+    ch.exchange_delete("gone".into(), ExchangeDeleteOptions::default())
+        .await
+        .unwrap();
+    let snapshot = std::fs::metadata(dir.join("metadata.json")).unwrap().len();
+    assert!(
+        snapshot > 100_000,
+        "the journal was folded into a new snapshot ({snapshot} bytes)"
+    );
+    node.crash();
+
+    let node = Node::start(&dir).await;
+    let http = reqwest::Client::new();
+    let get = |path: &str| {
+        let url = format!("http://127.0.0.1:{}/api/{path}", node.mgmt);
+        let http = http.clone();
+        async move {
+            for _ in 0..100 {
+                if let Ok(r) = http
+                    .get(&url)
+                    .basic_auth("guest", Some("guest"))
+                    .send()
+                    .await
+                {
+                    assert!(r.status().is_success(), "GET {url}: {}", r.status());
+                    return r.json::<Vec<serde_json::Value>>().await.unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("GET {url} failed");
+        }
+    };
+    let got_queues: BTreeSet<String> = get("queues/%2F")
+        .await
+        .iter()
+        .map(|q| q["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(got_queues, queues);
+    let got_bindings: BTreeSet<(String, String, String)> = get("bindings/%2F")
+        .await
+        .iter()
+        .filter(|b| b["source"] != "")
+        .map(|b| {
+            (
+                b["source"].as_str().unwrap().to_owned(),
+                b["destination"].as_str().unwrap().to_owned(),
+                b["routing_key"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(got_bindings.len(), bindings.len());
+    assert_eq!(got_bindings, bindings);
+    let exchanges: BTreeSet<String> = get("exchanges/%2F")
+        .await
+        .iter()
+        .map(|x| x["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(exchanges.contains("ex"));
+    assert!(!exchanges.contains("ad") && !exchanges.contains("gone"));
+    node.crash();
+}

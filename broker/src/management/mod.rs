@@ -135,12 +135,18 @@ pub fn router(broker: Arc<Broker>) -> Router {
             )
         })
         .layer(axum::middleware::map_response(
-            move |req_method: axum::http::Method, resp: axum::response::Response| {
+            move |req_method: axum::http::Method,
+                  uri: axum::http::Uri,
+                  resp: axum::response::Response| {
                 let saver = saver.clone();
                 async move {
                     // Users, permissions, vhosts and parameters change only through this API:
-                    // a successful change is saved before the client hears of it.
-                    if req_method != axum::http::Method::GET && resp.status().is_success() {
+                    // a successful change is saved before the client hears of it. Exchanges,
+                    // queues, bindings and policies are journalled by the vhost as they change.
+                    if req_method != axum::http::Method::GET
+                        && resp.status().is_success()
+                        && !journalled(uri.path())
+                    {
                         tokio::task::spawn_blocking(move || saver.persist_metadata())
                             .await
                             .ok();
@@ -150,6 +156,20 @@ pub fn router(broker: Arc<Broker>) -> Router {
             },
         ))
         .with_state(broker)
+}
+
+/// API paths whose changes the vhost journals itself (one record per object), so they need no
+/// snapshot of all the metadata. Deleting a vhost, or importing definitions, is not one of them.
+fn journalled(path: &str) -> bool {
+    [
+        "/api/exchanges/",
+        "/api/queues/",
+        "/api/bindings/",
+        "/api/policies/",
+        "/api/operator-policies/",
+    ]
+    .iter()
+    .any(|p| path.starts_with(p))
 }
 
 /// An API error: status and RabbitMQ's `{"error", "reason"}` body.

@@ -1,11 +1,23 @@
 //! The node's metadata on disk: vhosts, users, permissions, policies, durable exchanges,
-//! durable queues and the bindings between durable objects. Rewritten atomically (temporary
-//! file, fsync, rename, fsync of the directory) after every change, before the client hears
-//! that the change succeeded. Arguments are kept AMQP-encoded, so types survive exactly.
+//! durable queues and the bindings between durable objects. Arguments are kept AMQP-encoded,
+//! so types survive exactly.
+//!
+//! Two files: a snapshot (`metadata.json`, rewritten atomically: temporary file, fsync,
+//! rename, fsync of the directory) and a journal (`metadata.journal`) of the changes since,
+//! one checksummed record per declared or deleted exchange, queue, binding or policy,
+//! appended and `fdatasync`ed before the client hears that the change succeeded. So a
+//! `queue.declare` costs a small append, not a rewrite of every queue the node has. Once the
+//! journal outgrows the snapshot (and 1 MiB), the next change writes a new snapshot and
+//! starts an empty journal. Both carry an epoch: a journal whose epoch is not the snapshot's
+//! is one the snapshot already contains (a crash between the two renames), and is ignored.
+//! Changes that are rare (users, permissions, vhosts, parameters) rewrite the snapshot.
 
-use std::fs::{self, File};
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+use super::frame;
 
 use amq_protocol::types::FieldTable;
 use base64::Engine;
@@ -13,9 +25,15 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 
 pub const FILE_NAME: &str = "metadata.json";
+pub const JOURNAL_NAME: &str = "metadata.journal";
+/// The journal is folded into a new snapshot once it is larger than the snapshot and this.
+const JOURNAL_MIN: u64 = 1 << 20;
 
 #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Snapshot {
+    /// Which journal continues this snapshot (0 in files written before the journal).
+    #[serde(default)]
+    pub epoch: u64,
     pub vhosts: Vec<String>,
     pub users: Vec<UserDef>,
     pub permissions: Vec<PermissionDef>,
@@ -62,7 +80,7 @@ pub struct TopicPermissionDef {
     pub read: String,
 }
 
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PolicyDef {
     pub vhost: String,
     pub name: String,
@@ -71,7 +89,7 @@ pub struct PolicyDef {
     pub body: serde_json::Value,
 }
 
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ExchangeDef {
     pub vhost: String,
     pub name: String,
@@ -81,7 +99,7 @@ pub struct ExchangeDef {
     pub arguments: String,
 }
 
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
 pub struct QueueDef {
     pub vhost: String,
     pub name: String,
@@ -89,7 +107,7 @@ pub struct QueueDef {
     pub arguments: String,
 }
 
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
 pub struct BindingDef {
     pub vhost: String,
     pub source: String,
@@ -97,6 +115,230 @@ pub struct BindingDef {
     pub destination_is_queue: bool,
     pub routing_key: String,
     pub arguments: String,
+}
+
+/// One journal record: the state of one object after a change (written while the node holds
+/// the journal, from the object as it is then, so records of racing changes to the same
+/// object still end with its final state).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum Change {
+    PutExchange(ExchangeDef),
+    /// The exchange is gone, and with it every binding from or to it.
+    DelExchange {
+        vhost: String,
+        name: String,
+    },
+    PutQueue(QueueDef),
+    /// The queue is gone, and with it every binding to it.
+    DelQueue {
+        vhost: String,
+        name: String,
+    },
+    PutBinding(BindingDef),
+    DelBinding(BindingDef),
+    PutPolicy(PolicyDef),
+    DelPolicy {
+        vhost: String,
+        name: String,
+        operator: bool,
+    },
+}
+
+type Key = (String, String);
+
+/// Applies journal records to a snapshot. Deletions cascade to bindings as in the broker: a
+/// binding survives only if it was put after the last deletion of its source and destination.
+pub fn apply(snap: &mut Snapshot, changes: Vec<Change>) {
+    if changes.is_empty() {
+        return;
+    }
+    let key = |v: &str, n: &str| (v.to_owned(), n.to_owned());
+    let mut exchanges: BTreeMap<Key, ExchangeDef> = std::mem::take(&mut snap.exchanges)
+        .into_iter()
+        .map(|e| (key(&e.vhost, &e.name), e))
+        .collect();
+    let mut queues: BTreeMap<Key, QueueDef> = std::mem::take(&mut snap.queues)
+        .into_iter()
+        .map(|q| (key(&q.vhost, &q.name), q))
+        .collect();
+    let mut policies: BTreeMap<(String, String, bool), PolicyDef> =
+        std::mem::take(&mut snap.policies)
+            .into_iter()
+            .map(|p| ((p.vhost.clone(), p.name.clone(), p.operator), p))
+            .collect();
+    // Bindings with the sequence number of the record that put them (0: the snapshot's).
+    let mut bindings: BTreeMap<BindingDef, usize> = std::mem::take(&mut snap.bindings)
+        .into_iter()
+        .map(|b| (b, 0))
+        .collect();
+    let mut exchange_gone: BTreeMap<Key, usize> = BTreeMap::new();
+    let mut queue_gone: BTreeMap<Key, usize> = BTreeMap::new();
+    for (i, c) in changes.into_iter().enumerate() {
+        let seq = i + 1;
+        match c {
+            Change::PutExchange(e) => {
+                exchanges.insert(key(&e.vhost, &e.name), e);
+            }
+            Change::DelExchange { vhost, name } => {
+                exchanges.remove(&key(&vhost, &name));
+                exchange_gone.insert((vhost, name), seq);
+            }
+            Change::PutQueue(q) => {
+                queues.insert(key(&q.vhost, &q.name), q);
+            }
+            Change::DelQueue { vhost, name } => {
+                queues.remove(&key(&vhost, &name));
+                queue_gone.insert((vhost, name), seq);
+            }
+            Change::PutBinding(b) => {
+                bindings.insert(b, seq);
+            }
+            Change::DelBinding(b) => {
+                bindings.remove(&b);
+            }
+            Change::PutPolicy(p) => {
+                policies.insert((p.vhost.clone(), p.name.clone(), p.operator), p);
+            }
+            Change::DelPolicy {
+                vhost,
+                name,
+                operator,
+            } => {
+                policies.remove(&(vhost, name, operator));
+            }
+        }
+    }
+    let after = |gone: &BTreeMap<Key, usize>, v: &str, n: &str, seq: usize| {
+        gone.get(&key(v, n)).is_none_or(|g| seq > *g)
+    };
+    snap.bindings = bindings
+        .into_iter()
+        .filter(|(b, seq)| {
+            after(&exchange_gone, &b.vhost, &b.source, *seq)
+                && if b.destination_is_queue {
+                    after(&queue_gone, &b.vhost, &b.destination, *seq)
+                } else {
+                    after(&exchange_gone, &b.vhost, &b.destination, *seq)
+                }
+        })
+        .map(|(b, _)| b)
+        .collect();
+    snap.exchanges = exchanges.into_values().collect();
+    snap.queues = queues.into_values().collect();
+    snap.policies = policies.into_values().collect();
+}
+
+/// The metadata files of a node: writes snapshots and appends to the journal.
+#[derive(Debug)]
+pub struct MetaStore {
+    dir: PathBuf,
+    epoch: u64,
+    journal: Option<File>,
+    journal_bytes: u64,
+    snapshot_bytes: u64,
+}
+
+impl MetaStore {
+    /// The store for `data_dir`, continuing the epoch of what [`load`] read (a new snapshot
+    /// is written before the first append).
+    pub fn new(data_dir: &Path, loaded: Option<&Snapshot>) -> Self {
+        Self {
+            dir: data_dir.to_owned(),
+            epoch: loaded.map_or(0, |s| s.epoch),
+            journal: None,
+            journal_bytes: 0,
+            snapshot_bytes: 0,
+        }
+    }
+
+    /// Writes `snap` as the new snapshot and starts an empty journal after it.
+    pub fn save(&mut self, mut snap: Snapshot) -> std::io::Result<()> {
+        self.journal = None;
+        snap.epoch = self.epoch + 1;
+        self.snapshot_bytes = save(&self.dir, &snap)?;
+        self.epoch = snap.epoch;
+        // The journal is replaced the same way, so a crash leaves the old one (whose epoch
+        // then no longer matches: ignored) or the new empty one.
+        let tmp = self.dir.join(format!("{JOURNAL_NAME}.tmp"));
+        let mut header = Vec::new();
+        frame::framed(&mut header, |out| {
+            out.extend_from_slice(&self.epoch.to_be_bytes())
+        });
+        {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&header)?;
+            f.sync_all()?;
+        }
+        fs::rename(&tmp, self.dir.join(JOURNAL_NAME))?;
+        File::open(&self.dir)?.sync_all()?;
+        self.journal = Some(
+            OpenOptions::new()
+                .append(true)
+                .open(self.dir.join(JOURNAL_NAME))?,
+        );
+        self.journal_bytes = header.len() as u64;
+        Ok(())
+    }
+
+    /// Appends changes and syncs them. Returns whether the journal has grown enough to be
+    /// folded into a new snapshot. An error leaves the journal closed: the caller writes a
+    /// snapshot (which also starts a new journal).
+    pub fn append(&mut self, changes: &[Change]) -> std::io::Result<bool> {
+        let Some(f) = self.journal.as_mut() else {
+            return Ok(true);
+        };
+        let mut buf = Vec::new();
+        for c in changes {
+            let json = serde_json::to_vec(c).map_err(std::io::Error::other)?;
+            frame::framed(&mut buf, |out| out.extend_from_slice(&json));
+        }
+        let written = f.write_all(&buf).and_then(|_| f.sync_data());
+        if let Err(e) = written {
+            self.journal = None;
+            return Err(e);
+        }
+        self.journal_bytes += buf.len() as u64;
+        Ok(self.journal_bytes > self.snapshot_bytes.max(JOURNAL_MIN))
+    }
+}
+
+/// The journal's records if its epoch is `epoch`; reading stops at the first torn or damaged
+/// record (a change whose append did not complete was never confirmed to anyone).
+fn read_journal(data_dir: &Path, epoch: u64) -> std::io::Result<Vec<Change>> {
+    let data = match fs::read(data_dir.join(JOURNAL_NAME)) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut at = 0;
+    let mut next = || {
+        let payload = frame::unframe(data.get(at..)?)?;
+        at += frame::HEADER + payload.len();
+        Some(payload)
+    };
+    match next() {
+        Some(h) if h == epoch.to_be_bytes() => {}
+        _ => return Ok(Vec::new()),
+    }
+    let mut out = Vec::new();
+    while let Some(p) = next() {
+        match serde_json::from_slice(p) {
+            Ok(c) => out.push(c),
+            Err(e) => {
+                tracing::error!("metadata journal record unreadable, the rest is ignored: {e}");
+                break;
+            }
+        }
+    }
+    if at < data.len() {
+        tracing::warn!(
+            records = out.len(),
+            "metadata journal ends with {} bytes of an incomplete record (a change cut off by a crash before it was acknowledged); ignored",
+            data.len() - at
+        );
+    }
+    Ok(out)
 }
 
 /// A field table as base64 of its AMQP encoding.
@@ -120,28 +362,32 @@ pub fn path(data_dir: &Path) -> PathBuf {
 }
 
 /// Writes the snapshot so that a crash leaves either the old or the new file, never a mix.
-pub fn save(data_dir: &Path, snap: &Snapshot) -> std::io::Result<()> {
+/// Returns its size.
+pub fn save(data_dir: &Path, snap: &Snapshot) -> std::io::Result<u64> {
     fs::create_dir_all(data_dir)?;
     let tmp = data_dir.join(format!("{FILE_NAME}.tmp"));
+    let bytes = serde_json::to_vec(snap).map_err(std::io::Error::other)?;
     {
         let mut f = File::create(&tmp)?;
-        let bytes = serde_json::to_vec_pretty(snap).map_err(std::io::Error::other)?;
         f.write_all(&bytes)?;
         f.sync_all()?;
     }
     fs::rename(&tmp, path(data_dir))?;
-    File::open(data_dir)?.sync_all()
+    File::open(data_dir)?.sync_all()?;
+    Ok(bytes.len() as u64)
 }
 
-/// Reads the saved snapshot; `None` on a fresh node.
+/// Reads the saved snapshot with the journal's changes applied; `None` on a fresh node.
 pub fn load(data_dir: &Path) -> std::io::Result<Option<Snapshot>> {
-    match fs::read(path(data_dir)) {
+    let mut snap: Snapshot = match fs::read(path(data_dir)) {
         Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
-    }
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let changes = read_journal(data_dir, snap.epoch)?;
+    apply(&mut snap, changes);
+    Ok(Some(snap))
 }
 
 #[cfg(test)]
@@ -172,5 +418,131 @@ mod tests {
         assert_eq!(decode_table(&back.queues[0].arguments), Some(t));
         fs::write(path(&dir), b"{not json").unwrap();
         assert!(load(&dir).is_err());
+    }
+
+    fn queue(name: &str) -> QueueDef {
+        QueueDef {
+            vhost: "/".into(),
+            name: name.into(),
+            auto_delete: false,
+            arguments: String::new(),
+        }
+    }
+
+    fn binding(source: &str, dest: &str, to_queue: bool) -> BindingDef {
+        BindingDef {
+            vhost: "/".into(),
+            source: source.into(),
+            destination: dest.into(),
+            destination_is_queue: to_queue,
+            routing_key: "k".into(),
+            arguments: String::new(),
+        }
+    }
+
+    fn exchange(name: &str) -> ExchangeDef {
+        ExchangeDef {
+            vhost: "/".into(),
+            name: name.into(),
+            kind: "topic".into(),
+            auto_delete: false,
+            internal: false,
+            arguments: String::new(),
+        }
+    }
+
+    #[test]
+    fn journal_records_apply_with_deletions_cascading_to_bindings() {
+        let mut snap = Snapshot {
+            queues: vec![queue("a"), queue("b")],
+            exchanges: vec![exchange("x")],
+            bindings: vec![binding("x", "a", true), binding("amq.topic", "b", true)],
+            ..Default::default()
+        };
+        apply(
+            &mut snap,
+            vec![
+                // a goes (and its binding from x); comes back, bound again afterwards.
+                Change::DelQueue {
+                    vhost: "/".into(),
+                    name: "a".into(),
+                },
+                Change::PutQueue(queue("a")),
+                Change::PutBinding(binding("amq.topic", "a", true)),
+                // b's binding is put, then b goes: the binding goes with it.
+                Change::PutBinding(binding("x", "b", true)),
+                Change::DelQueue {
+                    vhost: "/".into(),
+                    name: "b".into(),
+                },
+                // Exchange y bound to x, then x deleted: both directions go.
+                Change::PutExchange(exchange("y")),
+                Change::PutBinding(binding("y", "x", false)),
+                Change::DelExchange {
+                    vhost: "/".into(),
+                    name: "x".into(),
+                },
+                Change::PutBinding(binding("y", "a", true)),
+                Change::DelBinding(binding("y", "a", true)),
+                Change::PutBinding(binding("amq.topic", "y", false)),
+            ],
+        );
+        assert_eq!(snap.queues, vec![queue("a")]);
+        assert_eq!(snap.exchanges, vec![exchange("y")]);
+        assert_eq!(
+            snap.bindings,
+            vec![
+                binding("amq.topic", "a", true),
+                binding("amq.topic", "y", false)
+            ]
+        );
+    }
+
+    #[test]
+    fn journal_survives_a_torn_tail_and_a_stale_epoch_is_ignored() {
+        let dir = std::env::temp_dir().join(format!("warren-meta-j-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let mut store = MetaStore::new(&dir, None);
+        store.save(Snapshot::default()).unwrap();
+        for n in ["q1", "q2", "q3"] {
+            assert!(!store.append(&[Change::PutQueue(queue(n))]).unwrap());
+        }
+        let names = |s: Snapshot| s.queues.into_iter().map(|q| q.name).collect::<Vec<_>>();
+        assert_eq!(names(load(&dir).unwrap().unwrap()), ["q1", "q2", "q3"]);
+        // A crash in the middle of the last append: the records before it stand.
+        let j = dir.join(JOURNAL_NAME);
+        let len = fs::metadata(&j).unwrap().len();
+        let f = OpenOptions::new().write(true).open(&j).unwrap();
+        f.set_len(len - 5).unwrap();
+        assert_eq!(names(load(&dir).unwrap().unwrap()), ["q1", "q2"]);
+        // A snapshot written after the journal (its epoch moved on) already holds what that
+        // journal says: a crash before the journal was replaced leaves it ignored.
+        let loaded = load(&dir).unwrap().unwrap();
+        let mut store = MetaStore::new(&dir, Some(&loaded));
+        let stale = fs::read(&j).unwrap();
+        store
+            .save(Snapshot {
+                queues: vec![queue("only")],
+                ..Default::default()
+            })
+            .unwrap();
+        fs::write(&j, stale).unwrap();
+        assert_eq!(names(load(&dir).unwrap().unwrap()), ["only"]);
+        // The journal is folded into a snapshot once it outgrows it (and 1 MiB).
+        let mut store = MetaStore::new(&dir, load(&dir).unwrap().as_ref());
+        store.save(Snapshot::default()).unwrap();
+        let mut folded = false;
+        for i in 0..20_000 {
+            if store
+                .append(&[Change::PutQueue(queue(&format!("queue-{i}")))])
+                .unwrap()
+            {
+                folded = true;
+                break;
+            }
+        }
+        assert!(folded, "the journal asked to be folded into a snapshot");
+        let _ = fs::remove_dir_all(&dir);
     }
 }
