@@ -68,6 +68,16 @@ cleanup() {
     set +e
     local pid c
     for pid in "${PIDS[@]}"; do stop_warren "$pid"; done
+    if [ "$rc" != 0 ] && [ -n "${RUN_ID:-}" ] && [ -n "${KUBECTL:-}" ]; then
+        # What the control plane saw, before cleanup deletes it.
+        local ns
+        for ns in $("$KUBECTL" get ns -o name 2>/dev/null | grep -- "-$RUN_ID\$" | cut -d/ -f2); do
+            echo "---- objects and events in $ns ----" >&2
+            "$KUBECTL" -n "$ns" get rabbitclusters,statefulsets,pods,pvc -o wide >&2
+            "$KUBECTL" -n "$ns" get events --sort-by=.lastTimestamp 2>&1 | tail -n 30 >&2
+        done
+        "$KUBECTL" get pv -l "warren.dev/chart-test=$RUN_ID" -o wide >&2
+    fi
     for c in "${CLEANUP_CMDS[@]}"; do eval "$c" >/dev/null 2>&1; done
     if [ "$rc" != 0 ]; then
         for f in "$WORK"/*.log; do
