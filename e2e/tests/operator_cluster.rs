@@ -869,6 +869,18 @@ async fn tls_secrets_are_checked_and_a_renewed_certificate_rolls_the_pods() {
             && toml_text.contains("management-tls-listen = \"0.0.0.0:15671\""),
         "{toml_text}"
     );
+    // Prometheus too, and the pods say so for the chart's PodMonitor.
+    assert!(
+        toml_text.contains("prometheus-listen = \"none\"")
+            && toml_text.contains("prometheus-tls-listen = \"0.0.0.0:15691\""),
+        "{toml_text}"
+    );
+    for p in pods(&client, &ns, "sec").await {
+        assert_eq!(
+            p.labels().get("warren.dev/tls-only").map(String::as_str),
+            Some("true")
+        );
+    }
 
     // Renewing the certificate rolls the pods (the broker reads it at start).
     let hash = |p: &Pod| {

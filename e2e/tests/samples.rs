@@ -160,7 +160,7 @@ async fn every_sample_applies_and_the_clusters_become_ready() {
         "-o",
         "jsonpath={.spec.ports[*].name}",
     ]);
-    assert_eq!(svc, "amqps management-tls prometheus");
+    assert_eq!(svc, "amqps management-tls prometheus-tls");
 
     // `kubectl get warren` lists every kind; printer columns are there.
     let all = kubectl(&["get", "warren", "-n", &ns]);

@@ -25,6 +25,12 @@ pub const MANAGEMENT_PORT: i32 = 15672;
 /// The management API over HTTPS, on clusters with `spec.tls` (RabbitMQ's 15671).
 pub const MANAGEMENT_TLS_PORT: i32 = 15671;
 pub const PROMETHEUS_PORT: i32 = 15692;
+/// Prometheus metrics over HTTPS, on clusters with `spec.tls` (RabbitMQ's 15691).
+pub const PROMETHEUS_TLS_PORT: i32 = 15691;
+/// Pod label set on TLS-only clusters (no plain HTTP metrics port), so one PodMonitor can
+/// scrape `prometheus` over HTTP everywhere else and `prometheus-tls` over HTTPS there, never
+/// both on one pod.
+pub const TLS_ONLY_LABEL: &str = "warren.dev/tls-only";
 
 /// Where things live in the broker container.
 pub const DATA_DIR: &str = "/var/lib/warren";
@@ -192,6 +198,19 @@ fn management_ports(rc: &RabbitCluster) -> Vec<(&'static str, i32, &'static str)
     ports
 }
 
+/// The Prometheus endpoint's ports, like the management API's: plain HTTP unless the cluster
+/// is TLS only, HTTPS with TLS.
+fn prometheus_ports(rc: &RabbitCluster) -> Vec<(&'static str, i32, &'static str)> {
+    let mut ports = Vec::new();
+    if !tls_only(rc) {
+        ports.push(("prometheus", PROMETHEUS_PORT, "http"));
+    }
+    if rc.spec.tls.is_some() {
+        ports.push(("prometheus-tls", PROMETHEUS_TLS_PORT, "https"));
+    }
+    ports
+}
+
 /// Headless Service giving each node a stable DNS name (`<pod>.<name>-nodes`); it publishes
 /// addresses before pods are ready so nodes can find each other while starting.
 pub fn nodes_service(rc: &RabbitCluster) -> Result<Service, BuildError> {
@@ -227,7 +246,9 @@ pub fn client_service(rc: &RabbitCluster) -> Result<Service, BuildError> {
     for (name, port, app) in management_ports(rc) {
         ports.push(json!({"name": name, "port": port, "targetPort": port, "protocol": "TCP", "appProtocol": app}));
     }
-    ports.push(json!({"name": "prometheus", "port": PROMETHEUS_PORT, "targetPort": PROMETHEUS_PORT, "protocol": "TCP", "appProtocol": "http"}));
+    for (name, port, app) in prometheus_ports(rc) {
+        ports.push(json!({"name": name, "port": port, "targetPort": port, "protocol": "TCP", "appProtocol": app}));
+    }
     let mut meta = metadata(rc, client_service_name(rc));
     let mut service_labels = labels(rc);
     for (k, v) in &rc.spec.service.labels {
@@ -375,7 +396,9 @@ pub fn stateful_set(rc: &RabbitCluster, replicas: i32) -> Result<StatefulSet, Bu
     for (name, port, _) in management_ports(rc) {
         ports.push(json!({"name": name, "containerPort": port, "protocol": "TCP"}));
     }
-    ports.push(json!({"name": "prometheus", "containerPort": PROMETHEUS_PORT, "protocol": "TCP"}));
+    for (name, port, _) in prometheus_ports(rc) {
+        ports.push(json!({"name": name, "containerPort": port, "protocol": "TCP"}));
+    }
     if rc.spec.tls.is_some() {
         ports.push(json!({"name": "amqps", "containerPort": AMQPS_PORT, "protocol": "TCP"}));
     }
@@ -496,6 +519,9 @@ pub fn stateful_set(rc: &RabbitCluster, replicas: i32) -> Result<StatefulSet, Bu
 
     let mut template_labels = labels(rc);
     template_labels.extend(selector_labels(rc));
+    if tls_only(rc) {
+        template_labels.insert(TLS_ONLY_LABEL.to_string(), "true".to_string());
+    }
     let mut spec = json!({
         "replicas": replicas,
         "serviceName": nodes,
@@ -624,14 +650,15 @@ mod tests {
                 "amqps",
                 "management",
                 "management-tls",
-                "prometheus"
+                "prometheus",
+                "prometheus-tls"
             ]
         );
         assert_eq!(
             names(&cluster(
                 json!({"tls": {"secretName": "t", "disableNonTLSListeners": true}})
             )),
-            ["amqps", "management-tls", "prometheus"]
+            ["amqps", "management-tls", "prometheus-tls"]
         );
         let https = client_service(&cluster(json!({"tls": {"secretName": "t"}})))
             .expect("svc")
@@ -645,6 +672,19 @@ mod tests {
         assert_eq!(
             (https.port, https.app_protocol.as_deref()),
             (15671, Some("https"))
+        );
+        let metrics = client_service(&cluster(json!({"tls": {"secretName": "t"}})))
+            .expect("svc")
+            .spec
+            .expect("spec")
+            .ports
+            .expect("ports")
+            .into_iter()
+            .find(|p| p.name.as_deref() == Some("prometheus-tls"))
+            .expect("prometheus-tls");
+        assert_eq!(
+            (metrics.port, metrics.app_protocol.as_deref()),
+            (15691, Some("https"))
         );
     }
 
@@ -676,11 +716,27 @@ mod tests {
             ports(&tls),
             (
                 vec![5672, 15672, 15671],
-                vec![5672, 15672, 15671, 15692, 5671]
+                vec![5672, 15672, 15671, 15692, 15691, 5671]
             )
         );
         let only = cluster(json!({"tls": {"secretName": "t", "disableNonTLSListeners": true}}));
-        assert_eq!(ports(&only), (vec![5672, 15671], vec![15671, 15692, 5671]));
+        assert_eq!(ports(&only), (vec![5672, 15671], vec![15671, 15691, 5671]));
+        // Only TLS-only pods carry the label a PodMonitor uses to scrape them over HTTPS.
+        let tls_only_label = |rc: &RabbitCluster| {
+            stateful_set(rc, 1)
+                .expect("sts")
+                .spec
+                .expect("spec")
+                .template
+                .metadata
+                .expect("meta")
+                .labels
+                .expect("labels")
+                .get(TLS_ONLY_LABEL)
+                .cloned()
+        };
+        assert_eq!(tls_only_label(&tls), None);
+        assert_eq!(tls_only_label(&only).as_deref(), Some("true"));
 
         // The operator's URL, the default user's management-uri and the CA it trusts.
         assert_eq!(management_url(&plain, "h"), "http://h:15672");

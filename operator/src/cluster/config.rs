@@ -7,7 +7,7 @@ use toml::Value;
 
 use super::build::{
     AMQP_PORT, AMQPS_PORT, CA_DIR, DATA_DIR, MANAGEMENT_PORT, MANAGEMENT_TLS_PORT, PROMETHEUS_PORT,
-    TLS_DIR,
+    PROMETHEUS_TLS_PORT, TLS_DIR,
 };
 use crate::crd::cluster::RabbitCluster;
 use kube::ResourceExt;
@@ -19,6 +19,7 @@ const OPERATOR_KEYS: &[&str] = &[
     "management-listen",
     "management-tls-listen",
     "prometheus-listen",
+    "prometheus-tls-listen",
     "amqps-listen",
     "tls-cert-file",
     "tls-key-file",
@@ -153,15 +154,24 @@ pub fn render(rc: &RabbitCluster) -> Result<String, ConfigError> {
             format!("0.0.0.0:{MANAGEMENT_PORT}")
         }),
     );
+    // Prometheus likewise: HTTPS on 15691 with TLS, plain HTTP off when TLS only.
     t.insert(
         "prometheus-listen".into(),
-        s(&format!("0.0.0.0:{PROMETHEUS_PORT}")),
+        s(&if tls_only {
+            "none".to_string()
+        } else {
+            format!("0.0.0.0:{PROMETHEUS_PORT}")
+        }),
     );
     if let Some(tls) = &rc.spec.tls {
         t.insert("amqps-listen".into(), s(&format!("0.0.0.0:{AMQPS_PORT}")));
         t.insert(
             "management-tls-listen".into(),
             s(&format!("0.0.0.0:{MANAGEMENT_TLS_PORT}")),
+        );
+        t.insert(
+            "prometheus-tls-listen".into(),
+            s(&format!("0.0.0.0:{PROMETHEUS_TLS_PORT}")),
         );
         t.insert("tls-cert-file".into(), s(&format!("{TLS_DIR}/tls.crt")));
         t.insert("tls-key-file".into(), s(&format!("{TLS_DIR}/tls.key")));
@@ -320,6 +330,7 @@ mod tests {
         let c = broker_accepts(&text);
         assert_eq!(c.management_listen, Some(([0, 0, 0, 0], 15672).into()));
         assert_eq!(c.management_tls_listen, None);
+        assert_eq!(c.prometheus_tls_listen, None);
 
         let text = render(&cluster(json!({"tls": {"secretName": "t"}}))).expect("render");
         let c = broker_accepts(&text);
@@ -327,6 +338,8 @@ mod tests {
         assert_eq!(c.management_tls_listen, Some(([0, 0, 0, 0], 15671).into()));
         assert!(c.https_files().is_some());
         assert_eq!(c.amqp_listen, Some(([0, 0, 0, 0], 5672).into()));
+        assert_eq!(c.prometheus_listen, Some(([0, 0, 0, 0], 15692).into()));
+        assert_eq!(c.prometheus_tls_listen, Some(([0, 0, 0, 0], 15691).into()));
 
         let text = render(&cluster(json!({"tls": {
             "secretName": "t", "caSecretName": "ca", "disableNonTLSListeners": true,
@@ -340,8 +353,9 @@ mod tests {
         // The management listener asks for no client certificate, even with a CA.
         assert_eq!(c.https_files().expect("https").ca, None);
         assert!(c.tls_files().expect("amqps").ca.is_some());
-        // Prometheus stays on plain HTTP.
-        assert_eq!(c.prometheus_listen, Some(([0, 0, 0, 0], 15692).into()));
+        // Prometheus is served over HTTPS only, as RabbitMQ's operator does.
+        assert_eq!(c.prometheus_listen, None);
+        assert_eq!(c.prometheus_tls_listen, Some(([0, 0, 0, 0], 15691).into()));
 
         let err = render(&cluster(json!({"config": {"additionalConfig": {
             "management-tls-listen": "\"0.0.0.0:1\"",
