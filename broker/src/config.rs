@@ -124,6 +124,14 @@ pub struct Cli {
     /// `CN=alice,O=Example,C=GB` [default: common_name].
     #[arg(long, env = "WARREN_SSL_CERT_LOGIN_FROM")]
     pub ssl_cert_login_from: Option<crate::tls::CertLoginFrom>,
+    /// With --ssl-cert-login-from subject_alternative_name: the type of subject alternative
+    /// name that is the user name: dns, ip, email or uri [default: dns].
+    #[arg(long, env = "WARREN_SSL_CERT_LOGIN_SAN_TYPE")]
+    pub ssl_cert_login_san_type: Option<crate::tls::SanType>,
+    /// With --ssl-cert-login-from subject_alternative_name: which name of that type, from 0
+    /// [default: 0].
+    #[arg(long, env = "WARREN_SSL_CERT_LOGIN_SAN_INDEX")]
+    pub ssl_cert_login_san_index: Option<usize>,
 }
 
 /// One-shot clients of the local node's management API (for Kubernetes probes and hooks).
@@ -221,6 +229,8 @@ pub struct FileConfig {
     pub disk_free_limit: Option<u64>,
     pub message_memory_budget: Option<MemoryBudget>,
     pub ssl_cert_login_from: Option<crate::tls::CertLoginFrom>,
+    pub ssl_cert_login_san_type: Option<crate::tls::SanType>,
+    pub ssl_cert_login_san_index: Option<usize>,
 }
 
 /// Resolved settings the broker runs with.
@@ -261,6 +271,9 @@ pub struct Config {
     pub message_memory_budget: MemoryBudget,
     /// Where a SASL EXTERNAL login's user name comes from in the client certificate.
     pub ssl_cert_login_from: crate::tls::CertLoginFrom,
+    /// With `SubjectAltName`: the type and index (from 0) of the name used.
+    pub ssl_cert_login_san_type: crate::tls::SanType,
+    pub ssl_cert_login_san_index: usize,
 }
 
 /// `message-memory-budget`: bytes, or a fraction of the memory high watermark.
@@ -423,6 +436,8 @@ impl Default for Config {
             disk_free_limit: 50_000_000,
             message_memory_budget: MemoryBudget::Fraction(0.5),
             ssl_cert_login_from: crate::tls::CertLoginFrom::CommonName,
+            ssl_cert_login_san_type: crate::tls::SanType::Dns,
+            ssl_cert_login_san_index: 0,
         }
     }
 }
@@ -544,6 +559,14 @@ impl Config {
                 .ssl_cert_login_from
                 .or(file.ssl_cert_login_from)
                 .unwrap_or(d.ssl_cert_login_from),
+            ssl_cert_login_san_type: cli
+                .ssl_cert_login_san_type
+                .or(file.ssl_cert_login_san_type)
+                .unwrap_or(d.ssl_cert_login_san_type),
+            ssl_cert_login_san_index: cli
+                .ssl_cert_login_san_index
+                .or(file.ssl_cert_login_san_index)
+                .unwrap_or(d.ssl_cert_login_san_index),
         };
         c.validate()?;
         Ok(c)
@@ -954,6 +977,32 @@ mod tests {
         })
         .unwrap();
         assert_eq!(c.ssl_cert_login_from, CertLoginFrom::CommonName);
+        std::fs::write(
+            &path,
+            "ssl-cert-login-from = \"subject_alt_name\"\nssl-cert-login-san-type = \"uri\"\nssl-cert-login-san-index = 2\n",
+        )
+        .unwrap();
+        let c = Config::resolve(Cli {
+            config: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (
+                c.ssl_cert_login_from,
+                c.ssl_cert_login_san_type,
+                c.ssl_cert_login_san_index
+            ),
+            (CertLoginFrom::SubjectAltName, crate::tls::SanType::Uri, 2)
+        );
+        std::fs::write(&path, "ssl-cert-login-san-type = \"other_name\"\n").unwrap();
+        let e = Config::resolve(Cli {
+            config: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("other_name is not supported"), "{e}");
         std::fs::write(&path, "ssl-cert-login-from = \"subject\"\n").unwrap();
         let e = Config::resolve(Cli {
             config: Some(path),

@@ -336,7 +336,9 @@ fn external_login(
              this is not a TLS connection"
         }));
     };
-    let name = crate::tls::cert_login_name(cert, broker.config.ssl_cert_login_from)
+    let c = &broker.config;
+    let san = (c.ssl_cert_login_san_type, c.ssl_cert_login_san_index);
+    let name = crate::tls::cert_login_name(cert, c.ssl_cert_login_from, san)
         .map_err(|e| AmqpError::access_refused(format!("EXTERNAL authentication refused: {e}")))?;
     broker.access.authenticate_external(&name, peer.ip())
 }

@@ -143,6 +143,64 @@ pub enum CertLoginFrom {
     CommonName,
     /// The whole subject in RabbitMQ's RFC 4514 form, e.g. `CN=alice,O=Example,C=GB`.
     DistinguishedName,
+    /// A subject alternative name: the `ssl-cert-login-san-index`th (from 0) of the type
+    /// `ssl-cert-login-san-type`.
+    SubjectAltName,
+}
+
+/// `ssl-cert-login-san-type`: which kind of subject alternative name is the user name
+/// (RabbitMQ's `ssl_cert_login_san_type`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SanType {
+    #[default]
+    Dns,
+    Ip,
+    Email,
+    Uri,
+}
+
+impl SanType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SanType::Dns => "dns",
+            SanType::Ip => "ip",
+            SanType::Email => "email",
+            SanType::Uri => "uri",
+        }
+    }
+}
+
+impl std::fmt::Display for SanType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for SanType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "dns" => Ok(SanType::Dns),
+            "ip" => Ok(SanType::Ip),
+            "email" => Ok(SanType::Email),
+            "uri" => Ok(SanType::Uri),
+            "other_name" => Err(
+                "ssl-cert-login-san-type: other_name is not supported (use dns, ip, email or uri)"
+                    .into(),
+            ),
+            _ => Err(format!(
+                "ssl-cert-login-san-type: '{s}' is none of dns, ip, email, uri"
+            )),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SanType {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl CertLoginFrom {
@@ -150,6 +208,7 @@ impl CertLoginFrom {
         match self {
             CertLoginFrom::CommonName => "common_name",
             CertLoginFrom::DistinguishedName => "distinguished_name",
+            CertLoginFrom::SubjectAltName => "subject_alternative_name",
         }
     }
 }
@@ -167,8 +226,10 @@ impl std::str::FromStr for CertLoginFrom {
         match s.trim() {
             "common_name" => Ok(CertLoginFrom::CommonName),
             "distinguished_name" => Ok(CertLoginFrom::DistinguishedName),
+            // RabbitMQ accepts both spellings.
+            "subject_alternative_name" | "subject_alt_name" => Ok(CertLoginFrom::SubjectAltName),
             _ => Err(format!(
-                "ssl-cert-login-from: '{s}' is neither common_name nor distinguished_name"
+                "ssl-cert-login-from: '{s}' is none of common_name, distinguished_name, subject_alternative_name"
             )),
         }
     }
@@ -183,7 +244,11 @@ impl<'de> serde::Deserialize<'de> for CertLoginFrom {
 
 /// The user name a client certificate (DER, as the TLS handshake verified it) logs in as with
 /// SASL EXTERNAL. The error says what is wrong with the certificate; it goes to the client.
-pub fn cert_login_name(der: &[u8], from: CertLoginFrom) -> Result<String, String> {
+pub fn cert_login_name(
+    der: &[u8],
+    from: CertLoginFrom,
+    san: (SanType, usize),
+) -> Result<String, String> {
     use x509_parser::prelude::{FromDer, X509Certificate};
     let (_, cert) = X509Certificate::from_der(der)
         .map_err(|e| format!("the client certificate cannot be parsed: {e}"))?;
@@ -202,6 +267,7 @@ pub fn cert_login_name(der: &[u8], from: CertLoginFrom) -> Result<String, String
             cns.join(",")
         }
         CertLoginFrom::DistinguishedName => subject_dn(subject)?,
+        CertLoginFrom::SubjectAltName => subject_alt_name(&cert, san.0, san.1)?,
     };
     if name.is_empty() {
         return Err(format!(
@@ -209,6 +275,44 @@ pub fn cert_login_name(der: &[u8], from: CertLoginFrom) -> Result<String, String
         ));
     }
     Ok(name)
+}
+
+/// The `index`th (from 0) subject alternative name of type `kind`.
+fn subject_alt_name(
+    cert: &x509_parser::prelude::X509Certificate<'_>,
+    kind: SanType,
+    index: usize,
+) -> Result<String, String> {
+    use x509_parser::extensions::GeneralName;
+    let ext = cert.subject_alternative_name().map_err(|e| {
+        format!("the client certificate's subject alternative names cannot be parsed: {e}")
+    })?;
+    let names: Vec<String> = ext
+        .map(|e| e.value.general_names.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|n| match (kind, n) {
+            (SanType::Dns, GeneralName::DNSName(d)) => Some((*d).to_owned()),
+            (SanType::Email, GeneralName::RFC822Name(m)) => Some((*m).to_owned()),
+            (SanType::Uri, GeneralName::URI(u)) => Some((*u).to_owned()),
+            (SanType::Ip, GeneralName::IPAddress(b)) => match b.len() {
+                4 => <[u8; 4]>::try_from(*b)
+                    .ok()
+                    .map(|a| std::net::Ipv4Addr::from(a).to_string()),
+                16 => <[u8; 16]>::try_from(*b)
+                    .ok()
+                    .map(|a| std::net::Ipv6Addr::from(a).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    names.get(index).cloned().ok_or_else(|| {
+        format!(
+            "the client certificate has {} subject alternative name(s) of type {kind}, so none at index {index} to log in as",
+            names.len()
+        )
+    })
 }
 
 /// A subject as RabbitMQ's `rabbit_cert_info:subject/1` writes it (RFC 4514): the last RDN
@@ -347,6 +451,55 @@ mod tests {
         p.self_signed(&key).unwrap().der().to_vec()
     }
 
+    const SAN: (SanType, usize) = (SanType::Dns, 0);
+
+    #[test]
+    fn subject_alternative_names_by_type_and_index() {
+        use rcgen::SanType as R;
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name = DistinguishedName::new();
+        p.distinguished_name.push(DnType::CommonName, "cn-name");
+        p.subject_alt_names = vec![
+            R::DnsName("first.example".try_into().unwrap()),
+            R::Rfc822Name("alice@example.com".try_into().unwrap()),
+            R::DnsName("second.example".try_into().unwrap()),
+            R::IpAddress("10.1.2.3".parse().unwrap()),
+            R::IpAddress("2001:db8::1".parse().unwrap()),
+            R::URI("spiffe://example.org/ns/apps/sa/orders".try_into().unwrap()),
+        ];
+        let key = KeyPair::generate().unwrap();
+        let der = p.self_signed(&key).unwrap().der().to_vec();
+        let san = |t, i| cert_login_name(&der, CertLoginFrom::SubjectAltName, (t, i));
+        assert_eq!(san(SanType::Dns, 0).unwrap(), "first.example");
+        assert_eq!(san(SanType::Dns, 1).unwrap(), "second.example");
+        assert_eq!(san(SanType::Email, 0).unwrap(), "alice@example.com");
+        assert_eq!(san(SanType::Ip, 0).unwrap(), "10.1.2.3");
+        assert_eq!(san(SanType::Ip, 1).unwrap(), "2001:db8::1");
+        assert_eq!(
+            san(SanType::Uri, 0).unwrap(),
+            "spiffe://example.org/ns/apps/sa/orders"
+        );
+        let e = san(SanType::Dns, 2).unwrap_err();
+        assert!(
+            e.contains("2 subject alternative name(s) of type dns"),
+            "{e}"
+        );
+        // A certificate without the extension.
+        let plain = cert(&[(DnType::CommonName, utf8("x"))]);
+        let e = cert_login_name(&plain, CertLoginFrom::SubjectAltName, SAN).unwrap_err();
+        assert!(e.contains("0 subject alternative name(s)"), "{e}");
+        assert_eq!(
+            "subject_alt_name".parse::<CertLoginFrom>(),
+            Ok(CertLoginFrom::SubjectAltName)
+        );
+        assert!(
+            "other_name"
+                .parse::<SanType>()
+                .unwrap_err()
+                .contains("not supported")
+        );
+    }
+
     fn utf8(s: &str) -> DnValue {
         DnValue::Utf8String(s.to_owned())
     }
@@ -360,12 +513,12 @@ mod tests {
             (DnType::CommonName, utf8("alice")),
         ]);
         assert_eq!(
-            cert_login_name(&der, CertLoginFrom::CommonName).unwrap(),
+            cert_login_name(&der, CertLoginFrom::CommonName, SAN).unwrap(),
             "alice"
         );
         // RabbitMQ's order: the last RDN first.
         assert_eq!(
-            cert_login_name(&der, CertLoginFrom::DistinguishedName).unwrap(),
+            cert_login_name(&der, CertLoginFrom::DistinguishedName, SAN).unwrap(),
             "CN=alice,OU=Ops,O=Example,C=GB"
         );
         // Less usual attribute types: RabbitMQ's short names, else the dotted OID.
@@ -380,7 +533,7 @@ mod tests {
             (DnType::CommonName, utf8("bob")),
         ]);
         assert_eq!(
-            cert_login_name(&der, CertLoginFrom::DistinguishedName).unwrap(),
+            cert_login_name(&der, CertLoginFrom::DistinguishedName, SAN).unwrap(),
             "CN=bob,1.2.3.4=x,ST=England,L=London,DC=example"
         );
     }
@@ -388,17 +541,17 @@ mod tests {
     #[test]
     fn a_certificate_without_a_common_name() {
         let der = cert(&[(DnType::OrganizationName, utf8("Example"))]);
-        let e = cert_login_name(&der, CertLoginFrom::CommonName).unwrap_err();
+        let e = cert_login_name(&der, CertLoginFrom::CommonName, SAN).unwrap_err();
         assert!(e.contains("no common name (CN)"), "{e}");
         // The DN is still a name.
         assert_eq!(
-            cert_login_name(&der, CertLoginFrom::DistinguishedName).unwrap(),
+            cert_login_name(&der, CertLoginFrom::DistinguishedName, SAN).unwrap(),
             "O=Example"
         );
         let empty = cert(&[]);
-        let e = cert_login_name(&empty, CertLoginFrom::DistinguishedName).unwrap_err();
+        let e = cert_login_name(&empty, CertLoginFrom::DistinguishedName, SAN).unwrap_err();
         assert!(e.contains("empty user name"), "{e}");
-        let e = cert_login_name(&empty, CertLoginFrom::CommonName).unwrap_err();
+        let e = cert_login_name(&empty, CertLoginFrom::CommonName, SAN).unwrap_err();
         assert!(e.contains("no common name"), "{e}");
     }
 
@@ -413,11 +566,11 @@ mod tests {
             (DnType::CommonName, utf8("a,b")),
         ]);
         assert_eq!(
-            cert_login_name(&der, CertLoginFrom::CommonName).unwrap(),
+            cert_login_name(&der, CertLoginFrom::CommonName, SAN).unwrap(),
             "a,b"
         );
         assert_eq!(
-            cert_login_name(&der, CertLoginFrom::DistinguishedName).unwrap(),
+            cert_login_name(&der, CertLoginFrom::DistinguishedName, SAN).unwrap(),
             r#"CN=a\,b,OU=\ Caf\C3\A9\7E,O=\#Acme\, Inc. \+ \"Co\" \<x\>\;\\\ "#
         );
     }
@@ -443,11 +596,11 @@ mod tests {
             ),
         ]);
         assert_eq!(
-            cert_login_name(&der, CertLoginFrom::CommonName).unwrap(),
+            cert_login_name(&der, CertLoginFrom::CommonName, SAN).unwrap(),
             "zoë"
         );
         assert_eq!(
-            cert_login_name(&der, CertLoginFrom::DistinguishedName).unwrap(),
+            cert_login_name(&der, CertLoginFrom::DistinguishedName, SAN).unwrap(),
             r"CN=zo\C3\AB,OU=Teletex,O=\CE\A9mega,C=GB"
         );
     }
@@ -455,13 +608,13 @@ mod tests {
     #[test]
     fn what_is_not_a_certificate_is_an_error_not_a_panic() {
         for junk in [&b""[..], b"\x30", b"\x30\x03\x02\x01\x00", &[0xff; 64]] {
-            let e = cert_login_name(junk, CertLoginFrom::CommonName).unwrap_err();
+            let e = cert_login_name(junk, CertLoginFrom::CommonName, SAN).unwrap_err();
             assert!(e.contains("cannot be parsed"), "{e}");
         }
         // A truncated real certificate.
         let der = cert(&[(DnType::CommonName, utf8("alice"))]);
         for n in [1, der.len() / 2, der.len() - 1] {
-            assert!(cert_login_name(&der[..n], CertLoginFrom::DistinguishedName).is_err());
+            assert!(cert_login_name(&der[..n], CertLoginFrom::DistinguishedName, SAN).is_err());
         }
     }
 

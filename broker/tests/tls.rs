@@ -22,7 +22,7 @@ use rcgen::{
 };
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use warren_broker::tls::{CertLoginFrom, TlsFiles};
+use warren_broker::tls::{CertLoginFrom, SanType, TlsFiles};
 use warren_broker::{Broker, Config};
 
 /// PEM files of one test PKI: a CA, a server certificate for localhost/127.0.0.1, a client
@@ -103,8 +103,18 @@ impl Pki {
     /// A client certificate of our CA with exactly this subject (first = outermost RDN), and
     /// its key, both PEM.
     fn client_cert(&self, subject: &[(DnType, &str)]) -> (String, String) {
+        self.client_cert_with_sans(subject, Vec::new())
+    }
+
+    /// The same with subject alternative names.
+    fn client_cert_with_sans(
+        &self,
+        subject: &[(DnType, &str)],
+        sans: Vec<rcgen::SanType>,
+    ) -> (String, String) {
         let key = KeyPair::generate().unwrap();
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names = sans;
         p.distinguished_name = DistinguishedName::new();
         for (t, v) in subject {
             p.distinguished_name.push(t.clone(), *v);
@@ -1052,6 +1062,50 @@ async fn sasl_external_with_the_distinguished_name() {
     let e = connect_external(b.tls, &pki, &other)
         .await
         .expect_err("a DN with no user logged in");
+    assert_eq!(common::code(&e), Some(403), "{e:?}");
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_external_with_a_subject_alternative_name() {
+    let pki = Pki::new("external-san");
+    let b = start_with(
+        &pki,
+        true,
+        Config {
+            ssl_cert_login_from: CertLoginFrom::SubjectAltName,
+            ssl_cert_login_san_type: SanType::Email,
+            ssl_cert_login_san_index: 1,
+            ..Config::default()
+        },
+    )
+    .await;
+    certificate_user(&b.mgmt, "erin@example.com", true).await;
+    // Neither the CN nor the first e-mail name is who the certificate logs in as.
+    certificate_user(&b.mgmt, "erin", true).await;
+    certificate_user(&b.mgmt, "shared@example.com", true).await;
+    let sans = |emails: &[&str]| {
+        let mut v = vec![rcgen::SanType::DnsName("erin.example".try_into().unwrap())];
+        for e in emails {
+            v.push(rcgen::SanType::Rfc822Name((*e).try_into().unwrap()));
+        }
+        v
+    };
+    let erin = pki.client_cert_with_sans(
+        &[(DnType::CommonName, "erin")],
+        sans(&["shared@example.com", "erin@example.com"]),
+    );
+    let conn = connect_external(b.tls, &pki, &erin).await.unwrap();
+    round_trip(&conn, "external-san-q").await;
+    let conns = get_json(&format!("{}/api/connections", b.mgmt)).await;
+    assert_eq!(conns[0]["user"], "erin@example.com", "{conns}");
+    conn.close(200, "bye".into()).await.unwrap();
+    // Only one e-mail name: none at index 1, refused with a reason.
+    let short =
+        pki.client_cert_with_sans(&[(DnType::CommonName, "erin")], sans(&["erin@example.com"]));
+    let e = connect_external(b.tls, &pki, &short)
+        .await
+        .expect_err("no name at index 1");
     assert_eq!(common::code(&e), Some(403), "{e:?}");
     let _ = std::fs::remove_dir_all(&pki.dir);
 }
