@@ -92,8 +92,37 @@ struct Inner {
 /// its publishers to pause.
 const FLOW_BACKLOG: u64 = 1000;
 
-/// Dead letters collected under the lock, published after it is released.
-type Letters = Vec<(Arc<Message>, DeadLetterReason)>;
+/// Dead letters collected under the lock, published after it is released, and the message
+/// log's removals of those messages. The removals are appended when this is dropped — after
+/// the letters were republished, so the target queues' enqueue records come first in the log:
+/// a crash in between leaves a dead-lettered persistent message in both queues (at least
+/// once), never in neither.
+#[derive(Default)]
+struct Letters {
+    list: Vec<(Arc<Message>, DeadLetterReason)>,
+    removes: Vec<Record>,
+    store: Option<Arc<MessageLog>>,
+}
+
+impl Letters {
+    fn new() -> Self {
+        Self::default()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+}
+
+impl Drop for Letters {
+    fn drop(&mut self) {
+        if let Some(store) = &self.store {
+            for r in self.removes.drain(..) {
+                store.append(&r);
+            }
+        }
+    }
+}
 
 /// Most messages read back in one batch (besides the byte bound, the budget's 1/16).
 const READ_AHEAD_COUNT: usize = 1024;
@@ -427,10 +456,17 @@ impl Queue {
         } else {
             self.read_now(g, &paged)
         };
+        let dead: std::collections::HashSet<MsgId> = fx
+            .iter()
+            .filter_map(|e| match e {
+                Effect::DeadLetter { id: Some(id), .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
         fx.retain_mut(|e| match e {
             Effect::DeadLetter { id, msg, reason } => {
                 match msg.take().or_else(|| id.and_then(|id| read.remove(&id))) {
-                    Some(m) => letters.push((m, *reason)),
+                    Some(m) => letters.list.push((m, *reason)),
                     None => tracing::error!(
                         queue = %self.name,
                         "a paged-out message could not be read back to be dead-lettered; dropped"
@@ -439,7 +475,19 @@ impl Queue {
                 false
             }
             Effect::Removed { id } => {
-                self.forget(&mut g.pages, *id);
+                match (&self.store, g.pages.get(id)) {
+                    // Dead-lettered: its removal waits until the letter is republished.
+                    (Some(store), Some(PageRef::Log(sid))) if dead.contains(id) => {
+                        letters.removes.push(Record::Remove {
+                            vhost: self.vhost_name.clone(),
+                            queue: self.name.clone(),
+                            sid: *sid,
+                        });
+                        letters.store.get_or_insert_with(|| store.clone());
+                        g.pages.remove(id);
+                    }
+                    _ => self.forget(&mut g.pages, *id),
+                }
                 false
             }
             _ => true,
@@ -1004,7 +1052,7 @@ impl Queue {
     }
 
     /// Routes dead letters through the queue's dead-letter exchange.
-    fn dead_letter(&self, letters: Letters, now: Millis) {
+    fn dead_letter(&self, mut letters: Letters, now: Millis) {
         if letters.is_empty() {
             return;
         }
@@ -1020,7 +1068,7 @@ impl Queue {
             )
         };
         let Some(dlx) = dlx else { return };
-        for (msg, reason) in letters {
+        for (msg, reason) in std::mem::take(&mut letters.list) {
             let (dead, keys) = crate::dead_letter::dead_letter(
                 &msg,
                 &self.name,
