@@ -580,6 +580,11 @@ cmd_start() {
         --leader-elect=false \
         --profiling=false \
         --v 1
+    # A pod found unschedulable (e.g. its claim not bound yet) waits for an event that may
+    # make it schedulable; if that requeue is missed it would wait 5 minutes for the periodic
+    # flush. CI once saw a pod with a pre-bound volume stay unscheduled past a 120 s wait and
+    # be scheduled at the next PV event: flush after 15 s instead. --v 2 logs why a pod
+    # could not be scheduled.
     launch kube-scheduler \
         --kubeconfig "$STATE/scheduler.kubeconfig" \
         --authentication-kubeconfig "$STATE/scheduler.kubeconfig" \
@@ -588,7 +593,8 @@ cmd_start() {
         --secure-port "$SCHED_PORT" \
         --leader-elect=false \
         --profiling=false \
-        --v 1
+        --pod-max-in-unschedulable-pods-duration 15s \
+        --v 2
     wait_for "kube-controller-manager /healthz on 127.0.0.1:$KCM_PORT" 60 kube-controller-manager kcm_ready
     wait_for "kube-scheduler /healthz on 127.0.0.1:$SCHED_PORT" 60 kube-scheduler sched_ready
 
