@@ -159,6 +159,28 @@ pub enum SanType {
     Uri,
 }
 
+/// `Display` through `as_str` and `Deserialize` through `FromStr`, for a setting whose value
+/// is one of a few names.
+macro_rules! named_setting {
+    ($t:ty) => {
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+named_setting!(SanType);
+named_setting!(CertLoginFrom);
+
 impl SanType {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -167,12 +189,6 @@ impl SanType {
             SanType::Email => "email",
             SanType::Uri => "uri",
         }
-    }
-}
-
-impl std::fmt::Display for SanType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -196,13 +212,6 @@ impl std::str::FromStr for SanType {
     }
 }
 
-impl<'de> serde::Deserialize<'de> for SanType {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
 impl CertLoginFrom {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -210,12 +219,6 @@ impl CertLoginFrom {
             CertLoginFrom::DistinguishedName => "distinguished_name",
             CertLoginFrom::SubjectAltName => "subject_alternative_name",
         }
-    }
-}
-
-impl std::fmt::Display for CertLoginFrom {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -232,13 +235,6 @@ impl std::str::FromStr for CertLoginFrom {
                 "ssl-cert-login-from: '{s}' is none of common_name, distinguished_name, subject_alternative_name"
             )),
         }
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for CertLoginFrom {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
     }
 }
 

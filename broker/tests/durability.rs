@@ -579,16 +579,7 @@ async fn drain_flags(ch: &lapin::Channel, q: &str) -> Vec<(String, bool)> {
 async fn publish_durable(node: &Node, q: &str, bodies: std::ops::Range<u32>) {
     let c = node.connect().await;
     let ch = c.create_channel().await.unwrap();
-    ch.queue_declare(
-        q.into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    common::declare_durable(&ch, q).await;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
@@ -841,26 +832,9 @@ async fn topology_changes_are_journalled_and_survive_kill_9() {
             batch = std::time::Instant::now();
         }
         let q = name(i);
-        ch.queue_declare(
-            q.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            no_args(),
-        )
-        .await
-        .unwrap();
+        common::declare_durable(&ch, &q).await;
         for (x, key) in [("amq.topic", format!("a.{i}.#")), ("ex", format!("e.{i}"))] {
-            ch.queue_bind(
-                q.as_str().into(),
-                x.into(),
-                key.as_str().into(),
-                QueueBindOptions::default(),
-                no_args(),
-            )
-            .await
-            .unwrap();
+            common::bind(&ch, &q, x, &key).await;
             bindings.insert((x.to_owned(), q.clone(), key));
         }
         queues.insert(q);
@@ -875,25 +849,8 @@ async fn topology_changes_are_journalled_and_survive_kill_9() {
             queues.remove(&q);
             bindings.retain(|b| b.1 != q);
             if i % 9 == 0 {
-                ch.queue_declare(
-                    q.as_str().into(),
-                    QueueDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
-                    no_args(),
-                )
-                .await
-                .unwrap();
-                ch.queue_bind(
-                    q.as_str().into(),
-                    "ex".into(),
-                    "again".into(),
-                    QueueBindOptions::default(),
-                    no_args(),
-                )
-                .await
-                .unwrap();
+                common::declare_durable(&ch, &q).await;
+                common::bind(&ch, &q, "ex", "again").await;
                 queues.insert(q.clone());
                 bindings.insert(("ex".into(), q, "again".into()));
             }
@@ -924,15 +881,7 @@ async fn topology_changes_are_journalled_and_survive_kill_9() {
     )
     .await
     .unwrap();
-    ch.queue_bind(
-        name(1).as_str().into(),
-        "ad".into(),
-        "k".into(),
-        QueueBindOptions::default(),
-        no_args(),
-    )
-    .await
-    .unwrap();
+    common::bind(&ch, &name(1), "ad", "k").await;
     ch.queue_unbind(name(1).as_str().into(), "ad".into(), "k".into(), no_args())
         .await
         .unwrap();

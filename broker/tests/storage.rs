@@ -80,17 +80,7 @@ async fn tx_commit_ok_comes_after_the_messages_are_on_disk() {
     .unwrap();
     let (a, c2) = tokio::join!(ch.tx_commit(), async {
         let ch2 = b.connect().await.create_channel().await.unwrap();
-        ch2.queue_declare(
-            "txq".into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap()
-        .message_count()
+        common::message_count(&ch2, "txq").await
     });
     a.unwrap();
     assert!(c2 >= 400, "{c2}");
@@ -171,19 +161,7 @@ async fn a_dead_lettered_message_survives_a_crash_at_any_point() {
         .unwrap();
     // A confirmed publish after the reject: the log has synced everything before it.
     for _ in 0..100 {
-        let n = ch
-            .queue_declare(
-                "dl-target".into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap()
-            .message_count();
-        if n == 1 {
+        if common::message_count(&ch, "dl-target").await == 1 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;

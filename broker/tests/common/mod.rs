@@ -276,3 +276,45 @@ pub async fn publish_confirmed(
     .await
     .expect("confirm")
 }
+
+/// Declares a durable queue.
+pub async fn declare_durable(ch: &Channel, queue: &str) {
+    ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap();
+}
+
+/// Binds `queue` to `exchange` with `key`.
+pub async fn bind(ch: &Channel, queue: &str, exchange: &str, key: &str) {
+    ch.queue_bind(
+        queue.into(),
+        exchange.into(),
+        key.into(),
+        lapin::options::QueueBindOptions::default(),
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap();
+}
+
+/// Messages in `queue` (a passive declare).
+pub async fn message_count(ch: &Channel, queue: &str) -> u32 {
+    ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap()
+    .message_count()
+}
