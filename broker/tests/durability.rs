@@ -957,3 +957,145 @@ async fn topology_changes_are_journalled_and_survive_kill_9() {
     assert!(!exchanges.contains("ad") && !exchanges.contains("gone"));
     node.crash();
 }
+
+/// Topology changes acknowledged to a client survive `kill -9` at random moments: a declared
+/// queue exists afterwards with its binding, a deleted one does not come back. (The one
+/// operation under way when the node died may go either way.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_topology_changes_survive_kill_9() {
+    let rounds: usize = std::env::var("WARREN_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6);
+    let dir = data_dir("meta-crash");
+    let mut node = Node::start(&dir).await;
+    let mut exists: BTreeSet<String> = BTreeSet::new();
+    let mut bound: BTreeSet<String> = BTreeSet::new();
+    let mut deleted: BTreeSet<String> = BTreeSet::new();
+    let mut uncertain: BTreeSet<String> = BTreeSet::new();
+    let mut ops = 0usize;
+    for round in 0..rounds {
+        let c = node.connect().await;
+        let ch = c.create_channel().await.unwrap();
+        let worker = tokio::spawn(async move {
+            // (queue, what was acknowledged): 0 declared, 1 bound, 2 deleted; and the queue
+            // whose operation was under way when the connection died.
+            let mut acked: Vec<(String, u8)> = Vec::new();
+            let mut i = 0usize;
+            let in_flight = loop {
+                let q = format!("meta-crash-{round}-{i}");
+                let declare = ch.queue_declare(
+                    q.as_str().into(),
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                );
+                if declare.await.is_err() {
+                    break q;
+                }
+                acked.push((q.clone(), 0));
+                let bind = ch.queue_bind(
+                    q.as_str().into(),
+                    "amq.direct".into(),
+                    q.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                );
+                if bind.await.is_err() {
+                    break q;
+                }
+                acked.push((q.clone(), 1));
+                if i % 3 == 2 {
+                    let old = format!("meta-crash-{round}-{}", i - 1);
+                    let delete =
+                        ch.queue_delete(old.as_str().into(), QueueDeleteOptions::default());
+                    if delete.await.is_err() {
+                        break old;
+                    }
+                    acked.push((old, 2));
+                }
+                i += 1;
+            };
+            (acked, in_flight)
+        });
+        let wait = 150 + (round as u64 * 131) % 350;
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        let _ = node.crash();
+        let (acked, in_flight) = worker.await.unwrap();
+        ops += acked.len();
+        for (q, what) in acked {
+            match what {
+                0 => {
+                    exists.insert(q);
+                }
+                1 => {
+                    bound.insert(q);
+                }
+                _ => {
+                    exists.remove(&q);
+                    bound.remove(&q);
+                    deleted.insert(q);
+                }
+            }
+        }
+        uncertain.insert(in_flight);
+        node = Node::start(&dir).await;
+    }
+    let http = reqwest::Client::new();
+    let get = |path: &str| {
+        let url = format!("http://127.0.0.1:{}/api/{path}", node.mgmt);
+        let http = http.clone();
+        async move {
+            for _ in 0..100 {
+                if let Ok(r) = http
+                    .get(&url)
+                    .basic_auth("guest", Some("guest"))
+                    .send()
+                    .await
+                {
+                    return r.json::<Vec<serde_json::Value>>().await.unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("GET {url} failed");
+        }
+    };
+    let queues: BTreeSet<String> = get("queues/%2F")
+        .await
+        .iter()
+        .map(|q| q["name"].as_str().unwrap().to_owned())
+        .collect();
+    let bindings: BTreeSet<String> = get("bindings/%2F")
+        .await
+        .iter()
+        .filter(|b| b["source"] == "amq.direct")
+        .map(|b| b["destination"].as_str().unwrap().to_owned())
+        .collect();
+    eprintln!(
+        "metadata crash test: {rounds} kill -9 rounds, {ops} acknowledged changes, {} queues kept, {} deleted",
+        exists.len(),
+        deleted.len()
+    );
+    assert!(ops > 0, "no topology change was acknowledged");
+    let lost: Vec<_> = exists
+        .difference(&queues)
+        .filter(|q| !uncertain.contains(*q))
+        .collect();
+    assert!(lost.is_empty(), "acknowledged queues lost: {lost:?}");
+    let unbound: Vec<_> = bound
+        .difference(&bindings)
+        .filter(|q| !uncertain.contains(*q))
+        .collect();
+    assert!(
+        unbound.is_empty(),
+        "acknowledged bindings lost: {unbound:?}"
+    );
+    let back: Vec<_> = deleted
+        .intersection(&queues)
+        .filter(|q| !uncertain.contains(*q))
+        .collect();
+    assert!(back.is_empty(), "deleted queues came back: {back:?}");
+    node.crash();
+}
