@@ -963,29 +963,27 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("warren-cfg-certlogin-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("warren.toml");
-        std::fs::write(&path, "ssl-cert-login-from = \"distinguished_name\"\n").unwrap();
-        let c = Config::resolve(Cli {
-            config: Some(path.clone()),
-            ..Default::default()
-        })
-        .unwrap();
+        // The configuration resolved from a file with this text (and `cli`'s other fields).
+        let from_file = |text: &str, cli: Cli| {
+            std::fs::write(&path, text).unwrap();
+            Config::resolve(Cli {
+                config: Some(path.clone()),
+                ..cli
+            })
+        };
+        let dn = "ssl-cert-login-from = \"distinguished_name\"\n";
+        let c = from_file(dn, Cli::default()).unwrap();
         assert_eq!(c.ssl_cert_login_from, CertLoginFrom::DistinguishedName);
-        let c = Config::resolve(Cli {
-            config: Some(path.clone()),
+        let flag = Cli {
             ssl_cert_login_from: Some(CertLoginFrom::CommonName),
             ..Default::default()
-        })
-        .unwrap();
+        };
+        let c = from_file(dn, flag).unwrap();
         assert_eq!(c.ssl_cert_login_from, CertLoginFrom::CommonName);
-        std::fs::write(
-            &path,
+        let c = from_file(
             "ssl-cert-login-from = \"subject_alt_name\"\nssl-cert-login-san-type = \"uri\"\nssl-cert-login-san-index = 2\n",
+            Cli::default(),
         )
-        .unwrap();
-        let c = Config::resolve(Cli {
-            config: Some(path.clone()),
-            ..Default::default()
-        })
         .unwrap();
         assert_eq!(
             (
@@ -995,21 +993,13 @@ mod tests {
             ),
             (CertLoginFrom::SubjectAltName, crate::tls::SanType::Uri, 2)
         );
-        std::fs::write(&path, "ssl-cert-login-san-type = \"other_name\"\n").unwrap();
-        let e = Config::resolve(Cli {
-            config: Some(path.clone()),
-            ..Default::default()
-        })
-        .unwrap_err()
-        .to_string();
+        let e = from_file("ssl-cert-login-san-type = \"other_name\"\n", Cli::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("other_name is not supported"), "{e}");
-        std::fs::write(&path, "ssl-cert-login-from = \"subject\"\n").unwrap();
-        let e = Config::resolve(Cli {
-            config: Some(path),
-            ..Default::default()
-        })
-        .unwrap_err()
-        .to_string();
+        let e = from_file("ssl-cert-login-from = \"subject\"\n", Cli::default())
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("ssl-cert-login-from") && e.contains("distinguished_name"),
             "{e}"

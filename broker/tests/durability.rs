@@ -176,12 +176,17 @@ async fn restart_keeps_exactly_what_is_durable() {
     node.crash();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_confirmed_message_is_lost_to_kill_9() {
-    let rounds: usize = std::env::var("WARREN_CRASH_ROUNDS")
+/// How many `kill -9` rounds a crash test runs: `WARREN_CRASH_ROUNDS`, else `default`.
+fn crash_rounds(default: usize) -> usize {
+    std::env::var("WARREN_CRASH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(8);
+        .unwrap_or(default)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_confirmed_message_is_lost_to_kill_9() {
+    let rounds = crash_rounds(8);
     let dir = data_dir("crash");
     let mut confirmed: BTreeSet<u64> = BTreeSet::new();
     let mut next = 0u64;
@@ -798,6 +803,25 @@ async fn one_unacked_message_does_not_pin_the_log() {
     node.crash();
 }
 
+/// A management API list (`GET /api/{path}` as guest), retried while the listener comes up.
+async fn api_list(node: &Node, path: &str) -> Vec<serde_json::Value> {
+    let url = format!("http://127.0.0.1:{}/api/{path}", node.mgmt);
+    let http = reqwest::Client::new();
+    for _ in 0..100 {
+        if let Ok(r) = http
+            .get(&url)
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await
+        {
+            assert!(r.status().is_success(), "GET {url}: {}", r.status());
+            return r.json().await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("GET {url} failed");
+}
+
 /// Declares, binds, unbinds and deletes go to the metadata journal (and the journal into a
 /// new snapshot once it outgrows the old one); after `kill -9` the node has exactly the
 /// topology the clients last saw, deletions cascading to bindings as they did live.
@@ -908,33 +932,13 @@ async fn topology_changes_are_journalled_and_survive_kill_9() {
     node.crash();
 
     let node = Node::start(&dir).await;
-    let http = reqwest::Client::new();
-    let get = |path: &str| {
-        let url = format!("http://127.0.0.1:{}/api/{path}", node.mgmt);
-        let http = http.clone();
-        async move {
-            for _ in 0..100 {
-                if let Ok(r) = http
-                    .get(&url)
-                    .basic_auth("guest", Some("guest"))
-                    .send()
-                    .await
-                {
-                    assert!(r.status().is_success(), "GET {url}: {}", r.status());
-                    return r.json::<Vec<serde_json::Value>>().await.unwrap();
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            panic!("GET {url} failed");
-        }
-    };
-    let got_queues: BTreeSet<String> = get("queues/%2F")
+    let got_queues: BTreeSet<String> = api_list(&node, "queues/%2F")
         .await
         .iter()
         .map(|q| q["name"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(got_queues, queues);
-    let got_bindings: BTreeSet<(String, String, String)> = get("bindings/%2F")
+    let got_bindings: BTreeSet<(String, String, String)> = api_list(&node, "bindings/%2F")
         .await
         .iter()
         .filter(|b| b["source"] != "")
@@ -948,7 +952,7 @@ async fn topology_changes_are_journalled_and_survive_kill_9() {
         .collect();
     assert_eq!(got_bindings.len(), bindings.len());
     assert_eq!(got_bindings, bindings);
-    let exchanges: BTreeSet<String> = get("exchanges/%2F")
+    let exchanges: BTreeSet<String> = api_list(&node, "exchanges/%2F")
         .await
         .iter()
         .map(|x| x["name"].as_str().unwrap().to_owned())
@@ -963,10 +967,7 @@ async fn topology_changes_are_journalled_and_survive_kill_9() {
 /// operation under way when the node died may go either way.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_topology_changes_survive_kill_9() {
-    let rounds: usize = std::env::var("WARREN_CRASH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(6);
+    let rounds = crash_rounds(6);
     let dir = data_dir("meta-crash");
     let mut node = Node::start(&dir).await;
     let mut exists: BTreeSet<String> = BTreeSet::new();
@@ -1043,31 +1044,12 @@ async fn acknowledged_topology_changes_survive_kill_9() {
         uncertain.insert(in_flight);
         node = Node::start(&dir).await;
     }
-    let http = reqwest::Client::new();
-    let get = |path: &str| {
-        let url = format!("http://127.0.0.1:{}/api/{path}", node.mgmt);
-        let http = http.clone();
-        async move {
-            for _ in 0..100 {
-                if let Ok(r) = http
-                    .get(&url)
-                    .basic_auth("guest", Some("guest"))
-                    .send()
-                    .await
-                {
-                    return r.json::<Vec<serde_json::Value>>().await.unwrap();
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            panic!("GET {url} failed");
-        }
-    };
-    let queues: BTreeSet<String> = get("queues/%2F")
+    let queues: BTreeSet<String> = api_list(&node, "queues/%2F")
         .await
         .iter()
         .map(|q| q["name"].as_str().unwrap().to_owned())
         .collect();
-    let bindings: BTreeSet<String> = get("bindings/%2F")
+    let bindings: BTreeSet<String> = api_list(&node, "bindings/%2F")
         .await
         .iter()
         .filter(|b| b["source"] == "amq.direct")

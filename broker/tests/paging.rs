@@ -106,6 +106,19 @@ async fn fill(node: &Node, queue: &str, durable: bool, persistent: bool) -> u64 
     peak
 }
 
+/// The next delivery, message `i` (30 s at most; the node's log on a timeout).
+async fn next_delivery(
+    consumer: &mut lapin::Consumer,
+    node: &Node,
+    i: u64,
+) -> lapin::message::Delivery {
+    tokio::time::timeout(Duration::from_secs(30), consumer.next())
+        .await
+        .unwrap_or_else(|_| panic!("message {i} did not come; log:\n{}", node.log_text()))
+        .unwrap()
+        .unwrap()
+}
+
 /// Consumes everything (manual acks, prefetch 256), checking order and content and sampling
 /// memory. Returns the peak resident memory and the time it took.
 async fn drain(node: &Node, queue: &str) -> (u64, Duration) {
@@ -124,11 +137,7 @@ async fn drain(node: &Node, queue: &str) -> (u64, Duration) {
     let started = Instant::now();
     let mut peak = 0;
     for i in 0..count() {
-        let d = tokio::time::timeout(Duration::from_secs(30), consumer.next())
-            .await
-            .unwrap_or_else(|_| panic!("message {i} did not come; log:\n{}", node.log_text()))
-            .unwrap()
-            .unwrap();
+        let d = next_delivery(&mut consumer, node, i).await;
         let n = u64::from_be_bytes(d.data[..8].try_into().unwrap());
         assert_eq!(n, i, "out of order");
         assert!(d.data == body(i), "message {i} damaged");
@@ -282,11 +291,7 @@ async fn page_files_pinned_by_a_few_unacked_messages_keep_little_disk() {
     let mut held = Vec::new();
     let every = (1u64 << 20).div_ceil(body_size() as u64).max(256);
     for i in 0..count() {
-        let d = tokio::time::timeout(Duration::from_secs(30), consumer.next())
-            .await
-            .unwrap_or_else(|_| panic!("message {i} did not come; log:\n{}", node.log_text()))
-            .unwrap()
-            .unwrap();
+        let d = next_delivery(&mut consumer, &node, i).await;
         assert!(d.data == body(i), "message {i} damaged");
         if i % every == every / 2 {
             held.push(d);

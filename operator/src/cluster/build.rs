@@ -186,29 +186,39 @@ pub fn management_ca_secret(rc: &RabbitCluster) -> Option<&str> {
     Some(tls.ca_secret_name.as_deref().unwrap_or(&tls.secret_name))
 }
 
-/// The management API's ports: plain HTTP unless the cluster is TLS only, HTTPS with TLS.
-fn management_ports(rc: &RabbitCluster) -> Vec<(&'static str, i32, &'static str)> {
+/// An HTTP endpoint's ports: `(plain, port)` over HTTP unless the cluster is TLS only, and
+/// `(tls, tls_port)` over HTTPS with TLS.
+fn http_ports(
+    rc: &RabbitCluster,
+    (plain, port): (&'static str, i32),
+    (tls, tls_port): (&'static str, i32),
+) -> Vec<(&'static str, i32, &'static str)> {
     let mut ports = Vec::new();
     if !tls_only(rc) {
-        ports.push(("management", MANAGEMENT_PORT, "http"));
+        ports.push((plain, port, "http"));
     }
     if rc.spec.tls.is_some() {
-        ports.push(("management-tls", MANAGEMENT_TLS_PORT, "https"));
+        ports.push((tls, tls_port, "https"));
     }
     ports
 }
 
-/// The Prometheus endpoint's ports, like the management API's: plain HTTP unless the cluster
-/// is TLS only, HTTPS with TLS.
+/// The management API's ports.
+fn management_ports(rc: &RabbitCluster) -> Vec<(&'static str, i32, &'static str)> {
+    http_ports(
+        rc,
+        ("management", MANAGEMENT_PORT),
+        ("management-tls", MANAGEMENT_TLS_PORT),
+    )
+}
+
+/// The Prometheus endpoint's ports.
 fn prometheus_ports(rc: &RabbitCluster) -> Vec<(&'static str, i32, &'static str)> {
-    let mut ports = Vec::new();
-    if !tls_only(rc) {
-        ports.push(("prometheus", PROMETHEUS_PORT, "http"));
-    }
-    if rc.spec.tls.is_some() {
-        ports.push(("prometheus-tls", PROMETHEUS_TLS_PORT, "https"));
-    }
-    ports
+    http_ports(
+        rc,
+        ("prometheus", PROMETHEUS_PORT),
+        ("prometheus-tls", PROMETHEUS_TLS_PORT),
+    )
 }
 
 /// Headless Service giving each node a stable DNS name (`<pod>.<name>-nodes`); it publishes
@@ -660,32 +670,20 @@ mod tests {
             )),
             ["amqps", "management-tls", "prometheus-tls"]
         );
-        let https = client_service(&cluster(json!({"tls": {"secretName": "t"}})))
-            .expect("svc")
-            .spec
-            .expect("spec")
-            .ports
-            .expect("ports")
-            .into_iter()
-            .find(|p| p.name.as_deref() == Some("management-tls"))
-            .expect("management-tls");
-        assert_eq!(
-            (https.port, https.app_protocol.as_deref()),
-            (15671, Some("https"))
-        );
-        let metrics = client_service(&cluster(json!({"tls": {"secretName": "t"}})))
-            .expect("svc")
-            .spec
-            .expect("spec")
-            .ports
-            .expect("ports")
-            .into_iter()
-            .find(|p| p.name.as_deref() == Some("prometheus-tls"))
-            .expect("prometheus-tls");
-        assert_eq!(
-            (metrics.port, metrics.app_protocol.as_deref()),
-            (15691, Some("https"))
-        );
+        let tls_port = |name: &str| {
+            let p = client_service(&cluster(json!({"tls": {"secretName": "t"}})))
+                .expect("svc")
+                .spec
+                .expect("spec")
+                .ports
+                .expect("ports")
+                .into_iter()
+                .find(|p| p.name.as_deref() == Some(name))
+                .expect("port");
+            (p.port, p.app_protocol)
+        };
+        assert_eq!(tls_port("management-tls"), (15671, Some("https".into())));
+        assert_eq!(tls_port("prometheus-tls"), (15691, Some("https".into())));
     }
 
     #[test]
