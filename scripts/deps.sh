@@ -11,6 +11,8 @@
 #             under tests/clients/python, tests/differential, tests/)
 #   node      npm ci / npm install in every tests/**/package.json
 #             (tests/clients/node with amqplib)
+#   netns     iproute2 and iptables (the cluster tests' hosts in network
+#             namespaces, partitions; tests/links/netns.sh)
 #   perftest  RabbitMQ PerfTest (com.rabbitmq:perf-test $PERFTEST_VERSION) from
 #             Maven Central into ${XDG_CACHE_HOME:-~/.cache}/warren/
 #
@@ -246,16 +248,34 @@ EOF
     say "PerfTest $PERFTEST_VERSION installed: java -jar $PERFTEST_JAR"
 }
 
+# ---------------------------------------------------------------- netns
+dep_netns() {
+    local need=()
+    command -v ip >/dev/null 2>&1 || need+=(iproute2)
+    command -v iptables >/dev/null 2>&1 || need+=(iptables)
+    if [ ${#need[@]} = 0 ]; then
+        say "ip and iptables present"
+        return 0
+    fi
+    command -v apt-get >/dev/null 2>&1 || die "need ${need[*]} and apt-get is not available"
+    say "installing ${need[*]} (apt)"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null ||
+        { as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null &&
+            as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null; } ||
+        die "apt-get install ${need[*]} failed"
+}
+
 # ---------------------------------------------------------------- main
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(rabbitmq python node perftest)
+[ ${#targets[@]} -gt 0 ] || targets=(rabbitmq netns python node perftest)
 for t in "${targets[@]}"; do
     case "$t" in
     rabbitmq) dep_rabbitmq ;;
     python) dep_python ;;
     node) dep_node ;;
+    netns) dep_netns ;;
     perftest) dep_perftest ;;
-    *) die "unknown dependency '$t' (rabbitmq|python|node|perftest)" ;;
+    *) die "unknown dependency '$t' (rabbitmq|netns|python|node|perftest)" ;;
     esac
 done
 say "all requested dependencies present"

@@ -66,6 +66,8 @@ pub struct Broker {
     me: std::sync::OnceLock<std::sync::Weak<Broker>>,
     /// Maintenance mode: no client connections are served (see [`Broker::start_drain`]).
     draining: AtomicBool,
+    /// The cluster this node belongs to, once joined (see [`Broker::start_cluster`]).
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 /// Why a drained node closes and refuses connections (sent as `CONNECTION_FORCED - …`).
@@ -122,6 +124,7 @@ impl Broker {
             memory_limit: AtomicU64::new(memory_limit),
             me: std::sync::OnceLock::new(),
             draining: AtomicBool::new(false),
+            cluster: std::sync::OnceLock::new(),
         })
     }
 
@@ -164,6 +167,56 @@ impl Broker {
         let _ = self.me.set(Arc::downgrade(self));
         for v in self.vhosts.read().values() {
             Broker::watch_durable_changes(Arc::downgrade(self), v);
+        }
+    }
+
+    /// Joins the cluster: serves the inter-node `listener` and dials `cluster-peers`.
+    pub fn start_cluster(
+        self: &Arc<Self>,
+        listener: tokio::net::TcpListener,
+        secret: Vec<u8>,
+    ) -> Result<(), String> {
+        let advertise = self
+            .config
+            .cluster_advertise_addr()
+            .ok_or("no inter-node listener (cluster-listen)")?;
+        let me = crate::cluster::handshake::Identity {
+            node: self.node_name(),
+            advertise,
+            secret: secret.into(),
+        };
+        let weak = Arc::downgrade(self);
+        let status: crate::cluster::StatusFn =
+            Box::new(move || weak.upgrade().map(|b| b.node_status()).unwrap_or_default());
+        let cluster = crate::cluster::Cluster::new(me, status, Some(self.config.data_dir.clone()));
+        cluster.start(listener, &self.config.cluster_peer_addrs());
+        self.cluster
+            .set(cluster)
+            .map_err(|_| "the node has already joined its cluster".to_owned())
+    }
+
+    /// The cluster, on a clustered node.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.cluster.get()
+    }
+
+    /// What this node reports of itself to its peers and in `/api/nodes`.
+    pub fn node_status(&self) -> crate::cluster::rpc::NodeStatus {
+        crate::cluster::rpc::NodeStatus {
+            uptime_ms: self.started_at.elapsed().as_millis() as u64,
+            os_pid: std::process::id(),
+            processors: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            mem_used: crate::resources::resident_memory_bytes(),
+            mem_limit: self.memory_limit_bytes(),
+            disk_free: crate::resources::disk_available(&self.config.data_dir),
+            disk_free_limit: self.config.disk_free_limit,
+            alarms: self.active_alarms(),
+            being_drained: self.is_draining(),
+            listeners: self
+                .listeners()
+                .iter()
+                .map(|l| (l.protocol.clone(), l.addr.ip().to_string(), l.addr.port()))
+                .collect(),
         }
     }
 

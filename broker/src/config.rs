@@ -102,6 +102,23 @@ pub struct Cli {
     /// [default: the node name].
     #[arg(long, env = "WARREN_CLUSTER_NAME")]
     pub cluster_name: Option<String>,
+    /// Addresses (`host` or `host:port`, port 25672 by default) of the other nodes of this
+    /// node's cluster, comma separated; this node's own address may be among them. Empty: a
+    /// single-node broker [default: none].
+    #[arg(long, env = "WARREN_CLUSTER_PEERS", value_delimiter = ',')]
+    pub cluster_peers: Option<Vec<String>>,
+    /// Address of the inter-node listener, or `none` [default: 0.0.0.0:25672 when
+    /// cluster-peers is set, else none].
+    #[arg(long, env = "WARREN_CLUSTER_LISTEN")]
+    pub cluster_listen: Option<Listen>,
+    /// The `host:port` other nodes dial to reach this one [default: the host part of
+    /// node-name and the port of cluster-listen].
+    #[arg(long, env = "WARREN_CLUSTER_ADVERTISE")]
+    pub cluster_advertise: Option<String>,
+    /// File holding the secret every node of the cluster shares (trailing whitespace is
+    /// ignored); nodes prove they know it without sending it. Required with a cluster.
+    #[arg(long, env = "WARREN_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
     /// Log filter, e.g. `info` or `warren_broker=debug` [default: info].
     #[arg(long, env = "WARREN_LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -224,6 +241,10 @@ pub struct FileConfig {
     pub max_message_size: Option<u64>,
     pub node_name: Option<String>,
     pub cluster_name: Option<String>,
+    pub cluster_peers: Option<Vec<String>>,
+    pub cluster_listen: Option<Listen>,
+    pub cluster_advertise: Option<String>,
+    pub cluster_secret_file: Option<PathBuf>,
     pub log_level: Option<String>,
     pub vm_memory_high_watermark: Option<f64>,
     pub disk_free_limit: Option<u64>,
@@ -265,6 +286,13 @@ pub struct Config {
     pub node_name: String,
     /// The cluster's name (the node name unless configured).
     pub cluster_name: String,
+    /// Addresses of the cluster's nodes (empty: a single node).
+    pub cluster_peers: Vec<String>,
+    /// The inter-node listener (25672), when clustered.
+    pub cluster_listen: Option<SocketAddr>,
+    /// What other nodes dial to reach this one.
+    pub cluster_advertise: Option<String>,
+    pub cluster_secret_file: Option<PathBuf>,
     pub log_level: String,
     pub vm_memory_high_watermark: f64,
     pub disk_free_limit: u64,
@@ -381,6 +409,23 @@ impl<'de> Deserialize<'de> for Listen {
     }
 }
 
+/// The inter-node port, as RabbitMQ's distribution port.
+pub const CLUSTER_PORT: u16 = 25672;
+
+/// `host:port` from `host` or `host:port` (`[v6]:port` and a bare IPv6 address too).
+fn with_default_port(addr: &str, port: u16) -> String {
+    if addr.parse::<SocketAddr>().is_ok() {
+        return addr.to_owned();
+    }
+    if addr.parse::<std::net::Ipv6Addr>().is_ok() {
+        return format!("[{addr}]:{port}");
+    }
+    match addr.rsplit_once(':') {
+        Some((_, p)) if p.parse::<u16>().is_ok() && !addr.ends_with(']') => addr.to_owned(),
+        _ => format!("{addr}:{port}"),
+    }
+}
+
 /// `warren@$HOSTNAME` (`warren@localhost` without `HOSTNAME`), as RabbitMQ's `rabbit@host`.
 pub fn default_node_name() -> String {
     let host = std::env::var("HOSTNAME")
@@ -431,6 +476,10 @@ impl Default for Config {
             max_message_size: 128 * 1024 * 1024,
             node_name: default_node_name(),
             cluster_name: default_node_name(),
+            cluster_peers: Vec::new(),
+            cluster_listen: None,
+            cluster_advertise: None,
+            cluster_secret_file: None,
             log_level: "info".into(),
             vm_memory_high_watermark: 0.4,
             disk_free_limit: 50_000_000,
@@ -541,6 +590,28 @@ impl Config {
                 .or_else(|| cli.node_name.clone())
                 .or_else(|| file.node_name.clone())
                 .unwrap_or(d.cluster_name),
+            cluster_listen: match cli.cluster_listen.or(file.cluster_listen) {
+                Some(l) => l.addr(),
+                None if cli
+                    .cluster_peers
+                    .as_ref()
+                    .or(file.cluster_peers.as_ref())
+                    .is_some_and(|p| !p.is_empty()) =>
+                {
+                    Some(SocketAddr::from(([0, 0, 0, 0], CLUSTER_PORT)))
+                }
+                None => d.cluster_listen,
+            },
+            cluster_peers: cli
+                .cluster_peers
+                .or(file.cluster_peers)
+                .unwrap_or(d.cluster_peers)
+                .into_iter()
+                .map(|p| p.trim().to_owned())
+                .filter(|p| !p.is_empty())
+                .collect(),
+            cluster_advertise: cli.cluster_advertise.or(file.cluster_advertise),
+            cluster_secret_file: cli.cluster_secret_file.or(file.cluster_secret_file),
             node_name: cli.node_name.or(file.node_name).unwrap_or(d.node_name),
             log_level: cli.log_level.or(file.log_level).unwrap_or(d.log_level),
             vm_memory_high_watermark: cli
@@ -570,6 +641,48 @@ impl Config {
         };
         c.validate()?;
         Ok(c)
+    }
+
+    /// The addresses to dial for `cluster-peers`, with the default port where none is given.
+    pub fn cluster_peer_addrs(&self) -> Vec<String> {
+        self.cluster_peers
+            .iter()
+            .map(|p| with_default_port(p, CLUSTER_PORT))
+            .collect()
+    }
+
+    /// What this node advertises to its peers: `cluster-advertise`, else the host of its node
+    /// name (`warren@host`) and the inter-node listener's port.
+    pub fn cluster_advertise_addr(&self) -> Option<String> {
+        let port = self.cluster_listen?.port();
+        Some(match &self.cluster_advertise {
+            Some(a) => with_default_port(a, port),
+            None => {
+                let host = self
+                    .node_name
+                    .split_once('@')
+                    .map_or(self.node_name.as_str(), |(_, h)| h);
+                with_default_port(host, port)
+            }
+        })
+    }
+
+    /// Reads the cluster secret (trailing whitespace and newlines dropped); an empty or
+    /// unreadable file is an error naming it.
+    pub fn cluster_secret(&self) -> Result<Option<Vec<u8>>, String> {
+        let Some(path) = &self.cluster_secret_file else {
+            return Ok(None);
+        };
+        let bytes = std::fs::read(path)
+            .map_err(|e| format!("cannot read cluster-secret-file {}: {e}", path.display()))?;
+        let end = bytes
+            .iter()
+            .rposition(|b| !b.is_ascii_whitespace())
+            .map_or(0, |i| i + 1);
+        if end == 0 {
+            return Err(format!("cluster-secret-file {} is empty", path.display()));
+        }
+        Ok(Some(bytes[..end].to_vec()))
     }
 
     /// The AMQPS listener's files, when it is on.
@@ -700,6 +813,20 @@ impl Config {
         self.validate_listeners()?;
         check_name("node-name", &self.node_name)?;
         check_name("cluster-name", &self.cluster_name)?;
+        if self.cluster_listen.is_some() && self.cluster_secret_file.is_none() {
+            return Err(ConfigError::Invalid {
+                key: "cluster-secret-file",
+                message: "is required when the node is clustered (cluster-peers or \
+                          cluster-listen is set): nodes authenticate each other with it"
+                    .into(),
+            });
+        }
+        if !self.cluster_peers.is_empty() && self.cluster_listen.is_none() {
+            return Err(ConfigError::Invalid {
+                key: "cluster-listen",
+                message: "is none but cluster-peers is set: peers could not reach this node".into(),
+            });
+        }
         if self.max_message_size == 0 || self.max_message_size > 512 * 1024 * 1024 {
             return Err(ConfigError::Invalid {
                 key: "max-message-size",
@@ -713,6 +840,59 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_settings_default_the_port_and_need_a_secret() {
+        let cli = Cli::try_parse_from([
+            "warren-broker",
+            "--node-name",
+            "warren@pod-0.w-nodes.ns",
+            "--cluster-peers",
+            "pod-0.w-nodes.ns.svc, pod-1.w-nodes.ns.svc:25673,10.0.0.3,fd00::1,[fd00::2]:7",
+        ])
+        .expect("parse");
+        let err = Config::resolve(cli).expect_err("no secret");
+        assert!(err.to_string().contains("cluster-secret-file"), "{err}");
+        let cli = Cli::try_parse_from([
+            "warren-broker",
+            "--node-name",
+            "warren@pod-0.w-nodes.ns",
+            "--cluster-peers",
+            "pod-0.w-nodes.ns.svc, pod-1.w-nodes.ns.svc:25673,10.0.0.3,fd00::1,[fd00::2]:7",
+            "--cluster-secret-file",
+            "/nonexistent",
+        ])
+        .expect("parse");
+        let c = Config::resolve(cli).expect("resolve");
+        assert_eq!(
+            c.cluster_listen,
+            Some(SocketAddr::from(([0, 0, 0, 0], 25672)))
+        );
+        assert_eq!(
+            c.cluster_peer_addrs(),
+            [
+                "pod-0.w-nodes.ns.svc:25672",
+                "pod-1.w-nodes.ns.svc:25673",
+                "10.0.0.3:25672",
+                "[fd00::1]:25672",
+                "[fd00::2]:7"
+            ]
+        );
+        assert_eq!(
+            c.cluster_advertise_addr().as_deref(),
+            Some("pod-0.w-nodes.ns:25672")
+        );
+        assert!(
+            c.cluster_secret()
+                .expect_err("unreadable")
+                .contains("/nonexistent")
+        );
+        // A single node has no inter-node listener unless asked for one.
+        let c = Config::resolve(Cli::try_parse_from(["warren-broker"]).expect("parse"))
+            .expect("resolve");
+        assert_eq!(c.cluster_listen, None);
+        assert_eq!(c.cluster_advertise_addr(), None);
+    }
 
     #[test]
     fn flag_beats_file_beats_default() {

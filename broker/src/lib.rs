@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod broker;
 pub mod channel;
+pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod connection;

@@ -110,6 +110,8 @@ async fn run(config: Config) -> Result<(), String> {
     let management_tls = bind(config.management_tls_listen).await?;
     let prometheus = bind(config.prometheus_listen).await?;
     let prometheus_tls = bind(config.prometheus_tls_listen).await?;
+    let cluster_secret = config.cluster_secret()?;
+    let cluster_listener = bind(config.cluster_listen).await?;
     tracing::info!(
         data_dir = %config.data_dir.display(),
         default_user = %config.default_user,
@@ -185,6 +187,16 @@ async fn run(config: Config) -> Result<(), String> {
             acceptor,
             until_stopped(stopped.clone()),
         ));
+    }
+    if let (Some(listener), Some(secret)) = (cluster_listener, cluster_secret) {
+        if let Ok(addr) = listener.local_addr() {
+            broker.register_listener("clustering", addr);
+        }
+        broker.start_cluster(listener, secret)?;
+        tracing::info!(
+            peers = ?broker.config.cluster_peers,
+            "inter-node listener up; joining the cluster"
+        );
     }
     // Federation links and shovels start once the AMQP listeners are bound (links to
     // `amqp://`, the node itself, connect to them).

@@ -155,9 +155,48 @@ fn node_json(broker: &Broker) -> Value {
     n
 }
 
+/// Another node as its last heartbeat reported it; a node that is down shows little more
+/// than its name, as in RabbitMQ.
+fn peer_json(view: &crate::cluster::NodeView) -> Value {
+    let mut n = json!({
+        "name": view.name,
+        "type": "disc",
+        "running": view.running,
+    });
+    if let (true, Some(s)) = (view.running, &view.status) {
+        let extra = json!({
+            "uptime": s.uptime_ms,
+            "os_pid": s.os_pid.to_string(),
+            "processors": s.processors,
+            "mem_alarm": s.alarms.iter().any(|a| a == "memory"),
+            "mem_limit": s.mem_limit,
+            "mem_used": s.mem_used,
+            "disk_free_limit": s.disk_free_limit,
+            "disk_free": s.disk_free,
+            "disk_free_alarm": s.alarms.iter().any(|a| a == "disk"),
+            "partitions": [],
+            "being_drained": s.being_drained,
+            "exchange_types": exchange_types(),
+        });
+        if let (Some(n), Some(extra)) = (n.as_object_mut(), extra.as_object()) {
+            n.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+    }
+    n
+}
+
+/// Every node of the cluster, this one first.
+fn all_nodes(broker: &Broker) -> Vec<Value> {
+    let mut out = vec![node_json(broker)];
+    if let Some(cluster) = broker.cluster() {
+        out.extend(cluster.nodes().iter().skip(1).map(peer_json));
+    }
+    out
+}
+
 async fn nodes(State(broker): State<Arc<Broker>>, caller: Caller) -> ApiResult {
     caller.require_monitor()?;
-    ok(json!([node_json(&broker)]))
+    ok(Value::Array(all_nodes(&broker)))
 }
 
 async fn node(
@@ -166,10 +205,10 @@ async fn node(
     Path(name): Path<String>,
 ) -> ApiResult {
     caller.require_monitor()?;
-    if name != broker.node_name() {
-        return Err(ApiError::not_found());
-    }
-    ok(node_json(&broker))
+    all_nodes(&broker)
+        .into_iter()
+        .find(|n| n["name"] == name.as_str())
+        .map_or_else(|| Err(ApiError::not_found()), ok)
 }
 
 fn failed(body: Value) -> ApiResult {

@@ -1,0 +1,37 @@
+//! The requests nodes send each other over a [`super::link::Link`], and their answers.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Request {
+    /// Heartbeat; answered with the node's status.
+    Ping,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Response {
+    /// The node's status and the members it knows (`(name, address)`), so members learn of
+    /// each other through any one of them.
+    Pong {
+        status: NodeStatus,
+        members: Vec<(String, String)>,
+    },
+    /// The request could not be served, and why (shown to whoever asked).
+    Error(String),
+}
+
+/// What `/api/nodes` shows of a node, as that node last reported it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub uptime_ms: u64,
+    pub os_pid: u32,
+    pub processors: u32,
+    pub mem_used: Option<u64>,
+    pub mem_limit: u64,
+    pub disk_free: Option<u64>,
+    pub disk_free_limit: u64,
+    pub alarms: Vec<String>,
+    pub being_drained: bool,
+    /// `(protocol, ip, port)` of each listener.
+    pub listeners: Vec<(String, String, u16)>,
+}
