@@ -21,6 +21,7 @@ use crate::error::{AmqpError, Result};
 use crate::exchange::{Destination, ExchangeKind};
 use crate::message::{Message, rebuild_properties};
 use crate::metrics::{ChannelStats, DeliveryStats, PublishStats};
+use crate::outbox::Wake;
 use crate::queue::state::{MsgId, Settlement};
 use crate::queue::{Consumer, Queue, now_ms};
 use crate::vhost::{QueueSpec, REPLY_TO};
@@ -73,9 +74,9 @@ impl ChannelShared {
         limit == 0 || self.unacked_count.load(Ordering::Relaxed) < limit
     }
 
-    /// May `queue` deliver to this channel now? Registers for a wake-up if the outbox is full.
-    pub fn writable(&self, queue: &Arc<Queue>) -> bool {
-        self.open.load(Ordering::Acquire) && self.conn.outbox.writable_or_wait(queue)
+    /// May a queue deliver to this channel now? Registers `waker` if the outbox is full.
+    pub fn writable(&self, waker: &std::sync::Weak<dyn Wake>) -> bool {
+        self.open.load(Ordering::Acquire) && self.conn.outbox.writable_or_wait(waker)
     }
 
     /// Writes a `basic.deliver` and records it as unacked. False if the channel has closed.

@@ -28,6 +28,7 @@ use tokio::sync::Notify;
 
 use crate::channel::ChannelShared;
 use crate::message::Message;
+use crate::outbox::Wake;
 use crate::paging::{PageRef, Paging};
 use crate::store::log::{EnqueueRef, MessageLog, Record, RecoveredMessage};
 use crate::vhost::Vhost;
@@ -141,6 +142,8 @@ pub struct Queue {
     pub args: QueueArgs,
     vhost: Weak<Vhost>,
     me: Weak<Queue>,
+    /// `me`, as what a full connection outbox wakes when it drains.
+    waker: Weak<dyn Wake>,
     inner: Mutex<Inner>,
     timer: Arc<Notify>,
     pub stats: QueueStats,
@@ -272,6 +275,7 @@ impl Queue {
             args,
             vhost,
             me: me.clone(),
+            waker: me.clone(),
             timer: Arc::new(Notify::new()),
             stats: QueueStats::default(),
             store: if durable { store } else { None },
@@ -753,7 +757,7 @@ impl Queue {
                 if !c.has_credit() {
                     return false;
                 }
-                let writable = c.channel.writable(&me);
+                let writable = c.channel.writable(&self.waker);
                 credit_but_full |= !writable;
                 writable
             }) else {
@@ -1118,6 +1122,13 @@ impl Queue {
             return None;
         }
         next
+    }
+}
+
+impl Wake for Queue {
+    /// A connection this queue stopped delivering to drained: deliver again.
+    fn wake(&self) {
+        self.kick();
     }
 }
 
