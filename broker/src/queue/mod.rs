@@ -15,6 +15,7 @@
 //! dead-lettering into each other cannot deadlock.
 
 pub mod args;
+pub mod delivery;
 pub mod state;
 
 use std::collections::HashMap;
@@ -26,13 +27,13 @@ use amq_protocol::types::FieldTable;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::channel::ChannelShared;
 use crate::message::Message;
 use crate::outbox::Wake;
 use crate::paging::{PageRef, Paging};
 use crate::store::log::{EnqueueRef, MessageLog, Record, RecoveredMessage};
 use crate::vhost::Vhost;
 use args::QueueArgs;
+pub use delivery::{DeliveryTarget, TargetId, TargetOwner};
 use state::{Command, DeadLetterReason, Effect, Millis, MsgId, QueueState, Settlement};
 
 /// Wall-clock milliseconds: the runtime's time source, passed into the state machine.
@@ -47,7 +48,8 @@ pub fn now_ms() -> Millis {
 #[derive(Debug)]
 pub struct Consumer {
     pub tag: String,
-    pub channel: Arc<ChannelShared>,
+    /// Where its deliveries go (a channel on this node).
+    pub target: Arc<dyn DeliveryTarget>,
     pub no_ack: bool,
     /// Per-consumer prefetch (`basic.qos` with global=false); 0 is unlimited.
     pub prefetch: u32,
@@ -64,7 +66,7 @@ impl Consumer {
             return true;
         }
         (self.prefetch == 0 || self.unacked.load(Ordering::Relaxed) < self.prefetch)
-            && self.channel.has_global_credit()
+            && self.target.has_credit()
     }
 }
 
@@ -327,7 +329,10 @@ impl Queue {
         let channels = g
             .consumers
             .iter()
-            .map(|c| (c.channel.conn.id, c.channel.id))
+            .map(|c| {
+                let o = c.target.owner();
+                (o.connection, o.channel)
+            })
             .collect();
         (sample, channels)
     }
@@ -757,7 +762,7 @@ impl Queue {
                 if !c.has_credit() {
                     return false;
                 }
-                let writable = c.channel.writable(&self.waker);
+                let writable = c.target.writable(&self.waker);
                 credit_but_full |= !writable;
                 writable
             }) else {
@@ -808,7 +813,7 @@ impl Queue {
             if !redelivered {
                 self.note_delivered(g, id);
             }
-            if !c.channel.deliver(&c, &me, id, &msg, redelivered) && !c.no_ack {
+            if !c.target.deliver(&c, &me, id, &msg, redelivered) && !c.no_ack {
                 // The channel closed under us: put the message back.
                 let mut fx = std::mem::take(&mut g.fx);
                 g.state.apply(
@@ -997,10 +1002,10 @@ impl Queue {
 
     /// Detaches a consumer; true if it was the last one of an auto-delete queue (which the
     /// caller then deletes).
-    pub fn remove_consumer(&self, tag: &str, channel: &Arc<ChannelShared>) -> bool {
+    pub fn remove_consumer(&self, tag: &str, target: TargetId) -> bool {
         let mut g = self.inner.lock();
         g.consumers
-            .retain(|c| !(c.tag == tag && Arc::ptr_eq(&c.channel, channel)));
+            .retain(|c| !(c.tag == tag && c.target.target_id() == target));
         g.last_used = now_ms();
         let last = g.consumers.is_empty();
         drop(g);
@@ -1042,7 +1047,7 @@ impl Queue {
             (count, std::mem::take(&mut g.consumers))
         };
         for c in consumers {
-            c.channel.consumer_cancelled_by_server(&c.tag);
+            c.target.cancelled_by_server(&c.tag);
         }
         self.timer.notify_one();
         count
