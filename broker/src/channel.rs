@@ -4,7 +4,7 @@
 //! [`Channel`] is owned by the connection's reader task and handles what the client sends.
 //! [`ChannelShared`] is the part queues reach from other tasks: the delivery-tag counter, the
 //! unacked map and the connection's outbox. Queues see it only as a
-//! [`DeliveryTarget`](crate::queue::DeliveryTarget), which it implements.
+//! [`DeliveryTarget`], which it implements.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
