@@ -3,7 +3,8 @@
 //!
 //! [`Channel`] is owned by the connection's reader task and handles what the client sends.
 //! [`ChannelShared`] is the part queues reach from other tasks: the delivery-tag counter, the
-//! unacked map and the connection's outbox.
+//! unacked map and the connection's outbox. Queues see it only as a
+//! [`DeliveryTarget`], which it implements.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -21,8 +22,9 @@ use crate::error::{AmqpError, Result};
 use crate::exchange::{Destination, ExchangeKind};
 use crate::message::{Message, rebuild_properties};
 use crate::metrics::{ChannelStats, DeliveryStats, PublishStats};
+use crate::outbox::Wake;
 use crate::queue::state::{MsgId, Settlement};
-use crate::queue::{Consumer, Queue, now_ms};
+use crate::queue::{Consumer, DeliveryTarget, Queue, TargetId, TargetOwner, now_ms};
 use crate::vhost::{QueueSpec, REPLY_TO};
 
 /// A delivery awaiting acknowledgement.
@@ -68,18 +70,51 @@ impl ChannelShared {
         self.global_prefetch.load(Ordering::Relaxed)
     }
 
-    pub fn has_global_credit(&self) -> bool {
+    /// A direct reply-to delivery: no queue, no acknowledgement.
+    fn deliver_direct(&self, consumer_tag: &str, msg: &Message) {
+        let mut d = self.deliveries.lock();
+        if !self.open.load(Ordering::Acquire) {
+            return;
+        }
+        d.next_tag += 1;
+        let tag = d.next_tag;
+        let mut out = self.conn.outbox.writer();
+        codec::encode_deliver(
+            &mut out,
+            self.id,
+            consumer_tag,
+            tag,
+            false,
+            &msg.exchange,
+            &msg.routing_key,
+        );
+        codec::encode_content(
+            &mut out,
+            self.id,
+            &msg.header_payload,
+            &msg.body,
+            self.conn.frame_max,
+        );
+    }
+}
+
+/// How a queue delivers to a channel on this node.
+impl DeliveryTarget for ChannelShared {
+    fn target_id(&self) -> TargetId {
+        TargetId::of(self)
+    }
+
+    fn has_credit(&self) -> bool {
         let limit = self.global_prefetch.load(Ordering::Relaxed);
         limit == 0 || self.unacked_count.load(Ordering::Relaxed) < limit
     }
 
-    /// May `queue` deliver to this channel now? Registers for a wake-up if the outbox is full.
-    pub fn writable(&self, queue: &Arc<Queue>) -> bool {
-        self.open.load(Ordering::Acquire) && self.conn.outbox.writable_or_wait(queue)
+    fn writable(&self, waker: &std::sync::Weak<dyn Wake>) -> bool {
+        self.open.load(Ordering::Acquire) && self.conn.outbox.writable_or_wait(waker)
     }
 
     /// Writes a `basic.deliver` and records it as unacked. False if the channel has closed.
-    pub fn deliver(
+    fn deliver(
         &self,
         consumer: &Arc<Consumer>,
         queue: &Arc<Queue>,
@@ -131,41 +166,24 @@ impl ChannelShared {
         true
     }
 
-    /// A direct reply-to delivery: no queue, no acknowledgement.
-    fn deliver_direct(&self, consumer_tag: &str, msg: &Message) {
-        let mut d = self.deliveries.lock();
-        if !self.open.load(Ordering::Acquire) {
-            return;
-        }
-        d.next_tag += 1;
-        let tag = d.next_tag;
-        let mut out = self.conn.outbox.writer();
-        codec::encode_deliver(
-            &mut out,
-            self.id,
-            consumer_tag,
-            tag,
-            false,
-            &msg.exchange,
-            &msg.routing_key,
-        );
-        codec::encode_content(
-            &mut out,
-            self.id,
-            &msg.header_payload,
-            &msg.body,
-            self.conn.frame_max,
-        );
-    }
-
     /// The queue was deleted under a consumer: tell the client if it understands `basic.cancel`.
-    pub fn consumer_cancelled_by_server(&self, tag: &str) {
+    fn cancelled_by_server(&self, tag: &str) {
         if self.conn.cancel_notify && self.open.load(Ordering::Acquire) {
             let m = AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
                 consumer_tag: tag.into(),
                 nowait: true,
             }));
             codec::encode_method(&mut self.conn.outbox.writer(), self.id, &m);
+        }
+    }
+
+    fn owner(&self) -> TargetOwner<'_> {
+        TargetOwner {
+            connection: self.conn.id,
+            channel: self.id,
+            connection_name: &self.conn.info.name,
+            peer: self.conn.info.peer,
+            user: &self.conn.user,
         }
     }
 }
@@ -360,7 +378,7 @@ impl Channel {
         self.ctx().broker.metrics.channel_closed(&self.shared);
         let vhost = self.ctx().vhost.clone();
         for (tag, e) in self.consumers.drain() {
-            if e.queue.remove_consumer(&tag, &self.shared) {
+            if e.queue.remove_consumer(&tag, self.shared.target_id()) {
                 vhost.remove_queue(&e.queue.name);
             }
         }
@@ -701,7 +719,7 @@ impl Channel {
             basic::AMQPMethod::Cancel(c) => {
                 let tag = c.consumer_tag.to_string();
                 if let Some(e) = self.consumers.remove(&tag)
-                    && e.queue.remove_consumer(&tag, &self.shared)
+                    && e.queue.remove_consumer(&tag, self.shared.target_id())
                 {
                     self.ctx().vhost.remove_queue(&e.queue.name);
                 }
@@ -811,7 +829,7 @@ impl Channel {
         };
         let consumer = Arc::new(Consumer {
             tag: tag.clone(),
-            channel: self.shared.clone(),
+            target: self.shared.clone(),
             no_ack: c.no_ack,
             prefetch: self.prefetch,
             unacked: AtomicU32::new(0),

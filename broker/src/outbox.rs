@@ -3,24 +3,34 @@
 //! Queues append whole deliveries (method, header and body frames) under one lock, so frames
 //! of one message are never interleaved with other frames of its channel. The writer task
 //! takes everything buffered and writes it with one syscall. The buffer is bounded: queues stop
-//! delivering to a connection whose buffer is above the high-water mark and register to be
-//! woken ([`Outbox::wait_for_drain`]); the reader stops reading requests until replies drain.
+//! delivering to a connection whose buffer is above the high-water mark and register a
+//! [`Wake`] to be called when it drains ([`Outbox::writable_or_wait`]); the reader stops
+//! reading requests until replies drain ([`Outbox::wait_for_drain`]).
+//!
+//! The outbox knows nothing of queues: whoever waits registers a waker (a queue implements
+//! [`Wake`] by trying to deliver again), so this module stays below the queue in the import
+//! graph.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 
 use bytes::BytesMut;
 use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::Notify;
 
-use crate::queue::Queue;
+/// Something waiting for an outbox to drain below [`HIGH_WATER`]: a queue that stopped
+/// delivering to this connection. Called from the writer task, with no lock held.
+pub trait Wake: Send + Sync {
+    fn wake(&self);
+}
 
 /// Above this many buffered bytes, queues stop delivering to the connection.
 pub const HIGH_WATER: usize = 256 * 1024;
 
 pub struct OutboxInner {
     pub buf: BytesMut,
-    waiting_queues: Vec<std::sync::Weak<Queue>>,
+    /// Registered by [`Outbox::writable_or_wait`], each once; woken and cleared on drain.
+    waiting: Vec<Weak<dyn Wake>>,
 }
 
 pub struct Outbox {
@@ -44,7 +54,7 @@ impl Default for Outbox {
         Self {
             inner: Mutex::new(OutboxInner {
                 buf: BytesMut::with_capacity(64 * 1024),
-                waiting_queues: Vec::new(),
+                waiting: Vec::new(),
             }),
             len: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
@@ -111,8 +121,8 @@ impl Outbox {
         self.data.notify_one();
     }
 
-    /// True if a queue may deliver now; otherwise registers `queue` to be kicked on drain.
-    pub fn writable_or_wait(&self, queue: &Arc<Queue>) -> bool {
+    /// True if a queue may deliver now; otherwise registers `waker` to be woken on drain.
+    pub fn writable_or_wait(&self, waker: &Weak<dyn Wake>) -> bool {
         if self.len() < HIGH_WATER {
             return true;
         }
@@ -120,12 +130,8 @@ impl Outbox {
         if g.buf.len() < HIGH_WATER {
             return true;
         }
-        if !g
-            .waiting_queues
-            .iter()
-            .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(queue)))
-        {
-            g.waiting_queues.push(Arc::downgrade(queue));
+        if !g.waiting.iter().any(|w| Weak::ptr_eq(w, waker)) {
+            g.waiting.push(waker.clone());
         }
         false
     }
@@ -144,10 +150,10 @@ impl Outbox {
             return;
         }
         self.drained.notify_waiters();
-        let waiting = std::mem::take(&mut self.inner.lock().waiting_queues);
-        for q in waiting {
-            if let Some(q) = q.upgrade() {
-                q.kick();
+        let waiting = std::mem::take(&mut self.inner.lock().waiting);
+        for w in waiting {
+            if let Some(w) = w.upgrade() {
+                w.wake();
             }
         }
     }

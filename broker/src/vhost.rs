@@ -14,8 +14,9 @@ use crate::error::{AmqpError, Result};
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind};
 use crate::metrics::QueueCounters;
 use crate::policy::{self, Policy};
-use crate::queue::Queue;
 use crate::queue::args::{self, QueueArgs};
+use crate::queue::state::Millis;
+use crate::queue::{DeadLetter, DeadLetterSink, Queue};
 use crate::store::log::MessageLog;
 
 /// Pre-declared exchanges of every vhost.
@@ -401,6 +402,7 @@ impl Vhost {
             spec.exclusive_owner,
             spec.arguments.clone(),
             parsed,
+            self.name.clone(),
             self.me.clone(),
             effective,
             self.store.get().cloned(),
@@ -682,5 +684,27 @@ impl Vhost {
         let g = self.reply_consumers.lock();
         let (w, tag) = g.get(token)?;
         Some((w.upgrade()?, tag.clone()))
+    }
+}
+
+/// What a queue hands its vhost: dead letters to route and its own expiry. Installed (as a
+/// weak reference) in every queue the vhost creates, so queues need not know the vhost.
+impl DeadLetterSink for Vhost {
+    fn dead_letter(&self, exchange: &str, letter: DeadLetter, now: Millis) -> bool {
+        let keys: Vec<&str> = letter.routing_keys.iter().map(String::as_str).collect();
+        let Ok(targets) = self.route(exchange, &keys, letter.msg.headers()) else {
+            return false;
+        };
+        for t in targets {
+            if crate::dead_letter::is_cycle(&letter.msg, &t.name) {
+                continue;
+            }
+            t.publish(letter.msg.clone(), now);
+        }
+        true
+    }
+
+    fn queue_expired(&self, queue: &str) {
+        self.remove_queue(queue);
     }
 }

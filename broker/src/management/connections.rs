@@ -18,7 +18,7 @@ use super::{ApiError, ApiResult, no_content, ok};
 use crate::broker::Broker;
 use crate::channel::ChannelShared;
 use crate::connection::ConnShared;
-use crate::queue::{Consumer, Queue};
+use crate::queue::{Consumer, DeliveryTarget, Queue};
 
 pub fn routes() -> Router<Arc<Broker>> {
     Router::new()
@@ -76,7 +76,11 @@ fn connection_json(broker: &Broker, c: &ConnShared) -> Value {
 }
 
 fn channel_name(c: &ConnShared, number: u16) -> String {
-    format!("{} ({number})", c.info.name)
+    channel_name_of(&c.info.name, number)
+}
+
+fn channel_name_of(connection_name: &str, number: u16) -> String {
+    format!("{connection_name} ({number})")
 }
 
 /// Consumers per channel, counted over the vhost's queues.
@@ -88,7 +92,7 @@ fn consumers_of(ch: &ChannelShared) -> usize {
         .map(|q| {
             q.consumers()
                 .iter()
-                .filter(|c| std::ptr::eq(Arc::as_ptr(&c.channel), ch))
+                .filter(|c| c.target.target_id() == ch.target_id())
                 .count()
         })
         .sum()
@@ -123,7 +127,7 @@ pub fn consumer_json(
     c: &Consumer,
     position: usize,
 ) -> Value {
-    let conn = &c.channel.conn;
+    let owner = c.target.owner();
     let active = !q.args.single_active_consumer || position == 0;
     let mut arguments = serde_json::Map::new();
     if c.priority != 0 {
@@ -133,12 +137,12 @@ pub fn consumer_json(
         "consumer_tag": c.tag,
         "queue": {"name": q.name, "vhost": vhost},
         "channel_details": {
-            "name": channel_name(conn, c.channel.id),
-            "number": c.channel.id,
-            "connection_name": conn.info.name,
-            "peer_host": conn.info.peer.ip().to_string(),
-            "peer_port": conn.info.peer.port(),
-            "user": conn.user,
+            "name": channel_name_of(owner.connection_name, owner.channel),
+            "number": owner.channel,
+            "connection_name": owner.connection_name,
+            "peer_host": owner.peer.ip().to_string(),
+            "peer_port": owner.peer.port(),
+            "user": owner.user,
             "node": broker.node_name(),
         },
         "ack_required": !c.no_ack,

@@ -1,6 +1,11 @@
 //! A queue on this node: the deterministic [`state::QueueState`] plus what only a running node
-//! has — consumers, their credit, the connections deliveries are written to, timers, and the
-//! dead-lettering of what the state machine hands out.
+//! has — consumers, their credit, the targets deliveries are written to, timers, and the
+//! dead letters of what the state machine hands out.
+//!
+//! The queue imports nothing above it. It delivers to a [`DeliveryTarget`] (a channel
+//! implements it; see [`delivery`]), hands dead letters and its own expiry to the
+//! [`DeadLetterSink`] its vhost installed (see [`sink`]), and is woken by a drained connection
+//! outbox through [`crate::outbox::Wake`]. A replicated or remote queue keeps the same seams.
 //!
 //! Concurrency: each queue sits behind one mutex, taken by whichever task acts on it (the
 //! publishing connection, the acking connection, the queue's timer, a writer that drained).
@@ -10,11 +15,15 @@
 //! it holds to the node's budget and, over it, pages out its least-soon-needed messages.
 //! Consumers never wait on a disk read under the lock: paged messages ahead of delivery are
 //! read back in batches on a blocking thread, and delivery resumes when they arrive. Only
-//! `basic.get`, and a dead letter whose content is paged out, read under the lock. Lock order is queue → channel deliveries → connection
-//! outbox; dead letters are routed only after the queue lock is released, so queues
-//! dead-lettering into each other cannot deadlock.
+//! `basic.get`, and a dead letter whose content is paged out, read under the lock.
+//!
+//! Lock order is queue → delivery target (a channel's deliveries) → connection outbox; dead
+//! letters go to the sink only after the queue lock is released, so queues dead-lettering
+//! into each other cannot deadlock.
 
 pub mod args;
+pub mod delivery;
+pub mod sink;
 pub mod state;
 
 use std::collections::HashMap;
@@ -26,12 +35,13 @@ use amq_protocol::types::FieldTable;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::channel::ChannelShared;
 use crate::message::Message;
+use crate::outbox::Wake;
 use crate::paging::{PageRef, Paging};
 use crate::store::log::{EnqueueRef, MessageLog, Record, RecoveredMessage};
-use crate::vhost::Vhost;
 use args::QueueArgs;
+pub use delivery::{DeliveryTarget, TargetId, TargetOwner};
+pub use sink::{DeadLetter, DeadLetterSink};
 use state::{Command, DeadLetterReason, Effect, Millis, MsgId, QueueState, Settlement};
 
 /// Wall-clock milliseconds: the runtime's time source, passed into the state machine.
@@ -46,7 +56,8 @@ pub fn now_ms() -> Millis {
 #[derive(Debug)]
 pub struct Consumer {
     pub tag: String,
-    pub channel: Arc<ChannelShared>,
+    /// Where its deliveries go (a channel on this node).
+    pub target: Arc<dyn DeliveryTarget>,
     pub no_ack: bool,
     /// Per-consumer prefetch (`basic.qos` with global=false); 0 is unlimited.
     pub prefetch: u32,
@@ -63,7 +74,7 @@ impl Consumer {
             return true;
         }
         (self.prefetch == 0 || self.unacked.load(Ordering::Relaxed) < self.prefetch)
-            && self.channel.has_global_credit()
+            && self.target.has_credit()
     }
 }
 
@@ -139,8 +150,11 @@ pub struct Queue {
     pub arguments: FieldTable,
     /// The client's arguments, validated (policies are applied on top, in the state).
     pub args: QueueArgs,
-    vhost: Weak<Vhost>,
+    /// The vhost's routing of dead letters and removal on expiry.
+    sink: Weak<dyn DeadLetterSink>,
     me: Weak<Queue>,
+    /// `me`, as what a full connection outbox wakes when it drains.
+    waker: Weak<dyn Wake>,
     inner: Mutex<Inner>,
     timer: Arc<Notify>,
     pub stats: QueueStats,
@@ -244,12 +258,12 @@ impl Queue {
         exclusive_owner: Option<u64>,
         arguments: FieldTable,
         args: QueueArgs,
-        vhost: Weak<Vhost>,
+        vhost_name: String,
+        sink: Weak<dyn DeadLetterSink>,
         effective: (state::QueueConfig, Option<u64>),
         store: Option<Arc<MessageLog>>,
         paging: Option<Arc<Paging>>,
     ) -> Arc<Self> {
-        let vhost_name = vhost.upgrade().map(|v| v.name.clone()).unwrap_or_default();
         let (config, expires) = effective;
         let q = Arc::new_cyclic(|me| Queue {
             name,
@@ -270,8 +284,9 @@ impl Queue {
             }),
             arguments,
             args,
-            vhost,
+            sink,
             me: me.clone(),
+            waker: me.clone(),
             timer: Arc::new(Notify::new()),
             stats: QueueStats::default(),
             store: if durable { store } else { None },
@@ -323,7 +338,10 @@ impl Queue {
         let channels = g
             .consumers
             .iter()
-            .map(|c| (c.channel.conn.id, c.channel.id))
+            .map(|c| {
+                let o = c.target.owner();
+                (o.connection, o.channel)
+            })
             .collect();
         (sample, channels)
     }
@@ -753,7 +771,7 @@ impl Queue {
                 if !c.has_credit() {
                     return false;
                 }
-                let writable = c.channel.writable(&me);
+                let writable = c.target.writable(&self.waker);
                 credit_but_full |= !writable;
                 writable
             }) else {
@@ -804,7 +822,7 @@ impl Queue {
             if !redelivered {
                 self.note_delivered(g, id);
             }
-            if !c.channel.deliver(&c, &me, id, &msg, redelivered) && !c.no_ack {
+            if !c.target.deliver(&c, &me, id, &msg, redelivered) && !c.no_ack {
                 // The channel closed under us: put the message back.
                 let mut fx = std::mem::take(&mut g.fx);
                 g.state.apply(
@@ -977,8 +995,7 @@ impl Queue {
         if c.exclusive && !g.consumers.is_empty() || g.consumers.iter().any(|x| x.exclusive) {
             return Err(crate::error::AmqpError::access_refused(format!(
                 "queue '{}' in vhost '{}' in exclusive use",
-                self.name,
-                self.vhost_name()
+                self.name, self.vhost_name
             )));
         }
         g.had_consumer = true;
@@ -993,10 +1010,10 @@ impl Queue {
 
     /// Detaches a consumer; true if it was the last one of an auto-delete queue (which the
     /// caller then deletes).
-    pub fn remove_consumer(&self, tag: &str, channel: &Arc<ChannelShared>) -> bool {
+    pub fn remove_consumer(&self, tag: &str, target: TargetId) -> bool {
         let mut g = self.inner.lock();
         g.consumers
-            .retain(|c| !(c.tag == tag && Arc::ptr_eq(&c.channel, channel)));
+            .retain(|c| !(c.tag == tag && c.target.target_id() == target));
         g.last_used = now_ms();
         let last = g.consumers.is_empty();
         drop(g);
@@ -1038,25 +1055,20 @@ impl Queue {
             (count, std::mem::take(&mut g.consumers))
         };
         for c in consumers {
-            c.channel.consumer_cancelled_by_server(&c.tag);
+            c.target.cancelled_by_server(&c.tag);
         }
         self.timer.notify_one();
         count
     }
 
-    fn vhost_name(&self) -> String {
-        self.vhost
-            .upgrade()
-            .map(|v| v.name.clone())
-            .unwrap_or_default()
-    }
-
-    /// Routes dead letters through the queue's dead-letter exchange.
+    /// Builds the dead letters and hands them to the vhost, which routes them through the
+    /// queue's dead-letter exchange. Called without the queue's lock; `letters`' held-back
+    /// remove records are appended when it drops, after the sink has republished.
     fn dead_letter(&self, mut letters: Letters, now: Millis) {
         if letters.is_empty() {
             return;
         }
-        let Some(vhost) = self.vhost.upgrade() else {
+        let Some(sink) = self.sink.upgrade() else {
             return;
         };
         let (dlx, dlrk) = {
@@ -1077,17 +1089,12 @@ impl Queue {
                 &dlx,
                 dlrk.as_deref(),
             );
-            let dead = Arc::new(dead);
-            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-            let Ok(targets) = vhost.route(&dlx, &keys, dead.headers()) else {
-                tracing::debug!(queue = %self.name, dlx = %dlx, "dead-letter exchange missing; message dropped");
-                continue;
+            let letter = DeadLetter {
+                msg: Arc::new(dead),
+                routing_keys: keys,
             };
-            for t in targets {
-                if crate::dead_letter::is_cycle(&dead, &t.name) {
-                    continue;
-                }
-                t.publish(dead.clone(), now);
+            if !sink.dead_letter(&dlx, letter, now) {
+                tracing::debug!(queue = %self.name, dlx = %dlx, "dead-letter exchange missing; message dropped");
             }
         }
     }
@@ -1112,12 +1119,19 @@ impl Queue {
             (next, expire_queue)
         };
         self.dead_letter(letters, now);
-        if expire_queue && let Some(v) = self.vhost.upgrade() {
+        if expire_queue && let Some(sink) = self.sink.upgrade() {
             tracing::debug!(queue = %self.name, "queue expired (x-expires)");
-            v.remove_queue(&self.name);
+            sink.queue_expired(&self.name);
             return None;
         }
         next
+    }
+}
+
+impl Wake for Queue {
+    /// A connection this queue stopped delivering to drained: deliver again.
+    fn wake(&self) {
+        self.kick();
     }
 }
 
