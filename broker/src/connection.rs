@@ -244,7 +244,9 @@ async fn serve_io<R, W>(
     let mut reader = Reader {
         rd,
         buf: BytesMut::with_capacity(64 * 1024),
-        decoder: FrameDecoder::new(broker.config.frame_max),
+        // RabbitMQ's initial_frame_max: a peer that has not logged in (nor tuned) may not
+        // make the node buffer large frames.
+        decoder: FrameDecoder::pre_tune(),
     };
     let transport = Transport {
         tls: tls.is_some(),
@@ -294,7 +296,6 @@ async fn serve_io<R, W>(
     broker.metrics.connection_opened();
     let heartbeat = Duration::from_secs(opened.heartbeat as u64);
     let writer = tokio::spawn(write_loop(outbox.clone(), wr, heartbeat));
-    reader.decoder = FrameDecoder::new(opened.frame_max);
     let mut conn = Connection {
         shared,
         channels: HashMap::new(),
@@ -441,6 +442,7 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         }
         f => f,
     };
+    reader.decoder = FrameDecoder::new(frame_max);
     let channel_max = match t.channel_max {
         0 => broker.config.channel_max,
         c => c.min(broker.config.channel_max),
