@@ -306,3 +306,111 @@ async fn deeply_nested_message_headers_close_the_connection() {
         still_serving(&b).await;
     }
 }
+
+/// Waits until the peer closes `s` (EOF or a reset), feeding it a heartbeat frame every
+/// second meanwhile if `heartbeats`; returns how long that took, or None after `limit`.
+async fn closed_within(s: &mut TcpStream, heartbeats: bool, limit: Duration) -> Option<Duration> {
+    let started = tokio::time::Instant::now();
+    let mut buf = BytesMut::new();
+    while started.elapsed() < limit {
+        if heartbeats && s.write_all(&frame(8, 0, b"")).await.is_err() {
+            return Some(started.elapsed());
+        }
+        match tokio::time::timeout(Duration::from_secs(1), s.read_buf(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) | Err(_) => {}
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_has_one_deadline_that_heartbeats_do_not_extend() {
+    let b = TestBroker::start_with(warren_broker::Config {
+        handshake_timeout: Duration::from_secs(2),
+        ..warren_broker::Config::default()
+    })
+    .await;
+    // Closed by the 2 s deadline; 8 s leaves room for a loaded machine, and is still less
+    // than the 10 s a step used to be allowed (each heartbeat re-armed it, so forever).
+    let limit = Duration::from_secs(8);
+    for step in ["protocol header", "start-ok"] {
+        let mut s = TcpStream::connect(b.addr).await.unwrap();
+        s.write_all(b"AMQP\x00\x00\x09\x01").await.unwrap();
+        let mut buf = BytesMut::new();
+        let _start = raw::read_method(&mut s, &mut buf).await;
+        if step == "start-ok" {
+            // Logged in, but never answers connection.tune.
+            send_method(&mut s, 0, raw::start_ok("guest", "guest", true)).await;
+            let _tune = raw::read_method(&mut s, &mut buf).await;
+        }
+        let took = closed_within(&mut s, true, limit).await;
+        println!("heartbeating after the {step}: closed after {took:?}");
+        assert!(
+            took.is_some(),
+            "a socket heartbeating after the {step} is still open after {limit:?}"
+        );
+    }
+    // A socket that sends nothing at all.
+    let mut s = TcpStream::connect(b.addr).await.unwrap();
+    let took = closed_within(&mut s, false, limit).await;
+    println!("silent socket: closed after {took:?}");
+    assert!(
+        took.is_some(),
+        "a silent socket is still open after {limit:?}"
+    );
+    still_serving(&b).await;
+}
+
+/// The resident memory of this process (the test and the in-process node), in bytes.
+fn rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_handshakes_do_not_starve_a_real_client() {
+    let b = TestBroker::start().await;
+    // Warm up: one full connection, so the runtime and the node's lazy state exist before
+    // the baseline.
+    still_serving(&b).await;
+    let pending = 2_000;
+    let open = || {
+        b.broker
+            .open_connections
+            .load(std::sync::atomic::Ordering::Acquire)
+    };
+    // The warm-up connection is gone (lapin closes it when dropped).
+    assert!(common::eventually(|| open() == 0).await);
+    let before = rss();
+    let mut sockets = Vec::with_capacity(pending);
+    for _ in 0..pending {
+        sockets.push(TcpStream::connect(b.addr).await.unwrap());
+    }
+    assert!(
+        common::eventually(|| open() == pending).await,
+        "the node accepted every pending socket"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = rss();
+    println!(
+        "{pending} pending sockets: VmRSS {} KiB -> {} KiB, {} bytes per pending socket \
+         (both ends: the node's task and buffers, the test's client socket)",
+        before / 1024,
+        after / 1024,
+        after.saturating_sub(before) / pending as u64
+    );
+    let started = std::time::Instant::now();
+    still_serving(&b).await;
+    println!(
+        "with {pending} pending sockets a lapin client connected, declared and published in {:?}",
+        started.elapsed()
+    );
+    drop(sockets);
+}
