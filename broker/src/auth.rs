@@ -486,6 +486,8 @@ pub fn parse_amqplain(response: &[u8]) -> Option<(String, String)> {
     use amq_protocol::types::AMQPValue;
     let mut framed = (response.len() as u32).to_be_bytes().to_vec();
     framed.extend_from_slice(response);
+    // Before login: a deeply nested table would overflow amq-protocol's recursive parser.
+    crate::codec::check_table(&framed, "the AMQPLAIN response").ok()?;
     let (_, table) = amq_protocol::types::parsing::parse_field_table(&framed[..]).ok()?;
     let get = |k: &str| match table.inner().get(k)? {
         AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).ok(),
@@ -498,6 +500,26 @@ pub fn parse_amqplain(response: &[u8]) -> Option<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn amqplain_response_nested_too_deep_is_refused_not_parsed() {
+        // 200,000 nested arrays under LOGIN: amq-protocol alone would overflow the stack.
+        let depth = 200_000;
+        let mut r = vec![5];
+        r.extend_from_slice(b"LOGIN");
+        for level in 0..depth {
+            r.push(b'A');
+            r.extend_from_slice(&((5 * (depth - 1 - level)) as u32).to_be_bytes());
+        }
+        assert_eq!(parse_amqplain(&r), None);
+        let mut ok = vec![5];
+        ok.extend_from_slice(b"LOGIN");
+        ok.extend_from_slice(b"S\0\0\0\x01u");
+        ok.extend_from_slice(&[8]);
+        ok.extend_from_slice(b"PASSWORD");
+        ok.extend_from_slice(b"S\0\0\0\x01p");
+        assert_eq!(parse_amqplain(&ok), Some(("u".into(), "p".into())));
+    }
 
     #[test]
     fn rabbitmq_sha256_hash_verifies() {

@@ -24,6 +24,12 @@ pub const FRAME_OVERHEAD: usize = 8;
 /// The smallest frame_max a peer may negotiate (AMQP 0-9-1 §4.2.1).
 pub const FRAME_MIN_SIZE: u32 = 4096;
 pub const PROTOCOL_HEADER: &[u8; 8] = b"AMQP\x00\x00\x09\x01";
+/// The frame size accepted until the client's `tune-ok` (RabbitMQ's `initial_frame_max`):
+/// before login a peer may not make the node buffer more than this per frame.
+pub const PRE_TUNE_FRAME_MAX: u32 = 4096;
+/// Deepest nesting of field tables and arrays accepted, the outermost table counting as 1
+/// (deep enough for any real use; `x-death` headers nest 3).
+pub const MAX_TABLE_DEPTH: usize = 100;
 
 /// One frame, split off the input buffer; its payload still undecoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,11 +44,24 @@ pub struct RawFrame {
 pub struct FrameDecoder {
     /// Largest whole frame accepted, framing included (the negotiated `frame_max`).
     pub frame_max: u32,
+    /// False until `tune-ok` (for the error text).
+    tuned: bool,
 }
 
 impl FrameDecoder {
     pub fn new(frame_max: u32) -> Self {
-        Self { frame_max }
+        Self {
+            frame_max,
+            tuned: true,
+        }
+    }
+
+    /// The decoder of a connection before its `tune-ok`: frames of [`PRE_TUNE_FRAME_MAX`].
+    pub fn pre_tune() -> Self {
+        Self {
+            frame_max: PRE_TUNE_FRAME_MAX,
+            tuned: false,
+        }
     }
 
     /// Returns the next complete frame, `None` if more bytes are needed, or a FRAME_ERROR.
@@ -61,8 +80,13 @@ impl FrameDecoder {
             return Err(AmqpError::frame_error(format!("unknown frame type {kind}")));
         }
         if size + FRAME_OVERHEAD > self.frame_max as usize {
+            let limit = if self.tuned {
+                "the negotiated frame_max"
+            } else {
+                "the limit before connection.tune-ok"
+            };
             return Err(AmqpError::frame_error(format!(
-                "frame of {} bytes exceeds the negotiated frame_max of {} bytes",
+                "frame of {} bytes exceeds {limit} of {} bytes",
                 size + FRAME_OVERHEAD,
                 self.frame_max
             )));
@@ -148,6 +172,7 @@ pub fn decode_method(payload: &[u8]) -> Result<AMQPClass> {
         ))
         .on_method(class, method));
     }
+    check_method_tables(class, method, payload).map_err(|e| e.on_method(class, method))?;
     match amq_protocol::protocol::parse_class(payload) {
         Ok((_, m)) => Ok(m),
         Err(_) => Err(AmqpError::syntax(format!(
@@ -155,6 +180,149 @@ pub fn decode_method(payload: &[u8]) -> Result<AMQPClass> {
         ))
         .on_method(class, method)),
     }
+}
+
+/// One argument of a method, as far as finding its field tables needs.
+#[derive(Clone, Copy)]
+enum Arg {
+    /// An octet (also a group of up to 8 bits).
+    Octet,
+    Short,
+    ShortStr,
+    /// A field table; its name for error texts.
+    Table(&'static str),
+}
+
+/// The arguments up to the last field table of each method that carries one.
+fn table_args(class: u16, method: u16) -> &'static [Arg] {
+    use Arg::*;
+    match (class, method) {
+        (10, 10) => &[Octet, Octet, Table("server_properties")],
+        (10, 11) => &[Table("client_properties")],
+        (40, 10) => &[Short, ShortStr, ShortStr, Octet, Table("arguments")],
+        (40, 30) | (40, 40) | (50, 20) => &[
+            Short,
+            ShortStr,
+            ShortStr,
+            ShortStr,
+            Octet,
+            Table("arguments"),
+        ],
+        (50, 10) => &[Short, ShortStr, Octet, Table("arguments")],
+        (50, 50) => &[Short, ShortStr, ShortStr, ShortStr, Table("arguments")],
+        (60, 20) => &[Short, ShortStr, ShortStr, Octet, Table("arguments")],
+        _ => &[],
+    }
+}
+
+fn malformed(what: &str) -> AmqpError {
+    AmqpError::syntax(format!("malformed field table in {what}"))
+}
+
+/// Walks the field tables of a method payload (ids included) before `amq-protocol` parses it.
+fn check_method_tables(class: u16, method: u16, payload: &[u8]) -> Result<()> {
+    let mut at = 4;
+    for arg in table_args(class, method) {
+        let len = |n: usize| -> Option<usize> { payload.get(at..at + n).map(|_| n) };
+        let step = match *arg {
+            Arg::Octet => len(1),
+            Arg::Short => len(2),
+            Arg::ShortStr => payload.get(at).and_then(|&n| len(1 + n as usize)),
+            Arg::Table(name) => Some(check_table(payload.get(at..).unwrap_or_default(), name)?),
+        };
+        // Arguments cut short: amq-protocol refuses the method without recursing.
+        let Some(step) = step else { return Ok(()) };
+        at += step;
+    }
+    Ok(())
+}
+
+/// Walks the `headers` property of a content header payload, if present.
+fn check_header_table(payload: &[u8]) -> Result<()> {
+    // class, weight, body size, then the property flags.
+    let Some(flags) = payload.get(12..14) else {
+        return Ok(());
+    };
+    let flags = u16::from_be_bytes([flags[0], flags[1]]);
+    if flags & (1 << 13) == 0 {
+        return Ok(());
+    }
+    let mut at = 14;
+    // content_type and content_encoding, short strings, come before the headers.
+    for bit in [15, 14] {
+        if flags & (1 << bit) != 0 {
+            let Some(&n) = payload.get(at) else {
+                return Ok(());
+            };
+            at += 1 + n as usize;
+        }
+    }
+    match payload.get(at..) {
+        Some(rest) => check_table(rest, "message headers").map(|_| ()),
+        None => Ok(()),
+    }
+}
+
+/// Walks the length-prefixed field table at the start of `buf` without recursion and returns
+/// the bytes it takes. Refuses (502) a table nested deeper than [`MAX_TABLE_DEPTH`] or one
+/// that is malformed (what `amq-protocol` would refuse too). `what` names it in the error.
+pub fn check_table(buf: &[u8], what: &str) -> Result<usize> {
+    let u32_at = |at: usize| -> Option<usize> {
+        let b = buf.get(at..at + 4)?;
+        Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    };
+    let end = u32_at(0)
+        .and_then(|n| n.checked_add(4))
+        .filter(|&end| end <= buf.len())
+        .ok_or_else(|| malformed(what))?;
+    // The open tables and arrays: where each ends, and whether its entries have keys.
+    let mut open: Vec<(usize, bool)> = Vec::with_capacity(8);
+    open.push((end, true));
+    let mut at = 4;
+    while let Some(&(container_end, keyed)) = open.last() {
+        if at == container_end {
+            open.pop();
+            continue;
+        }
+        if keyed {
+            let key = *buf.get(at).ok_or_else(|| malformed(what))? as usize;
+            at += 1 + key;
+        }
+        if at >= container_end {
+            return Err(malformed(what));
+        }
+        let kind = buf[at];
+        at += 1;
+        let size = match kind {
+            b'V' => 0,
+            b't' | b'b' | b'B' => 1,
+            b's' | b'U' | b'u' => 2,
+            b'I' | b'i' | b'f' => 4,
+            b'D' => 5,
+            b'L' | b'l' | b'd' | b'T' => 8,
+            b'S' | b'x' => 4 + u32_at(at).ok_or_else(|| malformed(what))?,
+            b'A' | b'F' => {
+                if open.len() >= MAX_TABLE_DEPTH {
+                    return Err(AmqpError::syntax(format!(
+                        "{what}: field tables and arrays nest deeper than {MAX_TABLE_DEPTH} levels"
+                    )));
+                }
+                let inner_end = u32_at(at)
+                    .and_then(|n| (at + 4).checked_add(n))
+                    .filter(|&e| e <= container_end)
+                    .ok_or_else(|| malformed(what))?;
+                open.push((inner_end, kind == b'F'));
+                at += 4;
+                continue;
+            }
+            _ => return Err(malformed(what)),
+        };
+        at = at
+            .checked_add(size)
+            .filter(|&a| a <= container_end)
+            .ok_or_else(|| malformed(what))?;
+    }
+    Ok(end)
 }
 
 /// A decoded content header frame.
@@ -168,6 +336,7 @@ pub struct ContentHeader {
 }
 
 pub fn decode_header(payload: &[u8]) -> Result<ContentHeader> {
+    check_header_table(payload)?;
     match parse_content_header(payload) {
         Ok((_, h)) => Ok(ContentHeader {
             // A copy, so a queued message does not pin the whole socket read buffer.
@@ -347,6 +516,147 @@ mod tests {
         b.extend_from_slice(payload);
         b.put_u8(FRAME_END);
         b
+    }
+
+    /// A field value of `depth` nested arrays (tables when `tables`), innermost empty.
+    fn nested(depth: usize, tables: bool) -> Vec<u8> {
+        let per = if tables { 6 } else { 5 };
+        let mut v = Vec::new();
+        for level in 0..depth {
+            v.push(if tables { b'F' } else { b'A' });
+            // What the levels below take (a table's also holds the empty key's octet).
+            let inner = per * (depth - 1 - level);
+            v.extend_from_slice(&(inner as u32).to_be_bytes());
+            if tables && level + 1 < depth {
+                v.push(0);
+            }
+        }
+        v
+    }
+
+    /// A length-prefixed table with one entry "k" = `value`.
+    fn table_of(value: &[u8]) -> Vec<u8> {
+        let mut t = ((2 + value.len()) as u32).to_be_bytes().to_vec();
+        t.extend_from_slice(&[1, b'k']);
+        t.extend_from_slice(value);
+        t
+    }
+
+    #[test]
+    fn table_nesting_is_capped_without_recursion() {
+        for tables in [false, true] {
+            // The outer table counts as one level.
+            let ok = table_of(&nested(MAX_TABLE_DEPTH - 1, tables));
+            assert_eq!(check_table(&ok, "t").unwrap(), ok.len(), "tables={tables}");
+            let (_, parsed) = amq_protocol::types::parsing::parse_field_table(&ok[..]).unwrap();
+            assert_eq!(parsed.inner().len(), 1);
+            let deep = table_of(&nested(MAX_TABLE_DEPTH, tables));
+            let e = check_table(&deep, "client_properties").unwrap_err();
+            assert_eq!(e.code, 502);
+            assert!(
+                e.text.contains("client_properties") && e.text.contains("deeper than 100"),
+                "{}",
+                e.text
+            );
+            // Far deeper than any stack: refused just the same, in a test thread's stack.
+            let huge = table_of(&nested(1_000_000, tables));
+            assert_eq!(check_table(&huge, "t").unwrap_err().code, 502);
+        }
+    }
+
+    #[test]
+    fn every_field_type_is_walked_like_amq_protocol_parses_it() {
+        use amq_protocol::types::{AMQPValue, DecimalValue, FieldArray, FieldTable};
+        let mut inner = FieldTable::default();
+        inner.insert("s".into(), AMQPValue::LongString("text".into()));
+        let mut t = FieldTable::default();
+        let values = [
+            AMQPValue::Boolean(true),
+            AMQPValue::ShortShortInt(-1),
+            AMQPValue::ShortShortUInt(1),
+            AMQPValue::ShortInt(-2),
+            AMQPValue::ShortUInt(2),
+            AMQPValue::LongInt(-3),
+            AMQPValue::LongUInt(3),
+            AMQPValue::LongLongInt(-4),
+            AMQPValue::Float(1.5),
+            AMQPValue::Double(2.5),
+            AMQPValue::DecimalValue(DecimalValue { scale: 2, value: 5 }),
+            AMQPValue::LongString("long".into()),
+            AMQPValue::ByteArray(vec![1u8, 2, 3].into()),
+            AMQPValue::Timestamp(7),
+            AMQPValue::Void,
+            AMQPValue::FieldTable(inner.clone()),
+            AMQPValue::FieldArray(FieldArray::from(vec![
+                AMQPValue::FieldTable(inner),
+                AMQPValue::LongInt(1),
+            ])),
+        ];
+        for (i, v) in values.into_iter().enumerate() {
+            t.insert(format!("k{i}").into(), v);
+        }
+        let encoded =
+            amq_protocol::types::generation::gen_field_table(&t)(WriteContext::from(Vec::new()))
+                .unwrap()
+                .into_inner()
+                .0;
+        let mut with_tail = encoded.clone();
+        with_tail.extend_from_slice(b"tail");
+        assert_eq!(check_table(&with_tail, "t").unwrap(), encoded.len());
+        // Every truncation is refused, never a panic.
+        for cut in 0..encoded.len() {
+            assert!(check_table(&encoded[..cut], "t").is_err(), "cut at {cut}");
+        }
+        // A length that lies, an unknown type.
+        let mut bad = table_of(b"Ax\0\0\0");
+        bad[9] = 200;
+        assert_eq!(check_table(&bad, "t").unwrap_err().code, 502);
+        assert!(
+            check_table(&table_of(b"?"), "t")
+                .unwrap_err()
+                .text
+                .contains("malformed")
+        );
+    }
+
+    #[test]
+    fn deep_tables_in_methods_and_headers_are_syntax_errors() {
+        // queue.declare: ticket, queue "q", flags, then the arguments.
+        let mut p = vec![0, 50, 0, 10, 0, 0, 1, b'q', 0];
+        p.extend_from_slice(&table_of(&nested(5_000, false)));
+        let e = decode_method(&p).unwrap_err();
+        assert_eq!((e.code, e.class_id, e.method_id), (502, 50, 10));
+        assert!(e.text.contains("arguments"), "{}", e.text);
+        // basic.consume and connection.start-ok likewise.
+        let mut p = vec![0, 60, 0, 20, 0, 0, 1, b'q', 0, 0];
+        p.extend_from_slice(&table_of(&nested(5_000, true)));
+        assert_eq!(decode_method(&p).unwrap_err().code, 502);
+        let mut p = vec![0, 10, 0, 11];
+        p.extend_from_slice(&table_of(&nested(5_000, true)));
+        p.extend_from_slice(&[5, b'P', b'L', b'A', b'I', b'N', 0, 0, 0, 0, 0]);
+        let e = decode_method(&p).unwrap_err();
+        assert!(e.text.contains("client_properties"), "{}", e.text);
+        // Content header with content_type and headers.
+        let mut h = vec![0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        h.extend_from_slice(&((1u16 << 15) | (1 << 13)).to_be_bytes());
+        h.extend_from_slice(&[1, b'x']);
+        h.extend_from_slice(&table_of(&nested(5_000, false)));
+        let e = decode_header(&h).unwrap_err();
+        assert!(e.text.contains("message headers"), "{}", e.text);
+        // Within the limit both still decode.
+        let mut h = vec![0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        h.extend_from_slice(&((1u16 << 15) | (1 << 13)).to_be_bytes());
+        h.extend_from_slice(&[1, b'x']);
+        h.extend_from_slice(&table_of(&nested(50, false)));
+        assert!(decode_header(&h).unwrap().properties.headers().is_some());
+    }
+
+    #[test]
+    fn pre_tune_limit_is_named_in_the_error() {
+        let mut buf = frame(FRAME_METHOD, 0, &[0u8; 5000]);
+        let e = FrameDecoder::pre_tune().decode(&mut buf).unwrap_err();
+        assert_eq!(e.code, 501);
+        assert!(e.text.contains("before connection.tune-ok"), "{}", e.text);
     }
 
     #[test]

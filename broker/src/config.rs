@@ -93,6 +93,11 @@ pub struct Cli {
     /// Largest message body accepted, in bytes [default: 134217728].
     #[arg(long, env = "WARREN_MAX_MESSAGE_SIZE")]
     pub max_message_size: Option<u64>,
+    /// Seconds a client has from the TCP accept to a completed `connection.open` (TLS
+    /// handshake included); then the socket is closed. Heartbeats do not extend it
+    /// [default: 10].
+    #[arg(long, env = "WARREN_HANDSHAKE_TIMEOUT")]
+    pub handshake_timeout: Option<f64>,
     /// This node's name, shown by the management API (`/api/nodes`, `node` fields) and in the
     /// `rabbitmq_node` metric labels [default: warren@$HOSTNAME].
     #[arg(long, env = "WARREN_NODE_NAME")]
@@ -239,6 +244,7 @@ pub struct FileConfig {
     pub channel_max: Option<u16>,
     pub max_connections: Option<usize>,
     pub max_message_size: Option<u64>,
+    pub handshake_timeout: Option<f64>,
     pub node_name: Option<String>,
     pub cluster_name: Option<String>,
     pub cluster_peers: Option<Vec<String>>,
@@ -282,6 +288,8 @@ pub struct Config {
     pub channel_max: u16,
     pub max_connections: usize,
     pub max_message_size: u64,
+    /// From accept to `connection.open` done: one deadline for the whole handshake.
+    pub handshake_timeout: std::time::Duration,
     /// This node's name (`warren@$HOSTNAME` unless configured).
     pub node_name: String,
     /// The cluster's name (the node name unless configured).
@@ -435,6 +443,17 @@ pub fn default_node_name() -> String {
     format!("warren@{host}")
 }
 
+/// `handshake-timeout` in seconds: positive, at most an hour.
+fn handshake_timeout(secs: f64) -> Result<std::time::Duration, ConfigError> {
+    if !(secs > 0.0 && secs <= 3600.0) {
+        return Err(ConfigError::Invalid {
+            key: "handshake-timeout",
+            message: format!("{secs} is not a number of seconds in (0, 3600]"),
+        });
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
 /// A node or cluster name: shown in JSON, metric labels and a server property.
 fn check_name(key: &'static str, name: &str) -> Result<(), ConfigError> {
     if name.is_empty() || name.len() > 255 {
@@ -474,6 +493,7 @@ impl Default for Config {
             channel_max: 2047,
             max_connections: 0,
             max_message_size: 128 * 1024 * 1024,
+            handshake_timeout: std::time::Duration::from_secs(10),
             node_name: default_node_name(),
             cluster_name: default_node_name(),
             cluster_peers: Vec::new(),
@@ -584,6 +604,10 @@ impl Config {
                 .max_message_size
                 .or(file.max_message_size)
                 .unwrap_or(d.max_message_size),
+            handshake_timeout: match cli.handshake_timeout.or(file.handshake_timeout) {
+                None => d.handshake_timeout,
+                Some(secs) => handshake_timeout(secs)?,
+            },
             cluster_name: cli
                 .cluster_name
                 .or(file.cluster_name)
@@ -1201,6 +1225,40 @@ mod tests {
             cli.ssl_cert_login_from,
             Some(CertLoginFrom::DistinguishedName)
         );
+    }
+
+    #[test]
+    fn handshake_timeout_from_flag_environment_or_file() {
+        let dir = std::env::temp_dir().join(format!("warren-cfg-hs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("warren.toml");
+        std::fs::write(&path, "handshake-timeout = 3\n").unwrap();
+        let from_file = |cli: Cli| {
+            Config::resolve(Cli {
+                config: Some(path.clone()),
+                ..cli
+            })
+        };
+        assert_eq!(
+            Config::default().handshake_timeout,
+            std::time::Duration::from_secs(10)
+        );
+        assert_eq!(
+            from_file(Cli::default()).unwrap().handshake_timeout,
+            std::time::Duration::from_secs(3)
+        );
+        let cli = Cli::try_parse_from(["warren-broker", "--handshake-timeout", "0.5"]).unwrap();
+        assert_eq!(
+            from_file(cli).unwrap().handshake_timeout,
+            std::time::Duration::from_millis(500)
+        );
+        for bad in ["0", "-1", "1e9"] {
+            let flag = format!("--handshake-timeout={bad}");
+            let cli = Cli::try_parse_from(["warren-broker", flag.as_str()]).unwrap();
+            let e = Config::resolve(cli).unwrap_err().to_string();
+            assert!(e.contains("handshake-timeout"), "{e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

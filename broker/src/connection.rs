@@ -17,6 +17,7 @@ use amq_protocol::types::{AMQPValue, FieldTable, LongString};
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::auth;
@@ -27,8 +28,6 @@ use crate::error::{AmqpError, Result};
 use crate::outbox::{HIGH_WATER, Outbox};
 use crate::vhost::Vhost;
 
-/// How long a peer has for each step of the opening handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long we wait for `connection.close-ok` after sending `connection.close`.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest a publisher pauses for one queue's backlog before reading again.
@@ -124,14 +123,14 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         }
     }
 
-    /// Reads the next method frame of the handshake (skipping heartbeats).
+    /// Reads the next method frame of the handshake (skipping heartbeats). Not bounded in
+    /// time itself: the whole handshake runs under one deadline ([`serve_io`]), so a peer
+    /// cannot stretch it by trickling heartbeats.
     async fn method(&mut self) -> Result<Option<AMQPClass>> {
         loop {
-            let f = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.frame()).await {
-                Ok(r) => r?,
-                Err(_) => return Ok(None),
+            let Some(f) = self.frame().await? else {
+                return Ok(None);
             };
-            let Some(f) = f else { return Ok(None) };
             match f.kind {
                 codec::FRAME_HEARTBEAT => continue,
                 codec::FRAME_METHOD if f.channel == 0 => {
@@ -199,21 +198,31 @@ struct Opened {
     mechanism: String,
 }
 
-/// Serves one accepted TCP connection until it closes.
-pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
+/// Serves one accepted TCP connection until it closes. `handshake_deadline` is when the
+/// opening handshake must be done (accept + `handshake-timeout`).
+pub async fn serve(
+    broker: Arc<Broker>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    handshake_deadline: Instant,
+) {
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().unwrap_or(peer);
     // Owned halves: no lock between the reader and the writer task.
     let (rd, wr) = stream.into_split();
-    serve_io(broker, rd, wr, peer, local, None, None).await;
+    let ends = Ends {
+        peer,
+        local,
+        handshake_deadline,
+    };
+    serve_io(broker, rd, wr, ends, None, None).await;
 }
 
 /// Serves one connection whose TLS handshake is done, until it closes.
 pub async fn serve_tls(
     broker: Arc<Broker>,
     stream: tokio_rustls::server::TlsStream<TcpStream>,
-    peer: SocketAddr,
-    local: SocketAddr,
+    ends: Ends,
 ) {
     let session = crate::tls::TlsSession::of(stream.get_ref().1);
     // rustls hands over a client certificate only once its verifier (the CA of tls-ca-file)
@@ -225,7 +234,15 @@ pub async fn serve_tls(
         .and_then(|chain| chain.first())
         .map(|c| c.as_ref().to_vec());
     let (rd, wr) = tokio::io::split(stream);
-    serve_io(broker, rd, wr, peer, local, Some(session), peer_cert).await;
+    serve_io(broker, rd, wr, ends, Some(session), peer_cert).await;
+}
+
+/// Where a connection comes from and goes to, and when its handshake must be done.
+#[derive(Debug, Clone, Copy)]
+pub struct Ends {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub handshake_deadline: Instant,
 }
 
 /// The connection over any byte stream: handshake, then reader and writer until it closes.
@@ -233,8 +250,7 @@ async fn serve_io<R, W>(
     broker: Arc<Broker>,
     rd: R,
     mut wr: W,
-    peer: SocketAddr,
-    local: SocketAddr,
+    ends: Ends,
     tls: Option<crate::tls::TlsSession>,
     peer_cert: Option<Vec<u8>>,
 ) where
@@ -243,21 +259,36 @@ async fn serve_io<R, W>(
 {
     let mut reader = Reader {
         rd,
-        buf: BytesMut::with_capacity(64 * 1024),
-        decoder: FrameDecoder::new(broker.config.frame_max),
+        // Small until the peer has logged in: a socket that never completes the handshake
+        // costs little (measured, tests/hostile_clients.rs: ~4 KB a pending socket with
+        // 1 KiB here, ~7 KB with 64 KiB). It grows to what a frame needs.
+        buf: BytesMut::with_capacity(1024),
+        // RabbitMQ's initial_frame_max: a peer that has not logged in (nor tuned) may not
+        // make the node buffer large frames.
+        decoder: FrameDecoder::pre_tune(),
     };
     let transport = Transport {
         tls: tls.is_some(),
         peer_cert: peer_cert.as_deref(),
     };
-    let opened = match handshake(&broker, &mut reader, &mut wr, peer, transport).await {
-        Ok(Some(o)) => o,
-        Ok(None) => return,
-        Err(e) => {
+    let Ends { peer, local, .. } = ends;
+    // One deadline for the whole handshake: neither heartbeats nor a frame now and then
+    // extend it, so an unauthenticated socket cannot be held open.
+    let handshake = handshake(&broker, &mut reader, &mut wr, peer, transport);
+    let opened = match tokio::time::timeout_at(ends.handshake_deadline, handshake).await {
+        Ok(Ok(Some(o))) => o,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
             refuse(&mut reader, &mut wr, e).await;
             return;
         }
+        Err(_) => {
+            debug!(%peer, "handshake not done within handshake-timeout; closing the socket");
+            return;
+        }
     };
+    // Logged in: read in large chunks from now on.
+    reader.buf.reserve(64 * 1024);
     let id = broker.next_connection_id();
     let user = opened.user.clone();
     let span =
@@ -294,7 +325,6 @@ async fn serve_io<R, W>(
     broker.metrics.connection_opened();
     let heartbeat = Duration::from_secs(opened.heartbeat as u64);
     let writer = tokio::spawn(write_loop(outbox.clone(), wr, heartbeat));
-    reader.decoder = FrameDecoder::new(opened.frame_max);
     let mut conn = Connection {
         shared,
         channels: HashMap::new(),
@@ -352,9 +382,8 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     transport: Transport<'_>,
 ) -> Result<Option<Opened>> {
     let mut header = [0u8; 8];
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.rd.read_exact(&mut header)).await {
-        Ok(Ok(_)) => {}
-        _ => return Ok(None),
+    if reader.rd.read_exact(&mut header).await.is_err() {
+        return Ok(None);
     }
     if &header != codec::PROTOCOL_HEADER {
         // Tell the peer which protocol we speak, then close (AMQP 0-9-1 §4.2.2).
@@ -441,6 +470,7 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         }
         f => f,
     };
+    reader.decoder = FrameDecoder::new(frame_max);
     let channel_max = match t.channel_max {
         0 => broker.config.channel_max,
         c => c.min(broker.config.channel_max),

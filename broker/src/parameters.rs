@@ -354,6 +354,83 @@ pub fn validate(component: &str, value: &Value) -> Result<(), String> {
     }
 }
 
+/// Who is setting a parameter: what the links it defines may reach depends on it.
+pub struct ActingUser<'a> {
+    pub name: &'a str,
+    pub administrator: bool,
+    /// May the user act in this vhost (as the management API decides)?
+    pub may_access: &'a dyn Fn(&str) -> bool,
+}
+
+/// The link URIs of a valid parameter value: (key, URI, the vhost a URI without a path opens
+/// — `/` for a shovel, as RabbitMQ's `amqp_uri`; the parameter's own for an upstream).
+fn link_uris<'a>(
+    component: &str,
+    vhost: &'a str,
+    value: &'a Value,
+) -> Vec<(&'static str, &'a str, &'a str)> {
+    let keys: &[&'static str] = match component {
+        "shovel" => &["src-uri", "dest-uri"],
+        "federation-upstream" => &["uri"],
+        _ => &[],
+    };
+    let default_vhost = if component == "shovel" { "/" } else { vhost };
+    let mut out = Vec::new();
+    for &key in keys {
+        match value.get(key) {
+            Some(Value::String(u)) => out.push((key, u.as_str(), default_vhost)),
+            Some(Value::Array(list)) => out.extend(
+                list.iter()
+                    .filter_map(Value::as_str)
+                    .map(|u| (key, u, default_vhost)),
+            ),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Refuses a (validated) parameter whose links would reach further than `user` may:
+///
+/// * a URI without a host connects to this node as its internal account, which may do
+///   anything in any vhost; so its vhost must be one the user may access (RabbitMQ checks
+///   the acting user's vhost access for such direct URIs), or the parameter would let a
+///   policymaker of one vhost read and write another;
+/// * `cacertfile`, `certfile` and `keyfile` make the node read files of its own choosing
+///   and present them to a peer, so only an administrator may set them.
+pub fn check_acting_user(
+    component: &str,
+    vhost: &str,
+    value: &Value,
+    user: &ActingUser<'_>,
+) -> Result<(), String> {
+    for (key, uri, default_vhost) in link_uris(component, vhost, value) {
+        let Ok(parsed) = crate::links::uri::LinkUri::parse(uri) else {
+            continue;
+        };
+        if parsed.local {
+            let target = parsed.vhost_or(default_vhost);
+            if !(user.may_access)(target) {
+                return Err(format!(
+                    "{key}: user '{}' may not access vhost '{target}', which a URI without a \
+                     host ({}) would connect to on this node",
+                    user.name, parsed.redacted
+                ));
+            }
+        }
+        let files = parsed.local_file_keys();
+        if !files.is_empty() && !user.administrator {
+            return Err(format!(
+                "{key}: the URI parameters {} make the node read files of its own; only a \
+                 user tagged administrator may set them (user '{}' is not)",
+                files.join(", "),
+                user.name
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -409,6 +486,59 @@ mod tests {
         let e = validate("shovel", &json!({"src-uri": "amqp://", "src-queue": "a", "dest-uri": "amqp://", "src-delete-after": "later"})).unwrap_err();
         assert!(e.contains("src-delete-after"), "{e}");
         assert!(validate("nope", &json!({})).is_err());
+    }
+
+    #[test]
+    fn links_reach_only_vhosts_and_files_the_acting_user_may() {
+        let only_a = |v: &str| v == "a";
+        let pm = ActingUser {
+            name: "pm",
+            administrator: false,
+            may_access: &only_a,
+        };
+        let shovel = |src: &str, dest: &str| json!({"src-uri": src, "src-queue": "q", "dest-uri": dest, "dest-queue": "q"});
+        let check = |c: &str, v: &Value, u: &ActingUser<'_>| check_acting_user(c, "a", v, u);
+        assert!(check("shovel", &shovel("amqp:///a", "amqp://u:p@remote/b"), &pm).is_ok());
+        let e = check("shovel", &shovel("amqp:///a", "amqp:///b"), &pm).unwrap_err();
+        assert!(
+            e.contains("dest-uri") && e.contains("'b'") && e.contains("'pm'"),
+            "{e}"
+        );
+        // A shovel URI without a path is vhost "/"; an upstream's is its own vhost.
+        let e = check("shovel", &shovel("amqp://", "amqp:///a"), &pm).unwrap_err();
+        assert!(e.contains("src-uri") && e.contains("'/'"), "{e}");
+        assert!(check("federation-upstream", &json!({"uri": "amqp://"}), &pm).is_ok());
+        let e = check(
+            "federation-upstream",
+            &json!({"uri": ["amqp:///a", "amqp:///b"]}),
+            &pm,
+        )
+        .unwrap_err();
+        assert!(e.contains("'b'"), "{e}");
+        let e = check(
+            "federation-upstream",
+            &json!({"uri": "amqps://h?cacertfile=/etc/passwd"}),
+            &pm,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("cacertfile") && e.contains("administrator"),
+            "{e}"
+        );
+        let anywhere = |_: &str| true;
+        let admin = ActingUser {
+            name: "root",
+            administrator: true,
+            may_access: &anywhere,
+        };
+        assert!(
+            check(
+                "shovel",
+                &shovel("amqps://h?certfile=/c&keyfile=/k", "amqp:///b"),
+                &admin
+            )
+            .is_ok()
+        );
     }
 
     #[test]

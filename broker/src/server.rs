@@ -13,9 +13,6 @@ use tracing::{error, info, warn};
 use crate::broker::Broker;
 use crate::tls::TlsAcceptor;
 
-/// How long a client has to complete the TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Accepts plain-TCP AMQP connections until `shutdown` resolves. Tests pass a listener bound
 /// to `127.0.0.1:0`; the binary binds `amqp-listen`.
 pub async fn run(broker: Arc<Broker>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
@@ -71,18 +68,20 @@ async fn accept_loop(
             drop(stream);
             continue;
         }
+        // One deadline from accept to connection.open, the TLS handshake included.
+        let deadline = tokio::time::Instant::now() + broker.config.handshake_timeout;
         let b = broker.clone();
         match &tls {
             None => {
                 tokio::spawn(async move {
-                    crate::connection::serve(b.clone(), stream, peer).await;
+                    crate::connection::serve(b.clone(), stream, peer, deadline).await;
                     b.open_connections.fetch_sub(1, Ordering::AcqRel);
                 });
             }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
-                    serve_tls(&b, acceptor, stream, peer).await;
+                    serve_tls(&b, acceptor, stream, peer, deadline).await;
                     b.open_connections.fetch_sub(1, Ordering::AcqRel);
                 });
             }
@@ -91,17 +90,25 @@ async fn accept_loop(
     info!("AMQP listener ({protocol}) stopped");
 }
 
-/// The TLS handshake (bounded in time), then the AMQP connection over it.
+/// The TLS handshake, then the AMQP connection over it; both must be done by `deadline`.
 async fn serve_tls(
     broker: &Arc<Broker>,
     acceptor: TlsAcceptor,
     stream: TcpStream,
     peer: SocketAddr,
+    deadline: tokio::time::Instant,
 ) {
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().unwrap_or(peer);
-    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => crate::connection::serve_tls(broker.clone(), tls, peer, local).await,
+    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => {
+            let ends = crate::connection::Ends {
+                peer,
+                local,
+                handshake_deadline: deadline,
+            };
+            crate::connection::serve_tls(broker.clone(), tls, ends).await
+        }
         // A TCP probe or port scan connects and closes without a word: not worth a warning.
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
             tracing::debug!(%peer, "TLS handshake: the peer closed the connection");

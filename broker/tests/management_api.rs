@@ -1675,3 +1675,142 @@ async fn drain_closes_and_refuses_connections_until_ended() {
         .unwrap();
     assert_eq!(q.message_count(), 3);
 }
+
+/// A policymaker may not point a shovel or federation upstream at a vhost it has no access
+/// to through a host-less URI (which logs in as the node's internal account), nor make the
+/// node read local files through the TLS query keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_uris_reach_only_what_the_acting_user_may() {
+    let b = TestBroker::start().await;
+    let api = Api::start(&b).await;
+    for v in ["a", "b"] {
+        assert_eq!(
+            api.put(&format!("/vhosts/{v}"), json!({})).await.0,
+            StatusCode::CREATED
+        );
+    }
+    let (s, _) = api
+        .put(
+            "/users/pm",
+            json!({"password": "pw", "tags": "policymaker"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let all = json!({"configure": ".*", "write": ".*", "read": ".*"});
+    assert_eq!(
+        api.put("/permissions/a/pm", all).await.0,
+        StatusCode::CREATED
+    );
+    // A message in vhost b that pm must not be able to reach.
+    assert_eq!(
+        api.put("/queues/b/secret", json!({})).await.0,
+        StatusCode::CREATED
+    );
+    let (s, body) = api
+        .post(
+            "/exchanges/b/amq.default/publish",
+            json!({"routing_key": "secret", "payload": "s3cret",
+                   "payload_encoding": "string", "properties": {}}),
+        )
+        .await;
+    assert_eq!((s, &body["routed"]), (StatusCode::OK, &json!(true)));
+    let pm = api.as_user("pm", "pw");
+
+    let shovel = |src: &str| {
+        json!({"value": {"src-uri": src, "src-queue": "secret",
+                         "dest-uri": "amqp:///a", "dest-queue": "loot"}})
+    };
+    // (what, path, body, the vhost the error must name, the key it must name)
+    let refused = [
+        (
+            "shovel from amqp:///b",
+            "/parameters/shovel/a/steal",
+            shovel("amqp:///b"),
+            "'b'",
+            "src-uri",
+        ),
+        (
+            "shovel from amqp:// (vhost /)",
+            "/parameters/shovel/a/steal",
+            shovel("amqp://"),
+            "'/'",
+            "src-uri",
+        ),
+        (
+            "shovel into amqp:///b",
+            "/parameters/shovel/a/plant",
+            json!({"value": {"src-uri": "amqp:///a", "src-queue": "x",
+                             "dest-uri": "amqp:///b", "dest-queue": "secret"}}),
+            "'b'",
+            "dest-uri",
+        ),
+        (
+            "federation upstream amqp:///b",
+            "/parameters/federation-upstream/a/up",
+            json!({"value": {"uri": "amqp:///b"}}),
+            "'b'",
+            "uri",
+        ),
+        (
+            "federation upstream list with amqp:///b",
+            "/parameters/federation-upstream/a/up",
+            json!({"value": {"uri": ["amqp:///a", "amqp://%2f@/b"]}}),
+            "'b'",
+            "uri",
+        ),
+    ];
+    for (what, path, body, vhost, key) in refused {
+        let reason = bad_request(pm.put(path, body).await);
+        assert!(
+            reason.contains(vhost) && reason.contains(key) && reason.contains("pm"),
+            "{what}: {reason}"
+        );
+    }
+    // Nothing was stored, no link runs, and the message is still where it was.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(api.get("/parameters").await.1, json!([]));
+    assert_eq!(api.get("/shovels").await.1, json!([]));
+    let secret = b.broker.vhost("b").unwrap().queue("secret").unwrap();
+    assert_eq!(secret.message_count(), 1, "the secret message stayed in b");
+
+    // Its own vhost, host-less or not, is fine.
+    let up = json!({"value": {"uri": ["amqp:///a", "amqp://pm:pw@127.0.0.1:1/b"]}});
+    assert_eq!(
+        pm.put("/parameters/federation-upstream/a/own", up).await.0,
+        StatusCode::CREATED
+    );
+
+    // Files on the node: only an administrator may name them.
+    for (what, uri) in [
+        ("cacertfile", "amqps://127.0.0.1:1/a?cacertfile=/etc/passwd"),
+        (
+            "certfile",
+            "amqps://127.0.0.1:1/a?certfile=/etc/shadow&keyfile=/etc/shadow",
+        ),
+    ] {
+        let reason = bad_request(
+            pm.put(
+                "/parameters/federation-upstream/a/files",
+                json!({"value": {"uri": uri}}),
+            )
+            .await,
+        );
+        assert!(
+            reason.contains(what) && reason.contains("administrator"),
+            "{what}: {reason}"
+        );
+    }
+    assert!(
+        pm.get("/parameters/federation-upstream/a/files")
+            .await
+            .0
+            .is_client_error()
+    );
+    let (s, _) = api
+        .put(
+            "/parameters/federation-upstream/a/files",
+            json!({"value": {"uri": "amqps://127.0.0.1:1/a?cacertfile=/etc/ssl/certs/ca-certificates.crt"}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "an administrator may");
+}

@@ -237,6 +237,21 @@ impl LinkUri {
     pub fn vhost_or<'a>(&'a self, default: &'a str) -> &'a str {
         self.vhost.as_deref().unwrap_or(default)
     }
+
+    /// The query keys that make the node read a file of its own (`cacertfile`, `certfile`,
+    /// `keyfile`), as given.
+    pub fn local_file_keys(&self) -> Vec<&'static str> {
+        let o = &self.tls_options;
+        [
+            ("cacertfile", &o.cacertfile),
+            ("certfile", &o.certfile),
+            ("keyfile", &o.keyfile),
+        ]
+        .into_iter()
+        .filter(|(_, path)| path.is_some())
+        .map(|(key, _)| key)
+        .collect()
+    }
 }
 
 /// A URI without its user name and password (RabbitMQ's `amqp_uri:remove_credentials`).
@@ -290,6 +305,9 @@ mod tests {
         assert_eq!(u.tls_options.server_name.as_deref(), Some("x.example"));
         let u = LinkUri::parse("amqp://[::1]:5000/v").unwrap();
         assert_eq!((u.host.as_str(), u.port), ("::1", 5000));
+        assert!(u.local_file_keys().is_empty());
+        let u = LinkUri::parse("amqps://h?cacertfile=/a&certfile=/b&keyfile=/c").unwrap();
+        assert_eq!(u.local_file_keys(), ["cacertfile", "certfile", "keyfile"]);
     }
 
     #[test]

@@ -267,6 +267,7 @@ fn import(
                     .ok_or_else(|| super::body::missing("value"))?;
                 super::parameters::put_parameter(
                     broker,
+                    caller,
                     e.req_str("component")?,
                     &vhost_of(e)?,
                     e.req_str("name")?,

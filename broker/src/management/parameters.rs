@@ -97,9 +97,11 @@ async fn show(
     ok(parameter_json(&p))
 }
 
-/// Validates and stores `value` (the body's `value` field, or the definitions file entry's).
+/// Validates and stores `value` (the body's `value` field, or the definitions file entry's)
+/// on behalf of `caller`, whose access bounds what the parameter's links may reach.
 pub fn put_parameter(
     broker: &Broker,
+    caller: &Caller,
     component: &str,
     vhost: &str,
     name: &str,
@@ -113,10 +115,20 @@ pub fn put_parameter(
     if broker.vhost(vhost).is_none() {
         return Err(ApiError::bad_request(format!("vhost '{vhost}' not found")));
     }
+    let invalid =
+        |e: String| ApiError::bad_request(format!("Validation failed: {e} (parameter {name})"));
+    crate::parameters::validate(component, &value).map_err(invalid)?;
+    let may_access = |v: &str| caller.can_access(broker, v);
+    let acting = crate::parameters::ActingUser {
+        name: caller.name(),
+        administrator: caller.is_admin(),
+        may_access: &may_access,
+    };
+    crate::parameters::check_acting_user(component, vhost, &value, &acting).map_err(invalid)?;
     broker
         .parameters
         .put(component, vhost, name, value)
-        .map_err(|e| ApiError::bad_request(format!("Validation failed: {e} (parameter {name})")))
+        .map_err(invalid)
 }
 
 async fn put(
@@ -131,7 +143,9 @@ async fn put(
         .get("value")
         .cloned()
         .ok_or_else(|| super::body::missing("value"))?;
-    created_or_updated(put_parameter(&broker, &component, &vhost, &name, value)?)
+    created_or_updated(put_parameter(
+        &broker, &caller, &component, &vhost, &name, value,
+    )?)
 }
 
 async fn delete(
