@@ -38,6 +38,10 @@ pub const CONFIG_DIR: &str = "/etc/warren";
 pub const CONFIG_FILE: &str = "warren.toml";
 pub const TLS_DIR: &str = "/etc/warren/tls";
 pub const CA_DIR: &str = "/etc/warren/ca";
+/// The cluster secret's mount (outside CONFIG_DIR, a ConfigMap mount).
+pub const CLUSTER_SECRET_DIR: &str = "/etc/warren-cluster";
+/// The inter-node port (RabbitMQ's distribution port).
+pub const CLUSTER_PORT: i32 = 25672;
 
 /// Annotation on the pod template carrying a hash of everything that needs a restart to
 /// take effect, so a change rolls the StatefulSet.
@@ -72,6 +76,16 @@ pub struct Credentials {
 pub fn server_name(rc: &RabbitCluster) -> String {
     format!("{}-server", rc.name_any())
 }
+/// The address every node is given as its peer: the first pod's name in the headless
+/// Service (`<name>-server-0.<name>-nodes.<namespace>`).
+pub fn seed_peer(rc: &RabbitCluster) -> String {
+    let pod = format!("{}-0.{}", server_name(rc), nodes_service_name(rc));
+    match rc.namespace() {
+        Some(ns) => format!("{pod}.{ns}"),
+        None => pod,
+    }
+}
+
 pub fn nodes_service_name(rc: &RabbitCluster) -> String {
     format!("{}-nodes", rc.name_any())
 }
@@ -230,6 +244,7 @@ pub fn nodes_service(rc: &RabbitCluster) -> Result<Service, BuildError> {
     for (name, port, _) in management_ports(rc) {
         ports.push(json!({"name": name, "port": port, "targetPort": port, "protocol": "TCP"}));
     }
+    ports.push(json!({"name": "cluster", "port": CLUSTER_PORT, "targetPort": CLUSTER_PORT, "protocol": "TCP"}));
     let v = json!({
         "apiVersion": "v1",
         "kind": "Service",
@@ -412,6 +427,7 @@ pub fn stateful_set(rc: &RabbitCluster, replicas: i32) -> Result<StatefulSet, Bu
     if rc.spec.tls.is_some() {
         ports.push(json!({"name": "amqps", "containerPort": AMQPS_PORT, "protocol": "TCP"}));
     }
+    ports.push(json!({"name": "cluster", "containerPort": CLUSTER_PORT, "protocol": "TCP"}));
     // The startup probe waits for the management API, on whichever port serves it; the
     // readiness probe and preStop hook (`warren-broker check ready`, `drain`) read the same
     // configuration file as the node and use HTTPS when plain HTTP is off.
@@ -425,10 +441,13 @@ pub fn stateful_set(rc: &RabbitCluster, replicas: i32) -> Result<StatefulSet, Bu
         json!({"name": "persistence", "mountPath": DATA_DIR}),
         json!({"name": "config", "mountPath": CONFIG_DIR, "readOnly": true}),
         json!({"name": "tmp", "mountPath": "/tmp"}),
+        json!({"name": "cluster-secret", "mountPath": CLUSTER_SECRET_DIR, "readOnly": true}),
     ];
     let mut volumes = vec![
         json!({"name": "config", "configMap": {"name": config_map_name(rc)}}),
         json!({"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}),
+        // Readable by the broker's group only (fsGroup): 0440.
+        json!({"name": "cluster-secret", "secret": {"secretName": cluster_secret_name(rc), "defaultMode": 0o440}}),
     ];
     if let Some(tls) = &rc.spec.tls {
         mounts.push(json!({"name": "tls", "mountPath": TLS_DIR, "readOnly": true}));
@@ -708,17 +727,24 @@ mod tests {
             (nodes, container)
         };
         let plain = cluster(json!({}));
-        assert_eq!(ports(&plain), (vec![5672, 15672], vec![5672, 15672, 15692]));
+        // 25672: the inter-node port, in the headless Service and on every pod.
+        assert_eq!(
+            ports(&plain),
+            (vec![5672, 15672, 25672], vec![5672, 15672, 15692, 25672])
+        );
         let tls = cluster(json!({"tls": {"secretName": "t"}}));
         assert_eq!(
             ports(&tls),
             (
-                vec![5672, 15672, 15671],
-                vec![5672, 15672, 15671, 15692, 15691, 5671]
+                vec![5672, 15672, 15671, 25672],
+                vec![5672, 15672, 15671, 15692, 15691, 5671, 25672]
             )
         );
         let only = cluster(json!({"tls": {"secretName": "t", "disableNonTLSListeners": true}}));
-        assert_eq!(ports(&only), (vec![5672, 15671], vec![15671, 15691, 5671]));
+        assert_eq!(
+            ports(&only),
+            (vec![5672, 15671, 25672], vec![15671, 15691, 5671, 25672])
+        );
         // Only TLS-only pods carry the label a PodMonitor uses to scrape them over HTTPS.
         let tls_only_label = |rc: &RabbitCluster| {
             stateful_set(rc, 1)

@@ -28,6 +28,10 @@ const OPERATOR_KEYS: &[&str] = &[
     "default-pass",
     "node-name",
     "config",
+    "cluster-peers",
+    "cluster-listen",
+    "cluster-advertise",
+    "cluster-secret-file",
 ];
 
 /// Keys with a typed field in `spec.config`, by broker key, with the field's name.
@@ -179,6 +183,21 @@ pub fn render(rc: &RabbitCluster) -> Result<String, ConfigError> {
             t.insert("tls-ca-file".into(), s(&format!("{CA_DIR}/ca.crt")));
         }
     }
+    // Every node is given the first pod as its peer: members learn the others from it and
+    // remember them, so the list does not change (nor roll the pods) when the cluster scales.
+    // Pod 0 recognises its own address.
+    t.insert(
+        "cluster-peers".into(),
+        Value::Array(vec![s(&super::build::seed_peer(rc))]),
+    );
+    t.insert(
+        "cluster-listen".into(),
+        s(&format!("0.0.0.0:{}", super::build::CLUSTER_PORT)),
+    );
+    t.insert(
+        "cluster-secret-file".into(),
+        s(&format!("{}/secret", super::build::CLUSTER_SECRET_DIR)),
+    );
     // The default user may connect from anywhere; it is never `guest`.
     t.insert("loopback-users".into(), Value::Array(vec![]));
     t.insert(
@@ -294,6 +313,30 @@ mod tests {
         let c = broker_accepts(&text);
         assert_eq!(c.data_dir, std::path::PathBuf::from(DATA_DIR));
         assert!(c.loopback_users.is_empty());
+    }
+
+    #[test]
+    fn nodes_are_clustered_through_the_first_pod() {
+        let mut rc = cluster(json!({}));
+        rc.metadata.namespace = Some("ns".into());
+        let c = broker_accepts(&render(&rc).expect("render"));
+        let seed = super::super::build::seed_peer(&rc);
+        assert_eq!(seed, "hare-server-0.hare-nodes.ns");
+        assert_eq!(c.cluster_peers, [seed]);
+        assert_eq!(
+            c.cluster_peer_addrs(),
+            [format!("{}:25672", c.cluster_peers[0])]
+        );
+        assert_eq!(c.cluster_listen.map(|a| a.port()), Some(25672));
+        assert_eq!(
+            c.cluster_secret_file.as_deref(),
+            Some(std::path::Path::new("/etc/warren-cluster/secret"))
+        );
+        let err = render(&cluster(json!({"config": {"additionalConfig": {
+            "cluster-peers": "elsewhere"
+        }}})))
+        .expect_err("operator key");
+        assert!(err.to_string().contains("set by the operator"), "{err}");
     }
 
     #[test]
