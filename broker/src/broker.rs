@@ -180,9 +180,13 @@ impl Broker {
             .config
             .cluster_advertise_addr()
             .ok_or("no inter-node listener (cluster-listen)")?;
+        let incarnation = crate::cluster::incarnation(&self.config.data_dir).map_err(|e| {
+            format!("cannot keep the node's incarnation in the data directory: {e}")
+        })?;
         let me = crate::cluster::handshake::Identity {
             node: self.node_name(),
             advertise,
+            incarnation,
             secret: secret.into(),
         };
         let weak = Arc::downgrade(self);

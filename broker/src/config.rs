@@ -159,6 +159,11 @@ pub struct Cli {
 /// One-shot clients of the local node's management API (for Kubernetes probes and hooks).
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
+    /// Cluster membership (`warren-broker cluster forget NODE`).
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
     /// Health checks of a running node: exit 0 if it passes, 1 with the reason on stderr.
     ///
     /// `warren-broker check ready`: for a readiness probe.
@@ -180,6 +185,19 @@ pub enum Command {
         /// Print the report as JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ClusterAction {
+    /// Remove a stopped node from the cluster for good (`rabbitmqctl forget_cluster_node`):
+    /// DELETE /api/nodes/{node} on this node, which tells every running member. The node is
+    /// refused from then on until its data directory is wiped.
+    Forget {
+        /// The node's name, e.g. warren@pod-2.hare-nodes.default.
+        node: String,
+        #[command(flatten)]
+        client: ClientArgs,
     },
 }
 

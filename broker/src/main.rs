@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
-use warren_broker::config::{Check, Cli, ClientArgs, Command, Config};
+use warren_broker::config::{Check, Cli, ClientArgs, ClusterAction, Command, Config};
 use warren_broker::{Broker, management, metrics, server};
 
 /// Colours only for a person at a terminal: not in files, pipes or `kubectl logs`, and never
@@ -262,6 +262,9 @@ async fn command_main(command: Command, cli: Cli) -> Result<String, String> {
             check: Check::Ready { client },
         } => client,
         Command::Drain { client, .. } => client,
+        Command::Cluster {
+            action: ClusterAction::Forget { client, .. },
+        } => client,
     };
     let (client, user, timeout) = client_for(args, cli)?;
     match command {
@@ -272,6 +275,14 @@ async fn command_main(command: Command, cli: Cli) -> Result<String, String> {
                 .await
                 .map_err(|e| format!("not ready: {e}"))?;
             Ok(format!("ready: node {node}\n"))
+        }
+        Command::Cluster {
+            action: ClusterAction::Forget { node, .. },
+        } => {
+            probe::within(timeout, &client, probe::forget(&client, &user, &node))
+                .await
+                .map_err(|e| format!("forget failed: {e}"))?;
+            Ok(format!("{node} removed from the cluster\n"))
         }
         Command::Drain { end, json, .. } => {
             let report = probe::within(timeout, &client, probe::drain(&client, &user, end))

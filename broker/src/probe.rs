@@ -427,6 +427,27 @@ pub async fn drain(client: &Client, user: &str, end: bool) -> Result<Value, Stri
     Ok(body)
 }
 
+/// `DELETE /api/nodes/{node}`: removes a stopped node from the cluster.
+pub async fn forget(client: &Client, user: &str, node: &str) -> Result<(), String> {
+    let path = format!(
+        "/api/nodes/{}",
+        node.replace('%', "%25")
+            .replace('/', "%2F")
+            .replace(' ', "%20")
+    );
+    let (status, body) = client.json("DELETE", &path).await?;
+    if status != 204 && status != 200 {
+        return Err(unexpected(
+            client,
+            &format!("DELETE {path}"),
+            status,
+            &body,
+            user,
+        ));
+    }
+    Ok(())
+}
+
 /// The drain report for people: what was closed, and the queues left on the node.
 pub fn describe_drain(report: &Value) -> String {
     let node = report["node"].as_str().unwrap_or("the node");

@@ -27,6 +27,7 @@ use super::wire::{Frame, Hello, PROTOCOL, WireError};
 pub struct Identity {
     pub node: String,
     pub advertise: String,
+    pub incarnation: u64,
     pub secret: std::sync::Arc<[u8]>,
 }
 
@@ -50,6 +51,8 @@ pub enum HandshakeError {
     Unexpected(String),
     #[error("this address is this node itself")]
     OwnAddress,
+    #[error("node {node} refused: {reason}")]
+    NotAdmitted { node: String, reason: String },
 }
 
 fn nonce() -> [u8; 32] {
@@ -86,6 +89,7 @@ fn hello(me: &Identity) -> Hello {
         protocol: PROTOCOL,
         node: me.node.clone(),
         advertise: me.advertise.clone(),
+        incarnation: me.incarnation,
         nonce: nonce(),
     }
 }
@@ -150,10 +154,12 @@ pub async fn dial<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// The accepting side; returns the peer's hello once both proofs checked out.
+/// The accepting side; returns the peer's hello once both proofs checked out and `admit`
+/// let it in (its `Err` is sent to the peer as the reason it is refused).
 pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     me: &Identity,
+    admit: impl FnOnce(&Hello) -> Result<(), String>,
 ) -> Result<Hello, HandshakeError> {
     let theirs = expect_hello(s).await?;
     let mine = hello(me);
@@ -196,6 +202,13 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         .await;
         return Err(HandshakeError::WrongSecret { node: theirs.node });
     }
+    if let Err(reason) = admit(&theirs) {
+        let _ = write_frame(s, &Frame::Refused(reason.clone())).await;
+        return Err(HandshakeError::NotAdmitted {
+            node: theirs.node,
+            reason,
+        });
+    }
     write_frame(s, &Frame::Accepted).await?;
     Ok(theirs)
 }
@@ -208,6 +221,7 @@ mod tests {
         Identity {
             node: node.into(),
             advertise: format!("{node}:25672"),
+            incarnation: 7,
             secret: secret.into(),
         }
     }
@@ -217,7 +231,7 @@ mod tests {
         a: Identity,
     ) -> (Result<Hello, HandshakeError>, Result<Hello, HandshakeError>) {
         let (mut x, mut y) = tokio::io::duplex(4096);
-        tokio::join!(dial(&mut x, &d), accept(&mut y, &a))
+        tokio::join!(dial(&mut x, &d), accept(&mut y, &a, |_| Ok(())))
     }
 
     #[tokio::test]
@@ -242,6 +256,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_node_the_acceptor_does_not_admit_is_told_why() {
+        let (mut x, mut y) = tokio::io::duplex(4096);
+        let (me_a, me_b) = (id("warren@a", b"s"), id("warren@b", b"s"));
+        let (d, a) = tokio::join!(
+            dial(&mut x, &me_a),
+            accept(&mut y, &me_b, |h| Err(format!("{} was forgotten", h.node)))
+        );
+        assert!(
+            matches!(d, Err(HandshakeError::Refused { ref reason, .. }) if reason == "warren@a was forgotten"),
+            "{d:?}"
+        );
+        assert!(
+            matches!(a, Err(HandshakeError::NotAdmitted { .. })),
+            "{a:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn dialling_itself_is_recognised() {
         let (d, a) = run(id("warren@a", b"s"), id("warren@a", b"s")).await;
         assert!(matches!(d, Err(HandshakeError::OwnAddress)));
@@ -254,6 +286,7 @@ mod tests {
             protocol: PROTOCOL,
             node: "n".into(),
             advertise: "a".into(),
+            incarnation: 1,
             nonce: [n; 32],
         };
         let p = proof(b"k", b"dialer", &h(1), &h(2));

@@ -14,7 +14,10 @@
 //! list to join. Each outgoing link is heartbeated every second; a peer that does not answer
 //! within [`PING_TIMEOUT`] is marked down and redialled with backoff. The set of members is
 //! remembered in the data directory (`cluster/members`), so a whole-cluster restart in any
-//! order needs no manual step, and `forget` removes a node for good.
+//! order needs no manual step. [`Cluster::forget`] removes a stopped node: every member is
+//! told (and members that were away learn it from heartbeat answers), and that node is
+//! refused until its data directory is wiped — it then has a new incarnation and may join
+//! again, as a reset RabbitMQ node can.
 
 pub mod handshake;
 pub mod link;
@@ -26,6 +29,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
@@ -50,6 +54,7 @@ pub type StatusFn = Box<dyn Fn() -> NodeStatus + Send + Sync>;
 /// A remote node this node knows of.
 pub struct Peer {
     pub name: String,
+    incarnation: AtomicU64,
     advertise: Mutex<String>,
     link: Mutex<Option<Arc<Link>>>,
     last_seen: Mutex<Option<Instant>>,
@@ -81,18 +86,65 @@ pub struct Cluster {
     peers: RwLock<BTreeMap<String, Arc<Peer>>>,
     /// Addresses with a dial task running.
     dialing: Mutex<HashSet<String>>,
-    /// Where the member list is kept (None: not remembered, in tests).
-    members_file: Option<PathBuf>,
+    /// `(name → incarnation)` of nodes removed from the cluster.
+    forgotten: RwLock<BTreeMap<String, u64>>,
+    /// Where the member and forgotten lists are kept (None: not remembered, in tests).
+    dir: Option<PathBuf>,
+}
+
+/// Why a node cannot be forgotten.
+#[derive(Debug, thiserror::Error)]
+pub enum ForgetError {
+    #[error("{0} is not a member of this cluster")]
+    NotMember(String),
+    #[error("{0} is this node")]
+    Itself(String),
+    #[error("{0} is running: stop it before removing it from the cluster")]
+    Running(String),
+}
+
+/// This node's incarnation: drawn once when its data directory has none, kept after.
+pub fn incarnation(data_dir: &std::path::Path) -> std::io::Result<u64> {
+    let path = data_dir.join("cluster").join("incarnation");
+    if let Ok(text) = std::fs::read_to_string(&path)
+        && let Ok(n) = text.trim().parse()
+    {
+        return Ok(n);
+    }
+    let n: u64 = rand::random();
+    save(&path, &format!("{n}\n"))?;
+    Ok(n)
+}
+
+/// Writes `text` to `path` atomically (temporary file, fsync, rename).
+fn save(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text.as_bytes())?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 impl Cluster {
     pub fn new(me: Identity, status: StatusFn, data_dir: Option<PathBuf>) -> Arc<Self> {
+        let dir = data_dir.map(|d| d.join("cluster"));
+        let forgotten = dir
+            .as_ref()
+            .and_then(|d| std::fs::read_to_string(d.join("forgotten")).ok())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .filter_map(|(n, i)| Some((n.to_owned(), i.parse().ok()?)))
+            .collect();
         Arc::new(Self {
             me,
             status,
             peers: RwLock::new(BTreeMap::new()),
             dialing: Mutex::new(HashSet::new()),
-            members_file: data_dir.map(|d| d.join("cluster").join("members")),
+            forgotten: RwLock::new(forgotten),
+            dir,
         })
     }
 
@@ -104,8 +156,10 @@ impl Cluster {
     /// earlier run.
     pub fn start(self: &Arc<Self>, listener: TcpListener, peers: &[String]) {
         tokio::spawn(accept_loop(self.clone(), listener));
-        for (name, addr) in self.remembered() {
-            self.peer(&name, &addr);
+        for (name, addr, incarnation) in self.remembered() {
+            if let Some(p) = self.peer(&name, &addr) {
+                p.incarnation.store(incarnation, Ordering::Relaxed);
+            }
         }
         for addr in peers {
             self.dial(addr.clone());
@@ -129,10 +183,13 @@ impl Cluster {
         out
     }
 
-    /// The peer named `name`, registered (and remembered) if new.
-    fn peer(self: &Arc<Self>, name: &str, advertise: &str) -> Arc<Peer> {
+    /// The peer named `name`, registered (and remembered) if new; None for a forgotten node.
+    fn peer(self: &Arc<Self>, name: &str, advertise: &str) -> Option<Arc<Peer>> {
         if let Some(p) = self.peers.read().get(name) {
-            return p.clone();
+            return Some(p.clone());
+        }
+        if self.forgotten.read().contains_key(name) {
+            return None;
         }
         let p = self
             .peers
@@ -141,6 +198,7 @@ impl Cluster {
             .or_insert_with(|| {
                 Arc::new(Peer {
                     name: name.to_owned(),
+                    incarnation: AtomicU64::new(0),
                     advertise: Mutex::new(advertise.to_owned()),
                     link: Mutex::new(None),
                     last_seen: Mutex::new(None),
@@ -150,7 +208,65 @@ impl Cluster {
             .clone();
         self.remember();
         self.dial(advertise.to_owned());
-        p
+        Some(p)
+    }
+
+    /// Whether `name` in this incarnation was removed from the cluster.
+    fn is_forgotten(&self, name: &str, incarnation: u64) -> bool {
+        self.forgotten.read().get(name) == Some(&incarnation)
+    }
+
+    /// Removes a stopped member from the cluster: this node forgets it, tells every running
+    /// member, and refuses it from now on (until its data is wiped). Returns how many other
+    /// members were told; those that were away learn it from the next heartbeat.
+    pub async fn forget(self: &Arc<Self>, name: &str) -> Result<usize, ForgetError> {
+        if name == self.me.node {
+            return Err(ForgetError::Itself(name.to_owned()));
+        }
+        let peer = self
+            .peers
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ForgetError::NotMember(name.to_owned()))?;
+        if peer.running() {
+            return Err(ForgetError::Running(name.to_owned()));
+        }
+        let incarnation = peer.incarnation.load(Ordering::Relaxed);
+        self.apply_forget(name, incarnation);
+        let body = wire::to_body(&Request::Forget {
+            name: name.to_owned(),
+            incarnation,
+        })
+        .unwrap_or_default();
+        let links: Vec<Arc<Link>> = self
+            .peers
+            .read()
+            .values()
+            .filter(|p| p.running())
+            .filter_map(|p| p.link.lock().clone())
+            .collect();
+        let mut told = 0;
+        for link in links {
+            if link.call(body.clone(), PING_TIMEOUT).await.is_ok() {
+                told += 1;
+            }
+        }
+        Ok(told)
+    }
+
+    fn apply_forget(&self, name: &str, incarnation: u64) {
+        if name == self.me.node || self.is_forgotten(name, incarnation) {
+            return;
+        }
+        tracing::warn!(node = name, "node removed from the cluster (forget)");
+        self.forgotten.write().insert(name.to_owned(), incarnation);
+        if let Some(p) = self.peers.write().remove(name)
+            && let Some(link) = p.link.lock().take()
+        {
+            link.close();
+        }
+        self.remember();
     }
 
     fn dial(self: &Arc<Self>, addr: String) {
@@ -172,45 +288,53 @@ impl Cluster {
         out
     }
 
-    fn remembered(&self) -> Vec<(String, String)> {
-        let Some(path) = &self.members_file else {
+    /// `(name, address, incarnation)` of the members saved by an earlier run.
+    fn remembered(&self) -> Vec<(String, String, u64)> {
+        let Some(dir) = &self.dir else {
             return Vec::new();
         };
-        let Ok(text) = std::fs::read_to_string(path) else {
+        let Ok(text) = std::fs::read_to_string(dir.join("members")) else {
             return Vec::new();
         };
         text.lines()
-            .filter_map(|l| l.split_once(' '))
-            .filter(|(n, _)| *n != self.me.node)
-            .map(|(n, a)| (n.to_owned(), a.to_owned()))
+            .filter_map(|l| {
+                let mut f = l.split(' ');
+                let (n, a) = (f.next()?, f.next()?);
+                let i = f.next().and_then(|i| i.parse().ok()).unwrap_or(0);
+                Some((n.to_owned(), a.to_owned(), i))
+            })
+            .filter(|(n, _, _)| *n != self.me.node)
             .collect()
     }
 
-    /// Writes the member list (name and address per line) atomically.
+    /// Writes the member list (name and address per line) and the forgotten nodes.
     fn remember(&self) {
-        let Some(path) = &self.members_file else {
+        let Some(dir) = &self.dir else {
             return;
         };
-        let text: String = self
+        let members: String = self
             .peers
             .read()
             .values()
-            .map(|p| format!("{} {}\n", p.name, p.advertise.lock()))
+            .map(|p| {
+                let incarnation = p.incarnation.load(Ordering::Relaxed);
+                format!("{} {} {incarnation}\n", p.name, p.advertise.lock())
+            })
             .collect();
-        let write = || -> std::io::Result<()> {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
+        let forgotten: String = self
+            .forgotten
+            .read()
+            .iter()
+            .map(|(n, i)| format!("{n} {i}\n"))
+            .collect();
+        for (file, text) in [("members", members), ("forgotten", forgotten)] {
+            let path = dir.join(file);
+            if let Err(e) = save(&path, &text) {
+                tracing::error!(
+                    "cannot save the cluster's {file} list to {}: {e}",
+                    path.display()
+                );
             }
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, text.as_bytes())?;
-            std::fs::File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, path)
-        };
-        if let Err(e) = write() {
-            tracing::error!(
-                "cannot save the cluster's member list to {}: {e}",
-                path.display()
-            );
         }
     }
 
@@ -219,7 +343,17 @@ impl Cluster {
             Request::Ping => Response::Pong {
                 status: (self.status)(),
                 members: self.members(),
+                forgotten: self
+                    .forgotten
+                    .read()
+                    .iter()
+                    .map(|(n, i)| (n.clone(), *i))
+                    .collect(),
             },
+            Request::Forget { name, incarnation } => {
+                self.apply_forget(&name, incarnation);
+                Response::Done
+            }
         }
     }
 }
@@ -258,13 +392,35 @@ async fn accept_loop(cluster: Arc<Cluster>, listener: TcpListener) {
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
             let mut stream = stream;
-            let shake = handshake::accept(&mut stream, &cluster.me);
+            let admit = |hello: &wire::Hello| {
+                let mut forgotten = cluster.forgotten.write();
+                match forgotten.get(&hello.node) {
+                    // 0: forgotten before this node ever learnt its incarnation; refused
+                    // whatever its data.
+                    Some(&i) if i == hello.incarnation || i == 0 => {
+                        return Err(format!(
+                            "{} was removed from this cluster (forget); wipe its data \
+                             directory to join again",
+                            hello.node
+                        ));
+                    }
+                    // Wiped and back: a new incarnation may join.
+                    Some(_) => {
+                        forgotten.remove(&hello.node);
+                    }
+                    None => {}
+                }
+                Ok(())
+            };
+            let shake = handshake::accept(&mut stream, &cluster.me, admit);
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, shake).await {
                 Ok(Ok(hello)) => {
                     tracing::debug!(peer = %hello.node, %addr, "inter-node link accepted");
                     // A node this one did not know dialled in: dial it back, so both know each
                     // other (how a new node joins through one live peer).
-                    cluster.peer(&hello.node, &hello.advertise);
+                    if let Some(p) = cluster.peer(&hello.node, &hello.advertise) {
+                        p.incarnation.store(hello.incarnation, Ordering::Relaxed);
+                    }
                     let link = Link::start(
                         stream,
                         hello.node,
@@ -273,6 +429,9 @@ async fn accept_loop(cluster: Arc<Cluster>, listener: TcpListener) {
                     link.closed().await;
                 }
                 Ok(Err(HandshakeError::OwnAddress)) => {}
+                Ok(Err(e @ HandshakeError::NotAdmitted { .. })) => {
+                    tracing::warn!(%addr, "inter-node link refused: {e}");
+                }
                 Ok(Err(e @ HandshakeError::WrongSecret { .. })) => {
                     tracing::error!(%addr, "inter-node link refused: {e}");
                 }
@@ -305,7 +464,15 @@ async fn dial_loop(cluster: Arc<Cluster>, addr: String) {
             Ok((stream, hello)) => {
                 backoff = REDIAL_MIN;
                 last_error.clear();
-                let peer = cluster.peer(&hello.node, &hello.advertise);
+                let peer = match cluster.peer(&hello.node, &hello.advertise) {
+                    Some(p) if !cluster.is_forgotten(&hello.node, hello.incarnation) => p,
+                    _ => {
+                        tracing::info!(peer = %hello.node, %addr, "not dialling a node removed from the cluster");
+                        cluster.dialing.lock().remove(&addr);
+                        return;
+                    }
+                };
+                peer.incarnation.store(hello.incarnation, Ordering::Relaxed);
                 // Another address of the same node already has a live link: this one is an
                 // alias (a configured DNS name beside the advertised one); let it go.
                 if peer.running() {
@@ -353,8 +520,16 @@ async fn heartbeat(cluster: &Arc<Cluster>, peer: &Peer, link: &Arc<Link>) {
         match link.call(ping.clone(), PING_TIMEOUT).await {
             Ok(body) => {
                 *peer.last_seen.lock() = Some(Instant::now());
-                if let Ok(Response::Pong { status, members }) = wire::from_body(&body) {
+                if let Ok(Response::Pong {
+                    status,
+                    members,
+                    forgotten,
+                }) = wire::from_body(&body)
+                {
                     *peer.status.lock() = Some(status);
+                    for (name, incarnation) in forgotten {
+                        cluster.apply_forget(&name, incarnation);
+                    }
                     for (name, addr) in members {
                         if name != cluster.me.node {
                             cluster.peer(&name, &addr);

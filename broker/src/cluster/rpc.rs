@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 pub enum Request {
     /// Heartbeat; answered with the node's status.
     Ping,
+    /// `name` (in the given incarnation) has been removed from the cluster.
+    Forget { name: String, incarnation: u64 },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -15,7 +17,10 @@ pub enum Response {
     Pong {
         status: NodeStatus,
         members: Vec<(String, String)>,
+        /// Nodes removed from the cluster, `(name, incarnation)`.
+        forgotten: Vec<(String, u64)>,
     },
+    Done,
     /// The request could not be served, and why (shown to whoever asked).
     Error(String),
 }

@@ -50,6 +50,9 @@ pub struct Hello {
     pub node: String,
     /// Where other nodes reach this node's inter-node listener (`host:port`).
     pub advertise: String,
+    /// Drawn when the node's data directory is created: a node forgotten by the cluster is
+    /// refused until its data is wiped (a new incarnation), as a reset RabbitMQ node rejoins.
+    pub incarnation: u64,
     pub nonce: [u8; 32],
 }
 
@@ -123,6 +126,7 @@ mod tests {
                 protocol: PROTOCOL,
                 node: "warren@a".into(),
                 advertise: "10.0.0.1:25672".into(),
+                incarnation: 1,
                 nonce: [7; 32],
             }),
             Frame::Request {

@@ -19,7 +19,7 @@ pub fn routes() -> Router<Arc<Broker>> {
         .route("/api/whoami", get(whoami))
         .route("/api/cluster-name", get(cluster_name))
         .route("/api/nodes", get(nodes))
-        .route("/api/nodes/{node}", get(node))
+        .route("/api/nodes/{node}", get(node).delete(forget_node))
         .route("/api/health/checks/alarms", get(alarms))
         .route("/api/health/checks/local-alarms", get(alarms))
         .route("/api/health/checks/virtual-hosts", get(virtual_hosts))
@@ -209,6 +209,28 @@ async fn node(
         .into_iter()
         .find(|n| n["name"] == name.as_str())
         .map_or_else(|| Err(ApiError::not_found()), ok)
+}
+
+/// Removes a stopped node from the cluster (`rabbitmqctl forget_cluster_node`): 204; 400
+/// naming the reason when the node is running or is this one; 404 when it is no member.
+async fn forget_node(
+    State(broker): State<Arc<Broker>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult {
+    caller.require_admin()?;
+    let Some(cluster) = broker.cluster() else {
+        return Err(ApiError::not_found());
+    };
+    match cluster.forget(&name).await {
+        Ok(_) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Err(e @ crate::cluster::ForgetError::NotMember(_)) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "Object Not Found",
+            e.to_string(),
+        )),
+        Err(e) => Err(ApiError::bad_request(e.to_string())),
+    }
 }
 
 fn failed(body: Value) -> ApiResult {

@@ -335,6 +335,16 @@ impl Net {
         }
     }
 
+    /// `warren-broker cluster forget NODE` against node `i`'s management API.
+    pub fn forget_cli(&self, i: usize, node: &str) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_warren-broker"))
+            .args(["cluster", "forget", node])
+            .args(["--management-url", &self.nodes[i].mgmt()])
+            .args(["--user", USER, "--password", PASS])
+            .output()
+            .expect("run warren-broker cluster forget")
+    }
+
     pub async fn get(&self, i: usize, path: &str) -> Result<Value, String> {
         let r = self
             .http

@@ -180,3 +180,55 @@ async fn five_nodes_agree_and_a_minority_partition_sees_the_majority_down() {
         net.wait_nodes(i, &all_up(5), AGREE).await;
     }
 }
+
+#[tokio::test]
+async fn a_stopped_node_is_forgotten_everywhere_and_refused_until_its_data_is_wiped() {
+    let _serial = SERIAL.lock().await;
+    let mut net = Net::new(3);
+    net.start_all().await;
+    for i in 0..3 {
+        net.wait_nodes(i, &all_up(3), AGREE).await;
+    }
+    let gone = net.nodes[2].name.clone();
+    // A running node cannot be forgotten; nor can a name that is no member.
+    let out = net.forget_cli(0, &gone);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is running: stop it"), "{err}");
+    let out = net.forget_cli(0, "warren@nowhere");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a member"),
+        "{out:?}"
+    );
+
+    net.kill(2);
+    net.wait_nodes(0, &[(0, true), (1, true), (2, false)], AGREE)
+        .await;
+    let out = net.forget_cli(0, &gone);
+    assert!(out.status.success(), "{out:?}");
+    for i in 0..2 {
+        net.wait_nodes(i, &[(0, true), (1, true)], AGREE).await;
+    }
+
+    // Back with its old data: refused, and it says why.
+    net.start(2).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for i in 0..2 {
+        net.wait_nodes(i, &[(0, true), (1, true)], Duration::from_secs(1))
+            .await;
+    }
+    let log = net.nodes[2].log();
+    assert!(
+        log.contains("was removed from this cluster (forget)"),
+        "the forgotten node says why it is refused:\n{log}"
+    );
+
+    // Wiped: a new incarnation joins again.
+    net.stop(2);
+    std::fs::remove_dir_all(&net.nodes[2].data_dir).expect("wipe");
+    net.start(2).await;
+    for i in 0..3 {
+        net.wait_nodes(i, &all_up(3), AGREE).await;
+    }
+}
