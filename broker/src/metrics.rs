@@ -516,6 +516,11 @@ const FAMILIES: &[(&str, MetricType, &str)] = &[
         MetricType::UNTYPED,
         "RabbitMQ node & cluster identity info",
     ),
+    (
+        "warren_cluster_node_running",
+        MetricType::GAUGE,
+        "1 for each member of the cluster this node sees running (itself included), 0 for a member it sees down",
+    ),
     // Warren's own: federation links and shovels (`crate::links`), one series per link in both
     // endpoints (there are few links, and a sum over links means nothing).
     (
@@ -986,6 +991,22 @@ impl BrokerCollector {
             ],
             1.0,
         );
+        // Every node's view of every member: a member some node sees down shows up even when
+        // Prometheus cannot scrape that member itself.
+        if let Some(c) = b.cluster() {
+            let me = b.node_name();
+            for n in c.nodes() {
+                out.add(
+                    "warren_cluster_node_running",
+                    &[
+                        ("rabbitmq_node", &me),
+                        ("rabbitmq_cluster", &cluster),
+                        ("peer", &n.name),
+                    ],
+                    f64::from(u8::from(n.running)),
+                );
+            }
+        }
         out.families
     }
 }

@@ -335,6 +335,18 @@ impl Net {
         }
     }
 
+    /// Node `i`'s Prometheus `/metrics` text.
+    pub async fn metrics(&self, i: usize) -> String {
+        self.http
+            .get(format!("http://{}:15692/metrics", self.nodes[i].ip))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     /// `warren-broker cluster forget NODE` against node `i`'s management API.
     pub fn forget_cli(&self, i: usize, node: &str) -> std::process::Output {
         Command::new(env!("CARGO_BIN_EXE_warren-broker"))

@@ -37,6 +37,28 @@ async fn three_nodes_form_one_cluster_and_notice_kill_9_and_restart() {
         net.wait_nodes(i, &[(0, true), (1, true), (2, false)], AGREE)
             .await;
     }
+    // Each node's metrics carry every member as it sees it.
+    let metrics = net.metrics(0).await;
+    for (j, up) in [(0, 1), (1, 1), (2, 0)] {
+        let series = format!("peer=\"{}\"", net.nodes[j].name);
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with("warren_cluster_node_running{") && l.contains(&series))
+            .unwrap_or_else(|| panic!("no warren_cluster_node_running for node {j}:\n{metrics}"));
+        assert!(line.ends_with(&format!(" {up}")), "{line}");
+    }
+    let critical = net
+        .get(0, "/api/health/checks/node-is-quorum-critical")
+        .await
+        .expect("quorum-critical check");
+    assert_eq!(critical["status"], "ok", "{critical}");
+    assert!(
+        critical["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not replicated"),
+        "{critical}"
+    );
     // A node that is down is still a member: it shows, not running, with its name only.
     let down = net
         .get(0, &format!("/api/nodes/{}", net.nodes[2].name))
