@@ -98,6 +98,11 @@ pub struct Cli {
     /// [default: 10].
     #[arg(long, env = "WARREN_HANDSHAKE_TIMEOUT")]
     pub handshake_timeout: Option<f64>,
+    /// Seconds a connection's socket may accept no bytes of what the node writes (a client
+    /// that stopped reading) before the connection is closed and its unacknowledged messages
+    /// requeued; twice the negotiated heartbeat if that is longer [default: 30].
+    #[arg(long, env = "WARREN_WRITE_TIMEOUT")]
+    pub write_timeout: Option<f64>,
     /// This node's name, shown by the management API (`/api/nodes`, `node` fields) and in the
     /// `rabbitmq_node` metric labels [default: warren@$HOSTNAME].
     #[arg(long, env = "WARREN_NODE_NAME")]
@@ -263,6 +268,7 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     pub max_message_size: Option<u64>,
     pub handshake_timeout: Option<f64>,
+    pub write_timeout: Option<f64>,
     pub node_name: Option<String>,
     pub cluster_name: Option<String>,
     pub cluster_peers: Option<Vec<String>>,
@@ -308,6 +314,9 @@ pub struct Config {
     pub max_message_size: u64,
     /// From accept to `connection.open` done: one deadline for the whole handshake.
     pub handshake_timeout: std::time::Duration,
+    /// How long a connection's socket may accept nothing we write before the connection is
+    /// closed (at least twice the negotiated heartbeat).
+    pub write_timeout: std::time::Duration,
     /// This node's name (`warren@$HOSTNAME` unless configured).
     pub node_name: String,
     /// The cluster's name (the node name unless configured).
@@ -463,9 +472,14 @@ pub fn default_node_name() -> String {
 
 /// `handshake-timeout` in seconds: positive, at most an hour.
 fn handshake_timeout(secs: f64) -> Result<std::time::Duration, ConfigError> {
+    seconds("handshake-timeout", secs)
+}
+
+/// A timeout in seconds: positive, at most an hour.
+fn seconds(key: &'static str, secs: f64) -> Result<std::time::Duration, ConfigError> {
     if !(secs > 0.0 && secs <= 3600.0) {
         return Err(ConfigError::Invalid {
-            key: "handshake-timeout",
+            key,
             message: format!("{secs} is not a number of seconds in (0, 3600]"),
         });
     }
@@ -512,6 +526,7 @@ impl Default for Config {
             max_connections: 0,
             max_message_size: 128 * 1024 * 1024,
             handshake_timeout: std::time::Duration::from_secs(10),
+            write_timeout: std::time::Duration::from_secs(30),
             node_name: default_node_name(),
             cluster_name: default_node_name(),
             cluster_peers: Vec::new(),
@@ -625,6 +640,10 @@ impl Config {
             handshake_timeout: match cli.handshake_timeout.or(file.handshake_timeout) {
                 None => d.handshake_timeout,
                 Some(secs) => handshake_timeout(secs)?,
+            },
+            write_timeout: match cli.write_timeout.or(file.write_timeout) {
+                None => d.write_timeout,
+                Some(secs) => seconds("write-timeout", secs)?,
             },
             cluster_name: cli
                 .cluster_name
@@ -1275,6 +1294,40 @@ mod tests {
             let cli = Cli::try_parse_from(["warren-broker", flag.as_str()]).unwrap();
             let e = Config::resolve(cli).unwrap_err().to_string();
             assert!(e.contains("handshake-timeout"), "{e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn write_timeout_from_flag_or_file() {
+        let dir = std::env::temp_dir().join(format!("warren-cfg-wt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("warren.toml");
+        std::fs::write(&path, "write-timeout = 5\n").unwrap();
+        let from_file = |cli: Cli| {
+            Config::resolve(Cli {
+                config: Some(path.clone()),
+                ..cli
+            })
+        };
+        assert_eq!(
+            Config::default().write_timeout,
+            std::time::Duration::from_secs(30)
+        );
+        assert_eq!(
+            from_file(Cli::default()).unwrap().write_timeout,
+            std::time::Duration::from_secs(5)
+        );
+        let cli = Cli::try_parse_from(["warren-broker", "--write-timeout", "2.5"]).unwrap();
+        assert_eq!(
+            from_file(cli).unwrap().write_timeout,
+            std::time::Duration::from_millis(2500)
+        );
+        for bad in ["0", "-1", "1e9"] {
+            let flag = format!("--write-timeout={bad}");
+            let cli = Cli::try_parse_from(["warren-broker", flag.as_str()]).unwrap();
+            let e = Config::resolve(cli).unwrap_err().to_string();
+            assert!(e.contains("write-timeout"), "{e}");
         }
         let _ = std::fs::remove_dir_all(&dir);
     }

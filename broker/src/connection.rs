@@ -5,7 +5,10 @@
 //! its own task, without awaiting anything but the socket, and processes every frame already
 //! buffered before reading again, so confirms and replies for a burst of requests go out
 //! together. It stops reading while the outbox is over its bound (the client is not reading
-//! replies) or while a resource alarm blocks publishers.
+//! replies) or while a resource alarm blocks publishers. A client that stops reading
+//! altogether is cut off by the writer: a socket that accepts no byte for `write-timeout`
+//! (or two heartbeat intervals, if longer) closes the connection, which requeues its
+//! unacknowledged messages.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -324,12 +327,16 @@ async fn serve_io<R, W>(
     }
     broker.metrics.connection_opened();
     let heartbeat = Duration::from_secs(opened.heartbeat as u64);
-    let writer = tokio::spawn(write_loop(outbox.clone(), wr, heartbeat));
+    // A client that stopped reading is cut off once its socket has accepted nothing for this
+    // long; never sooner than two heartbeat intervals, the time a dead peer gets.
+    let stall = broker.config.write_timeout.max(heartbeat * 2);
+    let mut writer = tokio::spawn(write_loop(outbox.clone(), wr, heartbeat, stall));
     let mut conn = Connection {
         shared,
         channels: HashMap::new(),
         channel_max: opened.channel_max,
         closing: false,
+        close_deadline: None,
         blocked_capable: client_capability(&opened.client_properties, "connection.blocked"),
         has_published: false,
         sync_pause: false,
@@ -339,7 +346,19 @@ async fn serve_io<R, W>(
     conn.cleanup();
     broker.metrics.connection_closed();
     outbox.close();
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer).await;
+    // The writer flushes what is left (a close-ok, say) within the close deadline, or the
+    // usual grace if the client closed; a socket that accepts nothing is not waited for
+    // longer: aborting the writer drops its half of the socket, which closes it.
+    let flush_by = conn
+        .close_deadline
+        .unwrap_or_else(|| Instant::now() + CLOSE_TIMEOUT);
+    if tokio::time::timeout_at(flush_by, &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+        debug!("the socket took nothing more before the close deadline; dropped it");
+    }
     info!(reason = %reason, "connection closed");
 }
 
@@ -519,8 +538,15 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     }))
 }
 
-/// Flushes the outbox to the socket, one write per batch; sends heartbeats when idle.
-async fn write_loop<W: AsyncWrite + Unpin>(outbox: Arc<Outbox>, mut wr: W, heartbeat: Duration) {
+/// Flushes the outbox to the socket, one write per batch; sends heartbeats when idle. Closes
+/// the outbox (which ends the reader) if a write fails or the socket accepts no byte for
+/// `stall`: a client that stopped reading.
+async fn write_loop<W: AsyncWrite + Unpin>(
+    outbox: Arc<Outbox>,
+    mut wr: W,
+    heartbeat: Duration,
+    stall: Duration,
+) {
     loop {
         let chunk = outbox.take();
         if chunk.is_empty() {
@@ -535,14 +561,45 @@ async fn write_loop<W: AsyncWrite + Unpin>(outbox: Arc<Outbox>, mut wr: W, heart
             }
             continue;
         }
-        if wr.write_all(&chunk).await.is_err() || wr.flush().await.is_err() {
-            outbox.close();
-            break;
+        match write_progressing(&mut wr, &chunk, stall).await {
+            Ok(()) => {}
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::TimedOut {
+                    warn!(
+                        "the client accepted no bytes for {}s ({} waiting); closing the connection",
+                        stall.as_secs_f64(),
+                        chunk.len() + outbox.len()
+                    );
+                }
+                outbox.close();
+                return;
+            }
         }
         drop(chunk);
         outbox.after_write();
     }
-    let _ = wr.shutdown().await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, wr.shutdown()).await;
+}
+
+/// Writes all of `buf`, failing with `TimedOut` if the socket accepts nothing for `stall`
+/// (each write that makes progress re-arms it: a slow reader is not a stuck one).
+async fn write_progressing<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    mut buf: &[u8],
+    stall: Duration,
+) -> std::io::Result<()> {
+    let stuck = || std::io::Error::new(std::io::ErrorKind::TimedOut, "no bytes accepted");
+    while !buf.is_empty() {
+        match tokio::time::timeout(stall, wr.write(buf)).await {
+            Err(_) => return Err(stuck()),
+            Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(Ok(n)) => buf = &buf[n..],
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+    tokio::time::timeout(stall, wr.flush())
+        .await
+        .map_err(|_| stuck())?
 }
 
 /// Resolves when the message log syncs more (never without a log).
@@ -568,6 +625,9 @@ struct Connection {
     channel_max: u16,
     /// We sent `connection.close` and wait for `close-ok`.
     closing: bool,
+    /// Until when we wait for `close-ok` (set with `closing`); nothing the client sends
+    /// extends it.
+    close_deadline: Option<Instant>,
     blocked_capable: bool,
     has_published: bool,
     /// A channel's `tx.commit` waits for the message log: no frame is handled (nor read) until
@@ -636,11 +696,22 @@ impl Connection {
                 }
             }
             if self.shared.outbox.is_closed() {
-                return "socket closed".into();
+                return "socket closed or not accepting writes".into();
             }
-            while self.shared.outbox.len() > READ_PAUSE_AT && !self.shared.outbox.is_closed() {
+            // Not while closing: then only close-ok is read, and a client that stopped
+            // reading must not hold off a close requested from outside.
+            while self.shared.outbox.len() > READ_PAUSE_AT
+                && !self.shared.outbox.is_closed()
+                && !self.closing
+            {
                 let drained = self.shared.outbox.wait_for_drain();
-                let _ = tokio::time::timeout(Duration::from_millis(100), drained).await;
+                tokio::select! {
+                    _ = tokio::time::timeout(Duration::from_millis(100), drained) => {}
+                    why = self.shared.control.close_requested() => {
+                        self.settle_confirms(&mut synced).await;
+                        self.close_with(AmqpError::new(crate::error::code::CONNECTION_FORCED, why));
+                    }
+                }
             }
             // Resource alarms block connections that publish.
             if self.has_published && !self.closing && !alarms.borrow().is_empty() {
@@ -663,6 +734,7 @@ impl Connection {
                     why = self.shared.control.close_requested() => {
                         self.close_with(AmqpError::new(crate::error::code::CONNECTION_FORCED, why));
                     }
+                    _ = self.shared.outbox.closed() => {}
                 }
                 continue;
             }
@@ -675,15 +747,13 @@ impl Connection {
                 );
                 blocked_sent = false;
             }
-            let timeout = if self.closing {
-                CLOSE_TIMEOUT
-            } else if heartbeat.is_zero() {
-                Duration::from_secs(24 * 3600)
-            } else {
-                heartbeat * 2
+            let read_by = match self.close_deadline {
+                Some(deadline) => deadline,
+                None if heartbeat.is_zero() => Instant::now() + Duration::from_secs(24 * 3600),
+                None => Instant::now() + heartbeat * 2,
             };
             tokio::select! {
-                r = tokio::time::timeout(timeout, reader.rd.read_buf(&mut reader.buf)), if !self.sync_pause || self.closing => match r {
+                r = tokio::time::timeout_at(read_by, reader.rd.read_buf(&mut reader.buf)), if !self.sync_pause || self.closing => match r {
                     Ok(Ok(0)) => return "client closed the socket".into(),
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => return format!("read error: {e}"),
@@ -694,6 +764,8 @@ impl Connection {
                     }
                 },
                 _ = alarms.changed() => {}
+                // The writer gave up (the socket failed or accepted nothing for too long).
+                _ = self.shared.outbox.closed() => {}
                 // Publisher confirms waiting for the message log go out when it syncs.
                 _ = wait_for_sync(&mut synced), if self.channels.values().any(Channel::awaiting_sync) => {}
                 why = self.shared.control.close_requested(), if !self.closing => {
@@ -740,6 +812,7 @@ impl Connection {
             e.text
         );
         self.closing = true;
+        self.close_deadline = Some(Instant::now() + CLOSE_TIMEOUT);
         for ch in self.channels.values_mut() {
             ch.flush_confirms();
         }

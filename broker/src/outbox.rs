@@ -41,6 +41,8 @@ pub struct Outbox {
     pub data: Notify,
     /// Wakes the reader when the buffer drained below the high-water mark.
     pub drained: Notify,
+    /// Wakes whoever waits in [`Outbox::closed`].
+    closed_notify: Notify,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -60,6 +62,7 @@ impl Default for Outbox {
             closed: AtomicBool::new(false),
             data: Notify::new(),
             drained: Notify::new(),
+            closed_notify: Notify::new(),
         }
     }
 }
@@ -116,9 +119,27 @@ impl Outbox {
         self.closed.load(Ordering::Acquire)
     }
 
+    /// Marks the connection's output as finished: the writer flushes what is left and stops;
+    /// if the writer closes it (the socket failed or accepted nothing for too long), the reader
+    /// wakes through [`Outbox::closed`].
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.data.notify_one();
+        self.closed_notify.notify_waiters();
+    }
+
+    /// Resolves once the outbox is closed.
+    pub async fn closed(&self) {
+        loop {
+            let notified = self.closed_notify.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a close in between is not missed.
+            notified.as_mut().enable();
+            if self.is_closed() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// True if a queue may deliver now; otherwise registers `waker` to be woken on drain.

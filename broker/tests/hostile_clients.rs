@@ -414,3 +414,242 @@ async fn pending_handshakes_do_not_starve_a_real_client() {
     );
     drop(sockets);
 }
+
+/// Messages of 64 KiB in the stuck-consumer tests: a few dozen fill the socket buffers.
+const STUCK_BODY: usize = 64 * 1024;
+
+/// Declares `q` and fills it with `n` messages of [`STUCK_BODY`] bytes (confirmed).
+async fn fill_queue(b: &TestBroker, q: &str, n: usize) -> lapin::Connection {
+    let (c, ch) = b.channel().await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    ch.queue_declare(
+        q.into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let body = vec![b'x'; STUCK_BODY];
+    for _ in 0..n {
+        common::publish_confirmed(&ch, "", q, &body, BasicProperties::default()).await;
+    }
+    c
+}
+
+/// A raw consumer (small receive buffer, prefetch 1000, manual acks) of `q` that reads the
+/// consume-ok and then never reads again. Returns its socket once the node has stopped
+/// delivering to it (its unacked count holds still), with how many it holds.
+async fn stuck_consumer(b: &TestBroker, q: &str) -> (TcpStream, u64) {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = sock.connect(b.addr).await.unwrap();
+    let mut buf = raw::handshake(&mut s).await;
+    send_method(&mut s, 1, raw::channel_open()).await;
+    let _open_ok = raw::read_method(&mut s, &mut buf).await;
+    send_method(
+        &mut s,
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
+            prefetch_count: 1000,
+            global: false,
+        })),
+    )
+    .await;
+    let _qos_ok = raw::read_method(&mut s, &mut buf).await;
+    send_method(&mut s, 1, raw::consume(q, false)).await;
+    // From here on the socket is never read: deliveries pile up in the kernel's buffers,
+    // then in the connection's outbox, then stay in the queue.
+    let queue = b.broker.vhost("/").unwrap().queue(q).unwrap();
+    let mut last = (u64::MAX, u64::MAX);
+    let started = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (ready, unacked, _) = queue.counts();
+        if (ready, unacked) == last && unacked > 0 {
+            println!(
+                "stuck consumer holds {unacked} unacked ({} KiB), {ready} ready, after {:?}",
+                unacked * STUCK_BODY as u64 / 1024,
+                started.elapsed()
+            );
+            return (s, unacked);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "deliveries to the stuck consumer never settled"
+        );
+        last = (ready, unacked);
+    }
+}
+
+/// Consumes `q` with lapin (auto-ack) until `n` messages came; returns when the last one did,
+/// or None if they did not all come within `limit`.
+async fn lapin_receives(b: &TestBroker, q: &str, n: usize, limit: Duration) -> Option<Duration> {
+    use futures_lite::StreamExt;
+    let started = std::time::Instant::now();
+    let (_c, ch) = b.channel().await;
+    let mut consumer = ch
+        .basic_consume(
+            q.into(),
+            "well-behaved".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut got = 0;
+    while got < n {
+        match tokio::time::timeout_at((started + limit).into(), consumer.next()).await {
+            Ok(Some(Ok(d))) => {
+                assert_eq!(d.data.len(), STUCK_BODY);
+                got += 1;
+            }
+            _ => {
+                println!("lapin consumer got {got} of {n} within {limit:?}");
+                return None;
+            }
+        }
+    }
+    Some(started.elapsed())
+}
+
+/// Runs `f` while sending a heartbeat frame on `s` every half second, as a client whose
+/// heartbeat thread lives on while its consumer is stuck.
+async fn heartbeating<T>(s: &mut TcpStream, f: impl std::future::Future<Output = T>) -> T {
+    tokio::pin!(f);
+    let mut sent = 0;
+    let out = loop {
+        tokio::select! {
+            out = &mut f => break out,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                // A bounded write: the node may have stopped reading us too.
+                let hb = frame(8, 0, b"");
+                if let Ok(Ok(())) =
+                    tokio::time::timeout(Duration::from_millis(100), s.write_all(&hb)).await
+                {
+                    sent += 1;
+                }
+            }
+        }
+    };
+    println!("the stuck client sent {sent} heartbeats meanwhile");
+    out
+}
+
+/// Reads `s` to its end (the node closed it); how long that took, or None after `limit`.
+async fn hung_up_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    let mut buf = vec![0u8; 256 * 1024];
+    while started.elapsed() < limit {
+        match tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) | Err(_) => {}
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_stops_reading_is_cut_off_and_its_messages_go_to_another() {
+    let b = TestBroker::start_with(warren_broker::Config {
+        write_timeout: Duration::from_secs(2),
+        ..warren_broker::Config::default()
+    })
+    .await;
+    let q = unique("stuck");
+    let n = 300;
+    let _publisher = fill_queue(&b, &q, n).await;
+    let (mut s, held) = stuck_consumer(&b, &q).await;
+    // The client is alive: it keeps sending heartbeats, it just does not read.
+    let heartbeats = heartbeating(&mut s, lapin_receives(&b, &q, n, Duration::from_secs(30))).await;
+    println!(
+        "write-timeout 2 s: a lapin consumer had all {n} messages ({held} from the stuck consumer) after {heartbeats:?}"
+    );
+    assert!(
+        heartbeats.is_some(),
+        "the messages held by a consumer that stopped reading never reached another consumer"
+    );
+    assert!(
+        common::eventually(|| b.broker.connections.len() == 1).await,
+        "the stuck connection is still registered"
+    );
+    let hung_up = hung_up_within(&mut s, Duration::from_secs(20)).await;
+    println!("the stuck client's socket reached its end after reading for {hung_up:?}");
+    assert!(hung_up.is_some(), "the node never closed the stuck socket");
+    still_serving(&b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_stuck_connection_closes_it_promptly() {
+    // The default write-timeout (30 s) would close it too, but later than the DELETE must.
+    let b = TestBroker::start().await;
+    let api = b.start_management().await;
+    let q = unique("stuck-delete");
+    let n = 300;
+    let _publisher = fill_queue(&b, &q, n).await;
+    let (mut s, held) = stuck_consumer(&b, &q).await;
+    let me = s.local_addr().unwrap();
+    let name = b
+        .broker
+        .connections
+        .list()
+        .into_iter()
+        .find(|c| c.info.peer == me)
+        .expect("the stuck connection is registered")
+        .info
+        .name
+        .clone();
+    let enc: String = name
+        .bytes()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                (c as char).to_string()
+            } else {
+                format!("%{c:02X}")
+            }
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let resp = reqwest::Client::new()
+        .delete(format!("{api}/api/connections/{enc}"))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::NO_CONTENT);
+    let gone = heartbeating(&mut s, async {
+        while started.elapsed() < Duration::from_secs(20) {
+            if !b
+                .broker
+                .connections
+                .list()
+                .iter()
+                .any(|c| c.info.peer == me)
+            {
+                return Some(started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    })
+    .await;
+    println!("DELETE of a stuck connection holding {held} unacked: closed after {gone:?}");
+    let gone = gone.expect("the stuck connection is still open 20 s after DELETE");
+    assert!(
+        gone < Duration::from_secs(5),
+        "DELETE took {gone:?} to close a stuck connection"
+    );
+    let took = lapin_receives(&b, &q, n, Duration::from_secs(30)).await;
+    println!("then a lapin consumer had all {n} messages after {took:?}");
+    assert!(
+        took.is_some(),
+        "the stuck connection's messages were not requeued"
+    );
+    let hung_up = hung_up_within(&mut s, Duration::from_secs(20)).await;
+    println!("the stuck client's socket reached its end after reading for {hung_up:?}");
+    assert!(hung_up.is_some(), "the node never closed the stuck socket");
+}
