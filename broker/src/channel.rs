@@ -78,13 +78,19 @@ impl ChannelShared {
         }
         d.next_tag += 1;
         let tag = d.next_tag;
+        self.write_deliver(consumer_tag, tag, false, msg);
+    }
+
+    /// `basic.deliver` and the content frames, into the connection's outbox. Called with the
+    /// deliveries lock held, so tags reach the wire in order.
+    fn write_deliver(&self, consumer_tag: &str, tag: u64, redelivered: bool, msg: &Message) {
         let mut out = self.conn.outbox.writer();
         codec::encode_deliver(
             &mut out,
             self.id,
             consumer_tag,
             tag,
-            false,
+            redelivered,
             &msg.exchange,
             &msg.routing_key,
         );
@@ -146,23 +152,7 @@ impl DeliveryTarget for ChannelShared {
         if redelivered {
             consumer.stats.redelivered.fetch_add(1, Ordering::Relaxed);
         }
-        let mut out = self.conn.outbox.writer();
-        codec::encode_deliver(
-            &mut out,
-            self.id,
-            &consumer.tag,
-            tag,
-            redelivered,
-            &msg.exchange,
-            &msg.routing_key,
-        );
-        codec::encode_content(
-            &mut out,
-            self.id,
-            &msg.header_payload,
-            &msg.body,
-            self.conn.frame_max,
-        );
+        self.write_deliver(&consumer.tag, tag, redelivered, msg);
         true
     }
 

@@ -470,11 +470,6 @@ pub fn default_node_name() -> String {
     format!("warren@{host}")
 }
 
-/// `handshake-timeout` in seconds: positive, at most an hour.
-fn handshake_timeout(secs: f64) -> Result<std::time::Duration, ConfigError> {
-    seconds("handshake-timeout", secs)
-}
-
 /// A timeout in seconds: positive, at most an hour.
 fn seconds(key: &'static str, secs: f64) -> Result<std::time::Duration, ConfigError> {
     if !(secs > 0.0 && secs <= 3600.0) {
@@ -639,7 +634,7 @@ impl Config {
                 .unwrap_or(d.max_message_size),
             handshake_timeout: match cli.handshake_timeout.or(file.handshake_timeout) {
                 None => d.handshake_timeout,
-                Some(secs) => handshake_timeout(secs)?,
+                Some(secs) => seconds("handshake-timeout", secs)?,
             },
             write_timeout: match cli.write_timeout.or(file.write_timeout) {
                 None => d.write_timeout,
@@ -1264,70 +1259,41 @@ mod tests {
         );
     }
 
+    /// Both timeouts in seconds: default, file, a flag over the file, and refused values.
     #[test]
-    fn handshake_timeout_from_flag_environment_or_file() {
-        let dir = std::env::temp_dir().join(format!("warren-cfg-hs-{}", std::process::id()));
+    fn timeouts_from_flag_or_file() {
+        type Get = fn(&Config) -> std::time::Duration;
+        let cases: [(&str, u64, Get); 2] = [
+            ("handshake-timeout", 10, |c| c.handshake_timeout),
+            ("write-timeout", 30, |c| c.write_timeout),
+        ];
+        let dir = std::env::temp_dir().join(format!("warren-cfg-timeouts-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("warren.toml");
-        std::fs::write(&path, "handshake-timeout = 3\n").unwrap();
-        let from_file = |cli: Cli| {
-            Config::resolve(Cli {
-                config: Some(path.clone()),
-                ..cli
-            })
-        };
-        assert_eq!(
-            Config::default().handshake_timeout,
-            std::time::Duration::from_secs(10)
-        );
-        assert_eq!(
-            from_file(Cli::default()).unwrap().handshake_timeout,
-            std::time::Duration::from_secs(3)
-        );
-        let cli = Cli::try_parse_from(["warren-broker", "--handshake-timeout", "0.5"]).unwrap();
-        assert_eq!(
-            from_file(cli).unwrap().handshake_timeout,
-            std::time::Duration::from_millis(500)
-        );
-        for bad in ["0", "-1", "1e9"] {
-            let flag = format!("--handshake-timeout={bad}");
+        for (key, default, get) in cases {
+            let path = dir.join(format!("{key}.toml"));
+            std::fs::write(&path, format!("{key} = 3\n")).unwrap();
+            let from_file = |cli: Cli| {
+                Config::resolve(Cli {
+                    config: Some(path.clone()),
+                    ..cli
+                })
+            };
+            assert_eq!(
+                get(&Config::default()),
+                std::time::Duration::from_secs(default)
+            );
+            let c = from_file(Cli::default()).unwrap();
+            assert_eq!(get(&c), std::time::Duration::from_secs(3), "{key}");
+            let flag = format!("--{key}=0.5");
             let cli = Cli::try_parse_from(["warren-broker", flag.as_str()]).unwrap();
-            let e = Config::resolve(cli).unwrap_err().to_string();
-            assert!(e.contains("handshake-timeout"), "{e}");
-        }
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn write_timeout_from_flag_or_file() {
-        let dir = std::env::temp_dir().join(format!("warren-cfg-wt-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("warren.toml");
-        std::fs::write(&path, "write-timeout = 5\n").unwrap();
-        let from_file = |cli: Cli| {
-            Config::resolve(Cli {
-                config: Some(path.clone()),
-                ..cli
-            })
-        };
-        assert_eq!(
-            Config::default().write_timeout,
-            std::time::Duration::from_secs(30)
-        );
-        assert_eq!(
-            from_file(Cli::default()).unwrap().write_timeout,
-            std::time::Duration::from_secs(5)
-        );
-        let cli = Cli::try_parse_from(["warren-broker", "--write-timeout", "2.5"]).unwrap();
-        assert_eq!(
-            from_file(cli).unwrap().write_timeout,
-            std::time::Duration::from_millis(2500)
-        );
-        for bad in ["0", "-1", "1e9"] {
-            let flag = format!("--write-timeout={bad}");
-            let cli = Cli::try_parse_from(["warren-broker", flag.as_str()]).unwrap();
-            let e = Config::resolve(cli).unwrap_err().to_string();
-            assert!(e.contains("write-timeout"), "{e}");
+            let c = from_file(cli).unwrap();
+            assert_eq!(get(&c), std::time::Duration::from_millis(500), "{key}");
+            for bad in ["0", "-1", "1e9"] {
+                let flag = format!("--{key}={bad}");
+                let cli = Cli::try_parse_from(["warren-broker", flag.as_str()]).unwrap();
+                let e = Config::resolve(cli).unwrap_err().to_string();
+                assert!(e.contains(key), "{e}");
+            }
         }
         let _ = std::fs::remove_dir_all(&dir);
     }

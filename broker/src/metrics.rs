@@ -995,15 +995,17 @@ impl BrokerCollector {
         // Prometheus cannot scrape that member itself.
         if let Some(c) = b.cluster() {
             let me = b.node_name();
-            for n in c.nodes() {
+            let members = std::iter::once((me.clone(), true))
+                .chain(c.peers().into_iter().map(|n| (n.name, n.running)));
+            for (peer, running) in members {
                 out.add(
                     "warren_cluster_node_running",
                     &[
                         ("rabbitmq_node", &me),
                         ("rabbitmq_cluster", &cluster),
-                        ("peer", &n.name),
+                        ("peer", &peer),
                     ],
-                    f64::from(u8::from(n.running)),
+                    f64::from(u8::from(running)),
                 );
             }
         }

@@ -8,46 +8,13 @@ use std::time::Duration;
 
 use amq_protocol::protocol::{AMQPClass, basic, channel, connection};
 use common::raw::{self, expect_connection_close, frame, handshake, send_method};
-use common::{TestBroker, code, unique};
+use common::{TestBroker, code, still_serving, unique};
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use warren_broker::Config;
-
-/// After a bad connection, a good client still works end to end.
-async fn still_serving(b: &TestBroker) {
-    let (_c, ch) = b.channel().await;
-    let q = unique("alive");
-    ch.queue_declare(
-        q.as_str().into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .expect("broker still serves");
-    ch.basic_publish(
-        "".into(),
-        q.as_str().into(),
-        BasicPublishOptions::default(),
-        b"ok",
-        BasicProperties::default(),
-    )
-    .await
-    .unwrap();
-    assert!(
-        common::eventually(|| b
-            .broker
-            .vhost("/")
-            .unwrap()
-            .queue(&q)
-            .unwrap()
-            .message_count()
-            == 1)
-        .await
-    );
-}
 
 async fn connected(b: &TestBroker) -> (TcpStream, bytes::BytesMut) {
     let mut s = TcpStream::connect(b.addr).await.unwrap();

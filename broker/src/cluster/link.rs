@@ -43,13 +43,12 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> std
     w.flush().await
 }
 
+/// The response body a [`Handler`] produces.
+pub type Answer = Pin<Box<dyn Future<Output = Vec<u8>> + Send>>;
+
 /// Answers the requests a peer sends on a link: request body in, response body out.
 pub trait Handler: Send + Sync + 'static {
-    fn handle(
-        self: Arc<Self>,
-        from: String,
-        body: Vec<u8>,
-    ) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>>;
+    fn handle(self: Arc<Self>, from: String, body: Vec<u8>) -> Answer;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -222,11 +221,7 @@ mod tests {
 
     struct Echo;
     impl Handler for Echo {
-        fn handle(
-            self: Arc<Self>,
-            _from: String,
-            body: Vec<u8>,
-        ) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>> {
+        fn handle(self: Arc<Self>, _from: String, body: Vec<u8>) -> Answer {
             Box::pin(async move {
                 if body == b"slow" {
                     tokio::time::sleep(Duration::from_secs(30)).await;

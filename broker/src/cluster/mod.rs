@@ -25,9 +25,7 @@ pub mod rpc;
 pub mod wire;
 
 use std::collections::{BTreeMap, HashSet};
-use std::future::Future;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -121,7 +119,8 @@ fn save(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension("tmp");
+    // A name of its own per write: two saves at once must not rename each other's file.
+    let tmp = path.with_extension(format!("tmp.{:x}", rand::random::<u64>()));
     std::fs::write(&tmp, text.as_bytes())?;
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, path)
@@ -166,21 +165,18 @@ impl Cluster {
         }
     }
 
-    /// Every node of the cluster, this one first.
-    pub fn nodes(&self) -> Vec<NodeView> {
-        let mut out = vec![NodeView {
-            name: self.me.node.clone(),
-            running: true,
-            status: Some((self.status)()),
-        }];
-        for p in self.peers.read().values() {
-            out.push(NodeView {
+    /// The other members, as this node sees them (callers add this node themselves: it
+    /// reports its own status first-hand, without a heartbeat).
+    pub fn peers(&self) -> Vec<NodeView> {
+        self.peers
+            .read()
+            .values()
+            .map(|p| NodeView {
                 name: p.name.clone(),
                 running: p.running(),
                 status: p.status.lock().clone(),
-            });
-        }
-        out
+            })
+            .collect()
     }
 
     /// The peer named `name`, registered (and remembered) if new; None for a forgotten node.
@@ -362,11 +358,7 @@ impl Cluster {
 struct Requests(std::sync::Weak<Cluster>);
 
 impl Handler for Requests {
-    fn handle(
-        self: Arc<Self>,
-        _from: String,
-        body: Vec<u8>,
-    ) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>> {
+    fn handle(self: Arc<Self>, _from: String, body: Vec<u8>) -> link::Answer {
         Box::pin(async move {
             let response = match (self.0.upgrade(), wire::from_body::<Request>(&body)) {
                 (Some(c), Ok(req)) => c.handle_request(req),

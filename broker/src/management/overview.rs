@@ -189,7 +189,7 @@ fn peer_json(view: &crate::cluster::NodeView) -> Value {
 fn all_nodes(broker: &Broker) -> Vec<Value> {
     let mut out = vec![node_json(broker)];
     if let Some(cluster) = broker.cluster() {
-        out.extend(cluster.nodes().iter().skip(1).map(peer_json));
+        out.extend(cluster.peers().iter().map(peer_json));
     }
     out
 }

@@ -232,6 +232,22 @@ impl Net {
     /// Starts node `i` and waits until its management API answers.
     pub async fn start(&mut self, i: usize) {
         self.spawn(i);
+        self.wait_started(i).await;
+    }
+
+    /// Starts every node at once, then waits for each.
+    pub async fn start_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.spawn(i);
+        }
+        for i in 0..self.nodes.len() {
+            self.wait_started(i).await;
+        }
+    }
+
+    /// Waits until node `i`'s management API answers; panics with its log if it exits or
+    /// does not answer within 30 s.
+    async fn wait_started(&mut self, i: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if self.get(i, "/api/overview").await.is_ok() {
@@ -251,24 +267,6 @@ impl Net {
             self.nodes[i].name,
             self.nodes[i].log()
         );
-    }
-
-    pub async fn start_all(&mut self) {
-        for i in 0..self.nodes.len() {
-            self.spawn(i);
-        }
-        for i in 0..self.nodes.len() {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while self.get(i, "/api/overview").await.is_err() {
-                assert!(
-                    Instant::now() < deadline,
-                    "{} did not start:\n{}",
-                    self.nodes[i].name,
-                    self.nodes[i].log()
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
     }
 
     fn signal(&self, i: usize, sig: &str) {

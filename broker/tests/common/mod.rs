@@ -102,6 +102,41 @@ pub async fn eventually<F: FnMut() -> bool>(mut f: F) -> bool {
     f()
 }
 
+/// After a bad connection, a good (lapin) client still works end to end on the same node:
+/// it connects, declares a queue and publishes into it.
+pub async fn still_serving(b: &TestBroker) {
+    use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+    let (_c, ch) = b.channel().await;
+    let q = unique("alive");
+    ch.queue_declare(
+        q.as_str().into(),
+        QueueDeclareOptions::default(),
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .expect("broker still serves");
+    ch.basic_publish(
+        "".into(),
+        q.as_str().into(),
+        BasicPublishOptions::default(),
+        b"ok",
+        lapin::BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        eventually(|| b
+            .broker
+            .vhost("/")
+            .unwrap()
+            .queue(&q)
+            .unwrap()
+            .message_count()
+            == 1)
+        .await
+    );
+}
+
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
