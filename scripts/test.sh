@@ -12,7 +12,9 @@
 # 5. Node client suite (amqplib): tests/clients/node     against a fresh Warren
 # 6. differential suite: tests/differential/run.py, a fresh Warren vs the
 #    reference RabbitMQ (scripts/rabbitmq-ref.sh, wiped before start)
-# 7. links: tests/links/test_rabbitmq.py (shovels and federation, Warren ↔ RabbitMQ) and
+# 7. cluster differential: tests/cluster/differential.py, 3 Warren processes vs a
+#    3-node reference RabbitMQ cluster (scripts/rabbitmq-cluster.sh, wiped before start)
+# 8. links: tests/links/test_rabbitmq.py (shovels and federation, Warren ↔ RabbitMQ) and
 #    tests/links/netns.sh (two namespaces, the link cut with iptables; needs root)
 #
 # Each Warren runs on a free 127.0.0.1 port with a temp data dir; suites get
@@ -28,6 +30,7 @@ cd "$WARREN_ROOT"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/warren-test.XXXXXX")"
 WARREN_PIDS=()
 REF_USED=""
+RMQ_CLUSTER_USED=""
 CURRENT_STEP=""
 STEP_START=0
 SUMMARY=()
@@ -38,6 +41,9 @@ cleanup() {
     for pid in "${WARREN_PIDS[@]}"; do stop_warren "$pid"; done
     if [ -n "$REF_USED" ]; then
         "$WARREN_ROOT/scripts/rabbitmq-ref.sh" stop
+    fi
+    if [ -n "$RMQ_CLUSTER_USED" ]; then
+        "$WARREN_ROOT/scripts/rabbitmq-cluster.sh" stop
     fi
     if { [ "$rc" != 0 ] || [ -n "${WARREN_KEEP_LOGS:-}" ]; } && [ -n "$(ls -A "$WORK")" ]; then
         echo "broker logs kept in $WORK"
@@ -107,6 +113,8 @@ step "check test suites are present"
 require_suite tests/clients/python
 require_suite tests/clients/node
 require_suite tests/differential/run.py
+require_suite tests/cluster/differential.py
+require_suite scripts/rabbitmq-cluster.sh
 require_suite tests/management/compat.py
 require_suite tests/management/rabbitmqadmin_test.sh
 require_suite tests/metrics/prometheus_scrape_test.sh
@@ -115,7 +123,7 @@ require_suite tests/links/netns.sh
 [ -n "$(find tests/clients/node -name node_modules -prune -o -type f -regextype posix-extended \
     -regex '.*/([^/]*[._-]test|test-[^/]*|test)\.[cm]?js' -print)" ] ||
     die "tests/clients/node has no test files (*.test.js); node --test would pass vacuously"
-echo "tests/clients/python, tests/clients/node, tests/differential/run.py present"
+echo "tests/clients/python, tests/clients/node, tests/differential/run.py, tests/cluster/differential.py present"
 
 step "dependencies (scripts/deps.sh)"
 "$WARREN_ROOT/scripts/deps.sh"
@@ -161,6 +169,14 @@ export RABBITMQ_MGMT_URL="http://127.0.0.1:${WARREN_REF_MGMT_PORT:-15673}"
 export RABBITMQ_PROMETHEUS_URL="http://127.0.0.1:${WARREN_REF_PROM_PORT:-15693}/metrics"
 run_suite differential "$WARREN_VENV/bin/python" tests/differential/run.py \
     --warren "$WARREN_URL" --rabbitmq "$RABBITMQ_URL"
+
+step "cluster differential: 3 Warren nodes vs a 3-node reference RabbitMQ cluster"
+# Starts its own three warren-broker processes; resets, starts (join_cluster) and stops the
+# RabbitMQ cluster itself (scripts/rabbitmq-cluster.sh); the trap stops it if it is interrupted.
+RMQ_CLUSTER_USED=1
+echo "+ tests/cluster/differential.py --warren-bin $BIN"
+"$WARREN_VENV/bin/python" tests/cluster/differential.py --warren-bin "$BIN" ||
+    die "cluster differential failed (Warren logs: see the path printed above)"
 
 step "management API: same calls against Warren and reference RabbitMQ"
 [ -n "${WARREN_MGMT_URL:-}" ] || die "the broker binary serves no management API"

@@ -1,0 +1,454 @@
+#!/usr/bin/env python3
+"""Cluster membership as a client sees it: a 3-node Warren cluster vs a 3-node RabbitMQ cluster.
+
+Warren: three `warren-broker` processes on loopback (free ports, a shared secret, a temp data
+dir each), started by this script. RabbitMQ: scripts/rabbitmq-cluster.sh (three private Debian
+RabbitMQ 3.10 nodes joined with `rabbitmqctl join_cluster`), reset and started by this script
+unless --rabbitmq-running.
+
+Checked on both, through the management HTTP API only:
+
+  1. start: every node's /api/nodes lists the 3 nodes, all `running: true`, with the same
+     `type`; the time from launch until that holds on every node is printed for both.
+  2. /api/overview on every node lists a `clustering` listener of that node.
+  3. node 3 stopped (Warren: SIGTERM; RabbitMQ: its Erlang VM stopped with
+     `rabbitmqctl stop`): nodes 1 and 2 list it with `running: false` within --detect-bound
+     seconds (each node's time is printed).
+  4. node 3 started again: every node lists all 3 running within --rejoin-bound seconds.
+
+Every other difference a client could see (keys present on one side only, order of the
+list, listeners of other nodes in /api/overview, the stopped node's entry) is printed as
+INFO and does not fail the run. Exit 0: no mismatch of the checked facts; 1: a mismatch or a
+bound exceeded; 2: a cluster could not be started.
+
+Standard library only (urllib), so it runs with any python3.
+"""
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+POLL = 0.2
+
+failures = []
+infos = []
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def fail(msg):
+    failures.append(msg)
+    log("FAIL  " + msg)
+
+
+def info(msg):
+    infos.append(msg)
+    log("INFO  " + msg)
+
+
+def ok(msg):
+    log("ok    " + msg)
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def get_json(base, path, timeout=3.0):
+    req = urllib.request.Request(base + path)
+    req.add_header("Authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read().decode())
+
+
+def try_nodes(base):
+    try:
+        return get_json(base, "/api/nodes")
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+class Cluster:
+    """Three nodes: names[i], mgmt[i] (base URL); subclasses start/stop node i (0-based)."""
+
+    label = "?"
+
+    def running_view(self, i):
+        """{name: running} as node i lists them, or None if its API does not answer."""
+        nodes = try_nodes(self.mgmt[i])
+        if nodes is None:
+            return None
+        return {n.get("name"): n.get("running") for n in nodes}
+
+    def wait_all_running(self, on, bound, t0):
+        """Poll nodes `on` until each lists exactly the 3 names, all running. Returns
+        {i: seconds since t0} for the nodes that got there within `bound`."""
+        want = {n: True for n in self.names}
+        done = {}
+        while time.monotonic() - t0 < bound and len(done) < len(on):
+            for i in on:
+                if i not in done and self.running_view(i) == want:
+                    done[i] = time.monotonic() - t0
+            time.sleep(POLL)
+        return done
+
+    def wait_down(self, on, victim, bound, t0):
+        done = {}
+        while time.monotonic() - t0 < bound and len(done) < len(on):
+            for i in on:
+                if i in done:
+                    continue
+                view = self.running_view(i)
+                if view is not None and view.get(self.names[victim]) is False:
+                    done[i] = time.monotonic() - t0
+            time.sleep(POLL)
+        return done
+
+
+class WarrenCluster(Cluster):
+    label = "warren"
+
+    def __init__(self, binary, workdir):
+        self.binary = binary
+        self.workdir = workdir
+        self.names = ["warren%d@localhost" % (i + 1) for i in range(3)]
+        self.amqp = [free_port() for _ in range(3)]
+        self.mgmt_ports = [free_port() for _ in range(3)]
+        self.cluster_ports = [free_port() for _ in range(3)]
+        self.mgmt = ["http://127.0.0.1:%d" % p for p in self.mgmt_ports]
+        self.procs = [None, None, None]
+        self.secret = os.path.join(workdir, "cluster-secret")
+        with open(self.secret, "w") as f:
+            f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
+        os.chmod(self.secret, 0o600)
+
+    def cmd(self, i):
+        peers = ",".join("127.0.0.1:%d" % p for p in self.cluster_ports)
+        return [
+            self.binary,
+            "--node-name", self.names[i],
+            "--amqp-listen", "127.0.0.1:%d" % self.amqp[i],
+            "--management-listen", "127.0.0.1:%d" % self.mgmt_ports[i],
+            "--prometheus-listen", "none",
+            "--cluster-listen", "127.0.0.1:%d" % self.cluster_ports[i],
+            "--cluster-advertise", "127.0.0.1:%d" % self.cluster_ports[i],
+            "--cluster-peers", peers,
+            "--cluster-secret-file", self.secret,
+            "--data-dir", os.path.join(self.workdir, "data%d" % (i + 1)),
+            "--default-user", "guest", "--default-pass", "guest",
+            "--log-level", "info",
+        ]
+
+    def start_node(self, i):
+        env = dict(os.environ, NO_COLOR="1")
+        for k in ("WARREN_CONFIG", "WARREN_DATA_DIR", "WARREN_AMQP_LISTEN"):
+            env.pop(k, None)
+        logf = open(os.path.join(self.workdir, "warren%d.log" % (i + 1)), "ab")
+        self.procs[i] = subprocess.Popen(self.cmd(i), stdout=logf, stderr=subprocess.STDOUT, env=env)
+        logf.close()
+
+    def stop_node(self, i):
+        p = self.procs[i]
+        if p is None or p.poll() is not None:
+            return
+        p.send_signal(signal.SIGTERM)
+
+    def wait_exit(self, i, timeout=15):
+        p = self.procs[i]
+        if p is None:
+            return
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+    def start(self):
+        for i in range(3):
+            self.start_node(i)
+
+    def stop(self):
+        for i in range(3):
+            self.stop_node(i)
+        for i in range(3):
+            self.wait_exit(i)
+
+    def dead(self):
+        return [i for i in range(3) if self.procs[i] is not None and self.procs[i].poll() is not None]
+
+    def log_tails(self):
+        for i in range(3):
+            path = os.path.join(self.workdir, "warren%d.log" % (i + 1))
+            try:
+                with open(path, errors="replace") as f:
+                    lines = f.readlines()[-25:]
+            except OSError:
+                continue
+            log("---- tail of %s ----" % path)
+            sys.stdout.write("".join(lines))
+
+
+class RabbitCluster(Cluster):
+    label = "rabbitmq"
+
+    def __init__(self, script):
+        self.script = script
+        out = subprocess.run([script, "urls"], check=True, capture_output=True, text=True).stdout
+        rows = [line.split() for line in out.splitlines() if line.strip()]
+        self.names = [r[1] for r in rows]
+        self.mgmt = [r[3] for r in rows]
+        self.stopper = None
+
+    def run(self, *args, check=True):
+        log("+ %s %s" % (os.path.relpath(self.script, ROOT), " ".join(args)))
+        return subprocess.run([self.script] + list(args), check=check)
+
+    def start_node(self, i):
+        return subprocess.Popen([self.script, "start-node", str(i + 1)])
+
+    def stop_node(self, i):
+        return subprocess.Popen([self.script, "stop-node", str(i + 1)])
+
+
+def idx_name(cluster, name):
+    """node name -> 'node N' so both clusters' listings compare."""
+    try:
+        return "node%d" % (cluster.names.index(name) + 1)
+    except ValueError:
+        return "unknown:" + str(name)
+
+
+def check_listing(w, r, report_info=True):
+    """Fact 1 (and, if report_info, INFO differences) on every node of both clusters."""
+    keys_w, keys_r = {}, {}
+    for i in range(3):
+        lw, lr = get_json(w.mgmt[i], "/api/nodes"), get_json(r.mgmt[i], "/api/nodes")
+        fw = sorted((idx_name(w, n.get("name")), n.get("running"), n.get("type")) for n in lw)
+        fr = sorted((idx_name(r, n.get("name")), n.get("running"), n.get("type")) for n in lr)
+        if fw == fr and len(fw) == 3 and all(x[1] is True for x in fw):
+            ok("node%d: /api/nodes lists %s (name, running, type) on both" % (i + 1, fw))
+        else:
+            fail("node%d: /api/nodes (name, running, type): warren %s, rabbitmq %s" % (i + 1, fw, fr))
+        ow = [idx_name(w, n.get("name")) for n in lw]
+        orr = [idx_name(r, n.get("name")) for n in lr]
+        if ow != orr and report_info:
+            info("node%d: order of /api/nodes: warren %s, rabbitmq %s" % (i + 1, ow, orr))
+        for n in lw:
+            keys_w.setdefault(idx_name(w, n.get("name")) == "node%d" % (i + 1), set()).update(n.keys())
+        for n in lr:
+            keys_r.setdefault(idx_name(r, n.get("name")) == "node%d" % (i + 1), set()).update(n.keys())
+    if not report_info:
+        return
+    for own, what in ((True, "the answering node's own entry"), (False, "other members' entries")):
+        only_r = sorted(keys_r.get(own, set()) - keys_w.get(own, set()))
+        only_w = sorted(keys_w.get(own, set()) - keys_r.get(own, set()))
+        if only_r:
+            info("/api/nodes, %s: keys only RabbitMQ has (%d): %s" % (what, len(only_r), " ".join(only_r)))
+        if only_w:
+            info("/api/nodes, %s: keys only Warren has: %s" % (what, " ".join(only_w)))
+
+
+def check_overview(w, r):
+    """Fact 2 on every node, and INFO on the listener lists."""
+    for i in range(3):
+        ov = {"warren": get_json(w.mgmt[i], "/api/overview"), "rabbitmq": get_json(r.mgmt[i], "/api/overview")}
+        for label, c in (("warren", w), ("rabbitmq", r)):
+            ls = ov[label].get("listeners", [])
+            mine = [x for x in ls if x.get("protocol") == "clustering" and x.get("node") == c.names[i]]
+            if mine:
+                ok("node%d %s: /api/overview lists its clustering listener (port %s, ip %s)"
+                   % (i + 1, label, mine[0].get("port"), mine[0].get("ip_address")))
+            else:
+                fail("node%d %s: /api/overview has no clustering listener of %s: %s"
+                     % (i + 1, label, c.names[i], ls))
+        lw = sorted({(idx_name(w, x.get("node")), x.get("protocol")) for x in ov["warren"].get("listeners", [])})
+        lr = sorted({(idx_name(r, x.get("node")), x.get("protocol")) for x in ov["rabbitmq"].get("listeners", [])})
+        if i == 0 and lw != lr:
+            info("node1: /api/overview listeners (node, protocol): warren %s; rabbitmq %s "
+                 "(RabbitMQ lists every running member's listeners, Warren its own)" % (lw, lr))
+        if i == 0:
+            kw = set(ov["warren"].get("listeners", [{}])[0].keys())
+            kr = set(ov["rabbitmq"].get("listeners", [{}])[0].keys())
+            if kw != kr:
+                info("/api/overview listener keys: only RabbitMQ %s, only Warren %s"
+                     % (sorted(kr - kw), sorted(kw - kr)))
+
+
+def fmt_times(done, on):
+    return ", ".join("node%d %s" % (i + 1, ("%.1f s" % done[i]) if i in done else "NOT SEEN") for i in on)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+    ap.add_argument("--warren-bin", default=os.path.join(target, "debug", "warren-broker"))
+    ap.add_argument("--rabbitmq-script", default=os.path.join(ROOT, "scripts", "rabbitmq-cluster.sh"))
+    ap.add_argument("--rabbitmq-running", action="store_true",
+                    help="use the running RabbitMQ cluster as is (no reset/start; its start is not timed)")
+    ap.add_argument("--keep-rabbitmq", action="store_true", help="leave the RabbitMQ cluster running")
+    ap.add_argument("--start-bound", type=float, default=120.0, help="seconds for a cluster to form")
+    ap.add_argument("--detect-bound", type=float, default=30.0,
+                    help="seconds for the others to list a stopped node as not running")
+    ap.add_argument("--rejoin-bound", type=float, default=60.0,
+                    help="seconds for all to list a restarted node as running")
+    ap.add_argument("--workdir", help="Warren data dirs and logs (default: a temp dir, removed on success)")
+    args = ap.parse_args()
+    # SIGTERM (e.g. scripts/test.sh interrupted) runs the finally below: no Warren left behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    if not os.access(args.warren_bin, os.X_OK):
+        log("ERROR: no warren-broker at %s (cargo build -p warren-broker; CARGO_TARGET_DIR)" % args.warren_bin)
+        return 2
+    workdir = args.workdir or tempfile.mkdtemp(prefix="warren-cluster-diff.")
+    os.makedirs(workdir, exist_ok=True)
+    # A private copy of the binary: a rebuild in a shared target dir during the run must not
+    # give the restarted node another version than the others (seen: "undecodable frame").
+    binary = os.path.join(workdir, "warren-broker")
+    shutil.copy2(args.warren_bin, binary)
+    w = WarrenCluster(binary, workdir)
+    r = RabbitCluster(args.rabbitmq_script)
+    started_rabbit = False
+    times = {}
+    try:
+        # ---- 1. start both, timed
+        log("== start: Warren (3 processes) and RabbitMQ (%s)" % ("running already" if args.rabbitmq_running
+                                                                 else "reset, start, join_cluster"))
+        t0 = time.monotonic()
+        w.start()
+        done = w.wait_all_running(range(3), args.start_bound, t0)
+        if len(done) < 3 or w.dead():
+            fail("warren: cluster did not form within %.0f s (%s)" % (args.start_bound, fmt_times(done, range(3))))
+            w.log_tails()
+            return 2
+        times["warren start"] = max(done.values())
+        log("warren: all 3 list all 3 running after %.1f s (%s)" % (times["warren start"], fmt_times(done, range(3))))
+        if not args.rabbitmq_running:
+            r.run("reset")
+            t0 = time.monotonic()
+            started_rabbit = True
+            res = r.run("start", check=False)
+            if res.returncode != 0:
+                fail("rabbitmq: scripts/rabbitmq-cluster.sh start failed (exit %d)" % res.returncode)
+                return 2
+        else:
+            t0 = time.monotonic()
+        done = r.wait_all_running(range(3), args.start_bound, t0)
+        if len(done) < 3:
+            fail("rabbitmq: cluster not formed (%s)" % fmt_times(done, range(3)))
+            return 2
+        if not args.rabbitmq_running:
+            times["rabbitmq start"] = max(done.values())
+            log("rabbitmq: all 3 list all 3 running after %.1f s (reset excluded)" % times["rabbitmq start"])
+
+        # ---- facts 1 and 2
+        log("== /api/nodes and /api/overview with all running")
+        check_listing(w, r)
+        check_overview(w, r)
+
+        # ---- 3. stop node 3 of each
+        victim, others = 2, [0, 1]
+        log("== stop node3 (warren: SIGTERM; rabbitmq: rabbitmqctl stop, the whole VM)")
+        t0 = time.monotonic()
+        w.stop_node(victim)
+        dw = w.wait_down(others, victim, args.detect_bound, t0)
+        w.wait_exit(victim)
+        t0 = time.monotonic()
+        stopper = r.stop_node(victim)
+        dr = r.wait_down(others, victim, args.detect_bound, t0)
+        stopper.wait()
+        stop_cmd = time.monotonic() - t0
+        log("warren:   node3 listed running=false by %s" % fmt_times(dw, others))
+        log("rabbitmq: node3 listed running=false by %s (the stop command returned after %.1f s)"
+            % (fmt_times(dr, others), stop_cmd))
+        for label, d in (("warren", dw), ("rabbitmq", dr)):
+            if len(d) < len(others):
+                fail("%s: stopped node3 not listed as running=false by every other node within %.0f s (%s)"
+                     % (label, args.detect_bound, fmt_times(d, others)))
+        if dw:
+            times["warren detect"] = max(dw.values())
+        if dr:
+            times["rabbitmq detect"] = max(dr.values())
+        # What the survivors list, and the stopped node's entry.
+        for i in others:
+            lw, lr = get_json(w.mgmt[i], "/api/nodes"), get_json(r.mgmt[i], "/api/nodes")
+            fw = sorted((idx_name(w, n.get("name")), n.get("running"), n.get("type")) for n in lw)
+            fr = sorted((idx_name(r, n.get("name")), n.get("running"), n.get("type")) for n in lr)
+            if fw == fr:
+                ok("node%d: /api/nodes with node3 stopped: %s on both" % (i + 1, fw))
+            else:
+                fail("node%d: /api/nodes with node3 stopped: warren %s, rabbitmq %s" % (i + 1, fw, fr))
+            if i == others[0]:
+                ew = [n for n in lw if n.get("name") == w.names[victim]]
+                er = [n for n in lr if n.get("name") == r.names[victim]]
+                if ew and er and set(ew[0]) != set(er[0]):
+                    info("the stopped node's entry: warren keys %s, rabbitmq keys %s"
+                         % (sorted(ew[0]), sorted(er[0])))
+
+        # ---- 4. start node 3 again
+        log("== start node3 again")
+        t0 = time.monotonic()
+        w.start_node(victim)
+        jw = w.wait_all_running(range(3), args.rejoin_bound, t0)
+        t0 = time.monotonic()
+        starter = r.start_node(victim)
+        jr = r.wait_all_running(range(3), args.rejoin_bound, t0)
+        starter.wait()
+        log("warren:   all 3 running again, as listed by %s" % fmt_times(jw, range(3)))
+        log("rabbitmq: all 3 running again, as listed by %s" % fmt_times(jr, range(3)))
+        for label, d in (("warren", jw), ("rabbitmq", jr)):
+            if len(d) < 3:
+                fail("%s: not every node lists all 3 running within %.0f s of node3's restart (%s)"
+                     % (label, args.rejoin_bound, fmt_times(d, range(3))))
+        if len(jw) == 3:
+            times["warren rejoin"] = max(jw.values())
+        if len(jr) == 3:
+            times["rabbitmq rejoin"] = max(jr.values())
+        if len(jw) == 3 and len(jr) == 3:
+            check_listing(w, r, report_info=False)
+    except (urllib.error.URLError, OSError) as e:
+        fail("HTTP/process error: %r" % (e,))
+    finally:
+        w.stop()
+        if started_rabbit and not args.keep_rabbitmq:
+            r.run("stop", check=False)
+        if failures:
+            w.log_tails()
+        try:
+            os.unlink(binary)
+        except OSError:
+            pass
+
+    log("")
+    log("times (s):   %-10s %-10s" % ("warren", "rabbitmq"))
+    for what in ("start", "detect", "rejoin"):
+        tw, tr = times.get("warren " + what), times.get("rabbitmq " + what)
+        log("  %-9s %-10s %-10s" % (what, "%.1f" % tw if tw is not None else "-",
+                                     "%.1f" % tr if tr is not None else "-"))
+    log("cluster differential: %d INFO difference(s), %d failure(s)" % (len(infos), len(failures)))
+    if failures:
+        log("Warren logs kept in %s" % workdir)
+        return 1
+    if not args.workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
