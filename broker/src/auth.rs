@@ -115,7 +115,7 @@ pub fn verify_password(hash: &str, password: &str) -> bool {
             == 0
 }
 
-fn compile(pattern: &str) -> std::result::Result<Regex, String> {
+pub(crate) fn compile(pattern: &str) -> std::result::Result<Regex, String> {
     Regex::new(pattern).map_err(|e| format!("invalid permission regex {pattern:?}: {e}"))
 }
 

@@ -199,6 +199,20 @@ impl Broker {
             .map_err(|_| "the node has already joined its cluster".to_owned())
     }
 
+    /// Starts the cluster's metadata group (after [`Broker::start_cluster`]): from then on
+    /// definitions change through it ([`Broker::change`]). This node may create the group if
+    /// its own address is the first of `cluster-peers`.
+    pub async fn start_metadata(self: &Arc<Self>) -> Result<(), String> {
+        let Some(cluster) = self.cluster() else {
+            return Ok(());
+        };
+        let advertise = self.config.cluster_advertise_addr();
+        let seed = self.config.cluster_peer_addrs().first() == advertise.as_ref();
+        let host = Arc::new(crate::definitions::Replicated(Arc::downgrade(self)));
+        cluster.start_metadata(host, seed).await?;
+        Ok(())
+    }
+
     /// The cluster, on a clustered node.
     pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
         self.cluster.get()

@@ -14,6 +14,7 @@ pub mod codec;
 pub mod config;
 pub mod connection;
 pub mod dead_letter;
+pub mod definitions;
 pub mod error;
 pub mod exchange;
 pub mod https;

@@ -193,6 +193,7 @@ async fn run(config: Config) -> Result<(), String> {
             broker.register_listener("clustering", addr);
         }
         broker.start_cluster(listener, secret)?;
+        broker.start_metadata().await?;
         tracing::info!(
             peers = ?broker.config.cluster_peers,
             "inter-node listener up; joining the cluster"

@@ -25,7 +25,7 @@ fn exchange_def(vhost: &str, e: &Exchange) -> ExchangeDef {
     }
 }
 
-fn policy_def(vhost: &str, p: &Policy, operator: bool) -> PolicyDef {
+pub(crate) fn policy_def(vhost: &str, p: &Policy, operator: bool) -> PolicyDef {
     PolicyDef {
         vhost: vhost.to_owned(),
         name: p.name.clone(),
@@ -62,7 +62,8 @@ fn durable_exchange(v: &Vhost, name: &str) -> Option<Arc<Exchange>> {
 }
 
 impl Broker {
-    fn snapshot(&self) -> Snapshot {
+    /// All the metadata, as the snapshot file holds it.
+    pub(crate) fn metadata_snapshot(&self) -> Snapshot {
         let mut s = Snapshot::default();
         let mut names = self.vhost_names();
         names.sort();
@@ -156,7 +157,7 @@ impl Broker {
     }
 
     fn save_snapshot(&self, m: &mut MetaStore) {
-        if let Err(e) = m.save(self.snapshot()) {
+        if let Err(e) = m.save(self.metadata_snapshot()) {
             tracing::error!(
                 "cannot save metadata to {}: {e}",
                 self.config.data_dir.display()

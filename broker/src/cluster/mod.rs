@@ -21,6 +21,7 @@
 
 pub mod handshake;
 pub mod link;
+pub mod raft;
 pub mod rpc;
 pub mod wire;
 
@@ -88,6 +89,8 @@ pub struct Cluster {
     forgotten: RwLock<BTreeMap<String, u64>>,
     /// Where the member and forgotten lists are kept (None: not remembered, in tests).
     dir: Option<PathBuf>,
+    /// The metadata group, once started (see [`Cluster::start_metadata`]).
+    meta: std::sync::OnceLock<Arc<raft::Metadata>>,
 }
 
 /// Why a node cannot be forgotten.
@@ -99,6 +102,9 @@ pub enum ForgetError {
     Itself(String),
     #[error("{0} is running: stop it before removing it from the cluster")]
     Running(String),
+    /// The metadata group could not remove it (no quorum).
+    #[error("{0}")]
+    Metadata(String),
 }
 
 /// This node's incarnation: drawn once when its data directory has none, kept after.
@@ -144,7 +150,70 @@ impl Cluster {
             dialing: Mutex::new(HashSet::new()),
             forgotten: RwLock::new(forgotten),
             dir,
+            meta: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Starts the metadata group (its files under the data directory's `cluster/`) with the
+    /// broker's definitions as its state. `seed`: this node may create the group.
+    pub async fn start_metadata(
+        self: &Arc<Self>,
+        host: Arc<dyn raft::Replicated>,
+        seed: bool,
+    ) -> Result<Arc<raft::Metadata>, String> {
+        let dir = self
+            .dir
+            .clone()
+            .ok_or("the metadata group needs a data directory")?;
+        let meta = raft::Metadata::start(self, host, &dir, seed).await?;
+        self.meta
+            .set(meta.clone())
+            .map_err(|_| "the metadata group is already started".to_owned())?;
+        Ok(meta)
+    }
+
+    /// The metadata group, once started.
+    pub fn metadata(&self) -> Option<&Arc<raft::Metadata>> {
+        self.meta.get()
+    }
+
+    /// Whether the member `name` is reachable now.
+    pub fn is_running(&self, name: &str) -> bool {
+        self.peers.read().get(name).is_some_and(|p| p.running())
+    }
+
+    /// Names of the members reachable now (this node not included).
+    pub fn running_peers(&self) -> Vec<String> {
+        self.peers
+            .read()
+            .values()
+            .filter(|p| p.running())
+            .map(|p| p.name.clone())
+            .collect()
+    }
+
+    /// Sends a metadata group call to `name` over its link; returns the JSON answer.
+    async fn raft_call(
+        &self,
+        name: &str,
+        call: &raft::Envelope,
+        timeout: Duration,
+    ) -> Result<String, String> {
+        let link = self
+            .peers
+            .read()
+            .get(name)
+            .and_then(|p| p.link.lock().clone())
+            .filter(|l| !l.is_closed())
+            .ok_or_else(|| format!("no link to {name}"))?;
+        let body = serde_json::to_string(call).map_err(|e| e.to_string())?;
+        let body = wire::to_body(&Request::Raft(body)).map_err(|e| e.to_string())?;
+        let answer = link.call(body, timeout).await.map_err(|e| e.to_string())?;
+        match wire::from_body::<Response>(&answer).map_err(|e| e.to_string())? {
+            Response::Raft(json) => Ok(json),
+            Response::Error(e) => Err(format!("{name}: {e}")),
+            other => Err(format!("{name} answered {other:?} to a Raft call")),
+        }
     }
 
     pub fn node_name(&self) -> &str {
@@ -227,6 +296,11 @@ impl Cluster {
             .ok_or_else(|| ForgetError::NotMember(name.to_owned()))?;
         if peer.running() {
             return Err(ForgetError::Running(name.to_owned()));
+        }
+        // Out of the metadata group first: that needs a majority, and a node that stays a
+        // voter while forgotten would count against it for good.
+        if let Some(meta) = self.meta.get() {
+            meta.remove(name).await.map_err(ForgetError::Metadata)?;
         }
         let incarnation = peer.incarnation.load(Ordering::Relaxed);
         self.apply_forget(name, incarnation);
@@ -350,6 +424,8 @@ impl Cluster {
                 self.apply_forget(&name, incarnation);
                 Response::Done
             }
+            // Served by `Requests::handle` (asynchronously).
+            Request::Raft(_) => Response::Error("misrouted Raft call".into()),
         }
     }
 }
@@ -361,6 +437,13 @@ impl Handler for Requests {
     fn handle(self: Arc<Self>, _from: String, body: Vec<u8>) -> link::Answer {
         Box::pin(async move {
             let response = match (self.0.upgrade(), wire::from_body::<Request>(&body)) {
+                (Some(c), Ok(Request::Raft(call))) => match c.meta.get().cloned() {
+                    Some(meta) => match meta.handle(&call).await {
+                        Ok(answer) => Response::Raft(answer),
+                        Err(e) => Response::Error(e),
+                    },
+                    None => Response::Error("the metadata group is not started yet".into()),
+                },
                 (Some(c), Ok(req)) => c.handle_request(req),
                 (None, _) => Response::Error("node is stopping".into()),
                 (_, Err(e)) => Response::Error(format!("undecodable request: {e}")),

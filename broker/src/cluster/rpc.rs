@@ -8,6 +8,8 @@ pub enum Request {
     Ping,
     /// `name` (in the given incarnation) has been removed from the cluster.
     Forget { name: String, incarnation: u64 },
+    /// A call of the metadata group (the JSON of a [`super::raft::RaftCall`]).
+    Raft(String),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -21,6 +23,8 @@ pub enum Response {
         forgotten: Vec<(String, u64)>,
     },
     Done,
+    /// The answer to a [`Request::Raft`] (JSON).
+    Raft(String),
     /// The request could not be served, and why (shown to whoever asked).
     Error(String),
 }

@@ -310,11 +310,42 @@ pub fn start(broker: &Arc<Broker>) {
     });
 }
 
-/// Recomputes which links should run and applies it.
+/// Recomputes which links should run and applies it. On a cluster, each shovel runs on one
+/// node only: the one of the running members that ranks first for it ([`owner`]); when that
+/// node goes, the next in rank takes it over within a reconcile after the others see it down.
+/// Federation links run where their federated exchange or queue is (those are node-local).
 pub fn reconcile(broker: &Arc<Broker>) {
     let mut desired = shovel::desired(broker);
+    if let Some(cluster) = broker.cluster() {
+        let me = cluster.node_name().to_owned();
+        let mut running = cluster.running_peers();
+        running.push(me.clone());
+        desired.retain(|(key, _)| match key {
+            LinkKey::Shovel { vhost, name } => owner(&running, vhost, name) == Some(&me),
+            LinkKey::Federation { .. } => true,
+        });
+    }
     desired.extend(federation::desired(broker));
     broker.links.apply(broker, desired);
+}
+
+/// The node that runs the shovel `vhost`/`name`: rendezvous hashing over the running nodes,
+/// so every node computes the same owner from the same view, and a node leaving moves only
+/// its own shovels.
+pub fn owner<'a>(nodes: &'a [String], vhost: &str, name: &str) -> Option<&'a String> {
+    nodes.iter().max_by_key(|node| {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for part in [node.as_str(), "\0", vhost, "\0", name] {
+            for b in part.bytes() {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        // FNV-1a, then a final mix so similar names spread.
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^ (h >> 33)
+    })
 }
 
 /// Resolves when the link is asked to stop, with why. A link whose supervisor is gone (the
@@ -342,4 +373,36 @@ pub(crate) async fn close(conn: &lapin::Connection) {
         conn.close(200, "link stopped".into()),
     )
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::owner;
+
+    #[test]
+    fn each_shovel_has_one_owner_and_only_a_leaving_nodes_shovels_move() {
+        let three: Vec<String> = ["warren@a", "warren@b", "warren@c"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let two = &three[..2];
+        let names: Vec<String> = (0..300).map(|i| format!("shovel-{i}")).collect();
+        let mut per_node = [0usize; 3];
+        for n in &names {
+            let o = owner(&three, "/", n).expect("an owner");
+            let i = three.iter().position(|x| x == o).expect("a member");
+            per_node[i] += 1;
+            // The same answer whatever order the members are listed in.
+            let mut reversed = three.clone();
+            reversed.reverse();
+            assert_eq!(owner(&reversed, "/", n), Some(o));
+            // Without node c, shovels on a or b stay where they are.
+            if i < 2 {
+                assert_eq!(owner(two, "/", n), Some(o));
+            }
+        }
+        // Spread over every node (300 shovels: each gets well over a few).
+        assert!(per_node.iter().all(|&c| c > 50), "{per_node:?}");
+        assert_eq!(owner(&[], "/", "x"), None);
+    }
 }

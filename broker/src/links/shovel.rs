@@ -391,10 +391,21 @@ pub async fn run(
             Outcome::Stopped => return,
             Outcome::Finished => {
                 tracing::info!(vhost = %def.vhost, shovel = %def.name, "shovel finished (src-delete-after); deleting it");
-                if let Some(b) = broker.upgrade()
-                    && b.parameters.delete("shovel", &def.vhost, &def.name)
-                {
-                    let _ = tokio::task::spawn_blocking(move || b.persist_metadata()).await;
+                if let Some(b) = broker.upgrade() {
+                    let change = crate::definitions::Change::DeleteParameter {
+                        component: "shovel".into(),
+                        vhost: def.vhost.clone(),
+                        name: def.name.clone(),
+                    };
+                    match b.change(change).await {
+                        Ok(true) => {
+                            let _ = tokio::task::spawn_blocking(move || b.persist_metadata()).await;
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::error!(vhost = %def.vhost, shovel = %def.name, "finished shovel not deleted: {e}");
+                        }
+                    }
                 }
                 return;
             }

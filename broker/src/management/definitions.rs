@@ -18,7 +18,7 @@ use super::bindings::all_bindings;
 use super::body::Body;
 use super::fields::table_to_json;
 use super::policies::{policy_json, put_policy_value};
-use super::{ApiError, ApiResult, RABBITMQ_API_VERSION, no_content, ok};
+use super::{ApiError, ApiResult, RABBITMQ_API_VERSION, apply, no_content, ok};
 use crate::broker::Broker;
 use crate::exchange::Destination;
 use crate::vhost::Vhost;
@@ -193,7 +193,7 @@ fn at<T>(section: &str, i: usize, r: ApiResult<T>) -> ApiResult<T> {
 
 /// Imports a definitions document. With `only_vhost`, every object goes into that vhost and
 /// the node-wide sections are ignored.
-fn import(
+async fn import(
     broker: &Broker,
     caller: &Caller,
     doc: &Map<String, Value>,
@@ -210,25 +210,29 @@ fn import(
             .vhost(name)
             .ok_or_else(|| ApiError::bad_request(format!("no_such_vhost: '{name}'")))
     };
+    // Definitions are validated and applied one by one (each through the cluster's metadata
+    // group when clustered), so an entry may refer to one earlier in the file.
     if only_vhost.is_none() {
         for (i, e) in entries(doc, "users")?.iter().enumerate() {
-            at(
+            let change = at(
                 "users",
                 i,
                 e.req_str("name")
                     .and_then(|n| super::users::put_user_from(broker, n, e)),
             )?;
+            at("users", i, apply(broker, change).await)?;
         }
         for (i, e) in entries(doc, "vhosts")?.iter().enumerate() {
-            at(
+            let change = at(
                 "vhosts",
                 i,
                 e.req_str("name")
                     .and_then(|n| super::vhosts::put_vhost(broker, n, e)),
             )?;
+            at("vhosts", i, apply(broker, change).await)?;
         }
         for (i, e) in entries(doc, "permissions")?.iter().enumerate() {
-            at(
+            let change = at(
                 "permissions",
                 i,
                 (|| {
@@ -240,9 +244,10 @@ fn import(
                     )
                 })(),
             )?;
+            at("permissions", i, apply(broker, change).await)?;
         }
         for (i, e) in entries(doc, "topic_permissions")?.iter().enumerate() {
-            at(
+            let change = at(
                 "topic_permissions",
                 i,
                 (|| {
@@ -254,10 +259,11 @@ fn import(
                     )
                 })(),
             )?;
+            at("topic_permissions", i, apply(broker, change).await)?;
         }
     }
     for (i, e) in entries(doc, "parameters")?.iter().enumerate() {
-        at(
+        let change = at(
             "parameters",
             i,
             (|| {
@@ -275,9 +281,10 @@ fn import(
                 )
             })(),
         )?;
+        at("parameters", i, apply(broker, change).await)?;
     }
     for (i, e) in entries(doc, "policies")?.iter().enumerate() {
-        at(
+        let change = at(
             "policies",
             i,
             (|| {
@@ -287,6 +294,7 @@ fn import(
                 put_policy_value(&v, e.req_str("name")?, &Value::Object(body), false)
             })(),
         )?;
+        at("policies", i, apply(broker, change).await)?;
     }
     for (i, e) in entries(doc, "queues")?.iter().enumerate() {
         at(
@@ -341,7 +349,7 @@ fn parse_doc(bytes: &Bytes) -> ApiResult<Map<String, Value>> {
 async fn import_all(State(broker): State<Arc<Broker>>, caller: Caller, bytes: Bytes) -> ApiResult {
     caller.require_admin()?;
     let doc = parse_doc(&bytes)?;
-    import(&broker, &caller, &doc, None)?;
+    import(&broker, &caller, &doc, None).await?;
     no_content()
 }
 
@@ -354,6 +362,6 @@ async fn import_vhost(
     caller.require_admin()?;
     broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
     let doc = parse_doc(&bytes)?;
-    import(&broker, &caller, &doc, Some(&vhost))?;
+    import(&broker, &caller, &doc, Some(&vhost)).await?;
     no_content()
 }

@@ -172,6 +172,17 @@ fn journalled(path: &str) -> bool {
     .any(|p| path.starts_with(p))
 }
 
+/// Applies a validated definitions change (through the cluster's metadata group when
+/// clustered): for a put, whether the object is new; for a delete, whether it existed.
+pub async fn apply(broker: &Broker, change: crate::definitions::Change) -> ApiResult<bool> {
+    broker.change(change).await.map_err(|e| match e {
+        crate::definitions::ChangeError::Refused(r) => ApiError::bad_request(r),
+        crate::definitions::ChangeError::Unavailable(r) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", r)
+        }
+    })
+}
+
 /// An API error: status and RabbitMQ's `{"error", "reason"}` body.
 #[derive(Debug)]
 pub struct ApiError {

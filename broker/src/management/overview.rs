@@ -251,21 +251,46 @@ async fn alarms(State(broker): State<Arc<Broker>>, _caller: Caller) -> ApiResult
 }
 
 /// Every vhost of this node is served (they have no separate processes that could be down).
-async fn virtual_hosts(_caller: Caller) -> ApiResult {
+/// A clustered node is not ready until it is a voter of the metadata group and has caught up
+/// with a leader once (`warren-broker check ready` asks this).
+async fn virtual_hosts(State(broker): State<Arc<Broker>>, _caller: Caller) -> ApiResult {
+    if let Some(meta) = broker.cluster().and_then(|c| c.metadata()) {
+        let status = meta.status();
+        if !meta.caught_up() {
+            let reason = if !status.initialized {
+                "this node has not joined the cluster's metadata group yet".to_owned()
+            } else if !status.voter {
+                "this node is catching up with the cluster's metadata before it becomes a voter"
+                    .to_owned()
+            } else {
+                "this node has not caught up with the cluster's metadata leader yet".to_owned()
+            };
+            return failed(json!({"status": "failed", "reason": reason}));
+        }
+    }
     ok(json!({"status": "ok"}))
 }
 
-/// Nothing is replicated yet (metadata and queues live on one node each), so stopping this
-/// node never costs any replicated state its majority; said as such rather than as "single
-/// node" on a node with peers.
+/// Whether stopping this node would leave the metadata group without a majority (queues are
+/// not replicated yet, so they never make a node critical).
 async fn quorum_critical(State(broker): State<Arc<Broker>>, _caller: Caller) -> ApiResult {
-    let reason = match broker.cluster() {
-        Some(_) => {
-            "no replicated state on this cluster yet (metadata and queues are not replicated)"
-        }
-        None => "single node cluster",
+    let Some(meta) = broker.cluster().and_then(|c| c.metadata()) else {
+        return ok(json!({"status": "ok", "reason": "single node cluster"}));
     };
-    ok(json!({"status": "ok", "reason": reason}))
+    if meta.critical() {
+        let status = meta.status();
+        return failed(json!({
+            "status": "failed",
+            "reason": format!(
+                "stopping this node would leave the cluster's metadata group ({} voters: {}) \
+                 without a majority",
+                status.voters.len(),
+                status.voters.join(", ")
+            ),
+            "queues": [],
+        }));
+    }
+    ok(json!({"status": "ok"}))
 }
 
 async fn port_listener(

@@ -12,9 +12,11 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::auth::Caller;
-use super::{ApiError, ApiResult, created_or_updated, no_content, ok};
+use super::{ApiError, ApiResult, apply, created_or_updated, no_content, ok};
 use crate::broker::Broker;
+use crate::definitions::Change;
 use crate::parameters::{COMPONENTS, Parameter};
+use crate::store::metadata::ParameterDef;
 
 pub fn routes() -> Router<Arc<Broker>> {
     Router::new()
@@ -97,8 +99,8 @@ async fn show(
     ok(parameter_json(&p))
 }
 
-/// Validates and stores `value` (the body's `value` field, or the definitions file entry's)
-/// on behalf of `caller`, whose access bounds what the parameter's links may reach.
+/// Validates `value` (the body's `value` field, or the definitions file entry's) on behalf of
+/// `caller`, whose access bounds what the parameter's links may reach.
 pub fn put_parameter(
     broker: &Broker,
     caller: &Caller,
@@ -106,7 +108,7 @@ pub fn put_parameter(
     vhost: &str,
     name: &str,
     value: Value,
-) -> ApiResult<bool> {
+) -> ApiResult<Change> {
     if !COMPONENTS.contains(&component) {
         return Err(ApiError::bad_request(format!(
             "component {component} not found"
@@ -125,10 +127,12 @@ pub fn put_parameter(
         may_access: &may_access,
     };
     crate::parameters::check_acting_user(component, vhost, &value, &acting).map_err(invalid)?;
-    broker
-        .parameters
-        .put(component, vhost, name, value)
-        .map_err(invalid)
+    Ok(Change::PutParameter(ParameterDef {
+        component: component.to_owned(),
+        vhost: vhost.to_owned(),
+        name: name.to_owned(),
+        value,
+    }))
 }
 
 async fn put(
@@ -143,9 +147,8 @@ async fn put(
         .get("value")
         .cloned()
         .ok_or_else(|| super::body::missing("value"))?;
-    created_or_updated(put_parameter(
-        &broker, &caller, &component, &vhost, &name, value,
-    )?)
+    let change = put_parameter(&broker, &caller, &component, &vhost, &name, value)?;
+    created_or_updated(apply(&broker, change).await?)
 }
 
 async fn delete(
@@ -154,7 +157,12 @@ async fn delete(
     Path((component, vhost, name)): Path<(String, String, String)>,
 ) -> ApiResult {
     caller.policy_vhost(&broker, &vhost)?;
-    if !broker.parameters.delete(&component, &vhost, &name) {
+    let change = Change::DeleteParameter {
+        component,
+        vhost,
+        name,
+    };
+    if !apply(&broker, change).await? {
         return Err(ApiError::not_found());
     }
     no_content()

@@ -14,8 +14,9 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::auth::Caller;
-use super::{ApiError, ApiResult, created_or_updated, no_content, ok};
+use super::{ApiError, ApiResult, apply, created_or_updated, no_content, ok};
 use crate::broker::Broker;
+use crate::definitions::Change;
 use crate::policy::{Policy, parse_policy};
 use crate::vhost::Vhost;
 
@@ -84,15 +85,15 @@ fn show(broker: &Broker, caller: &Caller, vhost: &str, name: &str, operator: boo
     ok(policy_json(&p))
 }
 
-/// Validates and stores a policy; true if it is new.
-pub fn put_policy_value(v: &Vhost, name: &str, body: &Value, operator: bool) -> ApiResult<bool> {
+/// Validates a policy PUT.
+pub fn put_policy_value(v: &Vhost, name: &str, body: &Value, operator: bool) -> ApiResult<Change> {
     let p = parse_policy(name, &v.name, body, operator).map_err(ApiError::bad_request)?;
-    let created = !v.policies(operator).iter().any(|x| x.name == name);
-    v.put_policy(p, operator);
-    Ok(created)
+    Ok(Change::PutPolicy(crate::persistence::policy_def(
+        &v.name, &p, operator,
+    )))
 }
 
-fn put(
+async fn put(
     broker: &Broker,
     caller: &Caller,
     vhost: &str,
@@ -106,15 +107,27 @@ fn put(
     let v = caller.policy_vhost(broker, vhost)?;
     let body: Value =
         serde_json::from_slice(bytes).map_err(|_| ApiError::bad_request("not_json"))?;
-    created_or_updated(put_policy_value(&v, name, &body, operator)?)
+    let change = put_policy_value(&v, name, &body, operator)?;
+    created_or_updated(apply(broker, change).await?)
 }
 
-fn delete(broker: &Broker, caller: &Caller, vhost: &str, name: &str, operator: bool) -> ApiResult {
+async fn delete(
+    broker: &Broker,
+    caller: &Caller,
+    vhost: &str,
+    name: &str,
+    operator: bool,
+) -> ApiResult {
     if operator {
         caller.require_admin()?;
     }
     let v = caller.policy_vhost(broker, vhost)?;
-    if !v.delete_policy(name, operator) {
+    let change = Change::DeletePolicy {
+        vhost: v.name.clone(),
+        name: name.to_owned(),
+        operator,
+    };
+    if !apply(broker, change).await? {
         return Err(ApiError::not_found());
     }
     no_content()
@@ -166,7 +179,7 @@ async fn put_policy(
     Path((vhost, name)): Path<(String, String)>,
     bytes: Bytes,
 ) -> ApiResult {
-    put(&b, &caller, &vhost, &name, &bytes, false)
+    put(&b, &caller, &vhost, &name, &bytes, false).await
 }
 
 async fn put_operator(
@@ -175,7 +188,7 @@ async fn put_operator(
     Path((vhost, name)): Path<(String, String)>,
     bytes: Bytes,
 ) -> ApiResult {
-    put(&b, &caller, &vhost, &name, &bytes, true)
+    put(&b, &caller, &vhost, &name, &bytes, true).await
 }
 
 async fn delete_policy(
@@ -183,7 +196,7 @@ async fn delete_policy(
     caller: Caller,
     Path((vhost, name)): Path<(String, String)>,
 ) -> ApiResult {
-    delete(&b, &caller, &vhost, &name, false)
+    delete(&b, &caller, &vhost, &name, false).await
 }
 
 async fn delete_operator(
@@ -191,5 +204,5 @@ async fn delete_operator(
     caller: Caller,
     Path((vhost, name)): Path<(String, String)>,
 ) -> ApiResult {
-    delete(&b, &caller, &vhost, &name, true)
+    delete(&b, &caller, &vhost, &name, true).await
 }

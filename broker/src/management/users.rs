@@ -11,9 +11,11 @@ use serde_json::{Value, json};
 
 use super::auth::Caller;
 use super::body::Body;
-use super::{ApiError, ApiResult, created_or_updated, no_content, ok};
+use super::{ApiError, ApiResult, apply, created_or_updated, no_content, ok};
 use crate::auth::{Permission, TopicPermission, User, hash_password};
 use crate::broker::Broker;
+use crate::definitions::Change;
+use crate::store::metadata::{PermissionDef, TopicPermissionDef, UserDef};
 
 pub const HASHING_ALGORITHM: &str = "rabbit_password_hashing_sha256";
 
@@ -100,7 +102,7 @@ async fn show_user(
 /// Creates or replaces a user from `{"password" | "password_hash", "tags",
 /// "hashing_algorithm"}`. Without either password field the user keeps its password (or, if
 /// new, gets none and cannot log in with one). Returns true if the user is new.
-pub fn put_user_from(broker: &Broker, name: &str, body: &Body) -> ApiResult<bool> {
+pub fn put_user_from(broker: &Broker, name: &str, body: &Body) -> ApiResult<Change> {
     if name.is_empty() {
         return Err(ApiError::bad_request("the user name must not be empty"));
     }
@@ -144,12 +146,11 @@ pub fn put_user_from(broker: &Broker, name: &str, body: &Body) -> ApiResult<bool
             .map(|u| u.tags.clone())
             .unwrap_or_default(),
     };
-    broker.access.put_user(User {
+    Ok(Change::PutUser(UserDef {
         name: name.to_owned(),
         password_hash,
         tags,
-    });
-    Ok(existing.is_none())
+    }))
 }
 
 async fn put_user(
@@ -160,7 +161,7 @@ async fn put_user(
 ) -> ApiResult {
     caller.require_admin()?;
     let body = Body::parse(&bytes)?;
-    created_or_updated(put_user_from(&broker, &name, &body)?)
+    created_or_updated(apply(&broker, put_user_from(&broker, &name, &body)?).await?)
 }
 
 async fn delete_user(
@@ -169,7 +170,7 @@ async fn delete_user(
     Path(name): Path<String>,
 ) -> ApiResult {
     caller.require_admin()?;
-    if !broker.access.delete_user(&name) {
+    if !apply(&broker, Change::DeleteUser(name)).await? {
         return Err(ApiError::not_found());
     }
     no_content()
@@ -242,19 +243,30 @@ pub fn put_permission_from(
     vhost: &str,
     user: &str,
     body: &Body,
-) -> ApiResult<bool> {
+) -> ApiResult<Change> {
     let configure = body.req_str("configure")?;
     let write = body.req_str("write")?;
     let read = body.req_str("read")?;
     if broker.vhost(vhost).is_none() || broker.access.user(user).is_none() {
         return Err(ApiError::bad_request("vhost_or_user_not_found"));
     }
-    let created = broker.access.vhost_permission(user, vhost).is_none();
-    broker
-        .access
-        .set_permissions(user, vhost, configure, write, read)
-        .map_err(ApiError::bad_request)?;
-    Ok(created)
+    for pattern in [configure, write, read] {
+        check_pattern(pattern)?;
+    }
+    Ok(Change::SetPermissions(PermissionDef {
+        user: user.to_owned(),
+        vhost: vhost.to_owned(),
+        configure: configure.to_owned(),
+        write: write.to_owned(),
+        read: read.to_owned(),
+    }))
+}
+
+/// A permission pattern must be a regular expression (checked before it is proposed).
+fn check_pattern(pattern: &str) -> ApiResult<()> {
+    crate::auth::compile(pattern)
+        .map(|_| ())
+        .map_err(ApiError::bad_request)
 }
 
 async fn put_permission(
@@ -265,7 +277,8 @@ async fn put_permission(
 ) -> ApiResult {
     caller.require_admin()?;
     let body = Body::parse(&bytes)?;
-    created_or_updated(put_permission_from(&broker, &vhost, &user, &body)?)
+    let change = put_permission_from(&broker, &vhost, &user, &body)?;
+    created_or_updated(apply(&broker, change).await?)
 }
 
 async fn delete_permission(
@@ -274,10 +287,9 @@ async fn delete_permission(
     Path((vhost, user)): Path<(String, String)>,
 ) -> ApiResult {
     caller.require_admin()?;
-    if broker.access.vhost_permission(&user, &vhost).is_none() {
+    if !apply(&broker, Change::ClearPermissions { user, vhost }).await? {
         return Err(ApiError::not_found());
     }
-    broker.access.clear_permissions(&user, &vhost);
     no_content()
 }
 
@@ -337,23 +349,22 @@ pub fn put_topic_permission_from(
     vhost: &str,
     user: &str,
     body: &Body,
-) -> ApiResult<bool> {
+) -> ApiResult<Change> {
     let exchange = body.req_str("exchange")?;
     let write = body.req_str("write")?;
     let read = body.req_str("read")?;
     if broker.vhost(vhost).is_none() || broker.access.user(user).is_none() {
         return Err(ApiError::bad_request("vhost_or_user_not_found"));
     }
-    let created = !broker
-        .access
-        .topic_permissions()
-        .iter()
-        .any(|(u, v, t)| u == user && v == vhost && t.exchange == exchange);
-    broker
-        .access
-        .set_topic_permissions(user, vhost, exchange, write, read)
-        .map_err(ApiError::bad_request)?;
-    Ok(created)
+    check_pattern(write)?;
+    check_pattern(read)?;
+    Ok(Change::SetTopicPermissions(TopicPermissionDef {
+        user: user.to_owned(),
+        vhost: vhost.to_owned(),
+        exchange: exchange.to_owned(),
+        write: write.to_owned(),
+        read: read.to_owned(),
+    }))
 }
 
 async fn put_topic_permission(
@@ -364,7 +375,8 @@ async fn put_topic_permission(
 ) -> ApiResult {
     caller.require_admin()?;
     let body = Body::parse(&bytes)?;
-    created_or_updated(put_topic_permission_from(&broker, &vhost, &user, &body)?)
+    let change = put_topic_permission_from(&broker, &vhost, &user, &body)?;
+    created_or_updated(apply(&broker, change).await?)
 }
 
 async fn delete_topic_permissions(
@@ -373,7 +385,7 @@ async fn delete_topic_permissions(
     Path((vhost, user)): Path<(String, String)>,
 ) -> ApiResult {
     caller.require_admin()?;
-    if !broker.access.clear_topic_permissions(&user, &vhost, None) {
+    if !apply(&broker, Change::ClearTopicPermissions { user, vhost }).await? {
         return Err(ApiError::not_found());
     }
     no_content()

@@ -10,8 +10,9 @@ use serde_json::{Value, json};
 
 use super::auth::Caller;
 use super::body::Body;
-use super::{ApiError, ApiResult, created_or_updated, no_content, ok};
+use super::{ApiError, ApiResult, apply, created_or_updated, no_content, ok};
 use crate::broker::Broker;
+use crate::definitions::{Change, VhostDef};
 use crate::vhost::Vhost;
 
 pub fn routes() -> Router<Arc<Broker>> {
@@ -68,9 +69,9 @@ async fn show(
     ok(vhost_json(&broker, &v))
 }
 
-/// Creates a vhost, or updates its description and tags. The creator gets no permissions
-/// (as in RabbitMQ, they are granted separately).
-pub fn put_vhost(broker: &Broker, name: &str, body: &Body) -> ApiResult<bool> {
+/// Validates a vhost PUT: creates a vhost, or updates its description and tags. The
+/// creator gets no permissions (as in RabbitMQ, they are granted separately).
+pub fn put_vhost(broker: &Broker, name: &str, body: &Body) -> ApiResult<Change> {
     if name.is_empty() {
         return Err(ApiError::bad_request("the vhost name must not be empty"));
     }
@@ -89,10 +90,12 @@ pub fn put_vhost(broker: &Broker, name: &str, body: &Body) -> ApiResult<bool> {
         }
         meta.default_queue_type = (q != "undefined").then(|| q.to_owned());
     }
-    let created = broker.vhost(name).is_none();
-    broker.add_vhost(name);
-    broker.set_vhost_metadata(name, meta);
-    Ok(created)
+    Ok(Change::PutVhost(VhostDef {
+        name: name.to_owned(),
+        description: meta.description,
+        tags: meta.tags,
+        default_queue_type: meta.default_queue_type,
+    }))
 }
 
 async fn put(
@@ -103,7 +106,7 @@ async fn put(
 ) -> ApiResult {
     caller.require_admin()?;
     let body = Body::parse(&bytes)?;
-    created_or_updated(put_vhost(&broker, &name, &body)?)
+    created_or_updated(apply(&broker, put_vhost(&broker, &name, &body)?).await?)
 }
 
 async fn delete(
@@ -112,7 +115,7 @@ async fn delete(
     Path(name): Path<String>,
 ) -> ApiResult {
     caller.require_admin()?;
-    if !broker.delete_vhost(&name) {
+    if !apply(&broker, Change::DeleteVhost(name)).await? {
         return Err(ApiError::not_found());
     }
     no_content()

@@ -6,6 +6,7 @@
 //!   their messages and consumers. Used by `warren-broker drain` (a pod's preStop hook).
 //! * `GET /api/warren/drain` (monitoring): the same report, without changing anything.
 //! * `DELETE /api/warren/drain` (administrator): ends the drain; connections are served again.
+//! * `GET /api/warren/metadata` (monitoring): the cluster's metadata group as this node sees it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +25,9 @@ use crate::broker::Broker;
 pub const DRAIN_WAIT: Duration = Duration::from_secs(3);
 
 pub fn routes() -> Router<Arc<Broker>> {
-    Router::new().route("/api/warren/drain", get(status).post(start).delete(stop))
+    Router::new()
+        .route("/api/warren/drain", get(status).post(start).delete(stop))
+        .route("/api/warren/metadata", get(metadata))
 }
 
 /// The node's queues, by vhost and name.
@@ -59,6 +62,28 @@ fn report(broker: &Broker) -> Value {
         "connections_open": broker.connections.len(),
         "queues": queues(broker),
     })
+}
+
+/// The cluster's metadata group as this node sees it: voters, leader, term, applied index,
+/// whether this node has caught up (404 on a node that is not clustered).
+async fn metadata(State(broker): State<Arc<Broker>>, caller: Caller) -> ApiResult {
+    caller.require_monitor()?;
+    let meta = broker
+        .cluster()
+        .and_then(|c| c.metadata())
+        .ok_or_else(super::ApiError::not_found)?;
+    let s = meta.status();
+    ok(json!({
+        "node": broker.node_name(),
+        "initialized": s.initialized,
+        "voter": s.voter,
+        "leader": s.leader,
+        "voters": s.voters,
+        "term": s.term,
+        "applied": s.applied,
+        "caught_up": meta.caught_up(),
+        "quorum_critical": meta.critical(),
+    }))
 }
 
 async fn status(State(broker): State<Arc<Broker>>, caller: Caller) -> ApiResult {

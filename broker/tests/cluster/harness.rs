@@ -222,7 +222,12 @@ impl Net {
         .args(["--cluster-secret-file", &secret])
         .args(["--default-user", USER, "--default-pass", PASS])
         .env("NO_COLOR", "1")
-        .env("WARREN_LOG_LEVEL", "info,warren_broker::cluster=debug")
+        .env(
+            "WARREN_LOG_LEVEL",
+            "info,warren_broker::cluster=debug,openraft=info",
+        )
+        // Snapshots (and log truncation) after a few changes, so tests exercise them.
+        .env("WARREN_RAFT_SNAPSHOT_LOGS", "20")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log);
@@ -370,6 +375,80 @@ impl Net {
         } else {
             Err(format!("{status}: {body}"))
         }
+    }
+
+    /// Any request to node `i`'s management API: status and JSON body (Null if none).
+    pub async fn send(
+        &self,
+        i: usize,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(u16, Value), String> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.nodes[i].mgmt()))
+            .basic_auth(USER, Some(PASS))
+            .timeout(Duration::from_secs(10));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.map_err(|e| e.to_string())?;
+        let status = r.status().as_u16();
+        let text = r.text().await.map_err(|e| e.to_string())?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+    }
+
+    /// Waits until node `i` is ready (`/api/health/checks/virtual-hosts`: joined the
+    /// metadata group and caught up); panics with its log otherwise.
+    pub async fn wait_ready(&self, i: usize, within: Duration) {
+        let start = Instant::now();
+        let mut last = Err(String::new());
+        while start.elapsed() < within {
+            last = self.get(i, "/api/health/checks/virtual-hosts").await;
+            if last.is_ok() {
+                println!(
+                    "{} ready after {:.1} s",
+                    self.nodes[i].name,
+                    start.elapsed().as_secs_f64()
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!(
+            "{} not ready within {within:?}: {last:?}\n--- its log ---\n{}",
+            self.nodes[i].name,
+            self.nodes[i].log()
+        );
+    }
+
+    /// Waits until `GET path` on node `i` answers `want` (a status code); panics with the
+    /// last answer and the node's log otherwise.
+    pub async fn wait_status(&self, i: usize, path: &str, want: u16, within: Duration) -> Value {
+        let start = Instant::now();
+        let mut last = Err(String::new());
+        while start.elapsed() < within {
+            last = self.send(i, reqwest::Method::GET, path, None).await;
+            if let Ok((status, body)) = &last
+                && *status == want
+            {
+                return body.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "GET {path} on {} did not answer {want} within {within:?}: {last:?}\n--- its log \
+             ---\n{}",
+            self.nodes[i].name,
+            self.nodes[i].log()
+        );
+    }
+
+    /// Deletes node `i`'s data directory (it must be stopped): it comes back as a new node.
+    pub fn wipe(&self, i: usize) {
+        assert!(self.nodes[i].child.is_none(), "stop the node first");
+        let _ = std::fs::remove_dir_all(&self.nodes[i].data_dir);
     }
 
     /// `(name, running)` of every node `/api/nodes` on node `i` lists, sorted by name.

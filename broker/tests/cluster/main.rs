@@ -1,5 +1,7 @@
 //! Clusters of real `warren-broker` processes, each in its own network namespace (see
-//! `harness.rs`): membership, failure detection, partitions, restarts, the cluster secret.
+//! `harness.rs`): membership, failure detection, partitions, restarts, the cluster secret,
+//! and the definitions replicated through the metadata group.
 
 mod harness;
 mod membership;
+mod metadata;

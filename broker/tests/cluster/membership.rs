@@ -20,6 +20,7 @@ async fn three_nodes_form_one_cluster_and_notice_kill_9_and_restart() {
     net.start_all().await;
     for i in 0..3 {
         net.wait_nodes(i, &all_up(3), AGREE).await;
+        net.wait_ready(i, AGREE).await;
     }
     // Every node lists the inter-node listener in its overview.
     let overview = net.get(0, "/api/overview").await.expect("overview");
@@ -47,16 +48,22 @@ async fn three_nodes_form_one_cluster_and_notice_kill_9_and_restart() {
             .unwrap_or_else(|| panic!("no warren_cluster_node_running for node {j}:\n{metrics}"));
         assert!(line.ends_with(&format!(" {up}")), "{line}");
     }
-    let critical = net
-        .get(0, "/api/health/checks/node-is-quorum-critical")
+    // With one of three down, node 0 is critical: the metadata group would lose its majority.
+    let (status, critical) = net
+        .send(
+            0,
+            reqwest::Method::GET,
+            "/api/health/checks/node-is-quorum-critical",
+            None,
+        )
         .await
         .expect("quorum-critical check");
-    assert_eq!(critical["status"], "ok", "{critical}");
+    assert_eq!(status, 503, "{critical}");
     assert!(
         critical["reason"]
             .as_str()
             .unwrap_or_default()
-            .contains("not replicated"),
+            .contains("metadata group"),
         "{critical}"
     );
     // A node that is down is still a member: it shows, not running, with its name only.
@@ -210,6 +217,7 @@ async fn a_stopped_node_is_forgotten_everywhere_and_refused_until_its_data_is_wi
     net.start_all().await;
     for i in 0..3 {
         net.wait_nodes(i, &all_up(3), AGREE).await;
+        net.wait_ready(i, AGREE).await;
     }
     let gone = net.nodes[2].name.clone();
     // A running node cannot be forgotten; nor can a name that is no member.

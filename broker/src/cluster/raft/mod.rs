@@ -1,0 +1,595 @@
+//! The metadata group: one Raft group over every member of the cluster, replicating the
+//! broker's definitions (see ARCHITECTURE.md, "Replicated metadata"). openraft is kept
+//! behind this module: the broker sees [`Replicated`] (what it implements: apply a command,
+//! export and install its state) and [`Metadata`] (propose, status), never an openraft type.
+//!
+//! * **Propose → commit → apply.** [`Metadata::propose`] hands a command (validated by the
+//!   broker first) to the leader (forwarded over the link if this node is not it); the leader
+//!   appends it, replicates it, and once a majority has it on disk it is committed and applied
+//!   on every node in log order. `propose` returns after the command is applied *on this node*
+//!   too, so the caller reads its own write. A node that cannot see a majority of the voters
+//!   refuses at once, naming them ([`QUORUM_LOST`]), instead of waiting.
+//! * **Bootstrap.** The seed is the node whose own address is the first of `cluster-peers`
+//!   (pod 0 of a StatefulSet). A node with no Raft state asks its running peers; if one belongs
+//!   to a group it asks to join (the leader adds it as a learner, then as a voter). The seed
+//!   alone, when no peer has a group after [`SEED_WAIT`], creates the group with itself as the
+//!   only voter and proposes its definitions, which every joiner then installs (as a node
+//!   joining a RabbitMQ cluster takes the cluster's definitions over its own).
+//! * **Identity.** A node's Raft id is its incarnation (drawn when its data directory is
+//!   new), so a node whose data was wiped joins as a new member and replaces its old self.
+
+mod log;
+mod network;
+mod state;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, Raft, ServerState};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::Cluster;
+
+pub type NodeId = u64;
+
+/// A voter of the metadata group: its node name and inter-node address.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub name: String,
+    pub addr: String,
+}
+
+impl std::fmt::Display for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.name, self.addr)
+    }
+}
+
+use std::io::Cursor;
+
+openraft::declare_raft_types!(
+    /// Commands and their outcomes are the broker's own JSON.
+    pub TypeConfig:
+        D = String,
+        R = String,
+        NodeId = NodeId,
+        Node = Member,
+);
+
+/// What the broker implements for the metadata group. Commands are opaque here.
+pub trait Replicated: Send + Sync + 'static {
+    /// Applies a committed command (on every node, in log order); returns its outcome.
+    /// Must be deterministic and idempotent.
+    fn apply(&self, command: &str) -> String;
+    /// The replicated state, for a snapshot.
+    fn snapshot(&self) -> String;
+    /// Replaces the replicated state with a snapshot's.
+    fn install(&self, snapshot: &str) -> Result<(), String>;
+    /// A command that makes any node's state equal to this node's now (proposed once, by the
+    /// node that creates the group).
+    fn install_command(&self) -> String;
+}
+
+/// How long the seed waits for a peer that already has a group before creating one.
+pub const SEED_WAIT: Duration = Duration::from_secs(3);
+/// How long a proposal may take before the caller is told it did not commit.
+pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Start of the error a minority side answers (HTTP 503 / AMQP 541).
+pub const QUORUM_LOST: &str = "metadata quorum lost";
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+const JOIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The RPCs of the metadata group, carried in [`crate::cluster::rpc::Request::Raft`].
+#[derive(Serialize, Deserialize)]
+pub enum RaftCall {
+    Append(openraft::raft::AppendEntriesRequest<TypeConfig>),
+    Vote(openraft::raft::VoteRequest<NodeId>),
+    Snapshot(openraft::raft::InstallSnapshotRequest<TypeConfig>),
+    /// A proposal forwarded to the leader; answered with `Result<(index, outcome), String>`.
+    Write(String),
+    /// A node asks to become a voter; answered with `Result<(), String>`.
+    Join {
+        id: NodeId,
+        member: Member,
+    },
+    /// Remove a (stopped) node by name; answered with `Result<(), String>`.
+    Remove {
+        name: String,
+    },
+    /// Answered with [`MetaStatus`].
+    Status,
+}
+
+/// A call as it crosses the link: `to` names the Raft id the caller means, so a node whose
+/// data was wiped (a new id under the same name) does not answer for its former self.
+#[derive(Serialize, Deserialize)]
+pub struct Envelope {
+    pub to: Option<NodeId>,
+    pub call: RaftCall,
+}
+
+/// The metadata group as one node sees it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MetaStatus {
+    /// This node belongs to a group (it has a membership with at least one voter).
+    pub initialized: bool,
+    /// This node is a voter.
+    pub voter: bool,
+    pub leader: Option<String>,
+    /// Names of the voters.
+    pub voters: Vec<String>,
+    pub term: u64,
+    /// Index of the last entry applied on this node.
+    pub applied: u64,
+}
+
+pub struct Metadata {
+    raft: Raft<TypeConfig>,
+    id: NodeId,
+    me: Member,
+    cluster: Weak<Cluster>,
+    host: Arc<dyn Replicated>,
+    applied: watch::Receiver<u64>,
+    /// Membership changes one at a time on the leader.
+    changes: tokio::sync::Mutex<()>,
+    /// Set once, as a voter, this node has applied everything it holds under a known leader.
+    caught_up: AtomicBool,
+    /// A leader has reached this node since it started (a restarted node knows who led before
+    /// it stopped, but has not heard from that leader yet).
+    heard_leader: AtomicBool,
+    /// The seed is creating the group: until its definitions are committed as the first
+    /// command, nothing else is proposed and nobody joins.
+    bootstrapping: AtomicBool,
+}
+
+fn text<E: std::fmt::Display>(e: E) -> String {
+    e.to_string()
+}
+
+impl Metadata {
+    /// Opens the group's log and state under `dir`, starts Raft, and (without state) joins
+    /// or creates the group in the background.
+    pub async fn start(
+        cluster: &Arc<Cluster>,
+        host: Arc<dyn Replicated>,
+        dir: &Path,
+        seed: bool,
+    ) -> Result<Arc<Metadata>, String> {
+        let dir = dir.join("raft");
+        let log = log::LogStore::open(&dir).map_err(text)?;
+        let fresh = !log.has_state();
+        let (applied_tx, applied) = watch::channel(0);
+        let sm = state::StateMachine::open(&dir, host.clone(), applied_tx).map_err(text)?;
+        // Entries between snapshots (a snapshot lets the log be truncated, and is what a new
+        // or far-behind node receives). WARREN_RAFT_SNAPSHOT_LOGS lowers it for tests.
+        let every = std::env::var("WARREN_RAFT_SNAPSHOT_LOGS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(500u64)
+            .max(1);
+        let config = openraft::Config {
+            cluster_name: "warren-metadata".into(),
+            heartbeat_interval: 250,
+            election_timeout_min: 1000,
+            election_timeout_max: 2000,
+            install_snapshot_timeout: 5000,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(every),
+            max_in_snapshot_log_to_keep: every.min(100),
+            ..Default::default()
+        }
+        .validate()
+        .map_err(text)?;
+        let id = cluster.me.incarnation;
+        let network = network::Network {
+            cluster: Arc::downgrade(cluster),
+        };
+        let raft = Raft::new(id, Arc::new(config), network, log, sm)
+            .await
+            .map_err(text)?;
+        let meta = Arc::new(Metadata {
+            raft,
+            id,
+            me: Member {
+                name: cluster.me.node.clone(),
+                addr: cluster.me.advertise.clone(),
+            },
+            cluster: Arc::downgrade(cluster),
+            host,
+            applied,
+            changes: tokio::sync::Mutex::new(()),
+            caught_up: AtomicBool::new(false),
+            heard_leader: AtomicBool::new(false),
+            bootstrapping: AtomicBool::new(false),
+        });
+        if fresh {
+            tokio::spawn(meta.clone().bootstrap(seed));
+        }
+        Ok(meta)
+    }
+
+    pub fn status(&self) -> MetaStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let name = |id: &NodeId| membership.get_node(id).map(|n| n.name.clone());
+        let voters: Vec<String> = membership.voter_ids().filter_map(|id| name(&id)).collect();
+        MetaStatus {
+            initialized: !voters.is_empty() && !self.bootstrapping.load(Ordering::Acquire),
+            voter: membership.voter_ids().any(|v| v == self.id),
+            leader: m.current_leader.as_ref().and_then(name),
+            voters,
+            term: m.current_term,
+            applied: *self.applied.borrow(),
+        }
+    }
+
+    /// Voters this node cannot reach (itself excluded), and how many voters there are.
+    fn unreachable_voters(&self) -> (Vec<String>, usize) {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let cluster = self.cluster.upgrade();
+        let mut down = Vec::new();
+        let mut n = 0;
+        for id in membership.voter_ids() {
+            n += 1;
+            let Some(node) = membership.get_node(&id) else {
+                continue;
+            };
+            if id != self.id && !cluster.as_ref().is_some_and(|c| c.is_running(&node.name)) {
+                down.push(node.name.clone());
+            }
+        }
+        (down, n)
+    }
+
+    /// Whether this node going away would leave the voters without a majority.
+    pub fn critical(&self) -> bool {
+        let (down, n) = self.unreachable_voters();
+        let status = self.status();
+        status.voter && n > 0 && (n - down.len() - 1) * 2 <= n
+    }
+
+    fn check_quorum(&self) -> Result<(), String> {
+        let (down, n) = self.unreachable_voters();
+        if n == 0 {
+            return Err(format!(
+                "{QUORUM_LOST}: this node has not joined the cluster's metadata group yet"
+            ));
+        }
+        let up = n - down.len();
+        if up * 2 <= n {
+            return Err(format!(
+                "{QUORUM_LOST}: {up} of {n} nodes reachable (down: {}); changes are refused \
+                 until a majority is back",
+                down.join(", ")
+            ));
+        }
+        Ok(())
+    }
+
+    /// Proposes `command`; returns its outcome once committed and applied on this node.
+    pub async fn propose(&self, command: String) -> Result<String, String> {
+        if self.bootstrapping.load(Ordering::Acquire) {
+            return Err(format!(
+                "{QUORUM_LOST}: the cluster's metadata group is being created; retry"
+            ));
+        }
+        self.check_quorum()?;
+        let work = async {
+            let (index, outcome) = match self.raft.client_write(command.clone()).await {
+                Ok(r) => (r.log_id.index, r.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    let Some(leader) = f.leader_node else {
+                        return Err(format!(
+                            "{QUORUM_LOST}: no metadata leader elected yet; retry"
+                        ));
+                    };
+                    let answer = self.call(&leader.name, RaftCall::Write(command)).await?;
+                    serde_json::from_str::<Result<(u64, String), String>>(&answer)
+                        .map_err(text)??
+                }
+                Err(e) => return Err(e.to_string()),
+            };
+            let mut applied = self.applied.clone();
+            applied
+                .wait_for(|a| *a >= index)
+                .await
+                .map_err(|_| "node is stopping".to_owned())?;
+            Ok(outcome)
+        };
+        match tokio::time::timeout(PROPOSE_TIMEOUT, work).await {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "{QUORUM_LOST}: the change was not committed within {PROPOSE_TIMEOUT:?} (no \
+                 majority answering); it may still be applied"
+            )),
+        }
+    }
+
+    async fn call(&self, name: &str, call: RaftCall) -> Result<String, String> {
+        let cluster = self.cluster.upgrade().ok_or("node is stopping")?;
+        let envelope = Envelope { to: None, call };
+        cluster.raft_call(name, &envelope, CALL_TIMEOUT).await
+    }
+
+    fn leader(&self) -> Option<Member> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        m.membership_config.membership().get_node(&id).cloned()
+    }
+
+    fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    /// Serves an RPC from a peer; returns the JSON answer, or why the call is not for this
+    /// node (sent back as an error: the caller treats the target as unreachable).
+    pub async fn handle(&self, body: &str) -> Result<String, String> {
+        let envelope: Envelope =
+            serde_json::from_str(body).map_err(|e| format!("undecodable Raft call: {e}"))?;
+        if let Some(to) = envelope.to
+            && to != self.id
+        {
+            return Err(format!(
+                "{} is Raft member {}, not {to} (its data directory was wiped; it rejoins as a \
+                 new member)",
+                self.me.name, self.id
+            ));
+        }
+        let call = envelope.call;
+        let json = |r: Result<serde_json::Value, serde_json::Error>| match r {
+            Ok(v) => v.to_string(),
+            Err(e) => serde_json::json!({"Err": e.to_string()}).to_string(),
+        };
+        Ok(match call {
+            RaftCall::Append(req) => {
+                let r = self.raft.append_entries(req).await;
+                if r.as_ref().is_ok_and(|a| a.is_success()) {
+                    self.heard_leader.store(true, Ordering::Relaxed);
+                }
+                json(serde_json::to_value(r))
+            }
+            RaftCall::Vote(req) => json(serde_json::to_value(self.raft.vote(req).await)),
+            RaftCall::Snapshot(req) => {
+                json(serde_json::to_value(self.raft.install_snapshot(req).await))
+            }
+            RaftCall::Write(command) => {
+                let r = match self.raft.client_write(command).await {
+                    Ok(r) => Ok((r.log_id.index, r.data)),
+                    Err(e) => Err(e.to_string()),
+                };
+                json(serde_json::to_value(r))
+            }
+            RaftCall::Join { id, member } => {
+                json(serde_json::to_value(self.join(id, member).await))
+            }
+            RaftCall::Remove { name } => json(serde_json::to_value(self.remove(&name).await)),
+            RaftCall::Status => json(serde_json::to_value(self.status())),
+        })
+    }
+
+    /// Adds a node as a voter (on the leader; elsewhere forwarded to it, one hop).
+    async fn join(&self, id: NodeId, member: Member) -> Result<(), String> {
+        if self.bootstrapping.load(Ordering::Acquire) {
+            return Err("the metadata group is being created; retry".into());
+        }
+        if !self.is_leader() {
+            let leader = self.leader().ok_or("no metadata leader yet")?;
+            if leader.name == self.me.name {
+                return Err("leadership is changing; retry".into());
+            }
+            let answer = self
+                .call(&leader.name, RaftCall::Join { id, member })
+                .await?;
+            return serde_json::from_str::<Result<(), String>>(&answer).map_err(text)?;
+        }
+        let _one = self.changes.lock().await;
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        let membership = membership.membership();
+        if membership.voter_ids().any(|v| v == id) {
+            return Ok(());
+        }
+        // The same node with an earlier incarnation (its data was wiped): replaced.
+        let stale: BTreeSet<NodeId> = membership
+            .nodes()
+            .filter(|(i, n)| n.name == member.name && **i != id)
+            .map(|(i, _)| *i)
+            .collect();
+        tracing::info!(node = %member.name, "adding a node to the metadata group");
+        let name = member.name.clone();
+        tokio::time::timeout(JOIN_TIMEOUT, self.raft.add_learner(id, member, true))
+            .await
+            .map_err(|_| format!("{name} did not catch up within {JOIN_TIMEOUT:?}"))?
+            .map_err(text)?;
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map_err(text)?;
+        if !stale.is_empty() {
+            tracing::info!(node = %name, "removing the node's earlier incarnation from the metadata group");
+            self.raft
+                .change_membership(ChangeMembers::RemoveVoters(stale), false)
+                .await
+                .map_err(text)?;
+        }
+        Ok(())
+    }
+
+    /// Removes `name` from the voters (on the leader; elsewhere forwarded to it).
+    pub async fn remove(&self, name: &str) -> Result<(), String> {
+        let status = self.status();
+        if !status.initialized || !status.voters.iter().any(|v| v == name) && self.is_leader() {
+            // Not (or no longer) a member of the group as this node knows it.
+            return Ok(());
+        }
+        self.check_quorum()?;
+        if !self.is_leader() {
+            let leader = self
+                .leader()
+                .ok_or_else(|| format!("{QUORUM_LOST}: no metadata leader"))?;
+            let answer = self
+                .call(
+                    &leader.name,
+                    RaftCall::Remove {
+                        name: name.to_owned(),
+                    },
+                )
+                .await?;
+            return serde_json::from_str::<Result<(), String>>(&answer).map_err(text)?;
+        }
+        let _one = self.changes.lock().await;
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        let ids: BTreeSet<NodeId> = membership
+            .membership()
+            .nodes()
+            .filter(|(_, n)| n.name == name)
+            .map(|(i, _)| *i)
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let voters: BTreeSet<NodeId> = membership
+            .membership()
+            .voter_ids()
+            .filter(|v| ids.contains(v))
+            .collect();
+        let change = if voters.is_empty() {
+            ChangeMembers::RemoveNodes(ids)
+        } else {
+            ChangeMembers::RemoveVoters(voters)
+        };
+        tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.change_membership(change, false))
+            .await
+            .map_err(|_| format!("{QUORUM_LOST}: removing {name} did not commit"))?
+            .map_err(text)?;
+        Ok(())
+    }
+
+    /// Joins a group through a running peer, or (the seed, when none has one) creates it.
+    async fn bootstrap(self: Arc<Self>, seed: bool) {
+        let started = Instant::now();
+        let mut last_error = String::new();
+        loop {
+            if self.status().initialized {
+                return;
+            }
+            let peers = self
+                .cluster
+                .upgrade()
+                .map(|c| c.running_peers())
+                .unwrap_or_default();
+            let mut grouped = false;
+            for name in peers {
+                let Ok(answer) = self.call(&name, RaftCall::Status).await else {
+                    continue;
+                };
+                let Ok(status) = serde_json::from_str::<MetaStatus>(&answer) else {
+                    continue;
+                };
+                if !status.initialized {
+                    continue;
+                }
+                grouped = true;
+                let join = RaftCall::Join {
+                    id: self.id,
+                    member: self.me.clone(),
+                };
+                let result = match self.call(&name, join).await {
+                    Ok(a) => serde_json::from_str::<Result<(), String>>(&a)
+                        .map_err(text)
+                        .and_then(|r| r),
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(()) => {
+                        tracing::info!(through = %name, "joined the cluster's metadata group");
+                        return;
+                    }
+                    Err(e) if e != last_error => {
+                        tracing::info!(through = %name, "cannot join the metadata group yet: {e}");
+                        last_error = e;
+                    }
+                    Err(_) => {}
+                }
+            }
+            if seed && !grouped && started.elapsed() >= SEED_WAIT {
+                match self.create().await {
+                    Ok(()) => return,
+                    Err(e) => tracing::warn!("cannot create the metadata group: {e}"),
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Creates the group with this node as its only voter and commits this node's definitions
+    /// as its first command, before any other proposal or join is accepted.
+    async fn create(&self) -> Result<(), String> {
+        self.bootstrapping.store(true, Ordering::Release);
+        let result = async {
+            let me = BTreeMap::from([(self.id, self.me.clone())]);
+            self.raft.initialize(me).await.map_err(text)?;
+            let mut metrics = self.raft.metrics();
+            tokio::time::timeout(
+                PROPOSE_TIMEOUT,
+                metrics.wait_for(|m| m.state == ServerState::Leader),
+            )
+            .await
+            .map_err(|_| "not leader of the new group within 5 s".to_owned())?
+            .map_err(text)?;
+            let install = self.host.install_command();
+            let done = self.raft.client_write(install).await.map_err(text)?;
+            let mut applied = self.applied.clone();
+            applied
+                .wait_for(|a| *a >= done.log_id.index)
+                .await
+                .map_err(text)?;
+            Ok::<(), String>(())
+        }
+        .await;
+        self.bootstrapping.store(false, Ordering::Release);
+        if result.is_ok() {
+            tracing::info!(
+                "created the cluster's metadata group with this node's definitions (this node \
+                 is the seed: the first of cluster-peers)"
+            );
+        }
+        result
+    }
+
+    /// Whether this node has joined the group as a voter and caught up with a leader since it
+    /// started (readiness).
+    pub fn caught_up(&self) -> bool {
+        if self.caught_up.load(Ordering::Relaxed) {
+            return true;
+        }
+        let m = self.raft.metrics().borrow().clone();
+        let voter = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == self.id);
+        let led = (m.state == ServerState::Leader && !self.bootstrapping.load(Ordering::Acquire))
+            || self.heard_leader.load(Ordering::Relaxed);
+        let applied = m.last_applied.map(|l| l.index);
+        if voter
+            && led
+            && m.current_leader.is_some()
+            && applied.is_some()
+            && applied >= m.last_log_index
+        {
+            self.caught_up.store(true, Ordering::Relaxed);
+            tracing::info!("caught up with the cluster's metadata group");
+            return true;
+        }
+        false
+    }
+
+    pub async fn shutdown(&self) {
+        let _ = self.raft.shutdown().await;
+    }
+}

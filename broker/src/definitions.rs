@@ -1,0 +1,356 @@
+//! Changes to the node's definitions — vhosts, users, permissions, topic permissions,
+//! policies, operator policies and runtime parameters — as commands.
+//!
+//! A caller (the management API, a finished shovel) validates first and builds a [`Change`];
+//! [`Broker::change`] then applies it here on a single node, or proposes it to the cluster's
+//! metadata group, which applies it on every node once a majority has it (see
+//! [`crate::cluster::raft`]). [`Broker::apply_change`] is the only place these definitions
+//! are mutated, and it is deterministic: every node that applies the same commands in the
+//! same order ends with the same definitions. Commands carry states, not deltas ("user U has
+//! hash H and tags T"), so applying one twice changes nothing.
+//!
+//! Exchanges, queues and bindings are not definitions here: they stay on the node that
+//! declared them until queues can be reached across nodes (ARCHITECTURE.md, "Clustering").
+
+use std::sync::{Arc, Weak};
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::User;
+use crate::broker::{Broker, VhostMetadata};
+use crate::store::metadata::{ParameterDef, PermissionDef, PolicyDef, TopicPermissionDef, UserDef};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct VhostDef {
+    pub name: String,
+    pub description: String,
+    pub tags: Vec<String>,
+    pub default_queue_type: Option<String>,
+}
+
+/// Every definition, as a snapshot of the metadata group carries it.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Definitions {
+    pub vhosts: Vec<VhostDef>,
+    pub users: Vec<UserDef>,
+    pub permissions: Vec<PermissionDef>,
+    pub topic_permissions: Vec<TopicPermissionDef>,
+    pub policies: Vec<PolicyDef>,
+    pub parameters: Vec<ParameterDef>,
+}
+
+/// One validated change.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Change {
+    PutVhost(VhostDef),
+    DeleteVhost(String),
+    PutUser(UserDef),
+    DeleteUser(String),
+    SetPermissions(PermissionDef),
+    ClearPermissions {
+        user: String,
+        vhost: String,
+    },
+    SetTopicPermissions(TopicPermissionDef),
+    /// All of a user's topic permissions in a vhost.
+    ClearTopicPermissions {
+        user: String,
+        vhost: String,
+    },
+    PutPolicy(PolicyDef),
+    DeletePolicy {
+        vhost: String,
+        name: String,
+        operator: bool,
+    },
+    PutParameter(ParameterDef),
+    DeleteParameter {
+        component: String,
+        vhost: String,
+        name: String,
+    },
+    /// Replace every definition (a new metadata group takes its creator's).
+    Install(Definitions),
+}
+
+/// What applying a change gave: for a put, whether the object is new; for a delete, whether
+/// it existed. An error is a change that became invalid between validation and commit (the
+/// vhost it names was deleted meanwhile).
+pub type Outcome = Result<bool, String>;
+
+/// Why [`Broker::change`] did not apply a change.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    /// Refused when applied (HTTP 400).
+    #[error("{0}")]
+    Refused(String),
+    /// The cluster could not commit it (HTTP 503, AMQP 541): no majority, no leader.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+fn vhost_def(name: &str, m: &VhostMetadata) -> VhostDef {
+    VhostDef {
+        name: name.to_owned(),
+        description: m.description.clone(),
+        tags: m.tags.clone(),
+        default_queue_type: m.default_queue_type.clone(),
+    }
+}
+
+impl Broker {
+    /// Applies `change` on this node, or (clustered) on every node once committed; returns
+    /// its outcome as applied here.
+    pub async fn change(&self, change: Change) -> Result<bool, ChangeError> {
+        let Some(meta) = self.cluster().and_then(|c| c.metadata()).cloned() else {
+            return self.apply_change(change).map_err(ChangeError::Refused);
+        };
+        let command = serde_json::to_string(&change)
+            .map_err(|e| ChangeError::Refused(format!("unencodable change: {e}")))?;
+        let outcome = meta
+            .propose(command)
+            .await
+            .map_err(ChangeError::Unavailable)?;
+        serde_json::from_str::<Outcome>(&outcome)
+            .map_err(|e| ChangeError::Refused(format!("undecodable outcome {outcome}: {e}")))?
+            .map_err(ChangeError::Refused)
+    }
+
+    /// Applies one change to this node's definitions (the only place they change).
+    pub fn apply_change(&self, change: Change) -> Outcome {
+        let need_vhost = |v: &str| {
+            self.vhost(v)
+                .ok_or_else(|| format!("vhost '{v}' not found"))
+        };
+        match change {
+            Change::PutVhost(d) => {
+                let created = self.vhost(&d.name).is_none();
+                self.add_vhost(&d.name);
+                self.set_vhost_metadata(
+                    &d.name,
+                    VhostMetadata {
+                        description: d.description,
+                        tags: d.tags,
+                        default_queue_type: d.default_queue_type,
+                    },
+                );
+                Ok(created)
+            }
+            Change::DeleteVhost(name) => Ok(self.delete_vhost(&name)),
+            Change::PutUser(u) => {
+                let created = self.access.user(&u.name).is_none();
+                self.access.put_user(User {
+                    name: u.name,
+                    password_hash: u.password_hash,
+                    tags: u.tags,
+                });
+                Ok(created)
+            }
+            Change::DeleteUser(name) => Ok(self.access.delete_user(&name)),
+            Change::SetPermissions(p) => {
+                need_vhost(&p.vhost)?;
+                if self.access.user(&p.user).is_none() {
+                    return Err(format!("user '{}' not found", p.user));
+                }
+                let created = self.access.vhost_permission(&p.user, &p.vhost).is_none();
+                self.access
+                    .set_permissions(&p.user, &p.vhost, &p.configure, &p.write, &p.read)?;
+                Ok(created)
+            }
+            Change::ClearPermissions { user, vhost } => {
+                let existed = self.access.vhost_permission(&user, &vhost).is_some();
+                self.access.clear_permissions(&user, &vhost);
+                Ok(existed)
+            }
+            Change::SetTopicPermissions(t) => {
+                need_vhost(&t.vhost)?;
+                if self.access.user(&t.user).is_none() {
+                    return Err(format!("user '{}' not found", t.user));
+                }
+                let created = !self
+                    .access
+                    .topic_permissions()
+                    .iter()
+                    .any(|(u, v, x)| *u == t.user && *v == t.vhost && x.exchange == t.exchange);
+                self.access.set_topic_permissions(
+                    &t.user,
+                    &t.vhost,
+                    &t.exchange,
+                    &t.write,
+                    &t.read,
+                )?;
+                Ok(created)
+            }
+            Change::ClearTopicPermissions { user, vhost } => {
+                Ok(self.access.clear_topic_permissions(&user, &vhost, None))
+            }
+            Change::PutPolicy(p) => {
+                let v = need_vhost(&p.vhost)?;
+                let policy = crate::policy::parse_policy(&p.name, &p.vhost, &p.body, p.operator)?;
+                let created = !v.policies(p.operator).iter().any(|x| x.name == p.name);
+                v.put_policy(policy, p.operator);
+                Ok(created)
+            }
+            Change::DeletePolicy {
+                vhost,
+                name,
+                operator,
+            } => Ok(self
+                .vhost(&vhost)
+                .is_some_and(|v| v.delete_policy(&name, operator))),
+            Change::PutParameter(p) => {
+                need_vhost(&p.vhost)?;
+                self.parameters
+                    .put(&p.component, &p.vhost, &p.name, p.value)
+            }
+            Change::DeleteParameter {
+                component,
+                vhost,
+                name,
+            } => Ok(self.parameters.delete(&component, &vhost, &name)),
+            Change::Install(d) => {
+                self.install_definitions(d);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Every definition on this node.
+    pub fn definitions(&self) -> Definitions {
+        let mut names = self.vhost_names();
+        names.sort();
+        let mut d = Definitions::default();
+        for name in &names {
+            d.vhosts.push(vhost_def(name, &self.vhost_metadata(name)));
+            let Some(v) = self.vhost(name) else { continue };
+            for operator in [false, true] {
+                for p in v.policies(operator) {
+                    d.policies
+                        .push(crate::persistence::policy_def(name, &p, operator));
+                }
+            }
+        }
+        let snap = self.metadata_snapshot();
+        d.users = snap.users;
+        d.permissions = snap.permissions;
+        d.topic_permissions = snap.topic_permissions;
+        d.parameters = snap.parameters;
+        d
+    }
+
+    /// Makes this node's definitions exactly `d` (what is not in it is deleted).
+    pub fn install_definitions(&self, d: Definitions) {
+        let keep_vhosts: Vec<&str> = d.vhosts.iter().map(|v| v.name.as_str()).collect();
+        for name in self.vhost_names() {
+            if !keep_vhosts.contains(&name.as_str()) {
+                self.delete_vhost(&name);
+            }
+        }
+        for v in d.vhosts {
+            let _ = self.apply_change(Change::PutVhost(v));
+        }
+        for u in self.access.users() {
+            if !d.users.iter().any(|x| x.name == u.name) {
+                self.access.delete_user(&u.name);
+            }
+        }
+        for (user, vhost, _) in self.access.permissions() {
+            if !d
+                .permissions
+                .iter()
+                .any(|p| p.user == user && p.vhost == vhost)
+            {
+                self.access.clear_permissions(&user, &vhost);
+            }
+        }
+        for (user, vhost, t) in self.access.topic_permissions() {
+            if !d
+                .topic_permissions
+                .iter()
+                .any(|p| p.user == user && p.vhost == vhost && p.exchange == t.exchange)
+            {
+                self.access
+                    .clear_topic_permissions(&user, &vhost, Some(&t.exchange));
+            }
+        }
+        for name in self.vhost_names() {
+            let Some(v) = self.vhost(&name) else { continue };
+            for operator in [false, true] {
+                for p in v.policies(operator) {
+                    if !d
+                        .policies
+                        .iter()
+                        .any(|x| x.vhost == name && x.name == p.name && x.operator == operator)
+                    {
+                        v.delete_policy(&p.name, operator);
+                    }
+                }
+            }
+        }
+        for p in self.parameters.list(None, None) {
+            if !d
+                .parameters
+                .iter()
+                .any(|x| x.component == p.component && x.vhost == p.vhost && x.name == p.name)
+            {
+                self.parameters.delete(&p.component, &p.vhost, &p.name);
+            }
+        }
+        let changes = (d.users.into_iter().map(Change::PutUser))
+            .chain(d.permissions.into_iter().map(Change::SetPermissions))
+            .chain(
+                d.topic_permissions
+                    .into_iter()
+                    .map(Change::SetTopicPermissions),
+            )
+            .chain(d.policies.into_iter().map(Change::PutPolicy))
+            .chain(d.parameters.into_iter().map(Change::PutParameter));
+        for c in changes {
+            if let Err(e) = self.apply_change(c) {
+                tracing::error!("installed definition skipped: {e}");
+            }
+        }
+    }
+}
+
+/// The broker's definitions as the metadata group's state.
+pub struct Replicated(pub Weak<Broker>);
+
+impl Replicated {
+    fn broker(&self) -> Option<Arc<Broker>> {
+        self.0.upgrade()
+    }
+}
+
+impl crate::cluster::raft::Replicated for Replicated {
+    fn apply(&self, command: &str) -> String {
+        let outcome: Outcome = match (self.broker(), serde_json::from_str::<Change>(command)) {
+            (Some(b), Ok(c)) => {
+                let o = b.apply_change(c);
+                b.persist_metadata();
+                o
+            }
+            (None, _) => Err("node is stopping".into()),
+            (_, Err(e)) => Err(format!("undecodable change: {e}")),
+        };
+        serde_json::to_string(&outcome).unwrap_or_default()
+    }
+
+    fn snapshot(&self) -> String {
+        let d = self.broker().map(|b| b.definitions()).unwrap_or_default();
+        serde_json::to_string(&d).unwrap_or_default()
+    }
+
+    fn install(&self, snapshot: &str) -> Result<(), String> {
+        let d: Definitions = serde_json::from_str(snapshot).map_err(|e| e.to_string())?;
+        let b = self.broker().ok_or("node is stopping")?;
+        b.install_definitions(d);
+        b.persist_metadata();
+        Ok(())
+    }
+
+    fn install_command(&self) -> String {
+        let d = self.broker().map(|b| b.definitions()).unwrap_or_default();
+        serde_json::to_string(&Change::Install(d)).unwrap_or_default()
+    }
+}
