@@ -223,6 +223,10 @@ impl From<AmqpError> for ApiError {
         match e.code {
             crate::error::code::ACCESS_REFUSED => Self::not_authorised(e.text),
             crate::error::code::NOT_FOUND => Self::new(StatusCode::NOT_FOUND, "not_found", e.text),
+            // The node could not do it (its storage failed): not the client's fault.
+            crate::error::code::INTERNAL_ERROR => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "internal_error", e.text)
+            }
             _ => Self::bad_request(e.text),
         }
     }

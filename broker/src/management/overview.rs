@@ -243,15 +243,28 @@ async fn alarms(State(broker): State<Arc<Broker>>, _caller: Caller) -> ApiResult
         return ok(json!({"status": "ok"}));
     }
     let node = broker.node_name();
-    failed(json!({
+    let mut body = json!({
         "status": "failed",
         "reason": "resource alarm(s) in effect in the cluster",
         "alarms": alarms.iter().map(|a| json!({"node": node, "resource": a})).collect::<Vec<_>>(),
-    }))
+    });
+    if let Some(why) = broker.disk_failure() {
+        body["disk_io_error"] = json!(why);
+    }
+    failed(body)
 }
 
-/// Every vhost of this node is served (they have no separate processes that could be down).
-async fn virtual_hosts(_caller: Caller) -> ApiResult {
+/// Every vhost of this node is served (they have no separate processes that could be down),
+/// unless the node's storage failed: then no vhost can keep what it is given, and the node
+/// must not be counted as ready (`warren-broker check ready` asks this).
+async fn virtual_hosts(State(broker): State<Arc<Broker>>, _caller: Caller) -> ApiResult {
+    if let Some(why) = broker.disk_failure() {
+        return failed(json!({
+            "status": "failed",
+            "reason": format!("storage failed, durable data cannot be written: {why}"),
+            "virtual-hosts": broker.vhost_names(),
+        }));
+    }
     ok(json!({"status": "ok"}))
 }
 
