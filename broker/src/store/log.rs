@@ -1568,43 +1568,122 @@ mod tests {
         log.close();
     }
 
-    #[tokio::test]
-    async fn damage_keeps_the_prefix() {
-        let dir = tmp("damage");
-        let (log, _) = MessageLog::open(&dir).unwrap();
+    /// Ten records of equal size in segment 1; returns the segment's path and a record's size.
+    async fn ten_records(dir: &Path) -> (PathBuf, usize) {
+        let (log, _) = MessageLog::open(dir).unwrap();
         let mut seq = 0;
         for i in 1..=10 {
             seq = log.append(&Record::Enqueue(msg(i, "q", "body")));
         }
         wait_synced(&log, seq).await;
         log.shutdown();
-        // Flip a byte in the 6th record's payload.
-        let path = segment_path(&dir, 1);
+        let path = segment_path(dir, 1);
+        let len = fs::metadata(&path).unwrap().len() as usize;
+        (path, len / 10)
+    }
+
+    #[tokio::test]
+    async fn a_torn_tail_is_dropped_quietly() {
+        let dir = tmp("torn");
+        let (path, rec_len) = ten_records(&dir).await;
+        // The last append cut off halfway, then the file extended with zeros (what some
+        // file systems leave after a crash).
         let mut data = fs::read(&path).unwrap();
-        let rec_len = data.len() / 10;
+        data.truncate(9 * rec_len + rec_len / 2);
+        data.extend_from_slice(&[0; 100]);
+        fs::write(&path, &data).unwrap();
+        let (log, rec) = MessageLog::open(&dir).unwrap();
+        assert_eq!(sids(&rec, "q"), (1..=9).collect::<Vec<_>>());
+        let report = &rec.segments[0];
+        assert!(!report.damaged, "{report:?}");
+        assert_eq!(report.records, 9);
+        assert_eq!(report.lost_bytes as usize, rec_len / 2 + 100);
+        assert!(report.reason.as_deref().unwrap().contains("torn tail"));
+        log.close();
+    }
+
+    #[tokio::test]
+    async fn damage_in_the_middle_is_reported_and_skipped() {
+        let dir = tmp("damage");
+        let (path, rec_len) = ten_records(&dir).await;
+        // Flip a byte in the 6th record's payload: records 7..10 are intact after it.
+        let good = fs::read(&path).unwrap();
+        let mut data = good.clone();
         data[5 * rec_len + 12] ^= 0xFF;
         fs::write(&path, &data).unwrap();
         let (log, rec) = MessageLog::open(&dir).unwrap();
-        assert_eq!(rec.messages[&("/".into(), "q".into())].len(), 5);
+        assert_eq!(sids(&rec, "q"), [1, 2, 3, 4, 5, 7, 8, 9, 10]);
         let report = &rec.segments[0];
-        assert_eq!(report.records, 5);
-        assert_eq!(report.lost_bytes as usize, 5 * rec_len);
-        assert!(report.reason.as_deref().unwrap().contains("checksum"));
-        // A length field pointing far past the end of the file is a truncation, not an
-        // allocation of gigabytes.
+        assert!(report.damaged, "{report:?}");
+        assert_eq!(report.records, 9);
+        assert_eq!(report.lost_bytes as usize, rec_len);
+        let why = report.reason.as_deref().unwrap();
+        assert!(why.contains("DAMAGE"), "{why}");
+        assert!(why.contains(&format!("offset {}", 5 * rec_len)), "{why}");
+        assert!(!rec.clean);
         log.close();
+        // A length field pointing far past the end of the file, with good records after it:
+        // damage too (no allocation of gigabytes), but the rest cannot be trusted.
+        let dir = tmp("damage-len");
+        let (path, rec_len) = ten_records(&dir).await;
         let mut data = fs::read(&path).unwrap();
         data[2 * rec_len..2 * rec_len + 4].copy_from_slice(&u32::MAX.to_be_bytes());
         fs::write(&path, &data).unwrap();
         let (log, rec) = MessageLog::open(&dir).unwrap();
-        assert_eq!(rec.segments[0].records, 2);
-        assert!(
-            rec.segments[0]
-                .reason
-                .as_deref()
-                .unwrap()
-                .contains("truncated")
-        );
+        let report = &rec.segments[0];
+        assert_eq!(report.records, 2);
+        assert!(report.damaged, "{report:?}");
+        assert!(report.reason.as_deref().unwrap().contains("truncated"));
+        log.close();
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_is_sticky_nothing_more_is_kept_or_confirmed() {
+        let dir = tmp("fault");
+        let (log, _) = MessageLog::open(&dir).unwrap();
+        let seq = log.append(&Record::Enqueue(msg(1, "q", "before")));
+        wait_synced(&log, seq).await;
+        assert!(log.failure().is_none());
+        let mut rx = log.synced();
+        rx.borrow_and_update();
+        log.inject_fault(std::io::ErrorKind::StorageFull);
+        let lost = log.append(&Record::Enqueue(msg(2, "q", "lost")));
+        // Waiters are woken and see the failure; the sequence number is never synced.
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        let why = log.failure().unwrap().to_owned();
+        assert!(why.contains("injected fault"), "{why}");
+        assert!(log.synced_now() < lost);
+        // Reading the unwritten message fails at once, not after a timeout.
+        let t = Instant::now();
+        assert!(log.read(&[2])[0].is_err());
+        assert!(t.elapsed() < Duration::from_secs(1));
+        // Nothing more is buffered: a megabyte body appended after the failure is dropped.
+        let body = Bytes::from(vec![b'x'; 1 << 20]);
+        for sid in 3..50 {
+            let m = EnqueueRef {
+                sid,
+                vhost: "/",
+                queue: "q",
+                expires_at: None,
+                exchange: "",
+                routing_key: "q",
+                header_payload: &[0, 60, 0, 0],
+                body: &body,
+            };
+            assert!(log.append_enqueue(&m, &body) > log.synced_now());
+        }
+        {
+            let p = log.pending.lock();
+            assert!(p.pieces.is_empty() && p.small.is_empty());
+        }
+        assert_eq!(log.failure(), Some(why.as_str()));
+        log.close();
+        // What was synced before the failure survives a restart.
+        let (log, rec) = MessageLog::open(&dir).unwrap();
+        assert_eq!(sids(&rec, "q"), [1]);
         log.close();
     }
 

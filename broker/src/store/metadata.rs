@@ -608,4 +608,95 @@ mod tests {
         assert!(folded, "the journal asked to be folded into a snapshot");
         let _ = fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn journal_damage_in_the_middle_is_reported_as_damage_not_a_torn_tail() {
+        let dir = std::env::temp_dir().join(format!("warren-meta-dmg-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let mut store = MetaStore::new(&dir, None);
+        store.save(Snapshot::default()).unwrap();
+        let j = dir.join(JOURNAL_NAME);
+        let mut ends = vec![fs::metadata(&j).unwrap().len() as usize];
+        for n in ["q1", "q2", "q3"] {
+            store.append(&[Change::PutQueue(queue(n))]).unwrap();
+            ends.push(fs::metadata(&j).unwrap().len() as usize);
+        }
+        let epoch = load(&dir).unwrap().unwrap().epoch;
+        let good = fs::read(&j).unwrap();
+        let names = |c: &[Change]| {
+            c.iter()
+                .filter_map(|c| match c {
+                    Change::PutQueue(q) => Some(q.name.clone()),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        let (c, end) = read_journal_bytes(&good, epoch);
+        assert_eq!(
+            (names(&c), end),
+            (
+                vec!["q1".into(), "q2".into(), "q3".into()],
+                JournalEnd::Complete
+            )
+        );
+        // Torn tail: the last append cut off.
+        let (c, end) = read_journal_bytes(&good[..good.len() - 3], epoch);
+        assert_eq!(names(&c), ["q1", "q2"]);
+        assert_eq!(
+            end,
+            JournalEnd::TornTail {
+                offset: ends[2],
+                bytes: ends[3] - ends[2] - 3
+            }
+        );
+        // A flipped bit in q2's record, q3 intact after it: damage, q3 still applied.
+        let mut bad = good.clone();
+        bad[ends[1] + frame::HEADER + 3] ^= 0x20;
+        let (c, end) = read_journal_bytes(&bad, epoch);
+        assert_eq!(names(&c), ["q1", "q3"]);
+        assert_eq!(
+            end,
+            JournalEnd::Damaged {
+                offset: ends[1],
+                next_good: ends[2],
+                resumed: true
+            }
+        );
+        fs::write(&j, &bad).unwrap();
+        let loaded = load(&dir).unwrap().unwrap();
+        let queues: Vec<_> = loaded.queues.into_iter().map(|q| q.name).collect();
+        assert_eq!(queues, ["q1", "q3"]);
+        // q2's length damaged: q3 is found (damage, not a torn tail) but not trusted.
+        let mut bad = good.clone();
+        bad[ends[1]..ends[1] + 4].copy_from_slice(&[0x7f, 0, 0, 0]);
+        let (c, end) = read_journal_bytes(&bad, epoch);
+        assert_eq!(names(&c), ["q1"]);
+        assert_eq!(
+            end,
+            JournalEnd::Damaged {
+                offset: ends[1],
+                next_good: ends[2],
+                resumed: false
+            }
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_failed_append_closes_the_journal_and_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("warren-meta-full-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let mut store = MetaStore::new(&dir, None);
+        store.save(Snapshot::default()).unwrap();
+        // The kernel's own ENOSPC: /dev/full refuses every write.
+        store.journal = Some(OpenOptions::new().write(true).open("/dev/full").unwrap());
+        let e = store.append(&[Change::PutQueue(queue("q"))]).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(28), "{e}");
+        assert!(!store.has_journal());
+        // Nothing is appended after a failed append: the caller must write a snapshot.
+        assert!(store.append(&[Change::PutQueue(queue("q"))]).unwrap());
+        let _ = fs::remove_dir_all(&dir);
+    }
 }
