@@ -515,3 +515,144 @@ async fn an_eio_from_the_block_device_is_handled_the_same_way() {
     );
     assert!(after.saturating_sub(before) < 32 << 20);
 }
+
+#[tokio::test]
+async fn a_metadata_write_error_refuses_the_durable_declare() {
+    let Some(disk) = Disk::tmpfs("meta", "8m") else {
+        return;
+    };
+    let node = start(&disk.data).await;
+    let node = &node.0;
+    // Fill the file system from outside: the message log has written nothing, so what fails
+    // is the metadata journal (and the snapshot written when an append fails).
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(disk.data.join("filler")).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let mut refused = None;
+    for i in 0..200 {
+        let (_c, ch) = connect(node).await;
+        let r = ch
+            .queue_declare(
+                format!("durable-{i}").as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        if let Err(e) = r {
+            refused = Some((i, e));
+            break;
+        }
+    }
+    let (i, e) = refused.expect("a durable declare on a full disk is refused");
+    eprintln!("declare {i} refused: {e}");
+    assert_eq!(common::code(&e), Some(541), "{e}");
+    assert!(e.to_string().contains("No space left on device"), "{e}");
+    let (status, _) = get(node, &format!("/api/queues/%2F/durable-{i}")).await;
+    assert_eq!(status, 404, "the refused queue must not exist");
+    let (status, body) = get(node, "/api/health/checks/alarms").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["disk_io_error"]
+            .as_str()
+            .unwrap()
+            .starts_with("metadata store"),
+        "{body}"
+    );
+    let (status, _) = get(node, "/api/health/checks/virtual-hosts").await;
+    assert_eq!(status, 503);
+    // Transient queues need no disk.
+    let (_c, ch) = connect(node).await;
+    ch.queue_declare(
+        "transient".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+}
+
+/// A broker in this process with storage in `dir`, for faults injected into its message log.
+async fn broker_with_storage(name: &str) -> common::TestBroker {
+    let dir = std::env::temp_dir().join(format!("warren-fault-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let b = common::TestBroker::start_with(warren_broker::Config {
+        data_dir: dir,
+        disk_free_limit: 0,
+        ..Default::default()
+    })
+    .await;
+    b.broker.recover().unwrap();
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_injected_write_fault_nacks_waiting_confirms_and_fails_a_waiting_commit() {
+    // Confirms already waiting for the flusher when its write fails are nacked.
+    let b = broker_with_storage("confirms").await;
+    let (_c, ch) = b.channel().await;
+    common::declare_durable(&ch, "q").await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let c = common::publish_confirmed(&ch, "", "q", b"before", persistent()).await;
+    assert!(c.is_ack());
+    b.broker
+        .store()
+        .unwrap()
+        .inject_fault(std::io::ErrorKind::Other);
+    let mut pending = Vec::new();
+    for _ in 0..10 {
+        pending.push(
+            ch.basic_publish(
+                "".into(),
+                "q".into(),
+                BasicPublishOptions::default(),
+                b"lost",
+                persistent(),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    for c in pending {
+        let c = tokio::time::timeout(Duration::from_secs(5), c)
+            .await
+            .expect("a confirm within 5 s")
+            .unwrap();
+        assert!(c.is_nack(), "{c:?}");
+    }
+    assert!(b.broker.active_alarms().iter().any(|a| a == "disk_io"));
+
+    // A tx.commit waiting for the flusher when its write fails gets 541.
+    let b = broker_with_storage("commit").await;
+    let (c, ch) = b.channel().await;
+    common::declare_durable(&ch, "q").await;
+    ch.tx_select().await.unwrap();
+    ch.basic_publish(
+        "".into(),
+        "q".into(),
+        BasicPublishOptions::default(),
+        b"in a tx",
+        persistent(),
+    )
+    .await
+    .unwrap();
+    b.broker
+        .store()
+        .unwrap()
+        .inject_fault(std::io::ErrorKind::Other);
+    let e = tokio::time::timeout(Duration::from_secs(5), ch.tx_commit())
+        .await
+        .expect("tx.commit answered within 5 s")
+        .expect_err("tx.commit must fail");
+    assert_eq!(common::code(&e), Some(541), "{e}");
+    assert!(e.to_string().contains("tx.commit failed"), "{e}");
+    assert!(!c.status().connected());
+}
