@@ -248,6 +248,8 @@ async fn assert_fault_handled(node: &Node, queue: &str, os_error: &str) {
     assert!(why.contains(os_error), "{why}");
     let (status, body) = get(node, "/api/health/checks/virtual-hosts").await;
     assert_eq!(status, 503, "{body}");
+    let (_, nodes) = get(node, "/api/nodes").await;
+    assert_eq!(nodes[0]["disk_io_alarm"], true, "{nodes}");
     let ready = Command::new(BIN)
         .args(["check", "ready", "--management-url", &mgmt(node, "")])
         .output()

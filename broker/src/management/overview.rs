@@ -132,6 +132,8 @@ fn node_json(broker: &Broker) -> Value {
         "mem_limit": broker.memory_limit_bytes(),
         "disk_free_limit": broker.config.disk_free_limit,
         "disk_free_alarm": alarms.iter().any(|a| a == "disk"),
+        // Warren's own: the node's storage failed (see `Broker::disk_failure`).
+        "disk_io_alarm": alarms.iter().any(|a| a == crate::broker::DISK_IO_ALARM),
         "partitions": [],
         "being_drained": broker.is_draining(),
         "exchange_types": exchange_types(),
@@ -174,6 +176,7 @@ fn peer_json(view: &crate::cluster::NodeView) -> Value {
             "disk_free_limit": s.disk_free_limit,
             "disk_free": s.disk_free,
             "disk_free_alarm": s.alarms.iter().any(|a| a == "disk"),
+            "disk_io_alarm": s.alarms.iter().any(|a| a == crate::broker::DISK_IO_ALARM),
             "partitions": [],
             "being_drained": s.being_drained,
             "exchange_types": exchange_types(),
