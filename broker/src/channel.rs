@@ -296,6 +296,18 @@ impl Channel {
     /// nacked, and a waiting `tx.commit` fails: the error returned (541) closes the
     /// connection.
     pub fn flush_confirms(&mut self) -> Option<AmqpError> {
+        let mut error = None;
+        if self.awaiting_sync() {
+            error = self.release_waiting();
+        }
+        if let Some(tag) = self.confirm_pending_ack.take() {
+            codec::encode_confirm(&mut self.ctx().outbox.writer(), self.id(), tag, true, true);
+        }
+        error
+    }
+
+    /// The part of [`Self::flush_confirms`] for what waits on the message log.
+    fn release_waiting(&mut self) -> Option<AmqpError> {
         let synced = self.ctx().broker.store_synced();
         let failure = self.store_failure();
         let mut error = None;
@@ -324,9 +336,6 @@ impl Channel {
             }
             self.confirm_waiting.pop_front();
             self.confirm_now(seq, ok);
-        }
-        if let Some(tag) = self.confirm_pending_ack.take() {
-            codec::encode_confirm(&mut self.ctx().outbox.writer(), self.id(), tag, true, true);
         }
         error
     }
