@@ -146,16 +146,18 @@ impl Broker {
 
     /// Saves all the metadata as a new snapshot, on a node with storage. Called after changes
     /// that a restart must remember and that have no journal record (users, permissions,
-    /// vhosts, parameters); a failure is logged and raises the `disk_io` alarm (the change
-    /// stays in effect in memory).
-    pub fn persist_metadata(&self) {
+    /// vhosts, parameters); a failure raises the `disk_io` alarm and is returned (the change
+    /// stays in effect in memory: the caller says it was not saved).
+    pub fn persist_metadata(&self) -> Result<(), String> {
         let Some(meta) = self.meta.get() else {
-            return;
+            return Ok(());
         };
         let mut m = meta.lock();
-        if let Err(why) = self.save_snapshot(&mut m) {
-            self.metadata_failed(&why);
+        let saved = self.save_snapshot(&mut m);
+        if let Err(why) = &saved {
+            self.metadata_failed(why);
         }
+        saved
     }
 
     fn save_snapshot(&self, m: &mut MetaStore) -> Result<(), String> {
@@ -425,7 +427,8 @@ impl Broker {
         // From now on every durable change is saved; save once now, so the snapshot always
         // reflects this node (default user and vhost included).
         self.set_self();
-        self.persist_metadata();
+        // A failure raised the disk_io alarm: the node serves, but is not ready.
+        let _ = self.persist_metadata();
         Ok(())
     }
 }

@@ -591,6 +591,23 @@ async fn a_metadata_write_error_refuses_the_durable_declare() {
     );
     let (status, _) = get(node, "/api/health/checks/virtual-hosts").await;
     assert_eq!(status, 503);
+    // A change saved by rewriting the snapshot (users, vhosts …) is not answered as saved.
+    let r = reqwest::Client::new()
+        .put(mgmt(node, "/api/users/not-saved"))
+        .basic_auth("guest", Some("guest"))
+        .json(&serde_json::json!({"password": "pw", "tags": ""}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap()
+            .contains("could not be saved"),
+        "{body}"
+    );
     // Transient queues need no disk.
     let (_c, ch) = connect(node).await;
     ch.queue_declare(

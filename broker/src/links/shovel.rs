@@ -394,6 +394,7 @@ pub async fn run(
                 if let Some(b) = broker.upgrade()
                     && b.parameters.delete("shovel", &def.vhost, &def.name)
                 {
+                    // A failure is logged and raises the disk_io alarm.
                     let _ = tokio::task::spawn_blocking(move || b.persist_metadata()).await;
                 }
                 return;

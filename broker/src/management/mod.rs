@@ -147,9 +147,21 @@ pub fn router(broker: Arc<Broker>) -> Router {
                         && resp.status().is_success()
                         && !journalled(uri.path())
                     {
-                        tokio::task::spawn_blocking(move || saver.persist_metadata())
+                        let saved = tokio::task::spawn_blocking(move || saver.persist_metadata())
                             .await
-                            .ok();
+                            .unwrap_or_else(|e| Err(format!("the metadata writer failed: {e}")));
+                        // Not undone (the change is in effect here), but not acknowledged as
+                        // saved either: a restart would lose it.
+                        if let Err(why) = saved {
+                            return ApiError::new(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "internal_error",
+                                format!(
+                                    "the change is in effect on this node but could not be saved and will not survive a restart: {why}"
+                                ),
+                            )
+                            .into_response();
+                        }
                     }
                     resp
                 }
