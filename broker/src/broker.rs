@@ -68,7 +68,12 @@ pub struct Broker {
     draining: AtomicBool,
     /// The cluster this node belongs to, once joined (see [`Broker::start_cluster`]).
     cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    /// The first metadata write that failed (see [`Broker::disk_failure`]).
+    meta_failure: std::sync::OnceLock<String>,
 }
+
+/// The alarm raised while the node's storage has failed (see [`Broker::disk_failure`]).
+pub const DISK_IO_ALARM: &str = "disk_io";
 
 /// Why a drained node closes and refuses connections (sent as `CONNECTION_FORCED - …`).
 pub const DRAIN_REASON: &str = "node is being drained";
@@ -125,6 +130,7 @@ impl Broker {
             me: std::sync::OnceLock::new(),
             draining: AtomicBool::new(false),
             cluster: std::sync::OnceLock::new(),
+            meta_failure: std::sync::OnceLock::new(),
         })
     }
 
@@ -156,10 +162,9 @@ impl Broker {
 
     /// Saves the node's metadata whenever `v` changes something durable.
     pub(crate) fn watch_durable_changes(me: std::sync::Weak<Broker>, v: &Vhost) {
-        v.set_on_durable_change(move |vhost, change| {
-            if let Some(b) = me.upgrade() {
-                b.persist_change(vhost, change);
-            }
+        v.set_on_durable_change(move |vhost, change| match me.upgrade() {
+            Some(b) => b.persist_change(vhost, change),
+            None => Ok(()),
         });
     }
 
@@ -407,9 +412,38 @@ impl Broker {
         self.alarms.send_modify(|a| a.retain(|x| x != resource));
     }
 
-    /// The alarms in effect now.
+    /// The alarms in effect now: the resource alarms, and `disk_io` while the node's storage
+    /// has failed. `disk_io` does not block publishers (they are not in the watch of
+    /// [`Broker::alarms`]): persistent publishes are refused one by one (nack, or a
+    /// connection error) so confirm-mode publishers hear about it, and transient traffic
+    /// goes on.
     pub fn active_alarms(&self) -> Vec<String> {
-        self.alarms.borrow().clone()
+        let mut a = self.alarms.borrow().clone();
+        if self.disk_failure().is_some() {
+            a.push(DISK_IO_ALARM.to_owned());
+        }
+        a
+    }
+
+    /// Why this node's storage failed, if it did: a write or fsync of the message log, or a
+    /// metadata write. Sticky until the node restarts: after a failed fsync nothing written
+    /// since the last good one can be trusted, and a restart recovers what is really on disk.
+    pub fn disk_failure(&self) -> Option<String> {
+        if let Some(why) = self.store().and_then(|s| s.failure()) {
+            return Some(format!("message store: {why}"));
+        }
+        self.meta_failure
+            .get()
+            .map(|why| format!("metadata store: {why}"))
+    }
+
+    /// Records a failed metadata write (the first one is kept) and raises the `disk_io` alarm.
+    pub(crate) fn metadata_failed(&self, why: &str) {
+        if self.meta_failure.set(why.to_owned()).is_ok() {
+            tracing::error!(
+                "metadata store failed: {why}; durable declares are refused until the node is restarted"
+            );
+        }
     }
 
     pub fn alarms(&self) -> watch::Receiver<Vec<String>> {

@@ -292,27 +292,74 @@ impl Channel {
     }
 
     /// Sends the batched publisher-confirm ack, if any, after releasing the confirms whose
-    /// messages the log has now synced.
-    pub fn flush_confirms(&mut self) {
-        if let Some(wait) = self.commit_waiting
-            && wait <= self.ctx().broker.store_synced()
-        {
-            self.commit_waiting = None;
-            self.commit_ok();
-        }
-        if !self.confirm_waiting.is_empty() {
-            let synced = self.ctx().broker.store_synced();
-            while let Some(&(seq, wait, ok)) = self.confirm_waiting.front() {
-                if wait > synced {
-                    break;
-                }
-                self.confirm_waiting.pop_front();
-                self.confirm_now(seq, ok);
-            }
+    /// messages the log has now synced. Once the log has failed, what it will never sync is
+    /// nacked, and a waiting `tx.commit` fails: the error returned (541) closes the
+    /// connection.
+    pub fn flush_confirms(&mut self) -> Option<AmqpError> {
+        let mut error = None;
+        if self.awaiting_sync() {
+            error = self.release_waiting();
         }
         if let Some(tag) = self.confirm_pending_ack.take() {
             codec::encode_confirm(&mut self.ctx().outbox.writer(), self.id(), tag, true, true);
         }
+        error
+    }
+
+    /// The part of [`Self::flush_confirms`] for what waits on the message log.
+    fn release_waiting(&mut self) -> Option<AmqpError> {
+        let synced = self.ctx().broker.store_synced();
+        let failure = self.store_failure();
+        let mut error = None;
+        if let Some(wait) = self.commit_waiting {
+            if wait <= synced {
+                self.commit_waiting = None;
+                self.commit_ok();
+            } else if let Some(why) = &failure {
+                self.commit_waiting = None;
+                error = Some(
+                    AmqpError::internal(format!(
+                        "tx.commit failed: persistent messages could not be written: {why}"
+                    ))
+                    .on_method(90, 20),
+                );
+            }
+        }
+        while let Some(&(seq, wait, ok)) = self.confirm_waiting.front() {
+            if wait > synced {
+                if failure.is_none() {
+                    break;
+                }
+                self.confirm_waiting.pop_front();
+                self.nack_now(seq);
+                continue;
+            }
+            self.confirm_waiting.pop_front();
+            self.confirm_now(seq, ok);
+        }
+        error
+    }
+
+    /// Why the node's message log stopped writing, if it did.
+    fn store_failure(&self) -> Option<String> {
+        self.ctx()
+            .broker
+            .store()
+            .and_then(|s| s.failure().map(str::to_owned))
+    }
+
+    /// Sends a nack for `seq` now, after the batched ack of what came before it.
+    fn nack_now(&mut self, seq: u64) {
+        if let Some(tag) = self.confirm_pending_ack.take() {
+            codec::encode_confirm(&mut self.ctx().outbox.writer(), self.id(), tag, true, true);
+        }
+        codec::encode_confirm(
+            &mut self.ctx().outbox.writer(),
+            self.id(),
+            seq,
+            false,
+            false,
+        );
     }
 
     /// True while some confirm or a `tx.commit` waits for the message log.
@@ -346,7 +393,8 @@ impl Channel {
         if ok {
             self.confirm_pending_ack = Some(seq);
         } else {
-            self.flush_confirms();
+            // Not in a transaction (no commit waits), so no error to hand on.
+            let _ = self.flush_confirms();
             codec::encode_confirm(
                 &mut self.ctx().outbox.writer(),
                 self.id(),
@@ -1020,6 +1068,11 @@ impl Channel {
                 // before the client hears the transaction is committed.
                 let wait = std::mem::take(&mut self.route_wait);
                 if wait > self.ctx().broker.store_synced() {
+                    if let Some(why) = self.store_failure() {
+                        return Err(AmqpError::internal(format!(
+                            "tx.commit failed: persistent messages could not be written: {why}"
+                        )));
+                    }
                     self.commit_waiting = Some(wait);
                 } else {
                     self.commit_ok();
@@ -1296,13 +1349,23 @@ impl Channel {
         let msg = Arc::new(msg);
         let now = now_ms();
         let mut accepted = true;
+        let mut store_failed = false;
         for q in queues {
             let published = q.publish(msg.clone(), now);
             accepted &= published.accepted;
+            store_failed |= published.store_failed;
             self.route_wait = self.route_wait.max(published.wait_for);
             if q.flow_pressure() {
                 self.flow_wait = Some(q);
             }
+        }
+        // A confirm-mode publisher hears a nack; any other must not believe its persistent
+        // message is kept, and has no other way to hear it.
+        if store_failed && self.confirm_seq.is_none() {
+            let why = self.store_failure().unwrap_or_default();
+            return Err(AmqpError::internal(format!(
+                "persistent message refused: the message store cannot write: {why}"
+            )));
         }
         Ok(accepted)
     }

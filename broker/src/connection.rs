@@ -653,9 +653,7 @@ impl Connection {
             if self.sync_pause {
                 // The log may have synced: answer the waiting commit, then handle what the
                 // client sent after it (already buffered, perhaps nothing more will come).
-                for ch in self.channels.values_mut() {
-                    ch.flush_confirms();
-                }
+                self.flush_confirms();
                 self.sync_pause = self.channels.values().any(Channel::commit_pending);
             }
             // Everything already buffered is handled before reading again.
@@ -679,8 +677,8 @@ impl Connection {
                 }
             }
             let mut flow_wait = None;
+            self.flush_confirms();
             for ch in self.channels.values_mut() {
-                ch.flush_confirms();
                 if let Some(q) = ch.take_flow_wait() {
                     flow_wait = Some(q);
                 }
@@ -784,9 +782,7 @@ impl Connection {
     async fn settle_confirms(&mut self, synced: &mut Option<tokio::sync::watch::Receiver<u64>>) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
-            for ch in self.channels.values_mut() {
-                ch.flush_confirms();
-            }
+            self.flush_confirms();
             if !self.channels.values().any(Channel::awaiting_sync) {
                 return;
             }
@@ -796,6 +792,20 @@ impl Connection {
             {
                 return;
             }
+        }
+    }
+
+    /// Sends the confirms (and commit-oks) the message log allows; a commit the log can
+    /// never allow (it failed) closes the connection.
+    fn flush_confirms(&mut self) {
+        let mut failed = None;
+        for ch in self.channels.values_mut() {
+            if let Some(e) = ch.flush_confirms() {
+                failed.get_or_insert(e);
+            }
+        }
+        if let Some(e) = failed {
+            self.close_with(e);
         }
     }
 
@@ -814,7 +824,8 @@ impl Connection {
         self.closing = true;
         self.close_deadline = Some(Instant::now() + CLOSE_TIMEOUT);
         for ch in self.channels.values_mut() {
-            ch.flush_confirms();
+            // Closing anyway: a failed commit needs no error of its own.
+            let _ = ch.flush_confirms();
         }
         self.send(0, close_method(&e));
     }
@@ -915,7 +926,7 @@ impl Connection {
                 }
                 match codec::decode_method(&f.payload)? {
                     AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
-                        ch.flush_confirms();
+                        let _ = ch.flush_confirms();
                         ch.cleanup();
                         self.channels.remove(&id);
                         self.send(
@@ -959,7 +970,7 @@ impl Connection {
                 return Err(e);
             }
             debug!(channel = id, code = e.code, "channel error: {}", e.text);
-            ch.flush_confirms();
+            let _ = ch.flush_confirms();
             ch.cleanup();
             ch.closing = true;
             let m = AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {

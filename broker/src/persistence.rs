@@ -147,43 +147,70 @@ impl Broker {
 
     /// Saves all the metadata as a new snapshot, on a node with storage. Called after changes
     /// that a restart must remember and that have no journal record (users, permissions,
-    /// vhosts, parameters); a failure is logged (the change stays in effect in memory).
-    pub fn persist_metadata(&self) {
+    /// vhosts, parameters); a failure raises the `disk_io` alarm and is returned (the change
+    /// stays in effect in memory: the caller says it was not saved).
+    pub fn persist_metadata(&self) -> Result<(), String> {
         let Some(meta) = self.meta.get() else {
-            return;
+            return Ok(());
         };
         let mut m = meta.lock();
-        self.save_snapshot(&mut m);
+        let saved = self.save_snapshot(&mut m);
+        if let Err(why) = &saved {
+            self.metadata_failed(why);
+        }
+        saved
     }
 
-    fn save_snapshot(&self, m: &mut MetaStore) {
-        if let Err(e) = m.save(self.metadata_snapshot()) {
-            tracing::error!(
+    fn save_snapshot(&self, m: &mut MetaStore) -> Result<(), String> {
+        m.save(self.metadata_snapshot()).map_err(|e| {
+            format!(
                 "cannot save metadata to {}: {e}",
                 self.config.data_dir.display()
-            );
-        }
+            )
+        })
     }
 
     /// Saves one durable change: a journal record of the object's state now (so whatever
     /// order racing changes arrive in, the last record is the final state), or a new snapshot
-    /// when the journal has grown past it.
-    pub fn persist_change(&self, vhost: &str, change: DurableChange) {
+    /// when the journal has grown past it. `Err` when the change is not on disk: the caller
+    /// must not acknowledge it (a declare answers 541 internal-error). Once the node's
+    /// storage has failed (the message log or an earlier metadata write), nothing more is
+    /// attempted: every change is refused until a restart.
+    pub fn persist_change(&self, vhost: &str, change: DurableChange) -> Result<(), String> {
         let Some(meta) = self.meta.get() else {
-            return;
+            return Ok(());
         };
+        if let Some(why) = self.disk_failure() {
+            return Err(format!("the node's storage failed: {why}"));
+        }
         let mut m = meta.lock();
         let Some(record) = self.change_record(vhost, change) else {
-            return;
+            return Ok(());
         };
-        match m.append(&[record]) {
-            Ok(false) => {}
-            Ok(true) => self.save_snapshot(&mut m),
+        let saved = match m.append(&[record]) {
+            Ok(false) => Ok(()),
+            Ok(true) => {
+                // The change is in the journal (or, with no journal open, in no file yet:
+                // then this snapshot is what saves it).
+                let in_journal = m.has_journal();
+                match self.save_snapshot(&mut m) {
+                    Err(why) if in_journal => {
+                        self.metadata_failed(&why);
+                        Ok(())
+                    }
+                    r => r,
+                }
+            }
             Err(e) => {
                 tracing::error!("cannot append to the metadata journal: {e}; writing a snapshot");
-                self.save_snapshot(&mut m);
+                self.save_snapshot(&mut m)
+                    .map_err(|why| format!("metadata journal append failed ({e}), and {why}"))
             }
+        };
+        if let Err(why) = &saved {
+            self.metadata_failed(why);
         }
+        saved
     }
 
     /// The journal record for a change: the object's state as it is now.
@@ -401,7 +428,8 @@ impl Broker {
         // From now on every durable change is saved; save once now, so the snapshot always
         // reflects this node (default user and vhost included).
         self.set_self();
-        self.persist_metadata();
+        // A failure raised the disk_io alarm: the node serves, but is not ready.
+        let _ = self.persist_metadata();
         Ok(())
     }
 }

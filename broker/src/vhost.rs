@@ -54,7 +54,8 @@ pub struct Vhost {
     me: Weak<Vhost>,
 }
 
-type DurableChangeHook = Box<dyn Fn(&str, DurableChange) + Send + Sync>;
+/// Saves a durable change; `Err` says why it could not be saved.
+type DurableChangeHook = Box<dyn Fn(&str, DurableChange) -> Result<(), String> + Send + Sync>;
 
 /// What a durable change touched; the node saves that object's state as it is when saved.
 #[derive(Debug, Clone)]
@@ -130,7 +131,10 @@ impl Vhost {
     }
 
     /// Sets what runs after every durable change (once).
-    pub fn set_on_durable_change(&self, f: impl Fn(&str, DurableChange) + Send + Sync + 'static) {
+    pub fn set_on_durable_change(
+        &self,
+        f: impl Fn(&str, DurableChange) -> Result<(), String> + Send + Sync + 'static,
+    ) {
         let _ = self.on_durable_change.set(Box::new(f));
     }
 
@@ -145,10 +149,21 @@ impl Vhost {
         }
     }
 
-    /// Never called with a lock of this vhost held: the hook reads the whole vhost.
-    fn durable_changed(&self, change: DurableChange) {
-        if let Some(f) = self.on_durable_change.get() {
-            f(&self.name, change);
+    /// Never called with a lock of this vhost held: the hook reads the whole vhost. `Err`
+    /// (541 internal-error) if the change could not be saved: a declare must then not be
+    /// acknowledged, since a restart would not bring the object back.
+    fn durable_changed(&self, change: DurableChange) -> Result<()> {
+        match self.on_durable_change.get() {
+            Some(f) => f(&self.name, change).map_err(AmqpError::internal),
+            None => Ok(()),
+        }
+    }
+
+    /// A change that is done whether or not it could be saved (deletions, policies): the
+    /// failure is logged and raises the node's `disk_io` alarm, nothing to undo.
+    fn durable_changed_anyway(&self, change: DurableChange) {
+        if let Err(e) = self.durable_changed(change) {
+            tracing::error!(vhost = %self.name, "durable change not saved: {}", e.text);
         }
     }
 
@@ -246,11 +261,23 @@ impl Vhost {
         let e = Exchange::new(name, k, durable, auto_delete, internal, arguments.clone());
         *e.policy_alternate.write() =
             policy::policy_alternate_exchange(policy::select(&self.policies.read(), name, false));
-        all.insert(name.to_owned(), Arc::new(e));
+        let e = Arc::new(e);
+        all.insert(name.to_owned(), e.clone());
         drop(all);
         self.topology_changed();
-        if durable {
-            self.durable_changed(DurableChange::Exchange(name.to_owned()));
+        if durable && let Err(err) = self.durable_changed(DurableChange::Exchange(name.to_owned()))
+        {
+            // Not acknowledged, so not kept: a restart would not bring it back.
+            let mut all = self.exchanges.write();
+            if all.get(name).is_some_and(|x| Arc::ptr_eq(x, &e)) {
+                all.remove(name);
+            }
+            drop(all);
+            self.topology_changed();
+            return Err(AmqpError::internal(format!(
+                "cannot save durable exchange '{name}' in vhost '{}': {}",
+                self.name, err.text
+            )));
         }
         Ok(())
     }
@@ -276,7 +303,7 @@ impl Vhost {
         drop(all);
         self.topology_changed();
         if e.durable {
-            self.durable_changed(DurableChange::Exchange(name.to_owned()));
+            self.durable_changed_anyway(DurableChange::Exchange(name.to_owned()));
         }
         Ok(())
     }
@@ -315,19 +342,29 @@ impl Vhost {
         if src.kind == ExchangeKind::Headers {
             crate::exchange::headers::validate(args)?;
         }
-        src.bindings.write().add(Binding {
+        let binding = Binding {
             destination: dest.clone(),
             routing_key: routing_key.to_owned(),
             arguments: args.clone(),
-        });
+        };
+        let added = src.bindings.write().add(binding.clone());
         self.topology_changed();
-        if src.durable {
-            self.durable_changed(DurableChange::Binding {
+        if src.durable
+            && let Err(err) = self.durable_changed(DurableChange::Binding {
                 source: source.to_owned(),
                 destination: dest,
                 routing_key: routing_key.to_owned(),
                 arguments: args.clone(),
-            });
+            })
+        {
+            if added {
+                src.bindings.write().remove(&binding);
+                self.topology_changed();
+            }
+            return Err(AmqpError::internal(format!(
+                "cannot save binding of exchange '{source}' in vhost '{}': {}",
+                self.name, err.text
+            )));
         }
         Ok(())
     }
@@ -348,7 +385,7 @@ impl Vhost {
         if removed {
             self.topology_changed();
             if src.durable {
-                self.durable_changed(DurableChange::Binding {
+                self.durable_changed_anyway(DurableChange::Binding {
                     source: source.to_owned(),
                     destination: dest,
                     routing_key: routing_key.to_owned(),
@@ -413,8 +450,23 @@ impl Vhost {
         self.topology_changed();
         self.queue_counters.declared();
         self.queue_counters.created();
-        if spec.durable && spec.exclusive_owner.is_none() {
-            self.durable_changed(DurableChange::Queue(spec.name.to_owned()));
+        if spec.durable
+            && spec.exclusive_owner.is_none()
+            && let Err(err) = self.durable_changed(DurableChange::Queue(spec.name.to_owned()))
+        {
+            // Not acknowledged, so not kept: a restart would not bring it back.
+            let mut all = self.queues.write();
+            if all.get(spec.name).is_some_and(|x| Arc::ptr_eq(x, &q)) {
+                all.remove(spec.name);
+                drop(all);
+                self.queue_counters.deleted();
+                q.mark_deleted();
+                self.topology_changed();
+            }
+            return Err(AmqpError::internal(format!(
+                "cannot save durable queue '{}' in vhost '{}': {}",
+                spec.name, self.name, err.text
+            )));
         }
         Ok((q, true))
     }
@@ -489,7 +541,7 @@ impl Vhost {
             self.auto_delete_exchange(&e);
         }
         if q.durable && q.exclusive_owner.is_none() {
-            self.durable_changed(DurableChange::Queue(name.to_owned()));
+            self.durable_changed_anyway(DurableChange::Queue(name.to_owned()));
         }
         count
     }
@@ -608,7 +660,7 @@ impl Vhost {
             list.push(p.clone());
         }
         self.reapply_policies();
-        self.durable_changed(DurableChange::Policy {
+        self.durable_changed_anyway(DurableChange::Policy {
             name: p.name,
             operator,
         });
@@ -628,7 +680,7 @@ impl Vhost {
         };
         if removed {
             self.reapply_policies();
-            self.durable_changed(DurableChange::Policy {
+            self.durable_changed_anyway(DurableChange::Policy {
                 name: name.to_owned(),
                 operator,
             });

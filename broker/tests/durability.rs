@@ -278,7 +278,7 @@ async fn no_confirmed_message_is_lost_to_kill_9() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn damaged_segment_keeps_the_prefix_and_says_what_was_lost() {
+async fn a_segment_damaged_in_the_middle_loses_only_the_damaged_record_and_says_so() {
     let dir = data_dir("corrupt");
     let node = Node::start(&dir).await;
     let c = node.connect().await;
@@ -318,17 +318,21 @@ async fn damaged_segment_keeps_the_prefix_and_says_what_was_lost() {
     let ch = c.create_channel().await.unwrap();
     let got = drain(&ch, "cq").await;
     let firsts: Vec<u8> = got.iter().map(|d| d.data[0]).collect();
+    // The damaged record's length is intact: everything before and after it comes back.
     assert_eq!(
         firsts,
-        [0, 1, 2, 3, 4, 5],
-        "everything before the damage is recovered"
+        [0, 1, 2, 3, 4, 5, 7, 8, 9],
+        "everything but the damaged record is recovered"
     );
     let log = node.crash();
     assert!(
-        log.contains("message store damaged")
-            && log.contains("checksum mismatch")
-            && log.contains("kept the 6 records"),
-        "log should say exactly what was lost:\n{log}"
+        log.contains("message store DAMAGED (not a torn tail")
+            && log.contains(&format!(
+                "checksum mismatch in record at offset {}",
+                6 * per
+            ))
+            && log.contains("kept 9 records"),
+        "log should say it is damage, where, and exactly what was lost:\n{log}"
     );
 }
 

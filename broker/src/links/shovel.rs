@@ -399,6 +399,7 @@ pub async fn run(
                     };
                     match b.change(change).await {
                         Ok(true) => {
+                            // A failure is logged and raises the disk_io alarm.
                             let _ = tokio::task::spawn_blocking(move || b.persist_metadata()).await;
                         }
                         Ok(false) => {}

@@ -147,9 +147,21 @@ pub fn router(broker: Arc<Broker>) -> Router {
                         && resp.status().is_success()
                         && !journalled(uri.path())
                     {
-                        tokio::task::spawn_blocking(move || saver.persist_metadata())
+                        let saved = tokio::task::spawn_blocking(move || saver.persist_metadata())
                             .await
-                            .ok();
+                            .unwrap_or_else(|e| Err(format!("the metadata writer failed: {e}")));
+                        // Not undone (the change is in effect here), but not acknowledged as
+                        // saved either: a restart would lose it.
+                        if let Err(why) = saved {
+                            return ApiError::new(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "internal_error",
+                                format!(
+                                    "the change is in effect on this node but could not be saved and will not survive a restart: {why}"
+                                ),
+                            )
+                            .into_response();
+                        }
                     }
                     resp
                 }
@@ -234,6 +246,10 @@ impl From<AmqpError> for ApiError {
         match e.code {
             crate::error::code::ACCESS_REFUSED => Self::not_authorised(e.text),
             crate::error::code::NOT_FOUND => Self::new(StatusCode::NOT_FOUND, "not_found", e.text),
+            // The node could not do it (its storage failed): not the client's fault.
+            crate::error::code::INTERNAL_ERROR => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "internal_error", e.text)
+            }
             _ => Self::bad_request(e.text),
         }
     }

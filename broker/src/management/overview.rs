@@ -132,6 +132,8 @@ fn node_json(broker: &Broker) -> Value {
         "mem_limit": broker.memory_limit_bytes(),
         "disk_free_limit": broker.config.disk_free_limit,
         "disk_free_alarm": alarms.iter().any(|a| a == "disk"),
+        // Warren's own: the node's storage failed (see `Broker::disk_failure`).
+        "disk_io_alarm": alarms.iter().any(|a| a == crate::broker::DISK_IO_ALARM),
         "partitions": [],
         "being_drained": broker.is_draining(),
         "exchange_types": exchange_types(),
@@ -174,6 +176,7 @@ fn peer_json(view: &crate::cluster::NodeView) -> Value {
             "disk_free_limit": s.disk_free_limit,
             "disk_free": s.disk_free,
             "disk_free_alarm": s.alarms.iter().any(|a| a == "disk"),
+            "disk_io_alarm": s.alarms.iter().any(|a| a == crate::broker::DISK_IO_ALARM),
             "partitions": [],
             "being_drained": s.being_drained,
             "exchange_types": exchange_types(),
@@ -243,17 +246,30 @@ async fn alarms(State(broker): State<Arc<Broker>>, _caller: Caller) -> ApiResult
         return ok(json!({"status": "ok"}));
     }
     let node = broker.node_name();
-    failed(json!({
+    let mut body = json!({
         "status": "failed",
         "reason": "resource alarm(s) in effect in the cluster",
         "alarms": alarms.iter().map(|a| json!({"node": node, "resource": a})).collect::<Vec<_>>(),
-    }))
+    });
+    if let Some(why) = broker.disk_failure() {
+        body["disk_io_error"] = json!(why);
+    }
+    failed(body)
 }
 
-/// Every vhost of this node is served (they have no separate processes that could be down).
-/// A clustered node is not ready until it is a voter of the metadata group and has caught up
-/// with a leader once (`warren-broker check ready` asks this).
+/// Every vhost of this node is served (they have no separate processes that could be down),
+/// unless the node's storage failed: then no vhost can keep what it is given, and the node
+/// must not be counted as ready. A clustered node is not ready either until it is a voter of
+/// the metadata group and has caught up with a leader once (`warren-broker check ready` asks
+/// this).
 async fn virtual_hosts(State(broker): State<Arc<Broker>>, _caller: Caller) -> ApiResult {
+    if let Some(why) = broker.disk_failure() {
+        return failed(json!({
+            "status": "failed",
+            "reason": format!("storage failed, durable data cannot be written: {why}"),
+            "virtual-hosts": broker.vhost_names(),
+        }));
+    }
     if let Some(meta) = broker.cluster().and_then(|c| c.metadata()) {
         let status = meta.status();
         if !meta.caught_up() {

@@ -239,6 +239,10 @@ impl QueueStats {
 pub struct Published {
     pub accepted: bool,
     pub wait_for: u64,
+    /// Refused because the node's message log failed (see [`MessageLog::failure`]): a
+    /// persistent message for a durable queue cannot be kept, and holding it in memory only
+    /// would grow without bound and lose it at the next restart.
+    pub store_failed: bool,
 }
 
 /// What `basic.get` returns.
@@ -359,6 +363,17 @@ impl Queue {
             return Published {
                 accepted: true,
                 wait_for: 0,
+                store_failed: false,
+            };
+        }
+        if msg.persistent()
+            && let Some(store) = &self.store
+            && store.failure().is_some()
+        {
+            return Published {
+                accepted: false,
+                wait_for: 0,
+                store_failed: true,
             };
         }
         let mut letters = Letters::new();
@@ -411,7 +426,11 @@ impl Queue {
             self.timer.notify_one();
         }
         self.dead_letter(letters, now);
-        Published { accepted, wait_for }
+        Published {
+            accepted,
+            wait_for,
+            store_failed: false,
+        }
     }
 
     /// Puts recovered messages back, in their original order, marked redelivered if they may

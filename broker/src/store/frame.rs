@@ -62,6 +62,55 @@ pub fn unframe(data: &[u8]) -> Option<&[u8]> {
     (crc32fast::hash(payload) == crc).then_some(payload)
 }
 
+/// Most payload bytes [`next_good_record`] checksums while searching for a record.
+const RESYNC_BUDGET: usize = 256 << 20;
+
+/// After a record at the start of `data` that is torn or fails its checksum: where the next
+/// good record starts, if any. None means a torn tail (what a crash mid-append leaves: the
+/// file ends inside the record, or only zeros or garbage with no good record follow); Some
+/// means damage in the middle of the file (good records after a bad one: a flipped bit, a
+/// lost sector, a file edited by hand), which is not what a crash leaves and is reported as
+/// such. `.1` is true when the bad record's own length leads to the good one (only its
+/// payload is damaged), so reading may resume there; otherwise the good record was found by
+/// trying every offset, and may as well be bytes inside a message body that look like one.
+/// `good` decides whether a checksummed payload is a real record.
+pub fn next_good_record(data: &[u8], good: impl Fn(&[u8]) -> bool) -> Option<(usize, bool)> {
+    let at_good = |at: usize| {
+        let payload = unframe(data.get(at..)?)?;
+        (!payload.is_empty() && good(payload)).then_some(())
+    };
+    if let Some(h) = data
+        .get(..HEADER)
+        .and_then(|h| <&[u8; HEADER]>::try_from(h).ok())
+    {
+        let next = HEADER.saturating_add(header(h).0);
+        if next < data.len() && at_good(next).is_some() {
+            return Some((next, true));
+        }
+    }
+    let mut budget = RESYNC_BUDGET;
+    for at in 1..data.len().saturating_sub(HEADER) {
+        let Some(h) = data
+            .get(at..at + HEADER)
+            .and_then(|h| <&[u8; HEADER]>::try_from(h).ok())
+        else {
+            break;
+        };
+        let len = header(h).0;
+        if len == 0 || len > data.len() - at - HEADER {
+            continue;
+        }
+        if len > budget {
+            break;
+        }
+        budget -= len;
+        if at_good(at).is_some() {
+            return Some((at, false));
+        }
+    }
+    None
+}
+
 pub fn put_str(out: &mut Vec<u8>, s: &str) {
     put_bytes(out, s.as_bytes());
 }
@@ -184,6 +233,40 @@ mod tests {
         let mut file = Vec::new();
         write_all_vectored(&mut file, &[&head, b"the body"]).unwrap();
         assert_eq!(file, whole);
+    }
+
+    #[test]
+    fn a_torn_tail_is_not_damage_but_a_bad_record_before_good_ones_is() {
+        let mut file = Vec::new();
+        for word in ["one", "two", "three"] {
+            framed(&mut file, |o| put_str(o, word));
+        }
+        let second = unframe(&file).unwrap().len() + HEADER;
+        let third = second + unframe(&file[second..]).unwrap().len() + HEADER;
+        let any = |_: &[u8]| true;
+        // Cut inside the last record, or followed by zeros: a torn tail.
+        assert_eq!(next_good_record(&file[third..file.len() - 2], any), None);
+        let mut zeros = file[third..].to_vec();
+        zeros[HEADER + 1] ^= 1;
+        zeros.extend_from_slice(&[0; 64]);
+        assert_eq!(next_good_record(&zeros, any), None);
+        // A flipped payload bit in the middle: the next record is where the length says.
+        let mut bad = file.clone();
+        bad[second + HEADER + 2] ^= 1;
+        assert!(unframe(&bad[second..]).is_none());
+        assert_eq!(
+            next_good_record(&bad[second..], any),
+            Some((third - second, true))
+        );
+        // A damaged length: found by searching, not a place to resume from.
+        let mut bad = file.clone();
+        bad[second..second + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(
+            next_good_record(&bad[second..], any),
+            Some((third - second, false))
+        );
+        // A record the caller does not accept does not count.
+        assert_eq!(next_good_record(&bad[second..], |_| false), None);
     }
 
     #[test]

@@ -25,7 +25,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -41,6 +41,9 @@ use super::frame::{self, Cursor};
 
 /// Segments roll over at this size.
 pub const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
+/// After a bad record, how much of what follows recovery reads to tell a torn tail from
+/// damage in the middle.
+const RESYNC_WINDOW: u64 = 64 * 1024 * 1024;
 
 const REC_ENQUEUE: u8 = 1;
 const REC_REMOVE: u8 = 2;
@@ -296,9 +299,12 @@ impl<'a> Meta<'a> {
 pub struct SegmentReport {
     pub segment: u64,
     pub records: usize,
-    /// Bytes after the last good record that were discarded (truncation or corruption).
+    /// Bytes that were discarded: a torn tail, or damaged records.
     pub lost_bytes: u64,
     pub reason: Option<String>,
+    /// Good records follow a bad one: damage in the middle of the segment (bit rot, a lost
+    /// sector, a file edited), not the torn tail a crash leaves.
+    pub damaged: bool,
 }
 
 /// A live message found at start-up: what its queue needs to hold it without its body (which
@@ -330,7 +336,11 @@ fn segment_path(dir: &Path, n: u64) -> PathBuf {
 
 /// Reads one segment a record at a time (memory: one record), calling `f(offset, framed
 /// length, payload)` for each good one; `f` returns false for a payload it cannot decode.
-/// Stops at the first damaged record and reports what was lost.
+///
+/// A bad record (torn, failing its checksum, or undecodable) at the end of the segment is a
+/// torn tail: what a crash during an append leaves, dropped. A bad record followed by good
+/// ones is damage, reported as such: reading resumes after it when its length is intact (only
+/// that record is lost), otherwise the rest of the segment is lost.
 fn scan_segment(
     path: &Path,
     segment: u64,
@@ -338,42 +348,75 @@ fn scan_segment(
 ) -> std::io::Result<SegmentReport> {
     let file = File::open(path)?;
     let size = file.metadata()?.len();
-    let mut r = BufReader::with_capacity(256 * 1024, file);
+    let mut r = BufReader::with_capacity(256 * 1024, &file);
     let mut at = 0u64;
     let mut records = 0;
-    let mut reason = None;
+    let mut reasons: Vec<String> = Vec::new();
+    let mut damaged = false;
+    let mut lost_bytes = 0;
     let mut payload = Vec::new();
-    while at < size {
-        if size - at < frame::HEADER as u64 {
-            reason = Some(format!("truncated record header at offset {at}"));
-            break;
+    'records: while at < size {
+        let bad = 'record: {
+            if size - at < frame::HEADER as u64 {
+                break 'record format!("truncated record header at offset {at}");
+            }
+            let mut h = [0u8; frame::HEADER];
+            r.read_exact(&mut h)?;
+            let (len, crc) = frame::header(&h);
+            // The length is checked against the file before anything is allocated for it.
+            if len as u64 > size - at - frame::HEADER as u64 {
+                break 'record format!("truncated record of {len} bytes at offset {at}");
+            }
+            payload.resize(len, 0);
+            r.read_exact(&mut payload)?;
+            if crc32fast::hash(&payload) != crc {
+                break 'record format!("checksum mismatch in record at offset {at}");
+            }
+            if !f(at, (frame::HEADER + len) as u32, &payload) {
+                break 'record format!("undecodable record at offset {at}");
+            }
+            records += 1;
+            at += (frame::HEADER + len) as u64;
+            continue 'records;
+        };
+        // Torn tail or damage? Look at what follows (at most a window of the rest).
+        let window = (size - at).min(RESYNC_WINDOW) as usize;
+        let mut rest = vec![0; window];
+        file.read_exact_at(&mut rest, at)?;
+        let next = frame::next_good_record(&rest, |p| Meta::decode(p).is_some());
+        drop(rest);
+        match next {
+            None => {
+                reasons.push(format!("{bad} (a torn tail)"));
+                lost_bytes += size - at;
+                break;
+            }
+            Some((skip, resumable)) => {
+                damaged = true;
+                let next = at + skip as u64;
+                if resumable {
+                    reasons.push(format!(
+                        "DAMAGE in the middle of the segment: {bad}, good records follow at offset {next}; this record is lost, reading goes on"
+                    ));
+                    lost_bytes += skip as u64;
+                    at = next;
+                    r.seek(SeekFrom::Start(at))?;
+                } else {
+                    reasons.push(format!(
+                        "DAMAGE in the middle of the segment: {bad}, its length is damaged too; a good record follows at offset {next} but cannot be trusted as a record boundary, the rest of the segment is lost"
+                    ));
+                    lost_bytes += size - at;
+                    break;
+                }
+            }
         }
-        let mut h = [0u8; frame::HEADER];
-        r.read_exact(&mut h)?;
-        let (len, crc) = frame::header(&h);
-        // The length is checked against the file before anything is allocated for it.
-        if len as u64 > size - at - frame::HEADER as u64 {
-            reason = Some(format!("truncated record of {len} bytes at offset {at}"));
-            break;
-        }
-        payload.resize(len, 0);
-        r.read_exact(&mut payload)?;
-        if crc32fast::hash(&payload) != crc {
-            reason = Some(format!("checksum mismatch in record at offset {at}"));
-            break;
-        }
-        if !f(at, (frame::HEADER + len) as u32, &payload) {
-            reason = Some(format!("undecodable record at offset {at}"));
-            break;
-        }
-        records += 1;
-        at += (frame::HEADER + len) as u64;
     }
     Ok(SegmentReport {
         segment,
         records,
-        lost_bytes: size - at,
-        reason,
+        lost_bytes,
+        reason: (!reasons.is_empty()).then(|| reasons.join("; ")),
+        damaged,
     })
 }
 
@@ -436,6 +479,8 @@ struct Pending {
     /// How far the flusher has written: (segment, bytes written to it).
     written: (u64, u64),
     shutdown: bool,
+    /// A write or fsync failed (see [`MessageLog::failure`]): nothing more is buffered.
+    failed: bool,
 }
 
 impl Pending {
@@ -539,6 +584,16 @@ impl Pending {
     /// is) to the current segment; returns where it goes.
     fn push_parts(&mut self, head: Vec<u8>, tail: Option<&Bytes>) -> Loc {
         let len = (head.len() + tail.map_or(0, Bytes::len)) as u64;
+        if self.failed {
+            // The log stopped writing: keep nothing (memory stays flat), and hand out a
+            // sequence number that will never be synced.
+            self.last_seq += 1;
+            return Loc {
+                seg: self.segment,
+                off: self.segment_bytes,
+                len: len as u32,
+            };
+        }
         if self.segment_bytes + len > self.segment_limit && self.segment_bytes > 0 {
             self.segment += 1;
             self.segment_bytes = 0;
@@ -619,6 +674,13 @@ pub struct MessageLog {
     pub fsyncs: AtomicU64,
     pub records_written: AtomicU64,
     pub bytes_written: AtomicU64,
+    /// Why the log stopped writing, once a write or fsync failed. Sticky: after a failed
+    /// fsync the kernel may have dropped the dirty pages, so neither retrying nor appending
+    /// after a possibly partial record is safe; only a restart (which recovers what is on
+    /// disk and truncates a torn tail) brings the log back.
+    failure: std::sync::OnceLock<String>,
+    /// A fault the next write reports instead of writing (the fault-injecting layer of tests).
+    injected: Mutex<Option<std::io::ErrorKind>>,
 }
 
 /// The recovery of one (vhost, queue): its live messages by sid (publish order).
@@ -660,6 +722,7 @@ impl MessageLog {
             deletable: Vec::new(),
             written: (0, 0),
             shutdown: false,
+            failed: false,
         };
         let mut max_sid = 0;
         // Whether the last record seen so far is a clean-stop record.
@@ -677,15 +740,27 @@ impl MessageLog {
                 true
             })?;
             damaged |= report.reason.is_some();
-            if let Some(why) = &report.reason {
-                tracing::error!(
+            match &report.reason {
+                Some(why) if report.damaged => tracing::error!(
                     segment = s,
                     recovered_records = report.records,
                     lost_bytes = report.lost_bytes,
-                    "message store damaged: {why}; kept the {} records before it, discarded {} bytes",
+                    "message store DAMAGED (not a torn tail: good records follow bad ones; \
+                     disk or file corruption): {why}; kept {} records, discarded {} bytes",
                     report.records,
                     report.lost_bytes
-                );
+                ),
+                Some(why) => tracing::warn!(
+                    segment = s,
+                    recovered_records = report.records,
+                    lost_bytes = report.lost_bytes,
+                    "message store segment ends with an incomplete record (an append cut off \
+                     by a crash, never confirmed): {why}; kept the {} records before it, \
+                     discarded {} bytes",
+                    report.records,
+                    report.lost_bytes
+                ),
+                None => {}
             }
             reports.push(report);
         }
@@ -729,6 +804,8 @@ impl MessageLog {
             fsyncs: AtomicU64::new(0),
             records_written: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
+            failure: std::sync::OnceLock::new(),
+            injected: Mutex::new(None),
         });
         let flusher = log.clone();
         let handle = std::thread::Builder::new()
@@ -783,6 +860,9 @@ impl MessageLog {
     /// `redelivered=false`); after a crash every message comes back redelivered.
     pub fn mark_delivered(&self, sid: u64) {
         let mut p = self.pending.lock();
+        if p.failed {
+            return;
+        }
         if let Some(l) = p.locs.get_mut(&sid)
             && !l.delivered
         {
@@ -900,12 +980,17 @@ impl MessageLog {
                 .map(|&i| p.locs.get(&sids[i]).map(|l| l.loc))
                 .collect();
             let unwritten = locs.iter().flatten().any(|l| !p.is_written(*l));
-            if !unwritten || Instant::now() >= deadline {
+            if !unwritten || p.failed || Instant::now() >= deadline {
                 return locs
                     .into_iter()
                     .zip(which)
                     .map(|(l, &i)| match l {
                         Some(l) if p.is_written(l) => Ok(l),
+                        Some(_) if p.failed => Err(std::io::Error::other(format!(
+                            "message {} was never written: {}",
+                            sids[i],
+                            self.failure().unwrap_or("the message store failed")
+                        ))),
                         Some(_) => Err(std::io::Error::new(
                             std::io::ErrorKind::TimedOut,
                             format!(
@@ -937,6 +1022,43 @@ impl MessageLog {
 
     pub fn synced_now(&self) -> u64 {
         *self.synced_tx.borrow()
+    }
+
+    /// Why the log stopped writing, if a write or fsync failed. From then on nothing appended
+    /// is ever synced: publishers waiting for a confirm must be told no, and persistent
+    /// messages must be refused rather than held in memory.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get().map(String::as_str)
+    }
+
+    /// Makes the next write of the flusher fail with `kind`, as if the kernel had reported it
+    /// (the fault-injecting layer of tests; the failure is as sticky as a real one).
+    #[doc(hidden)]
+    pub fn inject_fault(&self, kind: std::io::ErrorKind) {
+        *self.injected.lock() = Some(kind);
+        self.wake.notify_one();
+    }
+
+    /// Enters the failed state (once): drops everything buffered, wakes whoever waits for a
+    /// sync or a write so they see the failure.
+    fn fail(&self, why: String) {
+        if self.failure.set(why.clone()).is_ok() {
+            tracing::error!(
+                "message store failed: {why}; persistent messages are refused and unconfirmed \
+                 publishes nacked until the node is restarted"
+            );
+        }
+        {
+            let mut p = self.pending.lock();
+            p.failed = true;
+            p.pieces = Vec::new();
+            p.small = Vec::new();
+            p.delivered = Vec::new();
+        }
+        self.written.notify_all();
+        self.compact_wake.notify_all();
+        // Not a new sequence number: a wake-up, so waiters look at `failure`.
+        self.synced_tx.send_modify(|_| {});
     }
 
     /// Stops the flusher after it wrote what is buffered, and waits for it — without the
@@ -993,7 +1115,7 @@ impl MessageLog {
             let plan = {
                 let mut p = self.pending.lock();
                 loop {
-                    if p.compactor_stop || p.shutdown {
+                    if p.compactor_stop || p.shutdown || p.failed {
                         return;
                     }
                     if let Some(plan) = p.compaction() {
@@ -1014,7 +1136,7 @@ impl MessageLog {
     /// Copies the live records of segments up to `plan.last` to the head of the log, then
     /// has the flusher delete those segments once the copies are synced.
     fn compact(&self, plan: Compaction) -> std::io::Result<()> {
-        let stopping = |p: &Pending| p.compactor_stop || p.shutdown;
+        let stopping = |p: &Pending| p.compactor_stop || p.shutdown || p.failed;
         // The prefix is sealed; wait until it is all written to its files.
         let mut todo: Vec<(u64, Loc)> = {
             let mut p = self.pending.lock();
@@ -1181,7 +1303,7 @@ impl MessageLog {
                     records,
                 )
             };
-            let mut ok = true;
+            let mut failed: Option<String> = None;
             // Consecutive pieces of one segment go out in one writev.
             let mut chunks: Vec<(u64, Vec<&[u8]>, u64)> = Vec::new();
             for (seg, b) in &pieces {
@@ -1203,15 +1325,18 @@ impl MessageLog {
                     {
                         Ok(f) => files.entry(*seg).or_insert(f),
                         Err(e) => {
-                            tracing::error!("cannot open segment {seg}: {e}");
-                            ok = false;
+                            failed = Some(format!("cannot open segment {seg}: {e}"));
                             break;
                         }
                     },
                 };
-                if let Err(e) = frame::write_all_vectored(file, parts) {
-                    tracing::error!("cannot write segment {seg}: {e}");
-                    ok = false;
+                let injected = self.injected.lock().take();
+                let written = match injected {
+                    Some(kind) => Err(std::io::Error::new(kind, "injected fault")),
+                    None => frame::write_all_vectored(file, parts),
+                };
+                if let Err(e) = written {
+                    failed = Some(format!("cannot write segment {seg}: {e}"));
                     break;
                 }
                 self.bytes_written.fetch_add(*len, Ordering::Relaxed);
@@ -1225,28 +1350,27 @@ impl MessageLog {
                 }
                 self.written.notify_all();
             }
-            if ok {
+            if failed.is_none() {
                 for (seg, _, _) in &chunks {
                     if let Some(f) = files.get(seg)
                         && let Err(e) = f.sync_data()
                     {
-                        tracing::error!("fdatasync of segment {seg} failed: {e}");
-                        ok = false;
+                        failed = Some(format!("fdatasync of segment {seg} failed: {e}"));
+                        break;
                     }
                 }
             }
-            if ok && !chunks.is_empty() {
+            if failed.is_none() && !chunks.is_empty() {
                 self.fsyncs.fetch_add(1, Ordering::Relaxed);
                 self.records_written.fetch_add(records, Ordering::Relaxed);
                 // Only now may publishers be told their messages are safe.
                 self.synced_tx.send_replace(seq);
             }
-            if !ok {
-                // Never confirm what is not on disk; retry the same data would risk
-                // duplicates of partial writes, so stop confirming and say why.
-                tracing::error!(
-                    "message store write failed; persistent publishes will not be confirmed"
-                );
+            if let Some(why) = failed {
+                // Never confirm what is not on disk. Retrying is not safe either: a partial
+                // write may have left half a record, and after a failed fsync the kernel may
+                // have dropped the dirty pages while reporting the next fsync as a success.
+                self.fail(why);
                 return;
             }
             // Keep only the newest segment's handle open.
@@ -1444,43 +1568,122 @@ mod tests {
         log.close();
     }
 
-    #[tokio::test]
-    async fn damage_keeps_the_prefix() {
-        let dir = tmp("damage");
-        let (log, _) = MessageLog::open(&dir).unwrap();
+    /// Ten records of equal size in segment 1; returns the segment's path and a record's size.
+    async fn ten_records(dir: &Path) -> (PathBuf, usize) {
+        let (log, _) = MessageLog::open(dir).unwrap();
         let mut seq = 0;
         for i in 1..=10 {
             seq = log.append(&Record::Enqueue(msg(i, "q", "body")));
         }
         wait_synced(&log, seq).await;
         log.shutdown();
-        // Flip a byte in the 6th record's payload.
-        let path = segment_path(&dir, 1);
+        let path = segment_path(dir, 1);
+        let len = fs::metadata(&path).unwrap().len() as usize;
+        (path, len / 10)
+    }
+
+    #[tokio::test]
+    async fn a_torn_tail_is_dropped_quietly() {
+        let dir = tmp("torn");
+        let (path, rec_len) = ten_records(&dir).await;
+        // The last append cut off halfway, then the file extended with zeros (what some
+        // file systems leave after a crash).
         let mut data = fs::read(&path).unwrap();
-        let rec_len = data.len() / 10;
+        data.truncate(9 * rec_len + rec_len / 2);
+        data.extend_from_slice(&[0; 100]);
+        fs::write(&path, &data).unwrap();
+        let (log, rec) = MessageLog::open(&dir).unwrap();
+        assert_eq!(sids(&rec, "q"), (1..=9).collect::<Vec<_>>());
+        let report = &rec.segments[0];
+        assert!(!report.damaged, "{report:?}");
+        assert_eq!(report.records, 9);
+        assert_eq!(report.lost_bytes as usize, rec_len / 2 + 100);
+        assert!(report.reason.as_deref().unwrap().contains("torn tail"));
+        log.close();
+    }
+
+    #[tokio::test]
+    async fn damage_in_the_middle_is_reported_and_skipped() {
+        let dir = tmp("damage");
+        let (path, rec_len) = ten_records(&dir).await;
+        // Flip a byte in the 6th record's payload: records 7..10 are intact after it.
+        let good = fs::read(&path).unwrap();
+        let mut data = good.clone();
         data[5 * rec_len + 12] ^= 0xFF;
         fs::write(&path, &data).unwrap();
         let (log, rec) = MessageLog::open(&dir).unwrap();
-        assert_eq!(rec.messages[&("/".into(), "q".into())].len(), 5);
+        assert_eq!(sids(&rec, "q"), [1, 2, 3, 4, 5, 7, 8, 9, 10]);
         let report = &rec.segments[0];
-        assert_eq!(report.records, 5);
-        assert_eq!(report.lost_bytes as usize, 5 * rec_len);
-        assert!(report.reason.as_deref().unwrap().contains("checksum"));
-        // A length field pointing far past the end of the file is a truncation, not an
-        // allocation of gigabytes.
+        assert!(report.damaged, "{report:?}");
+        assert_eq!(report.records, 9);
+        assert_eq!(report.lost_bytes as usize, rec_len);
+        let why = report.reason.as_deref().unwrap();
+        assert!(why.contains("DAMAGE"), "{why}");
+        assert!(why.contains(&format!("offset {}", 5 * rec_len)), "{why}");
+        assert!(!rec.clean);
         log.close();
+        // A length field pointing far past the end of the file, with good records after it:
+        // damage too (no allocation of gigabytes), but the rest cannot be trusted.
+        let dir = tmp("damage-len");
+        let (path, rec_len) = ten_records(&dir).await;
         let mut data = fs::read(&path).unwrap();
         data[2 * rec_len..2 * rec_len + 4].copy_from_slice(&u32::MAX.to_be_bytes());
         fs::write(&path, &data).unwrap();
         let (log, rec) = MessageLog::open(&dir).unwrap();
-        assert_eq!(rec.segments[0].records, 2);
-        assert!(
-            rec.segments[0]
-                .reason
-                .as_deref()
-                .unwrap()
-                .contains("truncated")
-        );
+        let report = &rec.segments[0];
+        assert_eq!(report.records, 2);
+        assert!(report.damaged, "{report:?}");
+        assert!(report.reason.as_deref().unwrap().contains("truncated"));
+        log.close();
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_is_sticky_nothing_more_is_kept_or_confirmed() {
+        let dir = tmp("fault");
+        let (log, _) = MessageLog::open(&dir).unwrap();
+        let seq = log.append(&Record::Enqueue(msg(1, "q", "before")));
+        wait_synced(&log, seq).await;
+        assert!(log.failure().is_none());
+        let mut rx = log.synced();
+        rx.borrow_and_update();
+        log.inject_fault(std::io::ErrorKind::StorageFull);
+        let lost = log.append(&Record::Enqueue(msg(2, "q", "lost")));
+        // Waiters are woken and see the failure; the sequence number is never synced.
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        let why = log.failure().unwrap().to_owned();
+        assert!(why.contains("injected fault"), "{why}");
+        assert!(log.synced_now() < lost);
+        // Reading the unwritten message fails at once, not after a timeout.
+        let t = Instant::now();
+        assert!(log.read(&[2])[0].is_err());
+        assert!(t.elapsed() < Duration::from_secs(1));
+        // Nothing more is buffered: a megabyte body appended after the failure is dropped.
+        let body = Bytes::from(vec![b'x'; 1 << 20]);
+        for sid in 3..50 {
+            let m = EnqueueRef {
+                sid,
+                vhost: "/",
+                queue: "q",
+                expires_at: None,
+                exchange: "",
+                routing_key: "q",
+                header_payload: &[0, 60, 0, 0],
+                body: &body,
+            };
+            assert!(log.append_enqueue(&m, &body) > log.synced_now());
+        }
+        {
+            let p = log.pending.lock();
+            assert!(p.pieces.is_empty() && p.small.is_empty());
+        }
+        assert_eq!(log.failure(), Some(why.as_str()));
+        log.close();
+        // What was synced before the failure survives a restart.
+        let (log, rec) = MessageLog::open(&dir).unwrap();
+        assert_eq!(sids(&rec, "q"), [1]);
         log.close();
     }
 

@@ -281,6 +281,11 @@ impl MetaStore {
         Ok(())
     }
 
+    /// Whether a journal is open for appends (none after a failed append, until a snapshot).
+    pub fn has_journal(&self) -> bool {
+        self.journal.is_some()
+    }
+
     /// Appends changes and syncs them. Returns whether the journal has grown enough to be
     /// folded into a new snapshot. An error leaves the journal closed: the caller writes a
     /// snapshot (which also starts a new journal).
@@ -303,40 +308,98 @@ impl MetaStore {
     }
 }
 
-/// The journal's records if its epoch is `epoch`; reading stops at the first torn or damaged
-/// record (a change whose append did not complete was never confirmed to anyone).
+/// How a journal read ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JournalEnd {
+    /// Every byte was a good record.
+    Complete,
+    /// The last record is incomplete: a change cut off by a crash before it was acknowledged.
+    TornTail { offset: usize, bytes: usize },
+    /// A bad record with good ones after it: the file was damaged (not what a crash leaves).
+    /// `resumed` says whether the records after it were read (the bad record's length was
+    /// intact) or dropped.
+    Damaged {
+        offset: usize,
+        next_good: usize,
+        resumed: bool,
+    },
+}
+
+/// The records of a journal whose epoch is `epoch` (none if the epoch differs), and how the
+/// read ended. A torn tail is dropped quietly (that change was never acknowledged to anyone);
+/// damage in the middle is reported loudly, and the records after a damaged one are kept when
+/// its length is intact (each record is an object's whole state, so a later record does not
+/// depend on the lost one).
+pub fn read_journal_bytes(data: &[u8], epoch: u64) -> (Vec<Change>, JournalEnd) {
+    let mut at = 0;
+    match frame::unframe(data) {
+        Some(h) if h == epoch.to_be_bytes() => at += frame::HEADER + h.len(),
+        _ => return (Vec::new(), JournalEnd::Complete),
+    }
+    let mut out = Vec::new();
+    let parse = |p: &[u8]| serde_json::from_slice::<Change>(p).ok();
+    let mut end = JournalEnd::Complete;
+    while at < data.len() {
+        if let Some(p) = frame::unframe(&data[at..])
+            && let Some(c) = parse(p)
+        {
+            out.push(c);
+            at += frame::HEADER + p.len();
+            continue;
+        }
+        match frame::next_good_record(&data[at..], |p| parse(p).is_some()) {
+            None => {
+                end = JournalEnd::TornTail {
+                    offset: at,
+                    bytes: data.len() - at,
+                };
+                break;
+            }
+            Some((skip, resumed)) => {
+                end = JournalEnd::Damaged {
+                    offset: at,
+                    next_good: at + skip,
+                    resumed,
+                };
+                if !resumed {
+                    break;
+                }
+                at += skip;
+            }
+        }
+    }
+    (out, end)
+}
+
 fn read_journal(data_dir: &Path, epoch: u64) -> std::io::Result<Vec<Change>> {
     let data = match fs::read(data_dir.join(JOURNAL_NAME)) {
         Ok(d) => d,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
-    let mut at = 0;
-    let mut next = || {
-        let payload = frame::unframe(data.get(at..)?)?;
-        at += frame::HEADER + payload.len();
-        Some(payload)
-    };
-    match next() {
-        Some(h) if h == epoch.to_be_bytes() => {}
-        _ => return Ok(Vec::new()),
-    }
-    let mut out = Vec::new();
-    while let Some(p) = next() {
-        match serde_json::from_slice(p) {
-            Ok(c) => out.push(c),
-            Err(e) => {
-                tracing::error!("metadata journal record unreadable, the rest is ignored: {e}");
-                break;
-            }
-        }
-    }
-    if at < data.len() {
-        tracing::warn!(
+    let (out, end) = read_journal_bytes(&data, epoch);
+    match end {
+        JournalEnd::Complete => {}
+        JournalEnd::TornTail { offset, bytes } => tracing::warn!(
             records = out.len(),
-            "metadata journal ends with {} bytes of an incomplete record (a change cut off by a crash before it was acknowledged); ignored",
-            data.len() - at
-        );
+            offset,
+            "metadata journal ends with {bytes} bytes of an incomplete record (a change cut off by a crash before it was acknowledged); ignored"
+        ),
+        JournalEnd::Damaged {
+            offset,
+            next_good,
+            resumed,
+        } => tracing::error!(
+            records = out.len(),
+            offset,
+            next_good,
+            "metadata journal DAMAGED (not a torn tail: good records follow a bad one at offset {offset}; disk or file corruption): {}",
+            if resumed {
+                "that change is lost, the records after it were applied"
+            } else {
+                "its length is damaged too, the records after it were dropped"
+            }
+        ),
     }
     Ok(out)
 }
@@ -543,6 +606,97 @@ mod tests {
             }
         }
         assert!(folded, "the journal asked to be folded into a snapshot");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn journal_damage_in_the_middle_is_reported_as_damage_not_a_torn_tail() {
+        let dir = std::env::temp_dir().join(format!("warren-meta-dmg-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let mut store = MetaStore::new(&dir, None);
+        store.save(Snapshot::default()).unwrap();
+        let j = dir.join(JOURNAL_NAME);
+        let mut ends = vec![fs::metadata(&j).unwrap().len() as usize];
+        for n in ["q1", "q2", "q3"] {
+            store.append(&[Change::PutQueue(queue(n))]).unwrap();
+            ends.push(fs::metadata(&j).unwrap().len() as usize);
+        }
+        let epoch = load(&dir).unwrap().unwrap().epoch;
+        let good = fs::read(&j).unwrap();
+        let names = |c: &[Change]| {
+            c.iter()
+                .filter_map(|c| match c {
+                    Change::PutQueue(q) => Some(q.name.clone()),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        let (c, end) = read_journal_bytes(&good, epoch);
+        assert_eq!(
+            (names(&c), end),
+            (
+                vec!["q1".into(), "q2".into(), "q3".into()],
+                JournalEnd::Complete
+            )
+        );
+        // Torn tail: the last append cut off.
+        let (c, end) = read_journal_bytes(&good[..good.len() - 3], epoch);
+        assert_eq!(names(&c), ["q1", "q2"]);
+        assert_eq!(
+            end,
+            JournalEnd::TornTail {
+                offset: ends[2],
+                bytes: ends[3] - ends[2] - 3
+            }
+        );
+        // A flipped bit in q2's record, q3 intact after it: damage, q3 still applied.
+        let mut bad = good.clone();
+        bad[ends[1] + frame::HEADER + 3] ^= 0x20;
+        let (c, end) = read_journal_bytes(&bad, epoch);
+        assert_eq!(names(&c), ["q1", "q3"]);
+        assert_eq!(
+            end,
+            JournalEnd::Damaged {
+                offset: ends[1],
+                next_good: ends[2],
+                resumed: true
+            }
+        );
+        fs::write(&j, &bad).unwrap();
+        let loaded = load(&dir).unwrap().unwrap();
+        let queues: Vec<_> = loaded.queues.into_iter().map(|q| q.name).collect();
+        assert_eq!(queues, ["q1", "q3"]);
+        // q2's length damaged: q3 is found (damage, not a torn tail) but not trusted.
+        let mut bad = good.clone();
+        bad[ends[1]..ends[1] + 4].copy_from_slice(&[0x7f, 0, 0, 0]);
+        let (c, end) = read_journal_bytes(&bad, epoch);
+        assert_eq!(names(&c), ["q1"]);
+        assert_eq!(
+            end,
+            JournalEnd::Damaged {
+                offset: ends[1],
+                next_good: ends[2],
+                resumed: false
+            }
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_failed_append_closes_the_journal_and_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("warren-meta-full-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let mut store = MetaStore::new(&dir, None);
+        store.save(Snapshot::default()).unwrap();
+        // The kernel's own ENOSPC: /dev/full refuses every write.
+        store.journal = Some(OpenOptions::new().write(true).open("/dev/full").unwrap());
+        let e = store.append(&[Change::PutQueue(queue("q"))]).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(28), "{e}");
+        assert!(!store.has_journal());
+        // Nothing is appended after a failed append: the caller must write a snapshot.
+        assert!(store.append(&[Change::PutQueue(queue("q"))]).unwrap());
         let _ = fs::remove_dir_all(&dir);
     }
 }

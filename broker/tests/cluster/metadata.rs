@@ -198,7 +198,10 @@ async fn a_minority_refuses_changes_and_catches_up_after_the_partition_heals() {
     for i in 0..3 {
         net.wait_status(i, "/api/vhosts/lonely", 404, SPREAD).await;
     }
-    // And it takes changes again.
+    // And it takes changes again, once its failure detector sees the others (until then it
+    // still answers 503 naming them).
+    net.wait_nodes(0, &[(0, true), (1, true), (2, true)], AGREE)
+        .await;
     let (s, body) = put(&net, 0, "/api/vhosts/healed", json!({})).await;
     assert_eq!(s, 201, "{body}");
     for i in 0..3 {
