@@ -15,6 +15,10 @@ Checked on both, through the management HTTP API only:
      `rabbitmqctl stop`): nodes 1 and 2 list it with `running: false` within --detect-bound
      seconds (each node's time is printed).
   4. node 3 started again: every node lists all 3 running within --rejoin-bound seconds.
+  5. definitions are the cluster's: a vhost created on node 1 while node 3 was stopped is on
+     node 3 once it is back; a vhost, a user, its permissions and a policy created on
+     different nodes are listed by every node (time printed); deleting the user on one
+     node removes it everywhere. Status codes compared.
 
 Every other difference a client could see (keys present on one side only, order of the
 list, listeners of other nodes in /api/overview, the stopped node's entry) is printed as
@@ -76,6 +80,64 @@ def get_json(base, path, timeout=3.0):
     req.add_header("Authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read().decode())
+
+
+def send(base, method, path, body=None, timeout=10.0):
+    """The status code of a management API request (errors included)."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(base + path, data=data, method=method)
+    req.add_header("Authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def wait_status(base, path, want, bound):
+    """Seconds until GET path answers `want`, or None if not within `bound`."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < bound:
+        if send(base, "GET", path) == want:
+            return time.monotonic() - t0
+        time.sleep(POLL)
+    return None
+
+
+def check_definitions(w, r, bound):
+    """Fact 5 (all nodes running): changes on one node, visible on every node."""
+    steps = [
+        (0, "PUT", "/api/vhosts/diff-orders", {}),
+        (1, "PUT", "/api/users/diff-alice", {"password": "pw", "tags": "management"}),
+        (2, "PUT", "/api/permissions/diff-orders/diff-alice", {"configure": ".*", "write": ".*", "read": ".*"}),
+        (0, "PUT", "/api/policies/diff-orders/diff-ttl",
+         {"pattern": "^q", "definition": {"message-ttl": 60000}, "apply-to": "queues"}),
+    ]
+    for i, method, path, body in steps:
+        cw, cr = send(w.mgmt[i], method, path, body), send(r.mgmt[i], method, path, body)
+        if cw == cr:
+            ok("%s %s on node%d: %d on both" % (method, path, i + 1, cw))
+        else:
+            fail("%s %s on node%d: warren %d, rabbitmq %d" % (method, path, i + 1, cw, cr))
+    for path in ("/api/vhosts/diff-orders", "/api/users/diff-alice",
+                 "/api/permissions/diff-orders/diff-alice", "/api/policies/diff-orders/diff-ttl"):
+        for c in (w, r):
+            seen = [wait_status(c.mgmt[i], path, 200, bound) for i in range(3)]
+            if None in seen:
+                fail("%s: %s not on every node within %.0f s (%s)" % (c.label, path, bound, seen))
+            else:
+                log("%-8s %s on every node after %.2f s" % (c.label + ":", path, max(seen)))
+    cw = send(w.mgmt[1], "DELETE", "/api/users/diff-alice")
+    cr = send(r.mgmt[1], "DELETE", "/api/users/diff-alice")
+    if cw != cr:
+        fail("DELETE /api/users/diff-alice on node2: warren %d, rabbitmq %d" % (cw, cr))
+    for c in (w, r):
+        seen = [wait_status(c.mgmt[i], "/api/users/diff-alice", 404, bound) for i in range(3)]
+        if None in seen:
+            fail("%s: deleted user still on some node after %.0f s (%s)" % (c.label, bound, seen))
+        else:
+            ok("%s: deleted user gone from every node after %.2f s" % (c.label, max(seen)))
 
 
 def try_nodes(base):
@@ -401,6 +463,14 @@ def main():
                     info("the stopped node's entry: warren keys %s, rabbitmq keys %s"
                          % (sorted(ew[0]), sorted(er[0])))
 
+        # ---- 5a. a definition made while node 3 is down
+        cw = send(w.mgmt[0], "PUT", "/api/vhosts/diff-while-down", {})
+        cr = send(r.mgmt[0], "PUT", "/api/vhosts/diff-while-down", {})
+        if cw == cr:
+            ok("PUT /api/vhosts/diff-while-down on node1 with node3 stopped: %d on both" % cw)
+        else:
+            fail("PUT /api/vhosts/diff-while-down with node3 stopped: warren %d, rabbitmq %d" % (cw, cr))
+
         # ---- 4. start node 3 again
         log("== start node3 again")
         t0 = time.monotonic()
@@ -422,6 +492,16 @@ def main():
             times["rabbitmq rejoin"] = max(jr.values())
         if len(jw) == 3 and len(jr) == 3:
             check_listing(w, r, report_info=False)
+            # ---- 5. definitions
+            log("== definitions: made on one node, on every node")
+            for c in (w, r):
+                t = wait_status(c.mgmt[victim], "/api/vhosts/diff-while-down", 200, args.rejoin_bound)
+                if t is None:
+                    fail("%s: node3 does not have the vhost made while it was down" % c.label)
+                else:
+                    ok("%s: node3 has the vhost made while it was down (%.2f s after it listed all running)"
+                       % (c.label, t))
+            check_definitions(w, r, args.detect_bound)
     except (urllib.error.URLError, OSError) as e:
         fail("HTTP/process error: %r" % (e,))
     finally:
