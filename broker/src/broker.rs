@@ -163,7 +163,7 @@ impl Broker {
     /// Saves the node's metadata whenever `v` changes something durable.
     pub(crate) fn watch_durable_changes(me: std::sync::Weak<Broker>, v: &Vhost) {
         v.set_on_durable_change(move |vhost, change| match me.upgrade() {
-            Some(b) => b.persist_change(vhost, change),
+            Some(b) => crate::persistence::off_the_runtime(|| b.persist_change(vhost, change)),
             None => Ok(()),
         });
     }

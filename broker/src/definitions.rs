@@ -329,7 +329,7 @@ impl crate::cluster::raft::Replicated for Replicated {
                 let o = b.apply_change(c);
                 // A failed save is logged and raises the disk_io alarm; the change itself is
                 // kept by the metadata group's log, which a restart replays.
-                let _ = b.persist_metadata();
+                let _ = crate::persistence::off_the_runtime(|| b.persist_metadata());
                 o
             }
             (None, _) => Err("node is stopping".into()),
@@ -347,7 +347,7 @@ impl crate::cluster::raft::Replicated for Replicated {
         let d: Definitions = serde_json::from_str(snapshot).map_err(|e| e.to_string())?;
         let b = self.broker().ok_or("node is stopping")?;
         b.install_definitions(d);
-        let _ = b.persist_metadata();
+        let _ = crate::persistence::off_the_runtime(|| b.persist_metadata());
         Ok(())
     }
 

@@ -61,6 +61,21 @@ fn durable_exchange(v: &Vhost, name: &str) -> Option<Arc<Exchange>> {
     v.exchange(name).filter(|e| e.durable && !e.name.is_empty())
 }
 
+/// Runs `write` (file writes and fsyncs) so that it never stalls other tasks: on a
+/// multi-threaded runtime the calling worker hands its other tasks to the rest of the runtime
+/// for the duration (`block_in_place`), so heartbeats, other clients and the caller's peers go
+/// on while this task waits for the disk. The caller still waits, which is the point: a
+/// durable declare is answered only once it is on disk.
+pub(crate) fn off_the_runtime<T>(write: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(write)
+        }
+        _ => write(),
+    }
+}
+
 impl Broker {
     /// All the metadata, as the snapshot file holds it.
     pub(crate) fn metadata_snapshot(&self) -> Snapshot {

@@ -29,6 +29,18 @@ pub const JOURNAL_NAME: &str = "metadata.journal";
 /// The journal is folded into a new snapshot once it is larger than the snapshot and this.
 const JOURNAL_MIN: u64 = 1 << 20;
 
+/// Milliseconds each journal fsync is made to take longer (a slow disk), for tests that
+/// check nothing else waits behind a metadata write. Zero outside those tests.
+#[doc(hidden)]
+pub static TEST_SYNC_DELAY_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn slow_disk_for_tests() {
+    let ms = TEST_SYNC_DELAY_MS.load(std::sync::atomic::Ordering::Relaxed);
+    if ms > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
+
 #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Snapshot {
     /// Which journal continues this snapshot (0 in files written before the journal).
@@ -298,7 +310,10 @@ impl MetaStore {
             let json = serde_json::to_vec(c).map_err(std::io::Error::other)?;
             frame::framed(&mut buf, |out| out.extend_from_slice(&json));
         }
-        let written = f.write_all(&buf).and_then(|_| f.sync_data());
+        let written = f.write_all(&buf).and_then(|_| {
+            slow_disk_for_tests();
+            f.sync_data()
+        });
         if let Err(e) = written {
             self.journal = None;
             return Err(e);
