@@ -209,6 +209,7 @@ impl Metadata {
         if fresh {
             tokio::spawn(meta.clone().bootstrap(seed));
         }
+        tokio::spawn(exit_if_raft_fails(meta.raft.metrics()));
         Ok(meta)
     }
 
@@ -591,5 +592,27 @@ impl Metadata {
 
     pub async fn shutdown(&self) {
         let _ = self.raft.shutdown().await;
+    }
+}
+
+/// A Raft core that stopped on a storage error or a panic cannot recover in place: this node
+/// would go on serving, ready, with definitions that no longer follow the cluster. Exit
+/// instead, so the supervisor (the kubelet, systemd) restarts it from its log.
+async fn exit_if_raft_fails(mut metrics: watch::Receiver<openraft::RaftMetrics<NodeId, Member>>) {
+    loop {
+        let state = metrics.borrow_and_update().running_state.clone();
+        match state {
+            Ok(()) | Err(openraft::error::Fatal::Stopped) => {}
+            Err(fatal) => {
+                tracing::error!(
+                    "the cluster's metadata group stopped on this node ({fatal}); exiting so \
+                     the node restarts and rejoins"
+                );
+                std::process::exit(70);
+            }
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
     }
 }
