@@ -175,8 +175,10 @@ impl Broker {
         }
     }
 
-    /// Joins the cluster: serves the inter-node `listener` and dials `cluster-peers`.
-    pub fn start_cluster(
+    /// Joins the cluster: serves the inter-node `listener` and dials `cluster-peers`. A node
+    /// that its peers removed (forget) while it was down resets its cluster state first and
+    /// joins as a new member, keeping its queues and messages.
+    pub async fn start_cluster(
         self: &Arc<Self>,
         listener: tokio::net::TcpListener,
         secret: Vec<u8>,
@@ -185,15 +187,31 @@ impl Broker {
             .config
             .cluster_advertise_addr()
             .ok_or("no inter-node listener (cluster-listen)")?;
-        let incarnation = crate::cluster::incarnation(&self.config.data_dir).map_err(|e| {
-            format!("cannot keep the node's incarnation in the data directory: {e}")
-        })?;
-        let me = crate::cluster::handshake::Identity {
+        let data_dir = &self.config.data_dir;
+        let identity = |incarnation| crate::cluster::handshake::Identity {
             node: self.node_name(),
-            advertise,
+            advertise: advertise.clone(),
             incarnation,
-            secret: secret.into(),
+            secret: secret.clone().into(),
         };
+        let incarnation = |dir| {
+            crate::cluster::incarnation(dir).map_err(|e| {
+                format!("cannot keep the node's incarnation in the data directory: {e}")
+            })
+        };
+        let mut me = identity(incarnation(data_dir)?);
+        let mut addrs = self.config.cluster_peer_addrs();
+        addrs.extend(crate::cluster::remembered_addresses(data_dir));
+        if let Some(refusal) = crate::cluster::forgotten_by(&me, &addrs).await {
+            tracing::warn!(
+                "this node was removed from the cluster while it was down ({refusal}); \
+                 resetting its cluster state to join again as a new member (its queues and \
+                 messages are kept)"
+            );
+            crate::cluster::reset_cluster_state(data_dir)
+                .map_err(|e| format!("cannot reset the node's cluster state: {e}"))?;
+            me = identity(incarnation(data_dir)?);
+        }
         let weak = Arc::downgrade(self);
         let status: crate::cluster::StatusFn =
             Box::new(move || weak.upgrade().map(|b| b.node_status()).unwrap_or_default());

@@ -192,7 +192,7 @@ async fn run(config: Config) -> Result<(), String> {
         if let Ok(addr) = listener.local_addr() {
             broker.register_listener("clustering", addr);
         }
-        broker.start_cluster(listener, secret)?;
+        broker.start_cluster(listener, secret).await?;
         broker.start_metadata().await?;
         tracing::info!(
             peers = ?broker.config.cluster_peers,

@@ -107,6 +107,62 @@ pub enum ForgetError {
     Metadata(String),
 }
 
+/// How a node refuses one it has forgotten (the refused node recognises it, see
+/// [`forgotten_by`]).
+const FORGOTTEN: &str = "was removed from this cluster (forget)";
+
+/// Asks `addrs` (with a short timeout each) whether this node, as `me`, was removed from
+/// the cluster; returns the refusal of the first that says so. A node forgotten while it
+/// was down learns it here, at startup, and resets its cluster state
+/// ([`reset_cluster_state`]) to join again as a new member.
+pub async fn forgotten_by(me: &Identity, addrs: &[String]) -> Option<String> {
+    let mut asks = tokio::task::JoinSet::new();
+    let mut seen = HashSet::new();
+    for addr in addrs {
+        if *addr == me.advertise || !seen.insert(addr.clone()) {
+            continue;
+        }
+        let (me, addr) = (me.clone(), addr.clone());
+        asks.spawn(async move {
+            let attempt = async {
+                let mut stream = TcpStream::connect(&addr).await?;
+                handshake::dial(&mut stream, &me).await
+            };
+            match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+                Ok(Err(HandshakeError::Refused { node, reason })) if reason.contains(FORGOTTEN) => {
+                    Some(format!("{node} ({addr}): {reason}"))
+                }
+                _ => None,
+            }
+        });
+    }
+    while let Some(answer) = asks.join_next().await {
+        if let Ok(Some(refusal)) = answer {
+            return Some(refusal);
+        }
+    }
+    None
+}
+
+/// Addresses of the members remembered in `data_dir` (for [`forgotten_by`]).
+pub fn remembered_addresses(data_dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(data_dir.join("cluster").join("members"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1).map(str::to_owned))
+        .collect()
+}
+
+/// Forgets this node's cluster identity: its incarnation, member lists and metadata group
+/// state. Its own queues and messages (outside `cluster/`) are kept.
+pub fn reset_cluster_state(data_dir: &std::path::Path) -> std::io::Result<()> {
+    let dir = data_dir.join("cluster");
+    match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// This node's incarnation: drawn once when its data directory has none, kept after.
 pub fn incarnation(data_dir: &std::path::Path) -> std::io::Result<u64> {
     let path = data_dir.join("cluster").join("incarnation");
@@ -474,8 +530,8 @@ async fn accept_loop(cluster: Arc<Cluster>, listener: TcpListener) {
                     // whatever its data.
                     Some(&i) if i == hello.incarnation || i == 0 => {
                         return Err(format!(
-                            "{} was removed from this cluster (forget); wipe its data \
-                             directory to join again",
+                            "{} {FORGOTTEN}; it rejoins as a new member when it restarts (its \
+                             cluster state is reset, its queues and messages are kept)",
                             hello.node
                         ));
                     }

@@ -270,7 +270,15 @@ async fn virtual_hosts(State(broker): State<Arc<Broker>>, _caller: Caller) -> Ap
             "virtual-hosts": broker.vhost_names(),
         }));
     }
-    if let Some(meta) = broker.cluster().and_then(|c| c.metadata()) {
+    let clustered = !broker.config.cluster_peers.is_empty();
+    let meta = broker.cluster().and_then(|c| c.metadata());
+    if clustered && meta.is_none() {
+        return failed(json!({
+            "status": "failed",
+            "reason": "this node is starting its cluster membership (cluster-peers is set)",
+        }));
+    }
+    if let Some(meta) = meta {
         let status = meta.status();
         if !meta.caught_up() {
             let reason = if !status.initialized {

@@ -211,7 +211,7 @@ async fn five_nodes_agree_and_a_minority_partition_sees_the_majority_down() {
 }
 
 #[tokio::test]
-async fn a_stopped_node_is_forgotten_everywhere_and_refused_until_its_data_is_wiped() {
+async fn a_stopped_node_is_forgotten_everywhere_and_rejoins_as_a_new_member() {
     let _serial = SERIAL.lock().await;
     let mut net = Net::new(3);
     net.start_all().await;
@@ -241,17 +241,18 @@ async fn a_stopped_node_is_forgotten_everywhere_and_refused_until_its_data_is_wi
         net.wait_nodes(i, &[(0, true), (1, true)], AGREE).await;
     }
 
-    // Back with its old data: refused, and it says why.
+    // Back with its old data: it learns at startup that it was removed, says so, resets its
+    // cluster state (keeping its queues) and joins as a new member.
     net.start(2).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    for i in 0..2 {
-        net.wait_nodes(i, &[(0, true), (1, true)], Duration::from_secs(1))
-            .await;
+    for i in 0..3 {
+        net.wait_nodes(i, &all_up(3), AGREE).await;
     }
+    net.wait_ready(2, AGREE).await;
     let log = net.nodes[2].log();
     assert!(
-        log.contains("was removed from this cluster (forget)"),
-        "the forgotten node says why it is refused:\n{log}"
+        log.contains("was removed from this cluster (forget)")
+            && log.contains("resetting its cluster state"),
+        "the forgotten node says why it resets:\n{log}"
     );
 
     // Wiped: a new incarnation joins again.
