@@ -216,6 +216,17 @@ pub struct Broker {
     /// Serves the management API over HTTPS only, with this certificate.
     tls: Option<TestPki>,
     data: PathBuf,
+    /// A member of a cluster of brokers ([`Broker::start_cluster`]).
+    cluster: Option<ClusterMember>,
+}
+
+/// How one broker of a [`Broker::start_cluster`] cluster is started.
+#[derive(Clone, Debug)]
+struct ClusterMember {
+    node_name: String,
+    port: u16,
+    peers: String,
+    secret_file: PathBuf,
 }
 
 /// A CA and a server certificate for 127.0.0.1 and localhost, made with `openssl`.
@@ -352,9 +363,62 @@ impl Broker {
             http,
             tls,
             data,
+            cluster: None,
         };
         broker.run().await;
         broker
+    }
+
+    /// A cluster of brokers on loopback, one per node name (the first is the seed that
+    /// creates the cluster's metadata group); returns once each answers on its management
+    /// API and the first has every node as a voter.
+    pub async fn start_cluster(node_names: &[&str]) -> Vec<Broker> {
+        let ports: Vec<u16> = node_names.iter().map(|_| free_port()).collect();
+        let peers = ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let secret_file =
+            std::env::temp_dir().join(format!("warren-e2e-cluster-secret-{}", ports[0]));
+        std::fs::write(&secret_file, "e2e-cluster-secret\n").expect("secret");
+        let mut brokers = Vec::new();
+        for (name, port) in node_names.iter().zip(&ports) {
+            let amqp_port = free_port();
+            let management_port = free_port();
+            let data = std::env::temp_dir().join(format!("warren-e2e-broker-{amqp_port}"));
+            let _ = std::fs::remove_dir_all(&data);
+            let mut b = Broker {
+                child: None,
+                amqp_port,
+                management_port,
+                prometheus_port: free_port(),
+                management_url: format!("http://127.0.0.1:{management_port}"),
+                http: reqwest::Client::new(),
+                tls: None,
+                data,
+                cluster: Some(ClusterMember {
+                    node_name: name.to_string(),
+                    port: *port,
+                    peers: peers.clone(),
+                    secret_file: secret_file.clone(),
+                }),
+            };
+            b.run().await;
+            brokers.push(b);
+        }
+        let want = node_names.len();
+        let first = &brokers[0];
+        wait_for(
+            "every node a voter of the cluster's metadata group",
+            Duration::from_secs(60),
+            || async move {
+                let m = first.get("/api/warren/metadata").await?;
+                (m["voters"].as_array()?.len() == want).then_some(())
+            },
+        )
+        .await;
+        brokers
     }
 
     async fn run(&mut self) {
@@ -376,6 +440,14 @@ impl Broker {
                 .arg("--tls-key-file")
                 .arg(pki.dir.join("tls.key")),
         };
+        if let Some(c) = &self.cluster {
+            cmd.args(["--node-name", &c.node_name])
+                .args(["--cluster-listen", &format!("127.0.0.1:{}", c.port)])
+                .args(["--cluster-advertise", &format!("127.0.0.1:{}", c.port)])
+                .args(["--cluster-peers", &c.peers])
+                .arg("--cluster-secret-file")
+                .arg(&c.secret_file);
+        }
         let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())

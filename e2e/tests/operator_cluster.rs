@@ -538,6 +538,103 @@ async fn scale_down_drains_the_node_through_the_broker_first() {
     .await;
 }
 
+/// A scale-down of a real 3-node Warren cluster: the node is removed from the StatefulSet,
+/// and once it has stopped the operator removes it from the brokers' membership (forget),
+/// so the cluster's majority is counted over the nodes that are left. The brokers are real
+/// processes named as the pods are (kwok runs the pods); the management-uri annotation sends
+/// the operator's calls to the first of them.
+#[tokio::test(flavor = "multi_thread")]
+async fn scale_down_forgets_the_removed_node_once_it_has_stopped() {
+    let (client, ns, _op) = setup("forget").await;
+    let names: Vec<String> = (0..3)
+        .map(|i| format!("warren@forget-server-{i}.forget-nodes.{ns}"))
+        .collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut brokers = Broker::start_cluster(&refs).await;
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "imported-user", "namespace": ns},
+        "stringData": {"username": "guest", "password": "guest"},
+    }))
+    .expect("secret");
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("secret");
+    create_cluster(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "warren.dev/v1alpha1",
+            "kind": "RabbitCluster",
+            "metadata": {"name": "forget", "namespace": ns,
+                         "annotations": {"warren.dev/management-uri": brokers[0].management_url}},
+            "spec": {"replicas": 3, "persistence": {"storage": "0"},
+                     "defaultUser": {"secretName": "imported-user"}},
+        }),
+    )
+    .await;
+    wait_settled(&client, &ns, "forget", 3).await;
+
+    // The StatefulSet shrinks; while the removed node's broker still runs, the brokers
+    // refuse to forget it and the operator says so.
+    patch_cluster(&client, &ns, "forget", json!({"spec": {"replicas": 2}})).await;
+    let api = Api::<RabbitCluster>::namespaced(client.clone(), &ns);
+    let message = wait_for("the forget refused while the node runs", LONG, || {
+        let api = api.clone();
+        async move {
+            let rc = api.get("forget").await.ok()?;
+            let (_, _, m) = condition(&rc, "Progressing")?;
+            m.contains("cannot remove").then_some(m)
+        }
+    })
+    .await;
+    assert!(message.contains("is running"), "{message}");
+    let sts_api = Api::<StatefulSet>::namespaced(client.clone(), &ns);
+    assert_eq!(
+        sts_api
+            .get("forget-server")
+            .await
+            .expect("sts")
+            .spec
+            .and_then(|s| s.replicas),
+        Some(2)
+    );
+
+    // The node stops (its pod is gone): it is forgotten, and the cluster's metadata group
+    // has the two nodes left as its voters.
+    brokers[2].kill();
+    wait_settled(&client, &ns, "forget", 2).await;
+    let rc = api.get("forget").await.expect("get");
+    let drained = rc.status.expect("status").drained_nodes;
+    assert!(
+        drained
+            .iter()
+            .any(|d| d.pod == "forget-server-2" && d.forgotten),
+        "{drained:?}"
+    );
+    let meta = brokers[0]
+        .get("/api/warren/metadata")
+        .await
+        .expect("metadata");
+    let voters: Vec<&str> = meta["voters"]
+        .as_array()
+        .expect("voters")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert_eq!(voters.len(), 2, "{meta}");
+    assert!(!voters.contains(&names[2].as_str()), "{meta}");
+    let nodes = brokers[0].get("/api/nodes").await.expect("nodes");
+    assert_eq!(nodes.as_array().map(Vec::len), Some(2), "{nodes}");
+    assert!(
+        events(&client, &ns)
+            .await
+            .iter()
+            .any(|(r, m)| r == "Forgotten" && m.contains("forget-server-2"))
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tls_only_cluster_is_drained_over_https() {
     let (client, ns, _op) = setup("drain-https").await;

@@ -161,6 +161,30 @@ impl ManagementClient {
     }
 
     /// Puts the node into drain (maintenance) mode and returns the queues left on it.
+    /// Removes a stopped node from the broker cluster (`DELETE /api/nodes/{node}`, RabbitMQ's
+    /// `forget_cluster_node`). A node that is not a member (404: already forgotten, or a
+    /// broker that is not clustered) counts as forgotten.
+    pub async fn forget(&self, node: &str) -> Result<(), ManagementError> {
+        self.delete(&format!("/api/nodes/{}", segment(node))).await
+    }
+
+    /// Whether stopping the node this client talks to would cost a replicated group its
+    /// majority (`/api/health/checks/node-is-quorum-critical`): `Some(reason)` if so.
+    pub async fn quorum_critical(&self) -> Result<Option<String>, ManagementError> {
+        match self
+            .send("GET", "/api/health/checks/node-is-quorum-critical", None)
+            .await
+        {
+            Ok(_) => Ok(None),
+            Err(ManagementError::Refused {
+                status: 503,
+                reason,
+                ..
+            }) => Ok(Some(reason)),
+            Err(e) => Err(e),
+        }
+    }
+
     pub async fn drain(&self) -> Result<Vec<QueueSummary>, ManagementError> {
         let path = "/api/warren/drain";
         let resp = self.send("POST", path, None).await?;

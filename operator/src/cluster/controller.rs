@@ -491,14 +491,19 @@ async fn apply_objects(
 
     let mut replicas = rc.spec.replicas;
     if let Some(current) = &current {
-        if rc.spec.replicas < current_replicas {
-            // Scale down: drain the nodes going away, highest ordinal first, and only then
-            // shrink the StatefulSet. A failed drain leaves the StatefulSet as it is.
-            for ordinal in (rc.spec.replicas..current_replicas).rev() {
-                let pod = format!("{}-{ordinal}", build::server_name(rc));
-                if outcome.drained.iter().any(|d| d.pod == pod) {
-                    continue;
-                }
+        // Nodes removed by an earlier scale-down step leave the broker cluster's membership
+        // once their pods are gone; until then no further node is removed.
+        let settled = forget_removed_nodes(rc, ctx, &creds, current_replicas, outcome).await?;
+        if rc.spec.replicas < current_replicas && !settled {
+            replicas = current_replicas;
+        } else if rc.spec.replicas < current_replicas {
+            // Scale down one node at a time, highest ordinal first: drain it (refusing a node
+            // whose going would cost the cluster its majority), shrink the StatefulSet by
+            // one, and forget the node once its pod is gone before the next. Forgetting needs
+            // a majority, so removing several nodes at once could leave none able to forget.
+            let ordinal = current_replicas - 1;
+            let pod = format!("{}-{ordinal}", build::server_name(rc));
+            if !outcome.drained.iter().any(|d| d.pod == pod) {
                 outcome.progressing = Some(format!(
                     "scaling down from {current_replicas} to {}: draining {pod}",
                     rc.spec.replicas
@@ -506,17 +511,21 @@ async fn apply_objects(
                 let drained = drain_node(rc, ctx, &pod, &creds).await?;
                 outcome.drained.push(drained);
             }
-            replicas = rc.spec.replicas;
+            replicas = ordinal;
             ctx.event(
                 rc,
                 EventType::Normal,
                 "ScaledDown",
                 format!(
-                    "Scaling StatefulSet {} from {current_replicas} to {replicas} after draining",
+                    "Scaling StatefulSet {} from {current_replicas} to {replicas} after draining {pod}",
                     build::server_name(rc)
                 ),
             )
             .await;
+            outcome.progressing = Some(format!(
+                "scaling down to {}: {pod} is being removed; it is forgotten by the cluster once its pod is gone",
+                rc.spec.replicas
+            ));
         } else if rc.spec.replicas > current_replicas {
             // Nodes coming back: they no longer count as drained.
             outcome
@@ -612,6 +621,69 @@ fn ordinal_of(pod: &str) -> Option<i32> {
     pod.rsplit('-').next().and_then(|o| o.parse().ok())
 }
 
+/// The broker node name of `pod` (the StatefulSet's `node-name`: `warren@<pod>.<nodes>.<ns>`).
+fn node_name(rc: &RabbitCluster, pod: &str) -> String {
+    format!(
+        "warren@{pod}.{}.{}",
+        build::nodes_service_name(rc),
+        build::namespace(rc)
+    )
+}
+
+/// Forgets, through the cluster's management API (any running node), every drained node
+/// whose pod the StatefulSet no longer has and that is gone. True when none is left to
+/// forget (the next scale-down step may go ahead).
+async fn forget_removed_nodes(
+    rc: &RabbitCluster,
+    ctx: &Context,
+    creds: &Credentials,
+    current_replicas: i32,
+    outcome: &mut Outcome,
+) -> Result<bool, Error> {
+    let ns = build::namespace(rc);
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut settled = true;
+    for i in 0..outcome.drained.len() {
+        let d = &outcome.drained[i];
+        if d.forgotten || ordinal_of(&d.pod).is_none_or(|o| o < current_replicas) {
+            continue;
+        }
+        let pod = d.pod.clone();
+        if pods.get_opt(&pod).await?.is_some() {
+            outcome.progressing = Some(format!(
+                "waiting for {pod} to stop before the cluster forgets it"
+            ));
+            settled = false;
+            continue;
+        }
+        let url = rc
+            .annotations()
+            .get(MANAGEMENT_URI_ANNOTATION)
+            .cloned()
+            .unwrap_or_else(|| {
+                build::management_url(rc, &format!("{}.{ns}.svc", build::client_service_name(rc)))
+            });
+        let node = node_name(rc, &pod);
+        let client = management_client(&ctx.client, rc, &url, &creds.username, &creds.password)
+            .await
+            .map_err(|e| Error::Drain(format!("cannot forget {node}: {e}")))?;
+        client.forget(&node).await.map_err(|e| {
+            Error::Drain(format!(
+                "cannot remove {node} from the broker cluster, so the scale-down waits: {e}"
+            ))
+        })?;
+        ctx.event(
+            rc,
+            EventType::Normal,
+            "Forgotten",
+            format!("{node} ({pod}) removed from the broker cluster's membership"),
+        )
+        .await;
+        outcome.drained[i].forgotten = true;
+    }
+    Ok(settled)
+}
+
 /// Drains one node through its management API before it is removed.
 async fn drain_node(
     rc: &RabbitCluster,
@@ -642,6 +714,7 @@ async fn drain_node(
             pod: pod.to_string(),
             drained_at: now,
             queues: vec!["(node not running: not drained; data kept on its volume)".into()],
+            forgotten: false,
         });
     }
     let url = rc
@@ -657,6 +730,17 @@ async fn drain_node(
     let client = management_client(&ctx.client, rc, &url, &creds.username, &creds.password)
         .await
         .map_err(|e| Error::Drain(format!("cannot drain {pod}: {e}")))?;
+    // A node whose going would leave the cluster without a majority stays until the others
+    // are back (RabbitMQ's node-is-quorum-critical check, as its operator does).
+    let critical = client
+        .quorum_critical()
+        .await
+        .map_err(|e| Error::Drain(format!("cannot drain {pod}, so the scale-down waits: {e}")))?;
+    if let Some(reason) = critical {
+        return Err(Error::Drain(format!(
+            "{pod} is quorum-critical, so the scale-down waits until the other nodes are up: {reason}"
+        )));
+    }
     let queues = client
         .drain()
         .await
@@ -679,6 +763,7 @@ async fn drain_node(
         pod: pod.to_string(),
         drained_at: now,
         queues: described,
+        forgotten: false,
     })
 }
 

@@ -363,6 +363,10 @@ pub struct DrainedNode {
     /// Queues that were on the node, with their message counts (`vhost/name: messages`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub queues: Vec<String>,
+    /// The node has been removed from the broker cluster's membership (forgotten) after its
+    /// pod went away, so it no longer counts towards the cluster's majority.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forgotten: bool,
 }
 
 fn default_replicas() -> i32 {
