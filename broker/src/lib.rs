@@ -16,6 +16,8 @@ pub mod connection;
 pub mod dead_letter;
 pub mod error;
 pub mod exchange;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod https;
 pub mod links;
 pub mod management;
