@@ -13,8 +13,11 @@ use bytes::BytesMut;
 use crate::codec::{self, FRAME_HEADER, FRAME_METHOD, FrameDecoder, RawFrame};
 use crate::store::{frame, log, metadata, pages};
 
+/// A fuzz target's entry point.
+pub type Target = fn(&[u8]);
+
 /// The targets, by the name of their corpus directory and fuzz target.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("frames", frames),
     ("sasl", sasl),
     ("store_record", store_record),
@@ -134,7 +137,13 @@ pub fn log_recovery(data: &[u8]) {
         segments.iter_mut().for_each(|s| fix_checksums(s));
     }
     let refs: Vec<&[u8]> = segments.iter().map(Vec::as_slice).collect();
-    check(log::recover_and_check(&refs).map(|_| ()));
+    check(recover_segments(&refs).map(|_| ()));
+}
+
+/// What recovery makes of these in-memory segments (oldest first), its invariants checked
+/// as in [`log_recovery`]: for property tests that write the segments from a model.
+pub fn recover_segments(segments: &[&[u8]]) -> Result<log::Recovered, String> {
+    log::recover_and_check(segments)
 }
 
 /// Separates segments in [`log_recovery`]'s input.
@@ -339,7 +348,7 @@ mod tests {
                 sid,
                 vhost: "/".into(),
                 queue: q.into(),
-                expires_at: (sid % 2 == 0).then_some(1_000 + sid),
+                expires_at: sid.is_multiple_of(2).then_some(1_000 + sid),
                 exchange: "amq.direct".into(),
                 routing_key: q.into(),
                 header_payload: header.to_vec(),
