@@ -46,6 +46,7 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
+CHOSEN="${TARGETS[*]:-}"
 [ ${#TARGETS[@]} -gt 0 ] || TARGETS=("${ALL_TARGETS[@]}")
 for t in "${TARGETS[@]}"; do
     [ -d "broker/fuzz/corpus/$t" ] || { echo "unknown fuzz target '$t' (${ALL_TARGETS[*]})" >&2; exit 2; }
@@ -83,7 +84,9 @@ export CARGO_TARGET_DIR="${FUZZ_TARGET_DIR:-$FUZZ_CACHE/fuzz-target}"
 BUILD_FLAGS=(-O -a -s "${FUZZ_SANITIZER:-none}" --fuzz-dir "$ROOT/broker/fuzz")
 
 SEED="${FUZZ_SEED:-$(( $(od -An -N4 -tu4 /dev/urandom) % 2147483647 + 1 ))}"
-echo "fuzz seed: $SEED (replay: FUZZ_SEED=$SEED scripts/fuzz.sh${TARGETS:+ ${TARGETS[*]}})"
+# The same seed, build and corpus replay the same inputs (a run bounded by time may get
+# further or less far); a crash's own input, saved in artifacts/, is the exact reproduction.
+echo "fuzz seed: $SEED (replay: FUZZ_SEED=$SEED scripts/fuzz.sh${CHOSEN:+ $CHOSEN})"
 
 start=$(date +%s)
 echo "==== cargo fuzz build (CARGO_TARGET_DIR=$CARGO_TARGET_DIR) ===="
@@ -110,7 +113,9 @@ for t in "${TARGETS[@]}"; do
         -artifact_prefix="$artifacts/") >"$log" 2>&1; then
         grep -E '^(Done|stat::number_of_executed_units|stat::new_units_added|stat::peak_rss_mb)' "$log" || tail -n 3 "$log"
     else
-        tail -n 40 "$log"
+        # The panic (or libFuzzer's verdict) and where the input went.
+        grep -E -A4 "panicked at|ERROR: libFuzzer|SUMMARY" "$log" | cut -c1-600 | head -n 40
+        grep -E "^(Failing input|	fuzz/artifacts)" "$log" || true
         echo "!!!! fuzz target $t failed; input in $artifacts/"
         echo "     replay: (cd broker && cargo ${TOOLCHAIN[*]} fuzz run ${BUILD_FLAGS[*]} $t <artifact>)"
         failed+=("$t")
