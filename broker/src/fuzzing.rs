@@ -183,15 +183,28 @@ pub fn metadata(data: &[u8]) {
     }
 }
 
-/// A federation upstream's or shovel's URI as the management API takes it.
+/// A federation upstream's or shovel's URI as the management API takes it; its redacted form
+/// (shown in statuses and logs) must parse to the same link less the credentials.
 pub fn link_uri(data: &[u8]) {
     let Ok(s) = std::str::from_utf8(data) else {
         return;
     };
-    let _ = crate::links::uri::redact_str(s);
-    if let Ok(u) = crate::links::uri::LinkUri::parse(s) {
-        // Redaction keeps everything the URI means except the credentials.
-        let _ = crate::links::uri::LinkUri::parse(&crate::links::uri::redact_str(s));
+    use crate::links::uri::{LinkUri, redact_str};
+    let redacted = redact_str(s);
+    if let Ok(u) = LinkUri::parse(s) {
+        // What status pages and logs show means the same link, only without credentials.
+        let without_credentials = LinkUri {
+            user: "guest".into(),
+            password: "guest".into(),
+            ..u.clone()
+        };
+        match LinkUri::parse(&redacted) {
+            Ok(r) => assert!(
+                r == without_credentials,
+                "{s:?} redacted to {redacted:?} means another link"
+            ),
+            Err(e) => panic!("{s:?} parses but its redaction {redacted:?} does not: {e}"),
+        }
         let _ = u.local_file_keys();
     }
 }
