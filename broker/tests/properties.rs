@@ -1,8 +1,8 @@
 #![allow(clippy::unwrap_used)]
 //! Property tests (proptest): codec round trips, topic matching against a reference regex
 //! matcher, the message log against a model of what it must recover, and the queue state
-//! machine's invariants. Pure functions only, no broker: the whole file runs in about a
-//! second. The parsers also have fuzz targets (`broker/fuzz`, `scripts/fuzz.sh`).
+//! machine's invariants. Pure functions only, no broker: the whole file runs in under two
+//! seconds. The parsers also have fuzz targets (`broker/fuzz`, `scripts/fuzz.sh`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
