@@ -17,6 +17,8 @@ pub mod dead_letter;
 pub mod definitions;
 pub mod error;
 pub mod exchange;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod https;
 pub mod links;
 pub mod management;

@@ -83,8 +83,10 @@ fn percent_decode(s: &str) -> Option<String> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            // Two hex digits exactly: `from_str_radix` alone would also take a sign ("%+1").
+            let hex = bytes.get(i + 1..i + 3)?;
+            let digit = |b: u8| char::from(b).to_digit(16);
+            out.push((digit(hex[0])? * 16 + digit(hex[1])?) as u8);
             i += 3;
         } else {
             out.push(bytes[i]);
@@ -324,6 +326,17 @@ mod tests {
             let e = LinkUri::parse(uri).unwrap_err();
             assert!(e.contains(why), "{uri}: {e}");
         }
+    }
+
+    /// `%+1` decoded as byte 1: `u8::from_str_radix` accepts a leading `+`.
+    #[test]
+    fn percent_encoding_is_two_hex_digits() {
+        assert_eq!(percent_decode("a%2Fb%2f").as_deref(), Some("a/b/"));
+        for bad in ["%+1", "%-1", "%1", "%", "%g0", "%\u{e9}0", "x%+f"] {
+            assert_eq!(percent_decode(bad), None, "{bad}");
+        }
+        let e = LinkUri::parse("amqp://h/%+1").unwrap_err();
+        assert!(e.contains("percent-encoding"), "{e}");
     }
 
     #[test]

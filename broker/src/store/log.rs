@@ -334,21 +334,20 @@ fn segment_path(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("{n:08}.seg"))
 }
 
-/// Reads one segment a record at a time (memory: one record), calling `f(offset, framed
-/// length, payload)` for each good one; `f` returns false for a payload it cannot decode.
+/// Reads one segment of `size` bytes a record at a time (memory: one record), calling
+/// `f(offset, framed length, payload)` for each good one; `f` returns false for a payload it
+/// cannot decode.
 ///
 /// A bad record (torn, failing its checksum, or undecodable) at the end of the segment is a
 /// torn tail: what a crash during an append leaves, dropped. A bad record followed by good
 /// ones is damage, reported as such: reading resumes after it when its length is intact (only
 /// that record is lost), otherwise the rest of the segment is lost.
-fn scan_segment(
-    path: &Path,
+fn scan_records(
+    mut r: impl Read + Seek,
+    size: u64,
     segment: u64,
     mut f: impl FnMut(u64, u32, &[u8]) -> bool,
 ) -> std::io::Result<SegmentReport> {
-    let file = File::open(path)?;
-    let size = file.metadata()?.len();
-    let mut r = BufReader::with_capacity(256 * 1024, &file);
     let mut at = 0u64;
     let mut records = 0;
     let mut reasons: Vec<String> = Vec::new();
@@ -382,7 +381,8 @@ fn scan_segment(
         // Torn tail or damage? Look at what follows (at most a window of the rest).
         let window = (size - at).min(RESYNC_WINDOW) as usize;
         let mut rest = vec![0; window];
-        file.read_exact_at(&mut rest, at)?;
+        r.seek(SeekFrom::Start(at))?;
+        r.read_exact(&mut rest)?;
         let next = frame::next_good_record(&rest, |p| Meta::decode(p).is_some());
         drop(rest);
         match next {
@@ -484,6 +484,27 @@ struct Pending {
 }
 
 impl Pending {
+    fn new(segment_limit: u64) -> Self {
+        Pending {
+            segment_limit,
+            compactor_stop: false,
+            delivered: Vec::new(),
+            pieces: Vec::new(),
+            small: Vec::new(),
+            small_seg: 0,
+            last_seq: 0,
+            flushed_seq: 0,
+            segment: 0,
+            segment_bytes: 0,
+            locs: HashMap::new(),
+            segs: BTreeMap::new(),
+            deletable: Vec::new(),
+            written: (0, 0),
+            shutdown: false,
+            failed: false,
+        }
+    }
+
     fn track(&mut self, sid: u64, loc: Loc) {
         let live = Live {
             loc,
@@ -704,86 +725,12 @@ impl MessageLog {
             })
             .collect();
         segs_on_disk.sort_unstable();
-        let mut reports = Vec::new();
-        let mut recovering = Recovering::new();
-        let mut p = Pending {
-            segment_limit,
-            compactor_stop: false,
-            delivered: Vec::new(),
-            pieces: Vec::new(),
-            small: Vec::new(),
-            small_seg: 0,
-            last_seq: 0,
-            flushed_seq: 0,
-            segment: 0,
-            segment_bytes: 0,
-            locs: HashMap::new(),
-            segs: BTreeMap::new(),
-            deletable: Vec::new(),
-            written: (0, 0),
-            shutdown: false,
-            failed: false,
-        };
-        let mut max_sid = 0;
-        // Whether the last record seen so far is a clean-stop record.
-        let mut clean = false;
-        let mut damaged = false;
-        for &s in &segs_on_disk {
-            p.segs.entry(s).or_default();
-            let report = scan_segment(&segment_path(dir, s), s, |off, len, payload| {
-                let Some(meta) = Meta::decode(payload) else {
-                    return false;
-                };
-                p.segs.entry(s).or_default().size = off + len as u64;
-                clean = matches!(meta, Meta::Clean);
-                recover_record(&mut p, &mut recovering, s, off, len, meta, &mut max_sid);
-                true
-            })?;
-            damaged |= report.reason.is_some();
-            match &report.reason {
-                Some(why) if report.damaged => tracing::error!(
-                    segment = s,
-                    recovered_records = report.records,
-                    lost_bytes = report.lost_bytes,
-                    "message store DAMAGED (not a torn tail: good records follow bad ones; \
-                     disk or file corruption): {why}; kept {} records, discarded {} bytes",
-                    report.records,
-                    report.lost_bytes
-                ),
-                Some(why) => tracing::warn!(
-                    segment = s,
-                    recovered_records = report.records,
-                    lost_bytes = report.lost_bytes,
-                    "message store segment ends with an incomplete record (an append cut off \
-                     by a crash, never confirmed): {why}; kept the {} records before it, \
-                     discarded {} bytes",
-                    report.records,
-                    report.lost_bytes
-                ),
-                None => {}
-            }
-            reports.push(report);
-        }
-        let clean = clean && !damaged;
-        let recovered = Recovered {
-            messages: recovering
-                .into_iter()
-                .filter(|(_, m)| !m.is_empty())
-                .map(|(k, m)| {
-                    let list = m
-                        .into_values()
-                        .map(|mut r| {
-                            let delivered = p.locs.get(&r.sid).is_some_and(|l| l.delivered);
-                            r.redelivered = delivered || !clean;
-                            r
-                        })
-                        .collect();
-                    (k, list)
-                })
-                .collect(),
-            segments: reports,
-            clean,
-        };
+        let mut p = Pending::new(segment_limit);
+        let (recovered, max_sid) = recover(&mut p, &segs_on_disk, |s| {
+            let file = File::open(segment_path(dir, s))?;
+            let size = file.metadata()?.len();
+            Ok((BufReader::with_capacity(256 * 1024, file), size))
+        })?;
         // New writes go to a fresh segment: a damaged tail is never appended to.
         p.segment = segs_on_disk.last().map_or(1, |s| s + 1);
         p.segs.entry(p.segment).or_default();
@@ -1393,6 +1340,80 @@ impl MessageLog {
     }
 }
 
+/// Rebuilds `p` (where each live message is, what each segment holds) and the queues' live
+/// messages from the segments `segs`, oldest first, which `open` gives as a reader and its
+/// size. Returns those messages and the highest message id seen.
+fn recover<R: Read + Seek>(
+    p: &mut Pending,
+    segs: &[u64],
+    mut open: impl FnMut(u64) -> std::io::Result<(R, u64)>,
+) -> std::io::Result<(Recovered, u64)> {
+    let mut reports = Vec::new();
+    let mut recovering = Recovering::new();
+    let mut max_sid = 0;
+    // Whether the last record seen so far is a clean-stop record.
+    let mut clean = false;
+    let mut damaged = false;
+    for &s in segs {
+        p.segs.entry(s).or_default();
+        let (reader, size) = open(s)?;
+        let report = scan_records(reader, size, s, |off, len, payload| {
+            let Some(meta) = Meta::decode(payload) else {
+                return false;
+            };
+            p.segs.entry(s).or_default().size = off + len as u64;
+            clean = matches!(meta, Meta::Clean);
+            recover_record(p, &mut recovering, s, off, len, meta, &mut max_sid);
+            true
+        })?;
+        damaged |= report.reason.is_some();
+        match &report.reason {
+            Some(why) if report.damaged => tracing::error!(
+                segment = s,
+                recovered_records = report.records,
+                lost_bytes = report.lost_bytes,
+                "message store DAMAGED (not a torn tail: good records follow bad ones; \
+                 disk or file corruption): {why}; kept {} records, discarded {} bytes",
+                report.records,
+                report.lost_bytes
+            ),
+            Some(why) => tracing::warn!(
+                segment = s,
+                recovered_records = report.records,
+                lost_bytes = report.lost_bytes,
+                "message store segment ends with an incomplete record (an append cut off \
+                 by a crash, never confirmed): {why}; kept the {} records before it, \
+                 discarded {} bytes",
+                report.records,
+                report.lost_bytes
+            ),
+            None => {}
+        }
+        reports.push(report);
+    }
+    let clean = clean && !damaged;
+    let recovered = Recovered {
+        messages: recovering
+            .into_iter()
+            .filter(|(_, m)| !m.is_empty())
+            .map(|(k, m)| {
+                let list = m
+                    .into_values()
+                    .map(|mut r| {
+                        let delivered = p.locs.get(&r.sid).is_some_and(|l| l.delivered);
+                        r.redelivered = delivered || !clean;
+                        r
+                    })
+                    .collect();
+                (k, list)
+            })
+            .collect(),
+        segments: reports,
+        clean,
+    };
+    Ok((recovered, max_sid))
+}
+
 /// One record of recovery applied to what is being rebuilt.
 fn recover_record(
     p: &mut Pending,
@@ -1413,29 +1434,43 @@ fn recover_record(
             body_len,
         } => {
             *max_sid = (*max_sid).max(sid);
+            let key = (vhost.to_owned(), queue.to_owned());
+            // A later record of a message replaces the earlier one (compaction copies live
+            // records verbatim). One naming another queue (a damaged log) takes the message
+            // from that queue: it can only be in one, since only one record is tracked.
+            if p.locs.contains_key(&sid)
+                && !recovering.get(&key).is_some_and(|q| q.contains_key(&sid))
+            {
+                for q in recovering.values_mut() {
+                    q.remove(&sid);
+                }
+            }
             p.track(sid, Loc { seg, off, len });
             let priority = crate::codec::decode_header(header_payload)
                 .ok()
                 .and_then(|h| *h.properties.priority())
                 .unwrap_or(0);
-            recovering
-                .entry((vhost.to_owned(), queue.to_owned()))
-                .or_default()
-                .insert(
+            recovering.entry(key).or_default().insert(
+                sid,
+                RecoveredMessage {
                     sid,
-                    RecoveredMessage {
-                        sid,
-                        expires_at,
-                        size: body_len,
-                        priority,
-                        redelivered: true,
-                    },
-                );
+                    expires_at,
+                    size: body_len,
+                    priority,
+                    redelivered: true,
+                },
+            );
         }
         Meta::Remove { vhost, queue, sid } => {
-            p.release(sid);
-            if let Some(q) = recovering.get_mut(&(vhost.to_owned(), queue.to_owned())) {
-                q.remove(&sid);
+            // Only a removal from the message's own queue releases its record: one naming
+            // another queue (a damaged log) would leave the message live in its queue with its
+            // segment no longer counted as holding it, and so deleted under it.
+            let key = (vhost.to_owned(), queue.to_owned());
+            if recovering
+                .get_mut(&key)
+                .is_some_and(|q| q.remove(&sid).is_some())
+            {
+                p.release(sid);
             }
         }
         Meta::Purge { vhost, queue } => {
@@ -1474,6 +1509,93 @@ fn decode_content(framed: &[u8], sid: u64) -> std::io::Result<Content> {
         }),
         _ => Err(bad("the log holds another record there")),
     }
+}
+
+/// Decodes `payload` as a record's payload and, if it is one, checks that encoding it again
+/// gives the same bytes and that an enqueue record reads back as its content. For the fuzz
+/// target; `Err` says what differed.
+pub(crate) fn check_record(payload: &[u8]) -> Result<(), String> {
+    let Some(rec) = Record::decode(payload) else {
+        return Ok(());
+    };
+    let mut framed = Vec::new();
+    rec.encode(&mut framed);
+    if frame::unframe(&framed) != Some(payload) {
+        return Err(format!(
+            "{rec:?} encodes to other bytes than it was decoded from"
+        ));
+    }
+    if let Record::Enqueue(m) = &rec {
+        let c = decode_content(&framed, m.sid).map_err(|e| e.to_string())?;
+        if (c.header_payload.as_slice(), c.body.as_slice()) != (&m.header_payload[..], &m.body[..])
+        {
+            return Err(format!("message {} reads back as other content", m.sid));
+        }
+    }
+    Ok(())
+}
+
+/// Recovers a log whose segments are `segments` (in memory, oldest first) and checks what
+/// recovery built: each recovered message is tracked exactly once, at the enqueue record of
+/// that message in that queue, and each segment counts the live records in it (a segment
+/// counted as holding nothing is deleted). For the fuzz target; `Err` says what is wrong.
+pub(crate) fn recover_and_check(segments: &[&[u8]]) -> Result<Recovered, String> {
+    let mut p = Pending::new(SEGMENT_BYTES);
+    let ids: Vec<u64> = (1..=segments.len() as u64).collect();
+    let (rec, max_sid) = recover(&mut p, &ids, |s| {
+        let b = segments[(s - 1) as usize];
+        Ok((std::io::Cursor::new(b), b.len() as u64))
+    })
+    .map_err(|e| format!("recovery failed: {e}"))?;
+    let total: usize = rec.messages.values().map(Vec::len).sum();
+    if total != p.locs.len() {
+        return Err(format!(
+            "{total} messages recovered but {} records tracked",
+            p.locs.len()
+        ));
+    }
+    for ((vhost, queue), list) in &rec.messages {
+        for m in list {
+            if m.sid > max_sid {
+                return Err(format!("message {} above the highest id {max_sid}", m.sid));
+            }
+            let live = p
+                .locs
+                .get(&m.sid)
+                .ok_or_else(|| format!("message {} in {vhost}/{queue} is not tracked", m.sid))?;
+            let Loc { seg, off, len } = live.loc;
+            let bytes = segments
+                .get((seg - 1) as usize)
+                .and_then(|b| b.get(off as usize..off as usize + len as usize))
+                .ok_or_else(|| format!("message {} tracked outside its segment", m.sid))?;
+            match frame::unframe(bytes).and_then(Record::decode) {
+                Some(Record::Enqueue(e))
+                    if e.sid == m.sid
+                        && (&e.vhost, &e.queue) == (vhost, queue)
+                        && e.body.len() as u64 == m.size => {}
+                other => {
+                    return Err(format!(
+                        "message {} of {vhost}/{queue} is tracked at {other:?}",
+                        m.sid
+                    ));
+                }
+            }
+        }
+    }
+    for (&s, info) in &p.segs {
+        let (live, bytes) = p
+            .locs
+            .values()
+            .filter(|l| l.loc.seg == s)
+            .fold((0, 0), |(n, b), l| (n + 1, b + l.loc.len as u64));
+        if (info.live, info.live_bytes) != (live, bytes) {
+            return Err(format!(
+                "segment {s} counts {} live records ({} bytes), holds {live} ({bytes} bytes)",
+                info.live, info.live_bytes
+            ));
+        }
+    }
+    Ok(rec)
 }
 
 #[cfg(test)]
@@ -1518,6 +1640,37 @@ mod tests {
             .into_iter()
             .map(|c| c.unwrap().body)
             .collect()
+    }
+
+    /// Recovery used to release a message's record on a removal naming another queue: the
+    /// message stayed in its queue, its segment counted nothing live and was deleted at once,
+    /// and the body could no longer be read.
+    #[test]
+    fn a_removal_naming_another_queue_leaves_the_message_alone() {
+        let mut seg = Vec::new();
+        Record::Enqueue(msg(1, "a", "x")).encode(&mut seg);
+        Record::Remove {
+            vhost: "/".into(),
+            queue: "b".into(),
+            sid: 1,
+        }
+        .encode(&mut seg);
+        let rec = recover_and_check(&[&seg]).unwrap();
+        assert_eq!(sids(&rec, "a"), [1]);
+        let dir = tmp("remove-elsewhere");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(segment_path(&dir, 1), &seg).unwrap();
+        let (log, rec) = MessageLog::open(&dir).unwrap();
+        assert_eq!(sids(&rec, "a"), [1]);
+        assert_eq!(bodies(&log, &[1]), vec![b"x".to_vec()]);
+        log.close();
+        // The same id enqueued again in another queue: the later record wins, in one queue.
+        let mut seg = Vec::new();
+        Record::Enqueue(msg(1, "a", "x")).encode(&mut seg);
+        Record::Enqueue(msg(1, "b", "y")).encode(&mut seg);
+        let rec = recover_and_check(&[&seg]).unwrap();
+        assert!(!rec.messages.contains_key(&("/".into(), "a".into())));
+        assert_eq!(sids(&rec, "b"), [1]);
     }
 
     #[tokio::test]

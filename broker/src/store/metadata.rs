@@ -387,12 +387,17 @@ pub fn read_journal_bytes(data: &[u8], epoch: u64) -> (Vec<Change>, JournalEnd) 
 }
 
 fn read_journal(data_dir: &Path, epoch: u64) -> std::io::Result<Vec<Change>> {
-    let data = match fs::read(data_dir.join(JOURNAL_NAME)) {
-        Ok(d) => d,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
-    let (out, end) = read_journal_bytes(&data, epoch);
+    match fs::read(data_dir.join(JOURNAL_NAME)) {
+        Ok(data) => Ok(parse_journal(&data, epoch)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}
+
+/// [`read_journal`] of the journal's bytes: the changes it holds, torn tail and damage
+/// reported.
+fn parse_journal(data: &[u8], epoch: u64) -> Vec<Change> {
+    let (out, end) = read_journal_bytes(data, epoch);
     match end {
         JournalEnd::Complete => {}
         JournalEnd::TornTail { offset, bytes } => tracing::warn!(
@@ -416,7 +421,7 @@ fn read_journal(data_dir: &Path, epoch: u64) -> std::io::Result<Vec<Change>> {
             }
         ),
     }
-    Ok(out)
+    out
 }
 
 /// A field table as base64 of its AMQP encoding.
@@ -428,8 +433,12 @@ pub fn encode_table(t: &FieldTable) -> String {
     }
 }
 
+/// The field table stored by [`encode_table`]; `None` if it is not one. The file may have been
+/// damaged or edited: the nesting is checked before `amq-protocol`'s recursive parser sees it,
+/// so a deeply nested table is refused instead of overflowing the stack at start-up.
 pub fn decode_table(s: &str) -> Option<FieldTable> {
     let raw = B64.decode(s).ok()?;
+    crate::codec::check_table(&raw, "stored arguments").ok()?;
     amq_protocol::types::parsing::parse_field_table(&raw[..])
         .ok()
         .map(|(_, t)| t)
@@ -457,15 +466,28 @@ pub fn save(data_dir: &Path, snap: &Snapshot) -> std::io::Result<u64> {
 
 /// Reads the saved snapshot with the journal's changes applied; `None` on a fresh node.
 pub fn load(data_dir: &Path) -> std::io::Result<Option<Snapshot>> {
-    let mut snap: Snapshot = match fs::read(path(data_dir)) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?,
+    let mut snap = match fs::read(path(data_dir)) {
+        Ok(bytes) => parse_snapshot(&bytes)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
     let changes = read_journal(data_dir, snap.epoch)?;
     apply(&mut snap, changes);
     Ok(Some(snap))
+}
+
+fn parse_snapshot(bytes: &[u8]) -> std::io::Result<Snapshot> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// [`load`] from the bytes of a snapshot and of a journal, for the fuzz target: what start-up
+/// would make of them.
+pub(crate) fn load_bytes(snapshot: &[u8], journal: &[u8]) -> std::io::Result<Snapshot> {
+    let mut snap = parse_snapshot(snapshot)?;
+    let changes = parse_journal(journal, snap.epoch);
+    apply(&mut snap, changes);
+    Ok(snap)
 }
 
 #[cfg(test)]
@@ -496,6 +518,28 @@ mod tests {
         assert_eq!(decode_table(&back.queues[0].arguments), Some(t));
         fs::write(path(&dir), b"{not json").unwrap();
         assert!(load(&dir).is_err());
+    }
+
+    /// Stored arguments nesting 200,000 arrays (a damaged or edited `metadata.json`) used to
+    /// overflow the stack of the thread loading the definitions.
+    #[test]
+    fn deeply_nested_stored_arguments_are_refused_not_parsed() {
+        let depth = 200_000;
+        let mut v = Vec::new();
+        for level in 0..depth {
+            v.push(b'A');
+            v.extend_from_slice(&((5 * (depth - 1 - level)) as u32).to_be_bytes());
+        }
+        let mut raw = ((2 + v.len()) as u32).to_be_bytes().to_vec();
+        raw.extend_from_slice(&[1, b'k']);
+        raw.extend_from_slice(&v);
+        assert_eq!(decode_table(&B64.encode(&raw)), None);
+        // Nesting within the limit is kept.
+        let mut t = FieldTable::default();
+        let mut inner = FieldTable::default();
+        inner.insert("deep".into(), AMQPValue::LongInt(1));
+        t.insert("x".into(), AMQPValue::FieldTable(inner));
+        assert_eq!(decode_table(&encode_table(&t)), Some(t));
     }
 
     fn queue(name: &str) -> QueueDef {

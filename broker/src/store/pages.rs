@@ -326,7 +326,7 @@ impl PageStore {
     }
 }
 
-fn decode(framed: &[u8]) -> std::io::Result<Content> {
+pub(crate) fn decode(framed: &[u8]) -> std::io::Result<Content> {
     let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "damaged page record");
     let payload = frame::unframe(framed).ok_or_else(bad)?;
     let mut r = Cursor::new(payload);
