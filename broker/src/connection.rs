@@ -28,6 +28,7 @@ use crate::broker::Broker;
 use crate::channel::Channel;
 use crate::codec::{self, FrameDecoder, RawFrame};
 use crate::error::{AmqpError, Result};
+use crate::limits;
 use crate::outbox::{HIGH_WATER, Outbox};
 use crate::vhost::Vhost;
 
@@ -523,6 +524,7 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             user.name
         )));
     }
+    check_connection_limits(broker, &vhost, &user.name)?;
     let open_ok = AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {}));
     if send_now(wr, &encode(&open_ok)).await.is_err() {
         return Ok(None);
@@ -536,6 +538,40 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         client_properties: start_ok.client_properties,
         mechanism: start_ok.mechanism.to_string(),
     }))
+}
+
+/// The vhost's and the user's `max-connections`, with RabbitMQ's refusals (530 NOT_ALLOWED).
+fn check_connection_limits(broker: &Broker, vhost: &Vhost, user: &str) -> Result<()> {
+    if let Some(max) = vhost.limit(limits::MAX_CONNECTIONS)
+        && broker.connections.count(|c| c.vhost.name == vhost.name) >= max
+    {
+        return Err(AmqpError::not_allowed(format!(
+            "access to vhost '{}' refused for user '{user}': connection limit ({max}) is reached",
+            vhost.name
+        )));
+    }
+    if let Some(max) = limits::in_force(&broker.access.user_limits(user), limits::MAX_CONNECTIONS)
+        && broker.connections.count(|c| c.user == user) >= max
+    {
+        return Err(AmqpError::not_allowed(format!(
+            "connection refused for user '{user}': user connection limit ({max}) is reached"
+        )));
+    }
+    Ok(())
+}
+
+/// The user's `max-channels` over all its connections on this node (530 NOT_ALLOWED, as
+/// RabbitMQ: a connection error).
+fn check_channel_limit(conn: &ConnShared) -> Result<()> {
+    let user = conn.user.as_str();
+    if let Some(max) = limits::in_force(&conn.broker.access.user_limits(user), limits::MAX_CHANNELS)
+        && conn.broker.connections.channels_of(user) >= max
+    {
+        return Err(AmqpError::not_allowed(format!(
+            "number of channels opened for user '{user}' has reached the maximum allowed user limit of ({max})"
+        )));
+    }
+    Ok(())
 }
 
 /// Flushes the outbox to the socket, one write per batch; sends heartbeats when idle. Closes
@@ -875,6 +911,7 @@ impl Connection {
             }
             return match codec::decode_method(&f.payload)? {
                 AMQPClass::Channel(channel::AMQPMethod::Open(_)) => {
+                    check_channel_limit(&self.shared)?;
                     let ch = Channel::new(id, self.shared.clone());
                     self.shared.control.add_channel(&ch.shared);
                     self.channels.insert(id, ch);

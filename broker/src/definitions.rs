@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::User;
 use crate::broker::{Broker, VhostMetadata};
+use crate::limits::{Limits, UserLimitsDef, VhostLimitsDef};
 use crate::store::metadata::{ParameterDef, PermissionDef, PolicyDef, TopicPermissionDef, UserDef};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -37,6 +38,11 @@ pub struct Definitions {
     pub topic_permissions: Vec<TopicPermissionDef>,
     pub policies: Vec<PolicyDef>,
     pub parameters: Vec<ParameterDef>,
+    /// Vhosts' and users' limits (absent in snapshots of nodes older than limits).
+    #[serde(default)]
+    pub vhost_limits: Vec<VhostLimitsDef>,
+    #[serde(default)]
+    pub user_limits: Vec<UserLimitsDef>,
 }
 
 /// One validated change.
@@ -69,6 +75,30 @@ pub enum Change {
         vhost: String,
         name: String,
     },
+    /// One limit of a vhost (`max-connections`, `max-queues`) is `value`.
+    SetVhostLimit {
+        vhost: String,
+        name: String,
+        value: i64,
+    },
+    ClearVhostLimit {
+        vhost: String,
+        name: String,
+    },
+    /// A vhost's limits are exactly these (an import).
+    SetVhostLimits(VhostLimitsDef),
+    /// One limit of a user (`max-connections`, `max-channels`) is `value`.
+    SetUserLimit {
+        user: String,
+        name: String,
+        value: i64,
+    },
+    ClearUserLimit {
+        user: String,
+        name: String,
+    },
+    /// A user's limits are exactly these (an import).
+    SetUserLimits(UserLimitsDef),
     /// Replace every definition (a new metadata group takes its creator's).
     Install(Definitions),
 }
@@ -208,6 +238,38 @@ impl Broker {
                 vhost,
                 name,
             } => Ok(self.parameters.delete(&component, &vhost, &name)),
+            Change::SetVhostLimit { vhost, name, value } => {
+                Ok(need_vhost(&vhost)?.set_limit(&name, value))
+            }
+            Change::ClearVhostLimit { vhost, name } => {
+                Ok(self.vhost(&vhost).is_some_and(|v| v.clear_limit(&name)))
+            }
+            Change::SetVhostLimits(d) => {
+                need_vhost(&d.vhost)?.set_limits(d.limits);
+                Ok(false)
+            }
+            Change::SetUserLimit { user, name, value } => {
+                if self.access.user(&user).is_none() {
+                    return Err(format!("user '{user}' not found"));
+                }
+                let mut limits = self.access.user_limits(&user);
+                let created = limits.insert(name, value).is_none();
+                self.access.set_user_limits(&user, limits);
+                Ok(created)
+            }
+            Change::ClearUserLimit { user, name } => {
+                let mut limits = self.access.user_limits(&user);
+                let existed = limits.remove(&name).is_some();
+                self.access.set_user_limits(&user, limits);
+                Ok(existed)
+            }
+            Change::SetUserLimits(d) => {
+                if self.access.user(&d.user).is_none() {
+                    return Err(format!("user '{}' not found", d.user));
+                }
+                self.access.set_user_limits(&d.user, d.limits);
+                Ok(false)
+            }
             Change::Install(d) => {
                 self.install_definitions(d);
                 Ok(false)
@@ -235,6 +297,8 @@ impl Broker {
         d.permissions = snap.permissions;
         d.topic_permissions = snap.topic_permissions;
         d.parameters = snap.parameters;
+        d.vhost_limits = snap.vhost_limits;
+        d.user_limits = snap.user_limits;
         d
     }
 
@@ -253,6 +317,16 @@ impl Broker {
             if !d.users.iter().any(|x| x.name == u.name) {
                 self.access.delete_user(&u.name);
             }
+        }
+        for name in self.vhost_names() {
+            let Some(v) = self.vhost(&name) else { continue };
+            let limits = (d.vhost_limits.iter())
+                .find(|l| l.vhost == name)
+                .map(|l| l.limits.clone());
+            v.set_limits(limits.unwrap_or_default());
+        }
+        for (user, _) in self.access.all_user_limits() {
+            self.access.set_user_limits(&user, Limits::new());
         }
         for (user, vhost, _) in self.access.permissions() {
             if !d
@@ -304,7 +378,8 @@ impl Broker {
                     .map(Change::SetTopicPermissions),
             )
             .chain(d.policies.into_iter().map(Change::PutPolicy))
-            .chain(d.parameters.into_iter().map(Change::PutParameter));
+            .chain(d.parameters.into_iter().map(Change::PutParameter))
+            .chain(d.user_limits.into_iter().map(Change::SetUserLimits));
         for c in changes {
             if let Err(e) = self.apply_change(c) {
                 tracing::error!("installed definition skipped: {e}");

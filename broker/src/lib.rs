@@ -18,6 +18,7 @@ pub mod definitions;
 pub mod error;
 pub mod exchange;
 pub mod https;
+pub mod limits;
 pub mod links;
 pub mod management;
 pub mod message;

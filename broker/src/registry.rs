@@ -105,6 +105,19 @@ impl ConnectionRegistry {
             .cloned()
     }
 
+    /// How many open connections `f` selects.
+    pub fn count(&self, f: impl Fn(&ConnShared) -> bool) -> u64 {
+        self.open.read().values().filter(|c| f(c)).count() as u64
+    }
+
+    /// How many channels the user's connections have open.
+    pub fn channels_of(&self, user: &str) -> u64 {
+        (self.open.read().values())
+            .filter(|c| c.user == user)
+            .map(|c| c.control.channels().len() as u64)
+            .sum()
+    }
+
     pub fn len(&self) -> usize {
         self.open.read().len()
     }
