@@ -431,3 +431,103 @@ impl crate::cluster::raft::Replicated for Replicated {
         serde_json::to_string(&Change::Install(d)).unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn set_vhost_limit(vhost: &str, name: &str, value: i64) -> Change {
+        Change::SetVhostLimit {
+            vhost: vhost.into(),
+            name: name.into(),
+            value,
+        }
+    }
+
+    #[test]
+    fn limits_are_definitions_applied_idempotently_and_installed_exactly() {
+        let b = Broker::new(Config::default());
+        assert_eq!(
+            b.apply_change(set_vhost_limit("/", "max-queues", 3)),
+            Ok(true)
+        );
+        // The same state twice changes nothing.
+        assert_eq!(
+            b.apply_change(set_vhost_limit("/", "max-queues", 3)),
+            Ok(false)
+        );
+        assert!(
+            b.apply_change(set_vhost_limit("nosuch", "max-queues", 3))
+                .is_err()
+        );
+        let user_limit = || Change::SetUserLimit {
+            user: "guest".into(),
+            name: "max-channels".into(),
+            value: 5,
+        };
+        assert_eq!(b.apply_change(user_limit()), Ok(true));
+        assert_eq!(b.apply_change(user_limit()), Ok(false));
+
+        // Through a Raft log: commands survive their JSON encoding.
+        let d = b.definitions();
+        let encoded = serde_json::to_string(&Change::Install(d)).unwrap();
+        let other = Broker::new(Config::default());
+        other
+            .apply_change(set_vhost_limit("/", "max-connections", 1))
+            .unwrap();
+        other
+            .apply_change(serde_json::from_str(&encoded).unwrap())
+            .unwrap();
+        // Installed exactly: the limit not in the definitions is gone.
+        let v = other.vhost("/").unwrap();
+        assert_eq!(v.limits(), Limits::from([("max-queues".into(), 3)]));
+        assert_eq!(v.limit("max-queues"), Some(3));
+        assert_eq!(
+            other.access.user_limits("guest"),
+            Limits::from([("max-channels".into(), 5)])
+        );
+        // An older snapshot, without limits, still decodes.
+        let old: Definitions = serde_json::from_str(
+            r#"{"vhosts":[],"users":[],"permissions":[],"topic_permissions":[],"policies":[],"parameters":[]}"#,
+        )
+        .unwrap();
+        assert!(old.vhost_limits.is_empty() && old.user_limits.is_empty());
+
+        // Cleared, and gone with their vhost or user.
+        assert_eq!(
+            b.apply_change(Change::ClearVhostLimit {
+                vhost: "/".into(),
+                name: "max-queues".into()
+            }),
+            Ok(true)
+        );
+        assert!(b.vhost("/").unwrap().limits().is_empty());
+        b.apply_change(Change::DeleteUser("guest".into())).unwrap();
+        assert!(b.access.all_user_limits().is_empty());
+    }
+
+    #[test]
+    fn the_queue_limit_is_checked_when_a_queue_is_created() {
+        let b = Broker::new(Config::default());
+        b.apply_change(set_vhost_limit("/", "max-queues", 1))
+            .unwrap();
+        let v = b.vhost("/").unwrap();
+        let args = amq_protocol::types::FieldTable::default();
+        let spec = |name| crate::vhost::QueueSpec {
+            name,
+            durable: false,
+            exclusive_owner: None,
+            auto_delete: false,
+            arguments: &args,
+        };
+        v.declare_queue(spec("a")).unwrap();
+        v.declare_queue(spec("a")).unwrap();
+        let e = v.declare_queue(spec("b")).unwrap_err();
+        assert_eq!(e.code, crate::error::code::PRECONDITION_FAILED);
+        assert_eq!(
+            e.text,
+            "cannot declare queue 'b': queue limit in vhost '/' (1) is reached"
+        );
+    }
+}
