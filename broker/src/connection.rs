@@ -298,7 +298,6 @@ async fn serve_io<R, W>(
     let span =
         tracing::info_span!("connection", id, %peer, user = %user, vhost = %opened.vhost.name);
     let _enter = span.enter();
-    info!("connection opened");
     let outbox = Outbox::new();
     let shared = Arc::new(ConnShared {
         id,
@@ -321,7 +320,26 @@ async fn serve_io<R, W>(
         },
         control: Default::default(),
     });
-    broker.connections.register(shared.clone());
+    // The vhost's and the user's connection limits are checked and the connection counted
+    // under one lock: handshakes finishing together cannot overshoot a limit.
+    let admitted = broker.connections.register_within(
+        shared.clone(),
+        opened.vhost.limit(limits::MAX_CONNECTIONS),
+        limits::in_force(
+            &broker.access.user_limits(&opened.user),
+            limits::MAX_CONNECTIONS,
+        ),
+    );
+    if let Err(over) = admitted {
+        refuse(&mut reader, &mut wr, limit_error(&opened, over)).await;
+        return;
+    }
+    let open_ok = AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {}));
+    if send_now(&mut wr, &encode(&open_ok)).await.is_err() {
+        broker.connections.deregister(id);
+        return;
+    }
+    info!("connection opened");
     if broker.is_draining() {
         // The drain began after our handshake checked; its sweep may have missed us.
         shared.control.request_close(crate::broker::DRAIN_REASON);
@@ -524,11 +542,8 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             user.name
         )));
     }
-    check_connection_limits(broker, &vhost, &user.name)?;
-    let open_ok = AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {}));
-    if send_now(wr, &encode(&open_ok)).await.is_err() {
-        return Ok(None);
-    }
+    // `connection.open-ok` is sent once the connection is registered within its limits
+    // (`serve_io`).
     Ok(Some(Opened {
         user: user.name.clone(),
         vhost,
@@ -540,24 +555,18 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     }))
 }
 
-/// The vhost's and the user's `max-connections`, with RabbitMQ's refusals (530 NOT_ALLOWED).
-fn check_connection_limits(broker: &Broker, vhost: &Vhost, user: &str) -> Result<()> {
-    if let Some(max) = vhost.limit(limits::MAX_CONNECTIONS)
-        && broker.connections.count(|c| c.vhost.name == vhost.name) >= max
-    {
-        return Err(AmqpError::not_allowed(format!(
-            "access to vhost '{}' refused for user '{user}': connection limit ({max}) is reached",
-            vhost.name
-        )));
-    }
-    if let Some(max) = limits::in_force(&broker.access.user_limits(user), limits::MAX_CONNECTIONS)
-        && broker.connections.count(|c| c.user == user) >= max
-    {
-        return Err(AmqpError::not_allowed(format!(
+/// A connection over the vhost's or the user's `max-connections`, with RabbitMQ's refusals
+/// (530 NOT_ALLOWED at `connection.open`).
+fn limit_error(opened: &Opened, over: crate::registry::Over) -> AmqpError {
+    let (vhost, user) = (&opened.vhost.name, &opened.user);
+    AmqpError::not_allowed(match over {
+        crate::registry::Over::Vhost(max) => format!(
+            "access to vhost '{vhost}' refused for user '{user}': connection limit ({max}) is reached"
+        ),
+        crate::registry::Over::User(max) => format!(
             "connection refused for user '{user}': user connection limit ({max}) is reached"
-        )));
-    }
-    Ok(())
+        ),
+    })
 }
 
 /// The user's `max-channels` over all its connections on this node (530 NOT_ALLOWED, as

@@ -251,6 +251,34 @@ async fn vhost_limits_refuse_the_next_connection_and_queue() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_opening_together_do_not_overshoot_a_limit() {
+    let b = TestBroker::start().await;
+    let api = Api::start(&b).await;
+    vhost_for(&api, "burst", "guest").await;
+    api.put("/vhost-limits/burst/max-connections", json!({"value": 3}))
+        .await;
+    let url = format!("amqp://guest:guest@{}/burst", b.addr);
+    let tries: Vec<_> = (0..30)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { connect(&url).await })
+        })
+        .collect();
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for t in tries {
+        match t.await.unwrap() {
+            Ok(c) => open.push(c),
+            Err(e) => {
+                assert_eq!(refusal(&e).0, 530);
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((open.len(), refused), (3, 27));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_limits_refuse_the_next_connection_and_channel() {
     let b = TestBroker::start().await;
     let api = Api::start(&b).await;
