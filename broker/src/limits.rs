@@ -9,10 +9,12 @@
 //!
 //! The vhost keeps its own limits (they go when it goes; the queue limit is checked under the
 //! lock that inserts the queue); [`crate::auth::AccessControl`] keeps the users' (they go with
-//! the user). Connection and channel counts are checked when a connection opens and when a
-//! channel opens; a burst of handshakes finishing at the same instant may overshoot a
-//! connection limit by the handshakes in flight, as in RabbitMQ, whose connection tracking is
-//! asynchronous too.
+//! the user). A connection is counted and registered under the registry's lock before
+//! `connection.open-ok` ([`crate::registry::ConnectionRegistry::register_within`]), so a burst
+//! of handshakes cannot overshoot; channels are counted at `channel.open` over the user's
+//! connections, each on its own task, so channels opened at the same instant on different
+//! connections may overshoot `max-channels` by those in flight (RabbitMQ's channel tracking is
+//! asynchronous too).
 
 use std::collections::BTreeMap;
 
