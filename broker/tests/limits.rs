@@ -359,7 +359,11 @@ async fn user_limits_refuse_the_next_connection_and_channel() {
     );
     c1.close(200, "bye".into()).await.unwrap();
     let c3 = connect(&url).await.unwrap();
-    c3.create_channel().await.unwrap();
+    let _first = c3.create_channel().await.unwrap();
+    // A closed channel frees its place.
+    let second = c3.create_channel().await.unwrap();
+    second.close(200, "bye".into()).await.unwrap();
+    let _again = c3.create_channel().await.unwrap();
     // Deleting a limit, and the user, removes it.
     assert_eq!(
         api.delete(&format!("/user-limits/{user}/max-connections"))
