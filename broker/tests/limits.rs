@@ -498,7 +498,7 @@ async fn limits_are_exported_imported_and_kept_across_a_restart() {
         let mode = std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{} has mode {mode:o}", f.display());
     }
-    drop(n);
+    let _ = n.crash();
     let _ = std::fs::remove_dir_all(&dir);
 }
 
