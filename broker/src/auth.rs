@@ -142,6 +142,8 @@ pub struct AccessControl {
     /// Addresses besides loopback the internal account may log in from: the node's own
     /// listener addresses (a listener bound to one address is reached from that address).
     internal_peers: RwLock<Vec<IpAddr>>,
+    /// Users' limits (see [`crate::limits`]); deleting a user deletes them.
+    user_limits: RwLock<HashMap<String, crate::limits::Limits>>,
 }
 
 /// Full configure/write/read access (the internal account's, on every vhost).
@@ -204,9 +206,42 @@ impl AccessControl {
     }
 
     pub fn delete_user(&self, name: &str) -> bool {
+        self.user_limits.write().remove(name);
         self.permissions.write().retain(|(u, _), _| u != name);
         self.topic_permissions.write().retain(|(u, _), _| u != name);
         self.users.write().remove(name).is_some()
+    }
+
+    /// A user's limits (`max-connections`, `max-channels`; see [`crate::limits`]).
+    pub fn user_limits(&self, name: &str) -> crate::limits::Limits {
+        self.user_limits
+            .read()
+            .get(name)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Every user's limits (users without any left out).
+    pub fn all_user_limits(&self) -> Vec<(String, crate::limits::Limits)> {
+        let mut all: Vec<_> = self
+            .user_limits
+            .read()
+            .iter()
+            .filter(|(_, l)| !l.is_empty())
+            .map(|(u, l)| (u.clone(), l.clone()))
+            .collect();
+        all.sort();
+        all
+    }
+
+    /// Replaces a user's limits (none: empty).
+    pub fn set_user_limits(&self, name: &str, limits: crate::limits::Limits) {
+        let mut all = self.user_limits.write();
+        if limits.is_empty() {
+            all.remove(name);
+        } else {
+            all.insert(name.to_owned(), limits);
+        }
     }
 
     pub fn user(&self, name: &str) -> Option<Arc<User>> {

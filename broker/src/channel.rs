@@ -191,6 +191,13 @@ struct PendingPublish {
     body: BytesMut,
 }
 
+/// Most publishes and acknowledgements one transaction buffers before `tx.commit`; one more
+/// closes the channel (406), rolling the transaction back. RabbitMQ sets no bound; a
+/// transaction is held in memory until committed, so Warren does.
+pub const TX_MAX_OPS: usize = 65_536;
+/// Most message bytes one transaction buffers (or the largest message, if larger).
+pub const TX_MAX_BYTES: u64 = 64 * 1024 * 1024;
+
 enum TxOp {
     Publish {
         exchange: String,
@@ -225,6 +232,8 @@ pub struct Channel {
     /// until then (so no later reply overtakes it).
     commit_waiting: Option<u64>,
     tx: Option<Vec<TxOp>>,
+    /// Message bytes buffered by the transaction in progress.
+    tx_bytes: u64,
     consumers: HashMap<String, ConsumerEntry>,
     prefetch: u32,
     /// Name of the last queue declared on this channel (used when a method names no queue).
@@ -262,6 +271,7 @@ impl Channel {
             route_wait: 0,
             commit_waiting: None,
             tx: None,
+            tx_bytes: 0,
             consumers: HashMap::new(),
             prefetch: 0,
             last_queue: None,
@@ -835,6 +845,15 @@ impl Channel {
                 "attempt to reuse consumer tag '{tag}'"
             )));
         }
+        let max = self.ctx().broker.config.consumer_max_per_channel as usize;
+        if self.consumers.len() >= max {
+            self.consumers.retain(|_, e| !e.queue.is_deleted());
+            if self.consumers.len() >= max {
+                return Err(AmqpError::not_allowed(format!(
+                    "reached maximum ({max}) of consumers per channel"
+                )));
+            }
+        }
         if c.queue.as_str() == REPLY_TO {
             if !c.no_ack {
                 return Err(AmqpError::precondition("reply consumer cannot acknowledge"));
@@ -954,6 +973,9 @@ impl Channel {
                 )));
             }
             drop(d);
+            if ops.len() >= TX_MAX_OPS {
+                return Err(tx_too_large(ops.len()));
+            }
             ops.push(TxOp::Settle { tag, multiple, how });
             return Ok(());
         }
@@ -1044,6 +1066,7 @@ impl Channel {
                 let Some(ops) = self.tx.replace(Vec::new()) else {
                     return Err(AmqpError::precondition("channel is not transactional"));
                 };
+                self.tx_bytes = 0;
                 for op in ops {
                     match op {
                         TxOp::Publish {
@@ -1082,6 +1105,7 @@ impl Channel {
                 if self.tx.replace(Vec::new()).is_none() {
                     return Err(AmqpError::precondition("channel is not transactional"));
                 }
+                self.tx_bytes = 0;
                 reply(
                     self.ctx(),
                     ch,
@@ -1170,9 +1194,20 @@ impl Channel {
         if let Some(s) = seq {
             self.confirm_seq = Some(s + 1);
         }
-        let result = if self.tx.is_some() {
-            self.validate_publish(&p.exchange, &p.routing_key, &header)
+        let result = if let Some(ops) = &self.tx {
+            let max_bytes = TX_MAX_BYTES.max(self.ctx().broker.config.max_message_size);
+            if ops.len() >= TX_MAX_OPS {
+                Err(tx_too_large(ops.len()))
+            } else if self.tx_bytes + body.len() as u64 > max_bytes {
+                Err(AmqpError::precondition(format!(
+                    "transaction too large: its uncommitted messages would exceed {max_bytes} bytes; commit or roll back sooner"
+                )))
+            } else {
+                Ok(())
+            }
+            .and_then(|_| self.validate_publish(&p.exchange, &p.routing_key, &header))
                 .map(|_| {
+                    self.tx_bytes += body.len() as u64;
                     if let Some(ops) = &mut self.tx {
                         ops.push(TxOp::Publish {
                             exchange: p.exchange,
@@ -1415,6 +1450,12 @@ impl Channel {
 }
 
 /// The `expiration` property must be a non-negative integer (milliseconds).
+fn tx_too_large(ops: usize) -> AmqpError {
+    AmqpError::precondition(format!(
+        "transaction too large: {ops} uncommitted publishes and acknowledgements is the most one transaction may hold; commit or roll back sooner"
+    ))
+}
+
 fn validate_expiration(e: &str) -> Result<()> {
     if e.parse::<u64>().is_ok() {
         return Ok(());

@@ -90,9 +90,17 @@ pub struct Cli {
     /// Most concurrent client connections; 0 is unlimited [default: 0].
     #[arg(long, env = "WARREN_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
-    /// Largest message body accepted, in bytes [default: 134217728].
+    /// Largest message body accepted, in bytes [default: 16777216, 16 MiB, as RabbitMQ 4].
     #[arg(long, env = "WARREN_MAX_MESSAGE_SIZE")]
     pub max_message_size: Option<u64>,
+    /// Most consumers on one channel; one more is refused with 530 NOT_ALLOWED, as RabbitMQ's
+    /// `consumer_max_per_channel` [default: 16384].
+    #[arg(long, env = "WARREN_CONSUMER_MAX_PER_CHANNEL")]
+    pub consumer_max_per_channel: Option<u32>,
+    /// Most connections the management listener (each of HTTP and HTTPS) serves at once;
+    /// more wait in the listen backlog [default: 1024].
+    #[arg(long, env = "WARREN_MANAGEMENT_MAX_CONNECTIONS")]
+    pub management_max_connections: Option<usize>,
     /// Seconds a client has from the TCP accept to a completed `connection.open` (TLS
     /// handshake included); then the socket is closed. Heartbeats do not extend it
     /// [default: 10].
@@ -267,6 +275,8 @@ pub struct FileConfig {
     pub channel_max: Option<u16>,
     pub max_connections: Option<usize>,
     pub max_message_size: Option<u64>,
+    pub consumer_max_per_channel: Option<u32>,
+    pub management_max_connections: Option<usize>,
     pub handshake_timeout: Option<f64>,
     pub write_timeout: Option<f64>,
     pub node_name: Option<String>,
@@ -312,6 +322,11 @@ pub struct Config {
     pub channel_max: u16,
     pub max_connections: usize,
     pub max_message_size: u64,
+    /// Most consumers on one channel (RabbitMQ's `consumer_max_per_channel`, unlimited there;
+    /// bounded here so one channel cannot grow without end).
+    pub consumer_max_per_channel: u32,
+    /// Most connections the management listener serves at once.
+    pub management_max_connections: usize,
     /// From accept to `connection.open` done: one deadline for the whole handshake.
     pub handshake_timeout: std::time::Duration,
     /// How long a connection's socket may accept nothing we write before the connection is
@@ -519,7 +534,9 @@ impl Default for Config {
             frame_max: 131072,
             channel_max: 2047,
             max_connections: 0,
-            max_message_size: 128 * 1024 * 1024,
+            max_message_size: 16 * 1024 * 1024,
+            consumer_max_per_channel: 16384,
+            management_max_connections: 1024,
             handshake_timeout: std::time::Duration::from_secs(10),
             write_timeout: std::time::Duration::from_secs(30),
             node_name: default_node_name(),
@@ -632,6 +649,14 @@ impl Config {
                 .max_message_size
                 .or(file.max_message_size)
                 .unwrap_or(d.max_message_size),
+            consumer_max_per_channel: cli
+                .consumer_max_per_channel
+                .or(file.consumer_max_per_channel)
+                .unwrap_or(d.consumer_max_per_channel),
+            management_max_connections: cli
+                .management_max_connections
+                .or(file.management_max_connections)
+                .unwrap_or(d.management_max_connections),
             handshake_timeout: match cli.handshake_timeout.or(file.handshake_timeout) {
                 None => d.handshake_timeout,
                 Some(secs) => seconds("handshake-timeout", secs)?,
@@ -853,6 +878,18 @@ impl Config {
                 });
             }
             _ => {}
+        }
+        if self.management_max_connections == 0 {
+            return Err(ConfigError::Invalid {
+                key: "management-max-connections",
+                message: "must be at least 1".into(),
+            });
+        }
+        if self.consumer_max_per_channel == 0 {
+            return Err(ConfigError::Invalid {
+                key: "consumer-max-per-channel",
+                message: "must be at least 1".into(),
+            });
         }
         if self.channel_max == 0 {
             return Err(ConfigError::Invalid {

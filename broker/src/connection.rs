@@ -28,6 +28,7 @@ use crate::broker::Broker;
 use crate::channel::Channel;
 use crate::codec::{self, FrameDecoder, RawFrame};
 use crate::error::{AmqpError, Result};
+use crate::limits;
 use crate::outbox::{HIGH_WATER, Outbox};
 use crate::vhost::Vhost;
 
@@ -297,7 +298,6 @@ async fn serve_io<R, W>(
     let span =
         tracing::info_span!("connection", id, %peer, user = %user, vhost = %opened.vhost.name);
     let _enter = span.enter();
-    info!("connection opened");
     let outbox = Outbox::new();
     let shared = Arc::new(ConnShared {
         id,
@@ -320,7 +320,26 @@ async fn serve_io<R, W>(
         },
         control: Default::default(),
     });
-    broker.connections.register(shared.clone());
+    // The vhost's and the user's connection limits are checked and the connection counted
+    // under one lock: handshakes finishing together cannot overshoot a limit.
+    let admitted = broker.connections.register_within(
+        shared.clone(),
+        opened.vhost.limit(limits::MAX_CONNECTIONS),
+        limits::in_force(
+            &broker.access.user_limits(&opened.user),
+            limits::MAX_CONNECTIONS,
+        ),
+    );
+    if let Err(over) = admitted {
+        refuse(&mut reader, &mut wr, limit_error(&opened, over)).await;
+        return;
+    }
+    let open_ok = AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {}));
+    if send_now(&mut wr, &encode(&open_ok)).await.is_err() {
+        broker.connections.deregister(id);
+        return;
+    }
+    info!("connection opened");
     if broker.is_draining() {
         // The drain began after our handshake checked; its sweep may have missed us.
         shared.control.request_close(crate::broker::DRAIN_REASON);
@@ -523,10 +542,8 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             user.name
         )));
     }
-    let open_ok = AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {}));
-    if send_now(wr, &encode(&open_ok)).await.is_err() {
-        return Ok(None);
-    }
+    // `connection.open-ok` is sent once the connection is registered within its limits
+    // (`serve_io`).
     Ok(Some(Opened {
         user: user.name.clone(),
         vhost,
@@ -536,6 +553,34 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         client_properties: start_ok.client_properties,
         mechanism: start_ok.mechanism.to_string(),
     }))
+}
+
+/// A connection over the vhost's or the user's `max-connections`, with RabbitMQ's refusals
+/// (530 NOT_ALLOWED at `connection.open`).
+fn limit_error(opened: &Opened, over: crate::registry::Over) -> AmqpError {
+    let (vhost, user) = (&opened.vhost.name, &opened.user);
+    AmqpError::not_allowed(match over {
+        crate::registry::Over::Vhost(max) => format!(
+            "access to vhost '{vhost}' refused for user '{user}': connection limit ({max}) is reached"
+        ),
+        crate::registry::Over::User(max) => format!(
+            "connection refused for user '{user}': user connection limit ({max}) is reached"
+        ),
+    })
+}
+
+/// The user's `max-channels` over all its connections on this node (530 NOT_ALLOWED, as
+/// RabbitMQ: a connection error).
+fn check_channel_limit(conn: &ConnShared) -> Result<()> {
+    let user = conn.user.as_str();
+    if let Some(max) = limits::in_force(&conn.broker.access.user_limits(user), limits::MAX_CHANNELS)
+        && conn.broker.connections.channels_of(user) >= max
+    {
+        return Err(AmqpError::not_allowed(format!(
+            "number of channels opened for user '{user}' has reached the maximum allowed user limit of ({max})"
+        )));
+    }
+    Ok(())
 }
 
 /// Flushes the outbox to the socket, one write per batch; sends heartbeats when idle. Closes
@@ -875,6 +920,7 @@ impl Connection {
             }
             return match codec::decode_method(&f.payload)? {
                 AMQPClass::Channel(channel::AMQPMethod::Open(_)) => {
+                    check_channel_limit(&self.shared)?;
                     let ch = Channel::new(id, self.shared.clone());
                     self.shared.control.add_channel(&ch.shared);
                     self.channels.insert(id, ch);

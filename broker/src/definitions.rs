@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::User;
 use crate::broker::{Broker, VhostMetadata};
+use crate::limits::{Limits, UserLimitsDef, VhostLimitsDef};
 use crate::store::metadata::{ParameterDef, PermissionDef, PolicyDef, TopicPermissionDef, UserDef};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -37,6 +38,11 @@ pub struct Definitions {
     pub topic_permissions: Vec<TopicPermissionDef>,
     pub policies: Vec<PolicyDef>,
     pub parameters: Vec<ParameterDef>,
+    /// Vhosts' and users' limits (absent in snapshots of nodes older than limits).
+    #[serde(default)]
+    pub vhost_limits: Vec<VhostLimitsDef>,
+    #[serde(default)]
+    pub user_limits: Vec<UserLimitsDef>,
 }
 
 /// One validated change.
@@ -69,6 +75,30 @@ pub enum Change {
         vhost: String,
         name: String,
     },
+    /// One limit of a vhost (`max-connections`, `max-queues`) is `value`.
+    SetVhostLimit {
+        vhost: String,
+        name: String,
+        value: i64,
+    },
+    ClearVhostLimit {
+        vhost: String,
+        name: String,
+    },
+    /// A vhost's limits are exactly these (an import).
+    SetVhostLimits(VhostLimitsDef),
+    /// One limit of a user (`max-connections`, `max-channels`) is `value`.
+    SetUserLimit {
+        user: String,
+        name: String,
+        value: i64,
+    },
+    ClearUserLimit {
+        user: String,
+        name: String,
+    },
+    /// A user's limits are exactly these (an import).
+    SetUserLimits(UserLimitsDef),
     /// Replace every definition (a new metadata group takes its creator's).
     Install(Definitions),
 }
@@ -208,6 +238,38 @@ impl Broker {
                 vhost,
                 name,
             } => Ok(self.parameters.delete(&component, &vhost, &name)),
+            Change::SetVhostLimit { vhost, name, value } => {
+                Ok(need_vhost(&vhost)?.set_limit(&name, value))
+            }
+            Change::ClearVhostLimit { vhost, name } => {
+                Ok(self.vhost(&vhost).is_some_and(|v| v.clear_limit(&name)))
+            }
+            Change::SetVhostLimits(d) => {
+                need_vhost(&d.vhost)?.set_limits(d.limits);
+                Ok(false)
+            }
+            Change::SetUserLimit { user, name, value } => {
+                if self.access.user(&user).is_none() {
+                    return Err(format!("user '{user}' not found"));
+                }
+                let mut limits = self.access.user_limits(&user);
+                let created = limits.insert(name, value).is_none();
+                self.access.set_user_limits(&user, limits);
+                Ok(created)
+            }
+            Change::ClearUserLimit { user, name } => {
+                let mut limits = self.access.user_limits(&user);
+                let existed = limits.remove(&name).is_some();
+                self.access.set_user_limits(&user, limits);
+                Ok(existed)
+            }
+            Change::SetUserLimits(d) => {
+                if self.access.user(&d.user).is_none() {
+                    return Err(format!("user '{}' not found", d.user));
+                }
+                self.access.set_user_limits(&d.user, d.limits);
+                Ok(false)
+            }
             Change::Install(d) => {
                 self.install_definitions(d);
                 Ok(false)
@@ -235,6 +297,8 @@ impl Broker {
         d.permissions = snap.permissions;
         d.topic_permissions = snap.topic_permissions;
         d.parameters = snap.parameters;
+        d.vhost_limits = snap.vhost_limits;
+        d.user_limits = snap.user_limits;
         d
     }
 
@@ -253,6 +317,16 @@ impl Broker {
             if !d.users.iter().any(|x| x.name == u.name) {
                 self.access.delete_user(&u.name);
             }
+        }
+        for name in self.vhost_names() {
+            let Some(v) = self.vhost(&name) else { continue };
+            let limits = (d.vhost_limits.iter())
+                .find(|l| l.vhost == name)
+                .map(|l| l.limits.clone());
+            v.set_limits(limits.unwrap_or_default());
+        }
+        for (user, _) in self.access.all_user_limits() {
+            self.access.set_user_limits(&user, Limits::new());
         }
         for (user, vhost, _) in self.access.permissions() {
             if !d
@@ -304,7 +378,8 @@ impl Broker {
                     .map(Change::SetTopicPermissions),
             )
             .chain(d.policies.into_iter().map(Change::PutPolicy))
-            .chain(d.parameters.into_iter().map(Change::PutParameter));
+            .chain(d.parameters.into_iter().map(Change::PutParameter))
+            .chain(d.user_limits.into_iter().map(Change::SetUserLimits));
         for c in changes {
             if let Err(e) = self.apply_change(c) {
                 tracing::error!("installed definition skipped: {e}");
@@ -354,5 +429,105 @@ impl crate::cluster::raft::Replicated for Replicated {
     fn install_command(&self) -> String {
         let d = self.broker().map(|b| b.definitions()).unwrap_or_default();
         serde_json::to_string(&Change::Install(d)).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn set_vhost_limit(vhost: &str, name: &str, value: i64) -> Change {
+        Change::SetVhostLimit {
+            vhost: vhost.into(),
+            name: name.into(),
+            value,
+        }
+    }
+
+    #[test]
+    fn limits_are_definitions_applied_idempotently_and_installed_exactly() {
+        let b = Broker::new(Config::default());
+        assert_eq!(
+            b.apply_change(set_vhost_limit("/", "max-queues", 3)),
+            Ok(true)
+        );
+        // The same state twice changes nothing.
+        assert_eq!(
+            b.apply_change(set_vhost_limit("/", "max-queues", 3)),
+            Ok(false)
+        );
+        assert!(
+            b.apply_change(set_vhost_limit("nosuch", "max-queues", 3))
+                .is_err()
+        );
+        let user_limit = || Change::SetUserLimit {
+            user: "guest".into(),
+            name: "max-channels".into(),
+            value: 5,
+        };
+        assert_eq!(b.apply_change(user_limit()), Ok(true));
+        assert_eq!(b.apply_change(user_limit()), Ok(false));
+
+        // Through a Raft log: commands survive their JSON encoding.
+        let d = b.definitions();
+        let encoded = serde_json::to_string(&Change::Install(d)).unwrap();
+        let other = Broker::new(Config::default());
+        other
+            .apply_change(set_vhost_limit("/", "max-connections", 1))
+            .unwrap();
+        other
+            .apply_change(serde_json::from_str(&encoded).unwrap())
+            .unwrap();
+        // Installed exactly: the limit not in the definitions is gone.
+        let v = other.vhost("/").unwrap();
+        assert_eq!(v.limits(), Limits::from([("max-queues".into(), 3)]));
+        assert_eq!(v.limit("max-queues"), Some(3));
+        assert_eq!(
+            other.access.user_limits("guest"),
+            Limits::from([("max-channels".into(), 5)])
+        );
+        // An older snapshot, without limits, still decodes.
+        let old: Definitions = serde_json::from_str(
+            r#"{"vhosts":[],"users":[],"permissions":[],"topic_permissions":[],"policies":[],"parameters":[]}"#,
+        )
+        .unwrap();
+        assert!(old.vhost_limits.is_empty() && old.user_limits.is_empty());
+
+        // Cleared, and gone with their vhost or user.
+        assert_eq!(
+            b.apply_change(Change::ClearVhostLimit {
+                vhost: "/".into(),
+                name: "max-queues".into()
+            }),
+            Ok(true)
+        );
+        assert!(b.vhost("/").unwrap().limits().is_empty());
+        b.apply_change(Change::DeleteUser("guest".into())).unwrap();
+        assert!(b.access.all_user_limits().is_empty());
+    }
+
+    #[test]
+    fn the_queue_limit_is_checked_when_a_queue_is_created() {
+        let b = Broker::new(Config::default());
+        b.apply_change(set_vhost_limit("/", "max-queues", 1))
+            .unwrap();
+        let v = b.vhost("/").unwrap();
+        let args = amq_protocol::types::FieldTable::default();
+        let spec = |name| crate::vhost::QueueSpec {
+            name,
+            durable: false,
+            exclusive_owner: None,
+            auto_delete: false,
+            arguments: &args,
+        };
+        v.declare_queue(spec("a")).unwrap();
+        v.declare_queue(spec("a")).unwrap();
+        let e = v.declare_queue(spec("b")).unwrap_err();
+        assert_eq!(e.code, crate::error::code::PRECONDITION_FAILED);
+        assert_eq!(
+            e.text,
+            "cannot declare queue 'b': queue limit in vhost '/' (1) is reached"
+        );
     }
 }

@@ -20,6 +20,7 @@ pub mod exchange;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod https;
+pub mod limits;
 pub mod links;
 pub mod management;
 pub mod message;

@@ -110,6 +110,13 @@ impl Broker {
         for name in &names {
             let Some(v) = self.vhost(name) else { continue };
             s.vhosts.push(name.clone());
+            let limits = v.limits();
+            if !limits.is_empty() {
+                s.vhost_limits.push(crate::limits::VhostLimitsDef {
+                    vhost: name.clone(),
+                    limits,
+                });
+            }
             for operator in [false, true] {
                 for p in v.policies(operator) {
                     s.policies.push(policy_def(name, &p, operator));
@@ -144,6 +151,10 @@ impl Broker {
                     });
                 }
             }
+        }
+        for (user, limits) in self.access.all_user_limits() {
+            s.user_limits
+                .push(crate::limits::UserLimitsDef { user, limits });
         }
         for p in self.parameters.list(None, None) {
             s.parameters.push(ParameterDef {
@@ -398,6 +409,17 @@ impl Broker {
                 }) {
                     Ok(_) => queues += 1,
                     Err(err) => tracing::error!("stored queue {} skipped: {}", q.name, err.text),
+                }
+            }
+            // After the queues: a limit lowered below what the vhost holds must not drop them.
+            for l in s.vhost_limits {
+                if let Some(v) = self.vhost(&l.vhost) {
+                    v.set_limits(l.limits);
+                }
+            }
+            for l in s.user_limits {
+                if self.access.user(&l.user).is_some() {
+                    self.access.set_user_limits(&l.user, l.limits);
                 }
             }
             for b in s.bindings {

@@ -78,6 +78,15 @@ impl ConnectionControl {
     }
 }
 
+/// Which connection limit a new connection would pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Over {
+    /// The vhost's `max-connections`.
+    Vhost(u64),
+    /// The user's `max-connections`.
+    User(u64),
+}
+
 /// Open connections by id.
 #[derive(Debug, Default)]
 pub struct ConnectionRegistry {
@@ -85,10 +94,6 @@ pub struct ConnectionRegistry {
 }
 
 impl ConnectionRegistry {
-    pub fn register(&self, conn: Arc<ConnShared>) {
-        self.open.write().insert(conn.id, conn);
-    }
-
     pub fn deregister(&self, id: u64) {
         self.open.write().remove(&id);
     }
@@ -103,6 +108,39 @@ impl ConnectionRegistry {
             .values()
             .find(|c| c.info.name == name)
             .cloned()
+    }
+
+    /// Registers `conn` unless its vhost already has `vhost_max` connections or its user
+    /// `user_max`: counted and inserted under one lock, so connections opening together cannot
+    /// overshoot a limit.
+    pub fn register_within(
+        &self,
+        conn: Arc<ConnShared>,
+        vhost_max: Option<u64>,
+        user_max: Option<u64>,
+    ) -> Result<(), Over> {
+        let mut open = self.open.write();
+        let count = |f: &dyn Fn(&ConnShared) -> bool| open.values().filter(|c| f(c)).count();
+        if let Some(max) = vhost_max
+            && count(&|c| c.vhost.name == conn.vhost.name) as u64 >= max
+        {
+            return Err(Over::Vhost(max));
+        }
+        if let Some(max) = user_max
+            && count(&|c| c.user == conn.user) as u64 >= max
+        {
+            return Err(Over::User(max));
+        }
+        open.insert(conn.id, conn);
+        Ok(())
+    }
+
+    /// How many channels the user's connections have open.
+    pub fn channels_of(&self, user: &str) -> u64 {
+        (self.open.read().values())
+            .filter(|c| c.user == user)
+            .map(|c| c.control.channels().len() as u64)
+            .sum()
     }
 
     pub fn len(&self) -> usize {

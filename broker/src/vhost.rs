@@ -52,6 +52,8 @@ pub struct Vhost {
     /// the exchanges and queues policies select, and the bindings of federated exchanges.
     topology: std::sync::OnceLock<tokio::sync::watch::Sender<u64>>,
     me: Weak<Vhost>,
+    /// This vhost's limits (`max-connections`, `max-queues`; see [`crate::limits`]).
+    limits: RwLock<crate::limits::Limits>,
 }
 
 /// Saves a durable change; `Err` says why it could not be saved.
@@ -102,6 +104,7 @@ impl Vhost {
             on_durable_change: std::sync::OnceLock::new(),
             topology: std::sync::OnceLock::new(),
             me: me.clone(),
+            limits: RwLock::new(crate::limits::Limits::new()),
         });
         {
             let mut ex = v.exchanges.write();
@@ -405,6 +408,31 @@ impl Vhost {
     }
 
     /// Declares a queue, or checks an existing one. Returns it and whether it was created.
+    /// This vhost's limits.
+    pub fn limits(&self) -> crate::limits::Limits {
+        self.limits.read().clone()
+    }
+
+    /// The limit `name` in force (none if unset or negative).
+    pub fn limit(&self, name: &str) -> Option<u64> {
+        crate::limits::in_force(&self.limits.read(), name)
+    }
+
+    /// Sets one limit; true if it was not set before.
+    pub fn set_limit(&self, name: &str, value: i64) -> bool {
+        self.limits.write().insert(name.to_owned(), value).is_none()
+    }
+
+    /// Clears one limit; true if it was set.
+    pub fn clear_limit(&self, name: &str) -> bool {
+        self.limits.write().remove(name).is_some()
+    }
+
+    /// Replaces every limit.
+    pub fn set_limits(&self, limits: crate::limits::Limits) {
+        *self.limits.write() = limits;
+    }
+
     pub fn declare_queue(&self, spec: QueueSpec<'_>) -> Result<(Arc<Queue>, bool)> {
         let mut all = self.queues.write();
         if let Some(q) = all.get(spec.name) {
@@ -429,6 +457,15 @@ impl Vhost {
             q.touch();
             self.queue_counters.declared();
             return Ok((q.clone(), false));
+        }
+        // Under the lock that inserts the queue: concurrent declares cannot overshoot it.
+        if let Some(max) = self.limit(crate::limits::MAX_QUEUES)
+            && all.len() as u64 >= max
+        {
+            return Err(AmqpError::precondition(format!(
+                "cannot declare queue '{}': queue limit in vhost '{}' ({max}) is reached",
+                spec.name, self.name
+            )));
         }
         let parsed: QueueArgs = args::parse(spec.arguments, spec.name, &self.name)?;
         let effective = self.effective_queue_config(spec.name, &parsed, spec.arguments);

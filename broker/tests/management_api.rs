@@ -648,6 +648,7 @@ async fn queues_exchanges_bindings_publish_get() {
         .http
         .put(format!("{}/api/queues/%2F/other", api.base))
         .basic_auth("guest", Some("guest"))
+        .header("content-type", "application/json")
         .body("{not json")
         .send()
         .await

@@ -183,8 +183,12 @@ fn save(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     }
     // A name of its own per write: two saves at once must not rename each other's file.
     let tmp = path.with_extension(format!("tmp.{:x}", rand::random::<u64>()));
-    std::fs::write(&tmp, text.as_bytes())?;
-    std::fs::File::open(&tmp)?.sync_all()?;
+    {
+        use std::io::Write;
+        let mut f = crate::store::create_private(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+    }
     std::fs::rename(&tmp, path)
 }
 

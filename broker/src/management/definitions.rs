@@ -20,8 +20,12 @@ use super::fields::table_to_json;
 use super::policies::{policy_json, put_policy_value};
 use super::{ApiError, ApiResult, RABBITMQ_API_VERSION, apply, no_content, ok};
 use crate::broker::Broker;
+use crate::definitions::Change;
 use crate::exchange::Destination;
 use crate::vhost::Vhost;
+
+/// The runtime parameter component that carries a vhost's limits in definitions files.
+const VHOST_LIMITS_COMPONENT: &str = "vhost-limits";
 
 pub fn routes() -> Router<Arc<Broker>> {
     Router::new()
@@ -98,6 +102,17 @@ fn vhost_sections(broker: &Broker, v: &Vhost, with_vhost: bool) -> Map<String, V
         .iter()
         .map(|p| tag(super::parameters::parameter_json(p)))
         .collect();
+    let mut parameters = parameters;
+    let limits = v.limits();
+    if !limits.is_empty() {
+        // RabbitMQ keeps a vhost's limits as this runtime parameter, and exports them so.
+        parameters.push(tag(json!({
+            "value": crate::limits::to_json(&limits),
+            "vhost": v.name,
+            "component": VHOST_LIMITS_COMPONENT,
+            "name": "limits",
+        })));
+    }
     let mut m = Map::new();
     m.insert("parameters".into(), Value::Array(parameters));
     m.insert(
@@ -131,7 +146,7 @@ async fn export_all(State(broker): State<Arc<Broker>>, caller: Caller) -> ApiRes
         "rabbitmq_version": RABBITMQ_API_VERSION,
         "product_name": "Warren",
         "product_version": env!("CARGO_PKG_VERSION"),
-        "users": broker.access.users().iter().map(|u| super::users::user_json(u)).collect::<Vec<_>>(),
+        "users": broker.access.users().iter().map(|u| super::users::user_json(&broker, u)).collect::<Vec<_>>(),
         "vhosts": vhosts.iter().map(|v| {
             let meta = broker.vhost_metadata(&v.name);
             json!({"name": v.name, "description": meta.description, "tags": meta.tags})
@@ -221,6 +236,21 @@ async fn import(
                     .and_then(|n| super::users::put_user_from(broker, n, e)),
             )?;
             at("users", i, apply(broker, change).await)?;
+            if let Some(l) = e.get("limits") {
+                let change = at(
+                    "users",
+                    i,
+                    crate::limits::validate_all(crate::limits::Scope::User, l)
+                        .map_err(ApiError::bad_request)
+                        .and_then(|limits| {
+                            Ok(Change::SetUserLimits(crate::limits::UserLimitsDef {
+                                user: e.req_str("name")?.to_owned(),
+                                limits,
+                            }))
+                        }),
+                )?;
+                at("users", i, apply(broker, change).await)?;
+            }
         }
         for (i, e) in entries(doc, "vhosts")?.iter().enumerate() {
             let change = at(
@@ -271,6 +301,16 @@ async fn import(
                     .get("value")
                     .cloned()
                     .ok_or_else(|| super::body::missing("value"))?;
+                if e.req_str("component")? == VHOST_LIMITS_COMPONENT {
+                    caller.require_admin()?;
+                    let vhost = existing_vhost(&vhost_of(e)?)?.name.clone();
+                    let limits = crate::limits::validate_all(crate::limits::Scope::Vhost, &value)
+                        .map_err(ApiError::bad_request)?;
+                    return Ok(Change::SetVhostLimits(crate::limits::VhostLimitsDef {
+                        vhost,
+                        limits,
+                    }));
+                }
                 super::parameters::put_parameter(
                     broker,
                     caller,

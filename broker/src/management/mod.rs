@@ -17,6 +17,7 @@ mod connections;
 mod definitions;
 mod exchanges;
 mod fields;
+mod limits;
 mod overview;
 mod parameters;
 mod policies;
@@ -67,9 +68,15 @@ pub async fn run_tls(
     serve(broker, listener, "https", shutdown).await
 }
 
+/// How long a client has to send a request's headers (the first request's, or the next one's
+/// on a kept-alive connection): a client trickling bytes (slowloris) is cut off then.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long one request may take, its body included; then 408.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 async fn serve<L>(
     broker: Arc<Broker>,
-    listener: L,
+    mut listener: L,
     protocol: &'static str,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) where
@@ -79,15 +86,65 @@ async fn serve<L>(
         info!(%addr, "management API listener ({protocol}) started");
         broker.register_listener(protocol, addr);
     }
-    let app = router(broker).into_make_service_with_connect_info::<SocketAddr>();
-    // `tap_io` for its `ConnectInfo<SocketAddr>` (axum gives it to TCP and tapped listeners).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |_| {});
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-    {
-        tracing::error!("management API ({protocol}) stopped: {e}");
+    // Each listener serves at most this many connections at once; further clients wait in
+    // the listen backlog until one closes (`management-max-connections`).
+    let max = broker.config.management_max_connections.max(1);
+    let app = router(broker);
+    // Hyper directly rather than `axum::serve`, which sets no timer and so no header-read
+    // timeout, and takes every connection it is offered.
+    let slots = Arc::new(tokio::sync::Semaphore::new(max));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
+    // Polled only until it resolves: the loop ends then.
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = &mut shutdown => break,
+        };
+        let (io, peer) = tokio::select! {
+            a = listener.accept() => a,
+            _ = &mut shutdown => break,
+        };
+        let app = app.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let service = hyper::service::service_fn(
+                move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut()
+                        .insert(axum::extract::ConnectInfo(peer));
+                    tower_service::Service::call(&mut app.clone(), req)
+                },
+            );
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, "management connection ended: {e}");
+                    }
+                }
+                _ = stop.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
     }
+    drop(stop_tx);
+    // Requests in progress may finish; idle connections close at once.
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        slots.acquire_many(u32::try_from(max).unwrap_or(u32::MAX)),
+    )
+    .await;
     info!("management API listener ({protocol}) stopped");
 }
 
@@ -125,8 +182,21 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .merge(definitions::routes())
         .merge(policies::routes())
         .merge(parameters::routes())
+        .merge(limits::routes())
         .merge(warren::routes())
         .fallback(|| async { ApiError::not_found() })
+        .layer(axum::middleware::from_fn(require_json))
+        .layer(axum::middleware::from_fn(|req, next: axum::middleware::Next| async {
+            match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+                Ok(r) => r,
+                Err(_) => ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    "the request took too long",
+                )
+                .into_response(),
+            }
+        }))
         .method_not_allowed_fallback(|| async {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -168,6 +238,46 @@ pub fn router(broker: Arc<Broker>) -> Router {
             },
         ))
         .with_state(broker)
+}
+
+/// Refuses (415) a request that carries a body but does not say it is JSON. Every body this
+/// API takes is JSON; a browser can send a cross-site form (`text/plain`,
+/// `application/x-www-form-urlencoded`, `multipart/form-data`) with the credentials it holds
+/// for this host without asking first, but not `application/json`: this is the CSRF guard.
+async fn require_json(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if !json_or_no_body(req.method(), req.headers()) {
+        return ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "request bodies must be sent as Content-Type: application/json",
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+fn json_or_no_body(method: &axum::http::Method, headers: &axum::http::HeaderMap) -> bool {
+    use axum::http::Method;
+    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        return true;
+    }
+    match headers.get(header::CONTENT_TYPE) {
+        Some(ct) => ct
+            .to_str()
+            .ok()
+            .and_then(|ct| ct.split(';').next())
+            .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")),
+        // No type: fine only without a body (`curl -X PUT`, `DELETE`).
+        None => {
+            headers.get(header::TRANSFER_ENCODING).is_none()
+                && headers
+                    .get(header::CONTENT_LENGTH)
+                    .is_none_or(|l| l.as_bytes() == b"0")
+        }
+    }
 }
 
 /// API paths whose changes the vhost journals itself (one record per object), so they need no

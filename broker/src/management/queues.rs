@@ -211,6 +211,11 @@ async fn purge(
     no_content()
 }
 
+/// Most messages one `POST /get` returns, whatever `count` asks for.
+pub const GET_MAX_MESSAGES: u64 = 1000;
+/// Most message bytes one `POST /get` takes (it stops after the message that passes this).
+pub const GET_MAX_BYTES: usize = 64 * 1024 * 1024;
+
 /// `POST /get`: takes up to `count` messages and acks or requeues them all, as rabbitmqadmin
 /// and the UI use it (`ackmode`: `ack_requeue_true|false`, `reject_requeue_true|false`).
 async fn get_messages(
@@ -247,10 +252,17 @@ async fn get_messages(
     let truncate = body.opt_u64("truncate")?.map(|t| t as usize);
     let mut out = Vec::new();
     let mut taken = Vec::new();
-    // Bounded: at most the queue's length, however large `count` is.
-    for _ in 0..count {
+    // Bounded however large `count` is or the queue is: at most GET_MAX_MESSAGES messages and
+    // (after the first) GET_MAX_BYTES of bodies, so one request cannot pull a whole queue into
+    // memory and into one response.
+    let mut bytes_taken = 0usize;
+    for _ in 0..count.min(GET_MAX_MESSAGES) {
+        if bytes_taken >= GET_MAX_BYTES {
+            break;
+        }
         let Some(r) = q.get(false) else { break };
         let full = &r.msg.body[..];
+        bytes_taken += full.len();
         let shown = match truncate {
             Some(t) if t < full.len() => &full[..t],
             _ => full,

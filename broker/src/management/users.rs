@@ -52,13 +52,13 @@ pub fn routes() -> Router<Arc<Broker>> {
         )
 }
 
-pub fn user_json(u: &User) -> Value {
+pub fn user_json(broker: &Broker, u: &User) -> Value {
     json!({
         "name": u.name,
         "password_hash": u.password_hash,
         "hashing_algorithm": HASHING_ALGORITHM,
         "tags": u.tags,
-        "limits": {},
+        "limits": crate::limits::to_json(&broker.access.user_limits(&u.name)),
     })
 }
 
@@ -85,7 +85,12 @@ pub fn topic_permission_json(user: &str, vhost: &str, t: &TopicPermission) -> Va
 async fn list_users(State(broker): State<Arc<Broker>>, caller: Caller) -> ApiResult {
     caller.require_admin()?;
     ok(Value::Array(
-        broker.access.users().iter().map(|u| user_json(u)).collect(),
+        broker
+            .access
+            .users()
+            .iter()
+            .map(|u| user_json(&broker, u))
+            .collect(),
     ))
 }
 
@@ -96,7 +101,7 @@ async fn show_user(
 ) -> ApiResult {
     caller.require_admin()?;
     let u = broker.access.user(&name).ok_or_else(ApiError::not_found)?;
-    ok(user_json(&u))
+    ok(user_json(&broker, &u))
 }
 
 /// Creates or replaces a user from `{"password" | "password_hash", "tags",

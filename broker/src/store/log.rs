@@ -24,7 +24,7 @@
 //! each live message's metadata: bodies stay on disk until a queue needs them.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -1265,7 +1265,7 @@ impl MessageLog {
             for (seg, parts, len) in &chunks {
                 let file = match files.get_mut(seg) {
                     Some(f) => f,
-                    None => match OpenOptions::new()
+                    None => match super::private_options()
                         .create(true)
                         .append(true)
                         .open(segment_path(&self.dir, *seg))

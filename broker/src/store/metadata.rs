@@ -57,6 +57,11 @@ pub struct Snapshot {
     /// Runtime parameters (federation upstreams, shovels), as the management API takes them.
     #[serde(default)]
     pub parameters: Vec<ParameterDef>,
+    /// Vhosts' and users' limits (absent in files written before limits).
+    #[serde(default)]
+    pub vhost_limits: Vec<crate::limits::VhostLimitsDef>,
+    #[serde(default)]
+    pub user_limits: Vec<crate::limits::UserLimitsDef>,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -278,7 +283,7 @@ impl MetaStore {
             out.extend_from_slice(&self.epoch.to_be_bytes())
         });
         {
-            let mut f = File::create(&tmp)?;
+            let mut f = super::create_private(&tmp)?;
             f.write_all(&header)?;
             f.sync_all()?;
         }
@@ -455,7 +460,7 @@ pub fn save(data_dir: &Path, snap: &Snapshot) -> std::io::Result<u64> {
     let tmp = data_dir.join(format!("{FILE_NAME}.tmp"));
     let bytes = serde_json::to_vec(snap).map_err(std::io::Error::other)?;
     {
-        let mut f = File::create(&tmp)?;
+        let mut f = super::create_private(&tmp)?;
         f.write_all(&bytes)?;
         f.sync_all()?;
     }

@@ -172,7 +172,7 @@ impl PageStore {
         let seg = g.seg;
         if g.file.is_none() {
             g.file = Some(
-                OpenOptions::new()
+                super::private_options()
                     .create(true)
                     .append(true)
                     .open(page_path(&self.dir, seg))?,

@@ -1,4 +1,4 @@
-//! Definitions (vhosts, users, permissions, policies, parameters) replicated through the
+//! Definitions (vhosts, users, permissions, policies, parameters, limits) replicated through the
 //! metadata group: a change on any node is committed by a majority and applied on every node;
 //! a minority refuses changes with 503 and catches up after the partition heals; restarted,
 //! wiped and forgotten nodes leave the group consistent.
@@ -115,6 +115,40 @@ async fn a_change_on_any_node_is_applied_on_every_node() {
             .await
             .unwrap_or_else(|e| panic!("alice cannot log in to node {i}: {e}"));
         let _ = conn.close(200, "bye".into()).await;
+    }
+    // Limits are definitions too: set on one node, refused on every node.
+    let (s, body) = put(
+        &net,
+        2,
+        "/api/vhost-limits/orders/max-connections",
+        json!({"value": 0}),
+    )
+    .await;
+    assert_eq!(s, 204, "{body}");
+    for i in 0..3 {
+        let start = std::time::Instant::now();
+        loop {
+            let v = net
+                .get(i, "/api/vhost-limits/orders")
+                .await
+                .expect("limits");
+            if v == json!([{"vhost": "orders", "value": {"max-connections": 0}}]) {
+                break;
+            }
+            assert!(start.elapsed() < SPREAD, "node {i} still has {v}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let url = format!("amqp://alice:alice-pw@{}:5672/orders", net.nodes[i].ip);
+        let refused = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("node {i} let alice in over the vhost's limit"));
+        assert!(
+            refused
+                .to_string()
+                .contains("connection limit (0) is reached"),
+            "node {i}: {refused}"
+        );
     }
 
     // Updates and deletes replicate too; a second PUT of the same object is an update.

@@ -221,7 +221,7 @@ impl LogStore {
         for r in records {
             state.replay(r);
         }
-        let file = OpenOptions::new()
+        let file = crate::store::private_options()
             .create(true)
             .append(true)
             .open(&path)
@@ -310,7 +310,7 @@ fn write_loop(path: PathBuf, mut file: File, rx: mpsc::Receiver<Job>) {
 fn rewrite(path: &Path, bytes: &[u8]) -> std::io::Result<File> {
     let tmp = path.with_extension("tmp");
     {
-        let mut f = File::create(&tmp)?;
+        let mut f = crate::store::create_private(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
