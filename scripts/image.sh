@@ -178,14 +178,19 @@ build_images() {
     stage_context "$CTX/broker" 999 warren "$BIN_DIR/warren-broker"
     mkdir -p "$CTX/broker/rootfs/etc/warren"
     stage_context "$CTX/operator" 65532 nonroot "$BIN_DIR/warren-operator"
-    local t=$SECONDS name image
+    local t=$SECONDS name image old_id
     for name in broker operator; do
         image="$BROKER_IMAGE"
         [ "$name" = operator ] && image="$OPERATOR_IMAGE"
         header "podman build $image"
+        old_id="$(podman image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)"
         podman build --quiet --pull=never --file "$name/Containerfile" \
             --build-arg "VERSION=$VERSION" --build-arg "REVISION=$revision" \
             --tag "$image" "$CTX/$name" >/dev/null
+        # The previous build of this tag, now untagged (rmi refuses if it is still tagged).
+        if [ -n "$old_id" ] && [ "$old_id" != "$(podman image inspect --format '{{.Id}}' "$image")" ]; then
+            podman rmi "$old_id" >/dev/null 2>&1 || true
+        fi
     done
     say "images built in $((SECONDS - t)) s (revision $revision)"
 }
@@ -306,9 +311,15 @@ EOF
     hosts="$(podman inspect --format '{{.HostsPath}}' "$TEST_CTR")"
     if grep -qF "$alias" "$hosts"; then fail "$alias is in the container's /etc/hosts"; fi
     say "the container's /etc/resolv.conf: $(grep -E '^(nameserver|search)' "$resolv" | paste -sd ' ' -)"
-    out="$(podman exec "$TEST_CTR" warren-broker check ready --management-url "http://$alias:15672" 2>&1)" ||
-        fail "check ready through the DNS name $alias: $out"
-    ok "DNS: the node reaches http://$alias:15672 by name (musl resolver, /etc/resolv.conf): $out"
+    # aardvark-dns learns the name when the container starts, a moment after it runs (as a
+    # pod's DNS record follows its start on Kubernetes): a few tries, each one a real lookup.
+    local tries=0
+    until out="$(podman exec "$TEST_CTR" warren-broker check ready --management-url "http://$alias:15672" 2>&1)"; do
+        tries=$((tries + 1))
+        [ "$tries" -lt 25 ] || fail "check ready through the DNS name $alias (25 tries in 5 s): $out"
+        sleep 0.2
+    done
+    ok "DNS: the node reaches http://$alias:15672 by name (musl resolver, /etc/resolv.conf; $((tries + 1)) lookups): $out"
 
     "$WARREN_VENV/bin/python" - "$amqp_port" "$user" "$pass" <<'EOF' || fail "pika publish/get through the published port"
 import sys, pika
