@@ -55,6 +55,14 @@ struct Cli {
     /// a change made directly on the broker is undone within this time).
     #[arg(long, env = "WARREN_OPERATOR_TOPOLOGY_RESYNC", default_value_t = 60)]
     topology_resync_seconds: u64,
+    /// Broker image of RabbitClusters that do not set `spec.image` (e.g. your registry's copy
+    /// of the image scripts/image.sh builds).
+    #[arg(
+        long,
+        env = "WARREN_OPERATOR_BROKER_IMAGE",
+        default_value = warren_operator::crd::cluster::DEFAULT_IMAGE
+    )]
+    broker_image: String,
     /// Log format: json (structured, one object per line) or text.
     #[arg(
         long,
@@ -140,7 +148,12 @@ async fn run(cli: Cli) -> Result<(), String> {
             std::process::id()
         )
     });
-    let ctx = Context::new(client.clone(), metrics.clone(), Some(identity.clone()));
+    let ctx = Context::new(
+        client.clone(),
+        metrics.clone(),
+        Some(identity.clone()),
+        cli.broker_image.clone(),
+    );
     let topology = topology::Context::new(
         client.clone(),
         metrics.clone(),

@@ -56,6 +56,16 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default (include "warren-operator.fullname" .) .Values.leaderElection.leaseName }}
 {{- end }}
 
+{{/* The broker image of RabbitClusters without spec.image (--broker-image). */}}
+{{- define "warren-operator.brokerImage" -}}
+{{- $tag := default .Chart.AppVersion .Values.brokerImage.tag }}
+{{- if .Values.brokerImage.digest }}
+{{- printf "%s@%s" .Values.brokerImage.repository .Values.brokerImage.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.brokerImage.repository $tag }}
+{{- end }}
+{{- end }}
+
 {{- define "warren-operator.image" -}}
 {{- $tag := default .Chart.AppVersion .Values.image.tag }}
 {{- if .Values.image.digest }}

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use super::config::{self, ConfigError};
 use super::merge::merge;
-use crate::crd::cluster::{DEFAULT_IMAGE, RabbitCluster};
+use crate::crd::cluster::RabbitCluster;
 use crate::management::segment;
 
 /// Ports the broker listens on in a pod.
@@ -403,8 +403,13 @@ pub fn config_hash(rc: &RabbitCluster) -> Result<String, BuildError> {
 }
 
 /// The broker StatefulSet. `replicas` is passed in: during a scale-down it stays above
-/// `spec.replicas` until the nodes being removed are drained.
-pub fn stateful_set(rc: &RabbitCluster, replicas: i32) -> Result<StatefulSet, BuildError> {
+/// `spec.replicas` until the nodes being removed are drained. `default_image` is the broker
+/// image when `spec.image` is not set (the operator's `--broker-image`).
+pub fn stateful_set(
+    rc: &RabbitCluster,
+    replicas: i32,
+    default_image: &str,
+) -> Result<StatefulSet, BuildError> {
     let ns = namespace(rc);
     let nodes = nodes_service_name(rc);
     let user_secret = default_user_secret_name(rc);
@@ -412,7 +417,7 @@ pub fn stateful_set(rc: &RabbitCluster, replicas: i32) -> Result<StatefulSet, Bu
         .spec
         .image
         .clone()
-        .unwrap_or_else(|| DEFAULT_IMAGE.to_string());
+        .unwrap_or_else(|| default_image.to_string());
 
     let mut ports = Vec::new();
     if !tls_only(rc) {
@@ -430,7 +435,8 @@ pub fn stateful_set(rc: &RabbitCluster, replicas: i32) -> Result<StatefulSet, Bu
     ports.push(json!({"name": "cluster", "containerPort": CLUSTER_PORT, "protocol": "TCP"}));
     // The startup probe waits for the management API, on whichever port serves it; the
     // readiness probe and preStop hook (`warren-broker check ready`, `drain`) read the same
-    // configuration file as the node and use HTTPS when plain HTTP is off.
+    // configuration file as the node (WARREN_CONFIG below) and use HTTPS when plain HTTP is
+    // off.
     let management_port = if tls_only(rc) {
         "management-tls"
     } else {
@@ -487,6 +493,10 @@ pub fn stateful_set(rc: &RabbitCluster, replicas: i32) -> Result<StatefulSet, Bu
             "image": image,
             "args": ["--config", format!("{CONFIG_DIR}/{CONFIG_FILE}")],
             "env": [
+                // The exec probe and hook (`warren-broker check ready`, `drain`) get no
+                // `--config`: through the environment they read the node's file too, so on a
+                // TLS-only cluster they reach the management API over HTTPS.
+                {"name": "WARREN_CONFIG", "value": format!("{CONFIG_DIR}/{CONFIG_FILE}")},
                 {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                 {"name": "WARREN_NODE_NAME", "value": format!("warren@$(POD_NAME).{nodes}.{ns}")},
                 {"name": "WARREN_DEFAULT_USER", "valueFrom": {"secretKeyRef": {"name": user_secret, "key": "username"}}},
@@ -594,7 +604,7 @@ pub fn stateful_set(rc: &RabbitCluster, replicas: i32) -> Result<StatefulSet, Bu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::cluster::{RabbitClusterSpec, TlsSpec};
+    use crate::crd::cluster::{DEFAULT_IMAGE, RabbitClusterSpec, TlsSpec};
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
     fn cluster(spec: serde_json::Value) -> RabbitCluster {
@@ -631,7 +641,7 @@ mod tests {
             config_map(&rc).expect("cm").metadata,
             service_account(&rc).expect("sa").metadata,
             pod_disruption_budget(&rc).expect("pdb").metadata,
-            stateful_set(&rc, 3).expect("sts").metadata,
+            stateful_set(&rc, 3, DEFAULT_IMAGE).expect("sts").metadata,
         ];
         for m in metas {
             let owners = m.owner_references.expect("owner references");
@@ -710,7 +720,7 @@ mod tests {
         let ports = |rc: &RabbitCluster| -> (Vec<i32>, Vec<i32>) {
             let nodes = nodes_service(rc).expect("svc").spec.expect("spec");
             let nodes = nodes.ports.expect("ports").iter().map(|p| p.port).collect();
-            let pod = stateful_set(rc, 1)
+            let pod = stateful_set(rc, 1, DEFAULT_IMAGE)
                 .expect("sts")
                 .spec
                 .expect("spec")
@@ -747,7 +757,7 @@ mod tests {
         );
         // Only TLS-only pods carry the label a PodMonitor uses to scrape them over HTTPS.
         let tls_only_label = |rc: &RabbitCluster| {
-            stateful_set(rc, 1)
+            stateful_set(rc, 1, DEFAULT_IMAGE)
                 .expect("sts")
                 .spec
                 .expect("spec")
@@ -782,7 +792,7 @@ mod tests {
 
         // The startup probe waits on the port that serves the API.
         let startup = |rc: &RabbitCluster| {
-            let pod = stateful_set(rc, 1)
+            let pod = stateful_set(rc, 1, DEFAULT_IMAGE)
                 .expect("sts")
                 .spec
                 .expect("spec")
@@ -840,7 +850,7 @@ mod tests {
 
     #[test]
     fn stateful_set_is_hardened_and_probed() {
-        let sts = stateful_set(&cluster(json!({})), 3).expect("sts");
+        let sts = stateful_set(&cluster(json!({})), 3, DEFAULT_IMAGE).expect("sts");
         assert_eq!(sts.metadata.name.as_deref(), Some("hare-server"));
         let spec = sts.spec.expect("spec");
         assert_eq!(spec.replicas, Some(3));
@@ -890,15 +900,44 @@ mod tests {
             c.args.as_deref(),
             Some(&["--config".to_string(), "/etc/warren/warren.toml".into()][..])
         );
+        // The probe and hook run without args: they find the config through the environment.
+        let config_env = c
+            .env
+            .as_ref()
+            .and_then(|env| env.iter().find(|e| e.name == "WARREN_CONFIG"))
+            .and_then(|e| e.value.as_deref());
+        assert_eq!(config_env, Some("/etc/warren/warren.toml"));
         let claims = spec.volume_claim_templates.expect("claims");
         assert_eq!(claims[0].metadata.name.as_deref(), Some("persistence"));
         assert_eq!(pod.topology_spread_constraints.map(|t| t.len()), Some(2));
     }
 
     #[test]
+    fn spec_image_wins_over_the_operator_default() {
+        let image = |rc: &RabbitCluster| {
+            stateful_set(rc, 1, "registry.example.com/warren-broker:1.2.3")
+                .expect("sts")
+                .spec
+                .and_then(|s| s.template.spec)
+                .and_then(|p| p.containers[0].image.clone())
+        };
+        assert_eq!(
+            image(&cluster(json!({}))).as_deref(),
+            Some("registry.example.com/warren-broker:1.2.3")
+        );
+        assert_eq!(
+            image(&cluster(json!({"image": "mine/warren:dev"}))).as_deref(),
+            Some("mine/warren:dev")
+        );
+    }
+
+    #[test]
     fn zero_storage_means_empty_dir() {
         let rc = cluster(json!({"persistence": {"storage": "0"}}));
-        let spec = stateful_set(&rc, 1).expect("sts").spec.expect("spec");
+        let spec = stateful_set(&rc, 1, DEFAULT_IMAGE)
+            .expect("sts")
+            .spec
+            .expect("spec");
         assert!(spec.volume_claim_templates.is_none());
         let pod = spec.template.spec.expect("pod");
         let vols = pod.volumes.expect("volumes");
@@ -911,7 +950,7 @@ mod tests {
     #[test]
     fn tls_mounts_the_secrets() {
         let rc = cluster(json!({"tls": {"secretName": "cert", "caSecretName": "ca"}}));
-        let pod = stateful_set(&rc, 1)
+        let pod = stateful_set(&rc, 1, DEFAULT_IMAGE)
             .expect("sts")
             .spec
             .expect("spec")
@@ -954,7 +993,7 @@ mod tests {
                 "priorityClassName": "high",
             }}}}}}),
         );
-        let pod = stateful_set(&rc, 1)
+        let pod = stateful_set(&rc, 1, DEFAULT_IMAGE)
             .expect("sts")
             .spec
             .expect("spec")
@@ -971,7 +1010,7 @@ mod tests {
     #[test]
     fn a_broken_override_is_an_error_not_a_panic() {
         let rc = cluster(json!({"override": {"statefulSet": {"spec": {"replicas": "many"}}}}));
-        let err = stateful_set(&rc, 1).expect_err("must fail");
+        let err = stateful_set(&rc, 1, DEFAULT_IMAGE).expect_err("must fail");
         assert!(
             err.to_string().contains("spec.override.statefulSet"),
             "{err}"

@@ -81,12 +81,19 @@ pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub metrics: Metrics,
+    /// The broker image of clusters without `spec.image` (`--broker-image`).
+    pub broker_image: String,
     /// Consecutive failures per cluster, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
 
 impl Context {
-    pub fn new(client: Client, metrics: Metrics, instance: Option<String>) -> Arc<Self> {
+    pub fn new(
+        client: Client,
+        metrics: Metrics,
+        instance: Option<String>,
+        broker_image: String,
+    ) -> Arc<Self> {
         let reporter = Reporter {
             controller: "warren-operator".into(),
             instance,
@@ -95,6 +102,7 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             metrics,
+            broker_image,
             failures: Mutex::new(HashMap::new()),
         })
     }
@@ -477,7 +485,8 @@ async fn apply_objects(
         .and_then(|s| s.replicas)
         .unwrap_or(rc.spec.replicas);
     // Validate the spec's StatefulSet even when the scale-down below keeps more replicas.
-    let mut sts = build::stateful_set(rc, rc.spec.replicas).map_err(spec_error)?;
+    let mut sts =
+        build::stateful_set(rc, rc.spec.replicas, &ctx.broker_image).map_err(spec_error)?;
     stamp_tls_version(rc, ctx, &mut sts).await?;
     check_storage(rc, ctx, current.as_ref()).await?;
 
