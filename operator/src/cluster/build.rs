@@ -64,6 +64,17 @@ pub enum BuildError {
     },
     #[error("spec.override.{0} must be an object")]
     OverrideNotObject(&'static str),
+    /// An override may change an object, not which object it is.
+    #[error(
+        "spec.override.{field}.metadata.{key} may not be changed (it would make the operator \
+         manage another object than its own: {from:?} → {to:?})"
+    )]
+    OverrideRenames {
+        field: &'static str,
+        key: &'static str,
+        from: String,
+        to: String,
+    },
 }
 
 /// Credentials held in the cluster's Secrets, read by the controller before building.
@@ -171,7 +182,24 @@ fn apply_override(
         if !over.is_object() {
             return Err(BuildError::OverrideNotObject(field));
         }
+        let identity = |v: &Value, key: &str| v["metadata"][key].clone();
+        let before = [
+            ("name", identity(&base, "name")),
+            ("namespace", identity(&base, "namespace")),
+        ];
         merge(&mut base, over);
+        for (key, was) in before {
+            let now = identity(&base, key);
+            if now != was {
+                let text = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+                return Err(BuildError::OverrideRenames {
+                    field,
+                    key,
+                    from: text(&was),
+                    to: text(&now),
+                });
+            }
+        }
     }
     Ok(base)
 }
@@ -1014,6 +1042,43 @@ mod tests {
         assert!(
             err.to_string().contains("spec.override.statefulSet"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn an_override_may_not_rename_an_object_or_move_it_to_another_namespace() {
+        for (field, key, value) in [
+            ("statefulSet", "name", "someone-elses"),
+            ("statefulSet", "namespace", "kube-system"),
+            ("service", "name", "other-service"),
+            ("service", "namespace", "kube-system"),
+        ] {
+            let rc = cluster(json!({"override": {field: {"metadata": {key: value}}}}));
+            let err = if field == "statefulSet" {
+                stateful_set(&rc, 1, DEFAULT_IMAGE).map(|_| ())
+            } else {
+                client_service(&rc).map(|_| ())
+            }
+            .expect_err("an override that renames must fail");
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!(
+                    "spec.override.{field}.metadata.{key} may not be changed"
+                )) && text.contains(value),
+                "{text}"
+            );
+        }
+        // Labels and annotations still merge.
+        let rc =
+            cluster(json!({"override": {"statefulSet": {"metadata": {"labels": {"team": "a"}}}}}));
+        let sts = stateful_set(&rc, 1, DEFAULT_IMAGE).expect("labels may be added");
+        assert_eq!(
+            sts.metadata
+                .labels
+                .expect("labels")
+                .get("team")
+                .map(String::as_str),
+            Some("a")
         );
     }
 
