@@ -33,6 +33,8 @@ DELIBERATE = {
     ("definitions", "vhosts[].tags"): "Warren exports vhost metadata (RabbitMQ 3.11+ does too)",
     ("nodes", "[].being_drained"): "Warren's drain (maintenance mode) flag; RabbitMQ 3.10 "
                                    "reports maintenance mode only through rabbitmq-diagnostics",
+    ("nodes", "[].disk_io_alarm"): "Warren's storage-failure alarm (a write or fsync error), beside "
+                                   "RabbitMQ's mem_alarm and disk_free_alarm; RabbitMQ has none",
     **{(label, f"[].{f}"): "Warren's link counters (messages forwarded, pending acknowledgement); "
                            "RabbitMQ 3.10 reports neither"
        for label in ("shovels", "shovels vhost", "federation-links running", "federation-links vhost")
