@@ -6,70 +6,12 @@ mod common;
 
 use std::time::Duration;
 
+use common::api::Api;
 use common::{TestBroker, raw, unique};
 use lapin::options::*;
 use lapin::types::FieldTable;
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
 use serde_json::{Value, json};
-
-struct Api {
-    base: String,
-    http: reqwest::Client,
-    user: String,
-    pass: String,
-}
-
-impl Api {
-    async fn start(b: &TestBroker) -> Self {
-        Api {
-            base: b.start_management().await,
-            http: reqwest::Client::new(),
-            user: "guest".into(),
-            pass: "guest".into(),
-        }
-    }
-
-    fn as_user(&self, user: &str, pass: &str) -> Self {
-        Api {
-            base: self.base.clone(),
-            http: self.http.clone(),
-            user: user.into(),
-            pass: pass.into(),
-        }
-    }
-
-    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let mut req = self
-            .http
-            .request(method, format!("{}/api{path}", self.base))
-            .basic_auth(&self.user, Some(&self.pass));
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status();
-        let text = resp.text().await.unwrap();
-        let v = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
-        };
-        (status, v)
-    }
-
-    async fn get(&self, path: &str) -> (StatusCode, Value) {
-        self.call(Method::GET, path, None).await
-    }
-    async fn put(&self, path: &str, body: Value) -> (StatusCode, Value) {
-        self.call(Method::PUT, path, Some(body)).await
-    }
-    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
-        self.call(Method::POST, path, Some(body)).await
-    }
-    async fn delete(&self, path: &str) -> (StatusCode, Value) {
-        self.call(Method::DELETE, path, None).await
-    }
-}
 
 /// The 400 body's reason, after checking the shape `{"error": "bad_request", "reason"}`.
 fn bad_request(r: (StatusCode, Value)) -> String {

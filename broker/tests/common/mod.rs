@@ -1,6 +1,8 @@
 #![allow(clippy::unwrap_used, dead_code)]
 //! Test harness: a real broker on 127.0.0.1:0 in the test's runtime, and lapin helpers.
 
+pub mod api;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
