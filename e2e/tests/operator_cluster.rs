@@ -69,6 +69,21 @@ async fn wait_condition(
     .await
 }
 
+/// The Secret `imported-user` holding the test brokers' credentials (guest), for a
+/// cluster's `defaultUser.secretName`.
+async fn import_guest_user(client: &Client, ns: &str) {
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "imported-user", "namespace": ns},
+        "stringData": {"username": "guest", "password": "guest"},
+    }))
+    .expect("secret");
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("secret");
+}
+
 async fn wait_settled(client: &Client, ns: &str, name: &str, replicas: i32) {
     let api = Api::<RabbitCluster>::namespaced(client.clone(), ns);
     wait_for(
@@ -434,16 +449,7 @@ async fn scale_down_drains_the_node_through_the_broker_first() {
     }
     // The cluster's default user is imported from a Secret holding the broker's
     // credentials, and the management URL points at the broker.
-    let secret: Secret = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "imported-user", "namespace": ns},
-        "stringData": {"username": "guest", "password": "guest"},
-    }))
-    .expect("secret");
-    Api::<Secret>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &secret)
-        .await
-        .expect("secret");
+    import_guest_user(&client, &ns).await;
     create_cluster(
         &client,
         &ns,
@@ -551,16 +557,7 @@ async fn scale_down_forgets_the_removed_node_once_it_has_stopped() {
         .collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut brokers = Broker::start_cluster(&refs).await;
-    let secret: Secret = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "imported-user", "namespace": ns},
-        "stringData": {"username": "guest", "password": "guest"},
-    }))
-    .expect("secret");
-    Api::<Secret>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &secret)
-        .await
-        .expect("secret");
+    import_guest_user(&client, &ns).await;
     create_cluster(
         &client,
         &ns,
