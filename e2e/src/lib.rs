@@ -165,7 +165,24 @@ impl Operator {
         Self::start_with(namespace, &[])
     }
 
+    /// Starts it with `extra` flags. The brokers of these tests are local processes reached
+    /// through a `warren.dev/management-uri` annotation on 127.0.0.1, a host the operator
+    /// refuses to send credentials to unless allowed: `--allow-any-management-uri=true` is
+    /// passed unless `extra` sets it.
     pub fn start_with(namespace: &str, extra: &[&str]) -> Self {
+        Self::start_with_env(namespace, extra, &[])
+    }
+
+    /// As [`Operator::start_with`], with extra environment variables (e.g. a `KUBECONFIG`
+    /// through an [`ApiRecorder`]).
+    pub fn start_with_env(namespace: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut extra = extra.to_vec();
+        if !extra
+            .iter()
+            .any(|a| a.starts_with("--allow-any-management-uri"))
+        {
+            extra.push("--allow-any-management-uri=true");
+        }
         let port = free_port();
         let log = std::env::temp_dir().join(format!("warren-operator-{namespace}.log"));
         let log_file = std::fs::File::create(&log).expect("operator log");
@@ -173,8 +190,9 @@ impl Operator {
             .args(["--namespace", namespace, "--lease-namespace", namespace])
             .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
             .args(["--log-format", "text"])
-            .args(extra)
+            .args(&extra)
             .env("RUST_LOG", "info,warren_operator=debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
@@ -523,5 +541,208 @@ impl Drop for Broker {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+/// What one request through an [`ApiRecorder`] was, and what came back.
+#[derive(Clone, Debug)]
+pub struct RecordedRequest {
+    pub method: String,
+    /// Path and query.
+    pub uri: String,
+    pub accept: String,
+    pub status: u16,
+    /// Bytes of the response body passed on so far.
+    pub bytes: usize,
+}
+
+#[derive(Default)]
+struct Recording {
+    requests: Vec<RecordedRequest>,
+    /// Responses (by index in `requests`) in which the watched-for bytes appeared.
+    seen: Vec<usize>,
+}
+
+/// A plain-HTTP proxy in front of the test API server that records every request a process
+/// makes and whether any response carried `needle` (e.g. a Secret's base64 data): what the
+/// operator actually receives from the API server, not what it says it asked for. The
+/// upstream connection uses the admin identity of `KUBECONFIG`; the proxied process gets a
+/// kubeconfig without credentials ([`ApiRecorder::kubeconfig`]).
+pub struct ApiRecorder {
+    // A std Mutex: never held across an await.
+    recording: std::sync::Arc<std::sync::Mutex<Recording>>,
+    /// A kubeconfig pointing at the proxy.
+    pub kubeconfig: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ApiRecorder {
+    pub async fn start(needle: &str) -> ApiRecorder {
+        use axum::body::Body;
+        use axum::extract::{Request, State};
+        use axum::response::Response;
+
+        let path = std::env::var("KUBECONFIG").expect("KUBECONFIG");
+        let text = std::fs::read_to_string(&path).expect("read KUBECONFIG");
+        let config: serde_yaml::Value = serde_yaml::from_str(&text).expect("parse KUBECONFIG");
+        let field = |section: &str, inner: &str, key: &str| -> String {
+            config[section][0][inner][key]
+                .as_str()
+                .unwrap_or_else(|| panic!("KUBECONFIG has no {section}[0].{inner}.{key}"))
+                .to_string()
+        };
+        let decode = |b64: String| -> Vec<u8> {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .expect("base64 in KUBECONFIG")
+        };
+        let server = field("clusters", "cluster", "server");
+        let ca = decode(field("clusters", "cluster", "certificate-authority-data"));
+        let mut identity = decode(field("users", "user", "client-certificate-data"));
+        identity.extend(decode(field("users", "user", "client-key-data")));
+        let upstream = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("CA"))
+            .identity(reqwest::Identity::from_pem(&identity).expect("client identity"))
+            .build()
+            .expect("upstream client");
+
+        let recording = std::sync::Arc::new(std::sync::Mutex::new(Recording::default()));
+        type Shared = (
+            reqwest::Client,
+            String,
+            std::sync::Arc<std::sync::Mutex<Recording>>,
+            Vec<u8>,
+        );
+        async fn forward(State(shared): State<std::sync::Arc<Shared>>, req: Request) -> Response {
+            let (upstream, server, recording, needle) = &*shared;
+            let method = req.method().clone();
+            let uri = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.to_string())
+                .unwrap_or_default();
+            let accept = req
+                .headers()
+                .get("accept")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            let mut out = upstream.request(method.clone(), format!("{server}{uri}"));
+            for (name, value) in req.headers() {
+                if !matches!(name.as_str(), "host" | "connection" | "content-length") {
+                    out = out.header(name, value);
+                }
+            }
+            let body = axum::body::to_bytes(req.into_body(), 64 << 20)
+                .await
+                .unwrap_or_default();
+            let answer = match out.body(body).send().await {
+                Ok(a) => a,
+                Err(e) => {
+                    return Response::builder()
+                        .status(502)
+                        .body(Body::from(e.to_string()))
+                        .expect("response");
+                }
+            };
+            let index = {
+                let mut r = recording.lock().expect("recording");
+                r.requests.push(RecordedRequest {
+                    method: method.to_string(),
+                    uri,
+                    accept,
+                    status: answer.status().as_u16(),
+                    bytes: 0,
+                });
+                r.requests.len() - 1
+            };
+            let mut response = Response::builder().status(answer.status().as_u16());
+            for (name, value) in answer.headers() {
+                if !matches!(
+                    name.as_str(),
+                    "connection" | "content-length" | "transfer-encoding"
+                ) {
+                    response = response.header(name, value);
+                }
+            }
+            // Pass the body on chunk by chunk (watches stream for ever), looking for the
+            // needle across chunk boundaries.
+            let state = (answer, Vec::<u8>::new(), recording.clone(), needle.clone());
+            let stream = futures::stream::unfold(Some(state), move |state| async move {
+                let (mut answer, mut tail, recording, needle) = state?;
+                match answer.chunk().await {
+                    Ok(Some(chunk)) => {
+                        tail.extend_from_slice(&chunk);
+                        let found = tail.windows(needle.len()).any(|w| w == needle.as_slice());
+                        {
+                            let mut r = recording.lock().expect("recording");
+                            r.requests[index].bytes += chunk.len();
+                            if found && !r.seen.contains(&index) {
+                                r.seen.push(index);
+                            }
+                        }
+                        let keep = tail.len().saturating_sub(needle.len());
+                        tail.drain(..keep);
+                        Some((
+                            Ok::<_, std::io::Error>(chunk),
+                            Some((answer, tail, recording, needle)),
+                        ))
+                    }
+                    Ok(None) => None,
+                    Err(e) => Some((Err(std::io::Error::other(e)), None)),
+                }
+            });
+            response.body(Body::from_stream(stream)).expect("response")
+        }
+
+        let shared = std::sync::Arc::new((
+            upstream,
+            server,
+            recording.clone(),
+            needle.as_bytes().to_vec(),
+        ));
+        let app = axum::Router::new().fallback(forward).with_state(shared);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the recorder");
+        let port = listener.local_addr().expect("addr").port();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let kubeconfig = std::env::temp_dir().join(format!("warren-e2e-recorder-{port}.yaml"));
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: recorder\n  cluster:\n    \
+                 server: http://127.0.0.1:{port}\nusers:\n- name: anonymous\n  user: {{}}\n\
+                 contexts:\n- name: recorder\n  context:\n    cluster: recorder\n    user: anonymous\n\
+                 current-context: recorder\n"
+            ),
+        )
+        .expect("write the recorder's kubeconfig");
+        ApiRecorder {
+            recording,
+            kubeconfig,
+            task,
+        }
+    }
+
+    /// Every request so far.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.recording.lock().expect("recording").requests.clone()
+    }
+
+    /// The requests whose responses carried the needle.
+    pub fn saw_needle(&self) -> Vec<RecordedRequest> {
+        let r = self.recording.lock().expect("recording");
+        r.seen.iter().map(|&i| r.requests[i].clone()).collect()
+    }
+}
+
+impl Drop for ApiRecorder {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.kubeconfig);
     }
 }

@@ -1004,3 +1004,227 @@ async fn tls_secrets_are_checked_and_a_renewed_certificate_rolls_the_pods() {
     .await;
     wait_settled(&client, &ns, "sec", 2).await;
 }
+
+/// Whether objects named `name` of every kind the operator applies are absent from `ns`.
+async fn nothing_applied(client: &Client, ns: &str, cluster: &str) -> Vec<String> {
+    let mut present = Vec::new();
+    let server = format!("{cluster}-server");
+    if Api::<StatefulSet>::namespaced(client.clone(), ns)
+        .get_opt(&server)
+        .await
+        .expect("get")
+        .is_some()
+    {
+        present.push(format!("StatefulSet {server}"));
+    }
+    for name in [cluster.to_string(), format!("{cluster}-nodes")] {
+        if Api::<Service>::namespaced(client.clone(), ns)
+            .get_opt(&name)
+            .await
+            .expect("get")
+            .is_some()
+        {
+            present.push(format!("Service {name}"));
+        }
+    }
+    for name in [
+        format!("{cluster}-default-user"),
+        format!("{cluster}-cluster-secret"),
+    ] {
+        if Api::<Secret>::namespaced(client.clone(), ns)
+            .get_opt(&name)
+            .await
+            .expect("get")
+            .is_some()
+        {
+            present.push(format!("Secret {name}"));
+        }
+    }
+    if Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get_opt(&format!("{cluster}-config"))
+        .await
+        .expect("get")
+        .is_some()
+    {
+        present.push(format!("ConfigMap {cluster}-config"));
+    }
+    if Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .get_opt(&server)
+        .await
+        .expect("get")
+        .is_some()
+    {
+        present.push(format!("ServiceAccount {server}"));
+    }
+    present
+}
+
+/// `spec.override` may not give the broker pods access to their node (privileged, host
+/// namespaces, hostPath, another ServiceAccount) unless the operator runs with
+/// `--allow-privileged-pods`: ReconcileSuccess=False, InvalidSpec naming each field, and
+/// nothing applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn pods_with_host_access_are_refused_unless_the_operator_allows_them() {
+    let (client, ns, _op) = setup("hostaccess").await;
+    let hostile = |name: &str, ns: &str| {
+        json!({
+            "apiVersion": "warren.dev/v1alpha1", "kind": "RabbitCluster",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"replicas": 1, "persistence": {"storage": "0"},
+                     "override": {"statefulSet": {"spec": {"template": {"spec": {
+                         "hostNetwork": true,
+                         "serviceAccountName": "default",
+                         "volumes": [{"name": "node-root", "hostPath": {"path": "/"}}],
+                         "containers": [{"name": "warren",
+                                         "securityContext": {"privileged": true},
+                                         "volumeMounts": [{"name": "node-root", "mountPath": "/host"}]}],
+                     }}}}}},
+        })
+    };
+    create_cluster(&client, &ns, hostile("hosty", &ns)).await;
+    let message = wait_condition(&client, &ns, "hosty", "ReconcileSuccess", "False").await;
+    let rc = Api::<RabbitCluster>::namespaced(client.clone(), &ns)
+        .get("hosty")
+        .await
+        .expect("get");
+    assert_eq!(
+        condition(&rc, "ReconcileSuccess").map(|c| c.1).as_deref(),
+        Some("InvalidSpec")
+    );
+    for field in [
+        "spec.override.statefulSet.spec.template.spec.hostNetwork: true",
+        "spec.override.statefulSet.spec.template.spec.serviceAccountName: \"default\"",
+        "volumes[name: node-root].hostPath",
+        "containers[name: warren].securityContext.privileged: true",
+        "--allow-privileged-pods",
+    ] {
+        assert!(message.contains(field), "{field} not in: {message}");
+    }
+    assert!(
+        events(&client, &ns)
+            .await
+            .iter()
+            .any(|(reason, note)| reason == "InvalidSpec" && note.contains("hostNetwork")),
+        "no InvalidSpec Event"
+    );
+    // Another reconcile after the refusal changes nothing either.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let present = nothing_applied(&client, &ns, "hosty").await;
+    assert!(
+        present.is_empty(),
+        "applied despite the refusal: {present:?}"
+    );
+
+    // Removing the override lets the cluster through.
+    patch_cluster(&client, &ns, "hosty", json!({"spec": {"override": null}})).await;
+    wait_settled(&client, &ns, "hosty", 1).await;
+
+    // An operator started with --allow-privileged-pods applies the same spec.
+    let allowed_ns = namespace(&client, "hostallowed").await;
+    let _allowing = Operator::start_with(&allowed_ns, &["--allow-privileged-pods"]);
+    create_cluster(&client, &allowed_ns, hostile("hosty", &allowed_ns)).await;
+    wait_condition(&client, &allowed_ns, "hosty", "ReconcileSuccess", "True").await;
+    let pod = Api::<StatefulSet>::namespaced(client.clone(), &allowed_ns)
+        .get("hosty-server")
+        .await
+        .expect("StatefulSet")
+        .spec
+        .and_then(|s| s.template.spec)
+        .expect("pod spec");
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(pod.service_account_name.as_deref(), Some("default"));
+}
+
+/// The operator's Secret watches are metadata-only: the data of a Secret it does not use
+/// never reaches it (checked on the bytes the API server sends it, through a recording proxy),
+/// while a Secret a cluster references still triggers a reconcile when it appears.
+#[tokio::test(flavor = "multi_thread")]
+async fn secret_data_the_operator_does_not_use_never_reaches_it() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = namespace(&client, "secretwatch").await;
+    let value = format!("not-for-the-operator-{:08x}", rand::random::<u32>());
+    let unrelated = |name: &str| -> Secret {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "namespace": ns},
+            "stringData": {"token": value},
+        }))
+        .expect("secret")
+    };
+    let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+    let before = secrets
+        .create(&PostParams::default(), &unrelated("unrelated-before"))
+        .await
+        .expect("create");
+    // What the API server sends for this Secret's data: base64 in JSON.
+    let encoded = serde_json::to_value(&before).expect("json")["data"]["token"]
+        .as_str()
+        .expect("data")
+        .to_string();
+    let recorder = warren_e2e::ApiRecorder::start(&encoded).await;
+    let kubeconfig = recorder.kubeconfig.to_string_lossy().to_string();
+    let _op = Operator::start_with_env(&ns, &[], &[("KUBECONFIG", kubeconfig.as_str())]);
+
+    // A cluster whose imported default user does not exist yet: refused until it does.
+    create_cluster(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "warren.dev/v1alpha1", "kind": "RabbitCluster",
+            "metadata": {"name": "picky", "namespace": ns},
+            "spec": {"replicas": 1, "persistence": {"storage": "0"},
+                     "defaultUser": {"secretName": "imported-user"}},
+        }),
+    )
+    .await;
+    let message = wait_condition(&client, &ns, "picky", "ReconcileSuccess", "False").await;
+    assert!(message.contains("imported-user"), "{message}");
+    secrets
+        .create(&PostParams::default(), &unrelated("unrelated-after"))
+        .await
+        .expect("create");
+    import_guest_user(&client, &ns).await;
+    wait_settled(&client, &ns, "picky", 1).await;
+    // A change to an unrelated Secret streams past too.
+    secrets
+        .patch(
+            "unrelated-before",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"touched": "yes"}}})),
+        )
+        .await
+        .expect("patch");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let requests = recorder.requests();
+    let secret_streams: Vec<_> = requests
+        .iter()
+        .filter(|r| {
+            let path = r.uri.split('?').next().unwrap_or_default();
+            r.method == "GET" && path.ends_with("/secrets")
+        })
+        .collect();
+    assert!(
+        !secret_streams.is_empty(),
+        "the operator never listed or watched Secrets through the recorder: {requests:#?}"
+    );
+    for r in &secret_streams {
+        assert!(
+            r.accept.contains("as=PartialObjectMetadata"),
+            "a Secret list or watch asked for whole Secrets: {r:?}"
+        );
+    }
+    let leaked = recorder.saw_needle();
+    assert!(
+        leaked.is_empty(),
+        "the API server sent the operator the data of a Secret it does not use: {leaked:#?}"
+    );
+    // The operator's own Secrets are still read, one by name.
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.method == "GET" && r.uri.contains("/secrets/imported-user")),
+        "the operator did not read the imported Secret"
+    );
+}

@@ -768,3 +768,122 @@ async fn the_same_resources_configure_a_stock_rabbitmq() {
     rmq.delete(&format!("/api/queues/%2F/a-{suffix}")).await;
     rmq.delete(&format!("/api/queues/%2F/b-{suffix}")).await;
 }
+
+/// An operator without `--allow-any-management-uri` sends a cluster's default user (an
+/// administrator) only to the cluster's own Services: a `warren.dev/management-uri` annotation
+/// naming another host — here a listener standing in for an attacker's server — makes the
+/// RabbitCluster `ReconcileSuccess=False` and a Policy on it `Ready=False`
+/// (`ManagementUriRefused`) with an Event, and not one connection reaches that host.
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_go_only_to_the_clusters_own_services() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncReadExt;
+
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = namespace(&client, "mgmturi").await;
+    // The attacker's server: counts connections and keeps what they send.
+    let trap = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let trap_url = format!("http://{}", trap.local_addr().expect("addr"));
+    let connections = Arc::new(AtomicUsize::new(0));
+    let received = Arc::new(std::sync::Mutex::new(String::new()));
+    let (c, r) = (connections.clone(), received.clone());
+    let trap_task = tokio::spawn(async move {
+        while let Ok((mut socket, _)) = trap.accept().await {
+            c.fetch_add(1, Ordering::SeqCst);
+            let r = r.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                if let Ok(n) = socket.read(&mut buf).await {
+                    r.lock()
+                        .expect("received")
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+    });
+    let _op = Operator::start_with(&ns, &["--allow-any-management-uri=false"]);
+    secret(
+        &client,
+        &ns,
+        "lured-user",
+        json!({"username": "admin", "password": "s3cret"}),
+    )
+    .await;
+    create::<RabbitCluster>(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "warren.dev/v1alpha1", "kind": "RabbitCluster",
+            "metadata": {"name": "lured", "namespace": ns,
+                         "annotations": {"warren.dev/management-uri": trap_url}},
+            "spec": {"replicas": 1, "persistence": {"storage": "0"},
+                     "defaultUser": {"secretName": "lured-user"}},
+        }),
+    )
+    .await;
+    create::<Policy>(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "warren.dev/v1alpha1", "kind": "Policy",
+            "metadata": {"name": "lure", "namespace": ns},
+            "spec": {"pattern": ".*", "definition": {"max-length": 1},
+                     "rabbitClusterReference": {"name": "lured"}},
+        }),
+    )
+    .await;
+
+    // The cluster: refused before anything is applied, naming the annotation.
+    let clusters = Api::<RabbitCluster>::namespaced(client.clone(), &ns);
+    let (reason, message) = wait_for("lured ReconcileSuccess=False", LONG, || {
+        let clusters = clusters.clone();
+        async move {
+            let rc = clusters.get("lured").await.ok()?;
+            let c = rc
+                .status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "ReconcileSuccess" && c.status == "False")?;
+            Some((c.reason, c.message))
+        }
+    })
+    .await;
+    assert_eq!(reason, "InvalidSpec");
+    for text in [
+        "metadata.annotations[\"warren.dev/management-uri\"]",
+        "\"127.0.0.1\"",
+        "lured.",
+        "--allow-any-management-uri",
+    ] {
+        assert!(message.contains(text), "{text} not in: {message}");
+    }
+    // The Policy: not ready, saying why.
+    let (reason, message) = wait_ready::<Policy>(&client, &ns, "lure", "False").await;
+    assert_eq!(reason, "ManagementUriRefused", "{message}");
+    assert!(message.contains("warren.dev/management-uri"), "{message}");
+    assert!(message.contains("--allow-any-management-uri"), "{message}");
+    let events = Api::<k8s_openapi::api::core::v1::Event>::namespaced(client.clone(), &ns)
+        .list(&Default::default())
+        .await
+        .expect("events");
+    assert!(
+        events
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("ManagementUriRefused")),
+        "no ManagementUriRefused Event"
+    );
+    // A retry or two later, still nothing has reached the host.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        0,
+        "the operator connected to the annotation's host: {}",
+        received.lock().expect("received")
+    );
+    trap_task.abort();
+}

@@ -7,6 +7,7 @@ pub mod crd;
 pub mod lease;
 pub mod management;
 pub mod metrics;
+pub mod security;
 pub mod topology;
 
 /// Selects rustls' crypto provider for the whole process (several are linked in through

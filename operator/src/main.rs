@@ -10,6 +10,7 @@ use warren_operator::cluster::controller::{self, Context};
 use warren_operator::crd::{Federation, Policy, Shovel};
 use warren_operator::lease::{Elector, LeaseConfig};
 use warren_operator::metrics::{self, Health, Metrics};
+use warren_operator::security::Security;
 use warren_operator::topology;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -63,6 +64,27 @@ struct Cli {
         default_value = warren_operator::crd::cluster::DEFAULT_IMAGE
     )]
     broker_image: String,
+    /// Allow RabbitClusters whose `spec.override` gives broker pods access to their node:
+    /// privileged containers, hostNetwork, hostPID, hostIPC, hostPath volumes, another
+    /// ServiceAccount than the cluster's own. Refused by default (ReconcileSuccess=False,
+    /// InvalidSpec naming the field).
+    #[arg(long, env = "WARREN_OPERATOR_ALLOW_PRIVILEGED_PODS", default_value_t = false,
+          action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    allow_privileged_pods: bool,
+    /// Send the cluster's default user to whatever host a RabbitCluster's
+    /// `warren.dev/management-uri` annotation names. By default only the cluster's own
+    /// Services and pods (`<name>.<ns>.svc`, `<name>-nodes.<ns>.svc`,
+    /// `<name>-server-N.<name>-nodes.<ns>.svc`, optionally with the cluster domain) are used.
+    #[arg(long, env = "WARREN_OPERATOR_ALLOW_ANY_MANAGEMENT_URI", default_value_t = false,
+          action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    allow_any_management_uri: bool,
+    /// The cluster's DNS domain (Service names `<svc>.<ns>.svc.<domain>`).
+    #[arg(
+        long,
+        env = "WARREN_OPERATOR_CLUSTER_DOMAIN",
+        default_value = warren_operator::security::DEFAULT_CLUSTER_DOMAIN
+    )]
+    cluster_domain: String,
     /// Log format: json (structured, one object per line) or text.
     #[arg(
         long,
@@ -148,17 +170,31 @@ async fn run(cli: Cli) -> Result<(), String> {
             std::process::id()
         )
     });
+    let security = Security {
+        allow_privileged_pods: cli.allow_privileged_pods,
+        allow_any_management_uri: cli.allow_any_management_uri,
+        cluster_domain: cli.cluster_domain.clone(),
+    };
+    if security.allow_privileged_pods || security.allow_any_management_uri {
+        tracing::warn!(
+            allow_privileged_pods = security.allow_privileged_pods,
+            allow_any_management_uri = security.allow_any_management_uri,
+            "security checks relaxed by flags"
+        );
+    }
     let ctx = Context::new(
         client.clone(),
         metrics.clone(),
         Some(identity.clone()),
         cli.broker_image.clone(),
+        security.clone(),
     );
     let topology = topology::Context::new(
         client.clone(),
         metrics.clone(),
         Some(identity.clone()),
         Duration::from_secs(cli.topology_resync_seconds.max(1)),
+        security,
     );
     let ns = cli.namespace.clone();
     let controllers = async move {

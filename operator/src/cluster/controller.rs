@@ -14,6 +14,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{DeleteParams, Patch, PatchParams, PropagationPolicy};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -36,6 +37,7 @@ use crate::crd::cluster::{
 };
 use crate::management::ManagementClient;
 use crate::metrics::Metrics;
+use crate::security::{self, Security};
 
 /// Field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "warren-operator";
@@ -83,6 +85,8 @@ pub struct Context {
     pub metrics: Metrics,
     /// The broker image of clusters without `spec.image` (`--broker-image`).
     pub broker_image: String,
+    /// What the operator allows a cluster's spec and annotations (`--allow-*` flags).
+    pub security: Security,
     /// Consecutive failures per cluster, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -93,6 +97,7 @@ impl Context {
         metrics: Metrics,
         instance: Option<String>,
         broker_image: String,
+        security: Security,
     ) -> Arc<Self> {
         let reporter = Reporter {
             controller: "warren-operator".into(),
@@ -103,6 +108,7 @@ impl Context {
             client,
             metrics,
             broker_image,
+            security,
             failures: Mutex::new(HashMap::new()),
         })
     }
@@ -143,7 +149,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
             Api::<StatefulSet>::namespaced(client.clone(), ns),
             Api::<Service>::namespaced(client.clone(), ns),
             Api::<ConfigMap>::namespaced(client.clone(), ns),
-            Api::<Secret>::namespaced(client.clone(), ns),
+            Api::<PartialObjectMeta<Secret>>::namespaced(client.clone(), ns),
             Api::<ServiceAccount>::namespaced(client.clone(), ns),
             Api::<PodDisruptionBudget>::namespaced(client.clone(), ns),
         ),
@@ -152,7 +158,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
             Api::<StatefulSet>::all(client.clone()),
             Api::<Service>::all(client.clone()),
             Api::<ConfigMap>::all(client.clone()),
-            Api::<Secret>::all(client.clone()),
+            Api::<PartialObjectMeta<Secret>>::all(client.clone()),
             Api::<ServiceAccount>::all(client.clone()),
             Api::<PodDisruptionBudget>::all(client.clone()),
         ),
@@ -168,23 +174,32 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
         .owns(pdb, owned)
         // Secrets: the cluster's own, and the ones it references (TLS certificates, an
         // imported default user), so a renewed certificate or a created Secret acts at once.
-        .watches(sec, watcher::Config::default(), move |secret: Secret| {
-            let ns = secret.namespace();
-            let name = secret.name_any();
-            store
-                .state()
-                .iter()
-                .filter(|rc| {
-                    rc.namespace() == ns
-                        && (references_secret(rc, &name)
-                            || secret.owner_references().iter().any(|o| {
-                                o.kind == "RabbitCluster"
-                                    && Some(&o.uid) == rc.metadata.uid.as_ref()
-                            }))
-                })
-                .map(|rc| ObjectRef::from_obj(rc.as_ref()))
-                .collect::<Vec<_>>()
-        })
+        // Metadata only (`PartialObjectMeta`: the API server sends names, labels and owner
+        // references, never `data`): which cluster a Secret concerns is read from its name and
+        // owner, and the reconcile GETs the few Secrets it uses. Streaming whole Secrets would
+        // bring every Secret of every namespace (Helm releases, tokens, certificates) into the
+        // operator's memory.
+        .watches(
+            sec,
+            watcher::Config::default(),
+            move |secret: PartialObjectMeta<Secret>| {
+                let ns = secret.namespace();
+                let name = secret.name_any();
+                store
+                    .state()
+                    .iter()
+                    .filter(|rc| {
+                        rc.namespace() == ns
+                            && (references_secret(rc, &name)
+                                || secret.owner_references().iter().any(|o| {
+                                    o.kind == "RabbitCluster"
+                                        && Some(&o.uid) == rc.metadata.uid.as_ref()
+                                }))
+                    })
+                    .map(|rc| ObjectRef::from_obj(rc.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -467,6 +482,9 @@ async fn apply_objects(
     outcome: &mut Outcome,
 ) -> Result<(), Error> {
     let ns = build::namespace(rc);
+    // A management URI the operator would not send credentials to is reported at once, not
+    // only when a scale-down needs it.
+    management_url_of(rc, ctx, String::new)?;
     // Build everything first: an invalid spec changes nothing in the cluster.
     let creds = default_credentials(rc, ctx).await?;
     let cluster_secret = cluster_secret_value(rc, ctx).await?;
@@ -487,6 +505,8 @@ async fn apply_objects(
     // Validate the spec's StatefulSet even when the scale-down below keeps more replicas.
     let mut sts =
         build::stateful_set(rc, rc.spec.replicas, &ctx.broker_image).map_err(spec_error)?;
+    // Pods with host access (through spec.override) only when the operator allows them.
+    security::check_pods(&ctx.security, rc, &sts).map_err(Error::Spec)?;
     stamp_tls_version(rc, ctx, &mut sts).await?;
     check_storage(rc, ctx, current.as_ref()).await?;
 
@@ -626,6 +646,25 @@ pub async fn management_client(
         .map_err(|e| e.to_string())
 }
 
+/// The management API URL the operator uses for `rc`: its `warren.dev/management-uri`
+/// annotation when set — if the operator allows its host ([`security::check_management_uri`]):
+/// the default user is an administrator, and the annotation may be set by anyone who may edit
+/// the cluster — else `default()`.
+fn management_url_of(
+    rc: &RabbitCluster,
+    ctx: &Context,
+    default: impl FnOnce() -> String,
+) -> Result<String, Error> {
+    match rc.annotations().get(MANAGEMENT_URI_ANNOTATION) {
+        Some(uri) => {
+            security::check_management_uri(&ctx.security, rc, MANAGEMENT_URI_ANNOTATION, uri)
+                .map_err(Error::Spec)?;
+            Ok(uri.clone())
+        }
+        None => Ok(default()),
+    }
+}
+
 fn ordinal_of(pod: &str) -> Option<i32> {
     pod.rsplit('-').next().and_then(|o| o.parse().ok())
 }
@@ -665,13 +704,9 @@ async fn forget_removed_nodes(
             settled = false;
             continue;
         }
-        let url = rc
-            .annotations()
-            .get(MANAGEMENT_URI_ANNOTATION)
-            .cloned()
-            .unwrap_or_else(|| {
-                build::management_url(rc, &format!("{}.{ns}.svc", build::client_service_name(rc)))
-            });
+        let url = management_url_of(rc, ctx, || {
+            build::management_url(rc, &format!("{}.{ns}.svc", build::client_service_name(rc)))
+        })?;
         let node = node_name(rc, &pod);
         let client = management_client(&ctx.client, rc, &url, &creds.username, &creds.password)
             .await
@@ -726,16 +761,12 @@ async fn drain_node(
             forgotten: false,
         });
     }
-    let url = rc
-        .annotations()
-        .get(MANAGEMENT_URI_ANNOTATION)
-        .cloned()
-        .unwrap_or_else(|| {
-            build::management_url(
-                rc,
-                &format!("{pod}.{}.{ns}.svc", build::nodes_service_name(rc)),
-            )
-        });
+    let url = management_url_of(rc, ctx, || {
+        build::management_url(
+            rc,
+            &format!("{pod}.{}.{ns}.svc", build::nodes_service_name(rc)),
+        )
+    })?;
     let client = management_client(&ctx.client, rc, &url, &creds.username, &creds.password)
         .await
         .map_err(|e| Error::Drain(format!("cannot drain {pod}: {e}")))?;

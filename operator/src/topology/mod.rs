@@ -19,7 +19,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Patch, PatchParams};
-use kube::core::NamespaceResourceScope;
+use kube::core::{NamespaceResourceScope, PartialObjectMeta};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -38,6 +38,7 @@ use crate::crd::RabbitCluster;
 use crate::crd::common::{ConnectionSecretReference, DeletionPolicy, RabbitClusterReference};
 use crate::management::{ManagementClient, ManagementError};
 use crate::metrics::Metrics;
+use crate::security::{self, Security};
 
 /// Annotation on a RabbitCluster listing the namespaces (comma-separated, or `*`) whose
 /// Policy/Federation/Shovel resources may configure it.
@@ -99,6 +100,8 @@ pub struct Context {
     pub metrics: Metrics,
     /// Periodic re-apply interval (drift correction).
     pub resync: Duration,
+    /// What the operator allows (`--allow-any-management-uri`).
+    pub security: Security,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -108,6 +111,7 @@ impl Context {
         metrics: Metrics,
         instance: Option<String>,
         resync: Duration,
+        security: Security,
     ) -> Arc<Self> {
         let reporter = Reporter {
             controller: "warren-operator".into(),
@@ -118,6 +122,7 @@ impl Context {
             client,
             metrics,
             resync,
+            security,
             failures: Mutex::new(HashMap::new()),
         })
     }
@@ -252,6 +257,17 @@ async fn connect<T: Topology>(obj: &T, ctx: &Context) -> Result<ManagementClient
                         r.name
                     ),
                 ));
+            }
+            // The cluster's default user is an administrator: it goes to the annotation's
+            // URI only if that is the cluster's own (or the operator allows any host).
+            if let Some(uri) = rc.annotations().get(MANAGEMENT_URI_ANNOTATION) {
+                security::check_management_uri(&ctx.security, &rc, MANAGEMENT_URI_ANNOTATION, uri)
+                    .map_err(|m| {
+                        not_ready(
+                            "ManagementUriRefused",
+                            format!("RabbitCluster {cluster_ns}/{}: {m}", r.name),
+                        )
+                    })?;
             }
             let Some(user) = rc.status.as_ref().and_then(|s| s.default_user.clone()) else {
                 return Err(not_ready(
@@ -521,12 +537,12 @@ pub async fn run<T: Topology>(ctx: Arc<Context>, namespace: Option<String>) {
     let (objects, secrets, clusters) = match &namespace {
         Some(ns) => (
             Api::<T>::namespaced(client.clone(), ns),
-            Api::<Secret>::namespaced(client.clone(), ns),
+            Api::<PartialObjectMeta<Secret>>::namespaced(client.clone(), ns),
             Api::<RabbitCluster>::namespaced(client.clone(), ns),
         ),
         None => (
             Api::<T>::all(client.clone()),
-            Api::<Secret>::all(client.clone()),
+            Api::<PartialObjectMeta<Secret>>::all(client.clone()),
             Api::<RabbitCluster>::all(client.clone()),
         ),
     };
@@ -534,10 +550,12 @@ pub async fn run<T: Topology>(ctx: Arc<Context>, namespace: Option<String>) {
     let store = controller.store();
     let store2 = store.clone();
     controller
+        // Metadata only: a Secret's name says which resources to re-apply; their reconcile
+        // GETs the Secret. The API server never streams Secret data to the operator.
         .watches(
             secrets,
             watcher::Config::default(),
-            move |secret: Secret| {
+            move |secret: PartialObjectMeta<Secret>| {
                 let ns = secret.namespace();
                 let name = secret.name_any();
                 store
