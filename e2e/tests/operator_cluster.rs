@@ -1197,6 +1197,11 @@ async fn secret_data_the_operator_does_not_use_never_reaches_it() {
         .expect("patch");
     tokio::time::sleep(Duration::from_secs(2)).await;
 
+    let leaked = recorder.saw_needle();
+    assert!(
+        leaked.is_empty(),
+        "the API server sent the operator the data of a Secret it does not use: {leaked:#?}"
+    );
     let requests = recorder.requests();
     let secret_streams: Vec<_> = requests
         .iter()
@@ -1215,11 +1220,6 @@ async fn secret_data_the_operator_does_not_use_never_reaches_it() {
             "a Secret list or watch asked for whole Secrets: {r:?}"
         );
     }
-    let leaked = recorder.saw_needle();
-    assert!(
-        leaked.is_empty(),
-        "the API server sent the operator the data of a Secret it does not use: {leaked:#?}"
-    );
     // The operator's own Secrets are still read, one by name.
     assert!(
         requests
