@@ -301,8 +301,10 @@ helm_install() {
         echo "the CRDs exist (owner '${owner:-none}'): installing with --take-ownership to adopt them"
         adopt=(--take-ownership)
     fi
+    # The brokers standing in for pods are local processes that the operator reaches through a
+    # warren.dev/management-uri annotation on 127.0.0.1, which it refuses by default.
     "$HELM" install "$release" "$CHART" --namespace "$ns" --create-namespace --wait --timeout 3m \
-        "${adopt[@]}" "$@"
+        --set security.allowAnyManagementUri=true "${adopt[@]}" "$@"
 }
 
 # operator_as RELEASE NAMESPACE LOG: runs warren-operator out of cluster as the release's
