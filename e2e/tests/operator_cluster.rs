@@ -1076,7 +1076,8 @@ async fn pods_with_host_access_are_refused_unless_the_operator_allows_them() {
                          "serviceAccountName": "default",
                          "volumes": [{"name": "node-root", "hostPath": {"path": "/"}}],
                          "containers": [{"name": "warren",
-                                         "securityContext": {"privileged": true},
+                                         "securityContext": {"privileged": true,
+                                             "capabilities": {"add": ["SYS_ADMIN"]}},
                                          "volumeMounts": [{"name": "node-root", "mountPath": "/host"}]}],
                      }}}}}},
         })
@@ -1096,6 +1097,7 @@ async fn pods_with_host_access_are_refused_unless_the_operator_allows_them() {
         "spec.override.statefulSet.spec.template.spec.serviceAccountName: \"default\"",
         "volumes[name: node-root].hostPath",
         "containers[name: warren].securityContext.privileged: true",
+        "containers[name: warren].securityContext.capabilities.add: [\"SYS_ADMIN\"]",
         "--allow-privileged-pods",
     ] {
         assert!(message.contains(field), "{field} not in: {message}");

@@ -65,8 +65,9 @@ struct Cli {
     )]
     broker_image: String,
     /// Allow RabbitClusters whose `spec.override` gives broker pods access to their node:
-    /// privileged containers, hostNetwork, hostPID, hostIPC, hostPath volumes, another
-    /// ServiceAccount than the cluster's own. Refused by default (ReconcileSuccess=False,
+    /// privileged containers, hostNetwork, hostPID, hostIPC, hostPath volumes, host ports,
+    /// capabilities beyond the Pod Security Standards' baseline, another ServiceAccount than
+    /// the cluster's own. Refused by default (ReconcileSuccess=False,
     /// InvalidSpec naming the field).
     #[arg(long, env = "WARREN_OPERATOR_ALLOW_PRIVILEGED_PODS", default_value_t = false,
           action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]

@@ -1,6 +1,7 @@
 //! What the operator refuses to do on a RabbitCluster's behalf unless it was started to allow
 //! it: run broker pods with access to their host (privileged containers, the host's network,
-//! PID or IPC namespace, hostPath volumes, another ServiceAccount than the cluster's own), and
+//! PID or IPC namespace, hostPath volumes, host ports, capabilities beyond the baseline,
+//! another ServiceAccount than the cluster's own), and
 //! send the cluster's admin credentials to a management URI outside the cluster's own
 //! Services. Whoever may edit a RabbitCluster is not necessarily allowed to do either; the
 //! operator's account can, so without these checks it would do it for them.
@@ -42,6 +43,25 @@ impl Default for Security {
 }
 
 const OVERRIDE_POD: &str = "spec.override.statefulSet.spec.template.spec";
+
+/// Capabilities a container may add: the Pod Security Standards' baseline list (what a
+/// container runtime grants by default). Any other (`SYS_ADMIN`, `NET_ADMIN`, `SYS_PTRACE`,
+/// `ALL` …) reaches into the node.
+const BASELINE_CAPABILITIES: &[&str] = &[
+    "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "MKNOD",
+    "NET_BIND_SERVICE",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_CHROOT",
+];
 
 /// What the broker pods of `sts` (built from the cluster's spec and its `spec.override`) would
 /// be allowed on their node that the operator does not give them: one entry per field, naming
@@ -96,21 +116,58 @@ pub fn pod_host_access(rc: &RabbitCluster, sts: &StatefulSet) -> Vec<String> {
     let containers = pod
         .containers
         .iter()
-        .map(|c| ("containers", &c.name, c.security_context.as_ref()))
-        .chain(
-            pod.init_containers
-                .iter()
-                .flatten()
-                .map(|c| ("initContainers", &c.name, c.security_context.as_ref())),
-        )
-        .chain(
-            pod.ephemeral_containers
-                .iter()
-                .flatten()
-                .map(|c| ("ephemeralContainers", &c.name, c.security_context.as_ref())),
-        );
-    for (list, name, context) in containers {
+        .map(|c| {
+            (
+                "containers",
+                &c.name,
+                c.security_context.as_ref(),
+                c.ports.as_deref(),
+            )
+        })
+        .chain(pod.init_containers.iter().flatten().map(|c| {
+            (
+                "initContainers",
+                &c.name,
+                c.security_context.as_ref(),
+                c.ports.as_deref(),
+            )
+        }))
+        .chain(pod.ephemeral_containers.iter().flatten().map(|c| {
+            (
+                "ephemeralContainers",
+                &c.name,
+                c.security_context.as_ref(),
+                c.ports.as_deref(),
+            )
+        }));
+    for (list, name, context, ports) in containers {
+        for port in ports.unwrap_or_default() {
+            if let Some(host_port) = port.host_port.filter(|p| *p != 0) {
+                found.push(format!(
+                    "{OVERRIDE_POD}.{list}[name: {name}].ports[containerPort: {}].hostPort: {host_port} \
+                     (listens on the node's own address)",
+                    port.container_port
+                ));
+            }
+        }
         let at = format!("{OVERRIDE_POD}.{list}[name: {name}].securityContext");
+        let added: Vec<&str> = context
+            .and_then(|c| c.capabilities.as_ref())
+            .and_then(|c| c.add.as_deref())
+            .unwrap_or_default()
+            .iter()
+            .map(String::as_str)
+            .filter(|cap| {
+                let upper = cap.to_ascii_uppercase();
+                let bare = upper.strip_prefix("CAP_").unwrap_or(&upper);
+                !BASELINE_CAPABILITIES.contains(&bare)
+            })
+            .collect();
+        if !added.is_empty() {
+            found.push(format!(
+                "{at}.capabilities.add: {added:?} (beyond the baseline a container runtime grants)"
+            ));
+        }
         if context.and_then(|c: &SecurityContext| c.privileged) == Some(true) {
             found.push(format!(
                 "{at}.privileged: true (a privileged container has every device and capability of the node)"
@@ -261,7 +318,8 @@ mod tests {
         let rc = pod_override(
             json!({"priorityClassName": "high", "serviceAccountName": "hare-server",
             "volumes": [{"name": "extra", "emptyDir": {}}],
-            "containers": [{"name": "warren", "securityContext": {"privileged": false}}]}),
+            "containers": [{"name": "warren", "securityContext": {"privileged": false,
+                "capabilities": {"add": ["NET_BIND_SERVICE", "cap_chown"]}}}]}),
         );
         assert_eq!(check(&Security::default(), &rc), Ok(()));
     }
@@ -308,6 +366,14 @@ mod tests {
             (
                 json!({"securityContext": {"windowsOptions": {"hostProcess": true}}}),
                 "securityContext.windowsOptions.hostProcess: true",
+            ),
+            (
+                json!({"containers": [{"name": "warren", "securityContext": {"capabilities": {"add": ["NET_BIND_SERVICE", "SYS_ADMIN", "cap_net_admin"]}}}]}),
+                "containers[name: warren].securityContext.capabilities.add: [\"SYS_ADMIN\", \"cap_net_admin\"]",
+            ),
+            (
+                json!({"containers": [{"name": "warren", "ports": [{"name": "amqp", "containerPort": 5672, "hostPort": 5672}]}]}),
+                "containers[name: warren].ports[containerPort: 5672].hostPort: 5672",
             ),
         ] {
             let rc = pod_override(pod.clone());
