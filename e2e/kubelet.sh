@@ -243,8 +243,7 @@ launch() {
     # shellcheck disable=SC2016
     setsid nsenter --mount="/proc/$holder/ns/mnt" -- bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$pf" "$@" \
         </dev/null >>"$lf" 2>&1 &
-    local i
-    for i in $(seq 1 50); do
+    for _ in $(seq 1 50); do
         [[ -s "$pf" ]] && break
         sleep 0.1
     done
@@ -275,8 +274,7 @@ start_holder() {
         mount -t tmpfs -o mode=0755 tmpfs /run/netns
         echo $$ >"$2"
         exec sleep infinity' _ "$f" "$pf" </dev/null >>"$(log_file holder)" 2>&1 &
-    local i
-    for i in $(seq 1 50); do
+    for _ in $(seq 1 50); do
         [[ -s "$pf" ]] && break
         sleep 0.1
     done
@@ -349,6 +347,24 @@ ensure_bridge() {
 }
 
 ctr_() { ctr --address "$SOCK" "$@"; }
+quiet() { "$@" >/dev/null 2>&1; }
+
+# The chains a kubelet with makeIPTablesUtilChains (the default) adds to the host's
+# iptables; ours runs without, this removes those an earlier run may have left.
+remove_kubelet_chains() {
+    local ipt t
+    for ipt in iptables ip6tables; do
+        command -v "$ipt" >/dev/null 2>&1 || continue
+        while "$ipt" -t filter -D INPUT -j KUBE-FIREWALL 2>/dev/null; do :; done
+        while "$ipt" -t filter -D OUTPUT -j KUBE-FIREWALL 2>/dev/null; do :; done
+        "$ipt" -t filter -F KUBE-FIREWALL 2>/dev/null && "$ipt" -t filter -X KUBE-FIREWALL 2>/dev/null
+        for t in mangle nat filter; do
+            "$ipt" -t "$t" -X KUBE-KUBELET-CANARY 2>/dev/null || true
+        done
+        "$ipt" -t mangle -X KUBE-IPTABLES-HINT 2>/dev/null || true
+    done
+    return 0
+}
 
 # import_image NAME: podman storage -> containerd's k8s.io namespace.
 import_image() {
@@ -433,6 +449,8 @@ failCgroupV1: false
 failSwapOn: false
 oomScoreAdj: 0
 protectKernelDefaults: true
+# No KUBE-FIREWALL / KUBE-KUBELET-CANARY / KUBE-IPTABLES-HINT chains in the host's iptables.
+makeIPTablesUtilChains: false
 clusterDNS: [$(gateway)]
 clusterDomain: cluster.local
 resolvConf: /etc/resolv.conf
@@ -518,7 +536,7 @@ cmd_start() {
     ensure_bridge
     start_holder
     running containerd containerd || launch containerd containerd --config "$STATE/containerd/config.toml"
-    wait_until "containerd on $SOCK" 30 containerd containerd ctr_ version
+    wait_until "containerd on $SOCK" 30 containerd containerd quiet ctr_ version
     log "containerd: $((SECONDS - t)) s"
 
     t=$SECONDS
@@ -604,6 +622,7 @@ cmd_stop() {
         log "bridge $BRIDGE deleted"
     fi
     rm -rf "$STATE/cni/ipam"
+    remove_kubelet_chains
     # The kubelet's QoS cgroups (empty once the pods are gone).
     local d
     for d in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods; do
