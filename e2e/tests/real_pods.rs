@@ -1,0 +1,344 @@
+//! The broker in a real pod: `e2e/kubelet.sh` runs a real kubelet (containerd, runc, bridge
+//! CNI, CoreDNS) registered with the e2e control plane as node `$WARREN_REAL_NODE`, tainted
+//! so only these tests' pods land there. The operator reconciles
+//! `samples/rabbitcluster-minimal.yaml` (one replica, tolerating the taint) with the broker
+//! image imported into that node's containerd; the pod becomes Ready only because the
+//! kubelet ran `warren-broker check ready` in the container and it passed.
+//!
+//! Ignored by a plain `cargo test -p warren-e2e` (the kwok-only control plane has no real
+//! node): `bash e2e/real-pods.sh` starts everything and runs them.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{PersistentVolume, Pod, Secret};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+use warren_e2e::{Operator, client, ensure_crds, namespace, repo_root, wait_for};
+use warren_operator::crd::RabbitCluster;
+
+/// A real container starts in seconds, but the first one on a cold node also creates the
+/// sandbox and the bridge; the startup probe allows minutes.
+const LONG: Duration = Duration::from_secs(180);
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: these tests need the real node of e2e/kubelet.sh. Run them with \
+             `bash e2e/real-pods.sh`, or start it with `bash e2e/kubelet.sh start` and \
+             `eval \"$(bash e2e/kubelet.sh env)\"`"
+        )
+    })
+}
+
+/// `ctr` against the real node's containerd.
+fn ctr(args: &[&str]) -> std::process::Output {
+    std::process::Command::new("ctr")
+        .args(["--address", &env("WARREN_REAL_NODE_CONTAINERD"), "-n", "k8s.io"])
+        .args(args)
+        .output()
+        .expect("run ctr")
+}
+
+/// The sample manifest, as a user applies it, made to fit the one real node: one replica,
+/// the node's taint tolerated and the node selected, modest requests (the node has 2 CPUs).
+fn minimal_sample(ns: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(repo_root().join("samples/rabbitcluster-minimal.yaml"))
+        .expect("read sample");
+    let mut rc: serde_json::Value = serde_yaml::from_str(&text).expect("parse sample");
+    rc["metadata"]["namespace"] = json!(ns);
+    rc["spec"]["replicas"] = json!(1);
+    rc["spec"]["tolerations"] = json!([{
+        "key": "warren.dev/real-node", "operator": "Equal", "value": "true", "effect": "NoSchedule",
+    }]);
+    rc["spec"]["nodeSelector"] = json!({"warren.dev/real-node": "true"});
+    rc["spec"]["resources"] = json!({
+        "requests": {"cpu": "100m", "memory": "256Mi"},
+        "limits": {"memory": "1Gi"},
+    });
+    rc
+}
+
+/// The sample's 10Gi claim, bound to a hostPath volume on the real node. hostPath volumes
+/// get no fsGroup ownership change, so the directory is made the broker's (999), as an
+/// administrator of such a volume would.
+async fn host_volume(client: &Client, ns: &str, cluster: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("warren-real-{ns}-{cluster}-0"));
+    std::fs::create_dir_all(&dir).expect("volume dir");
+    std::os::unix::fs::chown(&dir, Some(999), Some(999)).expect("chown volume dir");
+    let pv: PersistentVolume = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": {"name": format!("{ns}-{cluster}-0")},
+        "spec": {
+            "capacity": {"storage": "10Gi"},
+            "accessModes": ["ReadWriteOnce"],
+            "hostPath": {"path": dir.to_str().expect("utf-8 path"), "type": "Directory"},
+            "claimRef": {"namespace": ns, "name": format!("persistence-{cluster}-server-0")},
+        },
+    }))
+    .expect("pv");
+    Api::<PersistentVolume>::all(client.clone())
+        .create(&PostParams::default(), &pv)
+        .await
+        .expect("create pv");
+    dir
+}
+
+fn ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Waits for pod `name` to be Ready on the real node; returns it.
+async fn wait_pod_ready(client: &Client, ns: &str, name: &str, not_uid: Option<&str>) -> Pod {
+    let api = Api::<Pod>::namespaced(client.clone(), ns);
+    let node = env("WARREN_REAL_NODE");
+    wait_for(&format!("pod {name} Ready on {node}"), LONG, || {
+        let api = api.clone();
+        let node = node.clone();
+        async move {
+            let pod = api.get(name).await.ok()?;
+            let on_node = pod.spec.as_ref()?.node_name.as_deref() == Some(node.as_str());
+            let new = not_uid.is_none_or(|u| pod.metadata.uid.as_deref() != Some(u));
+            (on_node && new && ready(&pod)).then_some(pod)
+        }
+    })
+    .await
+}
+
+/// The host pid of the pod's `warren` container, from containerd.
+fn container_pid(pod: &Pod) -> u32 {
+    let id = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|c| c.iter().find(|c| c.name == "warren"))
+        .and_then(|c| c.container_id.clone())
+        .expect("container id");
+    let id = id.strip_prefix("containerd://").expect("containerd id");
+    let out = ctr(&["tasks", "ls"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next() == Some(id)).then(|| f.next().and_then(|p| p.parse().ok()))?
+        })
+        .unwrap_or_else(|| panic!("task {id} not in `ctr tasks ls`:\n{text}"))
+}
+
+/// Runs a command in the pod's `warren` container (as `kubectl exec` would).
+fn exec(pod: &Pod, args: &[&str]) -> (bool, String) {
+    let id = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|c| c.iter().find(|c| c.name == "warren"))
+        .and_then(|c| c.container_id.clone())
+        .expect("container id");
+    let id = id.strip_prefix("containerd://").expect("containerd id");
+    let exec_id = format!("e2e-{:08x}", rand::random::<u32>());
+    let mut a = vec!["tasks", "exec", "--exec-id", &exec_id, id];
+    a.extend_from_slice(args);
+    let out = ctr(&a);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+async fn default_user(client: &Client, ns: &str, cluster: &str) -> (String, String) {
+    let s = Api::<Secret>::namespaced(client.clone(), ns)
+        .get(&format!("{cluster}-default-user"))
+        .await
+        .expect("default user secret");
+    let data = s.data.expect("data");
+    let get = |k: &str| String::from_utf8(data[k].0.clone()).expect("utf-8");
+    (get("username"), get("password"))
+}
+
+async fn publish_and_consume(ip: &str, user: &str, pass: &str, queue: &str, body: &[u8]) {
+    let conn = lapin::Connection::connect(
+        &format!("amqp://{user}:{pass}@{ip}:5672/%2F"),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("AMQP connect to the pod at {ip}:5672: {e}"));
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(Default::default()).await.expect("confirms");
+    ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
+    .expect("declare");
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            Default::default(),
+            body,
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(confirm.is_ack(), "the broker nacked the publish: {confirm:?}");
+    let got = ch
+        .basic_get(queue.into(), lapin::options::BasicGetOptions { no_ack: true })
+        .await
+        .expect("basic.get")
+        .expect("a message in the queue");
+    assert_eq!(got.delivery.data, body);
+    conn.close(200, "bye".into()).await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the real node of e2e/kubelet.sh: bash e2e/real-pods.sh"]
+async fn the_minimal_sample_runs_in_a_real_pod() {
+    let image = env("WARREN_REAL_NODE_BROKER_IMAGE");
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = namespace(&client, "realpod").await;
+    let op = Operator::start_with(&ns, &["--broker-image", &image]);
+    let rc = minimal_sample(&ns);
+    let name = rc["metadata"]["name"].as_str().expect("name").to_string();
+    let volume = host_volume(&client, &ns, &name).await;
+    let rc: RabbitCluster = serde_json::from_value(rc).expect("RabbitCluster");
+    let api = Api::<RabbitCluster>::namespaced(client.clone(), &ns);
+    api.create(&PostParams::default(), &rc)
+        .await
+        .expect("create RabbitCluster");
+    let t = std::time::Instant::now();
+
+    // Ready: the kubelet's exec readiness probe (`warren-broker check ready`) passed.
+    let pod_name = format!("{name}-server-0");
+    let pod = wait_pod_ready(&client, &ns, &pod_name, None).await;
+    eprintln!("{pod_name} Ready after {:?}", t.elapsed());
+    let spec = pod.spec.as_ref().expect("spec");
+    assert_eq!(spec.containers[0].image.as_deref(), Some(image.as_str()));
+    let probe = spec.containers[0]
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.exec.as_ref())
+        .and_then(|e| e.command.clone());
+    assert_eq!(
+        probe.as_deref(),
+        Some(&["warren-broker".to_string(), "check".into(), "ready".into()][..])
+    );
+    let ip = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .expect("pod IP");
+    let (ok, out) = exec(&pod, &["warren-broker", "check", "ready"]);
+    assert!(ok, "warren-broker check ready in the container: {out}");
+
+    // The operator's view: the cluster settles with its one node ready.
+    wait_for(&format!("{name} AllReplicasReady"), LONG, || {
+        let api = api.clone();
+        let name = name.clone();
+        async move {
+            let rc = api.get(&name).await.ok()?;
+            let st = rc.status?;
+            let all = st
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "AllReplicasReady" && c.status == "True");
+            (all && st.ready_replicas == 1).then_some(())
+        }
+    })
+    .await;
+
+    // AMQP through the pod IP (the host reaches the bridge), with the generated default
+    // user from the Secret the operator wrote.
+    let (user, pass) = default_user(&client, &ns, &name).await;
+    publish_and_consume(&ip, &user, &pass, "real-pod", b"hello from a real pod").await;
+
+    // Cluster DNS: the pod's own stable name, through CoreDNS and the search path, as its
+    // peers will reach it.
+    let dns_name = format!("{pod_name}.{name}-nodes.{ns}.svc");
+    let url = format!("http://{dns_name}:15672");
+    let mut last = String::new();
+    let resolved = wait_for(&format!("{dns_name} resolves in the pod"), LONG, || {
+        let (ok, out) = exec(&pod, &["warren-broker", "check", "ready", "--management-url", &url]);
+        last = out.clone();
+        async move { ok.then_some(out) }
+    })
+    .await;
+    eprintln!("check ready through {url}: {resolved} (last: {last})");
+
+    // UID 999 and a read-only root filesystem, seen from the host.
+    let pid = container_pid(&pod);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    for key in ["Uid:", "Gid:"] {
+        let ids: Vec<&str> = status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .expect("ids")
+            .split_whitespace()
+            .skip(1)
+            .collect();
+        assert_eq!(ids, ["999"; 4], "{key} of the broker process");
+    }
+    let probe = format!("/proc/{pid}/root/warren-e2e-write-probe");
+    let err = std::fs::write(&probe, b"x").expect_err("the root filesystem is writable");
+    assert_eq!(err.raw_os_error(), Some(30), "EROFS expected, got {err}");
+    let etc = format!("/proc/{pid}/root/etc/warren-e2e-write-probe");
+    assert!(std::fs::write(&etc, b"x").is_err(), "/etc is writable");
+    // The broker wrote its volume, as 999.
+    let mut entries = 0;
+    for e in walk(&volume) {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(&e).expect("metadata");
+        assert_eq!((m.uid(), m.gid()), (999, 999), "{} not 999's", e.display());
+        entries += 1;
+    }
+    assert!(entries > 0, "the broker wrote nothing to its volume");
+
+    // A config change rolls the pod; the new one becomes Ready through the real probe and
+    // still has the message (its volume).
+    let old_uid = pod.metadata.uid.clone().expect("uid");
+    api.patch(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"config": {"heartbeat": 20}}})),
+    )
+    .await
+    .expect("patch config");
+    let t = std::time::Instant::now();
+    let pod = wait_pod_ready(&client, &ns, &pod_name, Some(&old_uid)).await;
+    eprintln!("rolled: new {pod_name} Ready after {:?}", t.elapsed());
+    let ip = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .expect("pod IP");
+    publish_and_consume(&ip, &user, &pass, "after-roll", b"after the roll").await;
+
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .expect("pods");
+    eprintln!("{} pod(s) in {ns}; operator log {}", pods.items.len(), op.log.display());
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).expect("read_dir").flatten() {
+        let p = e.path();
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
