@@ -34,20 +34,25 @@ fn env(name: &str) -> String {
 /// `ctr` against the real node's containerd.
 fn ctr(args: &[&str]) -> std::process::Output {
     std::process::Command::new("ctr")
-        .args(["--address", &env("WARREN_REAL_NODE_CONTAINERD"), "-n", "k8s.io"])
+        .args([
+            "--address",
+            &env("WARREN_REAL_NODE_CONTAINERD"),
+            "-n",
+            "k8s.io",
+        ])
         .args(args)
         .output()
         .expect("run ctr")
 }
 
-/// The sample manifest, as a user applies it, made to fit the one real node: one replica,
+/// The sample manifest, as a user applies it, made to fit the one real node: `replicas`,
 /// the node's taint tolerated and the node selected, modest requests (the node has 2 CPUs).
-fn minimal_sample(ns: &str) -> serde_json::Value {
+fn minimal_sample(ns: &str, replicas: i32) -> serde_json::Value {
     let text = std::fs::read_to_string(repo_root().join("samples/rabbitcluster-minimal.yaml"))
         .expect("read sample");
     let mut rc: serde_json::Value = serde_yaml::from_str(&text).expect("parse sample");
     rc["metadata"]["namespace"] = json!(ns);
-    rc["spec"]["replicas"] = json!(1);
+    rc["spec"]["replicas"] = json!(replicas);
     rc["spec"]["tolerations"] = json!([{
         "key": "warren.dev/real-node", "operator": "Equal", "value": "true", "effect": "NoSchedule",
     }]);
@@ -62,18 +67,18 @@ fn minimal_sample(ns: &str) -> serde_json::Value {
 /// The sample's 10Gi claim, bound to a hostPath volume on the real node. hostPath volumes
 /// get no fsGroup ownership change, so the directory is made the broker's (999), as an
 /// administrator of such a volume would.
-async fn host_volume(client: &Client, ns: &str, cluster: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("warren-real-{ns}-{cluster}-0"));
+async fn host_volume(client: &Client, ns: &str, cluster: &str, i: usize) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("warren-real-{ns}-{cluster}-{i}"));
     std::fs::create_dir_all(&dir).expect("volume dir");
     std::os::unix::fs::chown(&dir, Some(999), Some(999)).expect("chown volume dir");
     let pv: PersistentVolume = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "PersistentVolume",
-        "metadata": {"name": format!("{ns}-{cluster}-0")},
+        "metadata": {"name": format!("{ns}-{cluster}-{i}")},
         "spec": {
             "capacity": {"storage": "10Gi"},
             "accessModes": ["ReadWriteOnce"],
             "hostPath": {"path": dir.to_str().expect("utf-8 path"), "type": "Directory"},
-            "claimRef": {"namespace": ns, "name": format!("persistence-{cluster}-server-0")},
+            "claimRef": {"namespace": ns, "name": format!("persistence-{cluster}-server-{i}")},
         },
     }))
     .expect("pv");
@@ -161,14 +166,26 @@ async fn default_user(client: &Client, ns: &str, cluster: &str) -> (String, Stri
 }
 
 async fn publish_and_consume(ip: &str, user: &str, pass: &str, queue: &str, body: &[u8]) {
-    let conn = lapin::Connection::connect(
+    publish(ip, user, pass, queue, body).await;
+    get(ip, user, pass, queue, body).await;
+}
+
+async fn connect(ip: &str, user: &str, pass: &str) -> lapin::Connection {
+    lapin::Connection::connect(
         &format!("amqp://{user}:{pass}@{ip}:5672/%2F"),
         lapin::ConnectionProperties::default(),
     )
     .await
-    .unwrap_or_else(|e| panic!("AMQP connect to the pod at {ip}:5672: {e}"));
+    .unwrap_or_else(|e| panic!("AMQP connect to the pod at {ip}:5672: {e}"))
+}
+
+/// Declares the durable `queue` and publishes a persistent `body` with confirms.
+async fn publish(ip: &str, user: &str, pass: &str, queue: &str, body: &[u8]) {
+    let conn = connect(ip, user, pass).await;
     let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(Default::default()).await.expect("confirms");
+    ch.confirm_select(Default::default())
+        .await
+        .expect("confirms");
     ch.queue_declare(
         queue.into(),
         lapin::options::QueueDeclareOptions {
@@ -191,9 +208,22 @@ async fn publish_and_consume(ip: &str, user: &str, pass: &str, queue: &str, body
         .expect("publish")
         .await
         .expect("confirm");
-    assert!(confirm.is_ack(), "the broker nacked the publish: {confirm:?}");
+    assert!(
+        confirm.is_ack(),
+        "the broker nacked the publish: {confirm:?}"
+    );
+    conn.close(200, "bye".into()).await.expect("close");
+}
+
+/// Gets (and acks) one message from `queue`; it must be `body`.
+async fn get(ip: &str, user: &str, pass: &str, queue: &str, body: &[u8]) {
+    let conn = connect(ip, user, pass).await;
+    let ch = conn.create_channel().await.expect("channel");
     let got = ch
-        .basic_get(queue.into(), lapin::options::BasicGetOptions { no_ack: true })
+        .basic_get(
+            queue.into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
         .await
         .expect("basic.get")
         .expect("a message in the queue");
@@ -209,9 +239,9 @@ async fn the_minimal_sample_runs_in_a_real_pod() {
     ensure_crds(&client).await;
     let ns = namespace(&client, "realpod").await;
     let op = Operator::start_with(&ns, &["--broker-image", &image]);
-    let rc = minimal_sample(&ns);
+    let rc = minimal_sample(&ns, 1);
     let name = rc["metadata"]["name"].as_str().expect("name").to_string();
-    let volume = host_volume(&client, &ns, &name).await;
+    let volume = host_volume(&client, &ns, &name, 0).await;
     let rc: RabbitCluster = serde_json::from_value(rc).expect("RabbitCluster");
     let api = Api::<RabbitCluster>::namespaced(client.clone(), &ns);
     api.create(&PostParams::default(), &rc)
@@ -269,7 +299,10 @@ async fn the_minimal_sample_runs_in_a_real_pod() {
     let url = format!("http://{dns_name}:15672");
     let mut last = String::new();
     let resolved = wait_for(&format!("{dns_name} resolves in the pod"), LONG, || {
-        let (ok, out) = exec(&pod, &["warren-broker", "check", "ready", "--management-url", &url]);
+        let (ok, out) = exec(
+            &pod,
+            &["warren-broker", "check", "ready", "--management-url", &url],
+        );
         last = out.clone();
         async move { ok.then_some(out) }
     })
@@ -305,7 +338,8 @@ async fn the_minimal_sample_runs_in_a_real_pod() {
     assert!(entries > 0, "the broker wrote nothing to its volume");
 
     // A config change rolls the pod; the new one becomes Ready through the real probe and
-    // still has the message (its volume).
+    // still has the message published before (its volume).
+    publish(&ip, &user, &pass, "kept", b"published before the roll").await;
     let old_uid = pod.metadata.uid.clone().expect("uid");
     api.patch(
         &name,
@@ -322,13 +356,18 @@ async fn the_minimal_sample_runs_in_a_real_pod() {
         .as_ref()
         .and_then(|s| s.pod_ip.clone())
         .expect("pod IP");
+    get(&ip, &user, &pass, "kept", b"published before the roll").await;
     publish_and_consume(&ip, &user, &pass, "after-roll", b"after the roll").await;
 
     let pods = Api::<Pod>::namespaced(client.clone(), &ns)
         .list(&ListParams::default())
         .await
         .expect("pods");
-    eprintln!("{} pod(s) in {ns}; operator log {}", pods.items.len(), op.log.display());
+    eprintln!(
+        "{} pod(s) in {ns}; operator log {}",
+        pods.items.len(),
+        op.log.display()
+    );
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -341,4 +380,110 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         out.push(p);
     }
     out
+}
+
+/// The sample as it is (three replicas) forms one broker cluster of real pods: each pod
+/// finds pod 0 through cluster DNS, and `/api/nodes` on every pod lists three running nodes.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the real node of e2e/kubelet.sh: bash e2e/real-pods.sh"]
+async fn three_real_pods_form_one_cluster() {
+    let image = env("WARREN_REAL_NODE_BROKER_IMAGE");
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = namespace(&client, "realcluster").await;
+    let op = Operator::start_with(&ns, &["--broker-image", &image]);
+    let rc = minimal_sample(&ns, 3);
+    let name = rc["metadata"]["name"].as_str().expect("name").to_string();
+    for i in 0..3 {
+        host_volume(&client, &ns, &name, i).await;
+    }
+    let rc: RabbitCluster = serde_json::from_value(rc).expect("RabbitCluster");
+    Api::<RabbitCluster>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &rc)
+        .await
+        .expect("create RabbitCluster");
+    let t = std::time::Instant::now();
+    let mut ips = Vec::new();
+    for i in 0..3 {
+        let pod = wait_pod_ready(&client, &ns, &format!("{name}-server-{i}"), None).await;
+        ips.push(pod.status.and_then(|s| s.pod_ip).expect("pod IP"));
+    }
+    eprintln!("3 pods Ready after {:?}: {ips:?}", t.elapsed());
+    let (user, pass) = default_user(&client, &ns, &name).await;
+    let http = reqwest::Client::new();
+    for ip in &ips {
+        let nodes = wait_for(
+            &format!("/api/nodes on {ip} lists 3 running nodes"),
+            LONG,
+            || {
+                let http = http.clone();
+                let (user, pass) = (user.clone(), pass.clone());
+                let url = format!("http://{ip}:15672/api/nodes");
+                async move {
+                    let v: serde_json::Value = http
+                        .get(&url)
+                        .basic_auth(user, Some(pass))
+                        .send()
+                        .await
+                        .ok()?
+                        .json()
+                        .await
+                        .ok()?;
+                    let running = v
+                        .as_array()?
+                        .iter()
+                        .filter(|n| n["running"] == json!(true))
+                        .count();
+                    (running == 3).then_some(v)
+                }
+            },
+        )
+        .await;
+        let names: Vec<&str> = nodes
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .filter_map(|n| n["name"].as_str())
+            .collect();
+        eprintln!("{ip}: {names:?}");
+        for i in 0..3 {
+            let want = format!("warren@{name}-server-{i}.{name}-nodes.{ns}");
+            assert!(
+                names.contains(&want.as_str()),
+                "{want} missing on {ip}: {names:?}"
+            );
+        }
+    }
+    // A definition made through one pod is seen through another (replicated definitions).
+    let vhost = format!("http://{}:15672/api/vhosts/real-pods", ips[1]);
+    let r = http
+        .put(&vhost)
+        .basic_auth(&user, Some(&pass))
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("PUT vhost");
+    assert!(
+        r.status().is_success(),
+        "PUT vhost through pod 1: {}",
+        r.status()
+    );
+    for ip in [&ips[0], &ips[2]] {
+        let url = format!("http://{ip}:15672/api/vhosts/real-pods");
+        wait_for(&format!("vhost real-pods seen on {ip}"), LONG, || {
+            let http = http.clone();
+            let (user, pass, url) = (user.clone(), pass.clone(), url.clone());
+            async move {
+                let r = http
+                    .get(&url)
+                    .basic_auth(user, Some(pass))
+                    .send()
+                    .await
+                    .ok()?;
+                r.status().is_success().then_some(())
+            }
+        })
+        .await;
+    }
+    eprintln!("operator log {}", op.log.display());
 }
