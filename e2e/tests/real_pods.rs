@@ -403,7 +403,7 @@ async fn three_real_pods_form_one_cluster() {
         .await
         .expect("create RabbitCluster");
     let t = std::time::Instant::now();
-    let mut ips = Vec::new();
+    let mut ips: Vec<String> = Vec::new();
     for i in 0..3 {
         let pod = wait_pod_ready(&client, &ns, &format!("{name}-server-{i}"), None).await;
         ips.push(pod.status.and_then(|s| s.pod_ip).expect("pod IP"));
@@ -412,33 +412,7 @@ async fn three_real_pods_form_one_cluster() {
     let (user, pass) = default_user(&client, &ns, &name).await;
     let http = reqwest::Client::new();
     for ip in &ips {
-        let nodes = wait_for(
-            &format!("/api/nodes on {ip} lists 3 running nodes"),
-            LONG,
-            || {
-                let http = http.clone();
-                let (user, pass) = (user.clone(), pass.clone());
-                let url = format!("http://{ip}:15672/api/nodes");
-                async move {
-                    let v: serde_json::Value = http
-                        .get(&url)
-                        .basic_auth(user, Some(pass))
-                        .send()
-                        .await
-                        .ok()?
-                        .json()
-                        .await
-                        .ok()?;
-                    let running = v
-                        .as_array()?
-                        .iter()
-                        .filter(|n| n["running"] == json!(true))
-                        .count();
-                    (running == 3).then_some(v)
-                }
-            },
-        )
-        .await;
+        let nodes = wait_running_nodes(&http, ip, &user, &pass, 3).await;
         let names: Vec<&str> = nodes
             .as_array()
             .expect("nodes")
@@ -485,5 +459,153 @@ async fn three_real_pods_form_one_cluster() {
         })
         .await;
     }
-    eprintln!("operator log {}", op.log.display());
+    // Deleting a pod runs its real preStop hook, `warren-broker drain`, before SIGTERM: a
+    // client connected to it is closed with the drain's reason ("node is being drained"),
+    // not the shutdown's ("broker shutting down").
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let pod1 = format!("{name}-server-1");
+    let old_uid = pods
+        .get(&pod1)
+        .await
+        .expect("pod 1")
+        .metadata
+        .uid
+        .expect("uid");
+    let closed = watch_close(&ips[1], &user, &pass).await;
+    pods.delete(&pod1, &Default::default())
+        .await
+        .expect("delete pod 1");
+    let why = tokio::time::timeout(LONG, closed)
+        .await
+        .expect("the connection to pod 1 was not closed")
+        .expect("close reason");
+    assert!(
+        why.contains("node is being drained"),
+        "pod 1's client was closed without the preStop drain: {why}"
+    );
+    eprintln!("pod 1 deleted: its client got {why}");
+    let pod = wait_pod_ready(&client, &ns, &pod1, Some(&old_uid)).await;
+    ips[1] = pod.status.and_then(|s| s.pod_ip).expect("pod IP");
+    wait_running_nodes(&http, &ips[0], &user, &pass, 3).await;
+
+    // Scale-down 3 -> 2. The operator drains the last pod through its management API, then
+    // the StatefulSet deletes it (preStop drain again), then the operator forgets the node.
+    // The operator runs on the host, which cannot resolve the cluster's DNS names, so the
+    // management-uri annotation points it at the pod it drains, then at a remaining pod
+    // for the forget.
+    let rcs = Api::<RabbitCluster>::namespaced(client.clone(), &ns);
+    let annotate = |url: String| {
+        let rcs = rcs.clone();
+        let name = name.clone();
+        async move {
+            let patch = json!({"metadata": {"annotations": {"warren.dev/management-uri": url}}});
+            rcs.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .expect("annotate");
+        }
+    };
+    annotate(format!("http://{}:15672", ips[2])).await;
+    let closed = watch_close(&ips[2], &user, &pass).await;
+    rcs.patch(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"replicas": 2}})),
+    )
+    .await
+    .expect("scale to 2");
+    let why = tokio::time::timeout(LONG, closed)
+        .await
+        .expect("the connection to pod 2 was not closed")
+        .expect("close reason");
+    assert!(
+        why.contains("node is being drained"),
+        "pod 2 closed without a drain: {why}"
+    );
+    let pod2 = format!("{name}-server-2");
+    wait_for(&format!("{pod2} gone"), LONG, || {
+        let pods = pods.clone();
+        let pod2 = pod2.clone();
+        async move { pods.get_opt(&pod2).await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+    annotate(format!("http://{}:15672", ips[0])).await;
+    wait_for(
+        &format!("{name} settled at 2, pod 2 forgotten"),
+        LONG,
+        || {
+            let rcs = rcs.clone();
+            let name = name.clone();
+            let http = http.clone();
+            let (user, pass) = (user.clone(), pass.clone());
+            let url = format!("http://{}:15672/api/nodes", ips[0]);
+            async move {
+                let st = rcs.get(&name).await.ok()?.status?;
+                let v: serde_json::Value = http
+                    .get(&url)
+                    .basic_auth(user, Some(pass))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                (st.ready_replicas == 2 && v.as_array()?.len() == 2).then_some(())
+            }
+        },
+    )
+    .await;
+    eprintln!("scaled to 2; operator log {}", op.log.display());
+}
+
+/// `/api/nodes` on `ip` once it lists `n` running nodes.
+async fn wait_running_nodes(
+    http: &reqwest::Client,
+    ip: &str,
+    user: &str,
+    pass: &str,
+    n: usize,
+) -> serde_json::Value {
+    wait_for(
+        &format!("/api/nodes on {ip} lists {n} running nodes"),
+        LONG,
+        || {
+            let http = http.clone();
+            let (user, pass) = (user.to_string(), pass.to_string());
+            let url = format!("http://{ip}:15672/api/nodes");
+            async move {
+                let v: serde_json::Value = http
+                    .get(&url)
+                    .basic_auth(user, Some(pass))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                let running = v
+                    .as_array()?
+                    .iter()
+                    .filter(|n| n["running"] == json!(true))
+                    .count();
+                (running == n).then_some(v)
+            }
+        },
+    )
+    .await
+}
+
+/// Opens an AMQP connection to `ip`; the returned task ends with the error that closed it.
+async fn watch_close(ip: &str, user: &str, pass: &str) -> tokio::task::JoinHandle<String> {
+    use futures::StreamExt;
+    let conn = connect(ip, user, pass).await;
+    let mut events = conn.events_listener();
+    tokio::spawn(async move {
+        let _conn = conn;
+        while let Some(e) = events.next().await {
+            if let lapin::Event::Error(e) = e {
+                return e.to_string();
+            }
+        }
+        "the connection's events ended without an error".to_string()
+    })
 }
