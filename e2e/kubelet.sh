@@ -485,8 +485,17 @@ EOF
 }
 
 kc() { "$KUBECTL" --kubeconfig "$CP_STATE/kubeconfig" "$@"; }
+# node_ready: the kubelet's healthz answers and the Node's Ready condition is True with a
+# heartbeat from this kubelet (not a status left in etcd by an earlier run).
+KUBELET_STARTED=""
 node_ready() {
-    [[ "$(kc get node "$NODE" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" == True ]]
+    python3 - "http://127.0.0.1:$HEALTHZ_PORT/healthz" <<'EOF' 2>/dev/null || return 1
+import sys, urllib.request
+sys.exit(0 if urllib.request.urlopen(sys.argv[1], timeout=3).read().strip() == b"ok" else 1)
+EOF
+    local out
+    out="$(kc get node "$NODE" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status} {.status.conditions[?(@.type=="Ready")].lastHeartbeatTime}' 2>/dev/null)" || return 1
+    [[ "${out%% *}" == True && ! "${out#* }" < "$KUBELET_STARTED" ]]
 }
 
 wait_until() {
@@ -548,6 +557,7 @@ cmd_start() {
     log "images: $((SECONDS - t)) s"
 
     t=$SECONDS
+    KUBELET_STARTED="$(date -u +%FT%TZ)"
     running coredns coredns || launch coredns "$NODE_BIN/coredns" -conf "$STATE/Corefile"
     running kubelet kubelet || launch kubelet "$NODE_BIN/kubelet" \
         --config "$STATE/kubelet/config.yaml" \

@@ -17,9 +17,9 @@ cd "$ROOT"
 source scripts/lib.sh
 
 T0=$SECONDS
-T=$SECONDS
+T=""
 step() {
-    if ((T0 != T)); then printf '[real-pods] ... %d s\n' "$((SECONDS - T))"; fi
+    if [[ -n "$T" ]]; then printf '[real-pods] ... %d s\n' "$((SECONDS - T))"; fi
     T=$SECONDS
     header "$*"
 }
@@ -44,6 +44,8 @@ if bash e2e/control-plane.sh status >/dev/null 2>&1; then
     echo "[real-pods] reusing the running control plane"
 else
     started_cp=1
+    # A fresh etcd: no namespaces or Nodes left over from an earlier run.
+    bash e2e/control-plane.sh stop --wipe >/dev/null 2>&1 || true
     bash e2e/control-plane.sh start >/dev/null
 fi
 eval "$(bash e2e/control-plane.sh env)"
