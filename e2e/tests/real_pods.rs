@@ -609,3 +609,124 @@ async fn watch_close(ip: &str, user: &str, pass: &str) -> tokio::task::JoinHandl
         "the connection's events ended without an error".to_string()
     })
 }
+
+/// `samples/rabbitcluster-production.yaml` with one replica on the real node: TLS only, its
+/// certificate and CA mounted from Secrets. The pod becomes Ready only if the exec probe
+/// reaches the management API over HTTPS (plain HTTP is off); AMQPS on 5671 serves the
+/// Secret's certificate; plain AMQP (5672) is closed.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the real node of e2e/kubelet.sh: bash e2e/real-pods.sh"]
+async fn the_production_sample_serves_tls_only_from_a_real_pod() {
+    let image = env("WARREN_REAL_NODE_BROKER_IMAGE");
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = namespace(&client, "realtls").await;
+    let _op = Operator::start_with(&ns, &["--broker-image", &image]);
+    let text = std::fs::read_to_string(repo_root().join("samples/rabbitcluster-production.yaml"))
+        .expect("read sample");
+    let mut rc: serde_json::Value = serde_yaml::from_str(&text).expect("parse sample");
+    let name = rc["metadata"]["name"].as_str().expect("name").to_string();
+    rc["metadata"]["namespace"] = json!(ns);
+    rc["spec"]["replicas"] = json!(1);
+    // The sample's image is the release name; the node has the locally built one.
+    rc["spec"]["image"] = json!(image);
+    rc["spec"]["tolerations"] = json!([{
+        "key": "warren.dev/real-node", "operator": "Equal", "value": "true", "effect": "NoSchedule",
+    }]);
+    rc["spec"]["nodeSelector"] = json!({"warren.dev/real-node": "true"});
+    rc["spec"]["resources"] = json!({
+        "requests": {"cpu": "100m", "memory": "256Mi"},
+        "limits": {"memory": "1Gi"},
+    });
+    // diskFreeLimit 5Gi would raise the disk alarm on a small CI disk; it is not what this
+    // test is about.
+    rc["spec"]["config"]["diskFreeLimit"] = json!("100Mi");
+    // The sample's claim (storage class fast-ssd, 100Gi) bound to a hostPath volume.
+    let dir = std::env::temp_dir().join(format!("warren-real-{ns}-{name}-0"));
+    std::fs::create_dir_all(&dir).expect("volume dir");
+    std::os::unix::fs::chown(&dir, Some(999), Some(999)).expect("chown volume dir");
+    let pv: PersistentVolume = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": {"name": format!("{ns}-{name}-0")},
+        "spec": {
+            "capacity": {"storage": "100Gi"},
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": "fast-ssd",
+            "hostPath": {"path": dir.to_str().expect("utf-8 path"), "type": "Directory"},
+            "claimRef": {"namespace": ns, "name": format!("persistence-{name}-server-0")},
+        },
+    }))
+    .expect("pv");
+    Api::<PersistentVolume>::all(client.clone())
+        .create(&PostParams::default(), &pv)
+        .await
+        .expect("create pv");
+    // The Secrets the sample names, from a test CA (certificate for localhost/127.0.0.1,
+    // which is what the probe inside the pod connects to).
+    let pki = warren_e2e::TestPki::new(&ns);
+    let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+    for s in [
+        json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+               "metadata": {"name": rc["spec"]["tls"]["secretName"], "namespace": ns},
+               "stringData": {"tls.crt": pki.cert_pem, "tls.key": pki.key_pem}}),
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": rc["spec"]["tls"]["caSecretName"], "namespace": ns},
+               "stringData": {"ca.crt": pki.ca_pem}}),
+    ] {
+        let s: Secret = serde_json::from_value(s).expect("secret");
+        secrets
+            .create(&PostParams::default(), &s)
+            .await
+            .expect("create secret");
+    }
+    let rc: RabbitCluster = serde_json::from_value(rc).expect("RabbitCluster");
+    Api::<RabbitCluster>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &rc)
+        .await
+        .expect("create RabbitCluster");
+
+    let t = std::time::Instant::now();
+    let pod = wait_pod_ready(&client, &ns, &format!("{name}-server-0"), None).await;
+    eprintln!("TLS-only pod Ready after {:?}", t.elapsed());
+    let ip = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .expect("pod IP");
+    // AMQPS serves the Secret's certificate.
+    let out = std::process::Command::new("openssl")
+        .args(["s_client", "-connect", &format!("{ip}:5671"), "-showcerts"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl s_client");
+    let served = String::from_utf8_lossy(&out.stdout);
+    let body: String = pki
+        .cert_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let served_body: String = served.lines().filter(|l| !l.starts_with("-----")).collect();
+    assert!(
+        served_body.contains(&body),
+        "5671 on {ip} did not serve the Secret's certificate:\n{served}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Plain AMQP and plain HTTP management are off.
+    for port in [5672, 15672] {
+        let plain = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::TcpStream::connect((ip.as_str(), port)),
+        )
+        .await;
+        assert!(
+            !matches!(plain, Ok(Ok(_))),
+            "plain port {port} accepts connections on a TLS-only pod"
+        );
+    }
+    let (ok, out) = exec(&pod, &["warren-broker", "check", "ready"]);
+    assert!(
+        ok,
+        "check ready (over HTTPS, from WARREN_CONFIG) in the pod: {out}"
+    );
+    eprintln!("TLS-only: {out}");
+}
