@@ -51,7 +51,12 @@ fi
 eval "$(bash e2e/control-plane.sh env)"
 
 step "broker image (scripts/image.sh)"
-bash scripts/image.sh | tail -4
+image_out="$(bash scripts/image.sh)"
+tail -4 <<<"$image_out"
+# The broker image just built is the one the node imports (not an older tag in podman).
+WARREN_KUBELET_IMAGES="$(grep -o 'ghcr\.io/warren-dev/warren-broker:[^ ]*' <<<"$image_out" | tail -1)"
+[[ -n "$WARREN_KUBELET_IMAGES" ]] || die "scripts/image.sh printed no broker image name"
+export WARREN_KUBELET_IMAGES
 
 step "real node (e2e/kubelet.sh start)"
 eval "$(bash e2e/kubelet.sh start)"
