@@ -35,6 +35,8 @@ cleanup() {
         return
     fi
     bash e2e/kubelet.sh stop >&2 || true
+    # The tests' hostPath volumes (e2e/tests/real_pods.rs volumes_root).
+    rm -rf "${TMPDIR:-/tmp}/warren-real-pods"
     if ((started_cp)); then bash e2e/control-plane.sh stop >&2 || true; fi
 }
 trap cleanup EXIT

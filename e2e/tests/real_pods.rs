@@ -64,11 +64,16 @@ fn minimal_sample(ns: &str, replicas: i32) -> serde_json::Value {
     rc
 }
 
+/// Where the hostPath volumes live (`e2e/real-pods.sh` deletes it after a run).
+fn volumes_root() -> std::path::PathBuf {
+    std::env::temp_dir().join("warren-real-pods")
+}
+
 /// The sample's 10Gi claim, bound to a hostPath volume on the real node. hostPath volumes
 /// get no fsGroup ownership change, so the directory is made the broker's (999), as an
 /// administrator of such a volume would.
 async fn host_volume(client: &Client, ns: &str, cluster: &str, i: usize) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("warren-real-{ns}-{cluster}-{i}"));
+    let dir = volumes_root().join(format!("{ns}-{cluster}-{i}"));
     std::fs::create_dir_all(&dir).expect("volume dir");
     std::os::unix::fs::chown(&dir, Some(999), Some(999)).expect("chown volume dir");
     let pv: PersistentVolume = serde_json::from_value(json!({
@@ -642,7 +647,7 @@ async fn the_production_sample_serves_tls_only_from_a_real_pod() {
     // test is about.
     rc["spec"]["config"]["diskFreeLimit"] = json!("100Mi");
     // The sample's claim (storage class fast-ssd, 100Gi) bound to a hostPath volume.
-    let dir = std::env::temp_dir().join(format!("warren-real-{ns}-{name}-0"));
+    let dir = volumes_root().join(format!("{ns}-{name}-0"));
     std::fs::create_dir_all(&dir).expect("volume dir");
     std::os::unix::fs::chown(&dir, Some(999), Some(999)).expect("chown volume dir");
     let pv: PersistentVolume = serde_json::from_value(json!({
