@@ -464,10 +464,85 @@ async fn three_real_pods_form_one_cluster() {
         })
         .await;
     }
+    // A config change rolls the three pods one at a time, each replaced only once the one
+    // before is Ready again through the real probe (which needs the node to have caught up
+    // with the cluster's metadata); the cluster never has fewer than two ready nodes, and
+    // keeps its definitions.
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let selector = format!("app.kubernetes.io/name={name}");
+    let revision = |p: &Pod| {
+        p.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("controller-revision-hash").cloned())
+            .unwrap_or_default()
+    };
+    let before = pods
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .expect("pods");
+    let old_revision = revision(&before.items[0]);
+    Api::<RabbitCluster>::namespaced(client.clone(), &ns)
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"config": {"heartbeat": 20}}})),
+        )
+        .await
+        .expect("patch config");
+    let t = std::time::Instant::now();
+    let mut fewest_ready = 3;
+    loop {
+        let p = pods
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .expect("pods")
+            .items;
+        let n_ready = p
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none() && ready(p))
+            .count();
+        fewest_ready = fewest_ready.min(n_ready);
+        if p.len() == 3 && n_ready == 3 && p.iter().all(|p| revision(p) != old_revision) {
+            break;
+        }
+        assert!(
+            t.elapsed() < 2 * LONG,
+            "the roll did not finish: {n_ready} ready"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "rolled 3 real pods in {:?}, never fewer than {fewest_ready} ready",
+        t.elapsed()
+    );
+    assert!(
+        fewest_ready >= 2,
+        "the roll took down more than one node at once"
+    );
+    ips.clear();
+    for i in 0..3 {
+        let pod = pods.get(&format!("{name}-server-{i}")).await.expect("pod");
+        ips.push(pod.status.and_then(|s| s.pod_ip).expect("pod IP"));
+    }
+    for ip in &ips {
+        wait_running_nodes(&http, ip, &user, &pass, 3).await;
+        let url = format!("http://{ip}:15672/api/vhosts/real-pods");
+        let r = http
+            .get(&url)
+            .basic_auth(&user, Some(&pass))
+            .send()
+            .await
+            .expect("GET vhost");
+        assert!(
+            r.status().is_success(),
+            "vhost real-pods lost on {ip} after the roll"
+        );
+    }
+
     // Deleting a pod runs its real preStop hook, `warren-broker drain`, before SIGTERM: a
     // client connected to it is closed with the drain's reason ("node is being drained"),
     // not the shutdown's ("broker shutting down").
-    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
     let pod1 = format!("{name}-server-1");
     let old_uid = pods
         .get(&pod1)
