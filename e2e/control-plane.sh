@@ -388,6 +388,9 @@ subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubern
     cert controller-manager system:kube-controller-manager "" "$client"
     cert scheduler system:kube-scheduler "" "$client"
     cert front-proxy-client front-proxy-client "" "$client" front-proxy-ca
+    # The API server's identity towards kubelets (logs, exec, port-forward on the real node
+    # of e2e/kubelet.sh, which authenticates callers by the cluster CA).
+    cert apiserver-kubelet-client kube-apiserver-kubelet-client system:masters "$client"
     # Service-account token signing key pair.
     if [[ ! -f "$p/sa.key" ]]; then
         openssl genrsa -out "$p/sa.key" 2048 2>/dev/null
@@ -556,6 +559,9 @@ cmd_start() {
         --service-account-key-file "$p/sa.pub" \
         --service-account-signing-key-file "$p/sa.key" \
         --allow-privileged=true \
+        --kubelet-client-certificate "$p/apiserver-kubelet-client.crt" \
+        --kubelet-client-key "$p/apiserver-kubelet-client.key" \
+        --kubelet-preferred-address-types InternalIP,Hostname \
         --endpoint-reconciler-type none \
         --profiling=false \
         --v 1
