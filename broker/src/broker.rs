@@ -216,10 +216,25 @@ impl Broker {
         let status: crate::cluster::StatusFn =
             Box::new(move || weak.upgrade().map(|b| b.node_status()).unwrap_or_default());
         let cluster = crate::cluster::Cluster::new(me, status, Some(self.config.data_dir.clone()));
+        cluster.serve_broker_calls(Arc::new(crate::remote::BrokerSide(Arc::downgrade(self))));
         cluster.start(listener, &self.config.cluster_peer_addrs());
         self.cluster
             .set(cluster)
-            .map_err(|_| "the node has already joined its cluster".to_owned())
+            .map_err(|_| "the node has already joined its cluster".to_owned())?;
+        for v in self.vhosts.read().values() {
+            Broker::forward_dead_letters(Arc::downgrade(self), v);
+        }
+        Ok(())
+    }
+
+    /// Dead letters routed to queues on other nodes are forwarded to them.
+    fn forward_dead_letters(weak: std::sync::Weak<Broker>, v: &Vhost) {
+        let vhost = v.name.clone();
+        v.set_forward(Box::new(move |node, queues, msg| {
+            if let Some(b) = weak.upgrade() {
+                b.forward_publish(node, &vhost, queues, msg, None);
+            }
+        }));
     }
 
     /// Starts the cluster's metadata group (after [`Broker::start_cluster`]): from then on
@@ -304,6 +319,9 @@ impl Broker {
                 }
                 if let Some(me) = self.me.get() {
                     Broker::watch_durable_changes(me.clone(), &v);
+                    if self.cluster.get().is_some() {
+                        Broker::forward_dead_letters(me.clone(), &v);
+                    }
                 }
                 v
             })

@@ -25,6 +25,7 @@ use crate::metrics::{ChannelStats, DeliveryStats, PublishStats};
 use crate::outbox::Wake;
 use crate::queue::state::{MsgId, Settlement};
 use crate::queue::{Consumer, DeliveryTarget, Queue, TargetId, TargetOwner, now_ms};
+use crate::remote::Answers;
 use crate::vhost::{QueueSpec, REPLY_TO};
 
 /// A delivery awaiting acknowledgement.
@@ -224,13 +225,17 @@ pub struct Channel {
     confirm_pending_ack: Option<u64>,
     /// Confirms that wait for the message log: (publish seq, log seq needed, ack?), in order.
     /// Later confirms queue behind them so a `multiple` ack never covers an unsynced message.
-    confirm_waiting: VecDeque<(u64, u64, bool)>,
+    /// With the answers of other nodes a publish was forwarded to, when it was.
+    confirm_waiting: VecDeque<(u64, u64, bool, Option<Arc<Answers>>)>,
     /// The log sequence number the publish being routed must wait for.
     route_wait: u64,
+    /// The answers of other nodes the publish being routed (or the transaction being
+    /// committed) must wait for.
+    route_remote: Option<Arc<Answers>>,
     /// A `tx.commit` whose persistent messages are not on disk yet: `commit-ok` waits for the
     /// message log to sync past this sequence number, and the connection reads nothing more
     /// until then (so no later reply overtakes it).
-    commit_waiting: Option<u64>,
+    commit_waiting: Option<(u64, Option<Arc<Answers>>)>,
     tx: Option<Vec<TxOp>>,
     /// Message bytes buffered by the transaction in progress.
     tx_bytes: u64,
@@ -269,6 +274,7 @@ impl Channel {
             confirm_pending_ack: None,
             confirm_waiting: VecDeque::new(),
             route_wait: 0,
+            route_remote: None,
             commit_waiting: None,
             tx: None,
             tx_bytes: 0,
@@ -321,10 +327,21 @@ impl Channel {
         let synced = self.ctx().broker.store_synced();
         let failure = self.store_failure();
         let mut error = None;
-        if let Some(wait) = self.commit_waiting {
-            if wait <= synced {
+        if let Some((wait, remote)) = &self.commit_waiting {
+            let remote_done = remote.as_ref().is_none_or(|a| a.done());
+            let remote_refused = remote.as_ref().is_some_and(|a| a.done() && a.refused());
+            if *wait <= synced && remote_done && !remote_refused {
                 self.commit_waiting = None;
                 self.commit_ok();
+            } else if remote_refused {
+                self.commit_waiting = None;
+                error = Some(
+                    AmqpError::internal(
+                        "tx.commit failed: a node holding a queue the transaction published to \
+                         did not take its messages",
+                    )
+                    .on_method(90, 20),
+                );
             } else if let Some(why) = &failure {
                 self.commit_waiting = None;
                 error = Some(
@@ -335,7 +352,12 @@ impl Channel {
                 );
             }
         }
-        while let Some(&(seq, wait, ok)) = self.confirm_waiting.front() {
+        while let Some((seq, wait, ok, remote)) = self.confirm_waiting.front() {
+            let (seq, wait, ok) = (*seq, *wait, *ok);
+            if remote.as_ref().is_some_and(|a| !a.done()) {
+                break;
+            }
+            let refused = remote.as_ref().is_some_and(|a| a.refused());
             if wait > synced {
                 if failure.is_none() {
                     break;
@@ -345,7 +367,7 @@ impl Channel {
                 continue;
             }
             self.confirm_waiting.pop_front();
-            self.confirm_now(seq, ok);
+            self.confirm_now(seq, ok && !refused);
         }
         error
     }
@@ -391,9 +413,9 @@ impl Channel {
         );
     }
 
-    fn confirm(&mut self, seq: u64, ok: bool, wait: u64) {
-        if wait > 0 || !self.confirm_waiting.is_empty() {
-            self.confirm_waiting.push_back((seq, wait, ok));
+    fn confirm(&mut self, seq: u64, ok: bool, wait: u64, remote: Option<Arc<Answers>>) {
+        if wait > 0 || remote.is_some() || !self.confirm_waiting.is_empty() {
+            self.confirm_waiting.push_back((seq, wait, ok, remote));
             return;
         }
         self.confirm_now(seq, ok);
@@ -1090,13 +1112,18 @@ impl Channel {
                 // As with confirms: persistent messages of durable queues must be on disk
                 // before the client hears the transaction is committed.
                 let wait = std::mem::take(&mut self.route_wait);
-                if wait > self.ctx().broker.store_synced() {
+                let remote = self.route_remote.take();
+                if wait > self.ctx().broker.store_synced() || remote.is_some() {
                     if let Some(why) = self.store_failure() {
                         return Err(AmqpError::internal(format!(
                             "tx.commit failed: persistent messages could not be written: {why}"
                         )));
                     }
-                    self.commit_waiting = Some(wait);
+                    self.commit_waiting = Some((wait, remote));
+                    // Answers that came in already are acted on now.
+                    if let Some(e) = self.release_waiting() {
+                        return Err(e);
+                    }
                 } else {
                     self.commit_ok();
                 }
@@ -1225,7 +1252,8 @@ impl Channel {
         let accepted = result.map_err(|e| e.on_method(60, 40))?;
         if let Some(seq) = seq {
             let wait = std::mem::take(&mut self.route_wait);
-            self.confirm(seq, accepted, wait);
+            let remote = self.route_remote.take();
+            self.confirm(seq, accepted, wait, remote);
             // `pub_stats` is this publish's exchange: routing set it.
             if accepted && let Some(s) = &self.pub_stats {
                 s.confirmed.fetch_add(1, Ordering::Relaxed);
@@ -1385,7 +1413,24 @@ impl Channel {
         let now = now_ms();
         let mut accepted = true;
         let mut store_failed = false;
-        for q in queues {
+        if !queues.remote.is_empty() {
+            // Queues on other nodes: the message is forwarded to each home node; a confirm
+            // (or the transaction's commit-ok) waits for their answers.
+            let waits = self.confirm_seq.is_some() || self.tx.is_some();
+            let answers = match (&self.route_remote, waits) {
+                (Some(a), true) => Some(a.clone()),
+                (None, true) => Some(Answers::new(ctx.wake.clone())),
+                (_, false) => None,
+            };
+            let mut remote = queues.remote;
+            remote.sort();
+            for (node, group) in crate::vhost::group_by_node(remote) {
+                ctx.broker
+                    .forward_publish(&node, &ctx.vhost.name, group, &msg, answers.as_ref());
+            }
+            self.route_remote = answers;
+        }
+        for q in queues.local {
             let published = q.publish(msg.clone(), now);
             accepted &= published.accepted;
             store_failed |= published.store_failed;

@@ -54,6 +54,9 @@ pub struct ConnShared {
     pub info: crate::registry::ConnectionInfo,
     /// Close requests from the management API, and the open channels it lists.
     pub control: crate::registry::ConnectionControl,
+    /// Woken when another node answers a publish forwarded for this connection (a confirm
+    /// or a `tx.commit-ok` may go out).
+    pub wake: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -307,6 +310,7 @@ async fn serve_io<R, W>(
         outbox: outbox.clone(),
         frame_max: opened.frame_max,
         cancel_notify: client_capability(&opened.client_properties, "consumer_cancel_notify"),
+        wake: Arc::new(tokio::sync::Notify::new()),
         info: crate::registry::ConnectionInfo {
             name: format!("{peer} -> {local}"),
             peer,
@@ -811,6 +815,8 @@ impl Connection {
                 _ = self.shared.outbox.closed() => {}
                 // Publisher confirms waiting for the message log go out when it syncs.
                 _ = wait_for_sync(&mut synced), if self.channels.values().any(Channel::awaiting_sync) => {}
+                // ... or when another node answers a forwarded publish.
+                _ = self.shared.wake.notified(), if self.channels.values().any(Channel::awaiting_sync) => {}
                 why = self.shared.control.close_requested(), if !self.closing => {
                     // Closed from outside (drain, node shutdown): confirms for what was
                     // already taken go out first, so a publisher knows exactly what the node
@@ -831,10 +837,14 @@ impl Connection {
             if !self.channels.values().any(Channel::awaiting_sync) {
                 return;
             }
-            if tokio::time::timeout_at(deadline, wait_for_sync(synced))
-                .await
-                .is_err()
-            {
+            let wake = self.shared.wake.clone();
+            let either = async {
+                tokio::select! {
+                    _ = wait_for_sync(synced) => {}
+                    _ = wake.notified() => {}
+                }
+            };
+            if tokio::time::timeout_at(deadline, either).await.is_err() {
                 return;
             }
         }

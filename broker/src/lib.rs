@@ -33,6 +33,7 @@ pub mod policy;
 pub mod probe;
 pub mod queue;
 pub mod registry;
+pub mod remote;
 pub mod resources;
 pub mod server;
 pub mod store;

@@ -31,10 +31,53 @@ const STANDARD_EXCHANGES: &[(&str, ExchangeKind)] = &[
 
 pub const REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
+/// A queue of this vhost that lives on another node of the cluster (its definition, as the
+/// metadata group replicated it). Messages routed to it are forwarded to `node`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteQueue {
+    pub name: String,
+    pub node: String,
+    pub durable: bool,
+    pub auto_delete: bool,
+    pub exclusive: bool,
+    pub arguments: FieldTable,
+}
+
+/// Queues a message is routed to: those on this node, and `(node, queue)` of those on other
+/// nodes.
+#[derive(Default)]
+pub struct Routed {
+    pub local: Vec<Arc<Queue>>,
+    pub remote: Vec<(String, String)>,
+}
+
+impl Routed {
+    pub fn is_empty(&self) -> bool {
+        self.local.is_empty() && self.remote.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.local.len() + self.remote.len()
+    }
+}
+
+/// Told the name of a local queue this node removed on its own.
+pub type QueueGoneFn = Box<dyn Fn(&str) + Send + Sync>;
+
+/// Forwards a message to queues on another node: `(node, queue names, message)`.
+pub type ForwardFn = Box<dyn Fn(&str, Vec<String>, &crate::message::Message) + Send + Sync>;
+
 pub struct Vhost {
     pub name: String,
     exchanges: RwLock<HashMap<String, Arc<Exchange>>>,
     queues: RwLock<HashMap<String, Arc<Queue>>>,
+    /// Queues living on other nodes of the cluster.
+    remote: RwLock<HashMap<String, RemoteQueue>>,
+    /// Called with the name of a local queue removed by this node on its own (auto-delete,
+    /// expiry, an exclusive queue's connection closed), so the cluster forgets it too.
+    on_queue_gone: std::sync::OnceLock<QueueGoneFn>,
+    /// Dead letters routed to queues on other nodes go through this.
+    forward: std::sync::OnceLock<ForwardFn>,
     /// Direct reply-to consumers by token.
     reply_consumers: Mutex<HashMap<String, (Weak<ChannelShared>, String)>>,
     policies: RwLock<Vec<Policy>>,
@@ -95,6 +138,9 @@ impl Vhost {
             name: name.to_owned(),
             exchanges: RwLock::new(HashMap::new()),
             queues: RwLock::new(HashMap::new()),
+            remote: RwLock::new(HashMap::new()),
+            on_queue_gone: std::sync::OnceLock::new(),
+            forward: std::sync::OnceLock::new(),
             reply_consumers: Mutex::new(HashMap::new()),
             policies: RwLock::new(Vec::new()),
             operator_policies: RwLock::new(Vec::new()),
@@ -190,6 +236,86 @@ impl Vhost {
 
     pub fn queues(&self) -> Vec<Arc<Queue>> {
         self.queues.read().values().cloned().collect()
+    }
+
+    /// A queue of this vhost living on another node.
+    pub fn remote_queue(&self, name: &str) -> Option<RemoteQueue> {
+        self.remote.read().get(name).cloned()
+    }
+
+    pub fn remote_queues(&self) -> Vec<RemoteQueue> {
+        self.remote.read().values().cloned().collect()
+    }
+
+    /// Records a queue living on another node (applying the cluster's definitions). False if
+    /// a queue by that name exists already, here or there.
+    pub fn add_remote_queue(&self, q: RemoteQueue) -> bool {
+        if self.queue(&q.name).is_some() {
+            return false;
+        }
+        let mut remote = self.remote.write();
+        if remote.contains_key(&q.name) {
+            return false;
+        }
+        remote.insert(q.name.clone(), q);
+        drop(remote);
+        self.topology_changed();
+        true
+    }
+
+    /// Forgets a queue living on another node, with the bindings to it.
+    pub fn remove_remote_queue(&self, name: &str) -> bool {
+        if self.remote.write().remove(name).is_none() {
+            return false;
+        }
+        self.unbind_destination(&Destination::Queue(name.to_owned()));
+        true
+    }
+
+    /// Replaces every remote queue (installing the cluster's definitions).
+    pub fn set_remote_queues(&self, queues: Vec<RemoteQueue>) {
+        let names: Vec<String> = self.remote.read().keys().cloned().collect();
+        for n in names {
+            if !queues.iter().any(|q| q.name == n) {
+                self.remove_remote_queue(&n);
+            }
+        }
+        let mut remote = self.remote.write();
+        for q in queues {
+            remote.insert(q.name.clone(), q);
+        }
+        drop(remote);
+        self.topology_changed();
+    }
+
+    /// Whether a queue by this name exists, on this node or another.
+    pub fn has_queue(&self, name: &str) -> bool {
+        self.queue(name).is_some() || self.remote.read().contains_key(name)
+    }
+
+    /// Sets what runs when this node removes a local queue on its own (once).
+    pub fn set_on_queue_gone(&self, f: impl Fn(&str) + Send + Sync + 'static) {
+        let _ = self.on_queue_gone.set(Box::new(f));
+    }
+
+    /// Sets how dead letters reach queues on other nodes (once).
+    pub fn set_forward(&self, f: ForwardFn) {
+        let _ = self.forward.set(f);
+    }
+
+    /// Removes every binding to `dest`, and auto-delete exchanges left without bindings.
+    fn unbind_destination(&self, dest: &Destination) {
+        let touched: Vec<Arc<Exchange>> = self
+            .exchanges
+            .read()
+            .values()
+            .filter(|e| e.bindings.write().remove_destination(dest))
+            .cloned()
+            .collect();
+        self.topology_changed();
+        for e in touched {
+            self.auto_delete_exchange(&e);
+        }
     }
 
     pub fn exchanges(&self) -> Vec<Arc<Exchange>> {
@@ -324,7 +450,9 @@ impl Vhost {
             .ok_or_else(|| self.no_exchange(source))?;
         match dest {
             Destination::Queue(q) => {
-                self.queue(q).ok_or_else(|| self.no_queue(q))?;
+                if !self.has_queue(q) {
+                    return Err(self.no_queue(q));
+                }
             }
             Destination::Exchange(x) => {
                 self.exchange(x).ok_or_else(|| self.no_exchange(x))?;
@@ -558,29 +686,29 @@ impl Vhost {
         Ok(self.remove_queue(name))
     }
 
-    /// Removes a queue, its bindings, and auto-delete exchanges left without bindings.
+    /// Removes a queue, its bindings, and auto-delete exchanges left without bindings; in a
+    /// cluster, the other nodes are told (see [`Vhost::set_on_queue_gone`]).
     pub fn remove_queue(&self, name: &str) -> u32 {
-        let Some(q) = self.queues.write().remove(name) else {
-            return 0;
-        };
+        let removed = self.remove_queue_here(name);
+        if removed.is_some()
+            && let Some(gone) = self.on_queue_gone.get()
+        {
+            gone(name);
+        }
+        removed.unwrap_or(0)
+    }
+
+    /// [`Vhost::remove_queue`] without telling the cluster (applying its own deletion).
+    /// None if there was no such queue here.
+    pub fn remove_queue_here(&self, name: &str) -> Option<u32> {
+        let q = self.queues.write().remove(name)?;
         self.queue_counters.deleted();
         let count = q.mark_deleted();
-        let dest = Destination::Queue(name.to_owned());
-        let touched: Vec<Arc<Exchange>> = self
-            .exchanges
-            .read()
-            .values()
-            .filter(|e| e.bindings.write().remove_destination(&dest))
-            .cloned()
-            .collect();
-        self.topology_changed();
-        for e in touched {
-            self.auto_delete_exchange(&e);
-        }
+        self.unbind_destination(&Destination::Queue(name.to_owned()));
         if q.durable && q.exclusive_owner.is_none() {
             self.durable_changed_anyway(DurableChange::Queue(name.to_owned()));
         }
-        count
+        Some(count)
     }
 
     /// Deletes the exclusive queues of a closed connection.
@@ -604,20 +732,30 @@ impl Vhost {
         exchange: &str,
         routing_keys: &[&str],
         headers: Option<&FieldTable>,
-    ) -> Result<Vec<Arc<Queue>>> {
+    ) -> Result<Routed> {
         let queues = self.queues.read();
+        let remote = self.remote.read();
         let exchanges = self.exchanges.read();
+        let mut routed = Routed::default();
+        let mut to_queue = |n: &str, out: &mut Vec<Arc<Queue>>| {
+            if let Some(q) = queues.get(n) {
+                if !out.iter().any(|x| Arc::ptr_eq(x, q)) {
+                    out.push(q.clone());
+                }
+            } else if let Some(r) = remote.get(n)
+                && !routed.remote.iter().any(|(_, x)| x == n)
+            {
+                routed.remote.push((r.node.clone(), n.to_owned()));
+            }
+        };
         if exchange.is_empty() {
             // The default exchange: every queue is bound by its own name.
             let mut out: Vec<Arc<Queue>> = Vec::with_capacity(routing_keys.len());
             for k in routing_keys {
-                if let Some(q) = queues.get(*k)
-                    && !out.iter().any(|x| Arc::ptr_eq(x, q))
-                {
-                    out.push(q.clone());
-                }
+                to_queue(k, &mut out);
             }
-            return Ok(out);
+            routed.local = out;
+            return Ok(routed);
         }
         let start = exchanges
             .get(exchange)
@@ -642,13 +780,7 @@ impl Vhost {
                 .for_each_match(ex.kind, routing_keys, headers, |d| {
                     matched = true;
                     match d {
-                        Destination::Queue(n) => {
-                            if let Some(q) = queues.get(n)
-                                && !out.iter().any(|x| Arc::ptr_eq(x, q))
-                            {
-                                out.push(q.clone());
-                            }
-                        }
+                        Destination::Queue(n) => to_queue(n, &mut out),
                         Destination::Exchange(n) => {
                             if let Some(e) = exchanges.get(n) {
                                 pending.push(e);
@@ -666,7 +798,8 @@ impl Vhost {
                 }
             }
         }
-        Ok(out)
+        routed.local = out;
+        Ok(routed)
     }
 
     fn effective_queue_config(
@@ -784,11 +917,19 @@ impl DeadLetterSink for Vhost {
         let Ok(targets) = self.route(exchange, &keys, letter.msg.headers()) else {
             return false;
         };
-        for t in targets {
+        for t in targets.local {
             if crate::dead_letter::is_cycle(&letter.msg, &t.name) {
                 continue;
             }
             t.publish(letter.msg.clone(), now);
+        }
+        if let Some(forward) = self.forward.get() {
+            let mut remote = targets.remote;
+            remote.retain(|(_, q)| !crate::dead_letter::is_cycle(&letter.msg, q));
+            remote.sort();
+            for (node, group) in group_by_node(remote) {
+                forward(&node, group, &letter.msg);
+            }
         }
         true
     }
@@ -796,4 +937,16 @@ impl DeadLetterSink for Vhost {
     fn queue_expired(&self, queue: &str) {
         self.remove_queue(queue);
     }
+}
+
+/// `(node, queue)` pairs sorted by node, as each node with its queues.
+pub fn group_by_node(pairs: Vec<(String, String)>) -> Vec<(String, Vec<String>)> {
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    for (node, queue) in pairs {
+        match out.last_mut() {
+            Some((n, qs)) if *n == node => qs.push(queue),
+            _ => out.push((node, vec![queue])),
+        }
+    }
+    out
 }

@@ -19,8 +19,9 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::wire::{self, Frame, HEADER};
 
-/// Frames waiting for the writer; senders wait when it is full (back-pressure, bounded memory).
-const OUTGOING: usize = 256;
+/// Bytes waiting for the writer above which senders wait ([`Link::call`]) or are refused
+/// ([`Link::start_call`]): back-pressure, bounded memory.
+const BACKLOG_MAX: usize = 64 << 20;
 
 fn invalid(e: wire::WireError) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, e)
@@ -57,6 +58,8 @@ pub enum CallError {
     Closed(String),
     #[error("{0} did not answer within {1:?}")]
     Timeout(String, Duration),
+    #[error("the link to {0} has over 64 MiB waiting to be written")]
+    Congested(String),
     #[error("{0}")]
     Wire(#[from] wire::WireError),
 }
@@ -65,7 +68,10 @@ pub enum CallError {
 /// any I/O error.
 pub struct Link {
     pub peer: String,
-    out: mpsc::Sender<Vec<u8>>,
+    out: mpsc::UnboundedSender<Vec<u8>>,
+    /// Bytes queued for the writer and not written yet.
+    backlog: std::sync::atomic::AtomicUsize,
+    drained: Notify,
     pending: Mutex<HashMap<u64, oneshot::Sender<Vec<u8>>>>,
     next_id: AtomicU64,
     closed: AtomicBool,
@@ -79,10 +85,12 @@ impl Link {
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (r, w) = tokio::io::split(stream);
-        let (tx, rx) = mpsc::channel(OUTGOING);
+        let (tx, rx) = mpsc::unbounded_channel();
         let link = Arc::new(Link {
             peer,
             out: tx,
+            backlog: std::sync::atomic::AtomicUsize::new(0),
+            drained: Notify::new(),
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
@@ -115,12 +123,47 @@ impl Link {
     }
 
     async fn send(&self, frame: &Frame) -> Result<(), CallError> {
+        while self.backlog.load(Ordering::Acquire) > BACKLOG_MAX && !self.is_closed() {
+            let drained = self.drained.notified();
+            if self.backlog.load(Ordering::Acquire) <= BACKLOG_MAX {
+                break;
+            }
+            tokio::select! {
+                _ = drained => {}
+                _ = self.closed() => {}
+            }
+        }
+        self.queue(frame)
+    }
+
+    /// Queues a frame for the writer without waiting.
+    fn queue(&self, frame: &Frame) -> Result<(), CallError> {
         let mut buf = Vec::new();
         wire::encode(frame, &mut buf)?;
-        if self.is_closed() || self.out.send(buf).await.is_err() {
+        let len = buf.len();
+        self.backlog.fetch_add(len, Ordering::AcqRel);
+        if self.is_closed() || self.out.send(buf).is_err() {
             return Err(CallError::Closed(self.peer.clone()));
         }
         Ok(())
+    }
+
+    /// Sends a request now, in order with every other request started on this link (the
+    /// peer's handler starts serving requests in the order they were sent), and returns
+    /// where its answer will arrive; the receiver fails when the link closes. Refused when
+    /// the link is closed or its backlog is over 64 MiB.
+    pub fn start_call(&self, body: Vec<u8>) -> Result<oneshot::Receiver<Vec<u8>>, CallError> {
+        if self.backlog.load(Ordering::Acquire) > BACKLOG_MAX {
+            return Err(CallError::Congested(self.peer.clone()));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().insert(id, tx);
+        if let Err(e) = self.queue(&Frame::Request { id, body }) {
+            self.pending.lock().remove(&id);
+            return Err(e);
+        }
+        Ok(rx)
     }
 
     /// Sends a request body and waits for the answer.
@@ -147,7 +190,7 @@ impl Link {
 async fn write_loop<W: AsyncWrite + Unpin>(
     link: Arc<Link>,
     mut w: W,
-    mut rx: mpsc::Receiver<Vec<u8>>,
+    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
 ) {
     let mut batch = Vec::new();
     loop {
@@ -172,6 +215,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             r = write => r.is_ok(),
             _ = link.closed() => false,
         };
+        link.backlog.fetch_sub(batch.len(), Ordering::AcqRel);
+        link.drained.notify_waiters();
         if !done {
             break;
         }

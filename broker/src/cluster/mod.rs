@@ -50,6 +50,14 @@ const REDIAL_MAX: Duration = Duration::from_secs(3);
 /// Reports this node's status for heartbeats (the broker provides it).
 pub type StatusFn = Box<dyn Fn() -> NodeStatus + Send + Sync>;
 
+/// The broker's side of [`Request::Broker`] calls from other nodes.
+pub trait BrokerCalls: Send + Sync + 'static {
+    /// Serves one call from `from`. Called on the link's reader in the order the calls were
+    /// sent, so whatever must keep that order (enqueueing forwarded publishes) is done before
+    /// this returns; the future produces the answer (after a disk sync, say).
+    fn serve(&self, from: &str, call: Vec<u8>) -> link::Answer;
+}
+
 /// A remote node this node knows of.
 pub struct Peer {
     pub name: String,
@@ -91,6 +99,8 @@ pub struct Cluster {
     dir: Option<PathBuf>,
     /// The metadata group, once started (see [`Cluster::start_metadata`]).
     meta: std::sync::OnceLock<Arc<raft::Metadata>>,
+    /// Serves broker calls from other nodes (see [`Cluster::serve_broker_calls`]).
+    broker: std::sync::OnceLock<Arc<dyn BrokerCalls>>,
 }
 
 /// Why a node cannot be forgotten.
@@ -211,6 +221,43 @@ impl Cluster {
             forgotten: RwLock::new(forgotten),
             dir,
             meta: std::sync::OnceLock::new(),
+            broker: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Has `calls` serve the broker calls other nodes send this one.
+    pub fn serve_broker_calls(&self, calls: Arc<dyn BrokerCalls>) {
+        let _ = self.broker.set(calls);
+    }
+
+    /// Sends a broker call to `node` now, ordered after every call sent to it before, and
+    /// returns where the answer arrives (an error if the link closes first). Fails at once
+    /// when `node` is not reachable.
+    pub fn start_broker_call(
+        &self,
+        node: &str,
+        call: Vec<u8>,
+    ) -> Result<impl std::future::Future<Output = Result<Vec<u8>, String>> + use<>, String> {
+        let link = self
+            .peers
+            .read()
+            .get(node)
+            .filter(|p| p.running())
+            .and_then(|p| p.link.lock().clone())
+            .filter(|l| !l.is_closed())
+            .ok_or_else(|| format!("node {node} is not reachable"))?;
+        let body = wire::to_body(&Request::Broker(call)).map_err(|e| e.to_string())?;
+        let rx = link.start_call(body).map_err(|e| e.to_string())?;
+        let node = node.to_owned();
+        Ok(async move {
+            let answer = rx
+                .await
+                .map_err(|_| format!("the link to {node} closed before it answered"))?;
+            match wire::from_body::<Response>(&answer).map_err(|e| e.to_string())? {
+                Response::Broker(body) => Ok(body),
+                Response::Error(e) => Err(format!("{node}: {e}")),
+                other => Err(format!("{node} answered {other:?} to a broker call")),
+            }
         })
     }
 
@@ -485,7 +532,7 @@ impl Cluster {
                 Response::Done
             }
             // Served by `Requests::handle` (asynchronously).
-            Request::Raft(_) => Response::Error("misrouted Raft call".into()),
+            Request::Raft(_) | Request::Broker(_) => Response::Error("misrouted call".into()),
         }
     }
 }
@@ -494,9 +541,28 @@ impl Cluster {
 struct Requests(std::sync::Weak<Cluster>);
 
 impl Handler for Requests {
-    fn handle(self: Arc<Self>, _from: String, body: Vec<u8>) -> link::Answer {
+    fn handle(self: Arc<Self>, from: String, body: Vec<u8>) -> link::Answer {
+        // Broker calls start here, on the link's reader, so they are served in order.
+        let request = match wire::from_body::<Request>(&body) {
+            Ok(Request::Broker(call)) => Ok(call),
+            other => Err(other),
+        };
+        let request = match request {
+            Err(other) => other,
+            Ok(call) => {
+                let calls = self.0.upgrade().and_then(|c| c.broker.get().cloned());
+                let Some(calls) = calls else {
+                    let body = wire::to_body(&Response::Error("the broker is not ready".into()));
+                    return Box::pin(async move { body.unwrap_or_default() });
+                };
+                let answer = calls.serve(&from, call);
+                return Box::pin(async move {
+                    wire::to_body(&Response::Broker(answer.await)).unwrap_or_default()
+                });
+            }
+        };
         Box::pin(async move {
-            let response = match (self.0.upgrade(), wire::from_body::<Request>(&body)) {
+            let response = match (self.0.upgrade(), request) {
                 (Some(c), Ok(Request::Raft(call))) => match c.meta.get().cloned() {
                     Some(meta) => match meta.handle(&call).await {
                         Ok(answer) => Response::Raft(answer),

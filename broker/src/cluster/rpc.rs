@@ -10,6 +10,9 @@ pub enum Request {
     Forget { name: String, incarnation: u64 },
     /// A call of the metadata group (the JSON of a [`super::raft::RaftCall`]).
     Raft(String),
+    /// A call of the broker on the other node (a queue living there: publish, counts, purge),
+    /// opaque to the cluster module; served in the order the link carried it.
+    Broker(Vec<u8>),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -25,6 +28,8 @@ pub enum Response {
     Done,
     /// The answer to a [`Request::Raft`] (JSON).
     Raft(String),
+    /// The answer to a [`Request::Broker`].
+    Broker(Vec<u8>),
     /// The request could not be served, and why (shown to whoever asked).
     Error(String),
 }

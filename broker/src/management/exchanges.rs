@@ -231,8 +231,14 @@ async fn publish(
     ));
     let targets = v.route(name, &[routing_key], msg.headers())?;
     let now = now_ms();
-    for q in &targets {
+    for q in &targets.local {
         q.publish(msg.clone(), now);
     }
-    ok(json!({"routed": !targets.is_empty()}))
+    let routed = !targets.is_empty();
+    let mut remote = targets.remote;
+    remote.sort();
+    for (node, group) in crate::vhost::group_by_node(remote) {
+        broker.forward_publish(&node, &vhost, group, &msg, None);
+    }
+    ok(json!({"routed": routed}))
 }

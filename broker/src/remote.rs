@@ -1,0 +1,484 @@
+//! Queues on other nodes: the calls a node makes to a queue's home node over the inter-node
+//! link, and how the home node serves them.
+//!
+//! Routing is local (every node has every exchange and binding), so a publish is routed
+//! where it arrives; the queues it reaches on other nodes get the message forwarded, one
+//! call per home node, in the order the node forwarded them (a link serves its broker calls
+//! in order, [`crate::cluster::BrokerCalls`]). The home node enqueues before anything else
+//! it reads from that link and answers once the message is as safe as a local publish
+//! would be (on disk for a persistent message in a durable queue), which is when a
+//! publisher confirm for it may go out.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::broker::Broker;
+use crate::cluster::link::Answer;
+use crate::error::{AmqpError, code};
+use crate::message::Message;
+
+/// A call to a queue's home node.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Call {
+    /// Enqueue a message routed on the calling node to these queues of `vhost`.
+    Publish {
+        vhost: String,
+        queues: Vec<String>,
+        exchange: String,
+        routing_key: String,
+        /// The content header frame's payload, as the publisher sent it.
+        header: Vec<u8>,
+        body: Vec<u8>,
+    },
+    /// Messages ready and consumers of a queue.
+    Counts { vhost: String, queue: String },
+    /// Purge a queue; answered with how many messages went.
+    Purge { vhost: String, queue: String },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Reply {
+    /// Every queue took the message (false: one refused it, a publisher hears a nack).
+    Published(bool),
+    Counts {
+        messages: u32,
+        consumers: u32,
+    },
+    Purged(u32),
+    /// An AMQP error the caller hands to its client.
+    Error {
+        code: u16,
+        text: String,
+    },
+}
+
+/// The answers a publish waits for from other nodes before its confirm may go out.
+pub struct Answers {
+    pending: AtomicUsize,
+    refused: AtomicBool,
+    /// Woken when the last answer arrives (the connection waiting to send confirms).
+    wake: Arc<Notify>,
+}
+
+impl Answers {
+    pub fn new(wake: Arc<Notify>) -> Arc<Self> {
+        Arc::new(Self {
+            pending: AtomicUsize::new(0),
+            refused: AtomicBool::new(false),
+            wake,
+        })
+    }
+
+    /// True once every node answered.
+    pub fn done(&self) -> bool {
+        self.pending.load(Ordering::Acquire) == 0
+    }
+
+    /// True if some node refused, or did not answer before its link closed.
+    pub fn refused(&self) -> bool {
+        self.refused.load(Ordering::Acquire)
+    }
+
+    fn answered(&self, ok: bool) {
+        if !ok {
+            self.refused.store(true, Ordering::Release);
+        }
+        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.wake.notify_one();
+        }
+    }
+}
+
+fn encode(call: &Call) -> Result<Vec<u8>, String> {
+    postcard::to_allocvec(call).map_err(|e| format!("unencodable call: {e}"))
+}
+
+fn decode_reply(body: &[u8]) -> Result<Reply, String> {
+    postcard::from_bytes(body).map_err(|e| format!("undecodable answer: {e}"))
+}
+
+/// A failed call as the client's error: the home node down or unreachable is 404-like
+/// (`NOT_FOUND`, as RabbitMQ answers for a queue whose home node is down).
+fn unreachable(queue: &str, vhost: &str, why: String) -> AmqpError {
+    AmqpError::not_found(format!(
+        "queue '{queue}' in vhost '{vhost}' is on a node that cannot be reached: {why}"
+    ))
+}
+
+impl Broker {
+    /// Forwards `msg` to `queues` of `vhost` on `node`. With `answers`, the answer is counted
+    /// there (a confirm waits for it); a node that cannot be reached counts as a refusal.
+    pub fn forward_publish(
+        &self,
+        node: &str,
+        vhost: &str,
+        queues: Vec<String>,
+        msg: &Message,
+        answers: Option<&Arc<Answers>>,
+    ) {
+        let call = Call::Publish {
+            vhost: vhost.to_owned(),
+            queues,
+            exchange: msg.exchange.clone(),
+            routing_key: msg.routing_key.clone(),
+            header: msg.header_payload.to_vec(),
+            body: msg.body.to_vec(),
+        };
+        if let Some(a) = answers {
+            a.pending.fetch_add(1, Ordering::AcqRel);
+        }
+        let started = match (self.cluster(), encode(&call)) {
+            (Some(c), Ok(body)) => c.start_broker_call(node, body),
+            (None, _) => Err("this node is not in a cluster".to_owned()),
+            (_, Err(e)) => Err(e),
+        };
+        let answers = answers.cloned();
+        match started {
+            Ok(answer) => {
+                tokio::spawn(async move {
+                    let ok = match answer.await.map(|b| decode_reply(&b)) {
+                        Ok(Ok(Reply::Published(ok))) => ok,
+                        Ok(Ok(other)) => {
+                            tracing::warn!("forwarded publish answered {other:?}");
+                            false
+                        }
+                        Ok(Err(e)) | Err(e) => {
+                            tracing::debug!("forwarded publish failed: {e}");
+                            false
+                        }
+                    };
+                    if let Some(a) = answers {
+                        a.answered(ok);
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::debug!(node, "publish not forwarded: {e}");
+                if let Some(a) = answers {
+                    a.answered(false);
+                }
+            }
+        }
+    }
+
+    /// Calls `queue`'s home `node` and waits for its answer.
+    pub async fn queue_call(self: &Arc<Self>, node: &str, call: Call) -> Result<Reply, AmqpError> {
+        let (vhost, queue) = match &call {
+            Call::Counts { vhost, queue } | Call::Purge { vhost, queue } => {
+                (vhost.clone(), queue.clone())
+            }
+            Call::Publish { vhost, .. } => (vhost.clone(), String::new()),
+        };
+        let cluster = self
+            .cluster()
+            .ok_or_else(|| AmqpError::internal("this node is not in a cluster"))?;
+        let answer = cluster
+            .start_broker_call(node, encode(&call).map_err(AmqpError::internal)?)
+            .map_err(|e| unreachable(&queue, &vhost, e))?;
+        let body = tokio::time::timeout(std::time::Duration::from_secs(10), answer)
+            .await
+            .map_err(|_| unreachable(&queue, &vhost, format!("{node} did not answer in 10 s")))?
+            .map_err(|e| unreachable(&queue, &vhost, e))?;
+        match decode_reply(&body).map_err(AmqpError::internal)? {
+            Reply::Error { code, text } => Err(AmqpError::new(code, text)),
+            reply => Ok(reply),
+        }
+    }
+
+    /// Serves one call from another node (on the link's reader: see [`BrokerSide`]).
+    fn serve_call(self: &Arc<Self>, from: &str, call: Call) -> Answer {
+        let reply = |r: Reply| -> Answer {
+            let body = postcard::to_allocvec(&r).unwrap_or_default();
+            Box::pin(async move { body })
+        };
+        let error = |e: AmqpError| {
+            reply(Reply::Error {
+                code: e.code,
+                text: e.text,
+            })
+        };
+        let no_vhost = |v: &str| AmqpError::not_found(format!("no vhost '{v}' on this node"));
+        match call {
+            Call::Publish {
+                vhost,
+                queues,
+                exchange,
+                routing_key,
+                header,
+                body,
+            } => {
+                let Some(v) = self.vhost(&vhost) else {
+                    return error(no_vhost(&vhost));
+                };
+                let header = Bytes::from(header);
+                let properties = match crate::codec::decode_header(&header) {
+                    Ok(h) => h.properties,
+                    Err(e) => {
+                        tracing::warn!(
+                            node = from,
+                            "forwarded publish with a bad header: {}",
+                            e.text
+                        );
+                        return reply(Reply::Published(false));
+                    }
+                };
+                let msg = Arc::new(Message::with_header_payload(
+                    exchange,
+                    routing_key,
+                    properties,
+                    header,
+                    Bytes::from(body),
+                ));
+                let now = crate::queue::now_ms();
+                let (mut ok, mut wait) = (true, 0);
+                for q in queues.iter().filter_map(|n| v.queue(n)) {
+                    let p = q.publish(msg.clone(), now);
+                    ok &= p.accepted;
+                    wait = wait.max(p.wait_for);
+                }
+                let store = self.store().cloned();
+                Box::pin(async move {
+                    if let Some(store) = store
+                        && wait > 0
+                    {
+                        let mut synced = store.synced();
+                        while *synced.borrow_and_update() < wait && store.failure().is_none() {
+                            if synced.changed().await.is_err() {
+                                break;
+                            }
+                        }
+                        ok &= *synced.borrow() >= wait;
+                    }
+                    postcard::to_allocvec(&Reply::Published(ok)).unwrap_or_default()
+                })
+            }
+            Call::Counts { vhost, queue } => {
+                match self.vhost(&vhost).and_then(|v| v.queue(&queue)) {
+                    Some(q) => reply(Reply::Counts {
+                        messages: q.message_count(),
+                        consumers: q.consumer_count(),
+                    }),
+                    None => error(AmqpError::not_found(format!(
+                        "no queue '{queue}' in vhost '{vhost}'"
+                    ))),
+                }
+            }
+            Call::Purge { vhost, queue } => {
+                match self.vhost(&vhost).and_then(|v| v.queue(&queue)) {
+                    Some(q) => reply(Reply::Purged(q.purge())),
+                    None => error(AmqpError::not_found(format!(
+                        "no queue '{queue}' in vhost '{vhost}'"
+                    ))),
+                }
+            }
+        }
+    }
+}
+
+/// The broker as the server of other nodes' calls.
+pub struct BrokerSide(pub std::sync::Weak<Broker>);
+
+impl crate::cluster::BrokerCalls for BrokerSide {
+    fn serve(&self, from: &str, call: Vec<u8>) -> Answer {
+        let fail = |text: String| -> Answer {
+            let body = postcard::to_allocvec(&Reply::Error {
+                code: code::INTERNAL_ERROR,
+                text,
+            })
+            .unwrap_or_default();
+            Box::pin(async move { body })
+        };
+        let Some(broker) = self.0.upgrade() else {
+            return fail("node is stopping".into());
+        };
+        match postcard::from_bytes::<Call>(&call) {
+            Ok(call) => broker.serve_call(from, call),
+            Err(e) => fail(format!("undecodable call: {e}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::vhost::{QueueSpec, RemoteQueue};
+    use amq_protocol::protocol::basic::AMQPProperties;
+    use amq_protocol::types::FieldTable;
+    use std::time::Duration;
+
+    /// A node clustered over loopback, its data in a directory of its own.
+    async fn node(name: &str, dir: &std::path::Path, peers: Vec<String>) -> Arc<Broker> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = Config {
+            node_name: name.to_owned(),
+            data_dir: dir.join(name),
+            cluster_listen: Some(addr),
+            cluster_advertise: Some(addr.to_string()),
+            cluster_peers: peers,
+            ..Config::default()
+        };
+        std::fs::create_dir_all(&config.data_dir).unwrap();
+        let b = Broker::new(config);
+        b.start_cluster(listener, b"s3cret".to_vec()).await.unwrap();
+        b
+    }
+
+    async fn until(what: &str, mut ok: impl FnMut() -> bool) {
+        for _ in 0..200 {
+            if ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_routed_on_one_node_reaches_a_queue_on_another_in_order() {
+        let dir = std::env::temp_dir().join(format!("warren-remote-{}", rand::random::<u64>()));
+        let a = node("warren@a", &dir, Vec::new()).await;
+        let a_addr = a.config.cluster_advertise_addr().unwrap();
+        let b = node("warren@b", &dir, vec![a_addr]).await;
+        until("the link both ways", || {
+            a.cluster().unwrap().is_running("warren@b")
+                && b.cluster().unwrap().is_running("warren@a")
+        })
+        .await;
+
+        // "q" lives on b; a knows it as a remote queue bound to amq.fanout.
+        let args = FieldTable::default();
+        let vb = b.vhost("/").unwrap();
+        vb.declare_queue(QueueSpec {
+            name: "q",
+            durable: false,
+            exclusive_owner: None,
+            auto_delete: false,
+            arguments: &args,
+        })
+        .unwrap();
+        let va = a.vhost("/").unwrap();
+        assert!(va.add_remote_queue(RemoteQueue {
+            name: "q".into(),
+            node: "warren@b".into(),
+            durable: false,
+            auto_delete: false,
+            exclusive: false,
+            arguments: args.clone(),
+        }));
+        va.bind(
+            "amq.fanout",
+            crate::exchange::Destination::Queue("q".into()),
+            "",
+            &args,
+        )
+        .unwrap();
+
+        // Routed on a, forwarded to b, confirmed once b answered; order kept.
+        let wake = Arc::new(Notify::new());
+        let answers = Answers::new(wake.clone());
+        for i in 0..100u32 {
+            let routed = va.route("amq.fanout", &[""], None).unwrap();
+            assert!(routed.local.is_empty());
+            assert_eq!(routed.remote, vec![("warren@b".to_owned(), "q".to_owned())]);
+            let msg = Message::new(
+                "amq.fanout".into(),
+                String::new(),
+                AMQPProperties::default(),
+                Bytes::from(i.to_be_bytes().to_vec()),
+            );
+            a.forward_publish("warren@b", "/", vec!["q".into()], &msg, Some(&answers));
+        }
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !answers.done() {
+                wake.notified().await;
+            }
+        })
+        .await
+        .expect("b answered every forwarded publish");
+        assert!(!answers.refused());
+        let q = vb.queue("q").unwrap();
+        assert_eq!(q.message_count(), 100);
+        for i in 0..100u32 {
+            let got = q.get(true).expect("a message");
+            assert_eq!(got.msg.body.as_ref(), &i.to_be_bytes());
+        }
+
+        // Counts and purge as calls to the home node; an unknown queue is 404.
+        let msg = Message::new(
+            "".into(),
+            "q".into(),
+            AMQPProperties::default(),
+            Bytes::new(),
+        );
+        a.forward_publish("warren@b", "/", vec!["q".into()], &msg, None);
+        until("the fire-and-forget publish", || q.message_count() == 1).await;
+        let counts = a
+            .queue_call(
+                "warren@b",
+                Call::Counts {
+                    vhost: "/".into(),
+                    queue: "q".into(),
+                },
+            )
+            .await
+            .unwrap();
+        assert!(matches!(
+            counts,
+            Reply::Counts {
+                messages: 1,
+                consumers: 0
+            }
+        ));
+        let purged = a
+            .queue_call(
+                "warren@b",
+                Call::Purge {
+                    vhost: "/".into(),
+                    queue: "q".into(),
+                },
+            )
+            .await
+            .unwrap();
+        assert!(matches!(purged, Reply::Purged(1)));
+        let e = a
+            .queue_call(
+                "warren@b",
+                Call::Counts {
+                    vhost: "/".into(),
+                    queue: "nope".into(),
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, code::NOT_FOUND);
+
+        // A node nobody can reach: the publish counts as refused (a confirm would be a nack),
+        // a call is 404 naming why.
+        let lost = Answers::new(wake.clone());
+        a.forward_publish("warren@c", "/", vec!["q".into()], &msg, Some(&lost));
+        assert!(lost.done() && lost.refused());
+        let e = a
+            .queue_call(
+                "warren@c",
+                Call::Counts {
+                    vhost: "/".into(),
+                    queue: "q".into(),
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, code::NOT_FOUND);
+        assert!(e.text.contains("cannot be reached"), "{}", e.text);
+
+        // Forgetting the remote queue takes its bindings with it.
+        assert!(va.remove_remote_queue("q"));
+        assert!(va.route("amq.fanout", &[""], None).unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
