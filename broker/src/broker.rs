@@ -248,7 +248,30 @@ impl Broker {
         let seed = self.config.cluster_peer_addrs().first() == advertise.as_ref();
         let host = Arc::new(crate::definitions::Replicated(Arc::downgrade(self)));
         cluster.start_metadata(host, seed).await?;
+        for v in self.vhosts.read().values() {
+            Broker::tell_cluster_of_removals(Arc::downgrade(self), v);
+        }
         Ok(())
+    }
+
+    /// A queue this node removes on its own (auto-delete, expiry) is deleted cluster-wide.
+    fn tell_cluster_of_removals(weak: std::sync::Weak<Broker>, v: &Vhost) {
+        let vhost = v.name.clone();
+        v.set_on_queue_gone(move |name| {
+            let (Some(b), Ok(rt)) = (weak.upgrade(), tokio::runtime::Handle::try_current()) else {
+                return;
+            };
+            let change = crate::definitions::Change::DeleteQueue {
+                vhost: vhost.clone(),
+                name: name.to_owned(),
+            };
+            let name = name.to_owned();
+            rt.spawn(async move {
+                if let Err(e) = b.change(change).await {
+                    tracing::warn!(queue = %name, "the cluster was not told the queue is gone: {e}");
+                }
+            });
+        });
     }
 
     /// The cluster, on a clustered node.
@@ -319,8 +342,11 @@ impl Broker {
                 }
                 if let Some(me) = self.me.get() {
                     Broker::watch_durable_changes(me.clone(), &v);
-                    if self.cluster.get().is_some() {
+                    if let Some(c) = self.cluster.get() {
                         Broker::forward_dead_letters(me.clone(), &v);
+                        if c.metadata().is_some() {
+                            Broker::tell_cluster_of_removals(me.clone(), &v);
+                        }
                     }
                 }
                 v

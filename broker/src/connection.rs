@@ -363,6 +363,7 @@ async fn serve_io<R, W>(
         blocked_capable: client_capability(&opened.client_properties, "connection.blocked"),
         has_published: false,
         sync_pause: false,
+        deferred: None,
     };
     let reason = conn.run(&mut reader, heartbeat).await;
     broker.connections.deregister(id);
@@ -682,6 +683,19 @@ struct Connection {
     /// A channel's `tx.commit` waits for the message log: no frame is handled (nor read) until
     /// it is answered, so replies keep their order.
     sync_pause: bool,
+    /// A channel's method waits for the cluster (a commit, another node's answer): as with
+    /// `sync_pause`, nothing more is handled or read until it is answered.
+    deferred: Option<(u16, crate::channel::Deferred)>,
+}
+
+/// The answer of the deferred method, once it comes (never without one).
+async fn deferred_answer(
+    d: &mut Option<(u16, crate::channel::Deferred)>,
+) -> (u16, Result<Option<AMQPClass>>) {
+    match d {
+        Some((id, answer)) => (*id, answer.await),
+        None => std::future::pending().await,
+    }
 }
 
 impl Connection {
@@ -706,7 +720,7 @@ impl Connection {
                 self.sync_pause = self.channels.values().any(Channel::commit_pending);
             }
             // Everything already buffered is handled before reading again.
-            while !self.sync_pause || self.closing {
+            while (!self.sync_pause && self.deferred.is_none()) || self.closing {
                 let frame = match reader.decoder.decode(&mut reader.buf) {
                     Ok(Some(f)) => f,
                     Ok(None) => break,
@@ -800,7 +814,7 @@ impl Connection {
                 None => Instant::now() + heartbeat * 2,
             };
             tokio::select! {
-                r = tokio::time::timeout_at(read_by, reader.rd.read_buf(&mut reader.buf)), if !self.sync_pause || self.closing => match r {
+                r = tokio::time::timeout_at(read_by, reader.rd.read_buf(&mut reader.buf)), if (!self.sync_pause && self.deferred.is_none()) || self.closing => match r {
                     Ok(Ok(0)) => return "client closed the socket".into(),
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => return format!("read error: {e}"),
@@ -815,6 +829,10 @@ impl Connection {
                 _ = self.shared.outbox.closed() => {}
                 // Publisher confirms waiting for the message log go out when it syncs.
                 _ = wait_for_sync(&mut synced), if self.channels.values().any(Channel::awaiting_sync) => {}
+                (id, answer) = deferred_answer(&mut self.deferred), if self.deferred.is_some() => {
+                    self.deferred = None;
+                    self.finish_deferred(id, answer);
+                }
                 // ... or when another node answers a forwarded publish.
                 _ = self.shared.wake.notified(), if self.channels.values().any(Channel::awaiting_sync) => {}
                 why = self.shared.control.close_requested(), if !self.closing => {
@@ -1008,6 +1026,9 @@ impl Connection {
                         }
                         let r = ch.handle_method(m);
                         self.sync_pause |= ch.commit_pending();
+                        if let Some(answer) = ch.take_deferred() {
+                            self.deferred = Some((id, answer));
+                        }
                         r
                     }
                 }
@@ -1021,10 +1042,34 @@ impl Connection {
                 "unexpected frame type {other}"
             ))),
         };
-        if let Err(e) = result {
-            if e.is_hard() {
-                return Err(e);
+        match result {
+            Err(e) => self.channel_failed(id, e),
+            Ok(()) => Ok(Flow::Continue),
+        }
+    }
+
+    /// The answer of a deferred method: its reply, or its error.
+    fn finish_deferred(&mut self, id: u16, answer: Result<Option<AMQPClass>>) {
+        if self.closing || !self.channels.contains_key(&id) {
+            return;
+        }
+        match answer {
+            Ok(Some(m)) => self.send(id, m),
+            Ok(None) => {}
+            Err(e) => {
+                if let Err(e) = self.channel_failed(id, e) {
+                    self.close_with(e);
+                }
             }
+        }
+    }
+
+    /// A channel error closes the channel; a hard one is returned (it closes the connection).
+    fn channel_failed(&mut self, id: u16, e: AmqpError) -> Result<Flow> {
+        if e.is_hard() {
+            return Err(e);
+        }
+        if let Some(ch) = self.channels.get_mut(&id) {
             debug!(channel = id, code = e.code, "channel error: {}", e.text);
             let _ = ch.flush_confirms();
             ch.cleanup();

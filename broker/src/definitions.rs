@@ -9,8 +9,10 @@
 //! same order ends with the same definitions. Commands carry states, not deltas ("user U has
 //! hash H and tags T"), so applying one twice changes nothing.
 //!
-//! Exchanges, queues and bindings are not definitions here: they stay on the node that
-//! declared them until queues can be reached across nodes (ARCHITECTURE.md, "Clustering").
+//! In a cluster, exchanges, queues (with the node each lives on) and bindings are
+//! definitions too ([`Change::DeclareQueue`] and the rest): every node knows all of them, so
+//! any node routes any publish ([`crate::remote`] forwards what reaches queues elsewhere).
+//! Exclusive queues stay on their connection's node, outside the definitions.
 
 use std::sync::{Arc, Weak};
 
@@ -18,8 +20,37 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::User;
 use crate::broker::{Broker, VhostMetadata};
+use crate::exchange::{Destination, ExchangeKind};
 use crate::limits::{Limits, UserLimitsDef, VhostLimitsDef};
-use crate::store::metadata::{ParameterDef, PermissionDef, PolicyDef, TopicPermissionDef, UserDef};
+use crate::store::metadata::{
+    self, BindingDef, ParameterDef, PermissionDef, PolicyDef, TopicPermissionDef, UserDef,
+};
+use crate::vhost::{QueueSpec, RemoteQueue, Vhost};
+
+/// An exchange as the cluster knows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExchangeRecord {
+    pub vhost: String,
+    pub name: String,
+    pub kind: String,
+    pub durable: bool,
+    pub auto_delete: bool,
+    pub internal: bool,
+    /// The arguments table, encoded as the metadata store encodes it.
+    pub arguments: String,
+}
+
+/// A queue as the cluster knows it: where it lives and how it was declared.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct QueueRecord {
+    pub vhost: String,
+    pub name: String,
+    pub durable: bool,
+    pub auto_delete: bool,
+    pub arguments: String,
+    /// The node the queue lives on (its messages and consumers are there).
+    pub node: String,
+}
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct VhostDef {
@@ -43,6 +74,14 @@ pub struct Definitions {
     pub vhost_limits: Vec<VhostLimitsDef>,
     #[serde(default)]
     pub user_limits: Vec<UserLimitsDef>,
+    /// Exchanges, queues and bindings (absent in snapshots of nodes older than clustered
+    /// queues).
+    #[serde(default)]
+    pub exchanges: Vec<ExchangeRecord>,
+    #[serde(default)]
+    pub queues: Vec<QueueRecord>,
+    #[serde(default)]
+    pub bindings: Vec<BindingDef>,
 }
 
 /// One validated change.
@@ -101,6 +140,57 @@ pub enum Change {
     SetUserLimits(UserLimitsDef),
     /// Replace every definition (a new metadata group takes its creator's).
     Install(Definitions),
+    /// An exchange exists (declared on any node).
+    DeclareExchange(ExchangeRecord),
+    /// The exchange is gone, with every binding from or to it.
+    DeleteExchange {
+        vhost: String,
+        name: String,
+    },
+    /// A queue exists on `node` (nothing changes if one by that name exists already).
+    DeclareQueue(QueueRecord),
+    /// The queue is gone, with every binding to it.
+    DeleteQueue {
+        vhost: String,
+        name: String,
+    },
+    Bind(BindingDef),
+    Unbind(BindingDef),
+}
+
+impl Change {
+    /// Exchanges, queues and bindings: each node's own store saves these as they are applied
+    /// (its journal), so they need no full metadata save.
+    pub fn is_topology(&self) -> bool {
+        matches!(
+            self,
+            Change::DeclareExchange(_)
+                | Change::DeleteExchange { .. }
+                | Change::DeclareQueue(_)
+                | Change::DeleteQueue { .. }
+                | Change::Bind(_)
+                | Change::Unbind(_)
+        )
+    }
+}
+
+/// Pre-declared exchanges (every node has them) and federation's internal exchanges (each
+/// node its own) are not cluster definitions.
+fn replicated_exchange(e: &crate::exchange::Exchange) -> bool {
+    !e.name.is_empty() && !e.name.starts_with("amq.") && e.kind != ExchangeKind::FederationUpstream
+}
+
+fn destination(b: &BindingDef) -> Destination {
+    if b.destination_is_queue {
+        Destination::Queue(b.destination.clone())
+    } else {
+        Destination::Exchange(b.destination.clone())
+    }
+}
+
+/// A binding to a local exclusive queue stays on this node (the queue is not replicated).
+fn local_only(v: &Vhost, dest: &Destination) -> bool {
+    matches!(dest, Destination::Queue(q) if v.queue(q).is_some_and(|q| q.exclusive_owner.is_some()))
 }
 
 /// What applying a change gave: for a put, whether the object is new; for a delete, whether
@@ -274,6 +364,195 @@ impl Broker {
                 self.install_definitions(d);
                 Ok(false)
             }
+            Change::DeclareExchange(e) => {
+                let v = need_vhost(&e.vhost)?;
+                let created = v.exchange(&e.name).is_none();
+                let args = metadata::decode_table(&e.arguments).unwrap_or_default();
+                v.declare_exchange(
+                    &e.name,
+                    &e.kind,
+                    false,
+                    e.durable,
+                    e.auto_delete,
+                    e.internal,
+                    &args,
+                )
+                .map_err(|x| x.text)?;
+                Ok(created)
+            }
+            Change::DeleteExchange { vhost, name } => {
+                let v = need_vhost(&vhost)?;
+                let existed = v.exchange(&name).is_some();
+                v.delete_exchange(&name, false).map_err(|x| x.text)?;
+                Ok(existed)
+            }
+            Change::DeclareQueue(r) => {
+                let v = need_vhost(&r.vhost)?;
+                self.declare_queue_record(&v, r)
+            }
+            Change::DeleteQueue { vhost, name } => {
+                let v = need_vhost(&vhost)?;
+                Ok(v.remove_queue_here(&name).is_some() || v.remove_remote_queue(&name))
+            }
+            Change::Bind(b) => {
+                let v = need_vhost(&b.vhost)?;
+                let args = metadata::decode_table(&b.arguments).unwrap_or_default();
+                v.bind(&b.source, destination(&b), &b.routing_key, &args)
+                    .map_err(|x| x.text)?;
+                Ok(true)
+            }
+            Change::Unbind(b) => {
+                let v = need_vhost(&b.vhost)?;
+                let args = metadata::decode_table(&b.arguments).unwrap_or_default();
+                v.unbind(&b.source, destination(&b), &b.routing_key, &args)
+                    .map_err(|x| x.text)?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// A queue the cluster declared: created here if it lives here, else known as remote.
+    /// Nothing changes if a queue by that name exists already (the first declare won).
+    fn declare_queue_record(&self, v: &Vhost, r: QueueRecord) -> Outcome {
+        if v.has_queue(&r.name) {
+            return Ok(false);
+        }
+        let args = metadata::decode_table(&r.arguments).unwrap_or_default();
+        if r.node == self.node_name() {
+            v.declare_queue(QueueSpec {
+                name: &r.name,
+                durable: r.durable,
+                exclusive_owner: None,
+                auto_delete: r.auto_delete,
+                arguments: &args,
+            })
+            .map(|(_, created)| created)
+            .map_err(|e| e.text)
+        } else {
+            Ok(v.add_remote_queue(RemoteQueue {
+                name: r.name,
+                node: r.node,
+                durable: r.durable,
+                auto_delete: r.auto_delete,
+                exclusive: false,
+                arguments: args,
+            }))
+        }
+    }
+
+    /// This vhost's exchanges, queues and bindings as cluster definitions.
+    fn topology(&self, name: &str, v: &Vhost, d: &mut Definitions) {
+        let me = self.node_name();
+        let mut exchanges = v.exchanges();
+        exchanges.sort_by(|a, b| a.name.cmp(&b.name));
+        for e in &exchanges {
+            if replicated_exchange(e) {
+                d.exchanges.push(ExchangeRecord {
+                    vhost: name.to_owned(),
+                    name: e.name.clone(),
+                    kind: e.kind.as_str().into(),
+                    durable: e.durable,
+                    auto_delete: e.auto_delete,
+                    internal: e.internal,
+                    arguments: metadata::encode_table(&e.arguments),
+                });
+            }
+            if e.name.is_empty() || e.kind == ExchangeKind::FederationUpstream {
+                continue;
+            }
+            for b in e.bindings.read().list() {
+                if !local_only(v, &b.destination) {
+                    d.bindings
+                        .push(crate::persistence::binding_def(name, &e.name, b));
+                }
+            }
+        }
+        let mut queues: Vec<QueueRecord> = (v.queues().iter())
+            .filter(|q| q.exclusive_owner.is_none())
+            .map(|q| QueueRecord {
+                vhost: name.to_owned(),
+                name: q.name.clone(),
+                durable: q.durable,
+                auto_delete: q.auto_delete,
+                arguments: metadata::encode_table(&q.arguments),
+                node: me.clone(),
+            })
+            .chain(v.remote_queues().into_iter().map(|r| QueueRecord {
+                vhost: name.to_owned(),
+                name: r.name,
+                durable: r.durable,
+                auto_delete: r.auto_delete,
+                arguments: metadata::encode_table(&r.arguments),
+                node: r.node,
+            }))
+            .collect();
+        queues.sort_by(|a, b| a.name.cmp(&b.name));
+        d.queues.extend(queues);
+    }
+
+    /// Makes this node's exchanges, remote queues and bindings exactly the cluster's. Local
+    /// queues are created where missing but never removed here: a snapshot may predate a
+    /// queue this node recovered from its own store (its later declare is replayed after),
+    /// and removing it would lose its messages.
+    fn install_topology(
+        &self,
+        exchanges: Vec<ExchangeRecord>,
+        queues: Vec<QueueRecord>,
+        bindings: Vec<BindingDef>,
+    ) {
+        let me = self.node_name();
+        for name in self.vhost_names() {
+            let Some(v) = self.vhost(&name) else { continue };
+            for e in v.exchanges() {
+                if replicated_exchange(&e)
+                    && !exchanges
+                        .iter()
+                        .any(|x| x.vhost == name && x.name == e.name)
+                {
+                    let _ = v.delete_exchange(&e.name, false);
+                }
+            }
+            for e in v.exchanges() {
+                if e.name.is_empty() || e.kind == ExchangeKind::FederationUpstream {
+                    continue;
+                }
+                let stale: Vec<crate::exchange::Binding> = (e.bindings.read().list().iter())
+                    .filter(|b| !local_only(&v, &b.destination))
+                    .filter(|b| {
+                        let def = crate::persistence::binding_def(&name, &e.name, b);
+                        !bindings.contains(&def)
+                    })
+                    .cloned()
+                    .collect();
+                for b in stale {
+                    let _ = v.unbind(&e.name, b.destination, &b.routing_key, &b.arguments);
+                }
+            }
+            let remote: Vec<RemoteQueue> = (queues.iter())
+                .filter(|q| q.vhost == name && q.node != me && v.queue(&q.name).is_none())
+                .map(|q| RemoteQueue {
+                    name: q.name.clone(),
+                    node: q.node.clone(),
+                    durable: q.durable,
+                    auto_delete: q.auto_delete,
+                    exclusive: false,
+                    arguments: metadata::decode_table(&q.arguments).unwrap_or_default(),
+                })
+                .collect();
+            v.set_remote_queues(remote);
+        }
+        let changes = (exchanges.into_iter().map(Change::DeclareExchange))
+            .chain(
+                queues
+                    .into_iter()
+                    .filter(|q| q.node == me)
+                    .map(Change::DeclareQueue),
+            )
+            .chain(bindings.into_iter().map(Change::Bind));
+        for c in changes {
+            if let Err(e) = self.apply_change(c) {
+                tracing::error!("installed definition skipped: {e}");
+            }
         }
     }
 
@@ -285,6 +564,9 @@ impl Broker {
         for name in &names {
             d.vhosts.push(vhost_def(name, &self.vhost_metadata(name)));
             let Some(v) = self.vhost(name) else { continue };
+            if self.cluster().is_some() {
+                self.topology(name, &v, &mut d);
+            }
             for operator in [false, true] {
                 for p in v.policies(operator) {
                     d.policies
@@ -303,7 +585,12 @@ impl Broker {
     }
 
     /// Makes this node's definitions exactly `d` (what is not in it is deleted).
-    pub fn install_definitions(&self, d: Definitions) {
+    pub fn install_definitions(&self, mut d: Definitions) {
+        let topology = (
+            std::mem::take(&mut d.exchanges),
+            std::mem::take(&mut d.queues),
+            std::mem::take(&mut d.bindings),
+        );
         let keep_vhosts: Vec<&str> = d.vhosts.iter().map(|v| v.name.as_str()).collect();
         for name in self.vhost_names() {
             if !keep_vhosts.contains(&name.as_str()) {
@@ -385,6 +672,10 @@ impl Broker {
                 tracing::error!("installed definition skipped: {e}");
             }
         }
+        if self.cluster().is_some() {
+            let (exchanges, queues, bindings) = topology;
+            self.install_topology(exchanges, queues, bindings);
+        }
     }
 }
 
@@ -401,10 +692,13 @@ impl crate::cluster::raft::Replicated for Replicated {
     fn apply(&self, command: &str) -> String {
         let outcome: Outcome = match (self.broker(), serde_json::from_str::<Change>(command)) {
             (Some(b), Ok(c)) => {
+                let topology = c.is_topology();
                 let o = b.apply_change(c);
                 // A failed save is logged and raises the disk_io alarm; the change itself is
                 // kept by the metadata group's log, which a restart replays.
-                let _ = crate::persistence::off_the_runtime(|| b.persist_metadata());
+                if !topology {
+                    let _ = crate::persistence::off_the_runtime(|| b.persist_metadata());
+                }
                 o
             }
             (None, _) => Err("node is stopping".into()),

@@ -39,7 +39,7 @@ pub(crate) fn policy_def(vhost: &str, p: &Policy, operator: bool) -> PolicyDef {
     }
 }
 
-fn binding_def(vhost: &str, source: &str, b: &Binding) -> BindingDef {
+pub(crate) fn binding_def(vhost: &str, source: &str, b: &Binding) -> BindingDef {
     BindingDef {
         vhost: vhost.to_owned(),
         source: source.to_owned(),

@@ -461,6 +461,16 @@ impl Vhost {
         Ok(src)
     }
 
+    /// Checks a binding could be made (or removed): both ends exist, the default exchange is
+    /// not involved, a headers binding's arguments are valid.
+    pub fn check_binding(&self, source: &str, dest: &Destination, args: &FieldTable) -> Result<()> {
+        let src = self.binding_source(source, dest)?;
+        if src.kind == ExchangeKind::Headers {
+            crate::exchange::headers::validate(args)?;
+        }
+        Ok(())
+    }
+
     /// Binds `source` to a queue or exchange. Missing source or destination: 404.
     pub fn bind(
         &self,
@@ -653,6 +663,15 @@ impl Vhost {
 
     /// Looks a queue up for a connection: 404 if missing, 405 if exclusive elsewhere.
     pub fn queue_for(&self, name: &str, conn: u64) -> Result<Arc<Queue>> {
+        if self.queue(name).is_none()
+            && let Some(r) = self.remote_queue(name)
+        {
+            return Err(AmqpError::precondition(format!(
+                "queue '{name}' in vhost '{}' lives on node {}; consuming from it through \
+                 another node is not supported yet: connect to {}",
+                self.name, r.node, r.node
+            )));
+        }
         let q = self.queue(name).ok_or_else(|| self.no_queue(name))?;
         self.check_exclusive(&q, Some(conn))?;
         Ok(q)

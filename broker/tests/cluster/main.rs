@@ -5,3 +5,4 @@
 mod harness;
 mod membership;
 mod metadata;
+mod queues;

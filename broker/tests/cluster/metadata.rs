@@ -182,6 +182,20 @@ async fn a_change_on_any_node_is_applied_on_every_node() {
 async fn a_minority_refuses_changes_and_catches_up_after_the_partition_heals() {
     let _serial = SERIAL.lock().await;
     let net = ready_cluster(3).await;
+    // A queue living on node 0, declared while the cluster is whole.
+    let url = format!("amqp://admin:s3cret-admin@{}:5672/%2f", net.nodes[0].ip);
+    let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect to node 0");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.queue_declare(
+        "still-here".into(),
+        lapin::options::QueueDeclareOptions::default(),
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .expect("queue declared while the cluster is whole");
+    let _ = conn.close(200, "bye".into()).await;
     net.partition(&[&[0], &[1, 2]]);
     net.wait_nodes(0, &[(0, true), (1, false), (2, false)], AGREE)
         .await;
@@ -197,20 +211,54 @@ async fn a_minority_refuses_changes_and_catches_up_after_the_partition_heals() {
         reason.contains(&net.nodes[1].name),
         "names the unreachable nodes: {body}"
     );
-    // It still serves what it has: reads, and AMQP clients.
+    // A new queue is a metadata change: refused with 541 naming the lost quorum.
     net.wait_status(0, "/api/vhosts/%2f", 200, SPREAD).await;
-    let url = format!("amqp://admin:s3cret-admin@{}:5672/%2f", net.nodes[0].ip);
     let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
         .await
         .expect("the minority node still serves AMQP");
     let ch = conn.create_channel().await.expect("channel");
-    ch.queue_declare(
+    let refused = ch
+        .queue_declare(
+            "new-on-minority".into(),
+            lapin::options::QueueDeclareOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect_err("a new queue needs the quorum");
+    let text = refused.to_string();
+    assert!(
+        text.contains("541") || text.contains("INTERNAL_ERROR") || text.contains("internal"),
+        "{text}"
+    );
+    assert!(text.contains("quorum"), "{text}");
+    // It still serves the queue it hosts: publish and get.
+    let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+        .await
+        .expect("the minority node still serves AMQP");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.basic_publish(
+        "".into(),
         "still-here".into(),
-        lapin::options::QueueDeclareOptions::default(),
-        lapin::types::FieldTable::default(),
+        lapin::options::BasicPublishOptions::default(),
+        b"kept",
+        lapin::BasicProperties::default(),
     )
     .await
-    .expect("queue declared on the minority node");
+    .expect("publish on the minority");
+    let got = loop {
+        let got = ch
+            .basic_get(
+                "still-here".into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .expect("basic.get on the minority");
+        if let Some(m) = got {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(got.delivery.data, b"kept");
     let _ = conn.close(200, "bye".into()).await;
 
     // The majority goes on; a node in it is quorum-critical now (2 of 3 voters up).

@@ -6,6 +6,10 @@
 //! unacked map and the connection's outbox. Queues see it only as a
 //! [`DeliveryTarget`], which it implements.
 
+mod cluster;
+
+pub use cluster::Deferred;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -243,6 +247,8 @@ pub struct Channel {
     prefetch: u32,
     /// Name of the last queue declared on this channel (used when a method names no queue).
     last_queue: Option<String>,
+    /// The answer of a method that waits for the cluster (see [`cluster`]).
+    deferred: Option<Deferred>,
     reply_to: Option<(String, String)>,
     /// Exchange last checked for write access (the common case: publish to one exchange).
     write_ok: Option<String>,
@@ -281,6 +287,7 @@ impl Channel {
             consumers: HashMap::new(),
             prefetch: 0,
             last_queue: None,
+            deferred: None,
             reply_to: None,
             write_ok: None,
             flow_wait: None,
@@ -552,6 +559,9 @@ impl Channel {
                     }
                 }
                 self.check(Resource::Exchange, name, Access::Configure)?;
+                if self.cluster_declare_exchange(&d)? {
+                    return Ok(());
+                }
                 vhost.declare_exchange(
                     name,
                     d.kind.as_str(),
@@ -585,6 +595,9 @@ impl Channel {
                     )));
                 }
                 self.check(Resource::Exchange, name, Access::Configure)?;
+                if self.cluster_delete_exchange(&d)? {
+                    return Ok(());
+                }
                 vhost.delete_exchange(name, d.if_unused)?;
                 if !d.nowait {
                     reply(
@@ -597,6 +610,18 @@ impl Channel {
             exchange::AMQPMethod::Bind(b) => {
                 self.check(Resource::Exchange, b.destination.as_str(), Access::Write)?;
                 self.check(Resource::Exchange, b.source.as_str(), Access::Read)?;
+                let ok = exchange::AMQPMethod::BindOk(exchange::BindOk {});
+                if self.cluster_binding(
+                    (40, 30),
+                    true,
+                    b.source.as_str(),
+                    Destination::Exchange(b.destination.to_string()),
+                    b.routing_key.as_str(),
+                    &b.arguments,
+                    (!b.nowait).then_some(AMQPClass::Exchange(ok)),
+                )? {
+                    return Ok(());
+                }
                 vhost.bind(
                     b.source.as_str(),
                     Destination::Exchange(b.destination.to_string()),
@@ -611,6 +636,18 @@ impl Channel {
             exchange::AMQPMethod::Unbind(b) => {
                 self.check(Resource::Exchange, b.destination.as_str(), Access::Write)?;
                 self.check(Resource::Exchange, b.source.as_str(), Access::Read)?;
+                let ok = exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {});
+                if self.cluster_binding(
+                    (40, 40),
+                    false,
+                    b.source.as_str(),
+                    Destination::Exchange(b.destination.to_string()),
+                    b.routing_key.as_str(),
+                    &b.arguments,
+                    (!b.nowait).then_some(AMQPClass::Exchange(ok)),
+                )? {
+                    return Ok(());
+                }
                 vhost.unbind(
                     b.source.as_str(),
                     Destination::Exchange(b.destination.to_string()),
@@ -649,6 +686,10 @@ impl Channel {
                     )));
                 }
                 self.check(Resource::Queue, &name, Access::Configure)?;
+                if self.cluster_declare_queue(&d, &name)? {
+                    self.last_queue = Some(name);
+                    return Ok(());
+                }
                 let q = if d.passive {
                     let q = vhost.queue_for(&name, conn_id)?;
                     q.touch();
@@ -681,6 +722,21 @@ impl Channel {
                 let name = self.queue_name(b.queue.as_str())?;
                 self.check(Resource::Queue, &name, Access::Write)?;
                 self.check(Resource::Exchange, b.exchange.as_str(), Access::Read)?;
+                if vhost.queue(&name).is_some() {
+                    vhost.queue_for(&name, conn_id)?;
+                }
+                let ok = AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {}));
+                if self.cluster_binding(
+                    (50, 20),
+                    true,
+                    b.exchange.as_str(),
+                    Destination::Queue(name.clone()),
+                    b.routing_key.as_str(),
+                    &b.arguments,
+                    (!b.nowait).then_some(ok),
+                )? {
+                    return Ok(());
+                }
                 vhost.queue_for(&name, conn_id)?;
                 vhost.bind(
                     b.exchange.as_str(),
@@ -700,6 +756,21 @@ impl Channel {
                 let name = self.queue_name(b.queue.as_str())?;
                 self.check(Resource::Queue, &name, Access::Write)?;
                 self.check(Resource::Exchange, b.exchange.as_str(), Access::Read)?;
+                if vhost.queue(&name).is_some() {
+                    vhost.queue_for(&name, conn_id)?;
+                }
+                let ok = AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {}));
+                if self.cluster_binding(
+                    (50, 50),
+                    false,
+                    b.exchange.as_str(),
+                    Destination::Queue(name.clone()),
+                    b.routing_key.as_str(),
+                    &b.arguments,
+                    Some(ok),
+                )? {
+                    return Ok(());
+                }
                 vhost.queue_for(&name, conn_id)?;
                 vhost.unbind(
                     b.exchange.as_str(),
@@ -716,6 +787,9 @@ impl Channel {
             queue::AMQPMethod::Purge(p) => {
                 let name = self.queue_name(p.queue.as_str())?;
                 self.check(Resource::Queue, &name, Access::Read)?;
+                if self.cluster_purge(&name, p.nowait)? {
+                    return Ok(());
+                }
                 let q = vhost.queue_for(&name, conn_id)?;
                 let n = q.purge();
                 if !p.nowait {
@@ -731,6 +805,12 @@ impl Channel {
             queue::AMQPMethod::Delete(d) => {
                 let name = self.queue_name(d.queue.as_str())?;
                 self.check(Resource::Queue, &name, Access::Configure)?;
+                if let Some(q) = vhost.queue(&name) {
+                    vhost.check_exclusive(&q, Some(conn_id))?;
+                }
+                if self.cluster_delete_queue(&d, &name)? {
+                    return Ok(());
+                }
                 let n = vhost.delete_queue(&name, conn_id, d.if_unused, d.if_empty)?;
                 if !d.nowait {
                     reply(
