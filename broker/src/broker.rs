@@ -70,6 +70,8 @@ pub struct Broker {
     cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
     /// The first metadata write that failed (see [`Broker::disk_failure`]).
     meta_failure: std::sync::OnceLock<String>,
+    /// Consumers and deliveries crossing nodes (see [`crate::remote`]).
+    pub(crate) remote: crate::remote::Registry,
 }
 
 /// The alarm raised while the node's storage has failed (see [`Broker::disk_failure`]).
@@ -131,6 +133,7 @@ impl Broker {
             draining: AtomicBool::new(false),
             cluster: std::sync::OnceLock::new(),
             meta_failure: std::sync::OnceLock::new(),
+            remote: Default::default(),
         })
     }
 
@@ -224,6 +227,17 @@ impl Broker {
         for v in self.vhosts.read().values() {
             Broker::forward_dead_letters(Arc::downgrade(self), v);
         }
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(b) => b.sweep_remote(),
+                    None => break,
+                }
+            }
+        });
         Ok(())
     }
 

@@ -667,8 +667,8 @@ impl Vhost {
             && let Some(r) = self.remote_queue(name)
         {
             return Err(AmqpError::precondition(format!(
-                "queue '{name}' in vhost '{}' lives on node {}; consuming from it through \
-                 another node is not supported yet: connect to {}",
+                "queue '{name}' in vhost '{}' lives on node {}, which this operation cannot \
+                 reach from here: connect to {}",
                 self.name, r.node, r.node
             )));
         }

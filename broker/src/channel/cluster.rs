@@ -62,7 +62,7 @@ impl Channel {
         self.deferred.take()
     }
 
-    fn defer(
+    pub(super) fn defer(
         &mut self,
         ids: (u16, u16),
         answer: impl Future<Output = Result<Option<AMQPClass>>> + Send + 'static,

@@ -7,8 +7,10 @@
 //! [`DeliveryTarget`], which it implements.
 
 mod cluster;
+mod remote;
 
 pub use cluster::Deferred;
+pub use remote::RemoteDelivery;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -29,13 +31,45 @@ use crate::metrics::{ChannelStats, DeliveryStats, PublishStats};
 use crate::outbox::Wake;
 use crate::queue::state::{MsgId, Settlement};
 use crate::queue::{Consumer, DeliveryTarget, Queue, TargetId, TargetOwner, now_ms};
-use crate::remote::Answers;
+use crate::remote::client::RemoteSide;
+use crate::remote::{Answers, RemoteSource};
 use crate::vhost::{QueueSpec, REPLY_TO};
+
+/// Where a delivery came from: a queue on this node, or one on another node.
+#[derive(Debug, Clone)]
+enum Source {
+    Local(Arc<Queue>),
+    Remote(Arc<RemoteSource>),
+}
+
+impl Source {
+    fn name(&self) -> &str {
+        match self {
+            Source::Local(q) => &q.name,
+            Source::Remote(r) => &r.queue,
+        }
+    }
+
+    fn same(&self, other: &Source) -> bool {
+        match (self, other) {
+            (Source::Local(a), Source::Local(b)) => Arc::ptr_eq(a, b),
+            (Source::Remote(a), Source::Remote(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
+    fn settle(&self, ids: Vec<MsgId>, how: Settlement) {
+        match self {
+            Source::Local(q) => q.settle(ids, how),
+            Source::Remote(r) => r.settle(ids, how),
+        }
+    }
+}
 
 /// A delivery awaiting acknowledgement.
 #[derive(Debug)]
 pub struct Unacked {
-    queue: Arc<Queue>,
+    source: Source,
     id: MsgId,
     consumer: Option<Arc<Consumer>>,
 }
@@ -58,6 +92,8 @@ pub struct ChannelShared {
     open: AtomicBool,
     /// Publish and delivery counters (metrics).
     pub stats: ChannelStats,
+    /// Consumers and deliveries of queues on other nodes (lock before `deliveries`).
+    remote: Mutex<RemoteSide>,
 }
 
 impl ChannelShared {
@@ -143,7 +179,7 @@ impl DeliveryTarget for ChannelShared {
             d.unacked.insert(
                 tag,
                 Unacked {
-                    queue: queue.clone(),
+                    source: Source::Local(queue.clone()),
                     id,
                     consumer: Some(consumer.clone()),
                 },
@@ -273,6 +309,7 @@ impl Channel {
                 global_prefetch: AtomicU32::new(0),
                 open: AtomicBool::new(true),
                 stats: ChannelStats::default(),
+                remote: Mutex::new(RemoteSide::default()),
             }),
             closing: false,
             content: None,
@@ -463,6 +500,7 @@ impl Channel {
             vhost.unregister_reply_consumer(&token);
         }
         settle_grouped(taken.into_values(), Settlement::Requeue);
+        self.close_remote();
     }
 
     fn queue_name(&self, name: &str) -> Result<String> {
@@ -868,6 +906,7 @@ impl Channel {
             basic::AMQPMethod::Consume(c) => self.consume(c),
             basic::AMQPMethod::Cancel(c) => {
                 let tag = c.consumer_tag.to_string();
+                self.cancel_remote(&tag);
                 if let Some(e) = self.consumers.remove(&tag)
                     && e.queue.remove_consumer(&tag, self.shared.target_id())
                 {
@@ -942,6 +981,7 @@ impl Channel {
             .get(&tag)
             .is_some_and(|e| !e.queue.is_deleted())
             || self.reply_to.as_ref().is_some_and(|(_, t)| *t == tag)
+            || self.shared.remote.lock().consumers.contains_key(&tag)
         {
             return Err(AmqpError::not_allowed(format!(
                 "attempt to reuse consumer tag '{tag}'"
@@ -979,13 +1019,19 @@ impl Channel {
         }
         let name = self.queue_name(c.queue.as_str())?;
         self.check(Resource::Queue, &name, Access::Read)?;
-        let q = vhost.queue_for(&name, self.ctx().id)?;
         let priority = match c.arguments.inner().get("x-priority") {
             None => 0,
             Some(v) => crate::queue::args::as_int(v)
                 .and_then(|p| i32::try_from(p).ok())
                 .ok_or_else(|| AmqpError::precondition("invalid x-priority consumer argument"))?,
         };
+        if vhost.queue(&name).is_none()
+            && let Some(r) = vhost.remote_queue(&name)
+        {
+            self.consume_remote(&c, tag, r, priority);
+            return Ok(());
+        }
+        let q = vhost.queue_for(&name, self.ctx().id)?;
         let consumer = Arc::new(Consumer {
             tag: tag.clone(),
             target: self.shared.clone(),
@@ -1016,6 +1062,12 @@ impl Channel {
         let ch = self.id();
         let name = self.queue_name(g.queue.as_str())?;
         self.check(Resource::Queue, &name, Access::Read)?;
+        if self.ctx().vhost.queue(&name).is_none()
+            && let Some(r) = self.ctx().vhost.remote_queue(&name)
+        {
+            self.get_remote(&g, r);
+            return Ok(());
+        }
         let q = self.ctx().vhost.queue_for(&name, self.ctx().id)?;
         let stats = self.delivery_stats(&q.name);
         let Some(r) = q.get(g.no_ack) else {
@@ -1038,7 +1090,7 @@ impl Channel {
             d.unacked.insert(
                 tag,
                 Unacked {
-                    queue: q.clone(),
+                    source: Source::Local(q.clone()),
                     id: r.id,
                     consumer: None,
                 },
@@ -1118,7 +1170,7 @@ impl Channel {
                 match &u.consumer {
                     Some(c) => c.stats.acked.fetch_add(1, Ordering::Relaxed),
                     None => self
-                        .delivery_stats(&u.queue.name)
+                        .delivery_stats(u.source.name())
                         .acked
                         .fetch_add(1, Ordering::Relaxed),
                 };
@@ -1596,11 +1648,11 @@ fn validate_expiration(e: &str) -> Result<()> {
 
 /// Settles unacked deliveries, one call per queue.
 fn settle_grouped(taken: impl Iterator<Item = Unacked>, how: Settlement) {
-    let mut by_queue: Vec<(Arc<Queue>, Vec<MsgId>)> = Vec::new();
+    let mut by_queue: Vec<(Source, Vec<MsgId>)> = Vec::new();
     for u in taken {
-        match by_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
+        match by_queue.iter_mut().find(|(q, _)| q.same(&u.source)) {
             Some((_, ids)) => ids.push(u.id),
-            None => by_queue.push((u.queue, vec![u.id])),
+            None => by_queue.push((u.source, vec![u.id])),
         }
     }
     for (q, ids) in by_queue {

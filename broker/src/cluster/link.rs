@@ -68,6 +68,9 @@ pub enum CallError {
 /// any I/O error.
 pub struct Link {
     pub peer: String,
+    /// Unique among the links this process opened (a link replaced by a new one is another
+    /// link: whatever was tied to the old one is gone with it).
+    pub id: u64,
     out: mpsc::UnboundedSender<Vec<u8>>,
     /// Bytes queued for the writer and not written yet.
     backlog: std::sync::atomic::AtomicUsize,
@@ -86,8 +89,10 @@ impl Link {
     {
         let (r, w) = tokio::io::split(stream);
         let (tx, rx) = mpsc::unbounded_channel();
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let link = Arc::new(Link {
             peer,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             out: tx,
             backlog: std::sync::atomic::AtomicUsize::new(0),
             drained: Notify::new(),

@@ -289,6 +289,22 @@ impl Cluster {
         self.peers.read().get(name).is_some_and(|p| p.running())
     }
 
+    /// The link to `name` while the member is reachable: its id changes when the link is
+    /// replaced (the peer restarted or was away), so state tied to a link can tell.
+    pub fn link_id(&self, name: &str) -> Option<u64> {
+        self.peers
+            .read()
+            .get(name)
+            .filter(|p| p.running())
+            .and_then(|p| {
+                p.link
+                    .lock()
+                    .as_ref()
+                    .filter(|l| !l.is_closed())
+                    .map(|l| l.id)
+            })
+    }
+
     /// Names of the members reachable now (this node not included).
     pub fn running_peers(&self) -> Vec<String> {
         self.peers

@@ -4,8 +4,10 @@
 
 use std::time::Duration;
 
+use futures_lite::StreamExt;
+use lapin::message::Delivery;
 use lapin::options::*;
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
@@ -145,19 +147,6 @@ async fn any_node_declares_binds_publishes_to_and_deletes_a_queue_living_on_anot
         assert_eq!(m.delivery.data, i.to_string().as_bytes());
     }
 
-    // Consuming through another node is not there yet: refused, naming the home node.
-    let (c1b, ch1b) = channel(&net, 1).await;
-    let e = ch1b
-        .basic_consume(
-            "orders".into(),
-            "c".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect_err("remote consume");
-    assert!(e.to_string().contains(&net.nodes[0].name), "{e}");
-
     // Purge through node 1, then delete through node 2: gone everywhere.
     let (_c1c, ch1c) = channel(&net, 1).await;
     for _ in 0..5 {
@@ -211,5 +200,244 @@ async fn any_node_declares_binds_publishes_to_and_deletes_a_queue_living_on_anot
     );
     let _ = c2.close(200, "bye".into()).await;
     let _ = c1.close(200, "bye".into()).await;
-    let _ = c1b.close(200, "bye".into()).await;
+}
+
+/// The next delivery of `consumer`, within 10 s.
+async fn next(consumer: &mut lapin::Consumer, what: &str) -> Delivery {
+    tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no delivery in 10 s"))
+        .unwrap_or_else(|| panic!("{what}: the consumer ended"))
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+/// Nothing more for `consumer` within `within`.
+async fn nothing(consumer: &mut lapin::Consumer, within: Duration, what: &str) {
+    if let Ok(Some(d)) = tokio::time::timeout(within, consumer.next()).await {
+        panic!("{what}: unexpected delivery {:?}", d.map(|d| d.data));
+    }
+}
+
+/// Messages ready in `queue`, as a passive declare through node `i` sees them.
+async fn ready(net: &Net, i: usize, queue: &str) -> u32 {
+    let (c, ch) = channel(net, i).await;
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("passive declare");
+    let _ = c.close(200, "bye".into()).await;
+    q.message_count()
+}
+
+async fn wait_ready_count(net: &Net, i: usize, queue: &str, want: u32) {
+    let mut last = 0;
+    for _ in 0..100 {
+        last = ready(net, i, queue).await;
+        if last == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{queue}: {last} ready, expected {want}");
+}
+
+#[tokio::test]
+async fn a_consumer_on_any_node_has_prefetch_acks_requeues_and_dead_letters_of_the_home_node() {
+    let _serial = SERIAL.lock().await;
+    let mut net = Net::new(3);
+    net.start_all().await;
+    for i in 0..3 {
+        net.wait_ready(i, AGREE).await;
+    }
+    // "work" lives on node 0 and dead-letters to "dead", which lives on node 2.
+    let (_c0, ch0) = channel(&net, 0).await;
+    let (_c2, ch2) = channel(&net, 2).await;
+    ch2.queue_declare("dead".into(), durable(), FieldTable::default())
+        .await
+        .expect("declare dead on node 2");
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString("dead".into()),
+    );
+    ch0.queue_declare("work".into(), durable(), args)
+        .await
+        .expect("declare work on node 0");
+    ch0.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
+    for i in 0..20u32 {
+        ch0.basic_publish(
+            "".into(),
+            "work".into(),
+            BasicPublishOptions::default(),
+            i.to_string().as_bytes(),
+            persistent(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    }
+
+    // A consumer on node 1 with prefetch 5: five deliveries, in order, then nothing until
+    // it acknowledges.
+    let (c1, ch1) = channel(&net, 1).await;
+    ch1.basic_qos(5, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = ch1
+        .basic_consume(
+            "work".into(),
+            "remote-consumer".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume through node 1");
+    let mut tags = Vec::new();
+    for i in 0..5u32 {
+        let d = next(&mut consumer, "first five").await;
+        assert_eq!(d.data, i.to_string().as_bytes());
+        assert!(!d.redelivered);
+        tags.push(d.delivery_tag);
+    }
+    nothing(
+        &mut consumer,
+        Duration::from_millis(700),
+        "prefetch 5 reached",
+    )
+    .await;
+    ch1.basic_ack(tags[4], BasicAckOptions { multiple: true })
+        .await
+        .expect("ack 0..5");
+    let mut next_five = Vec::new();
+    for i in 5..10u32 {
+        let d = next(&mut consumer, "next five").await;
+        assert_eq!(d.data, i.to_string().as_bytes());
+        next_five.push(d);
+    }
+    // Rejected without requeue: dead-lettered by the home node to "dead" on node 2.
+    ch1.basic_nack(
+        next_five[0].delivery_tag,
+        BasicNackOptions {
+            multiple: false,
+            requeue: false,
+        },
+    )
+    .await
+    .expect("nack 5");
+    // Rejected with requeue: back at the head, delivered again with redelivered set.
+    ch1.basic_reject(
+        next_five[1].delivery_tag,
+        BasicRejectOptions { requeue: true },
+    )
+    .await
+    .expect("reject 6");
+    // (10 may come first: the nack freed a prefetch slot.)
+    let (a, b) = (
+        next(&mut consumer, "requeued 6").await,
+        next(&mut consumer, "10").await,
+    );
+    let again = if a.data == b"6" { a } else { b };
+    assert_eq!(again.data, b"6");
+    assert!(again.redelivered);
+
+    // The dead letter, fetched through node 1 from node 2 with basic.get, carries x-death.
+    let got = ch1
+        .basic_get("dead".into(), BasicGetOptions { no_ack: false })
+        .await
+        .expect("get dead through node 1")
+        .expect("a dead letter");
+    assert_eq!(got.delivery.data, b"5");
+    let headers = got
+        .delivery
+        .properties
+        .headers()
+        .clone()
+        .expect("headers on a dead letter");
+    assert!(
+        headers.inner().contains_key("x-death"),
+        "x-death missing: {headers:?}"
+    );
+    got.delivery
+        .ack(BasicAckOptions::default())
+        .await
+        .expect("ack the dead letter");
+    assert_eq!(ready(&net, 0, "dead").await, 0);
+
+    // Closing the consumer's connection returns what it held unacknowledged (6 to 10) to the
+    // queue on node 0: 20 - 5 acked - 1 dead-lettered.
+    let _ = c1.close(200, "bye".into()).await;
+    wait_ready_count(&net, 2, "work", 14).await;
+
+    // basic.get with acknowledgement through node 2: unacknowledged and its channel closed,
+    // the message goes back too.
+    let (c2b, ch2b) = channel(&net, 2).await;
+    let got = ch2b
+        .basic_get("work".into(), BasicGetOptions { no_ack: false })
+        .await
+        .expect("get through node 2")
+        .expect("a message");
+    assert!(got.delivery.redelivered, "6 was delivered before");
+    assert_eq!(ready(&net, 1, "work").await, 13);
+    let _ = c2b.close(200, "bye".into()).await;
+    wait_ready_count(&net, 1, "work", 14).await;
+
+    // A consumer whose node is killed: its unacknowledged messages come back on node 0.
+    let (_c1d, ch1d) = channel(&net, 1).await;
+    let mut doomed = ch1d
+        .basic_consume(
+            "work".into(),
+            "doomed".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume through node 1");
+    for _ in 0..14 {
+        next(&mut doomed, "before the kill").await;
+    }
+    assert_eq!(ready(&net, 2, "work").await, 0);
+    net.kill(1);
+    wait_ready_count(&net, 2, "work", 14).await;
+
+    // A consumer on node 2 of a queue on node 0 is cancelled (basic.cancel) when node 0 goes,
+    // as RabbitMQ cancels consumers of a classic queue whose node is down.
+    let mut orphan = ch2
+        .basic_consume(
+            "work".into(),
+            "orphan".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("no-ack consume through node 2");
+    for _ in 0..14 {
+        next(&mut orphan, "no-ack deliveries").await;
+    }
+    assert_eq!(
+        ready(&net, 2, "work").await,
+        0,
+        "no-ack deliveries are settled"
+    );
+    net.kill(0);
+    let end = tokio::time::timeout(Duration::from_secs(15), orphan.next())
+        .await
+        .expect("the consumer is cancelled within 15 s");
+    assert!(end.is_none(), "the consumer ended: {end:?}");
 }

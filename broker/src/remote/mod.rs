@@ -8,18 +8,37 @@
 //! it reads from that link and answers once the message is as safe as a local publish
 //! would be (on disk for a persistent message in a durable queue), which is when a
 //! publisher confirm for it may go out.
+//!
+//! Consuming works the other way round: the client's node asks the home node to attach a
+//! consumer for one of its channels ([`Call::Consume`]); the home node attaches a proxy
+//! ([`proxy::Proxy`], a [`crate::queue::DeliveryTarget`]) that sends each delivery back
+//! ([`Call::Deliver`]) and keeps it unacknowledged until the client's node settles it
+//! ([`Call::Settle`]). So acks, requeues, prefetch and dead lettering happen in the queue,
+//! where they would for a local consumer; the client's node ([`client`]) only renumbers
+//! delivery tags. A proxy is tied to the link it was created over: when that link goes (the
+//! client's node died, restarted or was cut off) the home node requeues what the proxy held,
+//! and the client's node cancels the consumers it had there.
 
-use std::sync::Arc;
+pub(crate) mod client;
+mod proxy;
+
+pub use client::{RemoteConsumer, RemoteSource};
+pub use proxy::Proxy;
+
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::broker::Broker;
+use crate::channel::ChannelShared;
 use crate::cluster::link::Answer;
 use crate::error::{AmqpError, code};
 use crate::message::Message;
+use crate::queue::state::Settlement;
 
 /// A call to a queue's home node.
 #[derive(Debug, Serialize, Deserialize)]
@@ -38,6 +57,100 @@ pub enum Call {
     Counts { vhost: String, queue: String },
     /// Purge a queue; answered with how many messages went.
     Purge { vhost: String, queue: String },
+    /// Attach a consumer for channel `chan` of the calling node to a queue here.
+    Consume {
+        chan: ChanKey,
+        vhost: String,
+        queue: String,
+        tag: String,
+        /// The client does not acknowledge (the calling node settles once it delivered).
+        no_ack: bool,
+        prefetch: u32,
+        exclusive: bool,
+        priority: i32,
+        user: String,
+        connection: String,
+    },
+    /// Detach a consumer (its unacknowledged messages stay so until settled).
+    Cancel { chan: ChanKey, tag: String },
+    /// `basic.get` for channel `chan`; answered [`Reply::Got`].
+    Get {
+        chan: ChanKey,
+        vhost: String,
+        queue: String,
+        no_ack: bool,
+        user: String,
+        connection: String,
+    },
+    /// Settle messages delivered to channel `chan` (`how`: see [`settlement_code`]).
+    Settle {
+        chan: ChanKey,
+        queue: String,
+        ids: Vec<u64>,
+        how: u8,
+    },
+    /// Channel `chan` closed: detach its consumers, requeue what it holds.
+    Close { chan: ChanKey },
+    /// From a home node: a delivery to consumer `tag` of channel `chan` on the called node.
+    /// Answered [`Reply::Delivered`] once written to the client (or buffered within bounds).
+    Deliver {
+        chan: ChanKey,
+        tag: String,
+        queue: String,
+        id: u64,
+        redelivered: bool,
+        exchange: String,
+        routing_key: String,
+        header: Vec<u8>,
+        body: Vec<u8>,
+    },
+    /// From a home node: the queue of consumer `tag` of channel `chan` went.
+    Cancelled { chan: ChanKey, tag: String },
+}
+
+/// A channel of one node, as other nodes name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ChanKey {
+    /// The connection's id on its node.
+    pub conn: u64,
+    pub channel: u16,
+}
+
+/// A message taken by `basic.get` on a home node.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Got {
+    pub id: u64,
+    pub redelivered: bool,
+    pub remaining: u32,
+    pub exchange: String,
+    pub routing_key: String,
+    pub header: Vec<u8>,
+    pub body: Vec<u8>,
+}
+
+fn settlement_code(how: Settlement) -> u8 {
+    match how {
+        Settlement::Ack => 0,
+        Settlement::Requeue => 1,
+        Settlement::Discard => 2,
+    }
+}
+
+fn settlement(code: u8) -> Settlement {
+    match code {
+        0 => Settlement::Ack,
+        1 => Settlement::Requeue,
+        _ => Settlement::Discard,
+    }
+}
+
+/// Consumers and deliveries that cross nodes, on both sides.
+#[derive(Default)]
+pub struct Registry {
+    /// Client side: this node's channels with consumers or deliveries from other nodes.
+    channels: parking_lot::Mutex<HashMap<ChanKey, Weak<ChannelShared>>>,
+    /// Home side: proxies of other nodes' channels, by (node, channel).
+    proxies: parking_lot::Mutex<HashMap<(String, ChanKey), Arc<Proxy>>>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -49,6 +162,12 @@ pub enum Reply {
         consumers: u32,
     },
     Purged(u32),
+    /// A call that needs no data back was done.
+    Done,
+    /// `basic.get`: a message, or none (empty).
+    Got(Option<Got>),
+    /// The delivery reached the client's channel (false: no such consumer any more).
+    Delivered(bool),
     /// An AMQP error the caller hands to its client.
     Error {
         code: u16,
@@ -168,10 +287,12 @@ impl Broker {
     /// Calls `queue`'s home `node` and waits for its answer.
     pub async fn queue_call(self: &Arc<Self>, node: &str, call: Call) -> Result<Reply, AmqpError> {
         let (vhost, queue) = match &call {
-            Call::Counts { vhost, queue } | Call::Purge { vhost, queue } => {
-                (vhost.clone(), queue.clone())
-            }
+            Call::Counts { vhost, queue }
+            | Call::Purge { vhost, queue }
+            | Call::Consume { vhost, queue, .. }
+            | Call::Get { vhost, queue, .. } => (vhost.clone(), queue.clone()),
             Call::Publish { vhost, .. } => (vhost.clone(), String::new()),
+            _ => (String::new(), String::new()),
         };
         let cluster = self
             .cluster()
@@ -275,7 +396,142 @@ impl Broker {
                     ))),
                 }
             }
+            Call::Consume {
+                chan,
+                vhost,
+                queue,
+                tag,
+                no_ack,
+                prefetch,
+                exclusive,
+                priority,
+                user,
+                connection,
+            } => {
+                let Some(v) = self.vhost(&vhost) else {
+                    return error(no_vhost(&vhost));
+                };
+                let q = match v.queue_for(&queue, u64::MAX) {
+                    Ok(q) => q,
+                    Err(e) => return error(e),
+                };
+                let proxy = self.proxy(from, chan, &v, user, &connection);
+                match proxy.consume(q, tag, no_ack, prefetch, exclusive, priority) {
+                    Ok(()) => reply(Reply::Done),
+                    Err(e) => error(e),
+                }
+            }
+            Call::Get {
+                chan,
+                vhost,
+                queue,
+                no_ack,
+                user,
+                connection,
+            } => {
+                let Some(v) = self.vhost(&vhost) else {
+                    return error(no_vhost(&vhost));
+                };
+                let q = match v.queue_for(&queue, u64::MAX) {
+                    Ok(q) => q,
+                    Err(e) => return error(e),
+                };
+                let Some(r) = q.get(no_ack) else {
+                    return reply(Reply::Got(None));
+                };
+                if !no_ack {
+                    self.proxy(from, chan, &v, user, &connection).hold(&q, r.id);
+                }
+                reply(Reply::Got(Some(Got {
+                    id: r.id,
+                    redelivered: r.redelivered,
+                    remaining: r.remaining,
+                    exchange: r.msg.exchange.clone(),
+                    routing_key: r.msg.routing_key.clone(),
+                    header: r.msg.header_payload.to_vec(),
+                    body: r.msg.body.to_vec(),
+                })))
+            }
+            Call::Settle {
+                chan,
+                queue,
+                ids,
+                how,
+            } => {
+                let proxy = self
+                    .remote
+                    .proxies
+                    .lock()
+                    .get(&(from.to_owned(), chan))
+                    .cloned();
+                if let Some(p) = proxy {
+                    p.settle(&queue, &ids, settlement(how));
+                }
+                reply(Reply::Done)
+            }
+            Call::Cancel { chan, tag } => {
+                let proxy = self
+                    .remote
+                    .proxies
+                    .lock()
+                    .get(&(from.to_owned(), chan))
+                    .cloned();
+                if let Some(p) = proxy {
+                    p.cancel(&tag);
+                }
+                reply(Reply::Done)
+            }
+            Call::Close { chan } => {
+                let proxy = self.remote.proxies.lock().remove(&(from.to_owned(), chan));
+                if let Some(p) = proxy {
+                    p.close();
+                }
+                reply(Reply::Done)
+            }
+            Call::Deliver {
+                chan,
+                tag,
+                queue: _,
+                id,
+                redelivered,
+                exchange,
+                routing_key,
+                header,
+                body,
+            } => self.serve_deliver(
+                chan,
+                &tag,
+                id,
+                redelivered,
+                exchange,
+                routing_key,
+                header,
+                body,
+            ),
+            Call::Cancelled { chan, tag } => self.serve_cancelled(chan, &tag),
         }
+    }
+
+    /// The proxy of channel `chan` of node `from` (a new one if it has none, or its old one
+    /// closed).
+    fn proxy(
+        self: &Arc<Self>,
+        from: &str,
+        chan: ChanKey,
+        vhost: &Arc<crate::vhost::Vhost>,
+        user: String,
+        connection: &str,
+    ) -> Arc<Proxy> {
+        let mut proxies = self.remote.proxies.lock();
+        let key = (from.to_owned(), chan);
+        if let Some(p) = proxies.get(&key)
+            && !p.is_closed()
+        {
+            return p.clone();
+        }
+        let p = Proxy::new(self, from, chan, vhost.clone(), user, connection);
+        proxies.insert(key, p.clone());
+        p
     }
 }
 
