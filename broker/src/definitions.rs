@@ -221,6 +221,11 @@ fn vhost_def(name: &str, m: &VhostMetadata) -> VhostDef {
 impl Broker {
     /// Applies `change` on this node, or (clustered) on every node once committed; returns
     /// its outcome as applied here.
+    /// True on a node whose definitions are the cluster's (its metadata group started).
+    pub fn clustered(&self) -> bool {
+        self.cluster().and_then(|c| c.metadata()).is_some()
+    }
+
     pub async fn change(&self, change: Change) -> Result<bool, ChangeError> {
         let Some(meta) = self.cluster().and_then(|c| c.metadata()).cloned() else {
             return self.apply_change(change).map_err(ChangeError::Refused);

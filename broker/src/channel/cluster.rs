@@ -30,7 +30,7 @@ fn change_error(e: ChangeError) -> AmqpError {
     }
 }
 
-fn binding_def(
+pub(crate) fn binding_def(
     vhost: &str,
     source: &str,
     dest: &Destination,
@@ -50,11 +50,7 @@ fn binding_def(
 impl Channel {
     /// True on a node whose definitions are the cluster's.
     pub(super) fn clustered(&self) -> bool {
-        self.ctx()
-            .broker
-            .cluster()
-            .and_then(|c| c.metadata())
-            .is_some()
+        self.ctx().broker.clustered()
     }
 
     /// The answer still to come, for the connection to wait on.

@@ -10,6 +10,7 @@ mod cluster;
 mod remote;
 
 pub use cluster::Deferred;
+pub(crate) use cluster::binding_def;
 pub use remote::RemoteDelivery;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};

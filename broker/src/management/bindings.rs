@@ -23,9 +23,11 @@ use super::auth::Caller;
 use super::body::Body;
 use super::exchanges::path_name;
 use super::fields::{arguments, table_to_json};
-use super::{ApiError, ApiResult, no_content, ok};
+use super::{ApiError, ApiResult, apply, no_content, ok};
 use crate::auth::{Access, Resource};
 use crate::broker::Broker;
+use crate::channel::binding_def;
+use crate::definitions::Change;
 use crate::exchange::{Binding, Destination};
 use crate::vhost::Vhost;
 
@@ -259,7 +261,22 @@ async fn create(
     let body = Body::parse(&bytes)?;
     let source = path_name(&source);
     let v = caller.vhost(&broker, &vhost)?;
-    let key = create_binding(&broker, &caller, &v, source, dest.clone(), &body)?;
+    let key = if broker.clustered() && !exclusive(&v, &dest) {
+        // Through the cluster's metadata group, 201 once committed.
+        let routing_key = body.opt_str("routing_key")?.unwrap_or("").to_owned();
+        let args = arguments(&body)?;
+        check_bind(&broker, &caller, &v.name, source, &dest)?;
+        v.check_binding(source, &dest, &args)?;
+        let def = binding_def(&v.name, source, &dest, &routing_key, &args);
+        apply(&broker, Change::Bind(def)).await?;
+        properties_key(&Binding {
+            destination: dest.clone(),
+            routing_key,
+            arguments: args,
+        })
+    } else {
+        create_binding(&broker, &caller, &v, source, dest.clone(), &body)?
+    };
     let location = format!("{}/{}", percent_encode(dest.name()), percent_encode(&key));
     let mut r = StatusCode::CREATED.into_response();
     if let Ok(h) = HeaderValue::from_str(&location) {
@@ -366,7 +383,12 @@ async fn show_e(
     ok(binding_json(&v.name, source, &b))
 }
 
-fn delete_binding(
+/// A binding to a connection's exclusive queue stays on its node.
+fn exclusive(v: &Vhost, dest: &Destination) -> bool {
+    matches!(dest, Destination::Queue(q) if v.queue(q).is_some_and(|q| q.exclusive_owner.is_some()))
+}
+
+async fn delete_binding(
     broker: &Broker,
     caller: &Caller,
     vhost: &str,
@@ -376,6 +398,17 @@ fn delete_binding(
 ) -> ApiResult {
     let (v, b) = find(broker, caller, vhost, source, &dest, props)?;
     check_bind(broker, caller, vhost, source, &dest)?;
+    if broker.clustered() && !exclusive(&v, &b.destination) {
+        let def = binding_def(
+            &v.name,
+            source,
+            &b.destination,
+            &b.routing_key,
+            &b.arguments,
+        );
+        apply(broker, Change::Unbind(def)).await?;
+        return no_content();
+    }
     v.unbind(source, b.destination, &b.routing_key, &b.arguments)?;
     no_content()
 }
@@ -393,6 +426,7 @@ async fn delete_q(
         destination(true, &dest),
         &props,
     )
+    .await
 }
 
 async fn delete_e(
@@ -408,6 +442,7 @@ async fn delete_e(
         destination(false, &dest),
         &props,
     )
+    .await
 }
 
 async fn exchange_source(

@@ -15,13 +15,15 @@ use serde_json::{Value, json};
 use super::auth::Caller;
 use super::body::{Body, missing, query_flag};
 use super::fields::{arguments, properties_from_json, table_to_json};
-use super::{ApiError, ApiResult, created_or_updated, no_content, ok};
+use super::{ApiError, ApiResult, apply, created_or_updated, no_content, ok};
 use crate::auth::{Access, Resource};
 use crate::broker::Broker;
+use crate::definitions::{Change, ExchangeRecord};
 use crate::error::AmqpError;
 use crate::exchange::{Exchange, ExchangeKind};
 use crate::message::Message;
 use crate::queue::now_ms;
+use crate::store::metadata::encode_table;
 use crate::vhost::Vhost;
 
 pub fn routes() -> Router<Arc<Broker>> {
@@ -136,6 +138,36 @@ async fn declare(
 ) -> ApiResult {
     let v = caller.vhost(&broker, &vhost)?;
     let body = Body::parse(&bytes)?;
+    if broker.clustered() && v.exchange(&name).is_none() {
+        // New: declared through the cluster's metadata group, 201 once committed.
+        if let Some(e) = reserved(&name) {
+            return Err(e);
+        }
+        caller.check(
+            &broker,
+            &v.name,
+            Resource::Exchange,
+            &name,
+            Access::Configure,
+        )?;
+        let kind = body.opt_str("type")?.unwrap_or("direct");
+        if ExchangeKind::parse(kind).is_none() {
+            return Err(ApiError::bad_request(format!(
+                "unknown exchange type '{kind}'"
+            )));
+        }
+        let record = ExchangeRecord {
+            vhost: v.name.clone(),
+            name: name.clone(),
+            kind: kind.to_owned(),
+            durable: body.bool_or("durable", false)?,
+            auto_delete: body.bool_or("auto_delete", false)?,
+            internal: body.bool_or("internal", false)?,
+            arguments: encode_table(&arguments(&body)?),
+        };
+        apply(&broker, Change::DeclareExchange(record)).await?;
+        return created_or_updated(true);
+    }
     created_or_updated(declare_exchange(&broker, &caller, &v, &name, &body)?)
 }
 
@@ -152,6 +184,23 @@ async fn remove(
         return Err(e);
     }
     caller.check(&broker, &vhost, Resource::Exchange, name, Access::Configure)?;
+    if broker.clustered() {
+        let in_use = v
+            .exchange(name)
+            .is_some_and(|e| !e.bindings.read().is_empty());
+        if query_flag(&query, "if-unused") && in_use {
+            return Err(AmqpError::precondition(format!(
+                "exchange '{name}' in vhost '{vhost}' in use"
+            ))
+            .into());
+        }
+        let change = Change::DeleteExchange {
+            vhost: v.name.clone(),
+            name: name.to_owned(),
+        };
+        apply(&broker, change).await?;
+        return no_content();
+    }
     v.delete_exchange(name, query_flag(&query, "if-unused"))?;
     no_content()
 }

@@ -21,7 +21,7 @@ mod limits;
 mod overview;
 mod parameters;
 mod policies;
-mod queues;
+pub(crate) mod queues;
 mod users;
 mod vhosts;
 mod warren;
@@ -332,6 +332,15 @@ impl ApiError {
     }
 
     /// RabbitMQ's answer for any missing object.
+    /// 500: something this node cannot make sense of (another node's answer, say).
+    pub fn internal(reason: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_server_error",
+            reason.to_string(),
+        )
+    }
+
     pub fn not_found() -> Self {
         Self::new(StatusCode::NOT_FOUND, "Object Not Found", "Not Found")
     }

@@ -1,7 +1,8 @@
 //! `/api/queues`: list, declare (PUT), show, delete, purge (`/contents`) and `/get`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
@@ -15,13 +16,16 @@ use super::auth::Caller;
 use super::body::{Body, query_flag};
 use super::connections::consumer_json;
 use super::fields::{arguments, properties_to_json, table_to_json};
-use super::{ApiError, ApiResult, created_or_updated, no_content, ok};
+use super::{ApiError, ApiResult, apply, created_or_updated, no_content, ok};
 use crate::auth::{Access, Resource};
 use crate::broker::Broker;
+use crate::definitions::{Change, QueueRecord};
 use crate::error::AmqpError;
 use crate::queue::Queue;
 use crate::queue::state::Settlement;
-use crate::vhost::{QueueSpec, Vhost};
+use crate::remote::{Call, Reply};
+use crate::store::metadata::encode_table;
+use crate::vhost::{QueueSpec, RemoteQueue, Vhost};
 
 pub fn routes() -> Router<Arc<Broker>> {
     Router::new()
@@ -86,12 +90,83 @@ fn sorted_queues(v: &Vhost) -> Vec<Arc<Queue>> {
     qs
 }
 
-async fn list_all(State(broker): State<Arc<Broker>>, caller: Caller) -> ApiResult {
+/// How long a listing waits for another node's queues.
+const NODE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A queue whose node cannot be reached, as RabbitMQ lists one (`"state": "down"`).
+fn down_json(vhost: &str, r: &RemoteQueue) -> Value {
+    json!({
+        "name": r.name,
+        "vhost": vhost,
+        "durable": r.durable,
+        "auto_delete": r.auto_delete,
+        "exclusive": r.exclusive,
+        "arguments": table_to_json(&r.arguments),
+        "node": r.node,
+        "type": "classic",
+        "state": "down",
+    })
+}
+
+/// Every queue of `vhosts` in the cluster: this node's, and those other nodes hold (asked
+/// in parallel; a node that cannot be reached has its queues listed as down).
+async fn cluster_queues(broker: &Broker, vhosts: &[Arc<Vhost>]) -> Vec<Value> {
     let mut out = Vec::new();
-    for v in caller.visible_vhosts(&broker) {
-        out.extend(sorted_queues(&v).iter().map(|q| queue_json(&broker, &v, q)));
+    let mut remote: BTreeMap<String, Vec<(String, RemoteQueue)>> = BTreeMap::new();
+    for v in vhosts {
+        out.extend(sorted_queues(v).iter().map(|q| queue_json(broker, v, q)));
+        if broker.clustered() {
+            for r in v
+                .remote_queues()
+                .into_iter()
+                .filter(|r| v.queue(&r.name).is_none())
+            {
+                remote
+                    .entry(r.node.clone())
+                    .or_default()
+                    .push((v.name.clone(), r));
+            }
+        }
     }
-    ok(Value::Array(out))
+    let names: Vec<String> = vhosts.iter().map(|v| v.name.clone()).collect();
+    let calls = remote.keys().map(|node| {
+        let call = Call::QueueInfo {
+            vhosts: names.clone(),
+            queue: None,
+        };
+        async move { broker.node_call(node, &call, NODE_TIMEOUT).await }
+    });
+    let mut answers = Vec::new();
+    for c in calls {
+        answers.push(c.await);
+    }
+    for ((node, known), answer) in remote.into_iter().zip(answers) {
+        match answer.map(|r| match r {
+            Reply::Json(j) => serde_json::from_str::<Vec<Value>>(&j).map_err(|e| e.to_string()),
+            other => Err(format!("{node} answered {other:?}")),
+        }) {
+            Ok(Ok(list)) => out.extend(list),
+            Ok(Err(e)) | Err(e) => {
+                tracing::debug!(node, "queues of a node not listed: {e}");
+                out.extend(known.iter().map(|(v, r)| down_json(v, r)));
+            }
+        }
+    }
+    out.sort_by(|a, b| {
+        let key = |j: &Value| {
+            (
+                j["vhost"].as_str().map(str::to_owned),
+                j["name"].as_str().map(str::to_owned),
+            )
+        };
+        key(a).cmp(&key(b))
+    });
+    out
+}
+
+async fn list_all(State(broker): State<Arc<Broker>>, caller: Caller) -> ApiResult {
+    let vhosts = caller.visible_vhosts(&broker);
+    ok(Value::Array(cluster_queues(&broker, &vhosts).await))
 }
 
 async fn list_vhost(
@@ -100,12 +175,7 @@ async fn list_vhost(
     Path(vhost): Path<String>,
 ) -> ApiResult {
     let v = caller.vhost(&broker, &vhost)?;
-    ok(Value::Array(
-        sorted_queues(&v)
-            .iter()
-            .map(|q| queue_json(&broker, &v, q))
-            .collect(),
-    ))
+    ok(Value::Array(cluster_queues(&broker, &[v]).await))
 }
 
 /// The vhost and queue named in the path: 404 if either is missing.
@@ -120,21 +190,52 @@ fn lookup(
     Ok((v, q))
 }
 
+/// A queue with its consumers (`GET /api/queues/{vhost}/{name}`).
+pub fn queue_details(broker: &Broker, v: &Vhost, q: &Arc<Queue>) -> Value {
+    let mut j = queue_json(broker, v, q);
+    let consumers: Vec<Value> = q
+        .consumers()
+        .iter()
+        .enumerate()
+        .map(|(i, c)| consumer_json(broker, &v.name, q, c, i))
+        .collect();
+    j["consumer_details"] = Value::Array(consumers);
+    j
+}
+
+/// The queue `name` of `v` on another node, if the cluster has one.
+fn remote(broker: &Broker, v: &Vhost, name: &str) -> Option<RemoteQueue> {
+    if !broker.clustered() || v.queue(name).is_some() {
+        return None;
+    }
+    v.remote_queue(name)
+}
+
 async fn show(
     State(broker): State<Arc<Broker>>,
     caller: Caller,
     Path((vhost, name)): Path<(String, String)>,
 ) -> ApiResult {
+    let v = caller.vhost(&broker, &vhost)?;
+    if let Some(r) = remote(&broker, &v, &name) {
+        let call = Call::QueueInfo {
+            vhosts: vec![v.name.clone()],
+            queue: Some(name.clone()),
+        };
+        return match broker.node_call(&r.node, &call, NODE_TIMEOUT).await {
+            Ok(Reply::Json(j)) => {
+                let list: Vec<Value> = serde_json::from_str(&j).map_err(ApiError::internal)?;
+                list.into_iter()
+                    .next()
+                    .map(ok)
+                    .unwrap_or_else(|| Err(ApiError::not_found()))
+            }
+            Ok(other) => Err(ApiError::internal(format!("{} answered {other:?}", r.node))),
+            Err(_) => ok(down_json(&v.name, &r)),
+        };
+    }
     let (v, q) = lookup(&broker, &caller, &vhost, &name)?;
-    let mut j = queue_json(&broker, &v, &q);
-    let consumers: Vec<Value> = q
-        .consumers()
-        .iter()
-        .enumerate()
-        .map(|(i, c)| consumer_json(&broker, &v.name, &q, c, i))
-        .collect();
-    j["consumer_details"] = Value::Array(consumers);
-    ok(j)
+    ok(queue_details(&broker, &v, &q))
 }
 
 /// Declares a queue from `{"durable", "auto_delete", "arguments"}`; true if it was created.
@@ -173,7 +274,59 @@ async fn declare(
 ) -> ApiResult {
     let v = caller.vhost(&broker, &vhost)?;
     let body = Body::parse(&bytes)?;
+    if broker.clustered() && v.queue(&name).is_none() {
+        return created_or_updated(cluster_declare(&broker, &caller, &v, &name, &body).await?);
+    }
     created_or_updated(declare_queue(&broker, &caller, &v, &name, &body)?)
+}
+
+/// `PUT` of a queue this node does not hold, on a clustered node: a queue elsewhere must be
+/// declared the same way (204); a new one is proposed to live on this node, 201 once
+/// committed.
+async fn cluster_declare(
+    broker: &Broker,
+    caller: &Caller,
+    v: &Vhost,
+    name: &str,
+    body: &Body,
+) -> ApiResult<bool> {
+    if name.starts_with("amq.") {
+        return Err(AmqpError::access_refused(format!(
+            "queue name '{name}' contains reserved prefix 'amq.*'"
+        ))
+        .into());
+    }
+    caller.check(broker, &v.name, Resource::Queue, name, Access::Configure)?;
+    let durable = body.bool_or("durable", false)?;
+    let auto_delete = body.bool_or("auto_delete", false)?;
+    let args = arguments(body)?;
+    if let Some(r) = v.remote_queue(name) {
+        let mismatch = |arg: &str, got: bool, current: bool| -> ApiError {
+            AmqpError::precondition(format!(
+                "inequivalent arg '{arg}' for queue '{name}' in vhost '{}': received '{got}' but current is '{current}'",
+                v.name
+            ))
+            .into()
+        };
+        if r.durable != durable {
+            return Err(mismatch("durable", durable, r.durable));
+        }
+        if r.auto_delete != auto_delete {
+            return Err(mismatch("auto_delete", auto_delete, r.auto_delete));
+        }
+        crate::queue::args::check_equivalent(&r.arguments, &args, name, &v.name)?;
+        return Ok(false);
+    }
+    crate::queue::args::parse(&args, name, &v.name)?;
+    let record = QueueRecord {
+        vhost: v.name.clone(),
+        name: name.to_owned(),
+        durable,
+        auto_delete,
+        arguments: encode_table(&args),
+        node: broker.node_name(),
+    };
+    apply(broker, Change::DeclareQueue(record)).await
 }
 
 async fn remove(
@@ -182,22 +335,69 @@ async fn remove(
     Path((vhost, name)): Path<(String, String)>,
     Query(query): Query<HashMap<String, String>>,
 ) -> ApiResult {
+    let v = caller.vhost(&broker, &vhost)?;
+    let local = v.queue(&name);
+    let exclusive = local.as_ref().is_some_and(|q| q.exclusive_owner.is_some());
+    if broker.clustered() && !exclusive && (local.is_some() || v.remote_queue(&name).is_some()) {
+        caller.check(&broker, &vhost, Resource::Queue, &name, Access::Configure)?;
+        let (ready, consumers) = match (&local, v.remote_queue(&name)) {
+            (Some(q), _) => {
+                let (ready, _, consumers) = q.counts();
+                (ready, consumers as u64)
+            }
+            (None, Some(r)) => {
+                let call = Call::Counts {
+                    vhost: v.name.clone(),
+                    queue: name.clone(),
+                };
+                // Its node down: deleted anyway, as RabbitMQ deletes a classic queue whose
+                // node is gone.
+                match broker.node_call(&r.node, &call, NODE_TIMEOUT).await {
+                    Ok(Reply::Counts {
+                        messages,
+                        consumers,
+                    }) => (messages as u64, consumers as u64),
+                    _ => (0, 0),
+                }
+            }
+            (None, None) => return Err(ApiError::not_found()),
+        };
+        check_unused_empty(&query, &vhost, &name, ready, consumers)?;
+        let change = Change::DeleteQueue {
+            vhost: v.name.clone(),
+            name: name.clone(),
+        };
+        apply(&broker, change).await?;
+        return no_content();
+    }
     let (v, q) = lookup(&broker, &caller, &vhost, &name)?;
     caller.check(&broker, &vhost, Resource::Queue, &name, Access::Configure)?;
     let (ready, _, consumers) = q.counts();
-    if query_flag(&query, "if-unused") && consumers > 0 {
+    check_unused_empty(&query, &vhost, &name, ready, consumers as u64)?;
+    v.remove_queue(&name);
+    no_content()
+}
+
+/// `if-unused` and `if-empty` of a `DELETE`.
+fn check_unused_empty(
+    query: &HashMap<String, String>,
+    vhost: &str,
+    name: &str,
+    ready: u64,
+    consumers: u64,
+) -> ApiResult<()> {
+    if query_flag(query, "if-unused") && consumers > 0 {
         return Err(
             AmqpError::precondition(format!("queue '{name}' in vhost '{vhost}' in use")).into(),
         );
     }
-    if query_flag(&query, "if-empty") && ready > 0 {
+    if query_flag(query, "if-empty") && ready > 0 {
         return Err(AmqpError::precondition(format!(
             "queue '{name}' in vhost '{vhost}' not empty"
         ))
         .into());
     }
-    v.remove_queue(&name);
-    no_content()
+    Ok(())
 }
 
 async fn purge(
@@ -205,6 +405,16 @@ async fn purge(
     caller: Caller,
     Path((vhost, name)): Path<(String, String)>,
 ) -> ApiResult {
+    let v = caller.vhost(&broker, &vhost)?;
+    if let Some(r) = remote(&broker, &v, &name) {
+        caller.check(&broker, &vhost, Resource::Queue, &name, Access::Read)?;
+        let call = Call::Purge {
+            vhost: v.name.clone(),
+            queue: name.clone(),
+        };
+        broker.queue_call(&r.node, call).await?;
+        return no_content();
+    }
     let (_, q) = lookup(&broker, &caller, &vhost, &name)?;
     caller.check(&broker, &vhost, Resource::Queue, &name, Access::Read)?;
     q.purge();
@@ -224,7 +434,12 @@ async fn get_messages(
     Path((vhost, name)): Path<(String, String)>,
     bytes: Bytes,
 ) -> ApiResult {
-    let (_, q) = lookup(&broker, &caller, &vhost, &name)?;
+    let v = caller.vhost(&broker, &vhost)?;
+    let home = remote(&broker, &v, &name);
+    let q = match &home {
+        Some(_) => None,
+        None => Some(lookup(&broker, &caller, &vhost, &name)?.1),
+    };
     caller.check(&broker, &vhost, Resource::Queue, &name, Access::Read)?;
     let body = Body::parse(&bytes)?;
     let count = body
@@ -249,7 +464,39 @@ async fn get_messages(
             ));
         }
     };
-    let truncate = body.opt_u64("truncate")?.map(|t| t as usize);
+    let truncate = body.opt_u64("truncate")?;
+    match (q, home) {
+        (Some(q), _) => ok(Value::Array(take_messages(
+            &q, count, settlement, base64, truncate,
+        ))),
+        (None, Some(r)) => {
+            let call = Call::Peek {
+                vhost: v.name.clone(),
+                queue: name.clone(),
+                count,
+                how: crate::remote::settlement_code(settlement),
+                base64,
+                truncate,
+            };
+            match broker.queue_call(&r.node, call).await? {
+                Reply::Json(j) => ok(serde_json::from_str(&j).map_err(ApiError::internal)?),
+                other => Err(ApiError::internal(format!("{} answered {other:?}", r.node))),
+            }
+        }
+        (None, None) => Err(ApiError::not_found()),
+    }
+}
+
+/// Takes up to `count` messages of `q` (bounded, see [`GET_MAX_MESSAGES`]) and settles them
+/// all as `settlement` says; the messages as `POST /get` shows them.
+pub fn take_messages(
+    q: &Queue,
+    count: u64,
+    settlement: Settlement,
+    base64: bool,
+    truncate: Option<u64>,
+) -> Vec<Value> {
+    let truncate = truncate.map(|t| t as usize);
     let mut out = Vec::new();
     let mut taken = Vec::new();
     // Bounded however large `count` is or the queue is: at most GET_MAX_MESSAGES messages and
@@ -286,5 +533,5 @@ async fn get_messages(
     if !taken.is_empty() {
         q.settle(taken, settlement);
     }
-    ok(Value::Array(out))
+    out
 }

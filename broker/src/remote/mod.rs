@@ -106,6 +106,21 @@ pub enum Call {
     },
     /// From a home node: the queue of consumer `tag` of channel `chan` went.
     Cancelled { chan: ChanKey, tag: String },
+    /// The management API's view of the queues here in `vhosts` (or only `queue`, with its
+    /// consumers); answered [`Reply::Json`], an array.
+    QueueInfo {
+        vhosts: Vec<String>,
+        queue: Option<String>,
+    },
+    /// The management API's `POST /get` on a queue here; answered [`Reply::Json`].
+    Peek {
+        vhost: String,
+        queue: String,
+        count: u64,
+        how: u8,
+        base64: bool,
+        truncate: Option<u64>,
+    },
 }
 
 /// A channel of one node, as other nodes name it.
@@ -128,7 +143,7 @@ pub struct Got {
     pub body: Vec<u8>,
 }
 
-fn settlement_code(how: Settlement) -> u8 {
+pub(crate) fn settlement_code(how: Settlement) -> u8 {
     match how {
         Settlement::Ack => 0,
         Settlement::Requeue => 1,
@@ -168,6 +183,8 @@ pub enum Reply {
     Got(Option<Got>),
     /// The delivery reached the client's channel (false: no such consumer any more).
     Delivered(bool),
+    /// A JSON document (management API answers).
+    Json(String),
     /// An AMQP error the caller hands to its client.
     Error {
         code: u16,
@@ -229,6 +246,22 @@ fn unreachable(queue: &str, vhost: &str, why: String) -> AmqpError {
 }
 
 impl Broker {
+    /// Calls `node` and waits up to `timeout` for its answer (an AMQP error it answers is
+    /// passed on as its text).
+    pub async fn node_call(
+        &self,
+        node: &str,
+        call: &Call,
+        timeout: std::time::Duration,
+    ) -> Result<Reply, String> {
+        let cluster = self.cluster().ok_or("this node is not in a cluster")?;
+        let answer = cluster.start_broker_call(node, encode(call)?)?;
+        let body = tokio::time::timeout(timeout, answer)
+            .await
+            .map_err(|_| format!("{node} did not answer in {} s", timeout.as_secs()))??;
+        decode_reply(&body)
+    }
+
     /// Forwards `msg` to `queues` of `vhost` on `node`. With `answers`, the answer is counted
     /// there (a confirm waits for it); a node that cannot be reached counts as a refusal.
     pub fn forward_publish(
@@ -290,6 +323,7 @@ impl Broker {
             Call::Counts { vhost, queue }
             | Call::Purge { vhost, queue }
             | Call::Consume { vhost, queue, .. }
+            | Call::Peek { vhost, queue, .. }
             | Call::Get { vhost, queue, .. } => (vhost.clone(), queue.clone()),
             Call::Publish { vhost, .. } => (vhost.clone(), String::new()),
             _ => (String::new(), String::new()),
@@ -509,6 +543,45 @@ impl Broker {
                 body,
             ),
             Call::Cancelled { chan, tag } => self.serve_cancelled(chan, &tag),
+            Call::QueueInfo { vhosts, queue } => {
+                let mut out = Vec::new();
+                for v in vhosts.iter().filter_map(|n| self.vhost(n)) {
+                    match &queue {
+                        Some(name) => out.extend(
+                            v.queue(name)
+                                .map(|q| crate::management::queues::queue_details(self, &v, &q)),
+                        ),
+                        None => out.extend(
+                            v.queues()
+                                .iter()
+                                .map(|q| crate::management::queues::queue_json(self, &v, q)),
+                        ),
+                    }
+                }
+                reply(Reply::Json(serde_json::Value::Array(out).to_string()))
+            }
+            Call::Peek {
+                vhost,
+                queue,
+                count,
+                how,
+                base64,
+                truncate,
+            } => match self.vhost(&vhost).and_then(|v| v.queue(&queue)) {
+                Some(q) => {
+                    let got = crate::management::queues::take_messages(
+                        &q,
+                        count,
+                        settlement(how),
+                        base64,
+                        truncate,
+                    );
+                    reply(Reply::Json(serde_json::Value::Array(got).to_string()))
+                }
+                None => error(AmqpError::not_found(format!(
+                    "no queue '{queue}' in vhost '{vhost}'"
+                ))),
+            },
         }
     }
 

@@ -441,3 +441,169 @@ async fn a_consumer_on_any_node_has_prefetch_acks_requeues_and_dead_letters_of_t
         .expect("the consumer is cancelled within 15 s");
     assert!(end.is_none(), "the consumer ended: {end:?}");
 }
+
+#[tokio::test]
+async fn the_management_api_of_any_node_declares_lists_reads_and_deletes_every_queue() {
+    use reqwest::Method;
+    use serde_json::json;
+    let _serial = SERIAL.lock().await;
+    let mut net = Net::new(3);
+    net.start_all().await;
+    for i in 0..3 {
+        net.wait_ready(i, AGREE).await;
+    }
+    // PUT on node 1: 201 once committed, so every node has it at once; it lives on node 1.
+    let (status, body) = net
+        .send(
+            1,
+            Method::PUT,
+            "/api/queues/%2f/api-q",
+            Some(json!({"durable": true, "arguments": {"x-max-length": 100}})),
+        )
+        .await
+        .expect("PUT queue");
+    assert_eq!(status, 201, "{body}");
+    // The same declaration through node 2 is a 204; a different one a 400-like refusal.
+    let (status, _) = net
+        .send(
+            2,
+            Method::PUT,
+            "/api/queues/%2f/api-q",
+            Some(json!({"durable": true, "arguments": {"x-max-length": 100}})),
+        )
+        .await
+        .expect("PUT again");
+    assert_eq!(status, 204);
+    let (status, body) = net
+        .send(
+            2,
+            Method::PUT,
+            "/api/queues/%2f/api-q",
+            Some(json!({"durable": false})),
+        )
+        .await
+        .expect("PUT inequivalent");
+    assert!(status >= 400, "{status} {body}");
+    assert!(body.to_string().contains("inequivalent"), "{body}");
+
+    // An exchange through node 2 and a binding through node 0, then a publish on node 0.
+    let (status, _) = net
+        .send(
+            2,
+            Method::PUT,
+            "/api/exchanges/%2f/api-x",
+            Some(json!({"type": "fanout", "durable": true})),
+        )
+        .await
+        .expect("PUT exchange");
+    assert_eq!(status, 201);
+    let (status, body) = net
+        .send(
+            0,
+            Method::POST,
+            "/api/bindings/%2f/e/api-x/q/api-q",
+            Some(json!({"routing_key": "k"})),
+        )
+        .await
+        .expect("POST binding");
+    assert_eq!(status, 201, "{body}");
+    let (_c0, ch0) = channel(&net, 0).await;
+    ch0.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
+    for i in 0..3 {
+        let c = ch0
+            .basic_publish(
+                "api-x".into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                format!("m{i}").as_bytes(),
+                persistent(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(matches!(c, Confirmation::Ack(_)), "{c:?}");
+    }
+
+    // Every node lists the queue with its node and counts; any node shows its details.
+    let home = net.nodes[1].name.clone();
+    for i in 0..3 {
+        let list = net.get(i, "/api/queues").await.expect("GET /api/queues");
+        let q = list
+            .as_array()
+            .and_then(|l| l.iter().find(|q| q["name"] == "api-q"))
+            .unwrap_or_else(|| panic!("node {i} does not list api-q: {list}"));
+        assert_eq!(q["node"], home.as_str(), "{q}");
+        assert_eq!(q["messages"], 3, "{q}");
+        let one = net
+            .get(i, "/api/queues/%2f/api-q")
+            .await
+            .expect("GET one queue");
+        assert_eq!(one["node"], home.as_str(), "{one}");
+        assert_eq!(one["arguments"]["x-max-length"], 100, "{one}");
+    }
+
+    // POST /get through node 2 reads (and requeues) from node 1.
+    let (status, got) = net
+        .send(
+            2,
+            Method::POST,
+            "/api/queues/%2f/api-q/get",
+            Some(json!({"count": 2, "ackmode": "ack_requeue_true", "encoding": "auto"})),
+        )
+        .await
+        .expect("POST get");
+    assert_eq!(status, 200, "{got}");
+    let payloads: Vec<&str> = got
+        .as_array()
+        .expect("an array")
+        .iter()
+        .filter_map(|m| m["payload"].as_str())
+        .collect();
+    assert_eq!(payloads, ["m0", "m1"]);
+
+    // Purge through node 0, delete through node 2: gone from every node.
+    let (status, _) = net
+        .send(0, Method::DELETE, "/api/queues/%2f/api-q/contents", None)
+        .await
+        .expect("purge");
+    assert_eq!(status, 204);
+    let one = net.get(2, "/api/queues/%2f/api-q").await.expect("GET");
+    assert_eq!(one["messages"], 0, "{one}");
+    let (status, _) = net
+        .send(2, Method::DELETE, "/api/queues/%2f/api-q", None)
+        .await
+        .expect("delete");
+    assert_eq!(status, 204);
+    for i in 0..3 {
+        let (status, _) = net
+            .send(i, Method::GET, "/api/queues/%2f/api-q", None)
+            .await
+            .expect("GET after delete");
+        assert_eq!(status, 404, "node {i}");
+    }
+
+    // A queue whose node is down is listed as down, not left out.
+    let (status, _) = net
+        .send(
+            1,
+            Method::PUT,
+            "/api/queues/%2f/on-one",
+            Some(json!({"durable": true})),
+        )
+        .await
+        .expect("PUT on-one");
+    assert_eq!(status, 201);
+    net.kill(1);
+    net.wait_nodes(0, &[(0, true), (1, false), (2, true)], AGREE)
+        .await;
+    let list = net.get(0, "/api/queues/%2f").await.expect("list");
+    let q = list
+        .as_array()
+        .and_then(|l| l.iter().find(|q| q["name"] == "on-one"))
+        .unwrap_or_else(|| panic!("on-one not listed: {list}"));
+    assert_eq!(q["state"], "down", "{q}");
+    assert_eq!(q["node"], home.as_str(), "{q}");
+}
