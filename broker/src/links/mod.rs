@@ -313,19 +313,29 @@ pub fn start(broker: &Arc<Broker>) {
 /// Recomputes which links should run and applies it. On a cluster, each shovel runs on one
 /// node only: the one of the running members that ranks first for it ([`owner`]); when that
 /// node goes, the next in rank takes it over within a reconcile after the others see it down.
-/// Federation links run where their federated exchange or queue is (those are node-local).
+/// A federated queue's links run where the queue is (a queue lives on one node); a federated
+/// exchange exists on every node, so each of its links runs on one, ranked the same way.
 pub fn reconcile(broker: &Arc<Broker>) {
     let mut desired = shovel::desired(broker);
+    desired.extend(federation::desired(broker));
     if let Some(cluster) = broker.cluster() {
         let me = cluster.node_name().to_owned();
         let mut running = cluster.running_peers();
         running.push(me.clone());
         desired.retain(|(key, _)| match key {
             LinkKey::Shovel { vhost, name } => owner(&running, vhost, name) == Some(&me),
+            LinkKey::Federation {
+                vhost,
+                kind: LinkKind::Exchange,
+                object,
+                upstream,
+            } => {
+                let id = format!("federation\0{object}\0{upstream}");
+                owner(&running, vhost, &id) == Some(&me)
+            }
             LinkKey::Federation { .. } => true,
         });
     }
-    desired.extend(federation::desired(broker));
     broker.links.apply(broker, desired);
 }
 

@@ -607,3 +607,99 @@ async fn the_management_api_of_any_node_declares_lists_reads_and_deletes_every_q
     assert_eq!(q["state"], "down", "{q}");
     assert_eq!(q["node"], home.as_str(), "{q}");
 }
+
+#[tokio::test]
+async fn a_federated_exchange_known_to_every_node_runs_its_link_on_one_and_delivers_once() {
+    use reqwest::Method;
+    use serde_json::json;
+    let _serial = SERIAL.lock().await;
+    let mut net = Net::new(3);
+    net.start_all().await;
+    for i in 0..3 {
+        net.wait_ready(i, AGREE).await;
+    }
+    // The upstream is this cluster's vhost "up" (through node 0); downstream is "/".
+    for (path, body) in [
+        ("/api/vhosts/up", json!({})),
+        (
+            "/api/permissions/up/admin",
+            json!({"configure": ".*", "write": ".*", "read": ".*"}),
+        ),
+        (
+            "/api/parameters/federation-upstream/%2f/origin",
+            json!({"value": {"uri": format!("amqp://{USER}:{PASS}@{}:5672/up", net.nodes[0].ip)}}),
+        ),
+        (
+            "/api/exchanges/%2f/fed-x",
+            json!({"type": "fanout", "durable": true}),
+        ),
+        ("/api/queues/%2f/fed-q", json!({"durable": true})),
+        (
+            "/api/policies/%2f/fed",
+            json!({"pattern": "^fed-x$", "apply-to": "exchanges",
+                   "definition": {"federation-upstream-set": "all"}}),
+        ),
+    ] {
+        let (status, answer) = net
+            .send(1, Method::PUT, path, Some(body))
+            .await
+            .expect("PUT");
+        assert!(
+            status == 201 || status == 204,
+            "PUT {path}: {status} {answer}"
+        );
+    }
+    let (status, answer) = net
+        .send(
+            2,
+            Method::POST,
+            "/api/bindings/%2f/e/fed-x/q/fed-q",
+            Some(json!({})),
+        )
+        .await
+        .expect("bind");
+    assert_eq!(status, 201, "{answer}");
+
+    // Exactly one node runs the exchange's link, and it stays that way.
+    let running = || async {
+        let mut n = 0;
+        for i in 0..3 {
+            let links = net.get(i, "/api/federation-links").await.expect("links");
+            n += links
+                .as_array()
+                .map(|l| l.iter().filter(|l| l["status"] == "running").count())
+                .unwrap_or(0);
+        }
+        n
+    };
+    for _ in 0..100 {
+        if running().await >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(running().await, 1, "links running over the cluster");
+
+    // A message published upstream arrives once.
+    let url = format!("amqp://{USER}:{PASS}@{}:5672/up", net.nodes[2].ip);
+    let conn = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .expect("connect to the upstream vhost");
+    let ch = conn.create_channel().await.expect("channel");
+    for i in 0..10u32 {
+        ch.basic_publish(
+            "fed-x".into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            i.to_string().as_bytes(),
+            persistent(),
+        )
+        .await
+        .expect("publish upstream");
+    }
+    wait_ready_count(&net, 0, "fed-q", 10).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(ready(&net, 2, "fed-q").await, 10, "each message once");
+    let _ = conn.close(200, "bye".into()).await;
+}
