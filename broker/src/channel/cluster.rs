@@ -212,14 +212,14 @@ impl Channel {
         if d.passive {
             return Ok(false);
         }
-        crate::queue::args::parse(&d.arguments, name, &vhost.name)?;
+        let args = crate::queue::args::parse(&d.arguments, name, &vhost.name)?;
         let record = QueueRecord {
             vhost: vhost.name.clone(),
             name: name.to_owned(),
             durable: d.durable,
             auto_delete: d.auto_delete,
             arguments: encode_table(&d.arguments),
-            node: self.ctx().broker.node_name(),
+            node: self.ctx().broker.place_queue(args.locator),
         };
         let ok = (!d.nowait).then(|| declare_ok(0, 0));
         self.propose((50, 10), Change::DeclareQueue(record), ok);

@@ -317,14 +317,14 @@ async fn cluster_declare(
         crate::queue::args::check_equivalent(&r.arguments, &args, name, &v.name)?;
         return Ok(false);
     }
-    crate::queue::args::parse(&args, name, &v.name)?;
+    let parsed = crate::queue::args::parse(&args, name, &v.name)?;
     let record = QueueRecord {
         vhost: v.name.clone(),
         name: name.to_owned(),
         durable,
         auto_delete,
         arguments: encode_table(&args),
-        node: broker.node_name(),
+        node: broker.place_queue(parsed.locator),
     };
     apply(broker, Change::DeclareQueue(record)).await
 }

@@ -31,6 +31,21 @@ pub struct QueueArgs {
     pub expires: Option<u64>,
     pub single_active_consumer: bool,
     pub queue_type: Option<String>,
+    /// Where a clustered node places a new queue (`x-queue-leader-locator`, or RabbitMQ 3's
+    /// `x-queue-master-locator`).
+    pub locator: Locator,
+}
+
+/// Which node a new queue lives on in a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Locator {
+    /// The node of the declaring client (RabbitMQ's default).
+    #[default]
+    ClientLocal,
+    /// The running node holding the fewest queues (`balanced`, or 3.x's `min-masters`).
+    Balanced,
+    /// Any running node (`random`).
+    Random,
 }
 
 fn invalid(arg: &str, queue: &str, vhost: &str, why: impl std::fmt::Display) -> AmqpError {
@@ -98,6 +113,24 @@ pub fn parse(args: &FieldTable, queue: &str, vhost: &str) -> Result<QueueArgs> {
                     "reject-publish-dlx" => Overflow::RejectPublishDlx,
                     _ => {
                         return Err(invalid(k, queue, vhost, "invalid_overflow"));
+                    }
+                }
+            }
+            "x-queue-leader-locator" | "x-queue-master-locator" => {
+                out.locator = match string()?.as_str() {
+                    "client-local" => Locator::ClientLocal,
+                    "balanced" | "min-masters" => Locator::Balanced,
+                    "random" => Locator::Random,
+                    other => {
+                        return Err(invalid(
+                            k,
+                            queue,
+                            vhost,
+                            format!(
+                                "'{other}' is not a queue locator (client-local, balanced, \
+                                 min-masters, random)"
+                            ),
+                        ));
                     }
                 }
             }

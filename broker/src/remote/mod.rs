@@ -246,6 +246,50 @@ fn unreachable(queue: &str, vhost: &str, why: String) -> AmqpError {
 }
 
 impl Broker {
+    /// The node a new queue is to live on, as `locator` says: this one, the running member
+    /// holding the fewest queues (this one on a tie), or any running member.
+    pub fn place_queue(&self, locator: crate::queue::args::Locator) -> String {
+        use crate::queue::args::Locator;
+        let me = self.node_name();
+        let Some(cluster) = self.cluster() else {
+            return me;
+        };
+        let mut running = cluster.running_peers();
+        running.sort();
+        match locator {
+            Locator::ClientLocal => me,
+            Locator::Random => {
+                running.push(me);
+                let i = rand::random_range(0..running.len());
+                running.swap_remove(i)
+            }
+            Locator::Balanced => {
+                let mut count: HashMap<String, usize> = HashMap::new();
+                count.insert(me.clone(), 0);
+                for n in &running {
+                    count.insert(n.clone(), 0);
+                }
+                for name in self.vhost_names() {
+                    let Some(v) = self.vhost(&name) else { continue };
+                    *count.entry(me.clone()).or_default() += v.queues().len();
+                    for r in v.remote_queues() {
+                        if let Some(c) = count.get_mut(&r.node) {
+                            *c += 1;
+                        }
+                    }
+                }
+                let mine = count[&me];
+                running
+                    .into_iter()
+                    .map(|n| (count[&n], n))
+                    .filter(|(c, _)| *c < mine)
+                    .min()
+                    .map(|(_, n)| n)
+                    .unwrap_or(me)
+            }
+        }
+    }
+
     /// Calls `node` and waits up to `timeout` for its answer (an AMQP error it answers is
     /// passed on as its text).
     pub async fn node_call(

@@ -703,3 +703,55 @@ async fn a_federated_exchange_known_to_every_node_runs_its_link_on_one_and_deliv
     assert_eq!(ready(&net, 2, "fed-q").await, 10, "each message once");
     let _ = conn.close(200, "bye".into()).await;
 }
+
+#[tokio::test]
+async fn balanced_queues_spread_over_the_nodes_and_client_local_ones_stay() {
+    let _serial = SERIAL.lock().await;
+    let mut net = Net::new(3);
+    net.start_all().await;
+    for i in 0..3 {
+        net.wait_ready(i, AGREE).await;
+    }
+    let (_c0, ch0) = channel(&net, 0).await;
+    let mut balanced = FieldTable::default();
+    balanced.insert(
+        "x-queue-leader-locator".into(),
+        AMQPValue::LongString("balanced".into()),
+    );
+    for i in 0..6 {
+        ch0.queue_declare(format!("b{i}").into(), durable(), balanced.clone())
+            .await
+            .expect("balanced declare");
+    }
+    ch0.queue_declare("local".into(), durable(), FieldTable::default())
+        .await
+        .expect("client-local declare");
+    let list = net.get(1, "/api/queues/%2f").await.expect("list");
+    let node_of = |name: &str| {
+        list.as_array()
+            .and_then(|l| l.iter().find(|q| q["name"] == name))
+            .and_then(|q| q["node"].as_str())
+            .unwrap_or_else(|| panic!("{name} not listed: {list}"))
+            .to_owned()
+    };
+    let mut per_node = std::collections::BTreeMap::new();
+    for i in 0..6 {
+        *per_node.entry(node_of(&format!("b{i}"))).or_insert(0) += 1;
+    }
+    assert_eq!(per_node.len(), 3, "spread over every node: {per_node:?}");
+    assert!(per_node.values().all(|n| *n == 2), "{per_node:?}");
+    assert_eq!(node_of("local"), net.nodes[0].name);
+
+    // A locator Warren does not know is refused, as RabbitMQ refuses it.
+    let (_c1, ch1) = channel(&net, 1).await;
+    let mut bogus = FieldTable::default();
+    bogus.insert(
+        "x-queue-master-locator".into(),
+        AMQPValue::LongString("everywhere".into()),
+    );
+    let e = ch1
+        .queue_declare("bogus".into(), durable(), bogus)
+        .await
+        .expect_err("unknown locator");
+    assert!(e.to_string().contains("x-queue-master-locator"), "{e}");
+}
