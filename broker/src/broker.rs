@@ -63,7 +63,7 @@ pub struct Broker {
     /// the container's memory limit, whichever is lower).
     memory_limit: AtomicU64,
     /// Set by [`Broker::recover`]: lets vhosts save the node's metadata on change.
-    me: std::sync::OnceLock<std::sync::Weak<Broker>>,
+    pub(crate) me: std::sync::OnceLock<std::sync::Weak<Broker>>,
     /// Maintenance mode: no client connections are served (see [`Broker::start_drain`]).
     draining: AtomicBool,
     /// The cluster this node belongs to, once joined (see [`Broker::start_cluster`]).

@@ -50,6 +50,10 @@ pub struct QueueRecord {
     pub arguments: String,
     /// The node the queue lives on (its messages and consumers are there).
     pub node: String,
+    /// Exclusive to a connection on its node (known cluster-wide so that other nodes route
+    /// to it; gone with the connection).
+    #[serde(default)]
+    pub exclusive: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -186,11 +190,6 @@ fn destination(b: &BindingDef) -> Destination {
     } else {
         Destination::Exchange(b.destination.clone())
     }
-}
-
-/// A binding to a local exclusive queue stays on this node (the queue is not replicated).
-fn local_only(v: &Vhost, dest: &Destination) -> bool {
-    matches!(dest, Destination::Queue(q) if v.queue(q).is_some_and(|q| q.exclusive_owner.is_some()))
 }
 
 /// What applying a change gave: for a put, whether the object is new; for a delete, whether
@@ -423,6 +422,12 @@ impl Broker {
             return Ok(false);
         }
         let args = metadata::decode_table(&r.arguments).unwrap_or_default();
+        if r.node == self.node_name() && r.exclusive {
+            // An exclusive queue is created by its connection before it is proposed: missing
+            // here, its connection closed (a removal follows) or this node restarted since.
+            self.forget_stale_queue(&r.vhost, &r.name);
+            return Ok(false);
+        }
         if r.node == self.node_name() {
             v.declare_queue(QueueSpec {
                 name: &r.name,
@@ -439,10 +444,44 @@ impl Broker {
                 node: r.node,
                 durable: r.durable,
                 auto_delete: r.auto_delete,
-                exclusive: false,
+                exclusive: r.exclusive,
                 arguments: args,
             }))
         }
+    }
+
+    /// Proposes removing the exclusive queue `vhost`/`name` of this node that no longer
+    /// exists (retrying while the metadata group has no leader, as at start-up).
+    fn forget_stale_queue(&self, vhost: &str, name: &str) {
+        let (Some(me), Ok(rt)) = (
+            self.me.get().and_then(|w| w.upgrade()),
+            tokio::runtime::Handle::try_current(),
+        ) else {
+            return;
+        };
+        let (vhost, name) = (vhost.to_owned(), name.to_owned());
+        rt.spawn(async move {
+            for _ in 0..60 {
+                let exists = me.vhost(&vhost).is_some_and(|v| v.queue(&name).is_some());
+                let known = me
+                    .vhost(&vhost)
+                    .is_some_and(|v| v.remote_queue(&name).is_some());
+                if exists || !me.clustered() {
+                    return;
+                }
+                let change = Change::DeleteQueue {
+                    vhost: vhost.clone(),
+                    name: name.clone(),
+                };
+                match me.change(change).await {
+                    Ok(_) => return,
+                    Err(e) => {
+                        tracing::debug!(queue = %name, known, "stale exclusive queue not removed yet: {e}");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
     }
 
     /// This vhost's exchanges, queues and bindings as cluster definitions.
@@ -466,14 +505,11 @@ impl Broker {
                 continue;
             }
             for b in e.bindings.read().list() {
-                if !local_only(v, &b.destination) {
-                    d.bindings
-                        .push(crate::persistence::binding_def(name, &e.name, b));
-                }
+                d.bindings
+                    .push(crate::persistence::binding_def(name, &e.name, b));
             }
         }
         let mut queues: Vec<QueueRecord> = (v.queues().iter())
-            .filter(|q| q.exclusive_owner.is_none())
             .map(|q| QueueRecord {
                 vhost: name.to_owned(),
                 name: q.name.clone(),
@@ -481,6 +517,7 @@ impl Broker {
                 auto_delete: q.auto_delete,
                 arguments: metadata::encode_table(&q.arguments),
                 node: me.clone(),
+                exclusive: q.exclusive_owner.is_some(),
             })
             .chain(v.remote_queues().into_iter().map(|r| QueueRecord {
                 vhost: name.to_owned(),
@@ -489,6 +526,7 @@ impl Broker {
                 auto_delete: r.auto_delete,
                 arguments: metadata::encode_table(&r.arguments),
                 node: r.node,
+                exclusive: r.exclusive,
             }))
             .collect();
         queues.sort_by(|a, b| a.name.cmp(&b.name));
@@ -522,7 +560,6 @@ impl Broker {
                     continue;
                 }
                 let stale: Vec<crate::exchange::Binding> = (e.bindings.read().list().iter())
-                    .filter(|b| !local_only(&v, &b.destination))
                     .filter(|b| {
                         let def = crate::persistence::binding_def(&name, &e.name, b);
                         !bindings.contains(&def)
@@ -540,7 +577,7 @@ impl Broker {
                     node: q.node.clone(),
                     durable: q.durable,
                     auto_delete: q.auto_delete,
-                    exclusive: false,
+                    exclusive: q.exclusive,
                     arguments: metadata::decode_table(&q.arguments).unwrap_or_default(),
                 })
                 .collect();

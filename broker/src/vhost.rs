@@ -646,7 +646,7 @@ impl Vhost {
         Ok((q, true))
     }
 
-    fn locked(&self, queue: &str) -> AmqpError {
+    pub fn locked(&self, queue: &str) -> AmqpError {
         AmqpError::resource_locked(format!(
             "cannot obtain exclusive access to locked queue '{queue}' in vhost '{}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
             self.name

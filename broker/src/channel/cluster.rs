@@ -149,11 +149,6 @@ impl Channel {
         if !self.clustered() {
             return Ok(false);
         }
-        if let Destination::Queue(q) = &dest
-            && vhost.queue(q).is_some_and(|q| q.exclusive_owner.is_some())
-        {
-            return Ok(false);
-        }
         vhost.check_binding(source, &dest, args)?;
         let def = binding_def(&vhost.name, source, &dest, key, args);
         let change = if bind {
@@ -181,6 +176,10 @@ impl Channel {
             }))
         };
         if let Some(r) = vhost.remote_queue(name) {
+            if r.exclusive {
+                // Another connection's, on another node.
+                return Err(vhost.locked(name));
+            }
             if !d.passive {
                 check_equivalent(&r, d, &vhost.name)?;
             }
@@ -220,10 +219,42 @@ impl Channel {
             auto_delete: d.auto_delete,
             arguments: encode_table(&d.arguments),
             node: self.ctx().broker.place_queue(args.locator),
+            exclusive: false,
         };
         let ok = (!d.nowait).then(|| declare_ok(0, 0));
         self.propose((50, 10), Change::DeclareQueue(record), ok);
         Ok(true)
+    }
+
+    /// A new exclusive queue of this connection is proposed; `declare-ok` waits for the commit.
+    /// Should the metadata group refuse it, the queue is removed again.
+    pub(super) fn propose_exclusive(&mut self, d: &queue::Declare, name: &str) {
+        let vhost = self.ctx().vhost.clone();
+        let record = QueueRecord {
+            vhost: vhost.name.clone(),
+            name: name.to_owned(),
+            durable: d.durable,
+            auto_delete: d.auto_delete,
+            arguments: encode_table(&d.arguments),
+            node: self.ctx().broker.node_name(),
+            exclusive: true,
+        };
+        let broker = self.ctx().broker.clone();
+        let ok = (!d.nowait).then(|| {
+            AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                queue: name.into(),
+                message_count: 0,
+                consumer_count: 0,
+            }))
+        });
+        let name = name.to_owned();
+        self.defer((50, 10), async move {
+            if let Err(e) = broker.change(Change::DeclareQueue(record)).await {
+                vhost.remove_queue_here(&name);
+                return Err(change_error(e));
+            }
+            Ok(ok)
+        });
     }
 
     /// `queue.purge` of a queue on another node. True if handled here.

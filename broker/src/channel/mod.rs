@@ -734,15 +734,20 @@ impl Channel {
                     q.touch();
                     q
                 } else {
-                    vhost
-                        .declare_queue(QueueSpec {
-                            name: &name,
-                            durable: d.durable,
-                            exclusive_owner: d.exclusive.then_some(conn_id),
-                            auto_delete: d.auto_delete,
-                            arguments: &d.arguments,
-                        })?
-                        .0
+                    let (q, created) = vhost.declare_queue(QueueSpec {
+                        name: &name,
+                        durable: d.durable,
+                        exclusive_owner: d.exclusive.then_some(conn_id),
+                        auto_delete: d.auto_delete,
+                        arguments: &d.arguments,
+                    })?;
+                    if created && d.exclusive && self.clustered() {
+                        // Made known cluster-wide, so every node routes to it.
+                        self.last_queue = Some(name.clone());
+                        self.propose_exclusive(&d, &name);
+                        return Ok(());
+                    }
+                    q
                 };
                 self.last_queue = Some(name.clone());
                 if !d.nowait {

@@ -325,6 +325,7 @@ async fn cluster_declare(
         auto_delete,
         arguments: encode_table(&args),
         node: broker.place_queue(parsed.locator),
+        exclusive: false,
     };
     apply(broker, Change::DeclareQueue(record)).await
 }

@@ -755,3 +755,170 @@ async fn balanced_queues_spread_over_the_nodes_and_client_local_ones_stay() {
         .expect_err("unknown locator");
     assert!(e.to_string().contains("x-queue-master-locator"), "{e}");
 }
+
+#[tokio::test]
+async fn exclusive_reply_queues_are_reachable_from_every_node_and_go_with_their_connection() {
+    let _serial = SERIAL.lock().await;
+    let mut net = Net::new(3);
+    net.start_all().await;
+    for i in 0..3 {
+        net.wait_ready(i, AGREE).await;
+    }
+    // RabbitMQ's RPC tutorial across nodes: the client on node 0 with an exclusive,
+    // server-named reply queue; the request queue on node 2; the server on node 1.
+    let (_c2, ch2) = channel(&net, 2).await;
+    ch2.queue_declare("rpc".into(), durable(), FieldTable::default())
+        .await
+        .expect("declare rpc on node 2");
+    let (client, cch) = channel(&net, 0).await;
+    let reply = cch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("exclusive reply queue");
+    let reply_name = reply.name().to_string();
+    assert!(reply_name.starts_with("amq.gen-"), "{reply_name}");
+    let mut replies = cch
+        .basic_consume(
+            reply_name.clone().into(),
+            "replies".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume replies");
+    // The same queue as a fanout subscriber (tutorial 3): bound through its own node.
+    cch.exchange_declare(
+        "logs".into(),
+        ExchangeKind::Fanout,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare logs");
+    cch.queue_bind(
+        reply_name.clone().into(),
+        "logs".into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("bind the exclusive queue");
+
+    let (_c1, sch) = channel(&net, 1).await;
+    let mut requests = sch
+        .basic_consume(
+            "rpc".into(),
+            "server".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("server consumes rpc through node 1");
+    for i in 0..5u32 {
+        cch.basic_publish(
+            "".into(),
+            "rpc".into(),
+            BasicPublishOptions::default(),
+            i.to_string().as_bytes(),
+            BasicProperties::default()
+                .with_reply_to(reply_name.clone().into())
+                .with_correlation_id(format!("c{i}").into()),
+        )
+        .await
+        .expect("request");
+        let req = next(&mut requests, "request").await;
+        let to = req
+            .properties
+            .reply_to()
+            .clone()
+            .expect("reply_to")
+            .to_string();
+        let answer = format!("answer {}", String::from_utf8_lossy(&req.data));
+        sch.basic_publish(
+            "".into(),
+            to.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            answer.as_bytes(),
+            BasicProperties::default()
+                .with_correlation_id(req.properties.correlation_id().clone().expect("id")),
+        )
+        .await
+        .expect("reply through node 1");
+        req.ack(BasicAckOptions::default()).await.expect("ack");
+        let got = next(&mut replies, "reply").await;
+        assert_eq!(got.data, format!("answer {i}").as_bytes());
+    }
+    let (_c2b, pch) = channel(&net, 2).await;
+    pch.basic_publish(
+        "logs".into(),
+        "".into(),
+        BasicPublishOptions::default(),
+        b"log line",
+        BasicProperties::default(),
+    )
+    .await
+    .expect("log through node 2");
+    assert_eq!(next(&mut replies, "log").await.data, b"log line");
+
+    // Another connection, through another node, may not use it.
+    let (_c1b, other) = channel(&net, 1).await;
+    let e = other
+        .basic_consume(
+            reply_name.clone().into(),
+            "thief".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect_err("someone else's exclusive queue");
+    assert!(
+        e.to_string().contains("RESOURCE_LOCKED") || e.to_string().contains("405"),
+        "{e}"
+    );
+
+    // Its connection closed, it is gone from every node.
+    let _ = client.close(200, "bye".into()).await;
+    let path = format!("/api/queues/%2f/{reply_name}");
+    for i in 0..3 {
+        net.wait_status(i, &path, 404, Duration::from_secs(10))
+            .await;
+    }
+
+    // Its node killed and restarted: an exclusive queue it had is removed cluster-wide.
+    let (c0, ch0) = channel(&net, 0).await;
+    let q = ch0
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("another exclusive queue");
+    let path = format!("/api/queues/%2f/{}", q.name());
+    net.wait_status(2, &path, 200, Duration::from_secs(5)).await;
+    drop(c0);
+    net.kill(0);
+    net.start(0).await;
+    net.wait_ready(0, AGREE).await;
+    for i in 0..3 {
+        net.wait_status(i, &path, 404, Duration::from_secs(20))
+            .await;
+    }
+}
