@@ -464,6 +464,10 @@ async fn three_real_pods_form_one_cluster() {
         })
         .await;
     }
+    // One cluster serves every queue from every pod: a message published with a confirm
+    // through pod 0 (its queue lives there) is read through pod 2.
+    publish(&ips[0], &user, &pass, "across-pods", b"one cluster").await;
+    get(&ips[2], &user, &pass, "across-pods", b"one cluster").await;
     // A config change rolls the three pods one at a time, each replaced only once the one
     // before is Ready again through the real probe (which needs the node to have caught up
     // with the cluster's metadata); the cluster never has fewer than two ready nodes, and
