@@ -114,7 +114,7 @@ go_build_env() {
 
 build_kubelet() {
     [[ -x "$NODE_BIN/kubelet" ]] && return 0
-    header "building kubelet $K8S_VERSION"
+    header "building kubelet $K8S_VERSION" >&2
     local t0=$SECONDS src
     src="$(GOWORK=off GO111MODULE=on go mod download -json "k8s.io/kubernetes@$K8S_VERSION" |
         sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
@@ -145,7 +145,7 @@ build_kubelet() {
 
 build_coredns() {
     [[ -x "$NODE_BIN/coredns" ]] && return 0
-    header "building coredns $COREDNS_VERSION"
+    header "building coredns $COREDNS_VERSION" >&2
     local t0=$SECONDS d="$NODE_HOME/src/coredns"
     rm -rf "$d"
     mkdir -p "$d"
@@ -162,7 +162,7 @@ build_coredns() {
 # FROM scratch, as registry.k8s.io/pause does, built with podman (no registry).
 build_pause() {
     if podman image exists "$PAUSE_IMAGE" 2>/dev/null; then return 0; fi
-    header "building $PAUSE_IMAGE"
+    header "building $PAUSE_IMAGE" >&2
     need_packages musl-gcc:musl-tools
     local ctx
     ctx="$(mktemp -d)"

@@ -19,6 +19,15 @@ Checked on both, through the management HTTP API only:
      node 3 once it is back; a vhost, a user, its permissions and a policy created on
      different nodes are listed by every node (time printed); deleting the user on one
      node removes it everywhere. Status codes compared.
+  6. queues across nodes: a durable queue declared (PUT) through node 1 lives on node 1 as
+     every node's /api/queues says; a message published through node 2's management API
+     reaches it and is read (POST /get) through node 3; purge through node 2; delete through
+     node 3, then 404 on every node. Status codes, `node`, counts and payloads compared.
+
+--bench-queues N (not run by scripts/test.sh): declares N durable queues and binds each to
+amq.direct over one AMQP connection (pika) per cluster, to node 2, on both clusters in the
+same run (each declare and bind is committed cluster-wide before its -ok on both), and
+prints each one's time, rate and the ratio; the queues are deleted afterwards.
 
 Every other difference a client could see (keys present on one side only, order of the
 list, listeners of other nodes in /api/overview, the stopped node's entry) is printed as
@@ -276,6 +285,7 @@ class RabbitCluster(Cluster):
         rows = [line.split() for line in out.splitlines() if line.strip()]
         self.names = [r[1] for r in rows]
         self.mgmt = [r[3] for r in rows]
+        self.amqp = [r[2] for r in rows]
         self.stopper = None
 
     def run(self, *args, check=True):
@@ -353,6 +363,82 @@ def check_overview(w, r):
                      % (sorted(kr - kw), sorted(kw - kr)))
 
 
+def check_queues(w, r, bound):
+    """Fact 6 (all nodes running): a queue on node 1, used through nodes 2 and 3."""
+    log("== queues: declared through node1, published through node2, read through node3")
+    path = "/api/queues/%2f/diff-q"
+    compare("PUT %s on node1" % path,
+            send(w.mgmt[0], "PUT", path, {"durable": True, "arguments": {}}),
+            send(r.mgmt[0], "PUT", path, {"durable": True, "arguments": {}}))
+    body = {"properties": {"delivery_mode": 2}, "routing_key": "diff-q", "payload": "across",
+            "payload_encoding": "string"}
+    compare("publish through node2: answer",
+            post_json(w.mgmt[1], "/api/exchanges/%2f/amq.default/publish", body),
+            post_json(r.mgmt[1], "/api/exchanges/%2f/amq.default/publish", body))
+    # Every node lists the queue on node 1 (RabbitMQ's counts lag by its stats interval).
+    for i in range(3):
+        seen = {}
+        for c in (w, r):
+            t0 = time.monotonic()
+            q = None
+            while time.monotonic() - t0 < bound:
+                lst = get_json(c.mgmt[i], "/api/queues/%2f")
+                q = next((x for x in lst if x.get("name") == "diff-q"), None)
+                if q and q.get("messages") == 1:
+                    break
+                time.sleep(POLL)
+            seen[c.label] = (idx_name(c, q.get("node")) if q else None,
+                             q.get("messages") if q else None)
+        compare("node%d lists diff-q (node, messages)" % (i + 1), seen["warren"], seen["rabbitmq"])
+    got = {}
+    for c in (w, r):
+        msgs = post_json(c.mgmt[2], "/api/queues/%2f/diff-q/get",
+                         {"count": 5, "ackmode": "ack_requeue_true", "encoding": "auto"})
+        got[c.label] = [m.get("payload") for m in msgs] if isinstance(msgs, list) else msgs
+    compare("POST /get through node3", got["warren"], got["rabbitmq"])
+    for what, node, p in (("purge", 1, path + "/contents"), ("delete", 2, path)):
+        compare("%s through node%d" % (what, node + 1),
+                send(w.mgmt[node], "DELETE", p), send(r.mgmt[node], "DELETE", p))
+    for i in range(3):
+        compare("GET %s on node%d after the delete" % (path, i + 1),
+                send(w.mgmt[i], "GET", path), send(r.mgmt[i], "GET", path))
+
+
+def compare(what, wv, rv):
+    if wv == rv:
+        ok("%s: %r on both" % (what, wv))
+    else:
+        fail("%s: warren %r, rabbitmq %r" % (what, wv, rv))
+
+
+def post_json(base, path, body, timeout=10.0):
+    req = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST")
+    req.add_header("Authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def bench_queues(url, n):
+    """Seconds to declare n durable queues and bind each to amq.direct, one connection."""
+    import pika
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    ch = conn.channel()
+    names = ["bench-q-%05d" % i for i in range(n)]
+    t0 = time.monotonic()
+    for q in names:
+        ch.queue_declare(q, durable=True)
+        ch.queue_bind(q, "amq.direct", routing_key=q)
+    took = time.monotonic() - t0
+    for q in names:
+        ch.queue_delete(q)
+    conn.close()
+    return took
+
+
 def fmt_times(done, on):
     return ", ".join("node%d %s" % (i + 1, ("%.1f s" % done[i]) if i in done else "NOT SEEN") for i in on)
 
@@ -370,6 +456,8 @@ def main():
                     help="seconds for the others to list a stopped node as not running")
     ap.add_argument("--rejoin-bound", type=float, default=60.0,
                     help="seconds for all to list a restarted node as running")
+    ap.add_argument("--bench-queues", type=int, default=0, metavar="N",
+                    help="also time declare+bind of N durable queues on both (not a test)")
     ap.add_argument("--workdir", help="Warren data dirs and logs (default: a temp dir, removed on success)")
     args = ap.parse_args()
     # SIGTERM (e.g. scripts/test.sh interrupted) runs the finally below: no Warren left behind.
@@ -502,6 +590,15 @@ def main():
                     ok("%s: node3 has the vhost made while it was down (%.2f s after it listed all running)"
                        % (c.label, t))
             check_definitions(w, r, args.detect_bound)
+            check_queues(w, r, args.rejoin_bound)
+            if args.bench_queues:
+                n = args.bench_queues
+                log("== benchmark: declare + bind %d durable queues through node2, one connection" % n)
+                tw = bench_queues("amqp://guest:guest@127.0.0.1:%d/%%2f" % w.amqp[1], n)
+                tr = bench_queues(r.amqp[1], n)
+                log("warren:   %.2f s, %.0f queues/s" % (tw, n / tw))
+                log("rabbitmq: %.2f s, %.0f queues/s" % (tr, n / tr))
+                log("ratio (warren rate / rabbitmq rate): %.2fx" % (tr / tw))
     except (urllib.error.URLError, OSError) as e:
         fail("HTTP/process error: %r" % (e,))
     finally:
