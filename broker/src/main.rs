@@ -280,10 +280,22 @@ async fn command_main(command: Command, cli: Cli) -> Result<String, String> {
         Command::Cluster {
             action: ClusterAction::Forget { node, .. },
         } => {
-            probe::within(timeout, &client, probe::forget(&client, &user, &node))
+            let answer = probe::within(timeout, &client, probe::forget(&client, &user, &node))
                 .await
                 .map_err(|e| format!("forget failed: {e}"))?;
-            Ok(format!("{node} removed from the cluster\n"))
+            let mut out = format!("{node} removed from the cluster\n");
+            let queues = answer["queues_deleted"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            for q in queues {
+                out.push_str(&format!(
+                    "queue '{}' in vhost '{}' lived on it and was deleted\n",
+                    q["name"].as_str().unwrap_or("?"),
+                    q["vhost"].as_str().unwrap_or("?")
+                ));
+            }
+            Ok(out)
         }
         Command::Drain { end, json, .. } => {
             let report = probe::within(timeout, &client, probe::drain(&client, &user, end))

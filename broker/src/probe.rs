@@ -427,8 +427,9 @@ pub async fn drain(client: &Client, user: &str, end: bool) -> Result<Value, Stri
     Ok(body)
 }
 
-/// `DELETE /api/nodes/{node}`: removes a stopped node from the cluster.
-pub async fn forget(client: &Client, user: &str, node: &str) -> Result<(), String> {
+/// `DELETE /api/nodes/{node}`: removes a stopped node from the cluster; the answer names
+/// the queues deleted with it.
+pub async fn forget(client: &Client, user: &str, node: &str) -> Result<Value, String> {
     let path = format!(
         "/api/nodes/{}",
         node.replace('%', "%25")
@@ -445,7 +446,7 @@ pub async fn forget(client: &Client, user: &str, node: &str) -> Result<(), Strin
             user,
         ));
     }
-    Ok(())
+    Ok(body)
 }
 
 /// The drain report for people: what was closed, and the queues left on the node.

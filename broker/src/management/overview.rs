@@ -226,7 +226,38 @@ async fn forget_node(
         return Err(ApiError::not_found());
     };
     match cluster.forget(&name).await {
-        Ok(_) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Ok(_) => {
+            // Its classic queues go with it (RabbitMQ's forget_cluster_node deletes the
+            // durable queues that lived on the node); the answer names them.
+            let mut deleted = Vec::new();
+            let mut names = broker.vhost_names();
+            names.sort();
+            for vname in names {
+                let Some(v) = broker.vhost(&vname) else {
+                    continue;
+                };
+                let mut queues: Vec<String> = (v.remote_queues().into_iter())
+                    .filter(|r| r.node == name)
+                    .map(|r| r.name)
+                    .collect();
+                queues.sort();
+                for q in queues {
+                    let change = crate::definitions::Change::DeleteQueue {
+                        vhost: vname.clone(),
+                        name: q.clone(),
+                    };
+                    match super::apply(&broker, change).await {
+                        Ok(_) => deleted.push(json!({"vhost": vname, "name": q})),
+                        Err(e) => tracing::warn!(
+                            queue = %q,
+                            vhost = %vname,
+                            "queue of forgotten node {name} not deleted: {e:?}"
+                        ),
+                    }
+                }
+            }
+            ok(json!({"node": name, "queues_deleted": deleted}))
+        }
         Err(e @ crate::cluster::ForgetError::NotMember(_)) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "Object Not Found",

@@ -232,11 +232,32 @@ async fn a_stopped_node_is_forgotten_everywhere_and_rejoins_as_a_new_member() {
         "{out:?}"
     );
 
+    // A queue living on the node that goes.
+    let (status, body) = net
+        .send(
+            2,
+            reqwest::Method::PUT,
+            "/api/queues/%2f/on-two",
+            Some(serde_json::json!({"durable": true})),
+        )
+        .await
+        .expect("PUT queue on node 2");
+    assert_eq!(status, 201, "{body}");
     net.kill(2);
     net.wait_nodes(0, &[(0, true), (1, true), (2, false)], AGREE)
         .await;
     let out = net.forget_cli(0, &gone);
     assert!(out.status.success(), "{out:?}");
+    // Its classic queues are deleted with it, and the command says which.
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("queue 'on-two' in vhost '/' lived on it and was deleted"),
+        "{said}"
+    );
+    for i in 0..2 {
+        net.wait_status(i, "/api/queues/%2f/on-two", 404, Duration::from_secs(5))
+            .await;
+    }
     for i in 0..2 {
         net.wait_nodes(i, &[(0, true), (1, true)], AGREE).await;
     }
