@@ -191,11 +191,32 @@ impl Broker {
             .cluster_advertise_addr()
             .ok_or("no inter-node listener (cluster-listen)")?;
         let data_dir = &self.config.data_dir;
+        let tls = match (
+            self.config.cluster_tls,
+            &self.config.tls_cert_file,
+            &self.config.tls_key_file,
+        ) {
+            (true, Some(cert), Some(key)) => {
+                let files = crate::tls::TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    ca: self.config.tls_ca_file.clone(),
+                };
+                let tls = crate::tls::cluster_tls(&files)
+                    .map_err(|e| format!("inter-node TLS (cluster-tls): {e}"))?;
+                Some(Arc::new(tls))
+            }
+            (true, _, _) => {
+                return Err("cluster-tls needs tls-cert-file and tls-key-file".into());
+            }
+            (false, _, _) => None,
+        };
         let identity = |incarnation| crate::cluster::handshake::Identity {
             node: self.node_name(),
             advertise: advertise.clone(),
             incarnation,
             secret: secret.clone().into(),
+            tls: tls.clone(),
         };
         let incarnation = |dir| {
             crate::cluster::incarnation(dir).map_err(|e| {

@@ -137,6 +137,11 @@ pub struct Cli {
     /// ignored); nodes prove they know it without sending it. Required with a cluster.
     #[arg(long, env = "WARREN_CLUSTER_SECRET_FILE")]
     pub cluster_secret_file: Option<PathBuf>,
+    /// `true`: links between nodes are TLS, both ways authenticated with tls-cert-file and
+    /// tls-key-file and verified against tls-ca-file (the certificate's chain; not its host
+    /// names, which need not cover the peers' addresses) [default: false].
+    #[arg(long, env = "WARREN_CLUSTER_TLS")]
+    pub cluster_tls: Option<bool>,
     /// Log filter, e.g. `info` or `warren_broker=debug` [default: info].
     #[arg(long, env = "WARREN_LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -285,6 +290,7 @@ pub struct FileConfig {
     pub cluster_listen: Option<Listen>,
     pub cluster_advertise: Option<String>,
     pub cluster_secret_file: Option<PathBuf>,
+    pub cluster_tls: Option<bool>,
     pub log_level: Option<String>,
     pub vm_memory_high_watermark: Option<f64>,
     pub disk_free_limit: Option<u64>,
@@ -343,6 +349,8 @@ pub struct Config {
     /// What other nodes dial to reach this one.
     pub cluster_advertise: Option<String>,
     pub cluster_secret_file: Option<PathBuf>,
+    /// Inter-node links over TLS (with the node's certificate, verified against the CA).
+    pub cluster_tls: bool,
     pub log_level: String,
     pub vm_memory_high_watermark: f64,
     pub disk_free_limit: u64,
@@ -545,6 +553,7 @@ impl Default for Config {
             cluster_listen: None,
             cluster_advertise: None,
             cluster_secret_file: None,
+            cluster_tls: false,
             log_level: "info".into(),
             vm_memory_high_watermark: 0.4,
             disk_free_limit: 50_000_000,
@@ -693,6 +702,10 @@ impl Config {
                 .collect(),
             cluster_advertise: cli.cluster_advertise.or(file.cluster_advertise),
             cluster_secret_file: cli.cluster_secret_file.or(file.cluster_secret_file),
+            cluster_tls: cli
+                .cluster_tls
+                .or(file.cluster_tls)
+                .unwrap_or(d.cluster_tls),
             node_name: cli.node_name.or(file.node_name).unwrap_or(d.node_name),
             log_level: cli.log_level.or(file.log_level).unwrap_or(d.log_level),
             vm_memory_high_watermark: cli
@@ -810,7 +823,7 @@ impl Config {
                     });
                 }
             }
-        } else {
+        } else if !self.cluster_tls {
             // TLS files without a TLS listener are most likely a forgotten amqps-listen.
             for (key, v) in [
                 ("tls-cert-file", &self.tls_cert_file),
@@ -821,7 +834,8 @@ impl Config {
                     return Err(ConfigError::Invalid {
                         key,
                         message: "is set but no TLS listener (amqps-listen, \
-                                  management-tls-listen, prometheus-tls-listen) is"
+                                  management-tls-listen, prometheus-tls-listen) is, nor \
+                                  cluster-tls"
                             .into(),
                     });
                 }
@@ -911,6 +925,18 @@ impl Config {
                 key: "cluster-secret-file",
                 message: "is required when the node is clustered (cluster-peers or \
                           cluster-listen is set): nodes authenticate each other with it"
+                    .into(),
+            });
+        }
+        if self.cluster_tls
+            && (self.tls_cert_file.is_none()
+                || self.tls_key_file.is_none()
+                || self.tls_ca_file.is_none())
+        {
+            return Err(ConfigError::Invalid {
+                key: "cluster-tls",
+                message: "needs tls-cert-file, tls-key-file and tls-ca-file: each node shows \
+                          its certificate and verifies its peers' against the CA"
                     .into(),
             });
         }

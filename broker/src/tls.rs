@@ -108,6 +108,108 @@ pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
     Ok(TlsAcceptor::from(server_config(files)?))
 }
 
+/// TLS for the links between the nodes of a cluster: each side shows the node's certificate
+/// and verifies the other's chain against the CA (mutual TLS). Host names are not checked —
+/// a node's certificate need not name every address peers dial (pod IPs, headless Service
+/// names); the shared cluster secret still authenticates each node inside the session.
+pub struct ClusterTls {
+    pub acceptor: TlsAcceptor,
+    pub connector: tokio_rustls::TlsConnector,
+}
+
+/// Builds [`ClusterTls`] from the node's files; `files.ca` is required.
+pub fn cluster_tls(files: &TlsFiles) -> Result<ClusterTls, TlsError> {
+    let ca = files
+        .ca
+        .as_ref()
+        .ok_or_else(|| TlsError("inter-node TLS needs a CA file (tls-ca-file)".into()))?;
+    let acceptor = acceptor(files)?;
+    let mut roots = RootCertStore::empty();
+    for cert in certificates("TLS CA file", ca)? {
+        roots.add(cert).map_err(|e| {
+            TlsError(format!(
+                "TLS CA file {} holds a certificate that cannot be a trust anchor: {e}",
+                ca.display()
+            ))
+        })?;
+    }
+    let provider = provider();
+    let chain = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| TlsError(format!("TLS CA file {}: {e}", ca.display())))?;
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError(format!("TLS protocol versions: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ChainOnly(chain)))
+        .with_client_auth_cert(
+            certificates("TLS certificate file", &files.cert)?,
+            private_key(&files.key)?,
+        )
+        .map_err(|e| {
+            TlsError(format!(
+                "TLS key file {} does not fit the certificate in {}: {e}",
+                files.key.display(),
+                files.cert.display()
+            ))
+        })?;
+    Ok(ClusterTls {
+        acceptor,
+        connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+    })
+}
+
+/// A server verifier that checks the chain (and signatures) but not the host name.
+#[derive(Debug)]
+struct ChainOnly(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use rustls::{CertificateError, Error};
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
 /// What the management API shows about a TLS connection.
 #[derive(Debug, Clone)]
 pub struct TlsSession {

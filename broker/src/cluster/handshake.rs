@@ -29,6 +29,8 @@ pub struct Identity {
     pub advertise: String,
     pub incarnation: u64,
     pub secret: std::sync::Arc<[u8]>,
+    /// TLS on the links (`cluster-tls`), or plain TCP.
+    pub tls: Option<std::sync::Arc<crate::tls::ClusterTls>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +225,7 @@ mod tests {
             advertise: format!("{node}:25672"),
             incarnation: 7,
             secret: secret.into(),
+            tls: None,
         }
     }
 

@@ -125,6 +125,48 @@ const FORGOTTEN: &str = "was removed from this cluster (forget)";
 /// the cluster; returns the refusal of the first that says so. A node forgotten while it
 /// was down learns it here, at startup, and resets its cluster state
 /// ([`reset_cluster_state`]) to join again as a new member.
+/// A link's byte stream: plain TCP, or TLS over it (`cluster-tls`).
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+pub type Stream = Box<dyn Io>;
+
+/// Connects to a peer at `addr` (`host:port`), in TLS when the cluster has it.
+async fn connect(addr: &str, me: &Identity) -> std::io::Result<Stream> {
+    let tcp = TcpStream::connect(addr).await?;
+    let _ = tcp.set_nodelay(true);
+    let Some(tls) = &me.tls else {
+        return Ok(Box::new(tcp));
+    };
+    let host = addr
+        .rsplit_once(':')
+        .map_or(addr, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    // The name is only sent (SNI); the peer's certificate is checked against the CA.
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .or_else(|_| rustls::pki_types::ServerName::try_from("warren-node".to_owned()))
+        .map_err(|e| std::io::Error::other(format!("no TLS name for {addr}: {e}")))?;
+    let stream =
+        tls.connector.connect(name, tcp).await.map_err(|e| {
+            std::io::Error::other(format!("inter-node TLS with {addr} failed: {e}"))
+        })?;
+    Ok(Box::new(stream))
+}
+
+/// The server side of [`connect`].
+async fn accept_stream(tcp: TcpStream, me: &Identity) -> std::io::Result<Stream> {
+    let _ = tcp.set_nodelay(true);
+    let Some(tls) = &me.tls else {
+        return Ok(Box::new(tcp));
+    };
+    let stream = tls
+        .acceptor
+        .accept(tcp)
+        .await
+        .map_err(|e| std::io::Error::other(format!("inter-node TLS failed: {e}")))?;
+    Ok(Box::new(stream))
+}
+
 pub async fn forgotten_by(me: &Identity, addrs: &[String]) -> Option<String> {
     let mut asks = tokio::task::JoinSet::new();
     let mut seen = HashSet::new();
@@ -135,7 +177,7 @@ pub async fn forgotten_by(me: &Identity, addrs: &[String]) -> Option<String> {
         let (me, addr) = (me.clone(), addr.clone());
         asks.spawn(async move {
             let attempt = async {
-                let mut stream = TcpStream::connect(&addr).await?;
+                let mut stream = connect(&addr, &me).await?;
                 handshake::dial(&mut stream, &me).await
             };
             match tokio::time::timeout(Duration::from_secs(2), attempt).await {
@@ -607,8 +649,6 @@ async fn accept_loop(cluster: Arc<Cluster>, listener: TcpListener) {
         };
         let cluster = cluster.clone();
         tokio::spawn(async move {
-            let _ = stream.set_nodelay(true);
-            let mut stream = stream;
             let admit = |hello: &wire::Hello| {
                 let mut forgotten = cluster.forgotten.write();
                 match forgotten.get(&hello.node) {
@@ -629,9 +669,13 @@ async fn accept_loop(cluster: Arc<Cluster>, listener: TcpListener) {
                 }
                 Ok(())
             };
-            let shake = handshake::accept(&mut stream, &cluster.me, admit);
+            let shake = async {
+                let mut stream = accept_stream(stream, &cluster.me).await?;
+                let hello = handshake::accept(&mut stream, &cluster.me, admit).await?;
+                Ok::<_, HandshakeError>((stream, hello))
+            };
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, shake).await {
-                Ok(Ok(hello)) => {
+                Ok(Ok((stream, hello))) => {
                     tracing::debug!(peer = %hello.node, %addr, "inter-node link accepted");
                     // A node this one did not know dialled in: dial it back, so both know each
                     // other (how a new node joins through one live peer).
@@ -665,8 +709,7 @@ async fn dial_loop(cluster: Arc<Cluster>, addr: String) {
     let mut last_error = String::new();
     loop {
         let attempt = async {
-            let mut stream = TcpStream::connect(&addr).await?;
-            let _ = stream.set_nodelay(true);
+            let mut stream = connect(&addr, &cluster.me).await?;
             let hello = handshake::dial(&mut stream, &cluster.me).await?;
             Ok::<_, HandshakeError>((stream, hello))
         };

@@ -85,6 +85,8 @@ pub struct Node {
     pub secret: Option<PathBuf>,
     /// Peers this node is told about (default: every node of the net).
     pub peers: Option<Vec<String>>,
+    /// More command-line arguments for this node (e.g. TLS).
+    pub extra_args: Vec<String>,
 }
 
 impl Node {
@@ -178,6 +180,7 @@ impl Net {
                 starts: 0,
                 secret: None,
                 peers: None,
+                extra_args: Vec::new(),
             });
         }
         net
@@ -221,6 +224,7 @@ impl Net {
         .args(["--cluster-peers", &peers])
         .args(["--cluster-secret-file", &secret])
         .args(["--default-user", USER, "--default-pass", PASS])
+        .args(&node.extra_args)
         .env("NO_COLOR", "1")
         .env(
             "WARREN_LOG_LEVEL",

@@ -6,3 +6,4 @@ mod harness;
 mod membership;
 mod metadata;
 mod queues;
+mod tls;

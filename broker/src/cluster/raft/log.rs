@@ -292,9 +292,9 @@ fn write_loop(path: PathBuf, mut file: File, rx: mpsc::Receiver<Job>) {
         // more. Saves an fsync per change on every node.
         let sync = done.iter().any(|d| !matches!(d, Done::Nothing));
         if result.is_ok() && failed.is_none() && !buf.is_empty() {
-            result =
-                file.write_all(&buf)
-                    .and_then(|_| if sync { file.sync_data() } else { Ok(()) });
+            result = file
+                .write_all(&buf)
+                .and_then(|_| if sync { file.sync_data() } else { Ok(()) });
         }
         if let Some(why) = &failed {
             result = Err(std::io::Error::other(why.clone()));
