@@ -62,6 +62,20 @@ fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
+/// The CAs of `ca` as trust anchors.
+fn roots(ca: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in certificates("TLS CA file", ca)? {
+        roots.add(cert).map_err(|e| {
+            TlsError(format!(
+                "TLS CA file {} holds a certificate that cannot be a trust anchor: {e}",
+                ca.display()
+            ))
+        })?;
+    }
+    Ok(roots)
+}
+
 /// The crypto provider of every TLS session of the node.
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -78,18 +92,10 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     let builder = match &files.ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
-            let mut roots = RootCertStore::empty();
-            for cert in certificates("TLS CA file", ca)? {
-                roots.add(cert).map_err(|e| {
-                    TlsError(format!(
-                        "TLS CA file {} holds a certificate that cannot be a trust anchor: {e}",
-                        ca.display()
-                    ))
-                })?;
-            }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| TlsError(format!("TLS CA file {}: {e}", ca.display())))?;
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider)
+                    .build()
+                    .map_err(|e| TlsError(format!("TLS CA file {}: {e}", ca.display())))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
@@ -124,18 +130,9 @@ pub fn cluster_tls(files: &TlsFiles) -> Result<ClusterTls, TlsError> {
         .as_ref()
         .ok_or_else(|| TlsError("inter-node TLS needs a CA file (tls-ca-file)".into()))?;
     let acceptor = acceptor(files)?;
-    let mut roots = RootCertStore::empty();
-    for cert in certificates("TLS CA file", ca)? {
-        roots.add(cert).map_err(|e| {
-            TlsError(format!(
-                "TLS CA file {} holds a certificate that cannot be a trust anchor: {e}",
-                ca.display()
-            ))
-        })?;
-    }
     let provider = provider();
     let chain = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        Arc::new(roots),
+        Arc::new(roots(ca)?),
         provider.clone(),
     )
     .build()

@@ -132,10 +132,10 @@ impl Channel {
         Ok(true)
     }
 
-    /// A binding added or removed (exchange or queue bind/unbind). True if handled here;
-    /// a binding to this connection's exclusive queue stays on this node.
+    /// A binding added or removed (exchange or queue bind/unbind): through the metadata
+    /// group on a clustered node, else here; `reply` once done.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn cluster_binding(
+    pub(super) fn change_binding(
         &mut self,
         ids: (u16, u16),
         bind: bool,
@@ -144,20 +144,28 @@ impl Channel {
         key: &str,
         args: &FieldTable,
         reply: Option<AMQPClass>,
-    ) -> Result<bool> {
+    ) -> Result<()> {
         let vhost = self.ctx().vhost.clone();
-        if !self.clustered() {
-            return Ok(false);
+        if self.clustered() {
+            vhost.check_binding(source, &dest, args)?;
+            let def = binding_def(&vhost.name, source, &dest, key, args);
+            let change = if bind {
+                Change::Bind(def)
+            } else {
+                Change::Unbind(def)
+            };
+            self.propose(ids, change, reply);
+            return Ok(());
         }
-        vhost.check_binding(source, &dest, args)?;
-        let def = binding_def(&vhost.name, source, &dest, key, args);
-        let change = if bind {
-            Change::Bind(def)
+        if bind {
+            vhost.bind(source, dest, key, args)?;
         } else {
-            Change::Unbind(def)
-        };
-        self.propose(ids, change, reply);
-        Ok(true)
+            vhost.unbind(source, dest, key, args)?;
+        }
+        if let Some(m) = reply {
+            crate::codec::encode_method(&mut self.ctx().outbox.writer(), self.id(), &m);
+        }
+        Ok(())
     }
 
     /// `queue.declare` of a queue that is not this connection's exclusive one nor a local
@@ -212,15 +220,8 @@ impl Channel {
             return Ok(false);
         }
         let args = crate::queue::args::parse(&d.arguments, name, &vhost.name)?;
-        let record = QueueRecord {
-            vhost: vhost.name.clone(),
-            name: name.to_owned(),
-            durable: d.durable,
-            auto_delete: d.auto_delete,
-            arguments: encode_table(&d.arguments),
-            node: self.ctx().broker.place_queue(args.locator),
-            exclusive: false,
-        };
+        let node = self.ctx().broker.place_queue(args.locator);
+        let record = queue_record(&vhost.name, name, d, node, false);
         let ok = (!d.nowait).then(|| declare_ok(0, 0));
         self.propose((50, 10), Change::DeclareQueue(record), ok);
         Ok(true)
@@ -230,15 +231,7 @@ impl Channel {
     /// Should the metadata group refuse it, the queue is removed again.
     pub(super) fn propose_exclusive(&mut self, d: &queue::Declare, name: &str) {
         let vhost = self.ctx().vhost.clone();
-        let record = QueueRecord {
-            vhost: vhost.name.clone(),
-            name: name.to_owned(),
-            durable: d.durable,
-            auto_delete: d.auto_delete,
-            arguments: encode_table(&d.arguments),
-            node: self.ctx().broker.node_name(),
-            exclusive: true,
-        };
+        let record = queue_record(&vhost.name, name, d, self.ctx().broker.node_name(), true);
         let broker = self.ctx().broker.clone();
         let ok = (!d.nowait).then(|| {
             AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
@@ -365,6 +358,25 @@ impl Channel {
             )
         });
         Ok(true)
+    }
+}
+
+/// The cluster's record of a queue `queue.declare` creates on `node`.
+fn queue_record(
+    vhost: &str,
+    name: &str,
+    d: &queue::Declare,
+    node: String,
+    exclusive: bool,
+) -> QueueRecord {
+    QueueRecord {
+        vhost: vhost.to_owned(),
+        name: name.to_owned(),
+        durable: d.durable,
+        auto_delete: d.auto_delete,
+        arguments: encode_table(&d.arguments),
+        node,
+        exclusive,
     }
 }
 

@@ -650,7 +650,7 @@ impl Channel {
                 self.check(Resource::Exchange, b.destination.as_str(), Access::Write)?;
                 self.check(Resource::Exchange, b.source.as_str(), Access::Read)?;
                 let ok = exchange::AMQPMethod::BindOk(exchange::BindOk {});
-                if self.cluster_binding(
+                self.change_binding(
                     (40, 30),
                     true,
                     b.source.as_str(),
@@ -658,25 +658,13 @@ impl Channel {
                     b.routing_key.as_str(),
                     &b.arguments,
                     (!b.nowait).then_some(AMQPClass::Exchange(ok)),
-                )? {
-                    return Ok(());
-                }
-                vhost.bind(
-                    b.source.as_str(),
-                    Destination::Exchange(b.destination.to_string()),
-                    b.routing_key.as_str(),
-                    &b.arguments,
                 )?;
-                if !b.nowait {
-                    let ok = exchange::AMQPMethod::BindOk(exchange::BindOk {});
-                    reply(self.ctx(), ch, AMQPClass::Exchange(ok));
-                }
             }
             exchange::AMQPMethod::Unbind(b) => {
                 self.check(Resource::Exchange, b.destination.as_str(), Access::Write)?;
                 self.check(Resource::Exchange, b.source.as_str(), Access::Read)?;
                 let ok = exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {});
-                if self.cluster_binding(
+                self.change_binding(
                     (40, 40),
                     false,
                     b.source.as_str(),
@@ -684,19 +672,7 @@ impl Channel {
                     b.routing_key.as_str(),
                     &b.arguments,
                     (!b.nowait).then_some(AMQPClass::Exchange(ok)),
-                )? {
-                    return Ok(());
-                }
-                vhost.unbind(
-                    b.source.as_str(),
-                    Destination::Exchange(b.destination.to_string()),
-                    b.routing_key.as_str(),
-                    &b.arguments,
                 )?;
-                if !b.nowait {
-                    let ok = exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {});
-                    reply(self.ctx(), ch, AMQPClass::Exchange(ok));
-                }
             }
             _ => {
                 return Err(AmqpError::command_invalid(
@@ -766,67 +742,39 @@ impl Channel {
                 let name = self.queue_name(b.queue.as_str())?;
                 self.check(Resource::Queue, &name, Access::Write)?;
                 self.check(Resource::Exchange, b.exchange.as_str(), Access::Read)?;
-                if vhost.queue(&name).is_some() {
+                // Missing or another connection's exclusive queue (a queue on another node is
+                // checked by the metadata group).
+                if vhost.queue(&name).is_some() || !self.clustered() {
                     vhost.queue_for(&name, conn_id)?;
                 }
                 let ok = AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {}));
-                if self.cluster_binding(
+                self.change_binding(
                     (50, 20),
                     true,
-                    b.exchange.as_str(),
-                    Destination::Queue(name.clone()),
-                    b.routing_key.as_str(),
-                    &b.arguments,
-                    (!b.nowait).then_some(ok),
-                )? {
-                    return Ok(());
-                }
-                vhost.queue_for(&name, conn_id)?;
-                vhost.bind(
                     b.exchange.as_str(),
                     Destination::Queue(name),
                     b.routing_key.as_str(),
                     &b.arguments,
+                    (!b.nowait).then_some(ok),
                 )?;
-                if !b.nowait {
-                    reply(
-                        self.ctx(),
-                        ch,
-                        AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})),
-                    );
-                }
             }
             queue::AMQPMethod::Unbind(b) => {
                 let name = self.queue_name(b.queue.as_str())?;
                 self.check(Resource::Queue, &name, Access::Write)?;
                 self.check(Resource::Exchange, b.exchange.as_str(), Access::Read)?;
-                if vhost.queue(&name).is_some() {
+                if vhost.queue(&name).is_some() || !self.clustered() {
                     vhost.queue_for(&name, conn_id)?;
                 }
                 let ok = AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {}));
-                if self.cluster_binding(
+                self.change_binding(
                     (50, 50),
                     false,
-                    b.exchange.as_str(),
-                    Destination::Queue(name.clone()),
-                    b.routing_key.as_str(),
-                    &b.arguments,
-                    Some(ok),
-                )? {
-                    return Ok(());
-                }
-                vhost.queue_for(&name, conn_id)?;
-                vhost.unbind(
                     b.exchange.as_str(),
                     Destination::Queue(name),
                     b.routing_key.as_str(),
                     &b.arguments,
+                    Some(ok),
                 )?;
-                reply(
-                    self.ctx(),
-                    ch,
-                    AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})),
-                );
             }
             queue::AMQPMethod::Purge(p) => {
                 let name = self.queue_name(p.queue.as_str())?;

@@ -486,11 +486,8 @@ impl Broker {
                 user,
                 connection,
             } => {
-                let Some(v) = self.vhost(&vhost) else {
-                    return error(no_vhost(&vhost));
-                };
-                let q = match v.queue_for(&queue, u64::MAX) {
-                    Ok(q) => q,
+                let (v, q) = match self.for_other_node(&vhost, &queue) {
+                    Ok(found) => found,
                     Err(e) => return error(e),
                 };
                 let proxy = self.proxy(from, chan, &v, user, &connection);
@@ -507,11 +504,8 @@ impl Broker {
                 user,
                 connection,
             } => {
-                let Some(v) = self.vhost(&vhost) else {
-                    return error(no_vhost(&vhost));
-                };
-                let q = match v.queue_for(&queue, u64::MAX) {
-                    Ok(q) => q,
+                let (v, q) = match self.for_other_node(&vhost, &queue) {
+                    Ok(found) => found,
                     Err(e) => return error(e),
                 };
                 let Some(r) = q.get(no_ack) else {
@@ -627,6 +621,20 @@ impl Broker {
                 ))),
             },
         }
+    }
+
+    /// A queue here, looked up for a channel of another node: 404 if missing, 405 if it is
+    /// exclusive (to a connection here).
+    fn for_other_node(
+        &self,
+        vhost: &str,
+        queue: &str,
+    ) -> Result<(Arc<crate::vhost::Vhost>, Arc<crate::queue::Queue>), AmqpError> {
+        let v = self
+            .vhost(vhost)
+            .ok_or_else(|| AmqpError::not_found(format!("no vhost '{vhost}' on this node")))?;
+        let q = v.queue_for(queue, u64::MAX)?;
+        Ok((v, q))
     }
 
     /// The proxy of channel `chan` of node `from` (a new one if it has none, or its old one
