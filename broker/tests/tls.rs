@@ -266,6 +266,9 @@ async fn round_trip(conn: &Connection, queue: &str) {
         .unwrap();
     assert_eq!(d.data, b"over tls");
     d.ack(BasicAckOptions::default()).await.unwrap();
+    // Closed here, not when dropped: a drop closes it in the background, and a connection
+    // close racing that fails with InvalidChannelState(Closing) in lapin.
+    ch.close(200, "bye".into()).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
