@@ -35,18 +35,15 @@ impl ChannelShared {
         }
     }
 
-    /// Writes a delivery from `source` with this channel's next tag.
-    #[allow(clippy::too_many_arguments)]
-    fn write_remote(
+    /// This channel's next delivery tag for message `id` of `source`, recorded as unacked
+    /// unless the client does not acknowledge.
+    fn remote_tag(
         &self,
         d: &mut Deliveries,
-        consumer_tag: &str,
         source: &Arc<RemoteSource>,
         no_ack: bool,
         id: MsgId,
-        redelivered: bool,
-        msg: &Message,
-    ) {
+    ) -> u64 {
         d.next_tag += 1;
         let tag = d.next_tag;
         if !no_ack {
@@ -60,6 +57,22 @@ impl ChannelShared {
             );
             self.unacked_count.fetch_add(1, Ordering::Relaxed);
         }
+        tag
+    }
+
+    /// Writes a delivery from `source` with this channel's next tag.
+    #[allow(clippy::too_many_arguments)]
+    fn write_remote(
+        &self,
+        d: &mut Deliveries,
+        consumer_tag: &str,
+        source: &Arc<RemoteSource>,
+        no_ack: bool,
+        id: MsgId,
+        redelivered: bool,
+        msg: &Message,
+    ) {
+        let tag = self.remote_tag(d, source, no_ack, id);
         self.write_deliver(consumer_tag, tag, redelivered, msg);
     }
 
@@ -145,19 +158,7 @@ impl ChannelShared {
     /// Writes a message got from a home node (`basic.get-ok`).
     fn write_remote_get(&self, source: &Arc<RemoteSource>, no_ack: bool, g: Got) {
         let mut d = self.deliveries.lock();
-        d.next_tag += 1;
-        let tag = d.next_tag;
-        if !no_ack {
-            d.unacked.insert(
-                tag,
-                Unacked {
-                    source: Source::Remote(source.clone()),
-                    id: g.id,
-                    consumer: None,
-                },
-            );
-            self.unacked_count.fetch_add(1, Ordering::Relaxed);
-        }
+        let tag = self.remote_tag(&mut d, source, no_ack, g.id);
         let mut out = self.conn.outbox.writer();
         codec::encode_get_ok(
             &mut out,

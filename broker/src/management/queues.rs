@@ -109,7 +109,7 @@ fn down_json(vhost: &str, r: &RemoteQueue) -> Value {
 }
 
 /// Every queue of `vhosts` in the cluster: this node's, and those other nodes hold (asked
-/// in parallel; a node that cannot be reached has its queues listed as down).
+/// in turn; a node that cannot be reached has its queues listed as down).
 async fn cluster_queues(broker: &Broker, vhosts: &[Arc<Vhost>]) -> Vec<Value> {
     let mut out = Vec::new();
     let mut remote: BTreeMap<String, Vec<(String, RemoteQueue)>> = BTreeMap::new();
@@ -238,6 +238,29 @@ async fn show(
     ok(queue_details(&broker, &v, &q))
 }
 
+/// A queue PUT checked (reserved name, configure permission) and read: durable,
+/// auto_delete, arguments.
+fn queue_request(
+    broker: &Broker,
+    caller: &Caller,
+    v: &Vhost,
+    name: &str,
+    body: &Body,
+) -> ApiResult<(bool, bool, amq_protocol::types::FieldTable)> {
+    if name.starts_with("amq.") {
+        return Err(AmqpError::access_refused(format!(
+            "queue name '{name}' contains reserved prefix 'amq.*'"
+        ))
+        .into());
+    }
+    caller.check(broker, &v.name, Resource::Queue, name, Access::Configure)?;
+    Ok((
+        body.bool_or("durable", false)?,
+        body.bool_or("auto_delete", false)?,
+        arguments(body)?,
+    ))
+}
+
 /// Declares a queue from `{"durable", "auto_delete", "arguments"}`; true if it was created.
 pub fn declare_queue(
     broker: &Broker,
@@ -246,16 +269,7 @@ pub fn declare_queue(
     name: &str,
     body: &Body,
 ) -> ApiResult<bool> {
-    if name.starts_with("amq.") {
-        return Err(AmqpError::access_refused(format!(
-            "queue name '{name}' contains reserved prefix 'amq.*'"
-        ))
-        .into());
-    }
-    caller.check(broker, &v.name, Resource::Queue, name, Access::Configure)?;
-    let durable = body.bool_or("durable", false)?;
-    let auto_delete = body.bool_or("auto_delete", false)?;
-    let args = arguments(body)?;
+    let (durable, auto_delete, args) = queue_request(broker, caller, v, name, body)?;
     let (_, created) = v.declare_queue(QueueSpec {
         name,
         durable,
@@ -290,16 +304,7 @@ async fn cluster_declare(
     name: &str,
     body: &Body,
 ) -> ApiResult<bool> {
-    if name.starts_with("amq.") {
-        return Err(AmqpError::access_refused(format!(
-            "queue name '{name}' contains reserved prefix 'amq.*'"
-        ))
-        .into());
-    }
-    caller.check(broker, &v.name, Resource::Queue, name, Access::Configure)?;
-    let durable = body.bool_or("durable", false)?;
-    let auto_delete = body.bool_or("auto_delete", false)?;
-    let args = arguments(body)?;
+    let (durable, auto_delete, args) = queue_request(broker, caller, v, name, body)?;
     if let Some(r) = v.remote_queue(name) {
         let mismatch = |arg: &str, got: bool, current: bool| -> ApiError {
             AmqpError::precondition(format!(

@@ -169,19 +169,7 @@ impl Proxy {
                 .filter_map(|id| Some((*id, s.held.remove(&(queue.to_owned(), *id))?)))
                 .collect()
         };
-        let mut by_queue: Vec<(Arc<Queue>, Vec<MsgId>)> = Vec::new();
-        for (id, h) in taken {
-            if let Some(c) = &h.consumer {
-                c.unacked.fetch_sub(1, Ordering::Relaxed);
-            }
-            match by_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &h.queue)) {
-                Some((_, v)) => v.push(id),
-                None => by_queue.push((h.queue, vec![id])),
-            }
-        }
-        for (q, ids) in by_queue {
-            q.settle(ids, how);
-        }
+        settle_held(taken, how);
     }
 
     /// The channel closed or its node went: detach every consumer, requeue what is held.
@@ -201,20 +189,10 @@ impl Proxy {
                 self.vhost.remove_queue(&q.name);
             }
         }
-        let mut by_queue: Vec<(Arc<Queue>, Vec<MsgId>)> = Vec::new();
-        for ((_, id), h) in held {
-            if let Some(c) = &h.consumer {
-                c.unacked.fetch_sub(1, Ordering::Relaxed);
-            }
-            match by_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &h.queue)) {
-                Some((_, v)) => v.push(id),
-                None => by_queue.push((h.queue, vec![id])),
-            }
-        }
-        for (q, mut ids) in by_queue {
-            ids.sort_unstable();
-            q.settle(ids, Settlement::Requeue);
-        }
+        settle_held(
+            held.into_iter().map(|((_, id), h)| (id, h)),
+            Settlement::Requeue,
+        );
     }
 
     /// The client's node answered a delivery.
@@ -247,6 +225,25 @@ impl Proxy {
                 q.kick();
             }
         }
+    }
+}
+
+/// Settles held deliveries, one call per queue (ids in order), releasing their consumers'
+/// prefetch.
+fn settle_held(taken: impl IntoIterator<Item = (MsgId, Held)>, how: Settlement) {
+    let mut by_queue: Vec<(Arc<Queue>, Vec<MsgId>)> = Vec::new();
+    for (id, h) in taken {
+        if let Some(c) = &h.consumer {
+            c.unacked.fetch_sub(1, Ordering::Relaxed);
+        }
+        match by_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &h.queue)) {
+            Some((_, v)) => v.push(id),
+            None => by_queue.push((h.queue, vec![id])),
+        }
+    }
+    for (q, mut ids) in by_queue {
+        ids.sort_unstable();
+        q.settle(ids, how);
     }
 }
 
