@@ -54,6 +54,9 @@ pub struct QueueRecord {
     /// to it; gone with the connection).
     #[serde(default)]
     pub exclusive: bool,
+    /// A replicated queue: its Raft group and members (`node` is then its first member).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<crate::replicated::Replicas>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -396,6 +399,10 @@ impl Broker {
             }
             Change::DeleteQueue { vhost, name } => {
                 let v = need_vhost(&vhost)?;
+                if let Some(q) = v.remove_replicated_queue(&name) {
+                    stop_replica(q);
+                    return Ok(true);
+                }
                 Ok(v.remove_queue_here(&name).is_some() || v.remove_remote_queue(&name))
             }
             Change::Bind(b) => {
@@ -422,6 +429,29 @@ impl Broker {
             return Ok(false);
         }
         let args = metadata::decode_table(&r.arguments).unwrap_or_default();
+        if let Some(replicas) = r.replicas {
+            let q = crate::replicated::ReplicatedQueue::new(
+                &r.vhost,
+                &r.name,
+                r.durable,
+                r.auto_delete,
+                args,
+                replicas,
+                &self.node_name(),
+                self.cluster().map(Arc::downgrade).unwrap_or_default(),
+            );
+            if !v.add_replicated_queue(q.clone()) {
+                return Ok(false);
+            }
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    if let Err(e) = q.clone().start().await {
+                        tracing::error!(queue = %q.name, "the replica of this queue did not start: {e}");
+                    }
+                });
+            }
+            return Ok(true);
+        }
         if r.node == self.node_name() && r.exclusive {
             // An exclusive queue is created by its connection before it is proposed: missing
             // here, its connection closed (a removal follows) or this node restarted since.
@@ -518,6 +548,7 @@ impl Broker {
                 arguments: metadata::encode_table(&q.arguments),
                 node: me.clone(),
                 exclusive: q.exclusive_owner.is_some(),
+                replicas: None,
             })
             .chain(v.remote_queues().into_iter().map(|r| QueueRecord {
                 vhost: name.to_owned(),
@@ -527,6 +558,17 @@ impl Broker {
                 arguments: metadata::encode_table(&r.arguments),
                 node: r.node,
                 exclusive: r.exclusive,
+                replicas: None,
+            }))
+            .chain(v.replicated_queues().into_iter().map(|q| QueueRecord {
+                vhost: name.to_owned(),
+                name: q.name.clone(),
+                durable: q.durable,
+                auto_delete: q.auto_delete,
+                arguments: metadata::encode_table(&q.arguments),
+                node: q.members().first().cloned().unwrap_or_default(),
+                exclusive: false,
+                replicas: Some(q.replicas.clone()),
             }))
             .collect();
         queues.sort_by(|a, b| a.name.cmp(&b.name));
@@ -571,7 +613,12 @@ impl Broker {
                 }
             }
             let remote: Vec<RemoteQueue> = (queues.iter())
-                .filter(|q| q.vhost == name && q.node != me && v.queue(&q.name).is_none())
+                .filter(|q| {
+                    q.vhost == name
+                        && q.node != me
+                        && q.replicas.is_none()
+                        && v.queue(&q.name).is_none()
+                })
                 .map(|q| RemoteQueue {
                     name: q.name.clone(),
                     node: q.node.clone(),
@@ -582,12 +629,20 @@ impl Broker {
                 })
                 .collect();
             v.set_remote_queues(remote);
+            for q in v.replicated_queues() {
+                let kept = queues.iter().any(|r| {
+                    r.vhost == name && r.name == q.name && r.replicas.as_ref() == Some(&q.replicas)
+                });
+                if !kept && let Some(q) = v.remove_replicated_queue(&q.name) {
+                    stop_replica(q);
+                }
+            }
         }
         let changes = (exchanges.into_iter().map(Change::DeclareExchange))
             .chain(
                 queues
                     .into_iter()
-                    .filter(|q| q.node == me)
+                    .filter(|q| q.node == me || q.replicas.is_some())
                     .map(Change::DeclareQueue),
             )
             .chain(bindings.into_iter().map(Change::Bind));
@@ -718,6 +773,13 @@ impl Broker {
             let (exchanges, queues, bindings) = topology;
             self.install_topology(exchanges, queues, bindings);
         }
+    }
+}
+
+/// Stops this node's replica of a deleted replicated queue (in the background).
+fn stop_replica(q: Arc<crate::replicated::ReplicatedQueue>) {
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(async move { q.stop().await });
     }
 }
 

@@ -34,6 +34,7 @@ pub mod probe;
 pub mod queue;
 pub mod registry;
 pub mod remote;
+pub mod replicated;
 pub mod resources;
 pub mod server;
 pub mod store;

@@ -17,6 +17,7 @@ use crate::policy::{self, Policy};
 use crate::queue::args::{self, QueueArgs};
 use crate::queue::state::Millis;
 use crate::queue::{DeadLetter, DeadLetterSink, Queue};
+use crate::replicated::ReplicatedQueue;
 use crate::store::log::MessageLog;
 
 /// Pre-declared exchanges of every vhost.
@@ -49,15 +50,16 @@ pub struct RemoteQueue {
 pub struct Routed {
     pub local: Vec<Arc<Queue>>,
     pub remote: Vec<(String, String)>,
+    pub replicated: Vec<Arc<ReplicatedQueue>>,
 }
 
 impl Routed {
     pub fn is_empty(&self) -> bool {
-        self.local.is_empty() && self.remote.is_empty()
+        self.local.is_empty() && self.remote.is_empty() && self.replicated.is_empty()
     }
 
     pub fn len(&self) -> usize {
-        self.local.len() + self.remote.len()
+        self.local.len() + self.remote.len() + self.replicated.len()
     }
 }
 
@@ -73,6 +75,8 @@ pub struct Vhost {
     queues: RwLock<HashMap<String, Arc<Queue>>>,
     /// Queues living on other nodes of the cluster.
     remote: RwLock<HashMap<String, RemoteQueue>>,
+    /// Replicated queues (a Raft group each; this node may or may not hold a replica).
+    replicated: RwLock<HashMap<String, Arc<ReplicatedQueue>>>,
     /// Called with the name of a local queue removed by this node on its own (auto-delete,
     /// expiry, an exclusive queue's connection closed), so the cluster forgets it too.
     on_queue_gone: std::sync::OnceLock<QueueGoneFn>,
@@ -139,6 +143,7 @@ impl Vhost {
             exchanges: RwLock::new(HashMap::new()),
             queues: RwLock::new(HashMap::new()),
             remote: RwLock::new(HashMap::new()),
+            replicated: RwLock::new(HashMap::new()),
             on_queue_gone: std::sync::OnceLock::new(),
             forward: std::sync::OnceLock::new(),
             reply_consumers: Mutex::new(HashMap::new()),
@@ -290,7 +295,41 @@ impl Vhost {
 
     /// Whether a queue by this name exists, on this node or another.
     pub fn has_queue(&self, name: &str) -> bool {
-        self.queue(name).is_some() || self.remote.read().contains_key(name)
+        self.queue(name).is_some()
+            || self.remote.read().contains_key(name)
+            || self.replicated.read().contains_key(name)
+    }
+
+    /// A replicated queue of this vhost.
+    pub fn replicated_queue(&self, name: &str) -> Option<Arc<ReplicatedQueue>> {
+        self.replicated.read().get(name).cloned()
+    }
+
+    pub fn replicated_queues(&self) -> Vec<Arc<ReplicatedQueue>> {
+        self.replicated.read().values().cloned().collect()
+    }
+
+    /// Records a replicated queue (applying the cluster's definitions). False if a queue by
+    /// that name exists already.
+    pub fn add_replicated_queue(&self, q: Arc<ReplicatedQueue>) -> bool {
+        if self.queue(&q.name).is_some() || self.remote.read().contains_key(&q.name) {
+            return false;
+        }
+        let mut r = self.replicated.write();
+        if r.contains_key(&q.name) {
+            return false;
+        }
+        r.insert(q.name.clone(), q);
+        drop(r);
+        self.topology_changed();
+        true
+    }
+
+    /// Forgets a replicated queue, with the bindings to it; the caller stops its replica.
+    pub fn remove_replicated_queue(&self, name: &str) -> Option<Arc<ReplicatedQueue>> {
+        let q = self.replicated.write().remove(name)?;
+        self.unbind_destination(&Destination::Queue(name.to_owned()));
+        Some(q)
     }
 
     /// Sets what runs when this node removes a local queue on its own (once).
@@ -754,12 +793,17 @@ impl Vhost {
     ) -> Result<Routed> {
         let queues = self.queues.read();
         let remote = self.remote.read();
+        let replicated = self.replicated.read();
         let exchanges = self.exchanges.read();
         let mut routed = Routed::default();
         let mut to_queue = |n: &str, out: &mut Vec<Arc<Queue>>| {
             if let Some(q) = queues.get(n) {
                 if !out.iter().any(|x| Arc::ptr_eq(x, q)) {
                     out.push(q.clone());
+                }
+            } else if let Some(q) = replicated.get(n) {
+                if !routed.replicated.iter().any(|x| Arc::ptr_eq(x, q)) {
+                    routed.replicated.push(q.clone());
                 }
             } else if let Some(r) = remote.get(n)
                 && !routed.remote.iter().any(|(_, x)| x == n)
@@ -941,6 +985,11 @@ impl DeadLetterSink for Vhost {
                 continue;
             }
             t.publish(letter.msg.clone(), now);
+        }
+        for q in targets.replicated {
+            if !crate::dead_letter::is_cycle(&letter.msg, &q.name) {
+                q.publish(&letter.msg, None);
+            }
         }
         if let Some(forward) = self.forward.get() {
             let mut remote = targets.remote;

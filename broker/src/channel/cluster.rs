@@ -183,6 +183,28 @@ impl Channel {
                 consumer_count: consumers,
             }))
         };
+        if let Some(q) = vhost.replicated_queue(name) {
+            if !d.passive {
+                let r = crate::vhost::RemoteQueue {
+                    name: q.name.clone(),
+                    node: String::new(),
+                    durable: q.durable,
+                    auto_delete: q.auto_delete,
+                    exclusive: false,
+                    arguments: q.arguments.clone(),
+                };
+                check_equivalent(&r, d, &vhost.name)?;
+            }
+            let (messages, consumers) = q.counts();
+            if !d.nowait {
+                crate::codec::encode_method(
+                    &mut self.ctx().outbox.writer(),
+                    self.id(),
+                    &declare_ok(messages, consumers),
+                );
+            }
+            return Ok(true);
+        }
         if let Some(r) = vhost.remote_queue(name) {
             if r.exclusive {
                 // Another connection's, on another node.
@@ -220,8 +242,22 @@ impl Channel {
             return Ok(false);
         }
         let args = crate::queue::args::parse(&d.arguments, name, &vhost.name)?;
-        let node = self.ctx().broker.place_queue(args.locator);
-        let record = queue_record(&vhost.name, name, d, node, false);
+        let record = if args.queue_type.as_deref() == Some("quorum") {
+            let replicas = self.ctx().broker.new_replicas(
+                name,
+                &vhost.name,
+                d.durable,
+                d.auto_delete,
+                d.exclusive,
+                &d.arguments,
+            )?;
+            let mut r = queue_record(&vhost.name, name, d, self.ctx().broker.node_name(), false);
+            r.replicas = Some(replicas);
+            r
+        } else {
+            let node = self.ctx().broker.place_queue(args.locator);
+            queue_record(&vhost.name, name, d, node, false)
+        };
         let ok = (!d.nowait).then(|| declare_ok(0, 0));
         self.propose((50, 10), Change::DeclareQueue(record), ok);
         Ok(true)
@@ -253,6 +289,10 @@ impl Channel {
     /// `queue.purge` of a queue on another node. True if handled here.
     pub(super) fn cluster_purge(&mut self, name: &str, nowait: bool) -> Result<bool> {
         let vhost = self.ctx().vhost.clone();
+        if let Some(q) = vhost.replicated_queue(name) {
+            self.purge_replicated(q, nowait);
+            return Ok(true);
+        }
         let Some(r) = vhost
             .remote_queue(name)
             .filter(|_| vhost.queue(name).is_none())
@@ -322,6 +362,17 @@ impl Channel {
             self.propose((50, 40), change, (!d.nowait).then(|| delete_ok(n)));
             return Ok(true);
         }
+        if let Some(q) = vhost.replicated_queue(name) {
+            let (ready, consumers) = q.counts();
+            if d.if_unused && consumers > 0 {
+                return Err(in_use());
+            }
+            if d.if_empty && ready > 0 {
+                return Err(not_empty());
+            }
+            self.propose((50, 40), change, (!d.nowait).then(|| delete_ok(ready)));
+            return Ok(true);
+        }
         let Some(r) = vhost.remote_queue(name) else {
             return Ok(false);
         };
@@ -377,6 +428,7 @@ fn queue_record(
         arguments: encode_table(&d.arguments),
         node,
         exclusive,
+        replicas: None,
     }
 }
 

@@ -8,6 +8,7 @@
 
 mod cluster;
 mod remote;
+mod replicated;
 
 pub use cluster::Deferred;
 pub(crate) use cluster::binding_def;
@@ -41,6 +42,7 @@ use crate::vhost::{QueueSpec, REPLY_TO};
 enum Source {
     Local(Arc<Queue>),
     Remote(Arc<RemoteSource>),
+    Replicated(Arc<replicated::ReplicatedSource>),
 }
 
 impl Source {
@@ -48,6 +50,7 @@ impl Source {
         match self {
             Source::Local(q) => &q.name,
             Source::Remote(r) => &r.queue,
+            Source::Replicated(r) => &r.queue.name,
         }
     }
 
@@ -55,6 +58,7 @@ impl Source {
         match (self, other) {
             (Source::Local(a), Source::Local(b)) => Arc::ptr_eq(a, b),
             (Source::Remote(a), Source::Remote(b)) => Arc::ptr_eq(a, b),
+            (Source::Replicated(a), Source::Replicated(b)) => Arc::ptr_eq(a, b),
             _ => false,
         }
     }
@@ -63,6 +67,7 @@ impl Source {
         match self {
             Source::Local(q) => q.settle(ids, how),
             Source::Remote(r) => r.settle(ids, how),
+            Source::Replicated(r) => r.settle(ids, how),
         }
     }
 }
@@ -95,6 +100,8 @@ pub struct ChannelShared {
     pub stats: ChannelStats,
     /// Consumers and deliveries of queues on other nodes (lock before `deliveries`).
     remote: Mutex<RemoteSide>,
+    /// Consumers and gets of replicated queues (lock before `deliveries`).
+    replicated: Mutex<replicated::ReplicatedSide>,
 }
 
 impl ChannelShared {
@@ -311,6 +318,7 @@ impl Channel {
                 open: AtomicBool::new(true),
                 stats: ChannelStats::default(),
                 remote: Mutex::new(RemoteSide::default()),
+                replicated: Mutex::new(replicated::ReplicatedSide::default()),
             }),
             closing: false,
             content: None,
@@ -502,6 +510,7 @@ impl Channel {
         }
         settle_grouped(taken.into_values(), Settlement::Requeue);
         self.close_remote();
+        self.close_replicated();
     }
 
     fn queue_name(&self, name: &str) -> Result<String> {
@@ -861,6 +870,7 @@ impl Channel {
             basic::AMQPMethod::Cancel(c) => {
                 let tag = c.consumer_tag.to_string();
                 self.cancel_remote(&tag);
+                self.cancel_replicated(&tag);
                 if let Some(e) = self.consumers.remove(&tag)
                     && e.queue.remove_consumer(&tag, self.shared.target_id())
                 {
@@ -936,6 +946,7 @@ impl Channel {
             .is_some_and(|e| !e.queue.is_deleted())
             || self.reply_to.as_ref().is_some_and(|(_, t)| *t == tag)
             || self.shared.remote.lock().consumers.contains_key(&tag)
+            || self.shared.replicated.lock().has_consumer(&tag)
         {
             return Err(AmqpError::not_allowed(format!(
                 "attempt to reuse consumer tag '{tag}'"
@@ -979,6 +990,10 @@ impl Channel {
                 .and_then(|p| i32::try_from(p).ok())
                 .ok_or_else(|| AmqpError::precondition("invalid x-priority consumer argument"))?,
         };
+        if let Some(q) = vhost.replicated_queue(&name) {
+            self.consume_replicated(&c, tag, q);
+            return Ok(());
+        }
         if vhost.queue(&name).is_none()
             && let Some(r) = vhost.remote_queue(&name)
         {
@@ -1016,6 +1031,10 @@ impl Channel {
         let ch = self.id();
         let name = self.queue_name(g.queue.as_str())?;
         self.check(Resource::Queue, &name, Access::Read)?;
+        if let Some(q) = self.ctx().vhost.replicated_queue(&name) {
+            self.get_replicated(&g, q);
+            return Ok(());
+        }
         if self.ctx().vhost.queue(&name).is_none()
             && let Some(r) = self.ctx().vhost.remote_queue(&name)
         {
@@ -1499,9 +1518,10 @@ impl Channel {
         let now = now_ms();
         let mut accepted = true;
         let mut store_failed = false;
-        if !queues.remote.is_empty() {
+        if !queues.remote.is_empty() || !queues.replicated.is_empty() {
             // Queues on other nodes: the message is forwarded to each home node; a confirm
-            // (or the transaction's commit-ok) waits for their answers.
+            // (or the transaction's commit-ok) waits for their answers. A replicated queue's
+            // answer is the commit of its enqueue.
             let waits = self.confirm_seq.is_some() || self.tx.is_some();
             let answers = match (&self.route_remote, waits) {
                 (Some(a), true) => Some(a.clone()),
@@ -1513,6 +1533,9 @@ impl Channel {
             for (node, group) in crate::vhost::group_by_node(remote) {
                 ctx.broker
                     .forward_publish(&node, &ctx.vhost.name, group, &msg, answers.as_ref());
+            }
+            for q in &queues.replicated {
+                accepted &= q.publish(&msg, answers.as_ref());
             }
             self.route_remote = answers;
         }

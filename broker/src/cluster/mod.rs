@@ -25,8 +25,8 @@ pub mod raft;
 pub mod rpc;
 pub mod wire;
 
-use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -101,6 +101,8 @@ pub struct Cluster {
     meta: std::sync::OnceLock<Arc<raft::Metadata>>,
     /// Serves broker calls from other nodes (see [`Cluster::serve_broker_calls`]).
     broker: std::sync::OnceLock<Arc<dyn BrokerCalls>>,
+    /// The groups of replicated queues this node is a member of, by group name.
+    groups: RwLock<HashMap<String, Arc<raft::Metadata>>>,
 }
 
 /// Why a node cannot be forgotten.
@@ -264,6 +266,7 @@ impl Cluster {
             dir,
             meta: std::sync::OnceLock::new(),
             broker: std::sync::OnceLock::new(),
+            groups: RwLock::new(HashMap::new()),
         })
     }
 
@@ -324,6 +327,70 @@ impl Cluster {
     /// The metadata group, once started.
     pub fn metadata(&self) -> Option<&Arc<raft::Metadata>> {
         self.meta.get()
+    }
+
+    /// The group a Raft call (JSON of an [`raft::Envelope`]) is for.
+    fn group_for(&self, call: &str) -> Result<Arc<raft::Metadata>, String> {
+        let group = serde_json::from_str::<raft::GroupOf>(call)
+            .map_err(|e| format!("undecodable Raft call: {e}"))?
+            .group;
+        match group {
+            None => self
+                .meta
+                .get()
+                .cloned()
+                .ok_or_else(|| "the metadata group is not started yet".into()),
+            Some(g) => self
+                .groups
+                .read()
+                .get(&g)
+                .cloned()
+                .ok_or_else(|| format!("this node has no replica of {g} (yet)")),
+        }
+    }
+
+    /// Starts (or reopens) the group of a replicated queue on this node, in `dir`.
+    pub async fn start_queue_group(
+        self: &Arc<Self>,
+        host: Arc<dyn raft::Replicated>,
+        dir: &Path,
+        group: &str,
+        members: BTreeMap<raft::NodeId, raft::Member>,
+        initialize: bool,
+    ) -> Result<Arc<raft::Metadata>, String> {
+        if let Some(g) = self.groups.read().get(group) {
+            return Ok(g.clone());
+        }
+        let g = raft::Metadata::start_group(self, host, dir, group.to_owned(), members, initialize)
+            .await?;
+        self.groups.write().insert(group.to_owned(), g.clone());
+        Ok(g)
+    }
+
+    /// Stops this node's replica of `group` (the queue was deleted).
+    pub async fn stop_queue_group(&self, group: &str) {
+        let g = self.groups.write().remove(group);
+        if let Some(g) = g {
+            g.shutdown().await;
+        }
+    }
+
+    /// This node's members of the metadata group as Raft ids and members (for new groups).
+    pub fn metadata_voters(&self) -> Vec<(raft::NodeId, raft::Member)> {
+        self.meta
+            .get()
+            .map(|m| m.voter_members())
+            .unwrap_or_default()
+    }
+
+    /// This node's Raft id (its incarnation).
+    pub fn raft_id(&self) -> raft::NodeId {
+        self.me.incarnation
+    }
+
+    /// The data directory's `cluster/` directory.
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
     }
 
     /// Whether the member `name` is reachable now.
@@ -621,12 +688,12 @@ impl Handler for Requests {
         };
         Box::pin(async move {
             let response = match (self.0.upgrade(), request) {
-                (Some(c), Ok(Request::Raft(call))) => match c.meta.get().cloned() {
-                    Some(meta) => match meta.handle(&call).await {
+                (Some(c), Ok(Request::Raft(call))) => match c.group_for(&call) {
+                    Ok(meta) => match meta.handle(&call).await {
                         Ok(answer) => Response::Raft(answer),
                         Err(e) => Response::Error(e),
                     },
-                    None => Response::Error("the metadata group is not started yet".into()),
+                    Err(e) => Response::Error(e),
                 },
                 (Some(c), Ok(req)) => c.handle_request(req),
                 (None, _) => Response::Error("node is stopping".into()),

@@ -93,6 +93,32 @@ fn sorted_queues(v: &Vhost) -> Vec<Arc<Queue>> {
 /// How long a listing waits for another node's queues.
 const NODE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A replicated queue as this node sees it (its counts are this replica's).
+fn replicated_json(v: &Vhost, q: &crate::replicated::ReplicatedQueue) -> Value {
+    let i = q.info();
+    let (policy, operator_policy) = v.queue_policy_names(&q.name);
+    json!({
+        "name": q.name,
+        "vhost": v.name,
+        "durable": q.durable,
+        "auto_delete": q.auto_delete,
+        "exclusive": false,
+        "arguments": table_to_json(&q.arguments),
+        "node": i.leader.clone().unwrap_or_else(|| i.members.first().cloned().unwrap_or_default()),
+        "type": "quorum",
+        "leader": i.leader,
+        "members": i.members,
+        "online": i.online,
+        "state": if i.leader.is_some() { "running" } else { "minority" },
+        "messages": i.ready + i.unacked,
+        "messages_ready": i.ready,
+        "messages_unacknowledged": i.unacked,
+        "consumers": i.consumers,
+        "policy": policy,
+        "operator_policy": operator_policy,
+    })
+}
+
 /// A queue whose node cannot be reached, as RabbitMQ lists one (`"state": "down"`).
 fn down_json(vhost: &str, r: &RemoteQueue) -> Value {
     json!({
@@ -115,6 +141,7 @@ async fn cluster_queues(broker: &Broker, vhosts: &[Arc<Vhost>]) -> Vec<Value> {
     let mut remote: BTreeMap<String, Vec<(String, RemoteQueue)>> = BTreeMap::new();
     for v in vhosts {
         out.extend(sorted_queues(v).iter().map(|q| queue_json(broker, v, q)));
+        out.extend(v.replicated_queues().iter().map(|q| replicated_json(v, q)));
         if broker.clustered() {
             for r in v
                 .remote_queues()
@@ -217,6 +244,9 @@ async fn show(
     Path((vhost, name)): Path<(String, String)>,
 ) -> ApiResult {
     let v = caller.vhost(&broker, &vhost)?;
+    if let Some(q) = v.replicated_queue(&name) {
+        return ok(replicated_json(&v, &q));
+    }
     if let Some(r) = remote(&broker, &v, &name) {
         let call = Call::QueueInfo {
             vhosts: vec![v.name.clone()],
@@ -322,15 +352,37 @@ async fn cluster_declare(
         crate::queue::args::check_equivalent(&r.arguments, &args, name, &v.name)?;
         return Ok(false);
     }
+    if let Some(q) = v.replicated_queue(name) {
+        if q.durable != durable || q.auto_delete != auto_delete {
+            return Err(AmqpError::precondition(format!(
+                "inequivalent arg 'durable' or 'auto_delete' for queue '{name}' in vhost '{}'",
+                v.name
+            ))
+            .into());
+        }
+        crate::queue::args::check_equivalent(&q.arguments, &args, name, &v.name)?;
+        return Ok(false);
+    }
     let parsed = crate::queue::args::parse(&args, name, &v.name)?;
+    let replicas = match parsed.queue_type.as_deref() {
+        Some("quorum") => {
+            Some(broker.new_replicas(name, &v.name, durable, auto_delete, false, &args)?)
+        }
+        _ => None,
+    };
+    let node = match &replicas {
+        Some(_) => broker.node_name(),
+        None => broker.place_queue(parsed.locator),
+    };
     let record = QueueRecord {
         vhost: v.name.clone(),
         name: name.to_owned(),
         durable,
         auto_delete,
         arguments: encode_table(&args),
-        node: broker.place_queue(parsed.locator),
+        node,
         exclusive: false,
+        replicas,
     };
     apply(broker, Change::DeclareQueue(record)).await
 }
@@ -344,6 +396,17 @@ async fn remove(
     let v = caller.vhost(&broker, &vhost)?;
     let local = v.queue(&name);
     let exclusive = local.as_ref().is_some_and(|q| q.exclusive_owner.is_some());
+    if let Some(q) = v.replicated_queue(&name) {
+        caller.check(&broker, &vhost, Resource::Queue, &name, Access::Configure)?;
+        let (ready, consumers) = q.counts();
+        check_unused_empty(&query, &vhost, &name, ready as u64, consumers as u64)?;
+        let change = Change::DeleteQueue {
+            vhost: v.name.clone(),
+            name: name.clone(),
+        };
+        apply(&broker, change).await?;
+        return no_content();
+    }
     if broker.clustered() && !exclusive && (local.is_some() || v.remote_queue(&name).is_some()) {
         caller.check(&broker, &vhost, Resource::Queue, &name, Access::Configure)?;
         let (ready, consumers) = match (&local, v.remote_queue(&name)) {

@@ -219,7 +219,13 @@ impl Answers {
         self.refused.load(Ordering::Acquire)
     }
 
-    fn answered(&self, ok: bool) {
+    /// One more answer to wait for.
+    pub fn expect(&self) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// An answer came: `ok`, or a refusal.
+    pub fn answered(&self, ok: bool) {
         if !ok {
             self.refused.store(true, Ordering::Release);
         }
@@ -246,6 +252,74 @@ fn unreachable(queue: &str, vhost: &str, why: String) -> AmqpError {
 }
 
 impl Broker {
+    /// The replicas of a new `x-queue-type: quorum` queue declared on this node: this node
+    /// first, then the other running voters of the metadata group by name, as many as
+    /// `x-quorum-initial-group-size` asks (default: all).
+    pub fn new_replicas(
+        &self,
+        name: &str,
+        vhost: &str,
+        durable: bool,
+        auto_delete: bool,
+        exclusive: bool,
+        arguments: &amq_protocol::types::FieldTable,
+    ) -> Result<crate::replicated::Replicas, AmqpError> {
+        let broker = self;
+        let invalid = |what: &str| {
+            AmqpError::precondition(format!(
+                "invalid property '{what}' for queue '{name}' in vhost '{vhost}'"
+            ))
+        };
+        if !durable {
+            return Err(invalid("non-durable"));
+        }
+        if auto_delete {
+            return Err(invalid("auto-delete"));
+        }
+        if exclusive {
+            return Err(invalid("exclusive-owner"));
+        }
+        let int_arg = |k: &str| -> Result<Option<u32>, AmqpError> {
+            match arguments.inner().get(k) {
+                None => Ok(None),
+                Some(v) => crate::queue::args::as_int(v)
+                    .and_then(|n| u32::try_from(n).ok())
+                    .map(Some)
+                    .ok_or_else(|| {
+                        AmqpError::precondition(format!(
+                            "invalid arg '{k}' for queue '{name}' in vhost '{vhost}': not a \
+                         non-negative integer"
+                        ))
+                    }),
+            }
+        };
+        let size = int_arg("x-quorum-initial-group-size")?;
+        let delivery_limit = int_arg("x-delivery-limit")?;
+        let cluster = broker
+            .cluster()
+            .ok_or_else(|| AmqpError::internal("not clustered"))?;
+        let me = broker.node_name();
+        let mut voters = cluster.metadata_voters();
+        voters.retain(|(_, m)| m.name == me || cluster.is_running(&m.name));
+        voters.sort_by(|a, b| (a.1.name != me, &a.1.name).cmp(&(b.1.name != me, &b.1.name)));
+        if let Some(n) = size.filter(|n| *n > 0) {
+            voters.truncate(n as usize);
+        }
+        if voters.first().is_none_or(|(_, m)| m.name != me) {
+            return Err(AmqpError::internal(
+                "this node is not a voter of the cluster's metadata group yet",
+            ));
+        }
+        Ok(crate::replicated::Replicas {
+            group: format!("q{:016x}", rand::random::<u64>()),
+            members: voters
+                .into_iter()
+                .map(|(id, m)| (id, m.name, m.addr))
+                .collect(),
+            config: crate::replicated::state::Config { delivery_limit },
+        })
+    }
+
     /// The node a new queue is to live on, as `locator` says: this one, the running member
     /// holding the fewest queues (this one on a tie), or any running member.
     pub fn place_queue(&self, locator: crate::queue::args::Locator) -> String {

@@ -6,4 +6,5 @@ mod harness;
 mod membership;
 mod metadata;
 mod queues;
+mod replicated;
 mod tls;

@@ -109,8 +109,18 @@ pub enum RaftCall {
 /// data was wiped (a new id under the same name) does not answer for its former self.
 #[derive(Serialize, Deserialize)]
 pub struct Envelope {
+    /// The group: None for the metadata group, else a replicated queue's group.
+    #[serde(default)]
+    pub group: Option<String>,
     pub to: Option<NodeId>,
     pub call: RaftCall,
+}
+
+/// Only the group of an [`Envelope`], to route it before decoding the rest.
+#[derive(Deserialize)]
+pub struct GroupOf {
+    #[serde(default)]
+    pub group: Option<String>,
 }
 
 /// The metadata group as one node sees it.
@@ -129,6 +139,8 @@ pub struct MetaStatus {
 }
 
 pub struct Metadata {
+    /// None: the metadata group; else the name of a replicated queue's group.
+    group: Option<String>,
     raft: Raft<TypeConfig>,
     id: NodeId,
     me: Member,
@@ -187,11 +199,13 @@ impl Metadata {
         let id = cluster.me.incarnation;
         let network = network::Network {
             cluster: Arc::downgrade(cluster),
+            group: None,
         };
         let raft = Raft::new(id, Arc::new(config), network, log, sm)
             .await
             .map_err(text)?;
         let meta = Arc::new(Metadata {
+            group: None,
             raft,
             id,
             me: Member {
@@ -211,6 +225,89 @@ impl Metadata {
         }
         tokio::spawn(exit_if_raft_fails(meta.raft.metrics()));
         Ok(meta)
+    }
+
+    /// Opens (or creates) the group `group` of a replicated queue under `dir`, its state the
+    /// queue (`host`). A new group is created by the node with `initialize`, with `members`
+    /// as its voters; the others wait to be reached by its leader.
+    pub async fn start_group(
+        cluster: &Arc<Cluster>,
+        host: Arc<dyn Replicated>,
+        dir: &Path,
+        group: String,
+        members: BTreeMap<NodeId, Member>,
+        initialize: bool,
+    ) -> Result<Arc<Metadata>, String> {
+        let log = log::LogStore::open(dir).map_err(text)?;
+        let fresh = !log.has_state();
+        let (applied_tx, applied) = watch::channel(0);
+        let sm = state::StateMachine::open(dir, host.clone(), applied_tx).map_err(text)?;
+        let every = std::env::var("WARREN_QUEUE_SNAPSHOT_LOGS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(4096u64)
+            .max(1);
+        let config = openraft::Config {
+            cluster_name: format!("warren-{group}"),
+            heartbeat_interval: 250,
+            election_timeout_min: 1000,
+            election_timeout_max: 2000,
+            install_snapshot_timeout: 10000,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(every),
+            max_in_snapshot_log_to_keep: every.min(100),
+            ..Default::default()
+        }
+        .validate()
+        .map_err(text)?;
+        let id = cluster.me.incarnation;
+        let network = network::Network {
+            cluster: Arc::downgrade(cluster),
+            group: Some(group.clone()),
+        };
+        let raft = Raft::new(id, Arc::new(config), network, log, sm)
+            .await
+            .map_err(text)?;
+        if fresh && initialize {
+            raft.initialize(members).await.map_err(text)?;
+        }
+        let me = Member {
+            name: cluster.me.node.clone(),
+            addr: cluster.me.advertise.clone(),
+        };
+        Ok(Arc::new(Metadata {
+            group: Some(group),
+            raft,
+            id,
+            me,
+            cluster: Arc::downgrade(cluster),
+            host,
+            applied,
+            changes: tokio::sync::Mutex::new(()),
+            caught_up: AtomicBool::new(false),
+            heard_leader: AtomicBool::new(false),
+            bootstrapping: AtomicBool::new(false),
+        }))
+    }
+
+    /// The voters as `(id, member)`.
+    pub fn voter_members(&self) -> Vec<(NodeId, Member)> {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        membership
+            .voter_ids()
+            .filter_map(|id| membership.get_node(&id).map(|n| (id, n.clone())))
+            .collect()
+    }
+
+    /// Whether this node leads the group now.
+    pub fn leading(&self) -> bool {
+        self.is_leader()
+    }
+
+    /// Asks this node to stand for election (leadership moved here, as a drain's
+    /// counterpart moves it away).
+    pub async fn trigger_election(&self) -> Result<(), String> {
+        self.raft.trigger().elect().await.map_err(text)
     }
 
     pub fn status(&self) -> MetaStatus {
@@ -254,17 +351,26 @@ impl Metadata {
         status.voter && n > 0 && (n - down.len() - 1) * 2 <= n
     }
 
+    /// How errors name the group's lost quorum.
+    fn lost(&self) -> String {
+        match &self.group {
+            None => QUORUM_LOST.to_owned(),
+            Some(g) => format!("queue quorum lost ({g})"),
+        }
+    }
+
     fn check_quorum(&self) -> Result<(), String> {
         let (down, n) = self.unreachable_voters();
+        let lost = self.lost();
         if n == 0 {
             return Err(format!(
-                "{QUORUM_LOST}: this node has not joined the cluster's metadata group yet"
+                "{lost}: this node has not joined the cluster's metadata group yet"
             ));
         }
         let up = n - down.len();
         if up * 2 <= n {
             return Err(format!(
-                "{QUORUM_LOST}: {up} of {n} nodes reachable (down: {}); changes are refused \
+                "{lost}: {up} of {n} nodes reachable (down: {}); changes are refused \
                  until a majority is back",
                 down.join(", ")
             ));
@@ -280,14 +386,13 @@ impl Metadata {
             ));
         }
         self.check_quorum()?;
+        let lost = self.lost();
         let work = async {
             let (index, outcome) = match self.raft.client_write(command.clone()).await {
                 Ok(r) => (r.log_id.index, r.data),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                     let Some(leader) = f.leader_node else {
-                        return Err(format!(
-                            "{QUORUM_LOST}: no metadata leader elected yet; retry"
-                        ));
+                        return Err(format!("{lost}: no leader elected yet; retry"));
                     };
                     let answer = self.call(&leader.name, RaftCall::Write(command)).await?;
                     serde_json::from_str::<Result<(u64, String), String>>(&answer)
@@ -305,7 +410,7 @@ impl Metadata {
         match tokio::time::timeout(PROPOSE_TIMEOUT, work).await {
             Ok(r) => r,
             Err(_) => Err(format!(
-                "{QUORUM_LOST}: the change was not committed within {PROPOSE_TIMEOUT:?} (no \
+                "{lost}: the change was not committed within {PROPOSE_TIMEOUT:?} (no \
                  majority answering); it may still be applied"
             )),
         }
@@ -313,7 +418,11 @@ impl Metadata {
 
     async fn call(&self, name: &str, call: RaftCall) -> Result<String, String> {
         let cluster = self.cluster.upgrade().ok_or("node is stopping")?;
-        let envelope = Envelope { to: None, call };
+        let envelope = Envelope {
+            group: self.group.clone(),
+            to: None,
+            call,
+        };
         cluster.raft_call(name, &envelope, CALL_TIMEOUT).await
     }
 

@@ -20,6 +20,8 @@ use crate::cluster::Cluster;
 
 pub struct Network {
     pub cluster: Weak<Cluster>,
+    /// None: the metadata group; else a replicated queue's group.
+    pub group: Option<String>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -28,6 +30,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, node: &Member) -> PeerClient {
         PeerClient {
             cluster: self.cluster.clone(),
+            group: self.group.clone(),
             target,
             name: node.name.clone(),
         }
@@ -36,6 +39,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
 pub struct PeerClient {
     cluster: Weak<Cluster>,
+    group: Option<String>,
     target: NodeId,
     name: String,
 }
@@ -60,6 +64,7 @@ impl PeerClient {
             ))));
         };
         let envelope = Envelope {
+            group: self.group.clone(),
             to: Some(self.target),
             call,
         };

@@ -1,0 +1,683 @@
+//! Replicated queues (`x-queue-type: quorum`): one Raft group per queue over its member
+//! nodes (see ARCHITECTURE.md, "Replicated queues").
+//!
+//! * **The state is replicated, not the outcomes.** A queue's messages, its consumers and
+//!   what each consumer holds unacknowledged are a [`state::QueueState`] on every member,
+//!   changed only by committed [`state::Command`]s. Which message goes to which consumer is
+//!   decided by applying them, identically everywhere.
+//! * **Propose → commit → apply.** Anything a client does (publish, consume, ack, nack,
+//!   cancel, get, purge) is a command proposed to the queue's leader; a publisher confirm is
+//!   sent once the enqueue is committed (on disk on a majority) and applied here. Commands
+//!   from one queue's users on one node are proposed in order, many per Raft entry (one in
+//!   flight at a time), so a burst of publishes costs one replication round.
+//! * **Deliveries happen after commit, on the consumer's node.** Every member applies every
+//!   command; each hands the deliveries decided for its own consumers to their channels
+//!   ([`LocalConsumer`]). No delivery crosses the network after the commit.
+//! * **Failures.** The leader releases the consumers of a node it cannot see (what they held
+//!   returns, redelivered); a node releases its own consumers of earlier boots and re-attaches
+//!   a live consumer the state lost. Paging and disk are node-local and outside commands.
+//!
+//! This module imports nothing of `channel` or `vhost`: channels are reached through
+//! [`LocalConsumer`].
+
+pub mod state;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use amq_protocol::types::FieldTable;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::cluster::Cluster;
+use crate::cluster::raft::{Member, Metadata, NodeId, Replicated};
+use crate::message::Message;
+use crate::remote::Answers;
+use state::{Command, ConsumerKey, Delivery, MsgId, Outcome, QueueState};
+
+/// How a replicated queue was created: its group, members and configuration (part of the
+/// queue's record in the replicated definitions).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Replicas {
+    /// The Raft group's name (unique: a queue deleted and declared again is a new group).
+    pub group: String,
+    /// `(raft id, node name, inter-node address)`; the first creates the group.
+    pub members: Vec<(NodeId, String, String)>,
+    #[serde(default)]
+    pub config: state::Config,
+}
+
+/// A channel's consumer of a replicated queue on this node.
+pub trait LocalConsumer: Send + Sync {
+    /// Message `id` for consumer `key`, decided by a committed command. False if the consumer
+    /// is gone (the queue then cancels it: what it holds returns).
+    fn deliver_replicated(
+        &self,
+        queue: &Arc<ReplicatedQueue>,
+        key: &ConsumerKey,
+        id: MsgId,
+        redelivered: bool,
+        msg: Arc<Message>,
+    ) -> bool;
+
+    /// The queue was deleted: tell the client (`basic.cancel`) if it understands that.
+    fn replicated_cancelled(&self, tag: &str);
+}
+
+struct Local {
+    target: Weak<dyn LocalConsumer>,
+    prefetch: u32,
+}
+
+struct Proposal {
+    command: Command,
+    answer: Option<oneshot::Sender<Result<Outcome, String>>>,
+    bytes: usize,
+}
+
+/// Most bytes of proposals waiting for their turn; beyond it publishes are refused (nacked).
+const MAX_PENDING_BYTES: usize = 256 << 20;
+/// Most bytes of commands in one Raft entry.
+const MAX_BATCH_BYTES: usize = 4 << 20;
+
+/// This process's boot: consumers of a restarted node's earlier boots are gone.
+pub fn boot() -> u64 {
+    static BOOT: OnceLock<u64> = OnceLock::new();
+    *BOOT.get_or_init(rand::random)
+}
+
+pub struct ReplicatedQueue {
+    pub vhost: String,
+    pub name: String,
+    pub durable: bool,
+    pub auto_delete: bool,
+    pub arguments: FieldTable,
+    pub replicas: Replicas,
+    node: String,
+    me: Weak<ReplicatedQueue>,
+    state: Mutex<QueueState>,
+    local: Mutex<HashMap<ConsumerKey, Local>>,
+    /// Consumers of this node whose cancel was proposed (once each).
+    cancelling: Mutex<HashSet<ConsumerKey>>,
+    raft: OnceLock<Arc<Metadata>>,
+    cluster: Weak<Cluster>,
+    proposals: mpsc::UnboundedSender<Proposal>,
+    pending_bytes: AtomicUsize,
+}
+
+impl std::fmt::Debug for ReplicatedQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ReplicatedQueue({}/{})", self.vhost, self.name)
+    }
+}
+
+/// The message a replica keeps, as a client receives it.
+fn message(m: &state::Msg) -> Option<Arc<Message>> {
+    let header = Bytes::copy_from_slice(&m.header);
+    let properties = crate::codec::decode_header(&header).ok()?.properties;
+    Some(Arc::new(Message::with_header_payload(
+        m.exchange.clone(),
+        m.routing_key.clone(),
+        properties,
+        header,
+        Bytes::copy_from_slice(&m.body),
+    )))
+}
+
+/// A got message: id, message, redelivered, messages remaining.
+pub type Got = (MsgId, Arc<Message>, bool, u32);
+
+/// What the management API shows of a replicated queue on this node.
+#[derive(Debug, Clone)]
+pub struct Info {
+    pub leader: Option<String>,
+    pub members: Vec<String>,
+    pub online: Vec<String>,
+    pub ready: u32,
+    pub unacked: u32,
+    pub consumers: u32,
+    /// This node holds a replica (its counts are current).
+    pub replica: bool,
+}
+
+impl ReplicatedQueue {
+    /// The queue as this node knows it; a member then [`ReplicatedQueue::start`]s its replica.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        vhost: &str,
+        name: &str,
+        durable: bool,
+        auto_delete: bool,
+        arguments: FieldTable,
+        replicas: Replicas,
+        node: &str,
+        cluster: Weak<Cluster>,
+    ) -> Arc<Self> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let q = Arc::new_cyclic(|me| ReplicatedQueue {
+            vhost: vhost.to_owned(),
+            name: name.to_owned(),
+            durable,
+            auto_delete,
+            arguments,
+            state: Mutex::new(QueueState::new(replicas.config.clone())),
+            replicas,
+            node: node.to_owned(),
+            me: me.clone(),
+            local: Mutex::new(HashMap::new()),
+            cancelling: Mutex::new(HashSet::new()),
+            raft: OnceLock::new(),
+            cluster,
+            proposals: tx,
+            pending_bytes: AtomicUsize::new(0),
+        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(propose_loop(Arc::downgrade(&q), rx));
+        }
+        q
+    }
+
+    /// Whether this node holds a replica.
+    pub fn is_member(&self) -> bool {
+        self.replicas
+            .members
+            .iter()
+            .any(|(_, n, _)| *n == self.node)
+    }
+
+    /// Where this replica's Raft log and snapshots are kept.
+    fn dir(cluster: &Cluster, group: &str) -> Option<PathBuf> {
+        cluster.dir().map(|d| d.join("queues").join(group))
+    }
+
+    /// Opens this node's replica (creating the group if this node is the first member), then
+    /// keeps it swept.
+    pub async fn start(self: Arc<Self>) -> Result<(), String> {
+        if !self.is_member() {
+            return Ok(());
+        }
+        let cluster = self.cluster.upgrade().ok_or("node is stopping")?;
+        let dir = Self::dir(&cluster, &self.replicas.group)
+            .ok_or("a replicated queue needs a data directory")?;
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let members: BTreeMap<NodeId, Member> = self
+            .replicas
+            .members
+            .iter()
+            .map(|(id, name, addr)| {
+                (
+                    *id,
+                    Member {
+                        name: name.clone(),
+                        addr: addr.clone(),
+                    },
+                )
+            })
+            .collect();
+        let first = self.replicas.members.first().map(|m| m.1.as_str()) == Some(&self.node);
+        let host: Arc<dyn Replicated> = self.clone();
+        let raft = cluster
+            .start_queue_group(host, &dir, &self.replicas.group, members, first)
+            .await?;
+        let _ = self.raft.set(raft);
+        tokio::spawn(sweep_loop(Arc::downgrade(&self)));
+        Ok(())
+    }
+
+    /// Stops this node's replica and removes its files (the queue was deleted).
+    pub async fn stop(&self) {
+        let Some(cluster) = self.cluster.upgrade() else {
+            return;
+        };
+        cluster.stop_queue_group(&self.replicas.group).await;
+        if let Some(dir) = Self::dir(&cluster, &self.replicas.group) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        let local: Vec<(ConsumerKey, Local)> = self.local.lock().drain().collect();
+        for (k, l) in local {
+            if k.tag != state::GET_TAG
+                && let Some(t) = l.target.upgrade()
+            {
+                t.replicated_cancelled(&k.tag);
+            }
+        }
+    }
+
+    /// The key of a consumer of this node.
+    pub fn key(&self, conn: u64, channel: u16, tag: &str) -> ConsumerKey {
+        ConsumerKey {
+            node: self.node.clone(),
+            boot: boot(),
+            conn,
+            channel,
+            tag: tag.to_owned(),
+        }
+    }
+
+    fn submit(&self, command: Command, answer: Option<oneshot::Sender<Result<Outcome, String>>>) {
+        let bytes = match &command {
+            Command::Enqueue(m) => m.body.len() + m.header.len() + 64,
+            _ => 64,
+        };
+        self.pending_bytes.fetch_add(bytes, Ordering::AcqRel);
+        let p = Proposal {
+            command,
+            answer,
+            bytes,
+        };
+        if let Err(mpsc::error::SendError(p)) = self.proposals.send(p) {
+            self.pending_bytes.fetch_sub(p.bytes, Ordering::AcqRel);
+            if let Some(a) = p.answer {
+                let _ = a.send(Err("the queue is stopping".into()));
+            }
+        }
+    }
+
+    /// Proposes `command`; resolves once it is committed and applied on this node.
+    pub async fn call(&self, command: Command) -> Result<Outcome, String> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(command, Some(tx));
+        rx.await.map_err(|_| "the queue is stopping".to_owned())?
+    }
+
+    /// Publishes `msg`: with `answers`, a confirm waits for the commit (a refusal is a nack).
+    /// False if refused at once (too much waiting to be proposed).
+    pub fn publish(&self, msg: &Message, answers: Option<&Arc<Answers>>) -> bool {
+        if self.pending_bytes.load(Ordering::Acquire) > MAX_PENDING_BYTES {
+            return false;
+        }
+        let command = Command::Enqueue(state::Msg {
+            exchange: msg.exchange.clone(),
+            routing_key: msg.routing_key.clone(),
+            header: msg.header_payload.to_vec(),
+            body: msg.body.to_vec(),
+            returned: 0,
+        });
+        let Some(answers) = answers else {
+            self.submit(command, None);
+            return true;
+        };
+        answers.expect();
+        let (tx, rx) = oneshot::channel();
+        self.submit(command, Some(tx));
+        let answers = answers.clone();
+        tokio::spawn(async move {
+            let ok = matches!(rx.await, Ok(Ok(_)));
+            answers.answered(ok);
+        });
+        true
+    }
+
+    /// Attaches a consumer of this node (its deliveries go to `target`).
+    pub async fn consume(
+        &self,
+        key: ConsumerKey,
+        prefetch: u32,
+        target: Weak<dyn LocalConsumer>,
+    ) -> Result<(), String> {
+        self.check_replica()?;
+        self.local
+            .lock()
+            .insert(key.clone(), Local { target, prefetch });
+        let r = self
+            .call(Command::Checkout {
+                consumer: key.clone(),
+                prefetch,
+            })
+            .await;
+        if r.is_err() {
+            self.local.lock().remove(&key);
+        }
+        r.map(|_| ())
+    }
+
+    /// Detaches a consumer of this node (what it holds returns to the queue).
+    pub fn cancel(&self, key: ConsumerKey) {
+        self.local.lock().remove(&key);
+        self.submit(Command::Cancel { consumer: key }, None);
+    }
+
+    /// Settles what `key` holds.
+    pub fn settle(&self, key: &ConsumerKey, ids: Vec<MsgId>, how: crate::queue::state::Settlement) {
+        use crate::queue::state::Settlement;
+        let consumer = key.clone();
+        let command = match how {
+            Settlement::Ack => Command::Settle { consumer, ids },
+            Settlement::Requeue => Command::Return { consumer, ids },
+            Settlement::Discard => Command::Discard { consumer, ids },
+        };
+        self.submit(command, None);
+    }
+
+    /// `basic.get` for a channel of this node (held under its get key unless `no_ack`).
+    pub async fn get(
+        &self,
+        key: ConsumerKey,
+        no_ack: bool,
+        target: Weak<dyn LocalConsumer>,
+    ) -> Result<Option<Got>, String> {
+        self.check_replica()?;
+        if !no_ack {
+            self.local.lock().insert(
+                key.clone(),
+                Local {
+                    target,
+                    prefetch: 0,
+                },
+            );
+        }
+        match self
+            .call(Command::Get {
+                consumer: key,
+                no_ack,
+            })
+            .await?
+        {
+            Outcome::Got(Some((id, m, redelivered, remaining))) => {
+                Ok(message(&m).map(|msg| (id, msg, redelivered, remaining)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    pub async fn purge(&self) -> Result<u32, String> {
+        self.check_replica()?;
+        match self.call(Command::Purge).await? {
+            Outcome::Count(n) => Ok(n),
+            _ => Ok(0),
+        }
+    }
+
+    fn check_replica(&self) -> Result<(), String> {
+        if self.is_member() {
+            Ok(())
+        } else {
+            Err(format!(
+                "replicated queue '{}' has no replica on this node ({}); connect to one of \
+                 its members: {}",
+                self.name,
+                self.node,
+                self.members().join(", ")
+            ))
+        }
+    }
+
+    pub fn members(&self) -> Vec<String> {
+        self.replicas
+            .members
+            .iter()
+            .map(|(_, n, _)| n.clone())
+            .collect()
+    }
+
+    /// `(ready, consumers)` as this replica has them.
+    pub fn counts(&self) -> (u32, u32) {
+        let s = self.state.lock();
+        (s.ready_len(), s.consumer_count())
+    }
+
+    pub fn info(&self) -> Info {
+        let cluster = self.cluster.upgrade();
+        let members = self.members();
+        let online = members
+            .iter()
+            .filter(|n| {
+                **n == self.node || cluster.as_ref().is_some_and(|c| c.is_running(n.as_str()))
+            })
+            .cloned()
+            .collect();
+        let s = self.state.lock();
+        Info {
+            leader: self.raft.get().and_then(|r| r.status().leader),
+            members,
+            online,
+            ready: s.ready_len(),
+            unacked: s.unacked_len(),
+            consumers: s.consumer_count(),
+            replica: self.raft.get().is_some(),
+        }
+    }
+
+    /// Whether this node leading the queue matters for a majority (draining it now would
+    /// leave the queue's voters without one).
+    pub fn critical(&self) -> bool {
+        let Some(raft) = self.raft.get() else {
+            return false;
+        };
+        raft.critical()
+    }
+
+    /// Hands deliveries for this node's consumers to their channels.
+    fn deliver(&self, deliveries: Vec<Delivery>) {
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        let mut gone = Vec::new();
+        for d in deliveries {
+            if d.consumer.node != self.node || d.consumer.boot != boot() {
+                continue;
+            }
+            let target = self
+                .local
+                .lock()
+                .get(&d.consumer)
+                .and_then(|l| l.target.upgrade());
+            let delivered = match (target, message(&d.msg)) {
+                (Some(t), Some(msg)) => {
+                    t.deliver_replicated(&me, &d.consumer, d.id, d.redelivered, msg)
+                }
+                _ => false,
+            };
+            if !delivered {
+                gone.push(d.consumer);
+            }
+        }
+        for k in gone {
+            if self.cancelling.lock().insert(k.clone()) {
+                self.local.lock().remove(&k);
+                self.submit(Command::Cancel { consumer: k }, None);
+            }
+        }
+    }
+
+    /// One sweep: release the consumers of nodes the leader cannot see, and of this node's
+    /// earlier boots; cancel consumers of this node that are gone; re-attach live ones the
+    /// state lost (released while this node was cut off).
+    fn sweep(&self) {
+        let Some(raft) = self.raft.get() else {
+            return;
+        };
+        let cluster = self.cluster.upgrade();
+        let (nodes, stale_boot, dead, present): (
+            HashSet<String>,
+            bool,
+            Vec<ConsumerKey>,
+            HashSet<ConsumerKey>,
+        ) = {
+            let s = self.state.lock();
+            let local = self.local.lock();
+            let mut nodes = HashSet::new();
+            let mut stale_boot = false;
+            let mut dead = Vec::new();
+            let mut present = HashSet::new();
+            for k in s.consumers.keys() {
+                if k.node != self.node {
+                    nodes.insert(k.node.clone());
+                } else if k.boot != boot() {
+                    stale_boot = true;
+                } else if local.get(k).is_none_or(|l| l.target.strong_count() == 0) {
+                    dead.push(k.clone());
+                } else {
+                    present.insert(k.clone());
+                }
+            }
+            (nodes, stale_boot, dead, present)
+        };
+        if raft.leading() {
+            for n in nodes {
+                if !cluster.as_ref().is_some_and(|c| c.is_running(&n)) {
+                    tracing::info!(queue = %self.name, node = %n, "releasing the consumers of a node this leader cannot see");
+                    self.submit(
+                        Command::Release {
+                            node: n,
+                            keep_boot: None,
+                        },
+                        None,
+                    );
+                }
+            }
+        }
+        if stale_boot {
+            self.submit(
+                Command::Release {
+                    node: self.node.clone(),
+                    keep_boot: Some(boot()),
+                },
+                None,
+            );
+        }
+        for k in dead {
+            if self.cancelling.lock().insert(k.clone()) {
+                self.submit(Command::Cancel { consumer: k }, None);
+            }
+        }
+        let lost: Vec<(ConsumerKey, u32)> = self
+            .local
+            .lock()
+            .iter()
+            .filter(|(k, l)| {
+                k.tag != state::GET_TAG && !present.contains(*k) && l.target.strong_count() > 0
+            })
+            .map(|(k, l)| (k.clone(), l.prefetch))
+            .collect();
+        for (consumer, prefetch) in lost {
+            self.submit(Command::Checkout { consumer, prefetch }, None);
+        }
+        self.cancelling
+            .lock()
+            .retain(|k| self.state.lock().consumers.contains_key(k));
+    }
+}
+
+impl Replicated for ReplicatedQueue {
+    fn apply(&self, command: &str) -> String {
+        let commands: Vec<Command> = match serde_json::from_str(command) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(queue = %self.name, "undecodable queue command skipped: {e}");
+                return "[]".into();
+            }
+        };
+        let mut deliveries = Vec::new();
+        let outcomes: Vec<Outcome> = {
+            let mut s = self.state.lock();
+            commands
+                .into_iter()
+                .map(|c| s.apply(c, &mut deliveries))
+                .collect()
+        };
+        if !deliveries.is_empty() {
+            self.deliver(deliveries);
+        }
+        serde_json::to_string(&outcomes).unwrap_or_else(|_| "[]".into())
+    }
+
+    fn snapshot(&self) -> String {
+        serde_json::to_string(&*self.state.lock()).unwrap_or_default()
+    }
+
+    fn install(&self, snapshot: &str) -> Result<(), String> {
+        let state: QueueState = serde_json::from_str(snapshot).map_err(|e| e.to_string())?;
+        *self.state.lock() = state;
+        Ok(())
+    }
+
+    fn install_command(&self) -> String {
+        "[]".into()
+    }
+}
+
+/// Proposes a queue's commands in order, as many as are waiting per Raft entry, one entry in
+/// flight at a time.
+async fn propose_loop(q: Weak<ReplicatedQueue>, mut rx: mpsc::UnboundedReceiver<Proposal>) {
+    let mut waiting: Option<Proposal> = None;
+    loop {
+        let first = match waiting.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        let mut batch = vec![first];
+        let mut bytes = batch[0].bytes;
+        while bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(p) => {
+                    bytes += p.bytes;
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let Some(queue) = q.upgrade() else {
+            return;
+        };
+        let raft = queue.raft.get().cloned();
+        let commands: Vec<&Command> = batch.iter().map(|p| &p.command).collect();
+        let result = match (raft, serde_json::to_string(&commands)) {
+            (None, _) => Err(format!(
+                "the replica of queue '{}' on this node is not running",
+                queue.name
+            )),
+            (_, Err(e)) => Err(e.to_string()),
+            (Some(raft), Ok(json)) => {
+                drop(queue);
+                let r = raft.propose(json).await;
+                r.and_then(|out| {
+                    serde_json::from_str::<Vec<Outcome>>(&out).map_err(|e| e.to_string())
+                })
+            }
+        };
+        if let Some(queue) = q.upgrade() {
+            queue.pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        }
+        match result {
+            Ok(outcomes) => {
+                let mut outcomes = outcomes.into_iter();
+                for p in batch {
+                    let o = outcomes.next().unwrap_or(Outcome::Done);
+                    if let Some(a) = p.answer {
+                        let _ = a.send(Ok(o));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!("queue commands not committed: {e}");
+                for p in batch {
+                    if let Some(a) = p.answer {
+                        let _ = a.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn sweep_loop(q: Weak<ReplicatedQueue>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(q) = q.upgrade() else {
+            return;
+        };
+        if q.raft.get().is_none() {
+            continue;
+        }
+        q.sweep();
+    }
+}

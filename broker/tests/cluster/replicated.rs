@@ -1,0 +1,246 @@
+//! Replicated queues (`x-queue-type: quorum`): a Raft group per queue over the nodes. What a
+//! publisher was confirmed survives the leader's kill -9; what a dead node's consumer held
+//! comes back redelivered; a killed replica catches up when it returns.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use futures_lite::StreamExt;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+
+use crate::harness::{Net, PASS, SERIAL, USER};
+
+const AGREE: Duration = Duration::from_secs(30);
+
+async fn channel(net: &Net, i: usize) -> (Connection, Channel) {
+    let url = format!("amqp://{USER}:{PASS}@{}:5672/%2f", net.nodes[i].ip);
+    let conn = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .unwrap_or_else(|e| panic!("connect to node {i}: {e}"));
+    let ch = conn.create_channel().await.expect("channel");
+    (conn, ch)
+}
+
+fn quorum() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args
+}
+
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
+/// Publishes `bodies` with confirms; returns those confirmed (acked) and how many were nacked.
+async fn publish(
+    ch: &Channel,
+    queue: &str,
+    bodies: impl Iterator<Item = String>,
+) -> (Vec<String>, usize) {
+    let mut pending = Vec::new();
+    for b in bodies {
+        let p = ch
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                b.as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await;
+        pending.push((b, p));
+    }
+    let (mut acked, mut nacked) = (Vec::new(), 0);
+    for (b, p) in pending {
+        let confirmed = match p {
+            Ok(c) => tokio::time::timeout(Duration::from_secs(30), c).await,
+            Err(e) => panic!("publish {b}: {e}"),
+        };
+        match confirmed {
+            Ok(Ok(Confirmation::Ack(_))) => acked.push(b),
+            Ok(Ok(_)) => nacked += 1,
+            Ok(Err(e)) => panic!("confirm of {b}: {e}"),
+            Err(_) => panic!("no confirm for {b} within 30 s"),
+        }
+    }
+    (acked, nacked)
+}
+
+async fn leader(net: &Net, i: usize) -> Option<String> {
+    let q = net.get(i, "/api/queues/%2f/rq").await.ok()?;
+    q["leader"].as_str().map(str::to_owned)
+}
+
+async fn wait_leader(net: &Net, i: usize, not: Option<&str>) -> String {
+    for _ in 0..200 {
+        if let Some(l) = leader(net, i).await
+            && Some(l.as_str()) != not
+        {
+            return l;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no leader of rq (other than {not:?}) seen by node {i} within 20 s");
+}
+
+#[tokio::test]
+async fn confirmed_messages_survive_the_leaders_kill_and_its_consumers_messages_come_back() {
+    let _serial = SERIAL.lock().await;
+    let mut net = Net::new(3);
+    net.start_all().await;
+    for i in 0..3 {
+        net.wait_ready(i, AGREE).await;
+    }
+    let (_c0, ch0) = channel(&net, 0).await;
+    ch0.queue_declare("rq".into(), durable(), quorum())
+        .await
+        .expect("declare a quorum queue on node 0");
+    // Every node knows it as a replicated queue with three members.
+    for i in 0..3 {
+        net.wait_status(i, "/api/queues/%2f/rq", 200, Duration::from_secs(5))
+            .await;
+    }
+    let info = net.get(1, "/api/queues/%2f/rq").await.expect("show");
+    assert_eq!(info["type"], "quorum", "{info}");
+    let members: BTreeSet<String> = info["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter_map(|m| m.as_str().map(str::to_owned))
+        .collect();
+    let names: BTreeSet<String> = net.nodes.iter().map(|n| n.name.clone()).collect();
+    assert_eq!(members, names, "{info}");
+    // A non-durable quorum queue is refused, as RabbitMQ refuses one.
+    let (_cx, chx) = channel(&net, 1).await;
+    let refused = chx
+        .queue_declare(
+            "rq-transient".into(),
+            QueueDeclareOptions::default(),
+            quorum(),
+        )
+        .await;
+    assert!(refused.is_err(), "a non-durable quorum queue: {refused:?}");
+
+    let lead = wait_leader(&net, 0, None).await;
+    let l = net
+        .nodes
+        .iter()
+        .position(|n| n.name == lead)
+        .expect("leader is a node");
+    let (c, p) = ((l + 1) % 3, (l + 2) % 3);
+
+    // A consumer on the leader's node holds 5 unacknowledged messages when it is killed.
+    let (_cl, chl) = channel(&net, l).await;
+    chl.basic_qos(5, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut doomed = chl
+        .basic_consume(
+            "rq".into(),
+            "doomed".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume on the leader's node");
+
+    let (_cp, chp) = channel(&net, p).await;
+    chp.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let (mut confirmed, nacked) = publish(&chp, "rq", (0..300).map(|i| format!("m{i}"))).await;
+    assert_eq!(nacked, 0, "every publish confirmed while all nodes are up");
+    let mut held = BTreeSet::new();
+    for _ in 0..5 {
+        let d = tokio::time::timeout(Duration::from_secs(10), doomed.next())
+            .await
+            .expect("a delivery to the leader's consumer")
+            .expect("consumer open")
+            .expect("delivery");
+        held.insert(String::from_utf8_lossy(&d.data).into_owned());
+    }
+
+    net.kill(l);
+    // A new leader among the others, within seconds.
+    let new = wait_leader(&net, c, Some(&lead)).await;
+    assert_ne!(new, lead);
+
+    // Publishing goes on through the new leader; what is confirmed counts.
+    let (more, nacked) = publish(&chp, "rq", (300..400).map(|i| format!("m{i}"))).await;
+    eprintln!(
+        "leader {lead} killed, new leader {new}: {} of 100 later publishes confirmed, {nacked} nacked",
+        more.len()
+    );
+    confirmed.extend(more);
+
+    // A consumer on another node drains everything: the 5 the dead consumer held come back
+    // redelivered, and every confirmed message is there.
+    let (_cc, chc) = channel(&net, c).await;
+    chc.basic_qos(50, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut drain = chc
+        .basic_consume(
+            "rq".into(),
+            "drain".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume on a surviving node");
+    let mut seen = BTreeSet::new();
+    let mut redelivered = BTreeSet::new();
+    let want: BTreeSet<String> = confirmed.iter().cloned().collect();
+    while !want.is_subset(&seen) {
+        let d = tokio::time::timeout(Duration::from_secs(20), drain.next())
+            .await
+            .unwrap_or_else(|_| {
+                let missing: Vec<&String> = want.difference(&seen).take(10).collect();
+                panic!(
+                    "confirmed messages lost: {} missing, e.g. {missing:?}",
+                    want.difference(&seen).count()
+                )
+            })
+            .expect("consumer open")
+            .expect("delivery");
+        let body = String::from_utf8_lossy(&d.data).into_owned();
+        if d.redelivered {
+            redelivered.insert(body.clone());
+        }
+        seen.insert(body);
+        d.ack(BasicAckOptions::default()).await.expect("ack");
+    }
+    eprintln!(
+        "{} confirmed, {} received ({} redelivered)",
+        want.len(),
+        seen.len(),
+        redelivered.len()
+    );
+    assert!(
+        held.is_subset(&redelivered),
+        "what the dead node's consumer held comes back redelivered: held {held:?}, redelivered {redelivered:?}"
+    );
+
+    // The killed node returns and catches up: its replica shows the queue drained.
+    net.start(l).await;
+    net.wait_ready(l, AGREE).await;
+    let mut last = serde_json::Value::Null;
+    for _ in 0..100 {
+        if let Ok(q) = net.get(l, "/api/queues/%2f/rq").await {
+            if q["messages"] == 0 && q["leader"].is_string() {
+                return;
+            }
+            last = q;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("the restarted replica did not catch up: {last}");
+}
