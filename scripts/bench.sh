@@ -13,6 +13,11 @@
 #                                          # confirms (-c 100), manual acks
 #                                          # (-q 200 -A 100); reports confirm
 #                                          # latency and Warren's records per fsync
+#   BENCH_MODE=replicated scripts/bench.sh # 3-node Warren cluster vs 3-node RabbitMQ
+#                                          # cluster (scripts/rabbitmq-cluster.sh),
+#                                          # replicated (quorum) queue with 3 replicas,
+#                                          # persistent + confirms as above, 1 KiB by
+#                                          # default; producer and consumer on node 1
 #
 # What it does: installs deps (scripts/deps.sh rabbitmq perftest), builds
 # `cargo build --release -p warren-broker`, starts Warren on a free port with a
@@ -37,11 +42,15 @@ set -euo pipefail
 cd "$WARREN_ROOT"
 
 SECONDS_PER_CASE="${BENCH_SECONDS:-30}"
-SIZES="${BENCH_SIZES:-16 1024}"
+MODE="${BENCH_MODE:-transient}"
+if [ "$MODE" = replicated ]; then
+    SIZES="${BENCH_SIZES:-1024}"
+else
+    SIZES="${BENCH_SIZES:-16 1024}"
+fi
 ONLY="${BENCH_ONLY:-}"
 RATE="${BENCH_RATE:-}"
-MODE="${BENCH_MODE:-transient}"
-case "$MODE" in transient | persistent) ;; *) die "BENCH_MODE must be transient or persistent" ;; esac
+case "$MODE" in transient | persistent | replicated) ;; *) die "BENCH_MODE must be transient, persistent or replicated" ;; esac
 case "$ONLY" in "" | warren | rabbitmq) ;; *) die "BENCH_ONLY must be warren or rabbitmq" ;; esac
 BROKERS=()
 [ "$ONLY" = rabbitmq ] || BROKERS+=(warren)
@@ -53,12 +62,19 @@ mkdir -p "$OUT"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/warren-bench.XXXXXX")"
 WARREN_PID=""
 REF_STARTED=""
+CLUSTER_PIDS=()
 
 cleanup() {
     local rc=$?
     [ -n "$WARREN_PID" ] && stop_warren "$WARREN_PID"
+    local p
+    for p in "${CLUSTER_PIDS[@]+"${CLUSTER_PIDS[@]}"}"; do stop_warren "$p"; done
     if [ -n "$REF_STARTED" ]; then
-        "$WARREN_ROOT/scripts/rabbitmq-ref.sh" stop || true
+        if [ "$MODE" = replicated ]; then
+            "$WARREN_ROOT/scripts/rabbitmq-cluster.sh" stop || true
+        else
+            "$WARREN_ROOT/scripts/rabbitmq-ref.sh" stop || true
+        fi
     fi
     rm -rf "$WORK"
     exit "$rc"
@@ -74,12 +90,55 @@ if [[ " ${BROKERS[*]} " == *" warren "* ]]; then
     header "cargo build --release -p warren-broker"
     cargo build --release -p warren-broker
     BIN="$(cargo_target_dir)/release/warren-broker"
-    PORT="$(free_port)"
-    header "start warren on 127.0.0.1:$PORT"
-    start_warren "$BIN" "$PORT" "$WORK/warren-data" "$OUT/warren.log"
-    URL[warren]="amqp://guest:guest@127.0.0.1:$PORT/%2f"
+    if [ "$MODE" = replicated ]; then
+        # Three nodes on this host (ports, not namespaces), each with its own data dir.
+        header "start a 3-node warren cluster"
+        head -c 32 /dev/urandom | base64 >"$WORK/cluster-secret"
+        AMQP_PORTS=() MGMT_PORTS=() CLUSTER_PORTS=()
+        for n in 1 2 3; do
+            AMQP_PORTS+=("$(free_port)") MGMT_PORTS+=("$(free_port)") CLUSTER_PORTS+=("$(free_port)")
+        done
+        PEERS="127.0.0.1:${CLUSTER_PORTS[0]},127.0.0.1:${CLUSTER_PORTS[1]},127.0.0.1:${CLUSTER_PORTS[2]}"
+        for n in 0 1 2; do
+            mkdir -p "$WORK/warren-data$n"
+            env -u WARREN_CONFIG -u WARREN_DATA_DIR -u WARREN_AMQP_LISTEN NO_COLOR=1 \
+                "$BIN" --node-name "warren$((n + 1))@localhost" \
+                --amqp-listen "127.0.0.1:${AMQP_PORTS[$n]}" \
+                --management-listen "127.0.0.1:${MGMT_PORTS[$n]}" --prometheus-listen none \
+                --cluster-listen "127.0.0.1:${CLUSTER_PORTS[$n]}" \
+                --cluster-advertise "127.0.0.1:${CLUSTER_PORTS[$n]}" \
+                --cluster-peers "$PEERS" --cluster-secret-file "$WORK/cluster-secret" \
+                --data-dir "$WORK/warren-data$n" --default-user guest --default-pass guest \
+                --log-level info >"$OUT/warren$((n + 1)).log" 2>&1 &
+            CLUSTER_PIDS+=("$!")
+        done
+        for n in 0 1 2; do
+            ok=""
+            for _ in $(seq 1 120); do
+                if curl -fsS -u guest:guest "http://127.0.0.1:${MGMT_PORTS[$n]}/api/health/checks/virtual-hosts" >/dev/null 2>&1; then
+                    ok=1
+                    break
+                fi
+                sleep 0.5
+            done
+            [ -n "$ok" ] || die "warren node $((n + 1)) not ready in 60 s; see $OUT/warren$((n + 1)).log"
+        done
+        URL[warren]="amqp://guest:guest@127.0.0.1:${AMQP_PORTS[0]}/%2f"
+    else
+        PORT="$(free_port)"
+        header "start warren on 127.0.0.1:$PORT"
+        start_warren "$BIN" "$PORT" "$WORK/warren-data" "$OUT/warren.log"
+        URL[warren]="amqp://guest:guest@127.0.0.1:$PORT/%2f"
+    fi
 fi
-if [[ " ${BROKERS[*]} " == *" rabbitmq "* ]]; then
+if [[ " ${BROKERS[*]} " == *" rabbitmq "* ]] && [ "$MODE" = replicated ]; then
+    header "start the 3-node reference rabbitmq cluster"
+    if ! "$WARREN_ROOT/scripts/rabbitmq-cluster.sh" status >/dev/null 2>&1; then
+        REF_STARTED=1
+    fi
+    "$WARREN_ROOT/scripts/rabbitmq-cluster.sh" start
+    URL[rabbitmq]="$("$WARREN_ROOT/scripts/rabbitmq-cluster.sh" urls | awk '$1 == 1 {print $3}')"
+elif [[ " ${BROKERS[*]} " == *" rabbitmq "* ]]; then
     header "start reference rabbitmq"
     if ! "$WARREN_ROOT/scripts/rabbitmq-ref.sh" status 2>/dev/null; then
         REF_STARTED=1
@@ -101,6 +160,10 @@ for size in $SIZES; do
         if [ "$MODE" = persistent ]; then
             # PerfTest declares the named queue durable; it is deleted after the case.
             args+=(-f persistent -c 100 -q 200 -A 100 -u "bench-durable-$size" --auto-delete false)
+        elif [ "$MODE" = replicated ]; then
+            # A quorum queue: 3 replicas on both sides (every node of the 3-node cluster).
+            args+=(-f persistent -c 100 -q 200 -A 100 -u "bench-replicated-$size" --auto-delete false
+                -qa x-queue-type=quorum)
         else
             args+=(-a)
         fi
@@ -116,7 +179,7 @@ for size in $SIZES; do
         #   id: X, consumer latency min/median/75th/95th/99th 1784/146237/396403/740283/845222 µs
         recv="$(grep -oE 'receiving rate avg: [0-9]+' "$log" | tail -n1 | grep -oE '[0-9]+$' || true)"
         sent="$(grep -oE 'sending rate avg: [0-9]+' "$log" | tail -n1 | grep -oE '[0-9]+$' || true)"
-        if [ "$MODE" = persistent ]; then
+        if [ "$MODE" != transient ]; then
             lat="$(grep -oE 'confirm latency min/median/75th/95th/99th [0-9/]+ [µm]s' "$log" | tail -n1 || true)"
         else
             lat="$(grep -oE 'consumer latency min/median/75th/95th/99th [0-9/]+ [µm]s' "$log" | tail -n1 || true)"
@@ -148,7 +211,9 @@ report="$OUT/results.md"
     echo "# Warren vs RabbitMQ — PerfTest, $STAMP"
     echo
     echo "- command: \`BENCH_MODE=$MODE BENCH_SECONDS=$SECONDS_PER_CASE BENCH_SIZES=\"$SIZES\"${ONLY:+ BENCH_ONLY=$ONLY}${RATE:+ BENCH_RATE=$RATE} scripts/bench.sh\`"
-    if [ "$MODE" = persistent ]; then
+    if [ "$MODE" = replicated ]; then
+        echo "- load: PerfTest 1 producer / 1 consumer on node 1 of a 3-node cluster, replicated queue (\`x-queue-type: quorum\`, 3 replicas), persistent messages, confirms (-c 100), manual acks (-q 200 -A 100), ${SECONDS_PER_CASE} s per case; latency columns are **confirm** latency"
+    elif [ "$MODE" = persistent ]; then
         echo "- load: PerfTest 1 producer / 1 consumer, durable queue, persistent messages, confirms (-c 100), manual acks (-q 200 -A 100), ${SECONDS_PER_CASE} s per case; latency columns are **confirm** latency"
         totals="$(grep -a 'message store totals' "$OUT/warren.log" 2>/dev/null | tail -n1 || true)"
         if [ -n "$totals" ]; then

@@ -116,6 +116,13 @@ fn replicated_json(v: &Vhost, q: &crate::replicated::ReplicatedQueue) -> Value {
         "consumers": i.consumers,
         "policy": policy,
         "operator_policy": operator_policy,
+        "consumer_details": i.consumer_details.iter().map(|(k, prefetch, unacked)| json!({
+            "consumer_tag": k.tag,
+            "channel_details": {"node": k.node, "number": k.channel, "connection": k.conn},
+            "prefetch_count": prefetch,
+            "ack_required": true,
+            "messages_unacknowledged": unacked,
+        })).collect::<Vec<_>>(),
     })
 }
 

@@ -143,6 +143,8 @@ pub struct Info {
     pub consumers: u32,
     /// This node holds a replica (its counts are current).
     pub replica: bool,
+    /// `(consumer, prefetch, unacknowledged)`.
+    pub consumer_details: Vec<(ConsumerKey, u32, u32)>,
 }
 
 impl ReplicatedQueue {
@@ -440,6 +442,11 @@ impl ReplicatedQueue {
             unacked: s.unacked_len(),
             consumers: s.consumer_count(),
             replica: self.raft.get().is_some(),
+            consumer_details: s
+                .consumers
+                .iter()
+                .map(|(k, c)| (k.clone(), c.prefetch, c.checked.len() as u32))
+                .collect(),
         }
     }
 
@@ -588,12 +595,27 @@ impl Replicated for ReplicatedQueue {
     }
 
     fn snapshot(&self) -> String {
-        serde_json::to_string(&*self.state.lock()).unwrap_or_default()
+        // The state is plain data with string-keyed maps: serialising it cannot fail.
+        serde_json::to_string(&*self.state.lock()).unwrap_or_else(|e| {
+            tracing::error!(queue = %self.name, "queue state not serialisable: {e}");
+            String::new()
+        })
     }
 
     fn install(&self, snapshot: &str) -> Result<(), String> {
         let state: QueueState = serde_json::from_str(snapshot).map_err(|e| e.to_string())?;
+        // The entries a snapshot skips decided deliveries this node never handed to its
+        // consumers' channels: what the state says they hold goes back to the queue.
+        let unseen: Vec<(ConsumerKey, Vec<MsgId>)> = state
+            .consumers
+            .iter()
+            .filter(|(k, c)| k.node == self.node && k.boot == boot() && !c.checked.is_empty())
+            .map(|(k, c)| (k.clone(), c.checked.keys().copied().collect()))
+            .collect();
         *self.state.lock() = state;
+        for (consumer, ids) in unseen {
+            self.submit(Command::Return { consumer, ids }, None);
+        }
         Ok(())
     }
 
@@ -603,19 +625,22 @@ impl Replicated for ReplicatedQueue {
 }
 
 /// Proposes a queue's commands in order, as many as are waiting per Raft entry, one entry in
-/// flight at a time.
+/// flight at a time. When an entry is not committed (no quorum, the leader lost), commands
+/// with a waiting answer (a confirm, a get) are told so; the others (settlements, cancels,
+/// checkouts, releases: idempotent, and nobody else would send them again) are proposed
+/// again, ahead of anything newer, after a pause.
 async fn propose_loop(q: Weak<ReplicatedQueue>, mut rx: mpsc::UnboundedReceiver<Proposal>) {
-    let mut waiting: Option<Proposal> = None;
+    let mut retry: Vec<Proposal> = Vec::new();
+    let mut backoff = Duration::from_millis(100);
     loop {
-        let first = match waiting.take() {
-            Some(p) => p,
-            None => match rx.recv().await {
-                Some(p) => p,
+        let mut batch = std::mem::take(&mut retry);
+        if batch.is_empty() {
+            match rx.recv().await {
+                Some(p) => batch.push(p),
                 None => return,
-            },
-        };
-        let mut batch = vec![first];
-        let mut bytes = batch[0].bytes;
+            }
+        }
+        let mut bytes: usize = batch.iter().map(|p| p.bytes).sum();
         while bytes < MAX_BATCH_BYTES {
             match rx.try_recv() {
                 Ok(p) => {
@@ -644,11 +669,12 @@ async fn propose_loop(q: Weak<ReplicatedQueue>, mut rx: mpsc::UnboundedReceiver<
                 })
             }
         };
-        if let Some(queue) = q.upgrade() {
-            queue.pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
-        }
         match result {
             Ok(outcomes) => {
+                backoff = Duration::from_millis(100);
+                if let Some(queue) = q.upgrade() {
+                    queue.pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
+                }
                 let mut outcomes = outcomes.into_iter();
                 for p in batch {
                     let o = outcomes.next().unwrap_or(Outcome::Done);
@@ -659,10 +685,24 @@ async fn propose_loop(q: Weak<ReplicatedQueue>, mut rx: mpsc::UnboundedReceiver<
             }
             Err(e) => {
                 tracing::debug!("queue commands not committed: {e}");
+                let mut dropped = 0;
                 for p in batch {
+                    let again = p.answer.is_none() && !matches!(p.command, Command::Enqueue(_));
+                    if again {
+                        retry.push(p);
+                        continue;
+                    }
+                    dropped += p.bytes;
                     if let Some(a) = p.answer {
                         let _ = a.send(Err(e.clone()));
                     }
+                }
+                if let Some(queue) = q.upgrade() {
+                    queue.pending_bytes.fetch_sub(dropped, Ordering::AcqRel);
+                }
+                if !retry.is_empty() {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
             }
         }

@@ -232,6 +232,7 @@ impl Net {
         )
         // Snapshots (and log truncation) after a few changes, so tests exercise them.
         .env("WARREN_RAFT_SNAPSHOT_LOGS", "20")
+        .env("WARREN_QUEUE_SNAPSHOT_LOGS", "64")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log);
@@ -334,6 +335,27 @@ impl Net {
                 }
             }
         }
+    }
+
+    /// Cuts each pair `(i, j)` off from each other (both directions), leaving every other
+    /// path: non-transitive partitions (a ring, a bridge) are made of these.
+    pub fn cut(&self, pairs: &[(usize, usize)]) {
+        for &(a, b) in pairs {
+            for (i, j) in [(a, b), (b, a)] {
+                let ns = &self.nodes[i].ns;
+                let peer = &self.nodes[j].ip;
+                for (chain, dir) in [("INPUT", "-s"), ("OUTPUT", "-d")] {
+                    must(Command::new("ip").args([
+                        "netns", "exec", ns, "iptables", "-A", chain, dir, peer, "-j", "DROP",
+                    ]));
+                }
+            }
+        }
+    }
+
+    /// Whether node `i` has a running process (not killed or stopped).
+    pub fn is_up(&self, i: usize) -> bool {
+        self.nodes[i].child.is_some()
     }
 
     pub fn heal(&self) {

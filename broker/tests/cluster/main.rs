@@ -3,6 +3,7 @@
 //! and the definitions replicated through the metadata group.
 
 mod harness;
+mod jepsen;
 mod membership;
 mod metadata;
 mod queues;
