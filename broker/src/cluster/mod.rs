@@ -329,11 +329,19 @@ impl Cluster {
         self.meta.get()
     }
 
-    /// The group a Raft call (JSON of an [`raft::Envelope`]) is for.
-    fn group_for(&self, call: &str) -> Result<Arc<raft::Metadata>, String> {
-        let group = serde_json::from_str::<raft::GroupOf>(call)
-            .map_err(|e| format!("undecodable Raft call: {e}"))?
-            .group;
+    /// Serves a Raft call with the group it is for.
+    async fn raft_request(&self, envelope: raft::Envelope) -> Response {
+        match self.group_for(envelope.group.clone()) {
+            Ok(meta) => match meta.handle(envelope).await {
+                Ok(answer) => Response::Raft(answer),
+                Err(e) => Response::Error(e),
+            },
+            Err(e) => Response::Error(e),
+        }
+    }
+
+    /// The group a Raft call is for.
+    fn group_for(&self, group: Option<String>) -> Result<Arc<raft::Metadata>, String> {
         match group {
             None => self
                 .meta
@@ -438,8 +446,8 @@ impl Cluster {
             .and_then(|p| p.link.lock().clone())
             .filter(|l| !l.is_closed())
             .ok_or_else(|| format!("no link to {name}"))?;
-        let body = serde_json::to_string(call).map_err(|e| e.to_string())?;
-        let body = wire::to_body(&Request::Raft(body)).map_err(|e| e.to_string())?;
+        let body = postcard::to_allocvec(call).map_err(|e| e.to_string())?;
+        let body = wire::to_body(&Request::RaftBin(body)).map_err(|e| e.to_string())?;
         let answer = link.call(body, timeout).await.map_err(|e| e.to_string())?;
         match wire::from_body::<Response>(&answer).map_err(|e| e.to_string())? {
             Response::Raft(json) => Ok(json),
@@ -657,7 +665,9 @@ impl Cluster {
                 Response::Done
             }
             // Served by `Requests::handle` (asynchronously).
-            Request::Raft(_) | Request::Broker(_) => Response::Error("misrouted call".into()),
+            Request::Raft(_) | Request::RaftBin(_) | Request::Broker(_) => {
+                Response::Error("misrouted call".into())
+            }
         }
     }
 }
@@ -688,13 +698,18 @@ impl Handler for Requests {
         };
         Box::pin(async move {
             let response = match (self.0.upgrade(), request) {
-                (Some(c), Ok(Request::Raft(call))) => match c.group_for(&call) {
-                    Ok(meta) => match meta.handle(&call).await {
-                        Ok(answer) => Response::Raft(answer),
-                        Err(e) => Response::Error(e),
-                    },
-                    Err(e) => Response::Error(e),
-                },
+                (Some(c), Ok(Request::Raft(call))) => {
+                    match serde_json::from_str::<raft::Envelope>(&call) {
+                        Ok(envelope) => c.raft_request(envelope).await,
+                        Err(e) => Response::Error(format!("undecodable Raft call: {e}")),
+                    }
+                }
+                (Some(c), Ok(Request::RaftBin(call))) => {
+                    match postcard::from_bytes::<raft::Envelope>(&call) {
+                        Ok(envelope) => c.raft_request(envelope).await,
+                        Err(e) => Response::Error(format!("undecodable Raft call: {e}")),
+                    }
+                }
                 (Some(c), Ok(req)) => c.handle_request(req),
                 (None, _) => Response::Error("node is stopping".into()),
                 (_, Err(e)) => Response::Error(format!("undecodable request: {e}")),

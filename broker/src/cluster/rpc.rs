@@ -13,6 +13,9 @@ pub enum Request {
     /// A call of the broker on the other node (a queue living there: publish, counts, purge),
     /// opaque to the cluster module; served in the order the link carried it.
     Broker(Vec<u8>),
+    /// A call of a Raft group (the metadata group or a replicated queue's), postcard-encoded
+    /// [`super::raft::Envelope`]: entries and snapshots travel as bytes, not escaped JSON.
+    RaftBin(Vec<u8>),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

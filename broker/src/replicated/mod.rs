@@ -84,6 +84,9 @@ struct Proposal {
 const MAX_PENDING_BYTES: usize = 256 << 20;
 /// Most bytes of commands in one Raft entry.
 const MAX_BATCH_BYTES: usize = 4 << 20;
+/// A replica snapshots (and truncates its log, which it also keeps in memory) once this many
+/// bytes of commands were applied since its last snapshot, or after 1,024 entries.
+const SNAPSHOT_BYTES: usize = 64 << 20;
 
 /// This process's boot: consumers of a restarted node's earlier boots are gone.
 pub fn boot() -> u64 {
@@ -108,6 +111,8 @@ pub struct ReplicatedQueue {
     cluster: Weak<Cluster>,
     proposals: mpsc::UnboundedSender<Proposal>,
     pending_bytes: AtomicUsize,
+    /// Bytes of commands applied since the last snapshot.
+    since_snapshot: AtomicUsize,
 }
 
 impl std::fmt::Debug for ReplicatedQueue {
@@ -177,6 +182,7 @@ impl ReplicatedQueue {
             cluster,
             proposals: tx,
             pending_bytes: AtomicUsize::new(0),
+            since_snapshot: AtomicUsize::new(0),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(propose_loop(Arc::downgrade(&q), rx));
@@ -573,6 +579,20 @@ impl ReplicatedQueue {
 
 impl Replicated for ReplicatedQueue {
     fn apply(&self, command: &str) -> String {
+        let before = self
+            .since_snapshot
+            .fetch_add(command.len(), Ordering::Relaxed);
+        if before < SNAPSHOT_BYTES
+            && before + command.len() >= SNAPSHOT_BYTES
+            && let Some(raft) = self.raft.get().cloned()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move {
+                if let Err(e) = raft.snapshot_now().await {
+                    tracing::warn!("queue snapshot not taken: {e}");
+                }
+            });
+        }
         let commands: Vec<Command> = match serde_json::from_str(command) {
             Ok(c) => c,
             Err(e) => {
@@ -595,6 +615,7 @@ impl Replicated for ReplicatedQueue {
     }
 
     fn snapshot(&self) -> String {
+        self.since_snapshot.store(0, Ordering::Relaxed);
         // The state is plain data with string-keyed maps: serialising it cannot fail.
         serde_json::to_string(&*self.state.lock()).unwrap_or_else(|e| {
             tracing::error!(queue = %self.name, "queue state not serialisable: {e}");

@@ -46,9 +46,15 @@ enum Record {
     Committed(Option<LogId<NodeId>>),
 }
 
+/// First byte of a postcard-encoded record; older logs hold JSON records (starting `{`).
+const POSTCARD: u8 = 1;
+
 fn encode(record: &Record, out: &mut Vec<u8>) {
-    // Serialising these types cannot fail (no maps with non-string keys, no I/O).
-    let payload = serde_json::to_vec(record).unwrap_or_default();
+    // Serialising these types cannot fail (plain data, no I/O).
+    let mut payload = vec![POSTCARD];
+    if let Ok(p) = postcard::to_allocvec(record) {
+        payload.extend_from_slice(&p);
+    }
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
     out.extend_from_slice(&payload);
@@ -178,7 +184,10 @@ fn parse(bytes: &[u8], path: &Path) -> std::io::Result<(Vec<Record>, usize)> {
         let payload = &rest[HEADER..HEADER + len];
         let good = crc32fast::hash(payload) == crc;
         let record = if good {
-            serde_json::from_slice::<Record>(payload).ok()
+            match payload.split_first() {
+                Some((&POSTCARD, rest)) => postcard::from_bytes::<Record>(rest).ok(),
+                _ => serde_json::from_slice::<Record>(payload).ok(),
+            }
         } else {
             None
         };
@@ -514,6 +523,27 @@ mod tests {
         let err = LogStore::open(&dir).err().expect("damage refused");
         assert!(err.to_string().contains("damaged Raft log"), "{err}");
         assert!(err.to_string().contains("offset 0"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_log_of_json_records_written_by_earlier_versions_still_opens() {
+        let dir = tmp("json");
+        let mut buf = Vec::new();
+        for r in [Record::Vote(Vote::new(4, 1)), Record::Entry(entry(4, 1))] {
+            let payload = serde_json::to_vec(&r).expect("json");
+            buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            buf.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+            buf.extend_from_slice(&payload);
+        }
+        // And one record as this version writes it, after them.
+        encode(&Record::Entry(entry(4, 2)), &mut buf);
+        std::fs::write(dir.join("log"), &buf).expect("write");
+        let store = LogStore::open(&dir).expect("open");
+        let s = store.state.lock();
+        assert_eq!(s.vote, Some(Vote::new(4, 1)));
+        assert_eq!(s.entries.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+        drop(s);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

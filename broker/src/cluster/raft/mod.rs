@@ -116,13 +116,6 @@ pub struct Envelope {
     pub call: RaftCall,
 }
 
-/// Only the group of an [`Envelope`], to route it before decoding the rest.
-#[derive(Deserialize)]
-pub struct GroupOf {
-    #[serde(default)]
-    pub group: Option<String>,
-}
-
 /// The metadata group as one node sees it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct MetaStatus {
@@ -245,7 +238,7 @@ impl Metadata {
         let every = std::env::var("WARREN_QUEUE_SNAPSHOT_LOGS")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(4096u64)
+            .unwrap_or(1024u64)
             .max(1);
         let config = openraft::Config {
             cluster_name: format!("warren-{group}"),
@@ -254,7 +247,7 @@ impl Metadata {
             election_timeout_max: 2000,
             install_snapshot_timeout: 10000,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(every),
-            max_in_snapshot_log_to_keep: every.min(100),
+            max_in_snapshot_log_to_keep: every.min(16),
             ..Default::default()
         }
         .validate()
@@ -297,6 +290,11 @@ impl Metadata {
             .voter_ids()
             .filter_map(|id| membership.get_node(&id).map(|n| (id, n.clone())))
             .collect()
+    }
+
+    /// Takes a snapshot now (and truncates the log behind it).
+    pub async fn snapshot_now(&self) -> Result<(), String> {
+        self.raft.trigger().snapshot().await.map_err(text)
     }
 
     /// Whether this node leads the group now.
@@ -438,9 +436,7 @@ impl Metadata {
 
     /// Serves an RPC from a peer; returns the JSON answer, or why the call is not for this
     /// node (sent back as an error: the caller treats the target as unreachable).
-    pub async fn handle(&self, body: &str) -> Result<String, String> {
-        let envelope: Envelope =
-            serde_json::from_str(body).map_err(|e| format!("undecodable Raft call: {e}"))?;
+    pub async fn handle(&self, envelope: Envelope) -> Result<String, String> {
         if let Some(to) = envelope.to
             && to != self.id
         {
@@ -723,5 +719,45 @@ async fn exit_if_raft_fails(mut metrics: watch::Receiver<openraft::RaftMetrics<N
         if metrics.changed().await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod postcard_tests {
+    use super::*;
+
+    #[test]
+    fn raft_calls_round_trip_through_postcard() {
+        use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
+        let entry = Entry::<TypeConfig> {
+            log_id: LogId::new(CommittedLeaderId::new(3, 7), 11),
+            payload: EntryPayload::Normal("[{\"x\":1}]".to_owned()),
+        };
+        let req = openraft::raft::AppendEntriesRequest::<TypeConfig> {
+            vote: Vote::new_committed(3, 7),
+            prev_log_id: Some(LogId::new(CommittedLeaderId::new(2, 7), 10)),
+            entries: vec![entry],
+            leader_commit: Some(LogId::new(CommittedLeaderId::new(3, 7), 10)),
+        };
+        let env = Envelope {
+            group: Some("q1".into()),
+            to: Some(7),
+            call: RaftCall::Append(req),
+        };
+        let bytes = postcard::to_allocvec(&env).expect("encode");
+        let back: Envelope = postcard::from_bytes(&bytes).expect("decode");
+        assert_eq!(back.group.as_deref(), Some("q1"));
+        let RaftCall::Append(r) = back.call else {
+            panic!("not an append");
+        };
+        assert_eq!(r.entries.len(), 1);
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            serde_json::to_string(&match env.call {
+                RaftCall::Append(r) => r,
+                _ => unreachable!(),
+            })
+            .unwrap()
+        );
     }
 }
