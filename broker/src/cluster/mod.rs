@@ -375,6 +375,27 @@ impl Cluster {
         Ok(g)
     }
 
+    /// Proposes `command` to `group` through its member `member` (this node holds no
+    /// replica): the member passes it on to the leader. Returns the outcome once committed.
+    pub async fn group_write(
+        &self,
+        member: &str,
+        group: &str,
+        command: String,
+    ) -> Result<String, String> {
+        let envelope = raft::Envelope {
+            group: Some(group.to_owned()),
+            to: None,
+            call: raft::RaftCall::Write(command),
+        };
+        let answer = self
+            .raft_call(member, &envelope, raft::PROPOSE_TIMEOUT)
+            .await?;
+        serde_json::from_str::<Result<(u64, String), String>>(&answer)
+            .map_err(|e| e.to_string())?
+            .map(|(_, outcome)| outcome)
+    }
+
     /// Stops this node's replica of `group` (the queue was deleted).
     pub async fn stop_queue_group(&self, group: &str) {
         let g = self.groups.write().remove(group);

@@ -326,12 +326,25 @@ async fn virtual_hosts(State(broker): State<Arc<Broker>>, _caller: Caller) -> Ap
     ok(json!({"status": "ok"}))
 }
 
-/// Whether stopping this node would leave the metadata group without a majority (queues are
-/// not replicated yet, so they never make a node critical).
+/// Whether stopping this node would leave the metadata group, or a replicated queue with a
+/// replica here, without a majority (RabbitMQ lists the queues).
 async fn quorum_critical(State(broker): State<Arc<Broker>>, _caller: Caller) -> ApiResult {
     let Some(meta) = broker.cluster().and_then(|c| c.metadata()) else {
         return ok(json!({"status": "ok", "reason": "single node cluster"}));
     };
+    let mut queues = Vec::new();
+    let mut names = Vec::new();
+    for vhost in broker.vhost_names() {
+        let Some(v) = broker.vhost(&vhost) else {
+            continue;
+        };
+        for q in v.replicated_queues() {
+            if q.critical() {
+                names.push(format!("'{}' in vhost '{vhost}'", q.name));
+                queues.push(json!({"name": q.name, "virtual_host": vhost, "type": "quorum"}));
+            }
+        }
+    }
     if meta.critical() {
         let status = meta.status();
         return failed(json!({
@@ -342,7 +355,18 @@ async fn quorum_critical(State(broker): State<Arc<Broker>>, _caller: Caller) -> 
                 status.voters.len(),
                 status.voters.join(", ")
             ),
-            "queues": [],
+            "queues": queues,
+        }));
+    }
+    if !queues.is_empty() {
+        return failed(json!({
+            "status": "failed",
+            "reason": format!(
+                "stopping this node would leave replicated queues without a majority of their \
+                 replicas: {}",
+                names.join(", ")
+            ),
+            "queues": queues,
         }));
     }
     ok(json!({"status": "ok"}))

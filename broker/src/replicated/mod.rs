@@ -401,6 +401,30 @@ impl ReplicatedQueue {
         }
     }
 
+    /// A node without a replica proposes through a running member (which passes the
+    /// command on to the leader).
+    async fn propose_through_member(&self, command: String) -> Result<String, String> {
+        let cluster = self.cluster.upgrade().ok_or("node is stopping")?;
+        let mut last = format!(
+            "no member of queue '{}' is reachable ({})",
+            self.name,
+            self.members().join(", ")
+        );
+        for m in self.members() {
+            if !cluster.is_running(&m) {
+                continue;
+            }
+            match cluster
+                .group_write(&m, &self.replicas.group, command.clone())
+                .await
+            {
+                Ok(out) => return Ok(out),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
     fn check_replica(&self) -> Result<(), String> {
         if self.is_member() {
             Ok(())
@@ -677,6 +701,13 @@ async fn propose_loop(q: Weak<ReplicatedQueue>, mut rx: mpsc::UnboundedReceiver<
         let raft = queue.raft.get().cloned();
         let commands: Vec<&Command> = batch.iter().map(|p| &p.command).collect();
         let result = match (raft, serde_json::to_string(&commands)) {
+            (None, Ok(json)) if !queue.is_member() => {
+                let r = queue.propose_through_member(json).await;
+                drop(queue);
+                r.and_then(|out| {
+                    serde_json::from_str::<Vec<Outcome>>(&out).map_err(|e| e.to_string())
+                })
+            }
             (None, _) => Err(format!(
                 "the replica of queue '{}' on this node is not running",
                 queue.name

@@ -244,3 +244,112 @@ async fn confirmed_messages_survive_the_leaders_kill_and_its_consumers_messages_
     }
     panic!("the restarted replica did not catch up: {last}");
 }
+
+#[tokio::test]
+async fn a_two_replica_queue_makes_its_members_quorum_critical_and_takes_publishes_from_any_node() {
+    let _serial = SERIAL.lock().await;
+    let mut net = Net::new(3);
+    net.start_all().await;
+    for i in 0..3 {
+        net.wait_ready(i, AGREE).await;
+    }
+    let (_c0, ch0) = channel(&net, 0).await;
+    let mut args = quorum();
+    args.insert("x-quorum-initial-group-size".into(), AMQPValue::LongInt(2));
+    ch0.queue_declare("pair".into(), durable(), args)
+        .await
+        .expect("declare a 2-replica queue on node 0");
+    let info = net
+        .wait_status(0, "/api/queues/%2f/pair", 200, Duration::from_secs(5))
+        .await;
+    let members: Vec<String> = info["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter_map(|m| m.as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(members.len(), 2, "{info}");
+    assert_eq!(
+        members[0], net.nodes[0].name,
+        "the declaring node first: {info}"
+    );
+    let outsider = (0..3)
+        .find(|&i| !members.contains(&net.nodes[i].name))
+        .expect("one node holds no replica");
+    let member = (0..3)
+        .find(|&i| i != 0 && members.contains(&net.nodes[i].name))
+        .expect("the other member");
+
+    // Stopping a member would leave the queue without a majority of its two replicas; the
+    // node without a replica is not critical (the metadata group has three voters).
+    let mut critical = None;
+    for _ in 0..50 {
+        let (status, body) = net
+            .send(
+                0,
+                reqwest::Method::GET,
+                "/api/health/checks/node-is-quorum-critical",
+                None,
+            )
+            .await
+            .expect("health check");
+        if status == 503 {
+            critical = Some(body);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let body = critical.expect("node 0 is quorum-critical for the queue");
+    assert_eq!(body["queues"][0]["name"], "pair", "{body}");
+    let (status, body) = net
+        .send(
+            outsider,
+            reqwest::Method::GET,
+            "/api/health/checks/node-is-quorum-critical",
+            None,
+        )
+        .await
+        .expect("health check");
+    assert_eq!(status, 200, "{body}");
+
+    // Publishes with confirms through the node without a replica go through a member.
+    let (_co, cho) = channel(&net, outsider).await;
+    cho.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let (confirmed, nacked) = publish(&cho, "pair", (0..50).map(|i| format!("p{i}"))).await;
+    assert_eq!((confirmed.len(), nacked), (50, 0));
+    // Consuming there is refused with a message naming the members (not yet served).
+    let (_cx, chx) = channel(&net, outsider).await;
+    let refused = chx
+        .basic_consume(
+            "pair".into(),
+            "no".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await;
+    let err = refused.expect_err("no replica on this node");
+    assert!(
+        err.to_string().contains("connect to one of its members"),
+        "{err}"
+    );
+
+    // Through the other member, all 50 arrive.
+    let (_cm, chm) = channel(&net, member).await;
+    let mut got = BTreeSet::new();
+    for _ in 0..50 {
+        let d = chm
+            .basic_get("pair".into(), BasicGetOptions { no_ack: false })
+            .await
+            .expect("get")
+            .expect("a message");
+        got.insert(String::from_utf8_lossy(&d.delivery.data).into_owned());
+        d.delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .expect("ack");
+    }
+    let want: BTreeSet<String> = confirmed.into_iter().collect();
+    assert_eq!(got, want);
+}

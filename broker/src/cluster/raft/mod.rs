@@ -414,6 +414,23 @@ impl Metadata {
         }
     }
 
+    /// Proposes `command` at the leader `name` (Raft id `id`), which does not forward it again.
+    async fn write_at(
+        &self,
+        name: &str,
+        id: NodeId,
+        command: String,
+    ) -> Result<(u64, String), String> {
+        let cluster = self.cluster.upgrade().ok_or("node is stopping")?;
+        let envelope = Envelope {
+            group: self.group.clone(),
+            to: Some(id),
+            call: RaftCall::Write(command),
+        };
+        let answer = cluster.raft_call(name, &envelope, CALL_TIMEOUT).await?;
+        serde_json::from_str::<Result<(u64, String), String>>(&answer).map_err(text)?
+    }
+
     async fn call(&self, name: &str, call: RaftCall) -> Result<String, String> {
         let cluster = self.cluster.upgrade().ok_or("node is stopping")?;
         let envelope = Envelope {
@@ -464,8 +481,19 @@ impl Metadata {
                 json(serde_json::to_value(self.raft.install_snapshot(req).await))
             }
             RaftCall::Write(command) => {
-                let r = match self.raft.client_write(command).await {
+                let r = match self.raft.client_write(command.clone()).await {
                     Ok(r) => Ok((r.log_id.index, r.data)),
+                    // From a node outside the group (`to` unset): one hop on to the leader.
+                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))
+                        if envelope.to.is_none() =>
+                    {
+                        match (f.leader_id, f.leader_node) {
+                            (Some(id), Some(leader)) if id != self.id => {
+                                self.write_at(&leader.name, id, command).await
+                            }
+                            _ => Err(format!("{}: no leader elected yet; retry", self.lost())),
+                        }
+                    }
                     Err(e) => Err(e.to_string()),
                 };
                 json(serde_json::to_value(r))
