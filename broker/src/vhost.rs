@@ -319,6 +319,8 @@ impl Vhost {
         if r.contains_key(&q.name) {
             return false;
         }
+        let sink: Weak<dyn DeadLetterSink> = self.me.clone();
+        q.set_sink(sink);
         r.insert(q.name.clone(), q);
         drop(r);
         self.topology_changed();

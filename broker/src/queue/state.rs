@@ -48,6 +48,8 @@ pub enum DeadLetterReason {
     Rejected,
     Expired,
     MaxLen,
+    /// Returned more often than a replicated queue's `x-delivery-limit` allows.
+    DeliveryLimit,
 }
 
 impl DeadLetterReason {
@@ -56,6 +58,7 @@ impl DeadLetterReason {
             DeadLetterReason::Rejected => "rejected",
             DeadLetterReason::Expired => "expired",
             DeadLetterReason::MaxLen => "maxlen",
+            DeadLetterReason::DeliveryLimit => "delivery_limit",
         }
     }
 }

@@ -37,6 +37,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::cluster::Cluster;
 use crate::cluster::raft::{Member, Metadata, NodeId, Replicated};
 use crate::message::Message;
+use crate::queue::state::DeadLetterReason;
+use crate::queue::{DeadLetter, DeadLetterSink};
 use crate::remote::Answers;
 use state::{Command, ConsumerKey, Delivery, MsgId, Outcome, QueueState};
 
@@ -113,6 +115,10 @@ pub struct ReplicatedQueue {
     pending_bytes: AtomicUsize,
     /// Bytes of commands applied since the last snapshot.
     since_snapshot: AtomicUsize,
+    /// `x-dead-letter-exchange` and `x-dead-letter-routing-key`.
+    dead_letter: Option<(String, Option<String>)>,
+    /// Where the leader hands dead letters (the vhost).
+    sink: Mutex<Option<Weak<dyn DeadLetterSink>>>,
 }
 
 impl std::fmt::Debug for ReplicatedQueue {
@@ -166,6 +172,13 @@ impl ReplicatedQueue {
         cluster: Weak<Cluster>,
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
+        let dead_letter = crate::queue::args::parse(&arguments, name, vhost)
+            .ok()
+            .and_then(|a| {
+                let c = a.config;
+                c.dead_letter_exchange
+                    .map(|x| (x, c.dead_letter_routing_key))
+            });
         let q = Arc::new_cyclic(|me| ReplicatedQueue {
             vhost: vhost.to_owned(),
             name: name.to_owned(),
@@ -183,11 +196,66 @@ impl ReplicatedQueue {
             proposals: tx,
             pending_bytes: AtomicUsize::new(0),
             since_snapshot: AtomicUsize::new(0),
+            dead_letter,
+            sink: Mutex::new(None),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(propose_loop(Arc::downgrade(&q), rx));
         }
         q
+    }
+
+    /// Where dead letters go (the vhost holding the queue).
+    pub fn set_sink(&self, sink: Weak<dyn DeadLetterSink>) {
+        *self.sink.lock() = Some(sink);
+    }
+
+    /// The leader dead-letters what applying a command killed (at most once, as RabbitMQ's
+    /// default `at-most-once` strategy: a leader lost in between loses them).
+    fn dead_letter(&self, dead: Vec<(state::Msg, state::Dead)>) {
+        let Some((dlx, dlrk)) = &self.dead_letter else {
+            return;
+        };
+        if !self.raft.get().is_some_and(|r| r.leading()) {
+            return;
+        }
+        let Some(sink) = self.sink.lock().as_ref().and_then(Weak::upgrade) else {
+            return;
+        };
+        let now = crate::queue::now_ms();
+        for (m, why) in dead {
+            let Some(msg) = message(&m) else { continue };
+            let reason = match why {
+                state::Dead::Rejected => DeadLetterReason::Rejected,
+                state::Dead::DeliveryLimit => DeadLetterReason::DeliveryLimit,
+            };
+            let (letter, keys) = crate::dead_letter::dead_letter(
+                &msg,
+                &self.name,
+                reason,
+                now / 1000,
+                dlx,
+                dlrk.as_deref(),
+            );
+            let letter = DeadLetter {
+                msg: Arc::new(letter),
+                routing_keys: keys,
+            };
+            if !sink.dead_letter(dlx, letter, now) {
+                tracing::debug!(queue = %self.name, dlx = %dlx, "dead-letter exchange missing; message dropped");
+            }
+        }
+    }
+
+    /// Waits until this replica runs and knows a leader, at most `within`.
+    async fn wait_leader(&self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < deadline {
+            if self.raft.get().is_some_and(|r| r.status().leader.is_some()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Whether this node holds a replica.
@@ -625,15 +693,19 @@ impl Replicated for ReplicatedQueue {
             }
         };
         let mut deliveries = Vec::new();
-        let outcomes: Vec<Outcome> = {
+        let (outcomes, dead): (Vec<Outcome>, _) = {
             let mut s = self.state.lock();
-            commands
+            let outcomes = commands
                 .into_iter()
                 .map(|c| s.apply(c, &mut deliveries))
-                .collect()
+                .collect();
+            (outcomes, std::mem::take(&mut s.dead))
         };
         if !deliveries.is_empty() {
             self.deliver(deliveries);
+        }
+        if !dead.is_empty() {
+            self.dead_letter(dead);
         }
         serde_json::to_string(&outcomes).unwrap_or_else(|_| "[]".into())
     }
@@ -698,6 +770,10 @@ async fn propose_loop(q: Weak<ReplicatedQueue>, mut rx: mpsc::UnboundedReceiver<
         let Some(queue) = q.upgrade() else {
             return;
         };
+        if queue.is_member() {
+            // A new replica starting, or an election: wait (bounded) rather than refuse.
+            queue.wait_leader(Duration::from_secs(5)).await;
+        }
         let raft = queue.raft.get().cloned();
         let commands: Vec<&Command> = batch.iter().map(|p| &p.command).collect();
         let result = match (raft, serde_json::to_string(&commands)) {

@@ -168,6 +168,13 @@ pub enum Outcome {
     Got(Option<(MsgId, Msg, bool, u32)>),
 }
 
+/// Why a message left the queue dead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dead {
+    Rejected,
+    DeliveryLimit,
+}
+
 /// A delivery decided by applying a command.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Delivery {
@@ -188,6 +195,10 @@ pub struct QueueState {
     pub consumers: BTreeMap<ConsumerKey, ConsumerState>,
     /// The consumer served last (round robin).
     last: Option<ConsumerKey>,
+    /// Messages that left the queue dead (rejected without requeue, over the delivery limit)
+    /// while applying the last command: the host dead-letters them (not replicated).
+    #[serde(skip)]
+    pub dead: Vec<(Msg, Dead)>,
     /// Counters since the queue was declared.
     pub enqueued: u64,
     pub delivered: u64,
@@ -251,7 +262,9 @@ impl QueueState {
                 Outcome::Done
             }
             Command::Discard { consumer, ids } => {
-                self.take(&consumer, &ids);
+                let gone = self.take(&consumer, &ids);
+                self.dead
+                    .extend(gone.into_values().map(|m| (m, Dead::Rejected)));
                 Outcome::Done
             }
             Command::Get { consumer, no_ack } => {
@@ -315,6 +328,7 @@ impl QueueState {
         for (id, mut m) in msgs {
             m.returned = m.returned.saturating_add(1);
             if self.config.delivery_limit.is_some_and(|l| m.returned > l) {
+                self.dead.push((m, Dead::DeliveryLimit));
                 continue;
             }
             self.ready.insert(id, m);
@@ -484,6 +498,8 @@ mod tests {
             );
         }
         assert_eq!(s.ready_len(), 0, "dropped after its second return");
+        assert_eq!(s.dead.len(), 1);
+        assert_eq!(s.dead[0].1, Dead::DeliveryLimit);
     }
 
     #[test]

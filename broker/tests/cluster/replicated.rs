@@ -352,4 +352,104 @@ async fn a_two_replica_queue_makes_its_members_quorum_critical_and_takes_publish
     }
     let want: BTreeSet<String> = confirmed.into_iter().collect();
     assert_eq!(got, want);
+
+    // Dead letters: rejected without requeue, or returned more often than x-delivery-limit,
+    // a message goes to the dead-letter exchange with its x-death reason.
+    chm.queue_declare("dead".into(), durable(), FieldTable::default())
+        .await
+        .expect("declare the dead-letter queue");
+    let mut args = quorum();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString("dead".into()),
+    );
+    args.insert("x-delivery-limit".into(), AMQPValue::LongInt(1));
+    chm.queue_declare("retry".into(), durable(), args)
+        .await
+        .expect("declare a replicated queue with a dead-letter exchange");
+    chm.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let (sent, _) = publish(
+        &chm,
+        "retry",
+        ["rejected".to_owned(), "looping".to_owned()].into_iter(),
+    )
+    .await;
+    assert_eq!(sent.len(), 2);
+    let get = |q: &'static str| {
+        let chm = chm.clone();
+        async move {
+            for _ in 0..50 {
+                if let Some(m) = chm
+                    .basic_get(q.into(), BasicGetOptions { no_ack: false })
+                    .await
+                    .expect("get")
+                {
+                    return m;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("nothing in {q} within 5 s");
+        }
+    };
+    let first = get("retry").await;
+    assert_eq!(&first.delivery.data[..], b"rejected");
+    first
+        .delivery
+        .reject(BasicRejectOptions { requeue: false })
+        .await
+        .expect("reject");
+    // "looping" is returned twice: over the limit of 1, it is dead-lettered.
+    for _ in 0..2 {
+        let m = get("retry").await;
+        assert_eq!(&m.delivery.data[..], b"looping");
+        m.delivery
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await
+            .expect("nack");
+    }
+    let mut reasons = Vec::new();
+    for _ in 0..2 {
+        let m = get("dead").await;
+        let death = m
+            .delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-death").cloned());
+        let Some(AMQPValue::FieldArray(deaths)) = death else {
+            panic!("no x-death on {:?}", m.delivery.properties);
+        };
+        let Some(AMQPValue::FieldTable(first)) = deaths.as_slice().first().cloned() else {
+            panic!("x-death {deaths:?}");
+        };
+        let reason = match first.inner().get("reason") {
+            Some(AMQPValue::LongString(r)) => r.to_string(),
+            other => panic!("reason {other:?}"),
+        };
+        reasons.push((
+            String::from_utf8_lossy(&m.delivery.data).into_owned(),
+            reason,
+        ));
+        m.delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .expect("ack");
+    }
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        vec![
+            ("looping".to_owned(), "delivery_limit".to_owned()),
+            ("rejected".to_owned(), "rejected".to_owned())
+        ]
+    );
 }
