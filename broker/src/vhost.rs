@@ -883,6 +883,15 @@ impl Vhost {
         )
     }
 
+    /// The definition of the (user) policy that applies to queue `name`, if any.
+    pub fn queue_policy_definition(
+        &self,
+        name: &str,
+    ) -> Option<std::collections::BTreeMap<String, serde_json::Value>> {
+        let policies = self.policies.read();
+        policy::select(&policies, name, true).map(|p| p.definition.clone())
+    }
+
     /// Adds or replaces a policy (or operator policy) and applies it to existing objects.
     pub fn put_policy(&self, p: Policy, operator: bool) {
         {

@@ -242,7 +242,12 @@ impl Channel {
             return Ok(false);
         }
         let args = crate::queue::args::parse(&d.arguments, name, &vhost.name)?;
-        let record = if args.queue_type.as_deref() == Some("quorum") {
+        // A mirrored queue (a policy's ha-mode) is replicated too, when durable and not
+        // auto-delete; otherwise it stays classic, as before.
+        let ha = (args.queue_type.is_none() && d.durable && !d.auto_delete)
+            .then(|| crate::remote::HaMode::of(&vhost, name))
+            .flatten();
+        let record = if args.queue_type.as_deref() == Some("quorum") || ha.is_some() {
             let replicas = self.ctx().broker.new_replicas(
                 name,
                 &vhost.name,
@@ -250,6 +255,7 @@ impl Channel {
                 d.auto_delete,
                 d.exclusive,
                 &d.arguments,
+                ha,
             )?;
             let mut r = queue_record(&vhost.name, name, d, self.ctx().broker.node_name(), false);
             r.replicas = Some(replicas);

@@ -371,11 +371,13 @@ async fn cluster_declare(
         return Ok(false);
     }
     let parsed = crate::queue::args::parse(&args, name, &v.name)?;
-    let replicas = match parsed.queue_type.as_deref() {
-        Some("quorum") => {
-            Some(broker.new_replicas(name, &v.name, durable, auto_delete, false, &args)?)
-        }
-        _ => None,
+    let ha = (parsed.queue_type.is_none() && durable && !auto_delete)
+        .then(|| crate::remote::HaMode::of(v, name))
+        .flatten();
+    let replicas = if parsed.queue_type.as_deref() == Some("quorum") || ha.is_some() {
+        Some(broker.new_replicas(name, &v.name, durable, auto_delete, false, &args, ha)?)
+    } else {
+        None
     };
     let node = match &replicas {
         Some(_) => broker.node_name(),

@@ -192,6 +192,38 @@ pub enum Reply {
     },
 }
 
+/// How a policy's `ha-mode` (with `ha-params`) places a mirrored queue's replicas.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HaMode {
+    All,
+    Exactly(usize),
+    Nodes(Vec<String>),
+}
+
+impl HaMode {
+    /// The `ha-mode` of the policy that applies to queue `name` of `v`, if any.
+    pub fn of(v: &crate::vhost::Vhost, name: &str) -> Option<HaMode> {
+        let def = v.queue_policy_definition(name)?;
+        match def.get("ha-mode")?.as_str()? {
+            "all" => Some(HaMode::All),
+            "exactly" => Some(HaMode::Exactly(
+                def.get("ha-params").and_then(|p| p.as_u64()).unwrap_or(1) as usize,
+            )),
+            "nodes" => Some(HaMode::Nodes(
+                def.get("ha-params")
+                    .and_then(|p| p.as_array())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|n| n.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            )),
+            _ => None,
+        }
+    }
+}
+
 /// The answers a publish waits for from other nodes before its confirm may go out.
 pub struct Answers {
     pending: AtomicUsize,
@@ -255,6 +287,7 @@ impl Broker {
     /// The replicas of a new `x-queue-type: quorum` queue declared on this node: this node
     /// first, then the other running voters of the metadata group by name, as many as
     /// `x-quorum-initial-group-size` asks (default: all).
+    #[allow(clippy::too_many_arguments)]
     pub fn new_replicas(
         &self,
         name: &str,
@@ -263,6 +296,7 @@ impl Broker {
         auto_delete: bool,
         exclusive: bool,
         arguments: &amq_protocol::types::FieldTable,
+        ha: Option<HaMode>,
     ) -> Result<crate::replicated::Replicas, AmqpError> {
         let broker = self;
         let invalid = |what: &str| {
@@ -302,10 +336,31 @@ impl Broker {
         let mut voters = cluster.metadata_voters();
         voters.retain(|(_, m)| m.name == me || cluster.is_running(&m.name));
         voters.sort_by(|a, b| (a.1.name != me, &a.1.name).cmp(&(b.1.name != me, &b.1.name)));
-        if let Some(n) = size.filter(|n| *n > 0) {
-            voters.truncate(n as usize);
+        let by_policy = ha.is_some();
+        match ha {
+            // A policy's ha-mode (RabbitMQ's mirrored classic queues) places the replicas.
+            Some(HaMode::Exactly(n)) => voters.truncate(n.max(1)),
+            Some(HaMode::Nodes(names)) => {
+                voters.retain(|(_, m)| names.contains(&m.name));
+                if voters.first().is_none_or(|(_, m)| m.name != me) {
+                    // Declared on a node not listed: the first listed running node leads.
+                    if voters.is_empty() {
+                        return Err(AmqpError::precondition(format!(
+                            "queue '{name}' in vhost '{vhost}': none of the ha-params nodes \
+                             ({}) is running",
+                            names.join(", ")
+                        )));
+                    }
+                }
+            }
+            Some(HaMode::All) => {}
+            None => {
+                if let Some(n) = size.filter(|n| *n > 0) {
+                    voters.truncate(n as usize);
+                }
+            }
         }
-        if voters.first().is_none_or(|(_, m)| m.name != me) {
+        if voters.is_empty() || (!by_policy && voters[0].1.name != me) {
             return Err(AmqpError::internal(
                 "this node is not a voter of the cluster's metadata group yet",
             ));

@@ -452,4 +452,52 @@ async fn a_two_replica_queue_makes_its_members_quorum_critical_and_takes_publish
             ("rejected".to_owned(), "rejected".to_owned())
         ]
     );
+
+    // A policy with ha-mode (RabbitMQ's mirrored classic queues) makes a durable queue it
+    // matches replicated, with as many replicas as ha-params says; a non-durable one stays
+    // classic.
+    let (status, body) = net
+        .send(
+            0,
+            reqwest::Method::PUT,
+            "/api/policies/%2f/mirror",
+            Some(serde_json::json!({
+                "pattern": "^mirrored\\.",
+                "apply-to": "queues",
+                "definition": {"ha-mode": "exactly", "ha-params": 2}
+            })),
+        )
+        .await
+        .expect("PUT policy");
+    assert!(status == 201 || status == 204, "{status} {body}");
+    let (_cy, chx) = channel(&net, outsider).await;
+    chx.queue_declare("mirrored.one".into(), durable(), FieldTable::default())
+        .await
+        .expect("declare a mirrored queue");
+    chx.queue_declare(
+        "mirrored.tmp".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare a transient queue the policy matches");
+    let one = net
+        .wait_status(
+            outsider,
+            "/api/queues/%2f/mirrored.one",
+            200,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(one["type"], "quorum", "{one}");
+    assert_eq!(one["members"].as_array().map(Vec::len), Some(2), "{one}");
+    let tmp = net
+        .wait_status(
+            outsider,
+            "/api/queues/%2f/mirrored.tmp",
+            200,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(tmp["type"], "classic", "{tmp}");
 }
