@@ -93,8 +93,32 @@ fn sorted_queues(v: &Vhost) -> Vec<Arc<Queue>> {
 /// How long a listing waits for another node's queues.
 const NODE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A replicated queue as a node holding a replica sees it; a node without one asks a
+/// running member (falling back to what it knows: members, no counts).
+async fn replicated_view(
+    broker: &Broker,
+    v: &Vhost,
+    q: &crate::replicated::ReplicatedQueue,
+) -> Value {
+    if !q.is_member() {
+        let call = Call::QueueInfo {
+            vhosts: vec![v.name.clone()],
+            queue: Some(q.name.clone()),
+        };
+        for m in q.members() {
+            if let Ok(Reply::Json(j)) = broker.node_call(&m, &call, NODE_TIMEOUT).await
+                && let Ok(list) = serde_json::from_str::<Vec<Value>>(&j)
+                && let Some(first) = list.into_iter().next()
+            {
+                return first;
+            }
+        }
+    }
+    replicated_json(v, q)
+}
+
 /// A replicated queue as this node sees it (its counts are this replica's).
-fn replicated_json(v: &Vhost, q: &crate::replicated::ReplicatedQueue) -> Value {
+pub fn replicated_json(v: &Vhost, q: &crate::replicated::ReplicatedQueue) -> Value {
     let i = q.info();
     let (policy, operator_policy) = v.queue_policy_names(&q.name);
     json!({
@@ -109,7 +133,11 @@ fn replicated_json(v: &Vhost, q: &crate::replicated::ReplicatedQueue) -> Value {
         "leader": i.leader,
         "members": i.members,
         "online": i.online,
-        "state": if i.leader.is_some() { "running" } else { "minority" },
+        "state": match (i.replica, i.leader.is_some(), i.online.is_empty()) {
+            (true, true, _) | (false, _, false) => "running",
+            (true, false, _) => "minority",
+            (false, _, true) => "down",
+        },
         "messages": i.ready + i.unacked,
         "messages_ready": i.ready,
         "messages_unacknowledged": i.unacked,
@@ -148,7 +176,9 @@ async fn cluster_queues(broker: &Broker, vhosts: &[Arc<Vhost>]) -> Vec<Value> {
     let mut remote: BTreeMap<String, Vec<(String, RemoteQueue)>> = BTreeMap::new();
     for v in vhosts {
         out.extend(sorted_queues(v).iter().map(|q| queue_json(broker, v, q)));
-        out.extend(v.replicated_queues().iter().map(|q| replicated_json(v, q)));
+        for q in v.replicated_queues() {
+            out.push(replicated_view(broker, v, &q).await);
+        }
         if broker.clustered() {
             for r in v
                 .remote_queues()
@@ -252,7 +282,7 @@ async fn show(
 ) -> ApiResult {
     let v = caller.vhost(&broker, &vhost)?;
     if let Some(q) = v.replicated_queue(&name) {
-        return ok(replicated_json(&v, &q));
+        return ok(replicated_view(&broker, &v, &q).await);
     }
     if let Some(r) = remote(&broker, &v, &name) {
         let call = Call::QueueInfo {

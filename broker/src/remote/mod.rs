@@ -714,10 +714,18 @@ impl Broker {
                 let mut out = Vec::new();
                 for v in vhosts.iter().filter_map(|n| self.vhost(n)) {
                     match &queue {
-                        Some(name) => out.extend(
-                            v.queue(name)
-                                .map(|q| crate::management::queues::queue_details(self, &v, &q)),
-                        ),
+                        Some(name) => {
+                            out.extend(
+                                v.queue(name).map(|q| {
+                                    crate::management::queues::queue_details(self, &v, &q)
+                                }),
+                            );
+                            out.extend(
+                                v.replicated_queue(name)
+                                    .filter(|q| q.is_member())
+                                    .map(|q| crate::management::queues::replicated_json(&v, &q)),
+                            );
+                        }
                         None => out.extend(
                             v.queues()
                                 .iter()

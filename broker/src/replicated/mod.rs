@@ -24,7 +24,7 @@ pub mod state;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
@@ -115,6 +115,8 @@ pub struct ReplicatedQueue {
     pending_bytes: AtomicUsize,
     /// Bytes of commands applied since the last snapshot.
     since_snapshot: AtomicUsize,
+    /// The leader is adding learners (one round at a time).
+    adding_learners: Arc<AtomicBool>,
     /// `x-dead-letter-exchange` and `x-dead-letter-routing-key`.
     dead_letter: Option<(String, Option<String>)>,
     /// Where the leader hands dead letters (the vhost).
@@ -196,6 +198,7 @@ impl ReplicatedQueue {
             proposals: tx,
             pending_bytes: AtomicUsize::new(0),
             since_snapshot: AtomicUsize::new(0),
+            adding_learners: Arc::new(AtomicBool::new(false)),
             dead_letter,
             sink: Mutex::new(None),
         });
@@ -272,11 +275,9 @@ impl ReplicatedQueue {
     }
 
     /// Opens this node's replica (creating the group if this node is the first member), then
-    /// keeps it swept.
+    /// keeps it swept. Every node opens one: a node that is not a member follows as a Raft
+    /// learner (the leader adds it), so its consumers are served where they are.
     pub async fn start(self: Arc<Self>) -> Result<(), String> {
-        if !self.is_member() {
-            return Ok(());
-        }
         let cluster = self.cluster.upgrade().ok_or("node is stopping")?;
         let dir = Self::dir(&cluster, &self.replicas.group)
             .ok_or("a replicated queue needs a data directory")?;
@@ -494,7 +495,7 @@ impl ReplicatedQueue {
     }
 
     fn check_replica(&self) -> Result<(), String> {
-        if self.is_member() {
+        if self.is_member() || self.raft.get().is_some() {
             Ok(())
         } else {
             Err(format!(
@@ -590,6 +591,38 @@ impl ReplicatedQueue {
         }
     }
 
+    /// On the leader: running voters of the metadata group that are not in the queue's group
+    /// join it as learners (in the background, one sweep at a time).
+    fn add_learners(&self, raft: &Arc<Metadata>) {
+        let Some(cluster) = self.cluster.upgrade() else {
+            return;
+        };
+        let known = raft.node_ids();
+        let missing: Vec<(NodeId, Member)> = cluster
+            .metadata_voters()
+            .into_iter()
+            .filter(|(id, m)| !known.contains(id) && cluster.is_running(&m.name))
+            .collect();
+        if missing.is_empty() || self.adding_learners.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let raft = raft.clone();
+        let name = self.name.clone();
+        let adding = self.adding_learners.clone();
+        tokio::spawn(async move {
+            for (id, m) in missing {
+                let node = m.name.clone();
+                match raft.add_learner(id, m).await {
+                    Ok(()) => {
+                        tracing::info!(queue = %name, %node, "a node without a replica follows the queue as a learner")
+                    }
+                    Err(e) => tracing::debug!(queue = %name, %node, "learner not added yet: {e}"),
+                }
+            }
+            adding.store(false, Ordering::Release);
+        });
+    }
+
     /// One sweep: release the consumers of nodes the leader cannot see, and of this node's
     /// earlier boots; cancel consumers of this node that are gone; re-attach live ones the
     /// state lost (released while this node was cut off).
@@ -624,6 +657,7 @@ impl ReplicatedQueue {
             (nodes, stale_boot, dead, present)
         };
         if raft.leading() {
+            self.add_learners(raft);
             for n in nodes {
                 if !cluster.as_ref().is_some_and(|c| c.is_running(&n)) {
                     tracing::info!(queue = %self.name, node = %n, "releasing the consumers of a node this leader cannot see");
@@ -770,8 +804,9 @@ async fn propose_loop(q: Weak<ReplicatedQueue>, mut rx: mpsc::UnboundedReceiver<
         let Some(queue) = q.upgrade() else {
             return;
         };
-        if queue.is_member() {
-            // A new replica starting, or an election: wait (bounded) rather than refuse.
+        if queue.is_member() || queue.raft.get().is_some() {
+            // A new replica starting, a learner not added yet, or an election: wait
+            // (bounded) rather than refuse.
             queue.wait_leader(Duration::from_secs(5)).await;
         }
         let raft = queue.raft.get().cloned();

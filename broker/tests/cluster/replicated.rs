@@ -319,26 +319,47 @@ async fn a_two_replica_queue_makes_its_members_quorum_critical_and_takes_publish
         .expect("confirms");
     let (confirmed, nacked) = publish(&cho, "pair", (0..50).map(|i| format!("p{i}"))).await;
     assert_eq!((confirmed.len(), nacked), (50, 0));
-    // Consuming there is refused with a message naming the members (not yet served).
+    // The node without a replica shows the queue as a member sees it.
+    let seen = net
+        .get(outsider, "/api/queues/%2f/pair")
+        .await
+        .expect("show");
+    assert_eq!(
+        (seen["messages"].as_u64(), seen["state"].as_str()),
+        (Some(50), Some("running")),
+        "{seen}"
+    );
+    // The node without a replica follows the queue as a Raft learner: its consumers are
+    // served there. It takes 25; the other member the remaining 25.
     let (_cx, chx) = channel(&net, outsider).await;
-    let refused = chx
+    chx.basic_qos(10, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut there = chx
         .basic_consume(
             "pair".into(),
-            "no".into(),
+            "there".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
-        .await;
-    let err = refused.expect_err("no replica on this node");
-    assert!(
-        err.to_string().contains("connect to one of its members"),
-        "{err}"
-    );
-
-    // Through the other member, all 50 arrive.
-    let (_cm, chm) = channel(&net, member).await;
+        .await
+        .expect("consume through the node without a replica");
     let mut got = BTreeSet::new();
-    for _ in 0..50 {
+    for _ in 0..25 {
+        let d = tokio::time::timeout(Duration::from_secs(10), there.next())
+            .await
+            .expect("a delivery through the learner")
+            .expect("consumer open")
+            .expect("delivery");
+        got.insert(String::from_utf8_lossy(&d.data).into_owned());
+        d.ack(BasicAckOptions::default()).await.expect("ack");
+    }
+    chx.basic_cancel("there".into(), BasicCancelOptions::default())
+        .await
+        .expect("cancel");
+
+    let (_cm, chm) = channel(&net, member).await;
+    while got.len() < 50 {
         let d = chm
             .basic_get("pair".into(), BasicGetOptions { no_ack: false })
             .await

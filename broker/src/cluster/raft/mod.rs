@@ -292,6 +292,26 @@ impl Metadata {
             .collect()
     }
 
+    /// Raft ids of every node of the group, voters and learners.
+    pub fn node_ids(&self) -> Vec<NodeId> {
+        let m = self.raft.metrics().borrow().clone();
+        m.membership_config
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Adds `member` as a learner (on the leader): it receives and applies the log but does
+    /// not vote.
+    pub async fn add_learner(&self, id: NodeId, member: Member) -> Result<(), String> {
+        self.raft
+            .add_learner(id, member, false)
+            .await
+            .map(|_| ())
+            .map_err(text)
+    }
+
     /// Takes a snapshot now (and truncates the log behind it).
     pub async fn snapshot_now(&self) -> Result<(), String> {
         self.raft.trigger().snapshot().await.map_err(text)
