@@ -44,6 +44,18 @@ pub struct RemoteQueue {
     pub arguments: FieldTable,
 }
 
+/// How a replicated queue was declared, as the record a redeclaration is compared with.
+pub fn replicated_record(q: &ReplicatedQueue) -> RemoteQueue {
+    RemoteQueue {
+        name: q.name.clone(),
+        node: q.members().first().cloned().unwrap_or_default(),
+        durable: q.durable,
+        auto_delete: q.auto_delete,
+        exclusive: false,
+        arguments: q.arguments.clone(),
+    }
+}
+
 /// Queues a message is routed to: those on this node, and `(node, queue)` of those on other
 /// nodes.
 #[derive(Default)]

@@ -185,15 +185,7 @@ impl Channel {
         };
         if let Some(q) = vhost.replicated_queue(name) {
             if !d.passive {
-                let r = crate::vhost::RemoteQueue {
-                    name: q.name.clone(),
-                    node: String::new(),
-                    durable: q.durable,
-                    auto_delete: q.auto_delete,
-                    exclusive: false,
-                    arguments: q.arguments.clone(),
-                };
-                check_equivalent(&r, d, &vhost.name)?;
+                check_equivalent(&crate::vhost::replicated_record(&q), d, &vhost.name)?;
             }
             let (messages, consumers) = q.counts();
             if !d.nowait {
@@ -242,28 +234,21 @@ impl Channel {
             return Ok(false);
         }
         let args = crate::queue::args::parse(&d.arguments, name, &vhost.name)?;
-        // A mirrored queue (a policy's ha-mode) is replicated too, when durable and not
-        // auto-delete; otherwise it stays classic, as before.
-        let ha = (args.queue_type.is_none() && d.durable && !d.auto_delete)
-            .then(|| crate::remote::HaMode::of(&vhost, name))
-            .flatten();
-        let record = if args.queue_type.as_deref() == Some("quorum") || ha.is_some() {
-            let replicas = self.ctx().broker.new_replicas(
-                name,
-                &vhost.name,
-                d.durable,
-                d.auto_delete,
-                d.exclusive,
-                &d.arguments,
-                ha,
-            )?;
-            let mut r = queue_record(&vhost.name, name, d, self.ctx().broker.node_name(), false);
-            r.replicas = Some(replicas);
-            r
-        } else {
-            let node = self.ctx().broker.place_queue(args.locator);
-            queue_record(&vhost.name, name, d, node, false)
+        let broker = &self.ctx().broker;
+        let replicas = broker.replicas_for(
+            &vhost,
+            name,
+            d.durable,
+            d.auto_delete,
+            d.exclusive,
+            &d.arguments,
+        )?;
+        let node = match replicas {
+            Some(_) => broker.node_name(),
+            None => broker.place_queue(args.locator),
         };
+        let mut record = queue_record(&vhost.name, name, d, node, false);
+        record.replicas = replicas;
         let ok = (!d.nowait).then(|| declare_ok(0, 0));
         self.propose((50, 10), Change::DeclareQueue(record), ok);
         Ok(true)

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 
 use amq_protocol::protocol::{AMQPClass, basic, queue};
 
-use super::{Channel, ChannelShared, Source, Unacked};
+use super::{Channel, ChannelShared, Deliveries, Source, Unacked};
 use crate::codec;
 use crate::error::AmqpError;
 use crate::message::Message;
@@ -71,13 +71,26 @@ impl ChannelShared {
         if !self.is_open() {
             return;
         }
-        d.next_tag += 1;
-        let tag = d.next_tag;
+        let tag = self.replicated_tag(&mut d, source, no_ack, id);
         if no_ack {
             source.settle(vec![id], Settlement::Ack);
-        } else {
+        }
+        self.write_deliver(consumer_tag, tag, redelivered, msg);
+    }
+
+    /// This channel's next delivery tag for message `id` of `source`, recorded as unacked
+    /// unless the client does not acknowledge.
+    fn replicated_tag(
+        &self,
+        d: &mut Deliveries,
+        source: &Arc<ReplicatedSource>,
+        no_ack: bool,
+        id: MsgId,
+    ) -> u64 {
+        d.next_tag += 1;
+        if !no_ack {
             d.unacked.insert(
-                tag,
+                d.next_tag,
                 Unacked {
                     source: Source::Replicated(source.clone()),
                     id,
@@ -86,7 +99,7 @@ impl ChannelShared {
             );
             self.unacked_count.fetch_add(1, Ordering::Relaxed);
         }
-        self.write_deliver(consumer_tag, tag, redelivered, msg);
+        d.next_tag
     }
 
     /// The consumer was attached: `consume-ok` (unless `nowait`), then what arrived meanwhile.
@@ -223,19 +236,7 @@ impl Channel {
                 ))));
             };
             let mut d = shared.deliveries.lock();
-            d.next_tag += 1;
-            let tag = d.next_tag;
-            if !no_ack {
-                d.unacked.insert(
-                    tag,
-                    Unacked {
-                        source: Source::Replicated(source.clone()),
-                        id,
-                        consumer: None,
-                    },
-                );
-                shared.unacked_count.fetch_add(1, Ordering::Relaxed);
-            }
+            let tag = shared.replicated_tag(&mut d, &source, no_ack, id);
             let mut out = shared.conn.outbox.writer();
             codec::encode_get_ok(
                 &mut out,

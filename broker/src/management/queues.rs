@@ -372,7 +372,11 @@ async fn cluster_declare(
     body: &Body,
 ) -> ApiResult<bool> {
     let (durable, auto_delete, args) = queue_request(broker, caller, v, name, body)?;
-    if let Some(r) = v.remote_queue(name) {
+    let elsewhere = v.remote_queue(name).or_else(|| {
+        v.replicated_queue(name)
+            .map(|q| crate::vhost::replicated_record(&q))
+    });
+    if let Some(r) = elsewhere {
         let mismatch = |arg: &str, got: bool, current: bool| -> ApiError {
             AmqpError::precondition(format!(
                 "inequivalent arg '{arg}' for queue '{name}' in vhost '{}': received '{got}' but current is '{current}'",
@@ -389,26 +393,8 @@ async fn cluster_declare(
         crate::queue::args::check_equivalent(&r.arguments, &args, name, &v.name)?;
         return Ok(false);
     }
-    if let Some(q) = v.replicated_queue(name) {
-        if q.durable != durable || q.auto_delete != auto_delete {
-            return Err(AmqpError::precondition(format!(
-                "inequivalent arg 'durable' or 'auto_delete' for queue '{name}' in vhost '{}'",
-                v.name
-            ))
-            .into());
-        }
-        crate::queue::args::check_equivalent(&q.arguments, &args, name, &v.name)?;
-        return Ok(false);
-    }
     let parsed = crate::queue::args::parse(&args, name, &v.name)?;
-    let ha = (parsed.queue_type.is_none() && durable && !auto_delete)
-        .then(|| crate::remote::HaMode::of(v, name))
-        .flatten();
-    let replicas = if parsed.queue_type.as_deref() == Some("quorum") || ha.is_some() {
-        Some(broker.new_replicas(name, &v.name, durable, auto_delete, false, &args, ha)?)
-    } else {
-        None
-    };
+    let replicas = broker.replicas_for(v, name, durable, auto_delete, false, &args)?;
     let node = match &replicas {
         Some(_) => broker.node_name(),
         None => broker.place_queue(parsed.locator),

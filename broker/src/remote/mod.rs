@@ -284,20 +284,28 @@ fn unreachable(queue: &str, vhost: &str, why: String) -> AmqpError {
 }
 
 impl Broker {
-    /// The replicas of a new `x-queue-type: quorum` queue declared on this node: this node
-    /// first, then the other running voters of the metadata group by name, as many as
-    /// `x-quorum-initial-group-size` asks (default: all).
-    #[allow(clippy::too_many_arguments)]
-    pub fn new_replicas(
+    /// Whether a new queue declared on this node is replicated, and its replicas: a
+    /// `x-queue-type: quorum` queue, or a durable, not auto-delete one matched by a policy's
+    /// `ha-mode` (RabbitMQ's mirrored classic queues; otherwise it stays classic). The
+    /// replicas are this node first, then the other running voters of the metadata group
+    /// by name, as many as `x-quorum-initial-group-size` or `ha-params` asks (default: all).
+    pub fn replicas_for(
         &self,
+        v: &crate::vhost::Vhost,
         name: &str,
-        vhost: &str,
         durable: bool,
         auto_delete: bool,
         exclusive: bool,
         arguments: &amq_protocol::types::FieldTable,
-        ha: Option<HaMode>,
-    ) -> Result<crate::replicated::Replicas, AmqpError> {
+    ) -> Result<Option<crate::replicated::Replicas>, AmqpError> {
+        let vhost = v.name.as_str();
+        let queue_type = crate::queue::args::parse(arguments, name, vhost)?.queue_type;
+        let ha = (queue_type.is_none() && durable && !auto_delete)
+            .then(|| HaMode::of(v, name))
+            .flatten();
+        if queue_type.as_deref() != Some("quorum") && ha.is_none() {
+            return Ok(None);
+        }
         let broker = self;
         let invalid = |what: &str| {
             AmqpError::precondition(format!(
@@ -365,14 +373,14 @@ impl Broker {
                 "this node is not a voter of the cluster's metadata group yet",
             ));
         }
-        Ok(crate::replicated::Replicas {
+        Ok(Some(crate::replicated::Replicas {
             group: format!("q{:016x}", rand::random::<u64>()),
             members: voters
                 .into_iter()
                 .map(|(id, m)| (id, m.name, m.addr))
                 .collect(),
             config: crate::replicated::state::Config { delivery_limit },
-        })
+        }))
     }
 
     /// The node a new queue is to live on, as `locator` says: this one, the running member

@@ -254,7 +254,7 @@ impl ReplicatedQueue {
     async fn wait_leader(&self, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
         while tokio::time::Instant::now() < deadline {
-            if self.raft.get().is_some_and(|r| r.status().leader.is_some()) {
+            if self.raft.get().is_some_and(|r| r.has_leader()) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -697,9 +697,10 @@ impl ReplicatedQueue {
         for (consumer, prefetch) in lost {
             self.submit(Command::Checkout { consumer, prefetch }, None);
         }
+        let state = self.state.lock();
         self.cancelling
             .lock()
-            .retain(|k| self.state.lock().consumers.contains_key(k));
+            .retain(|k| state.consumers.contains_key(k));
     }
 }
 

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -45,15 +45,18 @@ struct History {
 
 type Shared = Arc<Mutex<History>>;
 
-async fn connect(ip: &str) -> Option<Connection> {
+/// A connection to node `ip` and a channel on it (within 3 s), or None.
+async fn connect(ip: &str) -> Option<(Connection, Channel)> {
     let url = format!("amqp://{USER}:{PASS}@{ip}:5672/%2f");
-    tokio::time::timeout(
+    let conn = tokio::time::timeout(
         Duration::from_secs(3),
         Connection::connect(&url, ConnectionProperties::default()),
     )
     .await
     .ok()?
-    .ok()
+    .ok()?;
+    let ch = conn.create_channel().await.ok()?;
+    Some((conn, ch))
 }
 
 /// Publishes `n<node>-<seq>` one at a time with confirms through node `ip`, reconnecting
@@ -61,11 +64,8 @@ async fn connect(ip: &str) -> Option<Connection> {
 async fn publisher(node: usize, ip: String, h: Shared, stop: Arc<AtomicBool>) {
     let mut seq = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        let Some(conn) = connect(&ip).await else {
+        let Some((conn, ch)) = connect(&ip).await else {
             tokio::time::sleep(Duration::from_millis(300)).await;
-            continue;
-        };
-        let Ok(ch) = conn.create_channel().await else {
             continue;
         };
         if ch
@@ -112,11 +112,8 @@ async fn publisher(node: usize, ip: String, h: Shared, stop: Arc<AtomicBool>) {
 /// reconnecting whenever the connection fails, until `stop`.
 async fn consumer(node: usize, ip: String, h: Shared, stop: Arc<AtomicBool>) {
     while !stop.load(Ordering::Relaxed) {
-        let Some(conn) = connect(&ip).await else {
+        let Some((conn, ch)) = connect(&ip).await else {
             tokio::time::sleep(Duration::from_millis(300)).await;
-            continue;
-        };
-        let Ok(ch) = conn.create_channel().await else {
             continue;
         };
         let _ = ch.basic_qos(20, BasicQosOptions::default()).await;
@@ -247,8 +244,7 @@ async fn replicated_queue_loses_no_confirmed_message_under_kills_pauses_and_part
         net.wait_ready(i, Duration::from_secs(30)).await;
     }
     {
-        let conn = connect(&net.nodes[0].ip).await.expect("connect");
-        let ch = conn.create_channel().await.expect("channel");
+        let (conn, ch) = connect(&net.nodes[0].ip).await.expect("connect");
         let mut args = FieldTable::default();
         args.insert(
             "x-queue-type".into(),
@@ -329,8 +325,7 @@ async fn replicated_queue_loses_no_confirmed_message_under_kills_pauses_and_part
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let ok = async {
-                let conn = connect(&net.nodes[i].ip).await?;
-                let ch = conn.create_channel().await.ok()?;
+                let (conn, ch) = connect(&net.nodes[i].ip).await?;
                 ch.confirm_select(ConfirmSelectOptions::default())
                     .await
                     .ok()?;

@@ -16,7 +16,7 @@ use crate::harness::{Net, PASS, SERIAL, USER};
 
 const AGREE: Duration = Duration::from_secs(30);
 
-async fn channel(net: &Net, i: usize) -> (Connection, Channel) {
+pub async fn channel(net: &Net, i: usize) -> (Connection, Channel) {
     let url = format!("amqp://{USER}:{PASS}@{}:5672/%2f", net.nodes[i].ip);
     let conn = Connection::connect(&url, ConnectionProperties::default())
         .await
@@ -25,7 +25,7 @@ async fn channel(net: &Net, i: usize) -> (Connection, Channel) {
     (conn, ch)
 }
 
-fn durable() -> QueueDeclareOptions {
+pub fn durable() -> QueueDeclareOptions {
     QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()

@@ -8,20 +8,12 @@ use std::time::Duration;
 use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Confirmation};
 
-use crate::harness::{Net, PASS, SERIAL, USER};
+use crate::harness::{Net, SERIAL};
+use crate::queues::{channel, durable};
 
 const AGREE: Duration = Duration::from_secs(30);
-
-async fn channel(net: &Net, i: usize) -> (Connection, Channel) {
-    let url = format!("amqp://{USER}:{PASS}@{}:5672/%2f", net.nodes[i].ip);
-    let conn = Connection::connect(&url, ConnectionProperties::default())
-        .await
-        .unwrap_or_else(|e| panic!("connect to node {i}: {e}"));
-    let ch = conn.create_channel().await.expect("channel");
-    (conn, ch)
-}
 
 fn quorum() -> FieldTable {
     let mut args = FieldTable::default();
@@ -30,13 +22,6 @@ fn quorum() -> FieldTable {
         AMQPValue::LongString("quorum".into()),
     );
     args
-}
-
-fn durable() -> QueueDeclareOptions {
-    QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    }
 }
 
 /// Publishes `bodies` with confirms; returns those confirmed (acked) and how many were nacked.
@@ -72,6 +57,16 @@ async fn publish(
         }
     }
     (acked, nacked)
+}
+
+/// The `members` of a queue as the management API shows it.
+fn members(info: &serde_json::Value) -> Vec<String> {
+    info["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter_map(|m| m.as_str().map(str::to_owned))
+        .collect()
 }
 
 async fn leader(net: &Net, i: usize) -> Option<String> {
@@ -110,12 +105,7 @@ async fn confirmed_messages_survive_the_leaders_kill_and_its_consumers_messages_
     }
     let info = net.get(1, "/api/queues/%2f/rq").await.expect("show");
     assert_eq!(info["type"], "quorum", "{info}");
-    let members: BTreeSet<String> = info["members"]
-        .as_array()
-        .expect("members")
-        .iter()
-        .filter_map(|m| m.as_str().map(str::to_owned))
-        .collect();
+    let members: BTreeSet<String> = members(&info).into_iter().collect();
     let names: BTreeSet<String> = net.nodes.iter().map(|n| n.name.clone()).collect();
     assert_eq!(members, names, "{info}");
     // A non-durable quorum queue is refused, as RabbitMQ refuses one.
@@ -262,12 +252,7 @@ async fn a_two_replica_queue_makes_its_members_quorum_critical_and_takes_publish
     let info = net
         .wait_status(0, "/api/queues/%2f/pair", 200, Duration::from_secs(5))
         .await;
-    let members: Vec<String> = info["members"]
-        .as_array()
-        .expect("members")
-        .iter()
-        .filter_map(|m| m.as_str().map(str::to_owned))
-        .collect();
+    let members = members(&info);
     assert_eq!(members.len(), 2, "{info}");
     assert_eq!(
         members[0], net.nodes[0].name,

@@ -156,6 +156,34 @@ fn text<E: std::fmt::Display>(e: E) -> String {
     e.to_string()
 }
 
+/// A group's Raft configuration: a snapshot every `every` entries (`env` overrides it, for
+/// tests), keeping at most `keep` entries behind it.
+fn config(
+    name: &str,
+    env: &str,
+    every: u64,
+    keep: u64,
+    snapshot_timeout_ms: u64,
+) -> Result<openraft::Config, String> {
+    let every = std::env::var(env)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(every)
+        .max(1);
+    openraft::Config {
+        cluster_name: name.to_owned(),
+        heartbeat_interval: 250,
+        election_timeout_min: 1000,
+        election_timeout_max: 2000,
+        install_snapshot_timeout: snapshot_timeout_ms,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(every),
+        max_in_snapshot_log_to_keep: every.min(keep),
+        ..Default::default()
+    }
+    .validate()
+    .map_err(text)
+}
+
 impl Metadata {
     /// Opens the group's log and state under `dir`, starts Raft, and (without state) joins
     /// or creates the group in the background.
@@ -172,23 +200,13 @@ impl Metadata {
         let sm = state::StateMachine::open(&dir, host.clone(), applied_tx).map_err(text)?;
         // Entries between snapshots (a snapshot lets the log be truncated, and is what a new
         // or far-behind node receives). WARREN_RAFT_SNAPSHOT_LOGS lowers it for tests.
-        let every = std::env::var("WARREN_RAFT_SNAPSHOT_LOGS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(500u64)
-            .max(1);
-        let config = openraft::Config {
-            cluster_name: "warren-metadata".into(),
-            heartbeat_interval: 250,
-            election_timeout_min: 1000,
-            election_timeout_max: 2000,
-            install_snapshot_timeout: 5000,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(every),
-            max_in_snapshot_log_to_keep: every.min(100),
-            ..Default::default()
-        }
-        .validate()
-        .map_err(text)?;
+        let config = config(
+            "warren-metadata",
+            "WARREN_RAFT_SNAPSHOT_LOGS",
+            500,
+            100,
+            5000,
+        )?;
         let id = cluster.me.incarnation;
         let network = network::Network {
             cluster: Arc::downgrade(cluster),
@@ -235,23 +253,13 @@ impl Metadata {
         let fresh = !log.has_state();
         let (applied_tx, applied) = watch::channel(0);
         let sm = state::StateMachine::open(dir, host.clone(), applied_tx).map_err(text)?;
-        let every = std::env::var("WARREN_QUEUE_SNAPSHOT_LOGS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1024u64)
-            .max(1);
-        let config = openraft::Config {
-            cluster_name: format!("warren-{group}"),
-            heartbeat_interval: 250,
-            election_timeout_min: 1000,
-            election_timeout_max: 2000,
-            install_snapshot_timeout: 10000,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(every),
-            max_in_snapshot_log_to_keep: every.min(16),
-            ..Default::default()
-        }
-        .validate()
-        .map_err(text)?;
+        let config = config(
+            &format!("warren-{group}"),
+            "WARREN_QUEUE_SNAPSHOT_LOGS",
+            1024,
+            16,
+            10000,
+        )?;
         let id = cluster.me.incarnation;
         let network = network::Network {
             cluster: Arc::downgrade(cluster),
@@ -315,6 +323,11 @@ impl Metadata {
     /// Takes a snapshot now (and truncates the log behind it).
     pub async fn snapshot_now(&self) -> Result<(), String> {
         self.raft.trigger().snapshot().await.map_err(text)
+    }
+
+    /// Whether this node knows a leader of the group (no copy of the metrics).
+    pub fn has_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader.is_some()
     }
 
     /// Whether this node leads the group now.
