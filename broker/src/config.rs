@@ -252,9 +252,10 @@ pub struct ClientArgs {
     /// in the config file, or guest].
     #[arg(long)]
     pub password: Option<String>,
-    /// Give up after this many seconds.
-    #[arg(long, default_value_t = 5.0)]
-    pub timeout: f64,
+    /// Give up after this many seconds [default: 5; 30 for drain, which waits for
+    /// connections to close and for other nodes to take over leadership].
+    #[arg(long)]
+    pub timeout: Option<f64>,
 }
 
 /// The configuration file: the same keys as the flags.

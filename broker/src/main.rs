@@ -267,7 +267,11 @@ async fn command_main(command: Command, cli: Cli) -> Result<String, String> {
             action: ClusterAction::Forget { client, .. },
         } => client,
     };
-    let (client, user, timeout) = client_for(args, cli)?;
+    let default_timeout = match &command {
+        Command::Drain { .. } => 30.0,
+        _ => 5.0,
+    };
+    let (client, user, timeout) = client_for(args, default_timeout, cli)?;
     match command {
         Command::Check {
             check: Check::Ready { .. },
@@ -314,17 +318,14 @@ async fn command_main(command: Command, cli: Cli) -> Result<String, String> {
 /// use (management-listen and the default user, from flags, environment and config file).
 fn client_for(
     args: &ClientArgs,
+    default_timeout: f64,
     cli: Cli,
 ) -> Result<(warren_broker::probe::Client, String, Duration), String> {
-    let timeout = Duration::try_from_secs_f64(args.timeout)
+    let secs = args.timeout.unwrap_or(default_timeout);
+    let timeout = Duration::try_from_secs_f64(secs)
         .ok()
         .filter(|t| !t.is_zero())
-        .ok_or_else(|| {
-            format!(
-                "--timeout {} is not a positive number of seconds",
-                args.timeout
-            )
-        })?;
+        .ok_or_else(|| format!("--timeout {secs} is not a positive number of seconds"))?;
     let need_config =
         args.management_url.is_none() || args.user.is_none() || args.password.is_none();
     let config = if need_config {

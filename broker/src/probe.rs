@@ -461,6 +461,24 @@ pub fn describe_drain(report: &Value) -> String {
     } else {
         format!("node {node} is not being drained: it accepts client connections\n")
     };
+    for l in report["leadership"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+    {
+        let what = match l["queue"].as_str() {
+            Some(q) => format!(
+                "queue '{q}' in vhost '{}'",
+                l["vhost"].as_str().unwrap_or_default()
+            ),
+            None => "the cluster's metadata".to_owned(),
+        };
+        match (l["moved_to"].as_str(), l["kept"].as_str()) {
+            (Some(to), _) => out.push_str(&format!("leadership of {what} moved to {to}\n")),
+            (_, Some(why)) => out.push_str(&format!("leadership of {what} NOT moved: {why}\n")),
+            _ => {}
+        }
+    }
     let queues = report["queues"]
         .as_array()
         .map(Vec::as_slice)

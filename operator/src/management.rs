@@ -160,7 +160,6 @@ impl ManagementClient {
         }
     }
 
-    /// Puts the node into drain (maintenance) mode and returns the queues left on it.
     /// Removes a stopped node from the broker cluster (`DELETE /api/nodes/{node}`, RabbitMQ's
     /// `forget_cluster_node`). A node that is not a member (404: already forgotten, or a
     /// broker that is not clustered) counts as forgotten.
@@ -185,6 +184,9 @@ impl ManagementClient {
         }
     }
 
+    /// Puts the node into drain (maintenance) mode and returns the queues left on it. A
+    /// Warren node also hands the leadership of its replicated queues and of the cluster's
+    /// metadata to other nodes before it answers.
     pub async fn drain(&self) -> Result<Vec<QueueSummary>, ManagementError> {
         let path = "/api/warren/drain";
         let resp = self.send("POST", path, None).await?;

@@ -396,12 +396,76 @@ impl Cluster {
             .map(|(_, outcome)| outcome)
     }
 
+    /// Makes node `name` a voter of `group` or not ([`raft::Metadata::set_voter`]) through
+    /// the group's member `member` (this node's replica does not know the group yet).
+    pub async fn group_set_voter(
+        &self,
+        member: &str,
+        group: &str,
+        name: &str,
+        voter: bool,
+    ) -> Result<(), String> {
+        let envelope = raft::Envelope {
+            group: Some(group.to_owned()),
+            to: None,
+            call: raft::RaftCall::SetVoter {
+                name: name.to_owned(),
+                voter,
+            },
+        };
+        let answer = self
+            .raft_call(member, &envelope, raft::PROPOSE_TIMEOUT)
+            .await?;
+        serde_json::from_str::<Result<(), String>>(&answer).map_err(|e| e.to_string())?
+    }
+
     /// Stops this node's replica of `group` (the queue was deleted).
     pub async fn stop_queue_group(&self, group: &str) {
         let g = self.groups.write().remove(group);
         if let Some(g) = g {
             g.shutdown().await;
         }
+    }
+
+    /// Moves leadership of every group this node leads (the metadata group, replicated
+    /// queues) to other nodes, all at once, and stops this node standing for election (a
+    /// drain). Answers, per group it led (`None`: the metadata group), what happened.
+    pub async fn step_down(&self, within: Duration) -> Vec<(Option<String>, raft::StepDown)> {
+        let mut groups: Vec<(Option<String>, Arc<raft::Metadata>)> = (self.groups.read().iter())
+            .map(|(g, m)| (Some(g.clone()), m.clone()))
+            .collect();
+        if let Some(m) = self.meta.get() {
+            groups.push((None, m.clone()));
+        }
+        let mut set = tokio::task::JoinSet::new();
+        for (g, m) in groups {
+            set.spawn(async move { (g, m.step_down(within).await) });
+        }
+        let mut out = Vec::new();
+        while let Some(r) = set.join_next().await {
+            if let Ok((g, r)) = r
+                && r != raft::StepDown::NotLeader
+            {
+                out.push((g, r));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// This node stands for election in every group again (a drain ended).
+    pub fn resume_elections(&self) {
+        if let Some(m) = self.meta.get() {
+            m.resume_elections();
+        }
+        for m in self.groups.read().values() {
+            m.resume_elections();
+        }
+    }
+
+    /// This node's replica of a replicated queue's group, if it runs.
+    pub fn queue_group(&self, group: &str) -> Option<Arc<raft::Metadata>> {
+        self.groups.read().get(group).cloned()
     }
 
     /// This node's members of the metadata group as Raft ids and members (for new groups).

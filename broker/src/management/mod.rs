@@ -22,6 +22,7 @@ mod overview;
 mod parameters;
 mod policies;
 pub(crate) mod queues;
+mod replicas;
 mod users;
 mod vhosts;
 mod warren;
@@ -184,6 +185,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .merge(parameters::routes())
         .merge(limits::routes())
         .merge(warren::routes())
+        .merge(replicas::routes())
         .fallback(|| async { ApiError::not_found() })
         .layer(axum::middleware::from_fn(require_json))
         .layer(axum::middleware::from_fn(|req, next: axum::middleware::Next| async {

@@ -261,12 +261,9 @@ impl ReplicatedQueue {
         }
     }
 
-    /// Whether this node holds a replica.
+    /// Whether this node is a member (a voter of the queue's group).
     pub fn is_member(&self) -> bool {
-        self.replicas
-            .members
-            .iter()
-            .any(|(_, n, _)| *n == self.node)
+        self.members().contains(&self.node)
     }
 
     /// Where this replica's Raft log and snapshots are kept.
@@ -296,7 +293,10 @@ impl ReplicatedQueue {
                 )
             })
             .collect();
-        let first = self.replicas.members.first().map(|m| m.1.as_str()) == Some(&self.node);
+        // The first member creates the group (not a later incarnation of it: its data was
+        // wiped, and the group exists without it).
+        let first = self.replicas.members.first().map(|m| (m.0, m.1.as_str()))
+            == Some((cluster.raft_id(), self.node.as_str()));
         let host: Arc<dyn Replicated> = self.clone();
         let raft = cluster
             .start_queue_group(host, &dir, &self.replicas.group, members, first)
@@ -495,7 +495,7 @@ impl ReplicatedQueue {
     }
 
     fn check_replica(&self) -> Result<(), String> {
-        if self.is_member() || self.raft.get().is_some() {
+        if self.raft.get().is_some() || self.is_member() {
             Ok(())
         } else {
             Err(format!(
@@ -508,12 +508,63 @@ impl ReplicatedQueue {
         }
     }
 
+    /// The member nodes: the voters of the queue's group as this replica knows them (grow and
+    /// shrink change them), else those it was declared with.
     pub fn members(&self) -> Vec<String> {
+        if let Some(raft) = self.raft.get() {
+            let voters = raft.voter_members();
+            if !voters.is_empty() {
+                return voters.into_iter().map(|(_, m)| m.name).collect();
+            }
+        }
         self.replicas
             .members
             .iter()
             .map(|(_, n, _)| n.clone())
             .collect()
+    }
+
+    /// Makes `node` a member of the queue (a voter of its group: grow) or not (shrink; it
+    /// follows as a learner again). Through this node's replica, on the group's leader; a
+    /// replica the leader has not reached yet asks a running member.
+    pub async fn set_member(&self, node: &str, member: bool) -> Result<(), String> {
+        self.change_member(node, member).await?;
+        // Read your write: this replica learns the new members as the change reaches it.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.members().iter().any(|m| m == node) != member
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    async fn change_member(&self, node: &str, member: bool) -> Result<(), String> {
+        self.wait_leader(Duration::from_secs(5)).await;
+        if let Some(raft) = self.raft.get()
+            && !raft.voter_members().is_empty()
+        {
+            return raft.set_voter(node, member).await;
+        }
+        let cluster = self.cluster.upgrade().ok_or("node is stopping")?;
+        let mut last = format!(
+            "no member of queue '{}' is reachable ({})",
+            self.name,
+            self.members().join(", ")
+        );
+        for m in self.members() {
+            if m == self.node || !cluster.is_running(&m) {
+                continue;
+            }
+            match cluster
+                .group_set_voter(&m, &self.replicas.group, node, member)
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 
     /// `(ready, consumers)` as this replica has them.
@@ -603,7 +654,10 @@ impl ReplicatedQueue {
             .into_iter()
             .filter(|(id, m)| !known.contains(id) && cluster.is_running(&m.name))
             .collect();
-        if missing.is_empty() || self.adding_learners.swap(true, Ordering::AcqRel) {
+        if missing.is_empty()
+            || raft.stepping_down()
+            || self.adding_learners.swap(true, Ordering::AcqRel)
+        {
             return;
         }
         let raft = raft.clone();
@@ -805,7 +859,7 @@ async fn propose_loop(q: Weak<ReplicatedQueue>, mut rx: mpsc::UnboundedReceiver<
         let Some(queue) = q.upgrade() else {
             return;
         };
-        if queue.is_member() || queue.raft.get().is_some() {
+        if queue.raft.get().is_some() || queue.is_member() {
             // A new replica starting, a learner not added yet, or an election: wait
             // (bounded) rather than refuse.
             queue.wait_leader(Duration::from_secs(5)).await;

@@ -386,6 +386,22 @@ impl Net {
             .expect("run warren-broker cluster forget")
     }
 
+    /// `warren-broker drain --json` against node `i` (a pod's preStop hook): its report.
+    pub fn drain_cli(&self, i: usize) -> Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_warren-broker"))
+            .args(["drain", "--json"])
+            .args(["--management-url", &self.nodes[i].mgmt()])
+            .args(["--user", USER, "--password", PASS])
+            .output()
+            .expect("run warren-broker drain");
+        assert!(
+            out.status.success(),
+            "drain of node {i} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("drain --json prints JSON")
+    }
+
     pub async fn get(&self, i: usize, path: &str) -> Result<Value, String> {
         let r = self
             .http

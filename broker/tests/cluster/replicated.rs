@@ -507,3 +507,208 @@ async fn a_two_replica_queue_makes_its_members_quorum_critical_and_takes_publish
         .await;
     assert_eq!(tmp["type"], "classic", "{tmp}");
 }
+
+/// Waits until node `i` shows queue `name` with `n` members; returns them.
+async fn wait_members(net: &Net, i: usize, name: &str, n: usize) -> Vec<String> {
+    let path = format!("/api/queues/%2f/{name}");
+    let mut last = serde_json::Value::Null;
+    for _ in 0..100 {
+        if let Ok(q) = net.get(i, &path).await {
+            if q["members"].as_array().map(Vec::len) == Some(n) {
+                return members(&q);
+            }
+            last = q;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("node {i} does not show {name} with {n} members within 10 s: {last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_are_added_and_removed_and_a_drain_moves_leadership_away_without_a_nack() {
+    let _serial = SERIAL.lock().await;
+    let mut net = Net::new(3);
+    net.start_all().await;
+    for i in 0..3 {
+        net.wait_ready(i, AGREE).await;
+    }
+    let index = |name: &str| {
+        net.nodes
+            .iter()
+            .position(|n| n.name == name)
+            .expect("a node's name")
+    };
+    let (_c0, ch0) = channel(&net, 0).await;
+    let mut args = quorum();
+    args.insert("x-quorum-initial-group-size".into(), AMQPValue::LongInt(2));
+    ch0.queue_declare("rg".into(), durable(), args)
+        .await
+        .expect("declare a quorum queue of 2 members");
+    let two = wait_members(&net, 0, "rg", 2).await;
+    let outsider = (0..3)
+        .find(|i| !two.contains(&net.nodes[*i].name))
+        .expect("a node without a replica");
+    let post = reqwest::Method::POST;
+    let delete = reqwest::Method::DELETE;
+
+    // Add the third node (RabbitMQ's `rabbitmq-queues add_member`), through any node.
+    let node = |i: usize| serde_json::json!({"node": net.nodes[i].name});
+    let add = "/api/queues/quorum/%2f/rg/replicas/add";
+    let (status, body) = net
+        .send(outsider, post.clone(), add, Some(node(outsider)))
+        .await
+        .expect("add a member");
+    assert_eq!(status, 204, "{body}");
+    for i in 0..3 {
+        wait_members(&net, i, "rg", 3).await;
+    }
+    // A node the cluster does not know, and a classic queue, are refused with the reason.
+    let (status, body) = net
+        .send(
+            0,
+            post.clone(),
+            add,
+            Some(serde_json::json!({"node": "nobody"})),
+        )
+        .await
+        .expect("add an unknown node");
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["reason"].as_str().unwrap_or("").contains("nobody"),
+        "{body}"
+    );
+
+    // Remove one (`delete_member`), then another (`shrink` on its node): one member left,
+    // which cannot be removed.
+    let remove = "/api/queues/quorum/%2f/rg/replicas/delete";
+    let first = index(&two[0]);
+    let (status, body) = net
+        .send(1, delete.clone(), remove, Some(node(first)))
+        .await
+        .expect("delete a member");
+    assert_eq!(status, 202, "{body}");
+    let left = wait_members(&net, 2, "rg", 2).await;
+    assert!(!left.contains(&two[0]), "{left:?}");
+    let second = index(&left[0]);
+    let shrink = format!(
+        "/api/queues/quorum/replicas/on/{}/shrink",
+        net.nodes[second].name
+    );
+    let (status, body) = net
+        .send(0, delete.clone(), &shrink, None)
+        .await
+        .expect("shrink");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body[0]["name"], "rg", "{body}");
+    assert_eq!(body[0]["result"], "ok", "{body}");
+    assert_eq!(body[0]["size"], 1, "{body}");
+    let last = wait_members(&net, 0, "rg", 1).await;
+    let (status, body) = net
+        .send(0, delete.clone(), remove, Some(node(index(&last[0]))))
+        .await
+        .expect("delete the last member");
+    assert_eq!(status, 400, "{body}");
+
+    // A single-member queue still confirms, and grows back (`grow` on each other node).
+    let (_cp, chp) = channel(&net, first).await;
+    chp.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let (mut confirmed, nacked) = publish(&chp, "rg", (0..100).map(|i| format!("m{i}"))).await;
+    assert_eq!(nacked, 0);
+    for n in &net.nodes {
+        if n.name == last[0] {
+            continue;
+        }
+        let grow = format!("/api/queues/quorum/replicas/on/{}/grow", n.name);
+        let body =
+            serde_json::json!({"strategy": "all", "queue_pattern": "^rg$", "vhost_pattern": ".*"});
+        let (status, answer) = net
+            .send(0, post.clone(), &grow, Some(body))
+            .await
+            .expect("grow");
+        assert_eq!(status, 204, "{answer}");
+    }
+    for i in 0..3 {
+        wait_members(&net, i, "rg", 3).await;
+    }
+
+    // Drain the leader's node (the pod's preStop hook): leadership moves to another member
+    // before the node goes, and a publisher on another node is never nacked meanwhile.
+    let lead = wait_leader_of(&net, 0, "rg").await;
+    let l = index(&lead);
+    let p = (l + 1) % 3;
+    let (_cq, chq) = channel(&net, p).await;
+    chq.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let publisher = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let mut nacked = 0;
+        for batch in 0..30 {
+            let (a, n) = publish(&chq, "rg", (0..10).map(|i| format!("d{batch}-{i}"))).await;
+            acked.extend(a);
+            nacked += n;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        (acked, nacked)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let began = std::time::Instant::now();
+    let report = tokio::task::block_in_place(|| net.drain_cli(l));
+    eprintln!(
+        "drain of the leader's node took {:?}: {report}",
+        began.elapsed()
+    );
+    let moved = report["leadership"]
+        .as_array()
+        .and_then(|l| l.iter().find(|x| x["queue"] == "rg").cloned())
+        .unwrap_or_else(|| panic!("the drain report names rg's leadership: {report}"));
+    let to = moved["moved_to"]
+        .as_str()
+        .unwrap_or_else(|| panic!("leadership of rg not moved: {report}"))
+        .to_owned();
+    assert_ne!(to, lead, "{report}");
+    assert_eq!(wait_leader_of(&net, p, "rg").await, to);
+    let (acked, nacked) = publisher.await.expect("publisher");
+    assert_eq!(nacked, 0, "no publish nacked while leadership moved");
+    assert_eq!(acked.len(), 300);
+    confirmed.extend(acked);
+    // The drained node does not take leadership back while drained.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_ne!(wait_leader_of(&net, p, "rg").await, lead);
+    let (status, body) = net
+        .send(l, delete.clone(), "/api/warren/drain", None)
+        .await
+        .expect("end the drain");
+    assert_eq!(status, 200, "{body}");
+
+    // Everything confirmed is there, once.
+    let (_cc, chc) = channel(&net, p).await;
+    let mut got = BTreeSet::new();
+    while let Some(m) = chc
+        .basic_get("rg".into(), BasicGetOptions { no_ack: true })
+        .await
+        .expect("get")
+    {
+        assert!(
+            got.insert(String::from_utf8_lossy(&m.delivery.data).into_owned()),
+            "a duplicate"
+        );
+    }
+    let want: BTreeSet<String> = confirmed.into_iter().collect();
+    assert_eq!(got, want);
+}
+
+async fn wait_leader_of(net: &Net, i: usize, queue: &str) -> String {
+    let path = format!("/api/queues/%2f/{queue}");
+    for _ in 0..200 {
+        if let Ok(q) = net.get(i, &path).await
+            && let Some(l) = q["leader"].as_str()
+        {
+            return l.to_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no leader of {queue} seen by node {i} within 20 s");
+}

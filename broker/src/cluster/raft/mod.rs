@@ -82,6 +82,11 @@ pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Start of the error a minority side answers (HTTP 503 / AMQP 541).
 pub const QUORUM_LOST: &str = "metadata quorum lost";
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a node passing a write on waits for a leader (within the caller's CALL_TIMEOUT).
+const FORWARD_WAIT: Duration = Duration::from_secs(3);
+/// The longest election timeout. It is also openraft's leader lease: a follower that heard
+/// from its leader within it refuses to vote for anyone else.
+const ELECTION_TIMEOUT_MAX: Duration = Duration::from_millis(2000);
 const JOIN_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The RPCs of the metadata group, carried in [`crate::cluster::rpc::Request::Raft`].
@@ -103,6 +108,26 @@ pub enum RaftCall {
     },
     /// Answered with [`MetaStatus`].
     Status,
+    /// Stand for election now (the leader is handing leadership over; a drain). Answered
+    /// with `Result<(), String>`.
+    Elect,
+    /// Make a learner a voter, or a voter a learner (on the leader; a queue's grow and
+    /// shrink). Answered with `Result<(), String>`.
+    SetVoter {
+        name: String,
+        voter: bool,
+    },
+}
+
+/// The outcome of [`Metadata::step_down`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepDown {
+    /// This node did not lead the group.
+    NotLeader,
+    /// Leadership moved to the named node.
+    Moved(String),
+    /// This node still leads, and why.
+    Kept(String),
 }
 
 /// A call as it crosses the link: `to` names the Raft id the caller means, so a node whose
@@ -150,6 +175,9 @@ pub struct Metadata {
     /// The seed is creating the group: until its definitions are committed as the first
     /// command, nothing else is proposed and nobody joins.
     bootstrapping: AtomicBool,
+    /// This node leads and is handing leadership over ([`Metadata::step_down`]): it appends
+    /// nothing (writes wait), so the followers' leases run out and one is elected.
+    stepping_down: AtomicBool,
 }
 
 fn text<E: std::fmt::Display>(e: E) -> String {
@@ -174,7 +202,7 @@ fn config(
         cluster_name: name.to_owned(),
         heartbeat_interval: 250,
         election_timeout_min: 1000,
-        election_timeout_max: 2000,
+        election_timeout_max: ELECTION_TIMEOUT_MAX.as_millis() as u64,
         install_snapshot_timeout: snapshot_timeout_ms,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(every),
         max_in_snapshot_log_to_keep: every.min(keep),
@@ -230,6 +258,7 @@ impl Metadata {
             caught_up: AtomicBool::new(false),
             heard_leader: AtomicBool::new(false),
             bootstrapping: AtomicBool::new(false),
+            stepping_down: AtomicBool::new(false),
         });
         if fresh {
             tokio::spawn(meta.clone().bootstrap(seed));
@@ -287,6 +316,7 @@ impl Metadata {
             caught_up: AtomicBool::new(false),
             heard_leader: AtomicBool::new(false),
             bootstrapping: AtomicBool::new(false),
+            stepping_down: AtomicBool::new(false),
         }))
     }
 
@@ -335,10 +365,96 @@ impl Metadata {
         self.is_leader()
     }
 
-    /// Asks this node to stand for election (leadership moved here, as a drain's
-    /// counterpart moves it away).
-    pub async fn trigger_election(&self) -> Result<(), String> {
+    /// Asks this node to stand for election (the leader is moving leadership here).
+    async fn trigger_election(&self) -> Result<(), String> {
         self.raft.trigger().elect().await.map_err(text)
+    }
+
+    /// Moves leadership of the group off this node (a drain, before the node stops), and
+    /// stops this node standing for election until [`Metadata::resume_elections`] (or a
+    /// restart). As leader it appends nothing more (writes here wait, none are refused) so
+    /// the followers' leases run out, then asks the most up-to-date voter to stand; once
+    /// another node leads, waiting writes go to it. openraft 0.9 has no leadership transfer
+    /// of its own. Gives up after `within`.
+    pub async fn step_down(&self, within: Duration) -> StepDown {
+        self.raft.runtime_config().elect(false);
+        if !self.is_leader() {
+            return StepDown::NotLeader;
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        let target = {
+            let m = self.raft.metrics().borrow().clone();
+            let membership = m.membership_config.membership();
+            let matched = |id: &NodeId| {
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(id).cloned().flatten())
+                    .map(|l| l.index)
+            };
+            let cluster = self.cluster.upgrade();
+            membership
+                .voter_ids()
+                .filter(|v| *v != self.id)
+                .filter_map(|v| membership.get_node(&v).map(|n| (v, n.clone())))
+                .filter(|(_, n)| cluster.as_ref().is_some_and(|c| c.is_running(&n.name)))
+                .max_by_key(|(v, _)| matched(v))
+        };
+        let Some((target, member)) = target else {
+            return StepDown::Kept("no other voter is running to take over".into());
+        };
+        self.stepping_down.store(true, Ordering::Release);
+        self.raft.runtime_config().heartbeat(false);
+        tokio::time::sleep(ELECTION_TIMEOUT_MAX + Duration::from_millis(100)).await;
+        while self.is_leader() && tokio::time::Instant::now() < deadline {
+            let envelope = Envelope {
+                group: self.group.clone(),
+                to: Some(target),
+                call: RaftCall::Elect,
+            };
+            if let Some(cluster) = self.cluster.upgrade()
+                && let Err(e) = cluster
+                    .raft_call(&member.name, &envelope, CALL_TIMEOUT)
+                    .await
+            {
+                tracing::debug!(node = %member.name, "asked to stand for election: {e}");
+            }
+            let until = tokio::time::Instant::now() + Duration::from_secs(1);
+            while self.is_leader() && tokio::time::Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        self.raft.runtime_config().heartbeat(true);
+        self.stepping_down.store(false, Ordering::Release);
+        if self.is_leader() {
+            return StepDown::Kept(format!("no other voter was elected within {within:?}"));
+        }
+        while tokio::time::Instant::now() < deadline {
+            if let Some(l) = self.leader()
+                && l.name != self.me.name
+            {
+                return StepDown::Moved(l.name);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        StepDown::Moved(member.name)
+    }
+
+    /// This node stands for election again (a drain ended).
+    pub fn resume_elections(&self) {
+        self.raft.runtime_config().elect(true);
+    }
+
+    /// While this node hands leadership over, writes wait (bounded by the caller's timeout)
+    /// instead of extending the followers' leases.
+    async fn wait_step_down(&self) {
+        while self.stepping_down.load(Ordering::Acquire) && self.is_leader() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether this node is handing leadership over (it starts nothing new as leader).
+    pub fn stepping_down(&self) -> bool {
+        self.stepping_down.load(Ordering::Acquire)
     }
 
     pub fn status(&self) -> MetaStatus {
@@ -394,9 +510,14 @@ impl Metadata {
         let (down, n) = self.unreachable_voters();
         let lost = self.lost();
         if n == 0 {
-            return Err(format!(
-                "{lost}: this node has not joined the cluster's metadata group yet"
-            ));
+            return Err(match self.group {
+                None => {
+                    format!("{lost}: this node has not joined the cluster's metadata group yet")
+                }
+                Some(_) => format!(
+                    "{lost}: the queue's leader has not reached this node's replica yet; retry"
+                ),
+            });
         }
         let up = n - down.len();
         if up * 2 <= n {
@@ -419,17 +540,22 @@ impl Metadata {
         self.check_quorum()?;
         let lost = self.lost();
         let work = async {
-            let (index, outcome) = match self.raft.client_write(command.clone()).await {
-                Ok(r) => (r.log_id.index, r.data),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                    let Some(leader) = f.leader_node else {
-                        return Err(format!("{lost}: no leader elected yet; retry"));
-                    };
-                    let answer = self.call(&leader.name, RaftCall::Write(command)).await?;
-                    serde_json::from_str::<Result<(u64, String), String>>(&answer)
-                        .map_err(text)??
+            let (index, outcome) = loop {
+                self.wait_step_down().await;
+                match self.raft.client_write(command.clone()).await {
+                    Ok(r) => break (r.log_id.index, r.data),
+                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                        let Some(leader) = f.leader_node else {
+                            // An election (a majority is reachable): wait for its outcome.
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        };
+                        let answer = self.call(&leader.name, RaftCall::Write(command)).await?;
+                        break serde_json::from_str::<Result<(u64, String), String>>(&answer)
+                            .map_err(text)??;
+                    }
+                    Err(e) => return Err(e.to_string()),
                 }
-                Err(e) => return Err(e.to_string()),
             };
             let mut applied = self.applied.clone();
             applied
@@ -514,20 +640,35 @@ impl Metadata {
                 json(serde_json::to_value(self.raft.install_snapshot(req).await))
             }
             RaftCall::Write(command) => {
-                let r = match self.raft.client_write(command.clone()).await {
-                    Ok(r) => Ok((r.log_id.index, r.data)),
-                    // From a node outside the group (`to` unset): one hop on to the leader.
-                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))
-                        if envelope.to.is_none() =>
-                    {
-                        match (f.leader_id, f.leader_node) {
-                            (Some(id), Some(leader)) if id != self.id => {
-                                self.write_at(&leader.name, id, command).await
+                // A leader handing over, or an election: wait (bounded, within the caller's
+                // timeout) rather than refuse.
+                let deadline = tokio::time::Instant::now() + FORWARD_WAIT;
+                let _ = tokio::time::timeout_at(deadline, self.wait_step_down()).await;
+                let r = loop {
+                    match self.raft.client_write(command.clone()).await {
+                        Ok(r) => break Ok((r.log_id.index, r.data)),
+                        // From a node outside the group, or a member that took this node for
+                        // the leader (`to` unset): one hop on to the leader.
+                        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))
+                            if envelope.to.is_none() =>
+                        {
+                            match (f.leader_id, f.leader_node) {
+                                (Some(id), Some(leader)) if id != self.id => {
+                                    break self.write_at(&leader.name, id, command).await;
+                                }
+                                _ if tokio::time::Instant::now() < deadline => {
+                                    tokio::time::sleep(Duration::from_millis(20)).await
+                                }
+                                _ => {
+                                    break Err(format!(
+                                        "{}: no leader elected yet; retry",
+                                        self.lost()
+                                    ));
+                                }
                             }
-                            _ => Err(format!("{}: no leader elected yet; retry", self.lost())),
                         }
+                        Err(e) => break Err(e.to_string()),
                     }
-                    Err(e) => Err(e.to_string()),
                 };
                 json(serde_json::to_value(r))
             }
@@ -536,6 +677,10 @@ impl Metadata {
             }
             RaftCall::Remove { name } => json(serde_json::to_value(self.remove(&name).await)),
             RaftCall::Status => json(serde_json::to_value(self.status())),
+            RaftCall::Elect => json(serde_json::to_value(self.trigger_election().await)),
+            RaftCall::SetVoter { name, voter } => {
+                json(serde_json::to_value(self.set_voter(&name, voter).await))
+            }
         })
     }
 
@@ -580,6 +725,102 @@ impl Metadata {
             tracing::info!(node = %name, "removing the node's earlier incarnation from the metadata group");
             self.raft
                 .change_membership(ChangeMembers::RemoveVoters(stale), false)
+                .await
+                .map_err(text)?;
+        }
+        Ok(())
+    }
+
+    /// Makes node `name` a voter of the group (`voter`), or takes it out of the voters (it
+    /// then follows as a learner again once the leader's sweep adds it back), on the leader;
+    /// elsewhere forwarded to it, one hop. A queue's grow and shrink. The node's
+    /// Raft id is its id in the metadata group (its incarnation now).
+    pub async fn set_voter(&self, name: &str, voter: bool) -> Result<(), String> {
+        // A group just created, or electing: wait (bounded) for its leader.
+        let deadline = tokio::time::Instant::now() + PROPOSE_TIMEOUT;
+        while !self.has_leader() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.check_quorum()?;
+        if !self.is_leader() {
+            let leader = self
+                .leader()
+                .ok_or_else(|| format!("{}: no leader elected yet; retry", self.lost()))?;
+            if leader.name == self.me.name {
+                return Err("leadership is changing; retry".into());
+            }
+            let call = RaftCall::SetVoter {
+                name: name.to_owned(),
+                voter,
+            };
+            let answer = self.call(&leader.name, call).await?;
+            return serde_json::from_str::<Result<(), String>>(&answer).map_err(text)?;
+        }
+        let _one = self.changes.lock().await;
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        let membership = membership.membership();
+        let voters: BTreeSet<NodeId> = membership
+            .voter_ids()
+            .filter(|v| membership.get_node(v).is_some_and(|n| n.name == name))
+            .collect();
+        if !voter {
+            if voters.is_empty() {
+                return Ok(());
+            }
+            if membership.voter_ids().count() <= voters.len() {
+                return Err(format!("{name} is the only member; it cannot be removed"));
+            }
+            if voters.contains(&self.id) {
+                // The leader does not remove itself (openraft 0.9 trips over a leader that
+                // left the voters): leadership moves first, and the new leader removes it.
+                drop(_one);
+                let moved = self.step_down(PROPOSE_TIMEOUT * 2).await;
+                self.resume_elections();
+                let StepDown::Moved(to) = moved else {
+                    return Err(format!(
+                        "{name} leads the queue and could not hand leadership over ({moved:?}); retry"
+                    ));
+                };
+                let call = RaftCall::SetVoter {
+                    name: name.to_owned(),
+                    voter,
+                };
+                let answer = self.call(&to, call).await?;
+                return serde_json::from_str::<Result<(), String>>(&answer).map_err(text)?;
+            }
+            self.raft
+                .change_membership(ChangeMembers::RemoveVoters(voters), false)
+                .await
+                .map_err(text)?;
+            return Ok(());
+        }
+        let cluster = self.cluster.upgrade().ok_or("node is stopping")?;
+        // The node as it is now: its Raft id in the metadata group.
+        let (id, member) = cluster
+            .metadata_voters()
+            .into_iter()
+            .find(|(_, m)| m.name == name)
+            .ok_or_else(|| format!("{name} is not a member of the cluster"))?;
+        if voters.contains(&id) {
+            return Ok(());
+        }
+        if !cluster.is_running(name) && name != self.me.name {
+            return Err(format!("{name} is not running"));
+        }
+        if !membership.nodes().any(|(i, _)| *i == id) {
+            tokio::time::timeout(JOIN_TIMEOUT, self.raft.add_learner(id, member, true))
+                .await
+                .map_err(|_| format!("{name} did not catch up within {JOIN_TIMEOUT:?}"))?
+                .map_err(text)?;
+        }
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map_err(text)?;
+        // Earlier incarnations of the node (its data was wiped) are replaced.
+        if !voters.is_empty() {
+            self.raft
+                .change_membership(ChangeMembers::RemoveVoters(voters), false)
                 .await
                 .map_err(text)?;
         }
