@@ -12,10 +12,10 @@ pub enum Request {
     Raft(String),
     /// A call of the broker on the other node (a queue living there: publish, counts, purge),
     /// opaque to the cluster module; served in the order the link carried it.
-    Broker(Vec<u8>),
+    Broker(#[serde(with = "super::wire::as_bytes")] Vec<u8>),
     /// A call of a Raft group (the metadata group or a replicated queue's), postcard-encoded
     /// [`super::raft::Envelope`]: entries and snapshots travel as bytes, not escaped JSON.
-    RaftBin(Vec<u8>),
+    RaftBin(#[serde(with = "super::wire::as_bytes")] Vec<u8>),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -32,7 +32,7 @@ pub enum Response {
     /// The answer to a [`Request::Raft`] (JSON).
     Raft(String),
     /// The answer to a [`Request::Broker`].
-    Broker(Vec<u8>),
+    Broker(#[serde(with = "super::wire::as_bytes")] Vec<u8>),
     /// The request could not be served, and why (shown to whoever asked).
     Error(String),
 }

@@ -35,12 +35,56 @@ pub enum Frame {
     Accepted,
     Request {
         id: u64,
+        #[serde(with = "as_bytes")]
         body: Vec<u8>,
     },
     Response {
         id: u64,
+        #[serde(with = "as_bytes")]
         body: Vec<u8>,
     },
+}
+
+/// `#[serde(with = "as_bytes")]` for a `Vec<u8>`: serialized as bytes (postcard writes the
+/// length and copies them) instead of as a sequence of `u8` (one call per byte). postcard
+/// encodes both the same way, so either side reads the other.
+pub mod as_bytes {
+    use serde::de::{Deserializer, SeqAccess, Visitor};
+    use serde::ser::Serializer;
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    struct Bytes;
+
+    impl<'de> Visitor<'de> for Bytes {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("bytes")
+        }
+
+        fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+
+        fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+            while let Some(b) = seq.next_element::<u8>()? {
+                out.push(b);
+            }
+            Ok(out)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_byte_buf(Bytes)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -117,6 +161,25 @@ mod tests {
         let mut h = [0; HEADER];
         h.copy_from_slice(&buf[..HEADER]);
         (h, &buf[HEADER..])
+    }
+
+    /// Bodies as bytes encode exactly as the per-byte sequence earlier versions wrote, so
+    /// nodes of both versions read each other, and JSON (a sequence) still reads.
+    #[test]
+    fn bytes_encode_as_the_sequence_of_u8_did() {
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct Seq(u64, Vec<u8>);
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct Fast(u64, #[serde(with = "as_bytes")] Vec<u8>);
+        let body: Vec<u8> = (0..=255).cycle().take(1000).collect();
+        let seq = postcard::to_allocvec(&Seq(7, body.clone())).unwrap();
+        let fast = postcard::to_allocvec(&Fast(7, body.clone())).unwrap();
+        assert_eq!(seq, fast);
+        let back: Fast = postcard::from_bytes(&seq).unwrap();
+        assert_eq!(back, Fast(7, body.clone()));
+        let json = serde_json::to_string(&Seq(7, body.clone())).unwrap();
+        let back: Fast = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, Fast(7, body));
     }
 
     #[test]

@@ -50,7 +50,9 @@ pub enum Call {
         exchange: String,
         routing_key: String,
         /// The content header frame's payload, as the publisher sent it.
+        #[serde(with = "crate::cluster::wire::as_bytes")]
         header: Vec<u8>,
+        #[serde(with = "crate::cluster::wire::as_bytes")]
         body: Vec<u8>,
     },
     /// Messages ready and consumers of a queue.
@@ -101,7 +103,9 @@ pub enum Call {
         redelivered: bool,
         exchange: String,
         routing_key: String,
+        #[serde(with = "crate::cluster::wire::as_bytes")]
         header: Vec<u8>,
+        #[serde(with = "crate::cluster::wire::as_bytes")]
         body: Vec<u8>,
     },
     /// From a home node: the queue of consumer `tag` of channel `chan` went.
@@ -139,7 +143,9 @@ pub struct Got {
     pub remaining: u32,
     pub exchange: String,
     pub routing_key: String,
+    #[serde(with = "crate::cluster::wire::as_bytes")]
     pub header: Vec<u8>,
+    #[serde(with = "crate::cluster::wire::as_bytes")]
     pub body: Vec<u8>,
 }
 
