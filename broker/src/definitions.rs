@@ -232,7 +232,7 @@ impl Broker {
         let Some(meta) = self.cluster().and_then(|c| c.metadata()).cloned() else {
             return self.apply_change(change).map_err(ChangeError::Refused);
         };
-        let command = serde_json::to_string(&change)
+        let command = serde_json::to_vec(&change)
             .map_err(|e| ChangeError::Refused(format!("unencodable change: {e}")))?;
         let outcome = meta
             .propose(command)
@@ -793,8 +793,8 @@ impl Replicated {
 }
 
 impl crate::cluster::raft::Replicated for Replicated {
-    fn apply(&self, command: &str) -> String {
-        let outcome: Outcome = match (self.broker(), serde_json::from_str::<Change>(command)) {
+    fn apply(&self, command: &[u8]) -> String {
+        let outcome: Outcome = match (self.broker(), serde_json::from_slice::<Change>(command)) {
             (Some(b), Ok(c)) => {
                 let topology = c.is_topology();
                 let o = b.apply_change(c);
@@ -824,9 +824,9 @@ impl crate::cluster::raft::Replicated for Replicated {
         Ok(())
     }
 
-    fn install_command(&self) -> String {
+    fn install_command(&self) -> Vec<u8> {
         let d = self.broker().map(|b| b.definitions()).unwrap_or_default();
-        serde_json::to_string(&Change::Install(d)).unwrap_or_default()
+        serde_json::to_vec(&Change::Install(d)).unwrap_or_default()
     }
 }
 

@@ -381,12 +381,12 @@ impl Cluster {
         &self,
         member: &str,
         group: &str,
-        command: String,
+        command: Vec<u8>,
     ) -> Result<String, String> {
         let envelope = raft::Envelope {
             group: Some(group.to_owned()),
             to: None,
-            call: raft::RaftCall::Write(command),
+            call: raft::RaftCall::Write(raft::Blob(command)),
         };
         let answer = self
             .raft_call(member, &envelope, raft::PROPOSE_TIMEOUT)

@@ -49,18 +49,28 @@ pub struct Msg {
     pub returned: u32,
 }
 
+/// Bytes in a human-readable encoding (JSON: snapshots, older log entries) as base64; in a
+/// binary one (postcard: queue commands in the log) as bytes.
 mod b64 {
     use base64::Engine;
     use base64::engine::general_purpose::STANDARD;
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&STANDARD.encode(v))
+        if s.is_human_readable() {
+            s.serialize_str(&STANDARD.encode(v))
+        } else {
+            crate::cluster::wire::as_bytes::serialize(v, s)
+        }
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let text = String::deserialize(d)?;
-        STANDARD.decode(text).map_err(serde::de::Error::custom)
+        if d.is_human_readable() {
+            let text = String::deserialize(d)?;
+            STANDARD.decode(text).map_err(serde::de::Error::custom)
+        } else {
+            crate::cluster::wire::as_bytes::deserialize(d)
+        }
     }
 }
 

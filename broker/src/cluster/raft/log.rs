@@ -450,7 +450,7 @@ mod tests {
     fn entry(term: u64, index: u64) -> Entry<TypeConfig> {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
-            payload: EntryPayload::Normal(format!("cmd{index}")),
+            payload: EntryPayload::Normal(super::super::Blob(format!("cmd{index}").into_bytes())),
         }
     }
 

@@ -52,10 +52,22 @@ impl std::fmt::Display for Member {
 
 use std::io::Cursor;
 
+/// A command as the log holds it: the broker's own encoding (JSON for the metadata, a
+/// binary encoding for queue commands), opaque here. Serialized as bytes; postcard encodes
+/// it as it encoded the `String` of earlier versions, so their logs read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Blob(#[serde(with = "crate::cluster::wire::as_bytes")] pub Vec<u8>);
+
+impl std::fmt::Display for Blob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} bytes", self.0.len())
+    }
+}
+
 openraft::declare_raft_types!(
-    /// Commands and their outcomes are the broker's own JSON.
+    /// Commands are the broker's own bytes; outcomes its own JSON.
     pub TypeConfig:
-        D = String,
+        D = Blob,
         R = String,
         NodeId = NodeId,
         Node = Member,
@@ -65,14 +77,14 @@ openraft::declare_raft_types!(
 pub trait Replicated: Send + Sync + 'static {
     /// Applies a committed command (on every node, in log order); returns its outcome.
     /// Must be deterministic and idempotent.
-    fn apply(&self, command: &str) -> String;
+    fn apply(&self, command: &[u8]) -> String;
     /// The replicated state, for a snapshot.
     fn snapshot(&self) -> String;
     /// Replaces the replicated state with a snapshot's.
     fn install(&self, snapshot: &str) -> Result<(), String>;
     /// A command that makes any node's state equal to this node's now (proposed once, by the
     /// node that creates the group).
-    fn install_command(&self) -> String;
+    fn install_command(&self) -> Vec<u8>;
 }
 
 /// How long the seed waits for a peer that already has a group before creating one.
@@ -96,7 +108,7 @@ pub enum RaftCall {
     Vote(openraft::raft::VoteRequest<NodeId>),
     Snapshot(openraft::raft::InstallSnapshotRequest<TypeConfig>),
     /// A proposal forwarded to the leader; answered with `Result<(index, outcome), String>`.
-    Write(String),
+    Write(Blob),
     /// A node asks to become a voter; answered with `Result<(), String>`.
     Join {
         id: NodeId,
@@ -531,7 +543,8 @@ impl Metadata {
     }
 
     /// Proposes `command`; returns its outcome once committed and applied on this node.
-    pub async fn propose(&self, command: String) -> Result<String, String> {
+    pub async fn propose(&self, command: Vec<u8>) -> Result<String, String> {
+        let command = Blob(command);
         if self.bootstrapping.load(Ordering::Acquire) {
             return Err(format!(
                 "{QUORUM_LOST}: the cluster's metadata group is being created; retry"
@@ -573,12 +586,52 @@ impl Metadata {
         }
     }
 
+    /// On the leader: hands `command` to Raft now (entries handed over in call order keep
+    /// that order) and returns a future of its outcome, once committed and applied here, so
+    /// the caller can build the next entry meanwhile (pipelining). Refused (the caller uses
+    /// [`Metadata::propose`]) if this node does not lead, or no majority is reachable.
+    pub async fn propose_here(
+        &self,
+        command: Vec<u8>,
+    ) -> Result<impl std::future::Future<Output = Result<String, String>> + Send + 'static, String>
+    {
+        if !self.is_leader() || self.stepping_down() {
+            return Err(format!("{}: this node does not lead; retry", self.lost()));
+        }
+        self.check_quorum()?;
+        let rx = self
+            .raft
+            .client_write_ff(Blob(command))
+            .await
+            .map_err(text)?;
+        let mut applied = self.applied.clone();
+        let lost = self.lost();
+        Ok(async move {
+            let work = async {
+                let written = rx.await.map_err(|_| "node is stopping".to_owned())?;
+                let r = written.map_err(|e| format!("{lost}: {e}"))?;
+                applied
+                    .wait_for(|a| *a >= r.log_id.index)
+                    .await
+                    .map_err(|_| "node is stopping".to_owned())?;
+                Ok(r.data)
+            };
+            match tokio::time::timeout(PROPOSE_TIMEOUT, work).await {
+                Ok(r) => r,
+                Err(_) => Err(format!(
+                    "{lost}: not committed within {PROPOSE_TIMEOUT:?} (no majority answering); \
+                     it may still be applied"
+                )),
+            }
+        })
+    }
+
     /// Proposes `command` at the leader `name` (Raft id `id`), which does not forward it again.
     async fn write_at(
         &self,
         name: &str,
         id: NodeId,
-        command: String,
+        command: Blob,
     ) -> Result<(u64, String), String> {
         let cluster = self.cluster.upgrade().ok_or("node is stopping")?;
         let envelope = Envelope {
@@ -950,7 +1003,7 @@ impl Metadata {
             .map_err(|_| "not leader of the new group within 5 s".to_owned())?
             .map_err(text)?;
             let install = self.host.install_command();
-            let done = self.raft.client_write(install).await.map_err(text)?;
+            let done = self.raft.client_write(Blob(install)).await.map_err(text)?;
             let mut applied = self.applied.clone();
             applied
                 .wait_for(|a| *a >= done.log_id.index)
@@ -1028,12 +1081,28 @@ async fn exit_if_raft_fails(mut metrics: watch::Receiver<openraft::RaftMetrics<N
 mod postcard_tests {
     use super::*;
 
+    /// A command is bytes now; postcard wrote the `String` of earlier versions the same way,
+    /// and JSON wrote a string, so their logs and calls read.
+    #[test]
+    fn blobs_read_what_strings_wrote() {
+        let text = "[{\"x\":1}]".to_owned();
+        let s = postcard::to_allocvec(&text).unwrap();
+        assert_eq!(
+            s,
+            postcard::to_allocvec(&Blob(text.clone().into_bytes())).unwrap()
+        );
+        let b: Blob = postcard::from_bytes(&s).unwrap();
+        assert_eq!(b.0, text.as_bytes());
+        let j: Blob = serde_json::from_str(&serde_json::to_string(&text).unwrap()).unwrap();
+        assert_eq!(j.0, text.as_bytes());
+    }
+
     #[test]
     fn raft_calls_round_trip_through_postcard() {
         use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
         let entry = Entry::<TypeConfig> {
             log_id: LogId::new(CommittedLeaderId::new(3, 7), 11),
-            payload: EntryPayload::Normal("[{\"x\":1}]".to_owned()),
+            payload: EntryPayload::Normal(Blob(b"[{\"x\":1}]".to_vec())),
         };
         let req = openraft::raft::AppendEntriesRequest::<TypeConfig> {
             vote: Vote::new_committed(3, 7),

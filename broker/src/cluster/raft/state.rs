@@ -142,7 +142,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             self.applied = Some(e.log_id);
             out.push(match e.payload {
                 EntryPayload::Blank => String::new(),
-                EntryPayload::Normal(command) => self.host.apply(&command),
+                EntryPayload::Normal(command) => self.host.apply(&command.0),
                 EntryPayload::Membership(m) => {
                     self.membership = StoredMembership::new(Some(e.log_id), m);
                     String::new()
