@@ -389,6 +389,88 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 /// The sample as it is (three replicas) forms one broker cluster of real pods: each pod
 /// finds pod 0 through cluster DNS, and `/api/nodes` on every pod lists three running nodes.
+/// A quorum queue declared through `ip` (its declaring node is its first member and
+/// creates its Raft group).
+async fn declare_quorum(ip: &str, user: &str, pass: &str, queue: &str) {
+    let conn = connect(ip, user, pass).await;
+    let ch = conn.create_channel().await.expect("channel");
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("quorum".into()),
+    );
+    ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .expect("declare a quorum queue");
+    conn.close(200, "bye".into()).await.expect("close");
+}
+
+/// Publishes `m<from>..m<to>` to `queue` through `ip`, persistent, with confirms, one
+/// message at a time, 20 ms apart (the next after the last's confirm, waiting out a leader
+/// change);
+/// returns the bodies the broker acked. Stops at the first connection or channel error.
+async fn publish_confirmed(
+    ip: &str,
+    user: &str,
+    pass: &str,
+    queue: &str,
+    range: std::ops::Range<u32>,
+) -> Vec<String> {
+    let conn = connect(ip, user, pass).await;
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(Default::default())
+        .await
+        .expect("confirms");
+    let mut acked = Vec::new();
+    for i in range {
+        let body = format!("m{i}");
+        let sent = ch
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                Default::default(),
+                body.as_bytes(),
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await;
+        let Ok(confirm) = sent else { break };
+        match tokio::time::timeout(Duration::from_secs(30), confirm).await {
+            Ok(Ok(c)) if c.is_ack() => acked.push(body),
+            Ok(Ok(_)) => {}
+            _ => break,
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = conn.close(200, "bye".into()).await;
+    acked
+}
+
+/// Every message of `queue`, read through `ip` (acked as taken).
+async fn take_all(ip: &str, user: &str, pass: &str, queue: &str) -> Vec<String> {
+    let conn = connect(ip, user, pass).await;
+    let ch = conn.create_channel().await.expect("channel");
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(
+            queue.into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .expect("basic.get")
+    {
+        out.push(String::from_utf8_lossy(&m.delivery.data).into_owned());
+    }
+    conn.close(200, "bye".into()).await.expect("close");
+    out
+}
+
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs the real node of e2e/kubelet.sh: bash e2e/real-pods.sh"]
 async fn three_real_pods_form_one_cluster() {
@@ -544,9 +626,26 @@ async fn three_real_pods_form_one_cluster() {
         );
     }
 
+    // A replicated queue created through pod 1 (which then leads it) with 200 confirmed
+    // messages; a publisher on pod 0 keeps going while pod 1 is deleted below.
+    declare_quorum(&ips[1], &user, &pass, "replicated").await;
+    let mut confirmed = publish_confirmed(&ips[0], &user, &pass, "replicated", 0..200).await;
+    assert_eq!(
+        confirmed.len(),
+        200,
+        "every publish confirmed with all pods up"
+    );
+    let publisher = {
+        let (ip, user, pass) = (ips[0].clone(), user.clone(), pass.clone());
+        tokio::spawn(
+            async move { publish_confirmed(&ip, &user, &pass, "replicated", 200..1200).await },
+        )
+    };
+
     // Deleting a pod runs its real preStop hook, `warren-broker drain`, before SIGTERM: a
     // client connected to it is closed with the drain's reason ("node is being drained"),
-    // not the shutdown's ("broker shutting down").
+    // not the shutdown's ("broker shutting down"); the drain hands the queue's leadership to
+    // another pod first.
     let pod1 = format!("{name}-server-1");
     let old_uid = pods
         .get(&pod1)
@@ -571,6 +670,33 @@ async fn three_real_pods_form_one_cluster() {
     let pod = wait_pod_ready(&client, &ns, &pod1, Some(&old_uid)).await;
     ips[1] = pod.status.and_then(|s| s.pod_ip).expect("pod IP");
     wait_running_nodes(&http, &ips[0], &user, &pass, 3).await;
+    // No confirmed message of the replicated queue was lost with the pod; every message is
+    // there once, read through pod 2.
+    let during = publisher.await.expect("publisher");
+    eprintln!(
+        "{} of 1000 publishes confirmed while pod 1 was deleted and came back",
+        during.len()
+    );
+    assert!(
+        !during.is_empty(),
+        "no publish confirmed during the pod's deletion"
+    );
+    confirmed.extend(during);
+    let got = take_all(&ips[2], &user, &pass, "replicated").await;
+    let unique: std::collections::BTreeSet<&String> = got.iter().collect();
+    let missing: Vec<&String> = confirmed.iter().filter(|m| !unique.contains(m)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} confirmed messages lost with pod 1, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    eprintln!(
+        "replicated queue after pod 1's deletion: {} confirmed, {} read, {} duplicates",
+        confirmed.len(),
+        got.len(),
+        got.len() - unique.len()
+    );
 
     // Scale-down 3 -> 2. The operator drains the last pod through its management API, then
     // the StatefulSet deletes it (preStop drain again), then the operator forgets the node.

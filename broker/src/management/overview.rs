@@ -322,6 +322,31 @@ async fn virtual_hosts(State(broker): State<Arc<Broker>>, _caller: Caller) -> Ap
             };
             return failed(json!({"status": "failed", "reason": reason}));
         }
+        // A restarted member of a replicated queue is ready once its replica has caught up
+        // with the queue's leader: a rolling restart then never takes the next node down
+        // while this one still lacks entries (the queue keeps an up-to-date majority).
+        let mut behind = Vec::new();
+        for vhost in broker.vhost_names() {
+            if let Some(v) = broker.vhost(&vhost) {
+                behind.extend(
+                    (v.replicated_queues().iter())
+                        .filter(|q| q.catching_up())
+                        .map(|q| format!("'{}' in vhost '{vhost}'", q.name)),
+                );
+            }
+        }
+        if !behind.is_empty() {
+            behind.sort();
+            return failed(json!({
+                "status": "failed",
+                "reason": format!(
+                    "this node's replicas of {} replicated queue(s) have not caught up with \
+                     their leaders yet: {}",
+                    behind.len(),
+                    behind.join(", ")
+                ),
+            }));
+        }
     }
     ok(json!({"status": "ok"}))
 }

@@ -614,6 +614,14 @@ impl ReplicatedQueue {
         }
     }
 
+    /// Whether this node is a voter of the queue's group that has not caught up with a
+    /// leader since it started (not ready yet).
+    pub fn catching_up(&self) -> bool {
+        self.raft
+            .get()
+            .is_some_and(|r| !r.caught_up() && r.status().voter)
+    }
+
     /// Whether this node leading the queue matters for a majority (draining it now would
     /// leave the queue's voters without one).
     pub fn critical(&self) -> bool {

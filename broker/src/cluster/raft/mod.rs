@@ -1044,7 +1044,10 @@ impl Metadata {
             && applied >= m.last_log_index
         {
             self.caught_up.store(true, Ordering::Relaxed);
-            tracing::info!("caught up with the cluster's metadata group");
+            match &self.group {
+                None => tracing::info!("caught up with the cluster's metadata group"),
+                Some(g) => tracing::info!(group = %g, "caught up with the queue's leader"),
+            }
             return true;
         }
         false
