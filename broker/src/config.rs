@@ -72,6 +72,13 @@ pub struct Cli {
     /// Password of the default user [default: guest].
     #[arg(long, env = "WARREN_DEFAULT_PASS", hide_env_values = true)]
     pub default_pass: Option<String>,
+    /// `true`: at every start, once its definitions are loaded (clustered: caught up), the
+    /// node makes the stored default user match default-user and default-pass: a rotated
+    /// password is set, a new user name is created (administrator, all permissions on the
+    /// default vhost). The operator sets it, so a rotated Secret takes effect as the pods
+    /// roll. Without it the stored user wins, as in RabbitMQ [default: false].
+    #[arg(long, env = "WARREN_DEFAULT_USER_SYNC")]
+    pub default_user_sync: Option<bool>,
     /// Virtual host created on a fresh node [default: /].
     #[arg(long, env = "WARREN_DEFAULT_VHOST")]
     pub default_vhost: Option<String>,
@@ -274,6 +281,7 @@ pub struct FileConfig {
     pub prometheus_tls_listen: Option<Listen>,
     pub default_user: Option<String>,
     pub default_pass: Option<String>,
+    pub default_user_sync: Option<bool>,
     pub default_vhost: Option<String>,
     pub loopback_users: Option<Vec<String>>,
     pub heartbeat: Option<u16>,
@@ -322,6 +330,8 @@ pub struct Config {
     pub prometheus_tls_listen: Option<SocketAddr>,
     pub default_user: String,
     pub default_pass: String,
+    /// Make the stored default user match the configuration at start (rotation).
+    pub default_user_sync: bool,
     pub default_vhost: String,
     pub loopback_users: Vec<String>,
     pub heartbeat: u16,
@@ -555,6 +565,7 @@ impl Default for Config {
             cluster_advertise: None,
             cluster_secret_file: None,
             cluster_tls: false,
+            default_user_sync: false,
             log_level: "info".into(),
             vm_memory_high_watermark: 0.4,
             disk_free_limit: 50_000_000,
@@ -707,6 +718,10 @@ impl Config {
                 .cluster_tls
                 .or(file.cluster_tls)
                 .unwrap_or(d.cluster_tls),
+            default_user_sync: cli
+                .default_user_sync
+                .or(file.default_user_sync)
+                .unwrap_or(d.default_user_sync),
             node_name: cli.node_name.or(file.node_name).unwrap_or(d.node_name),
             log_level: cli.log_level.or(file.log_level).unwrap_or(d.log_level),
             vm_memory_high_watermark: cli

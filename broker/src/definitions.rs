@@ -792,6 +792,96 @@ impl Replicated {
     }
 }
 
+/// How [`Broker::sync_default_user`] changed the stored default user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultUserSync {
+    /// It already had the configured password.
+    Unchanged,
+    /// Its password was set to the configured one.
+    PasswordSet,
+    /// It did not exist: created as administrator with every permission on the default vhost.
+    Created,
+}
+
+impl Broker {
+    /// `default-user-sync`: makes the stored default user match the configured name and
+    /// password (a rotated Secret). Changes go through the metadata group when clustered,
+    /// as a `PUT /api/users` would; call it once the definitions are loaded (caught up).
+    pub async fn sync_default_user(&self) -> Result<DefaultUserSync, ChangeError> {
+        let (name, pass) = (&self.config.default_user, &self.config.default_pass);
+        let current = self.access.user(name);
+        if current
+            .as_ref()
+            .is_some_and(|u| crate::auth::verify_password(&u.password_hash, pass))
+        {
+            return Ok(DefaultUserSync::Unchanged);
+        }
+        let tags = current
+            .as_ref()
+            .map(|u| u.tags.clone())
+            .unwrap_or_else(|| vec!["administrator".to_owned()]);
+        self.change(Change::PutUser(UserDef {
+            name: name.clone(),
+            password_hash: crate::auth::hash_password(pass),
+            tags,
+        }))
+        .await?;
+        let how = if current.is_some() {
+            DefaultUserSync::PasswordSet
+        } else {
+            self.change(Change::SetPermissions(PermissionDef {
+                user: name.clone(),
+                vhost: self.config.default_vhost.clone(),
+                configure: ".*".into(),
+                write: ".*".into(),
+                read: ".*".into(),
+            }))
+            .await?;
+            DefaultUserSync::Created
+        };
+        if !self.clustered() {
+            // Clustered, applying the change saved it; alone, save it as the API's changes are.
+            let _ = crate::persistence::off_the_runtime(|| self.persist_metadata());
+        }
+        Ok(how)
+    }
+}
+
+/// Runs [`Broker::sync_default_user`] once this node's definitions are the cluster's (when
+/// clustered: caught up with the metadata group), retrying while no majority answers.
+pub async fn keep_default_user_synced(broker: Arc<Broker>) {
+    let clustered = !broker.config.cluster_peers.is_empty();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(600);
+    loop {
+        let ready = !clustered
+            || broker
+                .cluster()
+                .and_then(|c| c.metadata())
+                .is_some_and(|m| m.caught_up());
+        if ready {
+            match broker.sync_default_user().await {
+                Ok(DefaultUserSync::Unchanged) => return,
+                Ok(how) => {
+                    tracing::warn!(user = %broker.config.default_user, ?how, "default user synced with the configuration (default-user-sync)");
+                    return;
+                }
+                Err(ChangeError::Refused(e)) => {
+                    tracing::error!(user = %broker.config.default_user, "default user not synced: {e}");
+                    return;
+                }
+                Err(ChangeError::Unavailable(e)) => {
+                    tracing::debug!("default user not synced yet: {e}");
+                }
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            tracing::error!(user = %broker.config.default_user, "default user not synced within 10 minutes (default-user-sync): the cluster's metadata has no majority");
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
 impl crate::cluster::raft::Replicated for Replicated {
     fn apply(&self, command: &[u8]) -> String {
         let outcome: Outcome = match (self.broker(), serde_json::from_slice::<Change>(command)) {

@@ -199,6 +199,11 @@ async fn run(config: Config) -> Result<(), String> {
             "inter-node listener up; joining the cluster"
         );
     }
+    if broker.config.default_user_sync {
+        tokio::spawn(warren_broker::definitions::keep_default_user_synced(
+            broker.clone(),
+        ));
+    }
     // Federation links and shovels start once the AMQP listeners are bound (links to
     // `amqp://`, the node itself, connect to them).
     warren_broker::links::start(&broker);

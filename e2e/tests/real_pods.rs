@@ -364,6 +364,46 @@ async fn the_minimal_sample_runs_in_a_real_pod() {
     get(&ip, &user, &pass, "kept", b"published before the roll").await;
     publish_and_consume(&ip, &user, &pass, "after-roll", b"after the roll").await;
 
+    // Rotating the default user's password in its Secret rolls the pod, and the broker takes
+    // the new password at start (the operator sets WARREN_DEFAULT_USER_SYNC): the new one
+    // works, the old one is refused, the message on the volume is still there.
+    publish(&ip, &user, &pass, "kept", b"published before the rotation").await;
+    let rotated = format!("{pass}-rotated");
+    let old_uid = pod.metadata.uid.clone().expect("uid");
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .patch(
+            &format!("{name}-default-user"),
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"stringData": {"password": rotated}})),
+        )
+        .await
+        .expect("rotate the default user's password");
+    let t = std::time::Instant::now();
+    let pod = wait_pod_ready(&client, &ns, &pod_name, Some(&old_uid)).await;
+    eprintln!("rotated: new {pod_name} Ready after {:?}", t.elapsed());
+    let ip = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .expect("pod IP");
+    get(
+        &ip,
+        &user,
+        &rotated,
+        "kept",
+        b"published before the rotation",
+    )
+    .await;
+    let old = lapin::Connection::connect(
+        &format!("amqp://{user}:{pass}@{ip}:5672/%2F"),
+        lapin::ConnectionProperties::default(),
+    )
+    .await;
+    assert!(
+        old.is_err(),
+        "the old password still works after the rotation"
+    );
+
     let pods = Api::<Pod>::namespaced(client.clone(), &ns)
         .list(&ListParams::default())
         .await

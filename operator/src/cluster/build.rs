@@ -529,6 +529,8 @@ pub fn stateful_set(
                 {"name": "WARREN_NODE_NAME", "value": format!("warren@$(POD_NAME).{nodes}.{ns}")},
                 {"name": "WARREN_DEFAULT_USER", "valueFrom": {"secretKeyRef": {"name": user_secret, "key": "username"}}},
                 {"name": "WARREN_DEFAULT_PASS", "valueFrom": {"secretKeyRef": {"name": user_secret, "key": "password"}}},
+                // A rotated default user (the pods roll) is set on the broker at start.
+                {"name": "WARREN_DEFAULT_USER_SYNC", "value": "true"},
             ],
             "ports": ports,
             "resources": resources,

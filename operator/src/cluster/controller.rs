@@ -488,6 +488,7 @@ async fn apply_objects(
     // Build everything first: an invalid spec changes nothing in the cluster.
     let creds = default_credentials(rc, ctx).await?;
     let cluster_secret = cluster_secret_value(rc, ctx).await?;
+    let user_version = default_user_version(&creds, &cluster_secret);
     let user_secret = build::default_user_secret(rc, &creds).map_err(spec_error)?;
     let cluster_secret = build::cluster_secret(rc, &cluster_secret).map_err(spec_error)?;
     let config = build::config_map(rc).map_err(spec_error)?;
@@ -508,6 +509,13 @@ async fn apply_objects(
     // Pods with host access (through spec.override) only when the operator allows them.
     security::check_pods(&ctx.security, rc, &sts).map_err(Error::Spec)?;
     stamp_tls_version(rc, ctx, &mut sts).await?;
+    // The pods take the default user from the Secret at start and set it on the broker
+    // (`WARREN_DEFAULT_USER_SYNC`): a rotated user rolls them.
+    if let Some(meta) = sts.spec.as_mut().and_then(|s| s.template.metadata.as_mut()) {
+        meta.annotations
+            .get_or_insert_with(Default::default)
+            .insert(DEFAULT_USER_VERSION_ANNOTATION.to_string(), user_version);
+    }
     check_storage(rc, ctx, current.as_ref()).await?;
 
     apply_and_report(ctx, rc, sa).await?;
@@ -573,6 +581,24 @@ async fn apply_objects(
 /// Annotation on the pod template with the TLS Secrets' resource versions: the broker reads
 /// its certificate at start, so a renewed certificate rolls the pods one at a time.
 pub const TLS_VERSION_ANNOTATION: &str = "warren.dev/tls-secret-version";
+/// Pod-template annotation that changes when the default user's credentials do.
+pub const DEFAULT_USER_VERSION_ANNOTATION: &str = "warren.dev/default-user-version";
+
+/// A digest of the default user's credentials, keyed with the cluster secret (so the
+/// annotation tells nothing of the password to whoever may read pods).
+fn default_user_version(creds: &Credentials, cluster_secret: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for part in [cluster_secret, &creds.username, &creds.password] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    h.finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 
 async fn stamp_tls_version(
     rc: &RabbitCluster,
