@@ -304,6 +304,18 @@ async fn command_main(command: Command, cli: Cli) -> Result<String, String> {
                     q["vhost"].as_str().unwrap_or("?")
                 ));
             }
+            for q in answer["queues_shrunk"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or(&[])
+            {
+                out.push_str(&format!(
+                    "replicated queue '{}' in vhost '{}': its replica there removed ({})\n",
+                    q["name"].as_str().unwrap_or("?"),
+                    q["vhost"].as_str().unwrap_or("?"),
+                    q["result"].as_str().unwrap_or("?")
+                ));
+            }
             Ok(out)
         }
         Command::Drain { end, json, .. } => {

@@ -256,7 +256,39 @@ async fn forget_node(
                     }
                 }
             }
-            ok(json!({"node": name, "queues_deleted": deleted}))
+            // Its replicas leave the replicated queues' voters, so their majorities are
+            // counted over the nodes left (`rabbitmq-queues shrink`).
+            let mut shrink = tokio::task::JoinSet::new();
+            for vname in broker.vhost_names() {
+                let Some(v) = broker.vhost(&vname) else {
+                    continue;
+                };
+                for q in v.replicated_queues() {
+                    if q.members().contains(&name) {
+                        let (vname, node) = (vname.clone(), name.clone());
+                        shrink.spawn(async move {
+                            let r = q.set_member(&node, false).await;
+                            (vname, q.name.clone(), r)
+                        });
+                    }
+                }
+            }
+            let mut shrunk = Vec::new();
+            while let Some(Ok((vname, q, r))) = shrink.join_next().await {
+                if let Err(e) = &r {
+                    tracing::warn!(queue = %q, vhost = %vname, "replica of forgotten node {name} not removed: {e}");
+                }
+                shrunk.push(json!({
+                    "vhost": vname,
+                    "name": q,
+                    "result": r.map(|()| "ok".to_owned()).unwrap_or_else(|e| format!("error: {e}")),
+                }));
+            }
+            shrunk.sort_by(|a, b| {
+                (a["vhost"].as_str(), a["name"].as_str())
+                    .cmp(&(b["vhost"].as_str(), b["name"].as_str()))
+            });
+            ok(json!({"node": name, "queues_deleted": deleted, "queues_shrunk": shrunk}))
         }
         Err(e @ crate::cluster::ForgetError::NotMember(_)) => Err(ApiError::new(
             StatusCode::NOT_FOUND,

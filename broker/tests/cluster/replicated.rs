@@ -698,6 +698,37 @@ async fn members_are_added_and_removed_and_a_drain_moves_leadership_away_without
     }
     let want: BTreeSet<String> = confirmed.into_iter().collect();
     assert_eq!(got, want);
+
+    // A node stopped and forgotten (`warren-broker cluster forget`, the operator's last step
+    // of a scale-down) leaves the queue's members too, so its majority is counted over the
+    // nodes left.
+    let gone = net.nodes[l].name.clone();
+    net.kill(l);
+    let mut out = String::new();
+    for _ in 0..50 {
+        let run = tokio::task::block_in_place(|| net.forget_cli(p, &gone));
+        out = format!(
+            "{}{}",
+            String::from_utf8_lossy(&run.stdout),
+            String::from_utf8_lossy(&run.stderr)
+        );
+        if run.status.success() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        out.contains("replicated queue 'rg' in vhost '/': its replica there removed (ok)"),
+        "{out}"
+    );
+    let left = wait_members(&net, p, "rg", 2).await;
+    assert!(!left.contains(&gone), "{left:?}");
+    let (_cr, chr) = channel(&net, p).await;
+    chr.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let (acked, nacked) = publish(&chr, "rg", (0..10).map(|i| format!("after-forget-{i}"))).await;
+    assert_eq!((acked.len(), nacked), (10, 0));
 }
 
 async fn wait_leader_of(net: &Net, i: usize, queue: &str) -> String {
