@@ -871,22 +871,15 @@ fn decode_commands(entry: &[u8]) -> Result<Vec<Command>, String> {
     }
 }
 
-/// Most entries of one queue a leader's node has in flight at once (pipelined: the next is
-/// appended while earlier ones replicate).
-const MAX_ENTRIES_IN_FLIGHT: usize = 8;
-
 type Outcomes = Result<Vec<Outcome>, String>;
 
-/// Proposes a queue's commands in order, as many as are waiting per Raft entry. On the
-/// leader's node entries are pipelined (up to [`MAX_ENTRIES_IN_FLIGHT`], handed to Raft in
-/// order, so their order holds); elsewhere one entry is in flight at a time (it crosses the
-/// link to the leader). When an entry is not committed (no quorum, the leader lost),
+/// Proposes a queue's commands in order, as many as are waiting per Raft entry, one entry in
+/// flight at a time. When an entry is not committed (no quorum, the leader lost),
 /// commands with a waiting answer (a confirm, a get) are told so; the others (settlements,
 /// cancels, checkouts, releases: idempotent, and nobody else would send them again) are
 /// proposed again, ahead of anything newer, after a pause.
 async fn propose_loop(q: Weak<ReplicatedQueue>, mut rx: mpsc::UnboundedReceiver<Proposal>) {
     let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<Vec<Proposal>>();
-    let window = Arc::new(tokio::sync::Semaphore::new(MAX_ENTRIES_IN_FLIGHT));
     let mut backoff = Duration::from_millis(100);
     loop {
         let mut batch = Vec::new();
@@ -913,11 +906,6 @@ async fn propose_loop(q: Weak<ReplicatedQueue>, mut rx: mpsc::UnboundedReceiver<
         } else {
             backoff = Duration::from_millis(100);
         }
-        // A permit per entry in flight: on the leader's node up to the window, else all of
-        // it (one at a time).
-        let Ok(permit) = window.clone().acquire_owned().await else {
-            return;
-        };
         let mut bytes: usize = batch.iter().map(|p| p.bytes).sum();
         while bytes < MAX_BATCH_BYTES {
             match rx.try_recv() {
@@ -945,20 +933,6 @@ async fn propose_loop(q: Weak<ReplicatedQueue>, mut rx: mpsc::UnboundedReceiver<
         };
         let result: Outcomes = match (raft, entry) {
             (_, Err(e)) => Err(e),
-            (Some(raft), Ok(entry)) if raft.leading() => match raft.propose_here(entry).await {
-                Ok(committed) => {
-                    // Pipelined: the entry is in the leader's log; its outcome is awaited
-                    // aside while the next entry is built.
-                    let (q, retry_tx) = (q.clone(), retry_tx.clone());
-                    tokio::spawn(async move {
-                        let result = decode(committed.await);
-                        finish(&q, batch, bytes, result, &retry_tx);
-                        drop(permit);
-                    });
-                    continue;
-                }
-                Err(e) => Err(e),
-            },
             (Some(raft), Ok(entry)) => {
                 drop(queue);
                 decode(raft.propose(entry).await)
@@ -974,7 +948,6 @@ async fn propose_loop(q: Weak<ReplicatedQueue>, mut rx: mpsc::UnboundedReceiver<
             )),
         };
         finish(&q, batch, bytes, result, &retry_tx);
-        drop(permit);
     }
 }
 
@@ -987,6 +960,18 @@ fn finish(
     result: Outcomes,
     retry: &mpsc::UnboundedSender<Vec<Proposal>>,
 ) {
+    // An entry whose commands did not all apply (undecodable) confirms nothing.
+    let result = result.and_then(|o| {
+        if o.len() == batch.len() {
+            Ok(o)
+        } else {
+            Err(format!(
+                "{} outcomes for {} commands: the entry did not apply",
+                o.len(),
+                batch.len()
+            ))
+        }
+    });
     match result {
         Ok(outcomes) => {
             if let Some(queue) = q.upgrade() {
@@ -994,7 +979,7 @@ fn finish(
             }
             let mut outcomes = outcomes.into_iter();
             for p in batch {
-                let o = outcomes.next().unwrap_or(Outcome::Done);
+                let Some(o) = outcomes.next() else { break };
                 if let Some(a) = p.answer {
                     let _ = a.send(Ok(o));
                 }

@@ -586,46 +586,6 @@ impl Metadata {
         }
     }
 
-    /// On the leader: hands `command` to Raft now (entries handed over in call order keep
-    /// that order) and returns a future of its outcome, once committed and applied here, so
-    /// the caller can build the next entry meanwhile (pipelining). Refused (the caller uses
-    /// [`Metadata::propose`]) if this node does not lead, or no majority is reachable.
-    pub async fn propose_here(
-        &self,
-        command: Vec<u8>,
-    ) -> Result<impl std::future::Future<Output = Result<String, String>> + Send + 'static, String>
-    {
-        if !self.is_leader() || self.stepping_down() {
-            return Err(format!("{}: this node does not lead; retry", self.lost()));
-        }
-        self.check_quorum()?;
-        let rx = self
-            .raft
-            .client_write_ff(Blob(command))
-            .await
-            .map_err(text)?;
-        let mut applied = self.applied.clone();
-        let lost = self.lost();
-        Ok(async move {
-            let work = async {
-                let written = rx.await.map_err(|_| "node is stopping".to_owned())?;
-                let r = written.map_err(|e| format!("{lost}: {e}"))?;
-                applied
-                    .wait_for(|a| *a >= r.log_id.index)
-                    .await
-                    .map_err(|_| "node is stopping".to_owned())?;
-                Ok(r.data)
-            };
-            match tokio::time::timeout(PROPOSE_TIMEOUT, work).await {
-                Ok(r) => r,
-                Err(_) => Err(format!(
-                    "{lost}: not committed within {PROPOSE_TIMEOUT:?} (no majority answering); \
-                     it may still be applied"
-                )),
-            }
-        })
-    }
-
     /// Proposes `command` at the leader `name` (Raft id `id`), which does not forward it again.
     async fn write_at(
         &self,
