@@ -289,6 +289,22 @@ impl Broker {
         Ok(())
     }
 
+    /// Waits (at most `within`) until this node has joined the metadata group and caught up
+    /// with its leader; true if it has (or the node is not clustered).
+    pub async fn wait_metadata_caught_up(&self, within: std::time::Duration) -> bool {
+        let Some(meta) = self.cluster().and_then(|c| c.metadata()).cloned() else {
+            return true;
+        };
+        let deadline = tokio::time::Instant::now() + within;
+        while !meta.caught_up() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        true
+    }
+
     /// A queue this node removes on its own (auto-delete, expiry) is deleted cluster-wide.
     fn tell_cluster_of_removals(weak: std::sync::Weak<Broker>, v: &Vhost) {
         let vhost = v.name.clone();

@@ -10,6 +10,10 @@ use tracing_subscriber::EnvFilter;
 use warren_broker::config::{Check, Cli, ClientArgs, ClusterAction, Command, Config};
 use warren_broker::{Broker, management, metrics, server};
 
+/// How long a clustered node waits to catch up with the cluster's metadata before it serves
+/// AMQP clients anyway.
+const METADATA_WAIT: Duration = Duration::from_secs(60);
+
 /// Colours only for a person at a terminal: not in files, pipes or `kubectl logs`, and never
 /// with `NO_COLOR` set (<https://no-color.org>).
 fn colour_logs() -> bool {
@@ -172,6 +176,26 @@ async fn run(config: Config) -> Result<(), String> {
     let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    if let (Some(listener), Some(secret)) = (cluster_listener, cluster_secret) {
+        if let Ok(addr) = listener.local_addr() {
+            broker.register_listener("clustering", addr);
+        }
+        broker.start_cluster(listener, secret).await?;
+        broker.start_metadata().await?;
+        tracing::info!(
+            peers = ?broker.config.cluster_peers,
+            "inter-node listener up; joining the cluster"
+        );
+        // AMQP clients are served once this node knows the cluster's queues: before, a
+        // publish to a queue it had not heard of yet would be unroutable, dropped and
+        // confirmed.
+        if !broker.wait_metadata_caught_up(METADATA_WAIT).await {
+            tracing::warn!(
+                "not caught up with the cluster's metadata after {METADATA_WAIT:?} (no \
+                 majority reachable?); serving AMQP clients with what this node knows"
+            );
+        }
+    }
     let mut servers = tokio::task::JoinSet::new();
     if let Some(listener) = listener {
         servers.spawn(server::run(
@@ -187,17 +211,6 @@ async fn run(config: Config) -> Result<(), String> {
             acceptor,
             until_stopped(stopped.clone()),
         ));
-    }
-    if let (Some(listener), Some(secret)) = (cluster_listener, cluster_secret) {
-        if let Ok(addr) = listener.local_addr() {
-            broker.register_listener("clustering", addr);
-        }
-        broker.start_cluster(listener, secret).await?;
-        broker.start_metadata().await?;
-        tracing::info!(
-            peers = ?broker.config.cluster_peers,
-            "inter-node listener up; joining the cluster"
-        );
     }
     if broker.config.default_user_sync {
         tokio::spawn(warren_broker::definitions::keep_default_user_synced(

@@ -743,3 +743,84 @@ async fn wait_leader_of(net: &Net, i: usize, queue: &str) -> String {
     }
     panic!("no leader of {queue} seen by node {i} within 20 s");
 }
+
+/// A restarted node takes AMQP connections only once it knows the cluster's queues: before,
+/// a publish to a queue it had not heard of yet was unroutable, dropped and confirmed (a
+/// Jepsen-style run lost 515 confirmed messages that way, in the 0.4 s between a restarted
+/// node's AMQP listener and its metadata). The queue here is declared while the node is down.
+#[tokio::test]
+async fn a_restarted_node_serves_amqp_only_once_it_knows_the_queues_declared_while_it_was_down() {
+    let _serial = SERIAL.lock().await;
+    let mut net = Net::new(3);
+    net.start_all().await;
+    for i in 0..3 {
+        net.wait_ready(i, AGREE).await;
+    }
+    net.kill(1);
+    let (_c0, ch0) = channel(&net, 0).await;
+    ch0.queue_declare("late".into(), durable(), quorum())
+        .await
+        .expect("declare a quorum queue while node 1 is down");
+    net.spawn(1);
+    // The first AMQP connection node 1 accepts.
+    let url = format!(
+        "amqp://{}:{}@{}:5672/%2f",
+        crate::harness::USER,
+        crate::harness::PASS,
+        net.nodes[1].ip
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let conn = loop {
+        match lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await {
+            Ok(c) => break c,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => panic!("node 1 took no AMQP connection within 60 s: {e}"),
+        }
+    };
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let (acked, nacked) = publish(&ch, "late", (0..200).map(|i| format!("early-{i}"))).await;
+    assert_eq!(nacked, 0);
+    ch.queue_declare(
+        "late".into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("node 1 knows the queue on its first connection");
+    // Every confirmed message is there, read through another node.
+    let mut got = BTreeSet::new();
+    let mut deliveries = ch0
+        .basic_consume(
+            "late".into(),
+            "reader".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    while got.len() < acked.len() {
+        match tokio::time::timeout(Duration::from_secs(10), deliveries.next()).await {
+            Ok(Some(Ok(d))) => {
+                got.insert(String::from_utf8_lossy(&d.data).into_owned());
+            }
+            other => panic!(
+                "{} of {} confirmed messages read: {other:?}",
+                got.len(),
+                acked.len()
+            ),
+        }
+    }
+    let confirmed: BTreeSet<String> = acked.into_iter().collect();
+    assert_eq!(got, confirmed);
+}

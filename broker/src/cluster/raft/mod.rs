@@ -24,7 +24,7 @@ mod state;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -184,6 +184,9 @@ pub struct Metadata {
     /// A leader has reached this node since it started (a restarted node knows who led before
     /// it stopped, but has not heard from that leader yet).
     heard_leader: AtomicBool,
+    /// The highest commit index a leader's successful append told this node of: caught up
+    /// means applied at least that far.
+    leader_commit: AtomicU64,
     /// The seed is creating the group: until its definitions are committed as the first
     /// command, nothing else is proposed and nobody joins.
     bootstrapping: AtomicBool,
@@ -269,6 +272,7 @@ impl Metadata {
             changes: tokio::sync::Mutex::new(()),
             caught_up: AtomicBool::new(false),
             heard_leader: AtomicBool::new(false),
+            leader_commit: AtomicU64::new(0),
             bootstrapping: AtomicBool::new(false),
             stepping_down: AtomicBool::new(false),
         });
@@ -327,6 +331,7 @@ impl Metadata {
             changes: tokio::sync::Mutex::new(()),
             caught_up: AtomicBool::new(false),
             heard_leader: AtomicBool::new(false),
+            leader_commit: AtomicU64::new(0),
             bootstrapping: AtomicBool::new(false),
             stepping_down: AtomicBool::new(false),
         }))
@@ -642,8 +647,10 @@ impl Metadata {
         };
         Ok(match call {
             RaftCall::Append(req) => {
+                let commit = req.leader_commit.map_or(0, |l| l.index);
                 let r = self.raft.append_entries(req).await;
                 if r.as_ref().is_ok_and(|a| a.is_success()) {
+                    self.leader_commit.fetch_max(commit, Ordering::Relaxed);
                     self.heard_leader.store(true, Ordering::Relaxed);
                 }
                 json(serde_json::to_value(r))
@@ -1002,6 +1009,7 @@ impl Metadata {
             && m.current_leader.is_some()
             && applied.is_some()
             && applied >= m.last_log_index
+            && applied >= Some(self.leader_commit.load(Ordering::Relaxed))
         {
             self.caught_up.store(true, Ordering::Relaxed);
             match &self.group {
