@@ -4,19 +4,14 @@
 //! fresh node); with it (what the operator sets) a rotated password or user name in the
 //! environment takes effect at the next start.
 
+#[path = "common/node.rs"]
+mod node;
+use node::free_port;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_warren-broker");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Node {
     child: Child,

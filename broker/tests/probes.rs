@@ -4,6 +4,9 @@
 //! file and the default user's credentials in the environment).
 mod common;
 
+#[path = "common/node.rs"]
+mod node;
+use node::free_port;
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::Duration;
@@ -14,14 +17,6 @@ use lapin::{Connection, ConnectionProperties};
 const BIN: &str = env!("CARGO_BIN_EXE_warren-broker");
 const USER: &str = "operator-admin";
 const PASS: &str = "s3cret-from-a-Secret";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Node {
     child: Child,

@@ -6,6 +6,9 @@
 //! whole DN) logs in without a password.
 mod common;
 
+#[path = "common/node.rs"]
+mod node;
+use node::free_port;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -399,14 +402,6 @@ async fn without_a_ca_no_client_certificate_is_needed() {
     );
     assert!(e.contains("UnknownIssuer"), "{e}");
     let _ = std::fs::remove_dir_all(&pki.dir);
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Runs the binary with these arguments to completion (it must fail to start); returns its

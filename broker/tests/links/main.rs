@@ -3,6 +3,8 @@
 //! each on its own port with its own cluster name.
 #[path = "../common/mod.rs"]
 mod common;
+#[path = "../common/node.rs"]
+mod node;
 
 mod federation;
 mod harness;

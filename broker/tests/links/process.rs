@@ -8,6 +8,7 @@
 //! confirmed yet is sent again, so nothing is lost but a few (at most the in-flight window) may
 //! arrive twice — that is what at-least-once means, in RabbitMQ as here.
 
+use crate::node::free_port;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -19,14 +20,6 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::json;
 
 use crate::harness::*;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A broker process that keeps its ports and data directory across restarts.
 struct Proc {
