@@ -102,13 +102,7 @@ async fn add_member(
     Path((vhost, name)): Path<(String, String)>,
     bytes: Bytes,
 ) -> ApiResult {
-    caller.require_admin()?;
-    let body = Body::parse(&bytes)?;
-    let node = body.req_str("node")?;
-    let q = replicated(&broker, &caller, &vhost, &name)?;
-    cluster_node(&broker, node)?;
-    q.set_member(node, true).await.map_err(refused)?;
-    tracing::info!(queue = %name, %vhost, %node, user = %caller.name(), "member added");
+    change_member(&broker, &caller, &vhost, &name, &bytes, true).await?;
     no_content()
 }
 
@@ -118,13 +112,30 @@ async fn delete_member(
     Path((vhost, name)): Path<(String, String)>,
     bytes: Bytes,
 ) -> ApiResult {
-    caller.require_admin()?;
-    let body = Body::parse(&bytes)?;
-    let node = body.req_str("node")?;
-    let q = replicated(&broker, &caller, &vhost, &name)?;
-    q.set_member(node, false).await.map_err(refused)?;
-    tracing::info!(queue = %name, %vhost, %node, user = %caller.name(), "member removed");
+    change_member(&broker, &caller, &vhost, &name, &bytes, false).await?;
     Ok(StatusCode::ACCEPTED.into_response())
+}
+
+/// Makes the body's `node` a member of the queue (`member`) or not.
+async fn change_member(
+    broker: &Broker,
+    caller: &Caller,
+    vhost: &str,
+    name: &str,
+    bytes: &Bytes,
+    member: bool,
+) -> ApiResult<()> {
+    caller.require_admin()?;
+    let body = Body::parse(bytes)?;
+    let node = body.req_str("node")?;
+    let q = replicated(broker, caller, vhost, name)?;
+    if member {
+        cluster_node(broker, node)?;
+    }
+    q.set_member(node, member).await.map_err(refused)?;
+    let what = if member { "added" } else { "removed" };
+    tracing::info!(queue = %name, %vhost, %node, user = %caller.name(), "member {what}");
+    Ok(())
 }
 
 /// Every replicated queue of the vhosts `caller` may see, with its vhost.

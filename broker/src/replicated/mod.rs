@@ -473,6 +473,21 @@ impl ReplicatedQueue {
     /// A node without a replica proposes through a running member (which passes the
     /// command on to the leader).
     async fn propose_through_member(&self, command: Vec<u8>) -> Result<String, String> {
+        let group = &self.replicas.group;
+        self.ask_members(false, |cluster, m| {
+            let command = command.clone();
+            async move { cluster.group_write(&m, group, command).await }
+        })
+        .await
+    }
+
+    /// Asks each running member in turn (not this node if `skip_me`) with `call`: the first
+    /// answer, or the last refusal.
+    async fn ask_members<T, F, Fut>(&self, skip_me: bool, call: F) -> Result<T, String>
+    where
+        F: Fn(Arc<Cluster>, String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, String>>,
+    {
         let cluster = self.cluster.upgrade().ok_or("node is stopping")?;
         let mut last = format!(
             "no member of queue '{}' is reachable ({})",
@@ -480,14 +495,11 @@ impl ReplicatedQueue {
             self.members().join(", ")
         );
         for m in self.members() {
-            if !cluster.is_running(&m) {
+            if (skip_me && m == self.node) || !cluster.is_running(&m) {
                 continue;
             }
-            match cluster
-                .group_write(&m, &self.replicas.group, command.clone())
-                .await
-            {
-                Ok(out) => return Ok(out),
+            match call(cluster.clone(), m).await {
+                Ok(answer) => return Ok(answer),
                 Err(e) => last = e,
             }
         }
@@ -560,25 +572,11 @@ impl ReplicatedQueue {
         {
             return raft.set_voter(node, member).await;
         }
-        let cluster = self.cluster.upgrade().ok_or("node is stopping")?;
-        let mut last = format!(
-            "no member of queue '{}' is reachable ({})",
-            self.name,
-            self.members().join(", ")
-        );
-        for m in self.members() {
-            if m == self.node || !cluster.is_running(&m) {
-                continue;
-            }
-            match cluster
-                .group_set_voter(&m, &self.replicas.group, node, member)
-                .await
-            {
-                Ok(()) => return Ok(()),
-                Err(e) => last = e,
-            }
-        }
-        Err(last)
+        let group = &self.replicas.group;
+        self.ask_members(true, |cluster, m| async move {
+            cluster.group_set_voter(&m, group, node, member).await
+        })
+        .await
     }
 
     /// `(ready, consumers)` as this replica has them.
@@ -879,25 +877,16 @@ type Outcomes = Result<Vec<Outcome>, String>;
 /// cancels, checkouts, releases: idempotent, and nobody else would send them again) are
 /// proposed again, ahead of anything newer, after a pause.
 async fn propose_loop(q: Weak<ReplicatedQueue>, mut rx: mpsc::UnboundedReceiver<Proposal>) {
-    let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<Vec<Proposal>>();
+    // Commands of an entry that was not committed, to propose again first.
+    let mut again: Vec<Proposal> = Vec::new();
     let mut backoff = Duration::from_millis(100);
     loop {
-        let mut batch = Vec::new();
-        while let Ok(again) = retry_rx.try_recv() {
-            batch.extend(again);
-        }
-        let mut retrying = !batch.is_empty();
+        let mut batch = std::mem::take(&mut again);
+        let retrying = !batch.is_empty();
         if batch.is_empty() {
-            tokio::select! {
-                biased;
-                Some(again) = retry_rx.recv() => {
-                    batch.extend(again);
-                    retrying = true;
-                }
-                p = rx.recv() => match p {
-                    Some(p) => batch.push(p),
-                    None => return,
-                },
+            match rx.recv().await {
+                Some(p) => batch.push(p),
+                None => return,
             }
         }
         if retrying {
@@ -947,19 +936,18 @@ async fn propose_loop(q: Weak<ReplicatedQueue>, mut rx: mpsc::UnboundedReceiver<
                 queue.name
             )),
         };
-        finish(&q, batch, bytes, result, &retry_tx);
+        again = finish(&q, batch, bytes, result);
     }
 }
 
-/// Answers an entry's commands with its outcomes, or its failure; commands nobody waits for
-/// go back to the proposer to be proposed again.
+/// Answers an entry's commands with its outcomes, or its failure; returns the commands
+/// nobody waits for, to be proposed again.
 fn finish(
     q: &Weak<ReplicatedQueue>,
     batch: Vec<Proposal>,
     bytes: usize,
     result: Outcomes,
-    retry: &mpsc::UnboundedSender<Vec<Proposal>>,
-) {
+) -> Vec<Proposal> {
     // An entry whose commands did not all apply (undecodable) confirms nothing.
     let result = result.and_then(|o| {
         if o.len() == batch.len() {
@@ -977,13 +965,12 @@ fn finish(
             if let Some(queue) = q.upgrade() {
                 queue.pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
             }
-            let mut outcomes = outcomes.into_iter();
-            for p in batch {
-                let Some(o) = outcomes.next() else { break };
+            for (p, o) in batch.into_iter().zip(outcomes) {
                 if let Some(a) = p.answer {
                     let _ = a.send(Ok(o));
                 }
             }
+            Vec::new()
         }
         Err(e) => {
             tracing::debug!("queue commands not committed: {e}");
@@ -1002,9 +989,7 @@ fn finish(
             if let Some(queue) = q.upgrade() {
                 queue.pending_bytes.fetch_sub(dropped, Ordering::AcqRel);
             }
-            if !again.is_empty() {
-                let _ = retry.send(again);
-            }
+            again
         }
     }
 }

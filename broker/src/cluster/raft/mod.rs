@@ -704,20 +704,58 @@ impl Metadata {
         })
     }
 
+    /// Passes a membership change on to the leader (one hop); `no_leader` says why when
+    /// there is none.
+    async fn on_leader(&self, call: RaftCall, no_leader: String) -> Result<(), String> {
+        let leader = self.leader().ok_or(no_leader)?;
+        if leader.name == self.me.name {
+            return Err("leadership is changing; retry".into());
+        }
+        let answer = self.call(&leader.name, call).await?;
+        serde_json::from_str::<Result<(), String>>(&answer).map_err(text)?
+    }
+
+    /// On the leader: makes `id` a voter — first a learner caught up with the log
+    /// (`learner_first`, within [`JOIN_TIMEOUT`]) — then takes `replaced` (earlier
+    /// incarnations of the node) out of the voters.
+    async fn promote(
+        &self,
+        id: NodeId,
+        member: Member,
+        learner_first: bool,
+        replaced: BTreeSet<NodeId>,
+    ) -> Result<(), String> {
+        let name = member.name.clone();
+        if learner_first {
+            tokio::time::timeout(JOIN_TIMEOUT, self.raft.add_learner(id, member, true))
+                .await
+                .map_err(|_| format!("{name} did not catch up within {JOIN_TIMEOUT:?}"))?
+                .map_err(text)?;
+        }
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map_err(text)?;
+        if !replaced.is_empty() {
+            tracing::info!(node = %name, "removing the node's earlier incarnation from the group");
+            self.raft
+                .change_membership(ChangeMembers::RemoveVoters(replaced), false)
+                .await
+                .map_err(text)?;
+        }
+        Ok(())
+    }
+
     /// Adds a node as a voter (on the leader; elsewhere forwarded to it, one hop).
     async fn join(&self, id: NodeId, member: Member) -> Result<(), String> {
         if self.bootstrapping.load(Ordering::Acquire) {
             return Err("the metadata group is being created; retry".into());
         }
         if !self.is_leader() {
-            let leader = self.leader().ok_or("no metadata leader yet")?;
-            if leader.name == self.me.name {
-                return Err("leadership is changing; retry".into());
-            }
-            let answer = self
-                .call(&leader.name, RaftCall::Join { id, member })
-                .await?;
-            return serde_json::from_str::<Result<(), String>>(&answer).map_err(text)?;
+            let no_leader = "no metadata leader yet".to_owned();
+            return self
+                .on_leader(RaftCall::Join { id, member }, no_leader)
+                .await;
         }
         let _one = self.changes.lock().await;
         let membership = self.raft.metrics().borrow().membership_config.clone();
@@ -732,23 +770,7 @@ impl Metadata {
             .map(|(i, _)| *i)
             .collect();
         tracing::info!(node = %member.name, "adding a node to the metadata group");
-        let name = member.name.clone();
-        tokio::time::timeout(JOIN_TIMEOUT, self.raft.add_learner(id, member, true))
-            .await
-            .map_err(|_| format!("{name} did not catch up within {JOIN_TIMEOUT:?}"))?
-            .map_err(text)?;
-        self.raft
-            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-            .await
-            .map_err(text)?;
-        if !stale.is_empty() {
-            tracing::info!(node = %name, "removing the node's earlier incarnation from the metadata group");
-            self.raft
-                .change_membership(ChangeMembers::RemoveVoters(stale), false)
-                .await
-                .map_err(text)?;
-        }
-        Ok(())
+        self.promote(id, member, true, stale).await
     }
 
     /// Makes node `name` a voter of the group (`voter`), or takes it out of the voters (it
@@ -763,18 +785,12 @@ impl Metadata {
         }
         self.check_quorum()?;
         if !self.is_leader() {
-            let leader = self
-                .leader()
-                .ok_or_else(|| format!("{}: no leader elected yet; retry", self.lost()))?;
-            if leader.name == self.me.name {
-                return Err("leadership is changing; retry".into());
-            }
             let call = RaftCall::SetVoter {
                 name: name.to_owned(),
                 voter,
             };
-            let answer = self.call(&leader.name, call).await?;
-            return serde_json::from_str::<Result<(), String>>(&answer).map_err(text)?;
+            let no_leader = format!("{}: no leader elected yet; retry", self.lost());
+            return self.on_leader(call, no_leader).await;
         }
         let _one = self.changes.lock().await;
         let membership = self.raft.metrics().borrow().membership_config.clone();
@@ -827,24 +843,9 @@ impl Metadata {
         if !cluster.is_running(name) && name != self.me.name {
             return Err(format!("{name} is not running"));
         }
-        if !membership.nodes().any(|(i, _)| *i == id) {
-            tokio::time::timeout(JOIN_TIMEOUT, self.raft.add_learner(id, member, true))
-                .await
-                .map_err(|_| format!("{name} did not catch up within {JOIN_TIMEOUT:?}"))?
-                .map_err(text)?;
-        }
-        self.raft
-            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-            .await
-            .map_err(text)?;
+        let known = membership.nodes().any(|(i, _)| *i == id);
         // Earlier incarnations of the node (its data was wiped) are replaced.
-        if !voters.is_empty() {
-            self.raft
-                .change_membership(ChangeMembers::RemoveVoters(voters), false)
-                .await
-                .map_err(text)?;
-        }
-        Ok(())
+        self.promote(id, member, !known, voters).await
     }
 
     /// Removes `name` from the voters (on the leader; elsewhere forwarded to it).
@@ -856,18 +857,12 @@ impl Metadata {
         }
         self.check_quorum()?;
         if !self.is_leader() {
-            let leader = self
-                .leader()
-                .ok_or_else(|| format!("{QUORUM_LOST}: no metadata leader"))?;
-            let answer = self
-                .call(
-                    &leader.name,
-                    RaftCall::Remove {
-                        name: name.to_owned(),
-                    },
-                )
-                .await?;
-            return serde_json::from_str::<Result<(), String>>(&answer).map_err(text)?;
+            let call = RaftCall::Remove {
+                name: name.to_owned(),
+            };
+            return self
+                .on_leader(call, format!("{QUORUM_LOST}: no metadata leader"))
+                .await;
         }
         let _one = self.changes.lock().await;
         let membership = self.raft.metrics().borrow().membership_config.clone();
