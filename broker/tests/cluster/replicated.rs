@@ -756,8 +756,45 @@ async fn a_restarted_node_serves_amqp_only_once_it_knows_the_queues_declared_whi
     for i in 0..3 {
         net.wait_ready(i, AGREE).await;
     }
-    net.kill(1);
+    // A queue deleted while node 1 is down: its replica's directory goes once node 1 is
+    // back and caught up.
     let (_c0, ch0) = channel(&net, 0).await;
+    ch0.queue_declare("doomed".into(), durable(), quorum())
+        .await
+        .expect("declare a quorum queue");
+    let replicas = net.nodes[1].data_dir.join("cluster").join("queues");
+    let listing = |dir: &std::path::Path| -> BTreeSet<String> {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut doomed = BTreeSet::new();
+    for _ in 0..100 {
+        doomed = listing(&replicas);
+        if !doomed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(doomed.len(), 1, "node 1's replica of 'doomed': {doomed:?}");
+    net.kill(1);
+    ch0.queue_delete("doomed".into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete the queue while node 1 is down");
+    // Enough changes for the metadata group to snapshot: node 1 catches up from a snapshot.
+    for i in 0..30 {
+        let name = format!("churn-{i}");
+        ch0.queue_declare(name.as_str().into(), durable(), FieldTable::default())
+            .await
+            .expect("declare");
+        ch0.queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .expect("delete");
+    }
     ch0.queue_declare("late".into(), durable(), quorum())
         .await
         .expect("declare a quorum queue while node 1 is down");
@@ -823,4 +860,9 @@ async fn a_restarted_node_serves_amqp_only_once_it_knows_the_queues_declared_whi
     }
     let confirmed: BTreeSet<String> = acked.into_iter().collect();
     assert_eq!(got, confirmed);
+    let left = listing(&replicas);
+    assert!(
+        left.is_disjoint(&doomed),
+        "the deleted queue's replica is still on node 1: {left:?}"
+    );
 }
