@@ -702,7 +702,13 @@ pub struct MessageLog {
     failure: std::sync::OnceLock<String>,
     /// A fault the next write reports instead of writing (the fault-injecting layer of tests).
     injected: Mutex<Option<std::io::ErrorKind>>,
+    /// Run before each fsync of the segments: what must be durable before any message the
+    /// fsync makes durable (a clustered node's metadata journal, which declares the queues).
+    before_sync: Mutex<Option<BeforeSync>>,
 }
+
+/// See [`MessageLog::set_before_sync`].
+pub type BeforeSync = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// The recovery of one (vhost, queue): its live messages by sid (publish order).
 type Recovering = BTreeMap<(String, String), BTreeMap<u64, RecoveredMessage>>;
@@ -753,6 +759,7 @@ impl MessageLog {
             bytes_written: AtomicU64::new(0),
             failure: std::sync::OnceLock::new(),
             injected: Mutex::new(None),
+            before_sync: Mutex::new(None),
         });
         let flusher = log.clone();
         let handle = std::thread::Builder::new()
@@ -765,6 +772,12 @@ impl MessageLog {
             .spawn(move || compactor.compact_loop())?;
         *log.compactor.lock() = Some(handle);
         Ok((log, recovered))
+    }
+
+    /// Runs `f` before every fsync of the segments; its failure fails the log (nothing the
+    /// fsync would have made durable is confirmed).
+    pub fn set_before_sync(&self, f: BeforeSync) {
+        *self.before_sync.lock() = Some(f);
     }
 
     pub fn next_sid(&self) -> u64 {
@@ -1296,6 +1309,13 @@ impl MessageLog {
                     p.written.1 += len;
                 }
                 self.written.notify_all();
+            }
+            if failed.is_none()
+                && !chunks.is_empty()
+                && let Some(before) = self.before_sync.lock().as_ref()
+                && let Err(why) = before()
+            {
+                failed = Some(why);
             }
             if failed.is_none() {
                 for (seg, _, _) in &chunks {

@@ -254,6 +254,11 @@ pub struct MetaStore {
     journal: Option<File>,
     journal_bytes: u64,
     snapshot_bytes: u64,
+    /// Appends are written but not synced one by one ([`MetaStore::sync`] makes them
+    /// durable): on a clustered node, whose Raft log is the durable record of every change.
+    lazy: bool,
+    /// Appended since the last sync.
+    dirty: bool,
 }
 
 impl MetaStore {
@@ -266,7 +271,23 @@ impl MetaStore {
             journal: None,
             journal_bytes: 0,
             snapshot_bytes: 0,
+            lazy: false,
+            dirty: false,
         }
+    }
+
+    /// Appends from now on are synced only by [`MetaStore::sync`] (a clustered node).
+    pub fn set_lazy(&mut self, lazy: bool) {
+        self.lazy = lazy;
+    }
+
+    /// Makes the appends so far durable.
+    pub fn sync(&mut self) -> std::io::Result<()> {
+        if let (true, Some(f)) = (self.dirty, self.journal.as_mut()) {
+            f.sync_data()?;
+        }
+        self.dirty = false;
+        Ok(())
     }
 
     /// Writes `snap` as the new snapshot and starts an empty journal after it.
@@ -295,6 +316,7 @@ impl MetaStore {
                 .open(self.dir.join(JOURNAL_NAME))?,
         );
         self.journal_bytes = header.len() as u64;
+        self.dirty = false;
         Ok(())
     }
 
@@ -303,7 +325,7 @@ impl MetaStore {
         self.journal.is_some()
     }
 
-    /// Appends changes and syncs them. Returns whether the journal has grown enough to be
+    /// Appends changes and syncs them (unless lazy). Returns whether the journal has grown enough to be
     /// folded into a new snapshot. An error leaves the journal closed: the caller writes a
     /// snapshot (which also starts a new journal).
     pub fn append(&mut self, changes: &[Change]) -> std::io::Result<bool> {
@@ -315,10 +337,15 @@ impl MetaStore {
             let json = serde_json::to_vec(c).map_err(std::io::Error::other)?;
             frame::framed(&mut buf, |out| out.extend_from_slice(&json));
         }
+        let lazy = self.lazy;
         let written = f.write_all(&buf).and_then(|_| {
+            if lazy {
+                return Ok(());
+            }
             slow_disk_for_tests();
             f.sync_data()
         });
+        self.dirty |= lazy;
         if let Err(e) = written {
             self.journal = None;
             return Err(e);
@@ -576,6 +603,35 @@ mod tests {
             internal: false,
             arguments: String::new(),
         }
+    }
+
+    #[test]
+    fn a_lazy_journal_is_written_at_once_and_synced_on_demand() {
+        let dir = std::env::temp_dir().join(format!("warren-meta-lazy-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let mut m = MetaStore::new(&dir, None);
+        m.save(Snapshot::default()).unwrap();
+        m.set_lazy(true);
+        m.append(&[Change::PutQueue(queue("a"))]).unwrap();
+        assert!(m.dirty);
+        // In the file already (what a restart reads), before any sync.
+        let loaded = load(&dir).unwrap().unwrap();
+        assert_eq!(
+            loaded
+                .queues
+                .iter()
+                .map(|q| q.name.as_str())
+                .collect::<Vec<_>>(),
+            ["a"]
+        );
+        m.sync().unwrap();
+        assert!(!m.dirty);
+        m.append(&[Change::PutQueue(queue("b"))]).unwrap();
+        m.save(load(&dir).unwrap().unwrap()).unwrap();
+        assert!(!m.dirty, "a snapshot makes everything durable");
+        assert_eq!(load(&dir).unwrap().unwrap().queues.len(), 2);
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
