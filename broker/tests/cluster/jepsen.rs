@@ -3,7 +3,9 @@
 //! restarts and partitions nodes (halves, the isolated leader, a majority ring, a bridge);
 //! then everything is healed, the queue drained, and a checker compares what publishers
 //! were confirmed with what consumers received: **lost** (confirmed, never received) must be
-//! 0, **unexpected** (received, never published) must be 0; duplicates are counted and
+//! 0, **unexpected** (received, never published) must be 0, **returned** (published
+//! mandatory and returned unroutable: a node that did not know the queue) must be 0;
+//! duplicates are counted and
 //! reported, and the time until every node's publisher is confirmed again after the heal is
 //! measured.
 //!
@@ -38,6 +40,9 @@ struct History {
     attempted: HashSet<String>,
     confirmed: HashSet<String>,
     nacked: HashSet<String>,
+    /// Published mandatory, confirmed, and returned unroutable: a node that did not know the
+    /// queue (which exists throughout).
+    returned: HashSet<String>,
     /// Published, then the connection failed or no confirm came in time.
     unknown: HashSet<String>,
     received: Vec<String>,
@@ -55,8 +60,28 @@ async fn connect(ip: &str) -> Option<(Connection, Channel)> {
     .await
     .ok()?
     .ok()?;
-    let ch = conn.create_channel().await.ok()?;
+    let ch = tokio::time::timeout(Duration::from_secs(3), conn.create_channel())
+        .await
+        .ok()?
+        .ok()?;
     Some((conn, ch))
+}
+
+/// `op` within 10 s (a paused or cut-off node answers nothing; the client's heartbeat would
+/// take minutes to notice), or None, saying so with what it was.
+async fn bounded<T, E: std::fmt::Debug>(
+    node: usize,
+    what: &str,
+    op: impl std::future::Future<Output = Result<T, E>>,
+) -> Option<T> {
+    match tokio::time::timeout(Duration::from_secs(10), op).await {
+        Ok(Ok(v)) => Some(v),
+        Ok(Err(_)) => None,
+        Err(_) => {
+            eprintln!("jepsen: {what} through node {node} had no answer within 10 s");
+            None
+        }
+    }
 }
 
 /// Publishes `n<node>-<seq>` one at a time with confirms through node `ip`, reconnecting
@@ -68,11 +93,10 @@ async fn publisher(node: usize, ip: String, h: Shared, stop: Arc<AtomicBool>) {
             tokio::time::sleep(Duration::from_millis(300)).await;
             continue;
         };
-        if ch
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .is_err()
-        {
+        let select = ch.confirm_select(ConfirmSelectOptions::default());
+        if bounded(node, "confirm.select", select).await.is_none() {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), conn.close(200, "bye".into())).await;
             continue;
         }
         while !stop.load(Ordering::Relaxed) {
@@ -83,7 +107,10 @@ async fn publisher(node: usize, ip: String, h: Shared, stop: Arc<AtomicBool>) {
                 ch.basic_publish(
                     "".into(),
                     QUEUE.into(),
-                    BasicPublishOptions::default(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
                     id.as_bytes(),
                     BasicProperties::default().with_delivery_mode(2),
                 )
@@ -91,8 +118,11 @@ async fn publisher(node: usize, ip: String, h: Shared, stop: Arc<AtomicBool>) {
                 .await
             };
             match tokio::time::timeout(Duration::from_secs(10), confirm).await {
-                Ok(Ok(Confirmation::Ack(_))) => {
+                Ok(Ok(Confirmation::Ack(None))) => {
                     h.lock().confirmed.insert(id);
+                }
+                Ok(Ok(Confirmation::Ack(Some(_)))) => {
+                    h.lock().returned.insert(id);
                 }
                 Ok(Ok(_)) => {
                     h.lock().nacked.insert(id);
@@ -116,16 +146,20 @@ async fn consumer(node: usize, ip: String, h: Shared, stop: Arc<AtomicBool>) {
             tokio::time::sleep(Duration::from_millis(300)).await;
             continue;
         };
-        let _ = ch.basic_qos(20, BasicQosOptions::default()).await;
-        let consume = ch
-            .basic_consume(
+        let qos = ch.basic_qos(20, BasicQosOptions::default());
+        let consume = async {
+            bounded(node, "basic.qos", qos).await?;
+            let consume = ch.basic_consume(
                 QUEUE.into(),
                 format!("c{node}").as_str().into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
-            )
-            .await;
-        let Ok(mut deliveries) = consume else {
+            );
+            bounded(node, "basic.consume", consume).await
+        };
+        let Some(mut deliveries) = consume.await else {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), conn.close(200, "bye".into())).await;
             tokio::time::sleep(Duration::from_millis(300)).await;
             continue;
         };
@@ -136,7 +170,10 @@ async fn consumer(node: usize, ip: String, h: Shared, stop: Arc<AtomicBool>) {
                     h.lock()
                         .received
                         .push(String::from_utf8_lossy(&d.data).into_owned());
-                    if d.ack(BasicAckOptions::default()).await.is_err() {
+                    if bounded(node, "basic.ack", d.ack(BasicAckOptions::default()))
+                        .await
+                        .is_none()
+                    {
                         break;
                     }
                 }
@@ -419,7 +456,8 @@ async fn replicated_queue_loses_no_confirmed_message_under_kills_pauses_and_part
         .filter(|r| h.nacked.contains(**r) || h.unknown.contains(**r))
         .count();
     eprintln!(
-        "jepsen: seed {seed}; {} faults; attempted {}, confirmed {}, nacked {}, unknown {}; \
+        "jepsen: seed {seed}; {} faults; attempted {}, confirmed {}, nacked {}, unknown {}, \
+         returned unroutable {}; \
          received {} ({} distinct, {duplicates} duplicates, {unconfirmed_received} of them \
          unconfirmed publishes); lost {}, unexpected {}; every node confirmed again {:.1} s \
          after the heal",
@@ -428,6 +466,7 @@ async fn replicated_queue_loses_no_confirmed_message_under_kills_pauses_and_part
         h.confirmed.len(),
         h.nacked.len(),
         h.unknown.len(),
+        h.returned.len(),
         h.received.len(),
         counts.len(),
         lost.len(),
@@ -444,6 +483,12 @@ async fn replicated_queue_loses_no_confirmed_message_under_kills_pauses_and_part
         "{} confirmed messages lost (seed {seed}), e.g. {:?}",
         lost.len(),
         lost.iter().take(10).collect::<Vec<_>>()
+    );
+    assert!(
+        h.returned.is_empty(),
+        "{} publishes returned unroutable though the queue exists (seed {seed}), e.g. {:?}",
+        h.returned.len(),
+        h.returned.iter().take(10).collect::<Vec<_>>()
     );
     assert!(
         unexpected.is_empty(),
