@@ -139,6 +139,10 @@ async fn every_sample_applies_and_the_clusters_become_ready() {
         "policy.yaml",
         "federation.yaml",
         "shovel.yaml",
+        "vhost.yaml",
+        "user.yaml",
+        "permission.yaml",
+        "topicpermission.yaml",
     ] {
         let path = samples.join(file);
         let out = kubectl(&["apply", "-n", &ns, "-f", &path.to_string_lossy()]);
@@ -170,6 +174,10 @@ async fn every_sample_applies_and_the_clusters_become_ready() {
         "orders-limits",
         "dc2",
         "legacy-jobs",
+        "orders",
+        "orders-app",
+        "orders-monitor",
+        "orders-app-amq-topic",
     ] {
         assert!(all.contains(name), "kubectl get warren lacks {name}: {all}");
     }
