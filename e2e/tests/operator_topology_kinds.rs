@@ -276,6 +276,29 @@ async fn scenario(client: &Client, ns: &str, t: &Target) {
     .await;
     wait_ready::<User>(client, ns, "svc", "True").await;
 
+    // ---- A User naming the account the operator itself uses (guest here) is refused, and
+    // deleting it leaves that account alone: the operator cannot lock itself out.
+    create::<User>(
+        client,
+        ns,
+        manifest(
+            "User",
+            ns,
+            "operator-account",
+            t.spec(json!({"name": "guest"})),
+        ),
+    )
+    .await;
+    let (reason, message) = wait_ready::<User>(client, ns, "operator-account", "False").await;
+    assert_eq!(reason, "InvalidSpec", "{message}");
+    assert!(message.contains("lock the operator out"), "{message}");
+    delete::<User>(client, ns, "operator-account").await;
+    assert_eq!(
+        m.status("/api/whoami").await,
+        200,
+        "the operator's account still authenticates"
+    );
+
     // ---- Permission through a userReference, and one by user name (retained).
     let ppath = format!("/api/permissions/prod%2Feu-{sfx}/{app}");
     create::<Permission>(

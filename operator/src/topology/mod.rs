@@ -104,6 +104,11 @@ pub trait Topology:
     fn with_user(&self, _user: String) -> Self {
         self.clone()
     }
+    /// The broker user this object rewrites or deletes (a `User`'s name): never the account
+    /// the operator itself authenticates with, which would lock it out.
+    fn broker_user(&self) -> Option<String> {
+        None
+    }
     /// The PUT body; `secret` holds the `uri_secret`'s keys.
     fn body(&self, secret: Option<&BTreeMap<String, String>>) -> Result<Value, String>;
     /// Management API paths read after a successful apply, for the status.
@@ -240,8 +245,9 @@ async fn read_secret(
     }
 }
 
-/// Finds the broker of `obj` and a client for its management API.
-async fn connect<T: Topology>(obj: &T, ctx: &Context) -> Result<ManagementClient, Error> {
+/// Finds the broker of `obj`: a client for its management API, and the user name the
+/// client authenticates as.
+async fn connect<T: Topology>(obj: &T, ctx: &Context) -> Result<(ManagementClient, String), Error> {
     let ns = obj.namespace().unwrap_or_else(|| "default".into());
     match obj.target() {
         Target::Invalid => Err(not_ready(
@@ -262,8 +268,9 @@ async fn connect<T: Topology>(obj: &T, ctx: &Context) -> Result<ManagementClient
                 })
             };
             let (uri, user, pass) = (get("uri")?, get("username")?, get("password")?);
-            ManagementClient::new(&uri, &user, &pass)
-                .map_err(|e| not_ready("BrokerUnreachable", e.to_string()))
+            let client = ManagementClient::new(&uri, &user, &pass)
+                .map_err(|e| not_ready("BrokerUnreachable", e.to_string()))?;
+            Ok((client, user))
         }
         Target::Cluster(r) => {
             let cluster_ns = r.namespace.clone().unwrap_or_else(|| ns.clone());
@@ -348,9 +355,11 @@ async fn connect<T: Topology>(obj: &T, ctx: &Context) -> Result<ManagementClient
                         ),
                     )
                 });
-            crate::cluster::controller::management_client(&ctx.client, &rc, &url, u, p)
-                .await
-                .map_err(|e| not_ready("BrokerUnreachable", e))
+            let client =
+                crate::cluster::controller::management_client(&ctx.client, &rc, &url, u, p)
+                    .await
+                    .map_err(|e| not_ready("BrokerUnreachable", e))?;
+            Ok((client, u.clone()))
         }
     }
 }
@@ -535,7 +544,20 @@ async fn apply<T: Topology>(obj: &T, ctx: &Context) -> Result<Action, Error> {
         let body = resolved
             .body(secret.as_ref())
             .map_err(|m| not_ready("InvalidSpec", m))?;
-        let client = connect(obj, ctx).await?;
+        let (client, operator_user) = connect(obj, ctx).await?;
+        if let Some(user) = resolved.broker_user()
+            && user == operator_user
+        {
+            return Err(not_ready(
+                "InvalidSpec",
+                format!(
+                    "{} {user} is the account the operator configures this broker with: \
+                     changing it here could lock the operator out; manage it through the \
+                     RabbitCluster's default user or the connection Secret",
+                    T::NOUN
+                ),
+            ));
+        }
         client
             .put(&resolved.path(), &body)
             .await
@@ -605,7 +627,24 @@ async fn cleanup<T: Topology>(obj: &T, ctx: &Context) -> Result<Action, Error> {
     };
     let obj = &resolved;
     let client = match connect(obj, ctx).await {
-        Ok(c) => c,
+        Ok((c, operator_user)) => {
+            if obj.broker_user().is_some_and(|u| u == operator_user) {
+                event(
+                    ctx,
+                    obj,
+                    EventType::Warning,
+                    "Retained",
+                    format!(
+                        "Left {} {operator_user} on the broker: it is the account the operator \
+                         configures the broker with",
+                        T::NOUN
+                    ),
+                )
+                .await;
+                return Ok(Action::await_change());
+            }
+            c
+        }
         // Nothing left to delete from.
         Err(Error::NotReady {
             reason: "ClusterNotFound",

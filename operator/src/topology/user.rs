@@ -47,6 +47,9 @@ impl Topology for User {
     fn uri_secret(&self) -> Option<String> {
         Some(self.credentials_secret())
     }
+    fn broker_user(&self) -> Option<String> {
+        Some(self.broker_name())
+    }
     fn generated_secret(&self) -> Option<GeneratedSecret> {
         self.spec
             .import_credentials_secret
