@@ -5,6 +5,8 @@
 //! (of the resources, of their Secrets, of the Users a permission names) explain how fast
 //! a change arrives.
 //!
+//! Queues likewise, with a short resync: a queue deleted on the broker comes back.
+//!
 //! Also here: `rabbitClusterReference` and `connectionSecret` cannot be changed once set
 //! (the API server refuses it, on every topology kind).
 
@@ -15,7 +17,9 @@ use warren_e2e::topology::{
     LONG, Mgmt, cluster_for, create, delete, patch, secret, status_of, wait_ready,
 };
 use warren_e2e::{Broker, Operator, client, ensure_crds, namespace, wait_for};
-use warren_operator::crd::{Federation, Permission, Policy, Shovel, TopicPermission, User, Vhost};
+use warren_operator::crd::{
+    Federation, Permission, Policy, Queue, Shovel, TopicPermission, User, Vhost,
+};
 
 /// Which broker a scenario configures, and how the resources name it.
 struct Target {
@@ -487,6 +491,156 @@ async fn scenario(client: &Client, ns: &str, t: &Target) {
     m.delete(&format!("/api/vhosts/{kept_vhost}")).await;
 }
 
+/// A quorum queue and a transient classic queue on `t`: created as specified, restored
+/// after a deletion on the broker, immutable, deleted or retained.
+async fn queue_scenario(client: &Client, ns: &str, t: &Target) {
+    let m = &t.mgmt;
+    let sfx = &t.suffix;
+    let orders = format!("orders-{sfx}");
+    let qpath = format!("/api/queues/%2F/{orders}");
+    create::<Queue>(
+        client,
+        ns,
+        manifest(
+            "Queue",
+            ns,
+            "orders",
+            t.spec(json!({"name": orders, "type": "quorum", "arguments": {"x-max-length": 10}})),
+        ),
+    )
+    .await;
+    let q = m.wait("the queue on the broker", &qpath, |_| true).await;
+    assert_eq!(q["type"], "quorum", "{q}");
+    assert_eq!(q["durable"], true, "{q}");
+    assert_eq!(q["auto_delete"], false, "{q}");
+    assert_eq!(q["arguments"]["x-max-length"], 10, "{q}");
+    assert_eq!(q["arguments"]["x-queue-type"], "quorum", "{q}");
+    wait_generation::<Queue>(client, ns, "orders", 1).await;
+
+    // Drift: deleted on the broker, it is declared again at the next resync.
+    m.delete(&qpath).await;
+    m.wait("the queue declared again", &qpath, |q| {
+        q["type"] == "quorum"
+    })
+    .await;
+
+    // What the broker cannot change, the API server refuses to change.
+    for change in [
+        json!({"spec": {"durable": false}}),
+        json!({"spec": {"type": "classic"}}),
+        json!({"spec": {"autoDelete": true}}),
+    ] {
+        let err = patch::<Queue>(client, ns, "orders", change.clone())
+            .await
+            .expect_err(&format!("{change}"));
+        assert!(
+            err.to_string()
+                .contains("cannot be changed (the broker refuses to redeclare"),
+            "{change}: {err}"
+        );
+    }
+    // Other arguments: the schema cannot see into them, the broker refuses the redeclare,
+    // and the condition carries its error; the queue is unchanged. Put back, it is Ready.
+    patch::<Queue>(
+        client,
+        ns,
+        "orders",
+        json!({"spec": {"arguments": {"x-max-length": 20}}}),
+    )
+    .await
+    .expect("patch arguments");
+    let (reason, message) = wait_ready::<Queue>(client, ns, "orders", "False").await;
+    assert_eq!(reason, "BrokerRefused", "{message}");
+    assert!(message.contains("x-max-length"), "{message}");
+    assert_eq!(
+        m.get(&qpath).await.expect("queue")["arguments"]["x-max-length"],
+        10
+    );
+    patch::<Queue>(
+        client,
+        ns,
+        "orders",
+        json!({"spec": {"arguments": {"x-max-length": 10}}}),
+    )
+    .await
+    .expect("patch arguments back");
+    wait_generation::<Queue>(client, ns, "orders", 3).await;
+    // deletionPolicy can change: retain keeps the queue.
+    patch::<Queue>(
+        client,
+        ns,
+        "orders",
+        json!({"spec": {"deletionPolicy": "retain"}}),
+    )
+    .await
+    .expect("deletionPolicy is mutable");
+    wait_generation::<Queue>(client, ns, "orders", 4).await;
+    delete::<Queue>(client, ns, "orders").await;
+    assert!(m.get(&qpath).await.is_some(), "retain keeps the queue");
+    m.delete(&qpath).await;
+
+    // A transient classic queue, deleted with its resource.
+    let tmp = format!("tmp-{sfx}");
+    let tpath = format!("/api/queues/%2F/{tmp}");
+    create::<Queue>(
+        client,
+        ns,
+        manifest(
+            "Queue",
+            ns,
+            "tmp",
+            t.spec(json!({"name": tmp, "type": "classic", "durable": false})),
+        ),
+    )
+    .await;
+    let q = m.wait("the classic queue", &tpath, |_| true).await;
+    assert_eq!(q["durable"], false, "{q}");
+    assert_eq!(q["type"], "classic", "{q}");
+    wait_ready::<Queue>(client, ns, "tmp", "True").await;
+    delete::<Queue>(client, ns, "tmp").await;
+    m.wait_gone("the classic queue removed", &tpath).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queues_reach_warren() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = namespace(&client, "queues").await;
+    let _op = Operator::start_with(&ns, &["--topology-resync-seconds", "2"]);
+    let broker = Broker::start().await;
+    cluster_for(&client, &ns, "site", &broker).await;
+    let target = Target {
+        mgmt: Mgmt::of(&broker),
+        field: "rabbitClusterReference",
+        reference: json!({"name": "site"}),
+        suffix: "w".into(),
+    };
+    queue_scenario(&client, &ns, &target).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queues_reach_a_stock_rabbitmq() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = namespace(&client, "queues-stock").await;
+    let _op = Operator::start_with(&ns, &["--topology-resync-seconds", "2"]);
+    let rmq = Mgmt::rabbitmq();
+    secret(
+        &client,
+        &ns,
+        "rabbitmq",
+        json!({"uri": rmq.url, "username": "guest", "password": "guest"}),
+    )
+    .await;
+    let target = Target {
+        mgmt: rmq,
+        field: "connectionSecret",
+        reference: json!({"name": "rabbitmq"}),
+        suffix: ns[ns.len() - 6..].to_string(),
+    };
+    queue_scenario(&client, &ns, &target).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn vhosts_users_and_permissions_reach_warren() {
     let client = client().await;
@@ -592,6 +746,7 @@ async fn the_broker_of_a_topology_resource_cannot_be_changed() {
         ),
     )
     .await;
+    create::<Queue>(&client, &ns, manifest("Queue", &ns, "q", with(json!({})))).await;
     let changes = [
         json!({"spec": {"rabbitClusterReference": {"name": "b"}}}),
         json!({"spec": {"rabbitClusterReference": {"name": "a", "namespace": "elsewhere"}}}),
@@ -619,6 +774,7 @@ async fn the_broker_of_a_topology_resource_cannot_be_changed() {
     refused_for!(User, "u");
     refused_for!(Permission, "pm");
     refused_for!(TopicPermission, "tp");
+    refused_for!(Queue, "q");
 
     // A resource created with connectionSecret keeps it too.
     create::<Vhost>(

@@ -143,6 +143,7 @@ async fn every_sample_applies_and_the_clusters_become_ready() {
         "user.yaml",
         "permission.yaml",
         "topicpermission.yaml",
+        "queue.yaml",
     ] {
         let path = samples.join(file);
         let out = kubectl(&["apply", "-n", &ns, "-f", &path.to_string_lossy()]);
@@ -178,6 +179,7 @@ async fn every_sample_applies_and_the_clusters_become_ready() {
         "orders-app",
         "orders-monitor",
         "orders-app-amq-topic",
+        "orders-incoming",
     ] {
         assert!(all.contains(name), "kubectl get warren lacks {name}: {all}");
     }

@@ -7,7 +7,9 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use tracing_subscriber::EnvFilter;
 use warren_operator::cluster::controller::{self, Context};
-use warren_operator::crd::{Federation, Permission, Policy, Shovel, TopicPermission, User, Vhost};
+use warren_operator::crd::{
+    Federation, Permission, Policy, Queue, Shovel, TopicPermission, User, Vhost,
+};
 use warren_operator::lease::{Elector, LeaseConfig};
 use warren_operator::metrics::{self, Health, Metrics};
 use warren_operator::security::Security;
@@ -20,7 +22,7 @@ enum LogFormat {
 }
 
 /// The Warren operator: reconciles RabbitCluster, Policy, Federation, Shovel, Vhost, User,
-/// Permission and TopicPermission resources.
+/// Permission, TopicPermission and Queue resources.
 #[derive(Debug, Parser)]
 #[command(name = "warren-operator", version)]
 struct Cli {
@@ -208,7 +210,8 @@ async fn run(cli: Cli) -> Result<(), String> {
             topology::run::<Vhost>(topology.clone(), ns.clone()),
             topology::run::<User>(topology.clone(), ns.clone()),
             topology::run::<Permission>(topology.clone(), ns.clone()),
-            topology::run::<TopicPermission>(topology, ns),
+            topology::run::<TopicPermission>(topology.clone(), ns.clone()),
+            topology::run::<Queue>(topology, ns),
         );
     };
     if !cli.leader_elect {

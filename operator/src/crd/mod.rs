@@ -10,6 +10,7 @@ pub mod common;
 pub mod federation;
 pub mod permission;
 pub mod policy;
+pub mod queue;
 pub mod shovel;
 pub mod topic_permission;
 pub mod user;
@@ -19,6 +20,7 @@ pub use cluster::{RabbitCluster, RabbitClusterSpec, RabbitClusterStatus};
 pub use federation::{Federation, FederationSpec};
 pub use permission::{Permission, PermissionSpec};
 pub use policy::{Policy, PolicySpec};
+pub use queue::{Queue, QueueSpec};
 pub use shovel::{Shovel, ShovelSpec};
 pub use topic_permission::{TopicPermission, TopicPermissionSpec};
 pub use user::{User, UserSpec};
@@ -39,6 +41,7 @@ pub fn all() -> Vec<(&'static str, CustomResourceDefinition)> {
         ("users.yaml", User::crd()),
         ("permissions.yaml", Permission::crd()),
         ("topicpermissions.yaml", TopicPermission::crd()),
+        ("queues.yaml", Queue::crd()),
     ]
 }
 

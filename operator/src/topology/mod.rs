@@ -1,5 +1,6 @@
 //! Controllers for the resources that configure a broker through its management HTTP API:
-//! `Policy`, `Federation`, `Shovel`, `Vhost`, `User`, `Permission` and `TopicPermission`.
+//! `Policy`, `Federation`, `Shovel`, `Vhost`, `User`, `Permission`, `TopicPermission` and
+//! `Queue`.
 //! One generic reconcile does the work; each kind says where its object lives on the broker,
 //! how its body is made and what to report.
 //!
@@ -10,6 +11,7 @@
 pub mod federation;
 pub mod permission;
 pub mod policy;
+pub mod queue;
 pub mod shovel;
 pub mod topic_permission;
 pub mod user;
