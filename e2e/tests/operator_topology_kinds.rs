@@ -5,7 +5,7 @@
 //! (of the resources, of their Secrets, of the Users a permission names) explain how fast
 //! a change arrives.
 //!
-//! Queues likewise, with a short resync: a queue deleted on the broker comes back.
+//! Queues and exchanges likewise, with a short resync: one deleted on the broker comes back.
 //!
 //! Also here: `rabbitClusterReference` and `connectionSecret` cannot be changed once set
 //! (the API server refuses it, on every topology kind).
@@ -18,7 +18,7 @@ use warren_e2e::topology::{
 };
 use warren_e2e::{Broker, Operator, client, ensure_crds, namespace, wait_for};
 use warren_operator::crd::{
-    Federation, Permission, Policy, Queue, Shovel, TopicPermission, User, Vhost,
+    Exchange, Federation, Permission, Policy, Queue, Shovel, TopicPermission, User, Vhost,
 };
 
 /// Which broker a scenario configures, and how the resources name it.
@@ -491,8 +491,9 @@ async fn scenario(client: &Client, ns: &str, t: &Target) {
     m.delete(&format!("/api/vhosts/{kept_vhost}")).await;
 }
 
-/// A quorum queue and a transient classic queue on `t`: created as specified, restored
-/// after a deletion on the broker, immutable, deleted or retained.
+/// A quorum queue, a transient classic queue, a topic exchange and an internal exchange on
+/// `t`: created as specified, restored after a deletion on the broker, immutable, deleted
+/// or retained.
 async fn queue_scenario(client: &Client, ns: &str, t: &Target) {
     let m = &t.mgmt;
     let sfx = &t.suffix;
@@ -599,10 +600,89 @@ async fn queue_scenario(client: &Client, ns: &str, t: &Target) {
     wait_ready::<Queue>(client, ns, "tmp", "True").await;
     delete::<Queue>(client, ns, "tmp").await;
     m.wait_gone("the classic queue removed", &tpath).await;
+
+    // ---- Exchanges.
+    let events = format!("events-{sfx}");
+    let xpath = format!("/api/exchanges/%2F/{events}");
+    create::<Exchange>(
+        client,
+        ns,
+        manifest(
+            "Exchange",
+            ns,
+            "events",
+            t.spec(json!({"name": events, "type": "topic",
+                          "arguments": {"alternate-exchange": format!("ae-{sfx}")}})),
+        ),
+    )
+    .await;
+    let x = m.wait("the exchange on the broker", &xpath, |_| true).await;
+    assert_eq!(x["type"], "topic", "{x}");
+    assert_eq!(x["durable"], true, "{x}");
+    assert_eq!(x["internal"], false, "{x}");
+    assert_eq!(
+        x["arguments"]["alternate-exchange"],
+        format!("ae-{sfx}"),
+        "{x}"
+    );
+    wait_generation::<Exchange>(client, ns, "events", 1).await;
+    m.delete(&xpath).await;
+    m.wait("the exchange declared again", &xpath, |x| {
+        x["type"] == "topic"
+    })
+    .await;
+    for change in [
+        json!({"spec": {"type": "fanout"}}),
+        json!({"spec": {"durable": false}}),
+        json!({"spec": {"internal": true}}),
+    ] {
+        let err = patch::<Exchange>(client, ns, "events", change.clone())
+            .await
+            .expect_err(&format!("{change}"));
+        assert!(
+            err.to_string()
+                .contains("cannot be changed (the broker refuses to redeclare an exchange"),
+            "{change}: {err}"
+        );
+    }
+    patch::<Exchange>(
+        client,
+        ns,
+        "events",
+        json!({"spec": {"deletionPolicy": "retain"}}),
+    )
+    .await
+    .expect("deletionPolicy is mutable");
+    wait_generation::<Exchange>(client, ns, "events", 2).await;
+    delete::<Exchange>(client, ns, "events").await;
+    assert!(m.get(&xpath).await.is_some(), "retain keeps the exchange");
+    m.delete(&xpath).await;
+    let internal = format!("internal-{sfx}");
+    let ipath = format!("/api/exchanges/%2F/{internal}");
+    create::<Exchange>(
+        client,
+        ns,
+        manifest(
+            "Exchange",
+            ns,
+            "internal",
+            t.spec(json!({"name": internal, "type": "fanout", "internal": true, "durable": false})),
+        ),
+    )
+    .await;
+    let x = m.wait("the internal exchange", &ipath, |_| true).await;
+    assert_eq!(
+        (&x["type"], &x["internal"], &x["durable"]),
+        (&json!("fanout"), &json!(true), &json!(false)),
+        "{x}"
+    );
+    wait_ready::<Exchange>(client, ns, "internal", "True").await;
+    delete::<Exchange>(client, ns, "internal").await;
+    m.wait_gone("the internal exchange removed", &ipath).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn queues_reach_warren() {
+async fn queues_and_exchanges_reach_warren() {
     let client = client().await;
     ensure_crds(&client).await;
     let ns = namespace(&client, "queues").await;
@@ -619,7 +699,7 @@ async fn queues_reach_warren() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn queues_reach_a_stock_rabbitmq() {
+async fn queues_and_exchanges_reach_a_stock_rabbitmq() {
     let client = client().await;
     ensure_crds(&client).await;
     let ns = namespace(&client, "queues-stock").await;
@@ -747,6 +827,12 @@ async fn the_broker_of_a_topology_resource_cannot_be_changed() {
     )
     .await;
     create::<Queue>(&client, &ns, manifest("Queue", &ns, "q", with(json!({})))).await;
+    create::<Exchange>(
+        &client,
+        &ns,
+        manifest("Exchange", &ns, "x", with(json!({}))),
+    )
+    .await;
     let changes = [
         json!({"spec": {"rabbitClusterReference": {"name": "b"}}}),
         json!({"spec": {"rabbitClusterReference": {"name": "a", "namespace": "elsewhere"}}}),
@@ -775,6 +861,7 @@ async fn the_broker_of_a_topology_resource_cannot_be_changed() {
     refused_for!(Permission, "pm");
     refused_for!(TopicPermission, "tp");
     refused_for!(Queue, "q");
+    refused_for!(Exchange, "x");
 
     // A resource created with connectionSecret keeps it too.
     create::<Vhost>(

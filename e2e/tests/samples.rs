@@ -144,6 +144,7 @@ async fn every_sample_applies_and_the_clusters_become_ready() {
         "permission.yaml",
         "topicpermission.yaml",
         "queue.yaml",
+        "exchange.yaml",
     ] {
         let path = samples.join(file);
         let out = kubectl(&["apply", "-n", &ns, "-f", &path.to_string_lossy()]);
@@ -180,6 +181,7 @@ async fn every_sample_applies_and_the_clusters_become_ready() {
         "orders-monitor",
         "orders-app-amq-topic",
         "orders-incoming",
+        "orders-events",
     ] {
         assert!(all.contains(name), "kubectl get warren lacks {name}: {all}");
     }

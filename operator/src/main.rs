@@ -8,7 +8,7 @@ use clap::{Parser, ValueEnum};
 use tracing_subscriber::EnvFilter;
 use warren_operator::cluster::controller::{self, Context};
 use warren_operator::crd::{
-    Federation, Permission, Policy, Queue, Shovel, TopicPermission, User, Vhost,
+    Exchange, Federation, Permission, Policy, Queue, Shovel, TopicPermission, User, Vhost,
 };
 use warren_operator::lease::{Elector, LeaseConfig};
 use warren_operator::metrics::{self, Health, Metrics};
@@ -22,7 +22,7 @@ enum LogFormat {
 }
 
 /// The Warren operator: reconciles RabbitCluster, Policy, Federation, Shovel, Vhost, User,
-/// Permission, TopicPermission and Queue resources.
+/// Permission, TopicPermission, Queue and Exchange resources.
 #[derive(Debug, Parser)]
 #[command(name = "warren-operator", version)]
 struct Cli {
@@ -211,7 +211,8 @@ async fn run(cli: Cli) -> Result<(), String> {
             topology::run::<User>(topology.clone(), ns.clone()),
             topology::run::<Permission>(topology.clone(), ns.clone()),
             topology::run::<TopicPermission>(topology.clone(), ns.clone()),
-            topology::run::<Queue>(topology, ns),
+            topology::run::<Queue>(topology.clone(), ns.clone()),
+            topology::run::<Exchange>(topology, ns),
         );
     };
     if !cli.leader_elect {

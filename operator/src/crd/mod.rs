@@ -7,6 +7,7 @@
 
 pub mod cluster;
 pub mod common;
+pub mod exchange;
 pub mod federation;
 pub mod permission;
 pub mod policy;
@@ -17,6 +18,7 @@ pub mod user;
 pub mod vhost;
 
 pub use cluster::{RabbitCluster, RabbitClusterSpec, RabbitClusterStatus};
+pub use exchange::{Exchange, ExchangeSpec};
 pub use federation::{Federation, FederationSpec};
 pub use permission::{Permission, PermissionSpec};
 pub use policy::{Policy, PolicySpec};
@@ -42,6 +44,7 @@ pub fn all() -> Vec<(&'static str, CustomResourceDefinition)> {
         ("permissions.yaml", Permission::crd()),
         ("topicpermissions.yaml", TopicPermission::crd()),
         ("queues.yaml", Queue::crd()),
+        ("exchanges.yaml", Exchange::crd()),
     ]
 }
 

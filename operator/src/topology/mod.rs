@@ -1,6 +1,6 @@
 //! Controllers for the resources that configure a broker through its management HTTP API:
-//! `Policy`, `Federation`, `Shovel`, `Vhost`, `User`, `Permission`, `TopicPermission` and
-//! `Queue`.
+//! `Policy`, `Federation`, `Shovel`, `Vhost`, `User`, `Permission`, `TopicPermission`,
+//! `Queue` and `Exchange`.
 //! One generic reconcile does the work; each kind says where its object lives on the broker,
 //! how its body is made and what to report.
 //!
@@ -8,6 +8,7 @@
 //! default-user Secret, or the cluster's `warren.dev/management-uri` annotation) or a
 //! `connectionSecret` (any broker, a stock RabbitMQ included).
 
+pub mod exchange;
 pub mod federation;
 pub mod permission;
 pub mod policy;
