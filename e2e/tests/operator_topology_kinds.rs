@@ -5,7 +5,8 @@
 //! (of the resources, of their Secrets, of the Users a permission names) explain how fast
 //! a change arrives.
 //!
-//! Queues and exchanges likewise, with a short resync: one deleted on the broker comes back.
+//! Queues, exchanges and operator policies likewise, with a short resync: one deleted on the
+//! broker comes back.
 //!
 //! Also here: `rabbitClusterReference` and `connectionSecret` cannot be changed once set
 //! (the API server refuses it, on every topology kind).
@@ -18,7 +19,8 @@ use warren_e2e::topology::{
 };
 use warren_e2e::{Broker, Operator, client, ensure_crds, namespace, wait_for};
 use warren_operator::crd::{
-    Exchange, Federation, Permission, Policy, Queue, Shovel, TopicPermission, User, Vhost,
+    Exchange, Federation, OperatorPolicy, Permission, Policy, Queue, Shovel, TopicPermission, User,
+    Vhost,
 };
 
 /// Which broker a scenario configures, and how the resources name it.
@@ -491,9 +493,9 @@ async fn scenario(client: &Client, ns: &str, t: &Target) {
     m.delete(&format!("/api/vhosts/{kept_vhost}")).await;
 }
 
-/// A quorum queue, a transient classic queue, a topic exchange and an internal exchange on
-/// `t`: created as specified, restored after a deletion on the broker, immutable, deleted
-/// or retained.
+/// A quorum queue, a transient classic queue, a topic exchange, an internal exchange and
+/// operator policies on `t`: created as specified, restored after a deletion on the broker,
+/// immutable (queues, exchanges) or updated (operator policies), deleted or retained.
 async fn queue_scenario(client: &Client, ns: &str, t: &Target) {
     let m = &t.mgmt;
     let sfx = &t.suffix;
@@ -679,10 +681,81 @@ async fn queue_scenario(client: &Client, ns: &str, t: &Target) {
     wait_ready::<Exchange>(client, ns, "internal", "True").await;
     delete::<Exchange>(client, ns, "internal").await;
     m.wait_gone("the internal exchange removed", &ipath).await;
+
+    // ---- Operator policies.
+    let limits = format!("limits-{sfx}");
+    let opath = format!("/api/operator-policies/%2F/{limits}");
+    create::<OperatorPolicy>(
+        client,
+        ns,
+        manifest(
+            "OperatorPolicy",
+            ns,
+            "limits",
+            t.spec(
+                json!({"name": limits, "pattern": format!("^orders-{sfx}$"), "priority": 3,
+                          "definition": {"max-length": 1000, "expires": 600000}}),
+            ),
+        ),
+    )
+    .await;
+    let p = m
+        .wait("the operator policy on the broker", &opath, |_| true)
+        .await;
+    assert_eq!(p["apply-to"], "queues", "{p}");
+    assert_eq!(p["priority"], 3, "{p}");
+    assert_eq!(
+        p["definition"],
+        json!({"max-length": 1000, "expires": 600000}),
+        "{p}"
+    );
+    wait_generation::<OperatorPolicy>(client, ns, "limits", 1).await;
+    patch::<OperatorPolicy>(
+        client,
+        ns,
+        "limits",
+        json!({"spec": {"definition": {"max-length": 500, "expires": null}}}),
+    )
+    .await
+    .expect("patch operator policy");
+    m.wait("the changed operator policy", &opath, |p| {
+        p["definition"] == json!({"max-length": 500})
+    })
+    .await;
+    wait_generation::<OperatorPolicy>(client, ns, "limits", 2).await;
+    m.delete(&opath).await;
+    m.wait("the operator policy restored", &opath, |_| true)
+        .await;
+    delete::<OperatorPolicy>(client, ns, "limits").await;
+    m.wait_gone("the operator policy removed", &opath).await;
+    create::<OperatorPolicy>(
+        client,
+        ns,
+        manifest(
+            "OperatorPolicy",
+            ns,
+            "kept",
+            t.spec(
+                json!({"name": format!("kept-{limits}"), "pattern": "^none$",
+                          "definition": {"max-length": 1}, "deletionPolicy": "retain"}),
+            ),
+        ),
+    )
+    .await;
+    let kpath = format!("/api/operator-policies/%2F/kept-{limits}");
+    m.wait("the retained operator policy", &kpath, |_| true)
+        .await;
+    wait_ready::<OperatorPolicy>(client, ns, "kept", "True").await;
+    delete::<OperatorPolicy>(client, ns, "kept").await;
+    assert!(
+        m.get(&kpath).await.is_some(),
+        "retain keeps the operator policy"
+    );
+    m.delete(&kpath).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn queues_and_exchanges_reach_warren() {
+async fn queues_exchanges_and_operator_policies_reach_warren() {
     let client = client().await;
     ensure_crds(&client).await;
     let ns = namespace(&client, "queues").await;
@@ -699,7 +772,7 @@ async fn queues_and_exchanges_reach_warren() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn queues_and_exchanges_reach_a_stock_rabbitmq() {
+async fn queues_exchanges_and_operator_policies_reach_a_stock_rabbitmq() {
     let client = client().await;
     ensure_crds(&client).await;
     let ns = namespace(&client, "queues-stock").await;
@@ -833,6 +906,17 @@ async fn the_broker_of_a_topology_resource_cannot_be_changed() {
         manifest("Exchange", &ns, "x", with(json!({}))),
     )
     .await;
+    create::<OperatorPolicy>(
+        &client,
+        &ns,
+        manifest(
+            "OperatorPolicy",
+            &ns,
+            "op",
+            with(json!({"pattern": ".", "definition": {"max-length": 1}})),
+        ),
+    )
+    .await;
     let changes = [
         json!({"spec": {"rabbitClusterReference": {"name": "b"}}}),
         json!({"spec": {"rabbitClusterReference": {"name": "a", "namespace": "elsewhere"}}}),
@@ -862,6 +946,7 @@ async fn the_broker_of_a_topology_resource_cannot_be_changed() {
     refused_for!(TopicPermission, "tp");
     refused_for!(Queue, "q");
     refused_for!(Exchange, "x");
+    refused_for!(OperatorPolicy, "op");
 
     // A resource created with connectionSecret keeps it too.
     create::<Vhost>(

@@ -145,6 +145,7 @@ async fn every_sample_applies_and_the_clusters_become_ready() {
         "topicpermission.yaml",
         "queue.yaml",
         "exchange.yaml",
+        "operatorpolicy.yaml",
     ] {
         let path = samples.join(file);
         let out = kubectl(&["apply", "-n", &ns, "-f", &path.to_string_lossy()]);
@@ -182,6 +183,7 @@ async fn every_sample_applies_and_the_clusters_become_ready() {
         "orders-app-amq-topic",
         "orders-incoming",
         "orders-events",
+        "orders-limits-hard",
     ] {
         assert!(all.contains(name), "kubectl get warren lacks {name}: {all}");
     }

@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod common;
 pub mod exchange;
 pub mod federation;
+pub mod operator_policy;
 pub mod permission;
 pub mod policy;
 pub mod queue;
@@ -20,6 +21,7 @@ pub mod vhost;
 pub use cluster::{RabbitCluster, RabbitClusterSpec, RabbitClusterStatus};
 pub use exchange::{Exchange, ExchangeSpec};
 pub use federation::{Federation, FederationSpec};
+pub use operator_policy::{OperatorPolicy, OperatorPolicySpec};
 pub use permission::{Permission, PermissionSpec};
 pub use policy::{Policy, PolicySpec};
 pub use queue::{Queue, QueueSpec};
@@ -45,6 +47,7 @@ pub fn all() -> Vec<(&'static str, CustomResourceDefinition)> {
         ("topicpermissions.yaml", TopicPermission::crd()),
         ("queues.yaml", Queue::crd()),
         ("exchanges.yaml", Exchange::crd()),
+        ("operatorpolicies.yaml", OperatorPolicy::crd()),
     ]
 }
 

@@ -1,6 +1,6 @@
 //! Controllers for the resources that configure a broker through its management HTTP API:
 //! `Policy`, `Federation`, `Shovel`, `Vhost`, `User`, `Permission`, `TopicPermission`,
-//! `Queue` and `Exchange`.
+//! `Queue`, `Exchange` and `OperatorPolicy`.
 //! One generic reconcile does the work; each kind says where its object lives on the broker,
 //! how its body is made and what to report.
 //!
@@ -10,6 +10,7 @@
 
 pub mod exchange;
 pub mod federation;
+pub mod operator_policy;
 pub mod permission;
 pub mod policy;
 pub mod queue;
