@@ -196,6 +196,17 @@ async fn every_sample_applies_and_the_clusters_become_ready() {
     );
     let explained = kubectl(&["explain", "rabbitclusters.spec.persistence.storage"]);
     assert!(explained.contains("emptyDir"), "{explained}");
+    // The topology kinds document their fields too.
+    for (field, text) in [
+        ("users.spec.importCredentialsSecret", "user-credentials"),
+        ("topicpermissions", "DELETE"),
+        ("vhosts.spec.defaultQueueType", "x-queue-type"),
+        ("queues.spec.arguments", "Ready=False"),
+        ("permissions.spec.userReference", "User"),
+    ] {
+        let explained = kubectl(&["explain", field]);
+        assert!(explained.contains(text), "{field}: {explained}");
+    }
     // kubectl scale works through the scale subresource.
     kubectl(&["scale", "rabbit/hello-warren", "-n", &ns, "--replicas=3"]);
 }

@@ -69,7 +69,8 @@ pub struct VhostSpec {
     pub deletion_policy: DeletionPolicy,
 }
 
-/// Queue types a virtual host can default to.
+/// A queue type (the `x-queue-type` argument): `classic` (single leader), `quorum`
+/// (replicated, Raft) or `stream` (append-only log; a broker without streams refuses it).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum QueueType {
