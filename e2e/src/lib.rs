@@ -5,6 +5,8 @@
 //! Every test here needs `KUBECONFIG` pointing at that control plane; without it the test
 //! fails and says how to start one (`bash e2e/run.sh` does everything).
 
+pub mod topology;
+
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

@@ -139,6 +139,13 @@ async fn every_sample_applies_and_the_clusters_become_ready() {
         "policy.yaml",
         "federation.yaml",
         "shovel.yaml",
+        "vhost.yaml",
+        "user.yaml",
+        "permission.yaml",
+        "topicpermission.yaml",
+        "queue.yaml",
+        "exchange.yaml",
+        "operatorpolicy.yaml",
     ] {
         let path = samples.join(file);
         let out = kubectl(&["apply", "-n", &ns, "-f", &path.to_string_lossy()]);
@@ -170,6 +177,13 @@ async fn every_sample_applies_and_the_clusters_become_ready() {
         "orders-limits",
         "dc2",
         "legacy-jobs",
+        "orders",
+        "orders-app",
+        "orders-monitor",
+        "orders-app-amq-topic",
+        "orders-incoming",
+        "orders-events",
+        "orders-limits-hard",
     ] {
         assert!(all.contains(name), "kubectl get warren lacks {name}: {all}");
     }
@@ -182,6 +196,17 @@ async fn every_sample_applies_and_the_clusters_become_ready() {
     );
     let explained = kubectl(&["explain", "rabbitclusters.spec.persistence.storage"]);
     assert!(explained.contains("emptyDir"), "{explained}");
+    // The topology kinds document their fields too.
+    for (field, text) in [
+        ("users.spec.importCredentialsSecret", "user-credentials"),
+        ("topicpermissions", "DELETE"),
+        ("vhosts.spec.defaultQueueType", "x-queue-type"),
+        ("queues.spec.arguments", "Ready=False"),
+        ("permissions.spec.userReference", "User"),
+    ] {
+        let explained = kubectl(&["explain", field]);
+        assert!(explained.contains(text), "{field}: {explained}");
+    }
     // kubectl scale works through the scale subresource.
     kubectl(&["scale", "rabbit/hello-warren", "-n", &ns, "--replicas=3"]);
 }

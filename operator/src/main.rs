@@ -7,7 +7,10 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use tracing_subscriber::EnvFilter;
 use warren_operator::cluster::controller::{self, Context};
-use warren_operator::crd::{Federation, Policy, Shovel};
+use warren_operator::crd::{
+    Exchange, Federation, OperatorPolicy, Permission, Policy, Queue, Shovel, TopicPermission, User,
+    Vhost,
+};
 use warren_operator::lease::{Elector, LeaseConfig};
 use warren_operator::metrics::{self, Health, Metrics};
 use warren_operator::security::Security;
@@ -19,7 +22,8 @@ enum LogFormat {
     Text,
 }
 
-/// The Warren operator: reconciles RabbitCluster, Policy, Federation and Shovel resources.
+/// The Warren operator: reconciles RabbitCluster, Policy, Federation, Shovel, Vhost, User,
+/// Permission, TopicPermission, Queue, Exchange and OperatorPolicy resources.
 #[derive(Debug, Parser)]
 #[command(name = "warren-operator", version)]
 struct Cli {
@@ -52,7 +56,7 @@ struct Cli {
     /// Seconds a leader's Lease lasts without renewal.
     #[arg(long, default_value_t = 15)]
     lease_duration: u64,
-    /// Seconds between re-applies of each Policy, Federation and Shovel (drift correction:
+    /// Seconds between re-applies of each topology resource (Policy, Vhost, User, …) (drift correction:
     /// a change made directly on the broker is undone within this time).
     #[arg(long, env = "WARREN_OPERATOR_TOPOLOGY_RESYNC", default_value_t = 60)]
     topology_resync_seconds: u64,
@@ -203,7 +207,14 @@ async fn run(cli: Cli) -> Result<(), String> {
             controller::run(ctx, ns.clone()),
             topology::run::<Policy>(topology.clone(), ns.clone()),
             topology::run::<Federation>(topology.clone(), ns.clone()),
-            topology::run::<Shovel>(topology, ns),
+            topology::run::<Shovel>(topology.clone(), ns.clone()),
+            topology::run::<Vhost>(topology.clone(), ns.clone()),
+            topology::run::<User>(topology.clone(), ns.clone()),
+            topology::run::<Permission>(topology.clone(), ns.clone()),
+            topology::run::<TopicPermission>(topology.clone(), ns.clone()),
+            topology::run::<Queue>(topology.clone(), ns.clone()),
+            topology::run::<Exchange>(topology.clone(), ns.clone()),
+            topology::run::<OperatorPolicy>(topology, ns),
         );
     };
     if !cli.leader_elect {

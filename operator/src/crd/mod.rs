@@ -7,14 +7,28 @@
 
 pub mod cluster;
 pub mod common;
+pub mod exchange;
 pub mod federation;
+pub mod operator_policy;
+pub mod permission;
 pub mod policy;
+pub mod queue;
 pub mod shovel;
+pub mod topic_permission;
+pub mod user;
+pub mod vhost;
 
 pub use cluster::{RabbitCluster, RabbitClusterSpec, RabbitClusterStatus};
+pub use exchange::{Exchange, ExchangeSpec};
 pub use federation::{Federation, FederationSpec};
+pub use operator_policy::{OperatorPolicy, OperatorPolicySpec};
+pub use permission::{Permission, PermissionSpec};
 pub use policy::{Policy, PolicySpec};
+pub use queue::{Queue, QueueSpec};
 pub use shovel::{Shovel, ShovelSpec};
+pub use topic_permission::{TopicPermission, TopicPermissionSpec};
+pub use user::{User, UserSpec};
+pub use vhost::{Vhost, VhostSpec};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -27,6 +41,13 @@ pub fn all() -> Vec<(&'static str, CustomResourceDefinition)> {
         ("policies.yaml", Policy::crd()),
         ("federations.yaml", Federation::crd()),
         ("shovels.yaml", Shovel::crd()),
+        ("vhosts.yaml", Vhost::crd()),
+        ("users.yaml", User::crd()),
+        ("permissions.yaml", Permission::crd()),
+        ("topicpermissions.yaml", TopicPermission::crd()),
+        ("queues.yaml", Queue::crd()),
+        ("exchanges.yaml", Exchange::crd()),
+        ("operatorpolicies.yaml", OperatorPolicy::crd()),
     ]
 }
 

@@ -34,7 +34,9 @@ use super::common::{
         json_path = ".metadata.creationTimestamp"
     )
 )]
-#[x_kube(validation = kube::core::Rule::new("has(self.rabbitClusterReference) != has(self.connectionSecret)").message("set exactly one of rabbitClusterReference and connectionSecret"))]
+#[x_kube(validation = super::common::exactly_one_target())]
+#[x_kube(validation = super::common::cluster_reference_unchanged())]
+#[x_kube(validation = super::common::connection_secret_unchanged())]
 #[x_kube(validation = kube::core::Rule::new("(has(self.name) ? self.name : '') == (has(oldSelf.name) ? oldSelf.name : '')").message("name cannot be changed; delete the Policy and create a new one"))]
 #[x_kube(validation = kube::core::Rule::new("self.vhost == oldSelf.vhost").message("vhost cannot be changed; delete the Policy and create a new one"))]
 #[serde(rename_all = "camelCase")]

@@ -37,7 +37,9 @@ use super::federation::{AckMode, UriSecretReference};
         json_path = ".metadata.creationTimestamp"
     )
 )]
-#[x_kube(validation = kube::core::Rule::new("has(self.rabbitClusterReference) != has(self.connectionSecret)").message("set exactly one of rabbitClusterReference and connectionSecret"))]
+#[x_kube(validation = super::common::exactly_one_target())]
+#[x_kube(validation = super::common::cluster_reference_unchanged())]
+#[x_kube(validation = super::common::connection_secret_unchanged())]
 #[x_kube(validation = kube::core::Rule::new("has(self.srcQueue) != has(self.srcExchange)").message("set exactly one source: srcQueue, or srcExchange (with srcExchangeKey)"))]
 #[x_kube(validation = kube::core::Rule::new("!has(self.srcExchangeKey) || has(self.srcExchange)").message("srcExchangeKey needs srcExchange"))]
 #[x_kube(validation = kube::core::Rule::new("has(self.destQueue) != has(self.destExchange)").message("set exactly one destination: destQueue, or destExchange (with destExchangeKey)"))]

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use kube::ResourceExt;
 use serde_json::{Map, Value, json};
 
-use super::{Target, Topology};
+use super::{Target, Topology, target_of};
 use crate::crd::Federation;
 use crate::crd::common::DeletionPolicy;
 use crate::management::segment;
@@ -37,17 +37,10 @@ impl Topology for Federation {
     const NOUN: &'static str = "federation upstream";
 
     fn target(&self) -> Target<'_> {
-        match (
+        target_of(
             &self.spec.rabbit_cluster_reference,
             &self.spec.connection_secret,
-        ) {
-            (Some(r), None) => Target::Cluster(r),
-            (None, Some(s)) => Target::Secret(s),
-            _ => Target::Invalid,
-        }
-    }
-    fn vhost(&self) -> &str {
-        &self.spec.vhost
+        )
     }
     fn deletion_policy(&self) -> DeletionPolicy {
         self.spec.deletion_policy
@@ -58,12 +51,12 @@ impl Topology for Federation {
     fn path(&self) -> String {
         format!(
             "/api/parameters/federation-upstream/{}/{}",
-            segment(self.vhost()),
+            segment(&self.spec.vhost),
             segment(&self.broker_name())
         )
     }
-    fn uri_secret(&self) -> Option<&str> {
-        Some(&self.spec.uri_secret.name)
+    fn uri_secret(&self) -> Option<String> {
+        Some(self.spec.uri_secret.name.clone())
     }
     fn body(&self, secret: Option<&BTreeMap<String, String>>) -> Result<Value, String> {
         let raw = secret.and_then(|s| s.get("uri")).ok_or_else(|| {
@@ -93,7 +86,10 @@ impl Topology for Federation {
         Ok(json!({"value": v}))
     }
     fn observe_paths(&self) -> Vec<String> {
-        vec![format!("/api/federation-links/{}", segment(self.vhost()))]
+        vec![format!(
+            "/api/federation-links/{}",
+            segment(&self.spec.vhost)
+        )]
     }
     fn observed_status(&self, observed: &[Option<Value>]) -> Map<String, Value> {
         let name = self.broker_name();

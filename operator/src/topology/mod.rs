@@ -1,14 +1,23 @@
 //! Controllers for the resources that configure a broker through its management HTTP API:
-//! `Policy`, `Federation` and `Shovel`. One generic reconcile does the work; each kind says
-//! where its object lives on the broker, how its body is made and what to report.
+//! `Policy`, `Federation`, `Shovel`, `Vhost`, `User`, `Permission`, `TopicPermission`,
+//! `Queue`, `Exchange` and `OperatorPolicy`.
+//! One generic reconcile does the work; each kind says where its object lives on the broker,
+//! how its body is made and what to report.
 //!
 //! The broker is found through a `rabbitClusterReference` (the cluster's client Service and
 //! default-user Secret, or the cluster's `warren.dev/management-uri` annotation) or a
 //! `connectionSecret` (any broker, a stock RabbitMQ included).
 
+pub mod exchange;
 pub mod federation;
+pub mod operator_policy;
+pub mod permission;
 pub mod policy;
+pub mod queue;
 pub mod shovel;
+pub mod topic_permission;
+pub mod user;
+pub mod vhost;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
@@ -18,7 +27,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::api::{Patch, PatchParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::core::{NamespaceResourceScope, PartialObjectMeta};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -34,14 +44,14 @@ use serde_json::{Value, json};
 use crate::cluster::build;
 use crate::cluster::controller::MANAGEMENT_URI_ANNOTATION;
 use crate::conditions;
-use crate::crd::RabbitCluster;
 use crate::crd::common::{ConnectionSecretReference, DeletionPolicy, RabbitClusterReference};
+use crate::crd::{RabbitCluster, User};
 use crate::management::{ManagementClient, ManagementError};
 use crate::metrics::Metrics;
 use crate::security::{self, Security};
 
 /// Annotation on a RabbitCluster listing the namespaces (comma-separated, or `*`) whose
-/// Policy/Federation/Shovel resources may configure it.
+/// topology resources (Policy, Vhost, User, …) may configure it.
 pub const ALLOWED_NAMESPACES_ANNOTATION: &str = "warren.dev/topology-allowed-namespaces";
 
 /// Where a resource's broker is.
@@ -71,14 +81,36 @@ pub trait Topology:
     const NOUN: &'static str;
 
     fn target(&self) -> Target<'_>;
-    fn vhost(&self) -> &str;
     fn deletion_policy(&self) -> DeletionPolicy;
     /// Name on the broker: `spec.name`, or `metadata.name`.
     fn broker_name(&self) -> String;
     /// Management API path of the object.
     fn path(&self) -> String;
+    /// The spec field naming `uri_secret`, for messages.
+    const SECRET_FIELD: &'static str = "spec.uriSecret";
     /// A Secret (in the resource's namespace) the body is built from.
-    fn uri_secret(&self) -> Option<&str> {
+    fn uri_secret(&self) -> Option<String> {
+        None
+    }
+    /// A Secret the operator creates (owned by the resource) when it does not exist yet:
+    /// generated credentials. Its name is what `uri_secret` returns.
+    fn generated_secret(&self) -> Option<GeneratedSecret> {
+        None
+    }
+    /// Whether `user_reference` can be set (the controller then watches Users).
+    const USES_USER_REFERENCE: bool = false;
+    /// The name of a `User` resource (same namespace) whose broker name this object needs.
+    fn user_reference(&self) -> Option<&str> {
+        None
+    }
+    /// This object with the referenced `User`'s broker name filled in, so that `path`,
+    /// `body` and `broker_name` need nothing else.
+    fn with_user(&self, _user: String) -> Self {
+        self.clone()
+    }
+    /// The broker user this object rewrites or deletes (a `User`'s name): never the account
+    /// the operator itself authenticates with, which would lock it out.
+    fn broker_user(&self) -> Option<String> {
         None
     }
     /// The PUT body; `secret` holds the `uri_secret`'s keys.
@@ -90,6 +122,26 @@ pub trait Topology:
     /// Extra status fields from what `observe_paths` returned (None where a GET failed).
     fn observed_status(&self, _observed: &[Option<Value>]) -> serde_json::Map<String, Value> {
         serde_json::Map::new()
+    }
+}
+
+/// A Secret the operator generates for a resource: `username` is stored with a random
+/// `password`.
+pub struct GeneratedSecret {
+    pub name: String,
+    pub username: String,
+}
+
+/// Where `rabbitClusterReference` and `connectionSecret` point (the schema allows exactly
+/// one).
+pub fn target_of<'a>(
+    cluster: &'a Option<RabbitClusterReference>,
+    secret: &'a Option<ConnectionSecretReference>,
+) -> Target<'a> {
+    match (cluster, secret) {
+        (Some(r), None) => Target::Cluster(r),
+        (None, Some(s)) => Target::Secret(s),
+        _ => Target::Invalid,
     }
 }
 
@@ -197,8 +249,9 @@ async fn read_secret(
     }
 }
 
-/// Finds the broker of `obj` and a client for its management API.
-async fn connect<T: Topology>(obj: &T, ctx: &Context) -> Result<ManagementClient, Error> {
+/// Finds the broker of `obj`: a client for its management API, and the user name the
+/// client authenticates as.
+async fn connect<T: Topology>(obj: &T, ctx: &Context) -> Result<(ManagementClient, String), Error> {
     let ns = obj.namespace().unwrap_or_else(|| "default".into());
     match obj.target() {
         Target::Invalid => Err(not_ready(
@@ -219,8 +272,9 @@ async fn connect<T: Topology>(obj: &T, ctx: &Context) -> Result<ManagementClient
                 })
             };
             let (uri, user, pass) = (get("uri")?, get("username")?, get("password")?);
-            ManagementClient::new(&uri, &user, &pass)
-                .map_err(|e| not_ready("BrokerUnreachable", e.to_string()))
+            let client = ManagementClient::new(&uri, &user, &pass)
+                .map_err(|e| not_ready("BrokerUnreachable", e.to_string()))?;
+            Ok((client, user))
         }
         Target::Cluster(r) => {
             let cluster_ns = r.namespace.clone().unwrap_or_else(|| ns.clone());
@@ -305,9 +359,11 @@ async fn connect<T: Topology>(obj: &T, ctx: &Context) -> Result<ManagementClient
                         ),
                     )
                 });
-            crate::cluster::controller::management_client(&ctx.client, &rc, &url, u, p)
-                .await
-                .map_err(|e| not_ready("BrokerUnreachable", e))
+            let client =
+                crate::cluster::controller::management_client(&ctx.client, &rc, &url, u, p)
+                    .await
+                    .map_err(|e| not_ready("BrokerUnreachable", e))?;
+            Ok((client, u.clone()))
         }
     }
 }
@@ -393,27 +449,137 @@ async fn write_status<T: Topology>(
     Ok(())
 }
 
+/// Status field recording the broker name of a `userReference`'s User, so that deleting
+/// the resource after its User still removes it from the broker.
+const RESOLVED_USER_FIELD: &str = "user";
+
+/// `obj` with its `userReference` resolved (and the User's broker name), or `None` on
+/// cleanup when the User is gone and no earlier apply recorded its name.
+async fn resolve_user<T: Topology>(
+    obj: &T,
+    ctx: &Context,
+    cleanup: bool,
+) -> Result<Option<(T, Option<String>)>, Error> {
+    let Some(reference) = obj.user_reference() else {
+        return Ok(Some((obj.clone(), None)));
+    };
+    let ns = obj.namespace().unwrap_or_else(|| "default".into());
+    let users: Api<User> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = match users.get_opt(reference).await? {
+        Some(u) => u.broker_name(),
+        None if cleanup => {
+            let recorded = serde_json::to_value(obj).ok().and_then(|v| {
+                v.get("status")?
+                    .get(RESOLVED_USER_FIELD)?
+                    .as_str()
+                    .map(str::to_owned)
+            });
+            match recorded {
+                Some(n) => n,
+                None => return Ok(None),
+            }
+        }
+        None => {
+            return Err(not_ready(
+                "UserNotFound",
+                format!("spec.userReference: User {ns}/{reference} does not exist"),
+            ));
+        }
+    };
+    Ok(Some((obj.with_user(name.clone()), Some(name))))
+}
+
+/// Creates the Secret of generated credentials unless it exists; the resource owns it, so
+/// it goes with the resource.
+async fn ensure_generated_secret<T: Topology>(
+    obj: &T,
+    generated: &GeneratedSecret,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let ns = obj.namespace().unwrap_or_else(|| "default".into());
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    if api.get_opt(&generated.name).await?.is_some() {
+        return Ok(());
+    }
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(generated.name.clone()),
+            namespace: Some(ns),
+            owner_references: obj.controller_owner_ref(&()).map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".into()),
+        string_data: Some(BTreeMap::from([
+            ("username".to_string(), generated.username.clone()),
+            (
+                "password".to_string(),
+                crate::cluster::controller::random_string(GENERATED_PASSWORD_LEN),
+            ),
+        ])),
+        ..Secret::default()
+    };
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok(()),
+        // Created by an earlier reconcile a moment ago: keep its password.
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Length of generated passwords (alphanumeric: about 143 bits).
+const GENERATED_PASSWORD_LEN: usize = 24;
+
 async fn apply<T: Topology>(obj: &T, ctx: &Context) -> Result<Action, Error> {
-    let result: Result<serde_json::Map<String, Value>, Error> = async {
+    let result: Result<(T, serde_json::Map<String, Value>), Error> = async {
         let ns = obj.namespace().unwrap_or_else(|| "default".into());
+        let Some((resolved, user)) = resolve_user(obj, ctx, false).await? else {
+            return Err(not_ready(
+                "UserNotFound",
+                "spec.userReference: no such User",
+            ));
+        };
+        if let Some(generated) = obj.generated_secret() {
+            ensure_generated_secret(obj, &generated, ctx).await?;
+        }
         let secret = match obj.uri_secret() {
-            Some(name) => Some(read_secret(&ctx.client, &ns, name, "spec.uriSecret").await?),
+            Some(name) => Some(read_secret(&ctx.client, &ns, &name, T::SECRET_FIELD).await?),
             None => None,
         };
-        let body = obj
+        let body = resolved
             .body(secret.as_ref())
             .map_err(|m| not_ready("InvalidSpec", m))?;
-        let client = connect(obj, ctx).await?;
-        client.put(&obj.path(), &body).await.map_err(broker_error)?;
+        let (client, operator_user) = connect(obj, ctx).await?;
+        if let Some(user) = resolved.broker_user()
+            && user == operator_user
+        {
+            return Err(not_ready(
+                "InvalidSpec",
+                format!(
+                    "{} {user} is the account the operator configures this broker with: \
+                     changing it here could lock the operator out; manage it through the \
+                     RabbitCluster's default user or the connection Secret",
+                    T::NOUN
+                ),
+            ));
+        }
+        client
+            .put(&resolved.path(), &body)
+            .await
+            .map_err(broker_error)?;
         let mut observed = Vec::new();
-        for path in obj.observe_paths() {
+        for path in resolved.observe_paths() {
             observed.push(client.get::<Value>(&path).await.ok());
         }
-        Ok(obj.observed_status(&observed))
+        let mut extra = resolved.observed_status(&observed);
+        if let Some(user) = user {
+            extra.insert(RESOLVED_USER_FIELD.into(), Value::String(user));
+        }
+        Ok((resolved, extra))
     }
     .await;
     match result {
-        Ok(extra) => {
+        Ok((resolved, extra)) => {
+            let obj = &resolved;
             let was_ready = conditions::is_true(&current_conditions(obj), "Ready");
             write_status(obj, ctx, Ok(()), extra).await?;
             if !was_ready {
@@ -459,8 +625,30 @@ async fn cleanup<T: Topology>(obj: &T, ctx: &Context) -> Result<Action, Error> {
         .await;
         return Ok(Action::await_change());
     }
+    // A permission whose User is gone and was never applied has nothing on the broker.
+    let Some((resolved, _)) = resolve_user(obj, ctx, true).await? else {
+        return Ok(Action::await_change());
+    };
+    let obj = &resolved;
     let client = match connect(obj, ctx).await {
-        Ok(c) => c,
+        Ok((c, operator_user)) => {
+            if obj.broker_user().is_some_and(|u| u == operator_user) {
+                event(
+                    ctx,
+                    obj,
+                    EventType::Warning,
+                    "Retained",
+                    format!(
+                        "Left {} {operator_user} on the broker: it is the account the operator \
+                         configures the broker with",
+                        T::NOUN
+                    ),
+                )
+                .await;
+                return Ok(Action::await_change());
+            }
+            c
+        }
         // Nothing left to delete from.
         Err(Error::NotReady {
             reason: "ClusterNotFound",
@@ -521,7 +709,7 @@ fn error_policy<T: Topology>(obj: Arc<T>, error: &Error, ctx: Arc<Context>) -> A
 fn referenced_secrets<T: Topology>(obj: &T) -> Vec<String> {
     let mut names = Vec::new();
     if let Some(s) = obj.uri_secret() {
-        names.push(s.to_string());
+        names.push(s);
     }
     if let Target::Secret(r) = obj.target() {
         names.push(r.name.clone());
@@ -549,6 +737,27 @@ pub async fn run<T: Topology>(ctx: Arc<Context>, namespace: Option<String>) {
     let controller = Controller::new(objects, watcher::Config::default());
     let store = controller.store();
     let store2 = store.clone();
+    // Kinds naming a User resource follow it: a User created (or renamed on the broker)
+    // after them applies them at once instead of at the next retry.
+    let controller = if T::USES_USER_REFERENCE {
+        let users = match &namespace {
+            Some(ns) => Api::<User>::namespaced(client.clone(), ns),
+            None => Api::<User>::all(client.clone()),
+        };
+        let store3 = store.clone();
+        controller.watches(users, watcher::Config::default(), move |user: User| {
+            let ns = user.namespace();
+            let name = user.name_any();
+            store3
+                .state()
+                .iter()
+                .filter(|o| o.namespace() == ns && o.user_reference() == Some(name.as_str()))
+                .map(|o| ObjectRef::from_obj(o.as_ref()))
+                .collect::<Vec<_>>()
+        })
+    } else {
+        controller
+    };
     controller
         // Metadata only: a Secret's name says which resources to re-apply; their reconcile
         // GETs the Secret. The API server never streams Secret data to the operator.

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use kube::ResourceExt;
 use serde_json::{Value, json};
 
-use super::{Target, Topology};
+use super::{Target, Topology, target_of};
 use crate::crd::Policy;
 use crate::crd::common::DeletionPolicy;
 use crate::management::segment;
@@ -19,17 +19,10 @@ impl Topology for Policy {
     const NOUN: &'static str = "policy";
 
     fn target(&self) -> Target<'_> {
-        match (
+        target_of(
             &self.spec.rabbit_cluster_reference,
             &self.spec.connection_secret,
-        ) {
-            (Some(r), None) => Target::Cluster(r),
-            (None, Some(s)) => Target::Secret(s),
-            _ => Target::Invalid,
-        }
-    }
-    fn vhost(&self) -> &str {
-        &self.spec.vhost
+        )
     }
     fn deletion_policy(&self) -> DeletionPolicy {
         self.spec.deletion_policy
@@ -40,7 +33,7 @@ impl Topology for Policy {
     fn path(&self) -> String {
         format!(
             "/api/policies/{}/{}",
-            segment(self.vhost()),
+            segment(&self.spec.vhost),
             segment(&self.broker_name())
         )
     }
@@ -54,7 +47,7 @@ impl Topology for Policy {
         }))
     }
     fn observe_paths(&self) -> Vec<String> {
-        let vhost = segment(self.vhost());
+        let vhost = segment(&self.spec.vhost);
         vec![
             format!("/api/queues/{vhost}"),
             format!("/api/exchanges/{vhost}"),

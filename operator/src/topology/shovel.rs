@@ -7,7 +7,7 @@ use kube::ResourceExt;
 use serde_json::{Map, Value, json};
 
 use super::federation::uri_value;
-use super::{Target, Topology};
+use super::{Target, Topology, target_of};
 use crate::crd::Shovel;
 use crate::crd::common::DeletionPolicy;
 use crate::management::segment;
@@ -18,17 +18,10 @@ impl Topology for Shovel {
     const NOUN: &'static str = "shovel";
 
     fn target(&self) -> Target<'_> {
-        match (
+        target_of(
             &self.spec.rabbit_cluster_reference,
             &self.spec.connection_secret,
-        ) {
-            (Some(r), None) => Target::Cluster(r),
-            (None, Some(s)) => Target::Secret(s),
-            _ => Target::Invalid,
-        }
-    }
-    fn vhost(&self) -> &str {
-        &self.spec.vhost
+        )
     }
     fn deletion_policy(&self) -> DeletionPolicy {
         self.spec.deletion_policy
@@ -39,12 +32,12 @@ impl Topology for Shovel {
     fn path(&self) -> String {
         format!(
             "/api/parameters/shovel/{}/{}",
-            segment(self.vhost()),
+            segment(&self.spec.vhost),
             segment(&self.broker_name())
         )
     }
-    fn uri_secret(&self) -> Option<&str> {
-        Some(&self.spec.uri_secret.name)
+    fn uri_secret(&self) -> Option<String> {
+        Some(self.spec.uri_secret.name.clone())
     }
     fn body(&self, secret: Option<&BTreeMap<String, String>>) -> Result<Value, String> {
         let get = |k: &str| {
@@ -105,7 +98,7 @@ impl Topology for Shovel {
         Ok(json!({"value": v}))
     }
     fn observe_paths(&self) -> Vec<String> {
-        vec![format!("/api/shovels/{}", segment(self.vhost()))]
+        vec![format!("/api/shovels/{}", segment(&self.spec.vhost))]
     }
     fn observed_status(&self, observed: &[Option<Value>]) -> Map<String, Value> {
         let name = self.broker_name();
