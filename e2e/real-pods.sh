@@ -61,7 +61,9 @@ WARREN_KUBELET_IMAGES="$(grep -o 'ghcr\.io/warren-dev/warren-broker:[^ ]*' <<<"$
 export WARREN_KUBELET_IMAGES
 
 step "real node (e2e/kubelet.sh start)"
-eval "$(bash e2e/kubelet.sh start)"
+# Captured first: a failed start must stop the run (`eval "$(...)"` would hide its status).
+node_env="$(bash e2e/kubelet.sh start)"
+eval "$node_env"
 
 step "cargo build (operator binary)"
 cargo build -p warren-operator -p warren-broker --bins

@@ -8,6 +8,8 @@
 //! Ignored by a plain `cargo test -p warren-e2e` (the kwok-only control plane has no real
 //! node): `bash e2e/real-pods.sh` starts everything and runs them.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{PersistentVolume, Pod, Secret};
@@ -454,7 +456,7 @@ async fn declare_quorum(ip: &str, user: &str, pass: &str, queue: &str) {
 
 /// Publishes `m<from>..m<to>` to `queue` through `ip`, persistent, with confirms, one
 /// message at a time, 20 ms apart (the next after the last's confirm, waiting out a leader
-/// change);
+/// change), until `stop` is set;
 /// returns the bodies the broker acked. Stops at the first connection or channel error.
 async fn publish_confirmed(
     ip: &str,
@@ -462,6 +464,7 @@ async fn publish_confirmed(
     pass: &str,
     queue: &str,
     range: std::ops::Range<u32>,
+    stop: Arc<AtomicBool>,
 ) -> Vec<String> {
     let conn = connect(ip, user, pass).await;
     let ch = conn.create_channel().await.expect("channel");
@@ -470,6 +473,9 @@ async fn publish_confirmed(
         .expect("confirms");
     let mut acked = Vec::new();
     for i in range {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
         let body = format!("m{i}");
         let sent = ch
             .basic_publish(
@@ -518,7 +524,8 @@ async fn three_real_pods_form_one_cluster() {
     let client = client().await;
     ensure_crds(&client).await;
     let ns = namespace(&client, "realcluster").await;
-    let op = Operator::start_with(&ns, &["--broker-image", &image]);
+    // On the node, not in the cluster's DNS: the operator reaches pods at their IPs.
+    let op = Operator::start_with(&ns, &["--broker-image", &image, "--reach-pods-by-ip"]);
     let rc = minimal_sample(&ns, 3);
     let name = rc["metadata"]["name"].as_str().expect("name").to_string();
     for i in 0..3 {
@@ -669,7 +676,8 @@ async fn three_real_pods_form_one_cluster() {
     // A replicated queue created through pod 1 (which then leads it) with 200 confirmed
     // messages; a publisher on pod 0 keeps going while pod 1 is deleted below.
     declare_quorum(&ips[1], &user, &pass, "replicated").await;
-    let mut confirmed = publish_confirmed(&ips[0], &user, &pass, "replicated", 0..200).await;
+    let mut confirmed =
+        publish_confirmed(&ips[0], &user, &pass, "replicated", 0..200, Arc::default()).await;
     assert_eq!(
         confirmed.len(),
         200,
@@ -677,9 +685,9 @@ async fn three_real_pods_form_one_cluster() {
     );
     let publisher = {
         let (ip, user, pass) = (ips[0].clone(), user.clone(), pass.clone());
-        tokio::spawn(
-            async move { publish_confirmed(&ip, &user, &pass, "replicated", 200..1200).await },
-        )
+        tokio::spawn(async move {
+            publish_confirmed(&ip, &user, &pass, "replicated", 200..1200, Arc::default()).await
+        })
     };
 
     // Deleting a pod runs its real preStop hook, `warren-broker drain`, before SIGTERM: a
@@ -738,56 +746,100 @@ async fn three_real_pods_form_one_cluster() {
         got.len() - unique.len()
     );
 
-    // Scale-down 3 -> 2. The operator drains the last pod through its management API, then
-    // the StatefulSet deletes it (preStop drain again), then the operator forgets the node.
-    // The operator runs on the host, which cannot resolve the cluster's DNS names, so the
-    // management-uri annotation points it at the pod it drains, then at a remaining pod
-    // for the forget.
+    // Scale 3 -> 5 -> 3 while a publisher on pod 0 keeps publishing to the replicated
+    // queue: two nodes join; then the operator drains the last pod (its clients closed with
+    // the drain's reason), the StatefulSet deletes it (preStop drain again), the cluster
+    // forgets it, and the same for the next; nothing confirmed is lost.
     let rcs = Api::<RabbitCluster>::namespaced(client.clone(), &ns);
-    let annotate = |url: String| {
+    for i in 3..5 {
+        host_volume(&client, &ns, &name, i).await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let (ip, user, pass, stop) = (ips[0].clone(), user.clone(), pass.clone(), stop.clone());
+        tokio::spawn(async move {
+            publish_confirmed(&ip, &user, &pass, "replicated", 10_000..1_000_000, stop).await
+        })
+    };
+    let scale = |n: i32| {
         let rcs = rcs.clone();
         let name = name.clone();
         async move {
-            let patch = json!({"metadata": {"annotations": {"warren.dev/management-uri": url}}});
-            rcs.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-                .expect("annotate");
+            rcs.patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"spec": {"replicas": n}})),
+            )
+            .await
+            .expect("scale");
         }
     };
-    annotate(format!("http://{}:15672", ips[2])).await;
-    let closed = watch_close(&ips[2], &user, &pass).await;
-    rcs.patch(
-        &name,
-        &PatchParams::default(),
-        &Patch::Merge(&json!({"spec": {"replicas": 2}})),
-    )
-    .await
-    .expect("scale to 2");
+    let t = std::time::Instant::now();
+    scale(5).await;
+    for i in 3..5 {
+        let pod = wait_pod_ready(&client, &ns, &format!("{name}-server-{i}"), None).await;
+        ips.push(pod.status.and_then(|s| s.pod_ip).expect("pod IP"));
+    }
+    for ip in &ips {
+        wait_running_nodes(&http, ip, &user, &pass, 5).await;
+    }
+    eprintln!("scaled 3 -> 5 in {:?}: {ips:?}", t.elapsed());
+    // The queue grows onto pod 4 (a voter there now), so the scale-down removes a member.
+    let node4 = format!("warren@{name}-server-4.{name}-nodes.{ns}");
+    let r = http
+        .post(format!(
+            "http://{}:15672/api/queues/quorum/replicas/on/{node4}/grow",
+            ips[0]
+        ))
+        .basic_auth(&user, Some(&pass))
+        .json(&json!({"strategy": "all", "queue_pattern": "^replicated$"}))
+        .send()
+        .await
+        .expect("grow");
+    assert_eq!(r.status().as_u16(), 204, "grow onto {node4}");
+    let members = |ip: String| {
+        let (http, user, pass) = (http.clone(), user.clone(), pass.clone());
+        async move {
+            let q: serde_json::Value = http
+                .get(format!("http://{ip}:15672/api/queues/%2f/replicated"))
+                .basic_auth(user, Some(pass))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let m: Vec<String> = q["members"]
+                .as_array()?
+                .iter()
+                .filter_map(|m| m.as_str().map(str::to_owned))
+                .collect();
+            Some(m)
+        }
+    };
+    let grown = members(ips[0].clone()).await.unwrap_or_default();
+    assert!(grown.contains(&node4), "{node4} not a member: {grown:?}");
+    let t = std::time::Instant::now();
+    let closed = watch_close(&ips[4], &user, &pass).await;
+    scale(3).await;
     let why = tokio::time::timeout(LONG, closed)
         .await
-        .expect("the connection to pod 2 was not closed")
+        .expect("the connection to pod 4 was not closed")
         .expect("close reason");
     assert!(
         why.contains("node is being drained"),
-        "pod 2 closed without a drain: {why}"
+        "pod 4 closed without a drain: {why}"
     );
-    let pod2 = format!("{name}-server-2");
-    wait_for(&format!("{pod2} gone"), LONG, || {
-        let pods = pods.clone();
-        let pod2 = pod2.clone();
-        async move { pods.get_opt(&pod2).await.ok()?.is_none().then_some(()) }
-    })
-    .await;
-    annotate(format!("http://{}:15672", ips[0])).await;
     wait_for(
-        &format!("{name} settled at 2, pod 2 forgotten"),
-        LONG,
+        &format!("{name} settled at 3, pods 3 and 4 forgotten"),
+        2 * LONG,
         || {
             let rcs = rcs.clone();
             let name = name.clone();
             let http = http.clone();
             let (user, pass) = (user.clone(), pass.clone());
             let url = format!("http://{}:15672/api/nodes", ips[0]);
+            let pods = pods.clone();
             async move {
                 let st = rcs.get(&name).await.ok()?.status?;
                 let v: serde_json::Value = http
@@ -799,12 +851,46 @@ async fn three_real_pods_form_one_cluster() {
                     .json()
                     .await
                     .ok()?;
-                (st.ready_replicas == 2 && v.as_array()?.len() == 2).then_some(())
+                let left = pods
+                    .list(&ListParams::default().labels(&format!("app.kubernetes.io/name={name}")))
+                    .await
+                    .ok()?
+                    .items
+                    .len();
+                (st.ready_replicas == 3 && v.as_array()?.len() == 3 && left == 3).then_some(())
             }
         },
     )
     .await;
-    eprintln!("scaled to 2; operator log {}", op.log.display());
+    eprintln!("scaled 5 -> 3 in {:?}", t.elapsed());
+    let left = members(ips[0].clone()).await.unwrap_or_default();
+    assert!(
+        !left.contains(&node4) && left.len() == 3,
+        "members after the scale-down: {left:?}"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let during = publisher.await.expect("publisher");
+    assert!(
+        during.len() > 10,
+        "the publisher on pod 0 was confirmed {} times through the scaling",
+        during.len()
+    );
+    let got = take_all(&ips[2], &user, &pass, "replicated").await;
+    let unique: std::collections::BTreeSet<&String> = got.iter().collect();
+    let missing: Vec<&String> = during.iter().filter(|m| !unique.contains(m)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} confirmed messages lost scaling 3 -> 5 -> 3, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    eprintln!(
+        "replicated queue through 3 -> 5 -> 3: {} confirmed, {} read, {} duplicates; operator log {}",
+        during.len(),
+        got.len(),
+        got.len() - unique.len(),
+        op.log.display()
+    );
 }
 
 /// `/api/nodes` on `ip` once it lists `n` running nodes.

@@ -83,6 +83,13 @@ struct Cli {
     #[arg(long, env = "WARREN_OPERATOR_ALLOW_ANY_MANAGEMENT_URI", default_value_t = false,
           action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     allow_any_management_uri: bool,
+    /// Reach broker pods at their pod IPs instead of their DNS names (drain, forget): for an
+    /// operator running outside the cluster's DNS but on its pod network (a developer's
+    /// machine on the node, the e2e on a real kubelet). Not for management over TLS: the
+    /// brokers' certificates name hosts, not pod IPs.
+    #[arg(long, env = "WARREN_OPERATOR_REACH_PODS_BY_IP", default_value_t = false,
+          action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    reach_pods_by_ip: bool,
     /// The cluster's DNS domain (Service names `<svc>.<ns>.svc.<domain>`).
     #[arg(
         long,
@@ -193,6 +200,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Some(identity.clone()),
         cli.broker_image.clone(),
         security.clone(),
+        cli.reach_pods_by_ip,
     );
     let topology = topology::Context::new(
         client.clone(),

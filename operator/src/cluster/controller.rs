@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::storage::v1::StorageClass;
-use kube::api::{DeleteParams, Patch, PatchParams, PropagationPolicy};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -87,6 +87,8 @@ pub struct Context {
     pub broker_image: String,
     /// What the operator allows a cluster's spec and annotations (`--allow-*` flags).
     pub security: Security,
+    /// Pods are reached at their IPs, not their DNS names (`--reach-pods-by-ip`).
+    pub reach_pods_by_ip: bool,
     /// Consecutive failures per cluster, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -98,6 +100,7 @@ impl Context {
         instance: Option<String>,
         broker_image: String,
         security: Security,
+        reach_pods_by_ip: bool,
     ) -> Arc<Self> {
         let reporter = Reporter {
             controller: "warren-operator".into(),
@@ -109,6 +112,7 @@ impl Context {
             metrics,
             broker_image,
             security,
+            reach_pods_by_ip,
             failures: Mutex::new(HashMap::new()),
         })
     }
@@ -441,10 +445,18 @@ async fn apply(rc: &RabbitCluster, ctx: &Context) -> Result<Action, Error> {
         return Ok(Action::requeue(RESYNC));
     }
 
+    // The drained nodes as the API server has them now: the cached object this reconcile was
+    // handed may not show the previous reconcile's status yet, and acting on an older list
+    // would drain the next node before the last one is forgotten (and never forget it).
+    let fresh = Api::<RabbitCluster>::namespaced(ctx.client.clone(), &build::namespace(rc))
+        .get_opt(&rc.name_any())
+        .await?;
     let mut outcome = Outcome {
         reconciled: Ok(()),
         progressing: None,
-        drained: rc
+        drained: fresh
+            .as_ref()
+            .unwrap_or(rc)
             .status
             .as_ref()
             .map(|s| s.drained_nodes.clone())
@@ -531,8 +543,20 @@ async fn apply_objects(
         // Nodes removed by an earlier scale-down step leave the broker cluster's membership
         // once their pods are gone; until then no further node is removed.
         let settled = forget_removed_nodes(rc, ctx, &creds, current_replicas, outcome).await?;
+        let leftover = if rc.spec.replicas < current_replicas {
+            removed_pod_left(rc, ctx, current_replicas).await?
+        } else {
+            None
+        };
         if rc.spec.replicas < current_replicas && !settled {
             replicas = current_replicas;
+        } else if let Some(pod) = leftover {
+            // The StatefulSet is still removing a pod of an earlier step.
+            replicas = current_replicas;
+            outcome.progressing = Some(format!(
+                "scaling down to {}: waiting for {pod} to be gone",
+                rc.spec.replicas
+            ));
         } else if rc.spec.replicas < current_replicas {
             // Scale down one node at a time, highest ordinal first: drain it (refusing a node
             // whose going would cost the cluster its majority), shrink the StatefulSet by
@@ -691,6 +715,67 @@ fn management_url_of(
     }
 }
 
+/// The pod the last scale-down step removed (ordinal `replicas`: steps remove one pod at a
+/// time, highest first), if it is still there. A `get`, as the chart's RBAC allows on pods.
+async fn removed_pod_left(
+    rc: &RabbitCluster,
+    ctx: &Context,
+    replicas: i32,
+) -> Result<Option<String>, Error> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &build::namespace(rc));
+    let pod = format!("{}-{replicas}", build::server_name(rc));
+    Ok(pods.get_opt(&pod).await?.map(|_| pod))
+}
+
+/// Where the operator reaches `pod`: its name under the nodes Service, or its IP
+/// (`--reach-pods-by-ip`).
+async fn pod_host(rc: &RabbitCluster, ctx: &Context, pod: &str) -> Result<String, Error> {
+    let ns = build::namespace(rc);
+    if !ctx.reach_pods_by_ip {
+        return Ok(format!("{pod}.{}.{ns}.svc", build::nodes_service_name(rc)));
+    }
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    pods.get_opt(pod)
+        .await?
+        .and_then(|p| p.status?.pod_ip)
+        .ok_or_else(|| Error::Drain(format!("{pod} has no IP yet")))
+}
+
+/// Where the operator reaches the cluster's management API: its client Service, or the IP
+/// of its lowest Ready pod (`--reach-pods-by-ip`).
+async fn cluster_host(rc: &RabbitCluster, ctx: &Context) -> Result<String, Error> {
+    let ns = build::namespace(rc);
+    if !ctx.reach_pods_by_ip {
+        return Ok(format!("{}.{ns}.svc", build::client_service_name(rc)));
+    }
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let list = pods
+        .list(&ListParams::default().labels(&build::selector_string(rc)))
+        .await?;
+    let mut ready: Vec<(i32, String)> = list
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none() && pod_ready(p))
+        .filter_map(|p| {
+            let ordinal = ordinal_of(&p.name_any())?;
+            Some((ordinal, p.status?.pod_ip?))
+        })
+        .collect();
+    ready.sort();
+    ready
+        .into_iter()
+        .next()
+        .map(|(_, ip)| ip)
+        .ok_or_else(|| Error::Drain(format!("no pod of {} is Ready", rc.name_any())))
+}
+
+fn pod_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
 fn ordinal_of(pod: &str) -> Option<i32> {
     pod.rsplit('-').next().and_then(|o| o.parse().ok())
 }
@@ -730,9 +815,8 @@ async fn forget_removed_nodes(
             settled = false;
             continue;
         }
-        let url = management_url_of(rc, ctx, || {
-            build::management_url(rc, &format!("{}.{ns}.svc", build::client_service_name(rc)))
-        })?;
+        let host = cluster_host(rc, ctx).await?;
+        let url = management_url_of(rc, ctx, || build::management_url(rc, &host))?;
         let node = node_name(rc, &pod);
         let client = management_client(&ctx.client, rc, &url, &creds.username, &creds.password)
             .await
@@ -787,12 +871,8 @@ async fn drain_node(
             forgotten: false,
         });
     }
-    let url = management_url_of(rc, ctx, || {
-        build::management_url(
-            rc,
-            &format!("{pod}.{}.{ns}.svc", build::nodes_service_name(rc)),
-        )
-    })?;
+    let host = pod_host(rc, ctx, pod).await?;
+    let url = management_url_of(rc, ctx, || build::management_url(rc, &host))?;
     let client = management_client(&ctx.client, rc, &url, &creds.username, &creds.password)
         .await
         .map_err(|e| Error::Drain(format!("cannot drain {pod}: {e}")))?;
