@@ -18,6 +18,12 @@
 #                                          # replicated (quorum) queue with 3 replicas,
 #                                          # persistent + confirms as above, 1 KiB by
 #                                          # default; producer and consumer on node 1
+#   scripts/bench.sh --report              # also charts (throughput, latency
+#                                          # percentiles, per-second rate; PNG and
+#                                          # SVG, matplotlib) and report.md in the
+#                                          # run's directory, copied to
+#                                          # docs/bench/<mode>/ for the README
+#   python scripts/bench_report.py bench-results/<stamp>   # charts for a past run
 #
 # What it does: installs deps (scripts/deps.sh rabbitmq perftest), builds
 # `cargo build --release -p warren-broker`, starts Warren on a free port with a
@@ -37,6 +43,14 @@
 # share this machine's cores: compare the ratios, not the absolute numbers.
 # The reference RabbitMQ is left as it was found (stopped if bench started it).
 set -euo pipefail
+
+REPORT=""
+for arg in "$@"; do
+    case "$arg" in
+        --report) REPORT=1 ;;
+        *) echo "usage: scripts/bench.sh [--report]  (settings are BENCH_* variables; see the top of this file)" >&2; exit 2 ;;
+    esac
+done
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$WARREN_ROOT"
@@ -57,6 +71,8 @@ BROKERS=()
 [ "$ONLY" = warren ] || BROKERS+=(rabbitmq)
 
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
+# The machine's load before the run (benchmarks share it with whatever else runs).
+LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')"
 OUT="$WARREN_ROOT/bench-results/$STAMP"
 mkdir -p "$OUT"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/warren-bench.XXXXXX")"
@@ -83,7 +99,12 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 header "dependencies"
-"$WARREN_ROOT/scripts/deps.sh" rabbitmq perftest
+if [ -n "$REPORT" ]; then
+    # The charts need matplotlib in .deps/venv (tests/bench/requirements.txt).
+    "$WARREN_ROOT/scripts/deps.sh" rabbitmq perftest python
+else
+    "$WARREN_ROOT/scripts/deps.sh" rabbitmq perftest
+fi
 
 declare -A URL
 if [[ " ${BROKERS[*]} " == *" warren "* ]]; then
@@ -226,7 +247,7 @@ report="$OUT/results.md"
         echo "- load: PerfTest 1 producer / 1 consumer, autoack, transient messages, ${SECONDS_PER_CASE} s per case, publish rate ${RATE:-unlimited}"
     fi
     echo "- tool: $PT_VERSION; reference: RabbitMQ $(dpkg-query -W -f='${Version}' rabbitmq-server 2>/dev/null || echo '?') (Debian)"
-    echo "- host: $(nproc) cores, $(uname -sr); git $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
+    echo "- host: $(nproc) cores, $(uname -sr), load average $LOAD_BEFORE before the run; git $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
     echo
     echo "| broker | size (B) | send rate (msg/s) | receive rate (msg/s) | p50 latency | p99 latency |"
     echo "|---|---:|---:|---:|---:|---:|"
@@ -247,3 +268,19 @@ report="$OUT/results.md"
 
 header "results ($report)"
 cat "$report"
+
+# What the report tool needs to label its charts (scripts/bench_report.py).
+BENCH_COMMAND="BENCH_MODE=$MODE BENCH_SECONDS=$SECONDS_PER_CASE BENCH_SIZES=\"$SIZES\"${ONLY:+ BENCH_ONLY=$ONLY}${RATE:+ BENCH_RATE=$RATE} scripts/bench.sh" \
+    BENCH_LOAD="$(grep -m1 '^- load: ' "$report" | sed 's/^- load: //')" \
+    BENCH_TOOL="$PT_VERSION" \
+    BENCH_REFERENCE="RabbitMQ $(dpkg-query -W -f='${Version}' rabbitmq-server 2>/dev/null || echo '?') (Debian)" \
+    BENCH_HOST="$(nproc) cores, $(uname -sr), load average $LOAD_BEFORE before the run" \
+    BENCH_GIT="$(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (dirty)')" \
+    BENCH_STAMP="$STAMP" BENCH_MODE_NAME="$MODE" \
+    python3 -c 'import json, os; print(json.dumps({k: os.environ["BENCH_" + v] for k, v in [("command", "COMMAND"), ("load", "LOAD"), ("tool", "TOOL"), ("reference", "REFERENCE"), ("host", "HOST"), ("git", "GIT"), ("stamp", "STAMP"), ("mode", "MODE_NAME")]}, indent=2))' \
+    >"$OUT/meta.json"
+
+if [ -n "$REPORT" ]; then
+    header "charts (scripts/bench_report.py)"
+    "$WARREN_VENV/bin/python" "$WARREN_ROOT/scripts/bench_report.py" "$OUT" --publish "$WARREN_ROOT/docs/bench/$MODE"
+fi

@@ -120,7 +120,7 @@ dep_python() {
         as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssl
     fi
     local reqs=() f
-    for f in tests/requirements.txt tests/clients/python/requirements.txt tests/differential/requirements.txt; do
+    for f in tests/requirements.txt tests/clients/python/requirements.txt tests/differential/requirements.txt tests/bench/requirements.txt; do
         [ -f "$f" ] && reqs+=("$f")
     done
     local base="pika pytest"

@@ -5,6 +5,8 @@
 #
 # 1. scripts/deps.sh (Debian rabbitmq-server, .deps/venv with pika+pytest,
 #    npm packages, PerfTest)
+#    and tests/bench: the benchmark report tool (scripts/bench_report.py) on kept
+#    PerfTest output
 # 2. cargo test --workspace
 # 3. cargo build -p warren-broker
 # 4. Python client suite (pika):  tests/clients/python   against a fresh Warren
@@ -120,6 +122,7 @@ require_suite tests/management/rabbitmqadmin_test.sh
 require_suite tests/metrics/prometheus_scrape_test.sh
 require_suite tests/links/test_rabbitmq.py
 require_suite tests/links/netns.sh
+require_suite tests/bench/test_report.py
 [ -n "$(find tests/clients/node -name node_modules -prune -o -type f -regextype posix-extended \
     -regex '.*/([^/]*[._-]test|test-[^/]*|test)\.[cm]?js' -print)" ] ||
     die "tests/clients/node has no test files (*.test.js); node --test would pass vacuously"
@@ -127,6 +130,9 @@ echo "tests/clients/python, tests/clients/node, tests/differential/run.py, tests
 
 step "dependencies (scripts/deps.sh)"
 "$WARREN_ROOT/scripts/deps.sh"
+
+step "benchmark report tool (tests/bench: scripts/bench_report.py on kept PerfTest output)"
+"$WARREN_VENV/bin/python" -m pytest -q tests/bench
 
 step "cargo test --workspace (all but the Kubernetes e2e tests)"
 cargo test --workspace --exclude warren-e2e
