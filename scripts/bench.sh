@@ -18,6 +18,12 @@
 #                                          # replicated (quorum) queue with 3 replicas,
 #                                          # persistent + confirms as above, 1 KiB by
 #                                          # default; producer and consumer on node 1
+#   BENCH_SCENARIO=10q scripts/bench.sh    # 10 producers / 10 consumers / 10 queues
+#   BENCH_SCENARIO=100q scripts/bench.sh   # 100 queues x 1p1c at a fixed total rate
+#                                          # (BENCH_RATE, default 10000 msg/s, shared)
+#   BENCH_SCENARIO=fanout scripts/bench.sh # 1 producer -> fanout -> 10 consumers
+#                                          # (default 1p1c; every case also reports the
+#                                          # broker's peak RSS, sampled each second)
 #   scripts/bench.sh --report              # also charts (throughput, latency
 #                                          # percentiles, per-second rate; PNG and
 #                                          # SVG, matplotlib) and report.md in the
@@ -64,8 +70,11 @@ else
 fi
 ONLY="${BENCH_ONLY:-}"
 RATE="${BENCH_RATE:-}"
+SCENARIO="${BENCH_SCENARIO:-1p1c}"
+case "$SCENARIO" in 1p1c | 10q | 100q | fanout) ;; *) die "BENCH_SCENARIO must be 1p1c, 10q, 100q or fanout" ;; esac
 case "$MODE" in transient | persistent | replicated) ;; *) die "BENCH_MODE must be transient, persistent or replicated" ;; esac
 case "$ONLY" in "" | warren | rabbitmq) ;; *) die "BENCH_ONLY must be warren or rabbitmq" ;; esac
+[ "$MODE" != replicated ] || [ "$SCENARIO" = 1p1c ] || die "BENCH_MODE=replicated runs BENCH_SCENARIO=1p1c only"
 BROKERS=()
 [ "$ONLY" = rabbitmq ] || BROKERS+=(warren)
 [ "$ONLY" = warren ] || BROKERS+=(rabbitmq)
@@ -79,9 +88,21 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/warren-bench.XXXXXX")"
 WARREN_PID=""
 REF_STARTED=""
 CLUSTER_PIDS=()
+RSS_SAMPLER=""
+
+# The pid whose memory is sampled for a broker: Warren's (node 1 of a cluster), or the
+# reference RabbitMQ's Erlang VM (single node only).
+broker_pid() {
+    if [ "$1" = warren ]; then
+        echo "${WARREN_PID:-${CLUSTER_PIDS[0]:-}}"
+    elif [ "$MODE" != replicated ]; then
+        cat "${WARREN_REF_DIR:-${TMPDIR:-/tmp}/warren-rabbitmq-ref}/rabbitmq.pid" 2>/dev/null || true
+    fi
+}
 
 cleanup() {
     local rc=$?
+    [ -n "$RSS_SAMPLER" ] && kill "$RSS_SAMPLER" 2>/dev/null
     [ -n "$WARREN_PID" ] && stop_warren "$WARREN_PID"
     local p
     for p in "${CLUSTER_PIDS[@]+"${CLUSTER_PIDS[@]}"}"; do stop_warren "$p"; done
@@ -176,25 +197,56 @@ for size in $SIZES; do
     for broker in "${BROKERS[@]}"; do
         header "PerfTest: $broker, ${size} B, ${SECONDS_PER_CASE} s"
         log="$OUT/perftest-$broker-$size.txt"
-        args=(-h "${URL[$broker]}" -x 1 -y 1 -s "$size" -z "$SECONDS_PER_CASE"
+        args=(-h "${URL[$broker]}" -s "$size" -z "$SECONDS_PER_CASE"
             -o "$OUT/perftest-$broker-$size.csv")
+        # The queue(s): one named queue (1p1c), a pattern of queues with a producer and a
+        # consumer each, or a fanout exchange with a server-named queue per consumer.
+        case "$SCENARIO" in
+            1p1c)
+                args+=(-x 1 -y 1)
+                [ "$MODE" = transient ] || args+=(-u "bench-$MODE-$size")
+                ;;
+            10q | 100q)
+                n="${SCENARIO%q}"
+                args+=(-x "$n" -y "$n" --queue-pattern "bench-$MODE-$size-%d"
+                    --queue-pattern-from 1 --queue-pattern-to "$n")
+                ;;
+            fanout) args+=(-x 1 -y 10 -t fanout -e "bench-fanout-$size") ;;
+        esac
         if [ "$MODE" = persistent ]; then
-            # PerfTest declares the named queue durable; it is deleted after the case.
-            args+=(-f persistent -c 100 -q 200 -A 100 -u "bench-durable-$size" --auto-delete false)
+            # PerfTest declares named queues durable (kept: each run has fresh brokers).
+            args+=(-f persistent -c 100 -q 200 -A 100 --auto-delete false)
         elif [ "$MODE" = replicated ]; then
             # A quorum queue: 3 replicas on both sides (every node of the 3-node cluster).
-            args+=(-f persistent -c 100 -q 200 -A 100 -u "bench-replicated-$size" --auto-delete false
-                -qa x-queue-type=quorum)
+            args+=(-f persistent -c 100 -q 200 -A 100 --auto-delete false -qa x-queue-type=quorum)
         else
             args+=(-a)
         fi
-        [ -n "$RATE" ] && args+=(-r "$RATE")
+        if [ "$SCENARIO" = 100q ]; then
+            # A fixed total rate, shared by the 100 producers.
+            args+=(-r "$(( ${RATE:-10000} / 100 ))")
+        elif [ -n "$RATE" ]; then
+            args+=(-r "$RATE")
+        fi
+        # The broker's resident memory, once a second while PerfTest runs.
+        rss_pid="$(broker_pid "$broker")"
+        rss_file="$OUT/rss-$broker-$size.txt"
+        : >"$rss_file"
+        if [ -n "$rss_pid" ]; then
+            (while kill -0 "$rss_pid" 2>/dev/null; do
+                ps -o rss= -p "$rss_pid" >>"$rss_file" 2>/dev/null || true
+                sleep 1
+            done) &
+            RSS_SAMPLER=$!
+        fi
         echo "java -jar $PERFTEST_JAR ${args[*]}" | tee "$log"
         # PerfTest stops itself after -z seconds; the timeout is a backstop.
         if ! timeout "$((SECONDS_PER_CASE + 60))" java -jar "$PERFTEST_JAR" "${args[@]}" 2>&1 |
             sed 's/\x1b\[[0-9;]*m//g' | tee -a "$log" | grep -E 'time [0-9.]+ s|rate avg|latency min'; then
             die "PerfTest against $broker (size $size) failed; see $log"
         fi
+        [ -n "$RSS_SAMPLER" ] && kill "$RSS_SAMPLER" 2>/dev/null && wait "$RSS_SAMPLER" 2>/dev/null || true
+        RSS_SAMPLER=""
         # Summary lines (PerfTest 2.x):
         #   id: X, receiving rate avg: 12847 msg/s
         #   id: X, consumer latency min/median/75th/95th/99th 1784/146237/396403/740283/845222 µs
@@ -215,6 +267,8 @@ for size in $SIZES; do
         RES[$broker,$size,sent]="${sent:-?}"
         RES[$broker,$size,p50]="$p50" # microseconds
         RES[$broker,$size,p99]="$p99" # microseconds
+        RES[$broker,$size,rss]="$(sort -n "$rss_file" | tail -n1 | awk '{ if ($1 > 0) printf "%.0f", $1 / 1024; else print "?" }')"
+        [ -n "${RES[$broker,$size,rss]}" ] || RES[$broker,$size,rss]="?"
         # Let the broker drain and settle between cases.
         sleep 2
     done
@@ -228,14 +282,28 @@ ratio() { # a/b with 2 decimals, or n/a
 }
 
 report="$OUT/results.md"
+COMMAND="BENCH_MODE=$MODE BENCH_SECONDS=$SECONDS_PER_CASE BENCH_SIZES=\"$SIZES\"${ONLY:+ BENCH_ONLY=$ONLY}${RATE:+ BENCH_RATE=$RATE}"
+[ "$SCENARIO" = 1p1c ] || COMMAND+=" BENCH_SCENARIO=$SCENARIO"
+COMMAND+=" scripts/bench.sh"
+case "$SCENARIO" in
+    1p1c) SHAPE="1 producer / 1 consumer, one queue" ;;
+    10q) SHAPE="10 producers / 10 consumers over 10 queues (a producer and a consumer per queue)" ;;
+    100q) SHAPE="100 queues with a producer and a consumer each, at a fixed total rate" ;;
+    fanout) SHAPE="1 producer to a fanout exchange with 10 consumers, a queue each (receive rate counts every copy)" ;;
+esac
+if [ "$SCENARIO" = 100q ]; then
+    RATE_TEXT="${RATE:-10000} msg/s in total"
+else
+    RATE_TEXT="${RATE:-unlimited}${RATE:+ msg/s per producer}"
+fi
 {
     echo "# Warren vs RabbitMQ — PerfTest, $STAMP"
     echo
-    echo "- command: \`BENCH_MODE=$MODE BENCH_SECONDS=$SECONDS_PER_CASE BENCH_SIZES=\"$SIZES\"${ONLY:+ BENCH_ONLY=$ONLY}${RATE:+ BENCH_RATE=$RATE} scripts/bench.sh\`"
+    echo "- command: \`$COMMAND\`"
     if [ "$MODE" = replicated ]; then
         echo "- load: PerfTest 1 producer / 1 consumer on node 1 of a 3-node cluster, replicated queue (\`x-queue-type: quorum\`, 3 replicas), persistent messages, confirms (-c 100), manual acks (-q 200 -A 100), ${SECONDS_PER_CASE} s per case; latency columns are **confirm** latency"
     elif [ "$MODE" = persistent ]; then
-        echo "- load: PerfTest 1 producer / 1 consumer, durable queue, persistent messages, confirms (-c 100), manual acks (-q 200 -A 100), ${SECONDS_PER_CASE} s per case; latency columns are **confirm** latency"
+        echo "- load: PerfTest $SHAPE, durable queues, persistent messages, confirms (-c 100), manual acks (-q 200 -A 100), ${SECONDS_PER_CASE} s per case; latency columns are **confirm** latency"
         totals="$(grep -a 'message store totals' "$OUT/warren.log" 2>/dev/null | tail -n1 || true)"
         if [ -n "$totals" ]; then
             rec="$(echo "$totals" | grep -oE 'records=[0-9]+' | cut -d= -f2)"
@@ -244,16 +312,16 @@ report="$OUT/results.md"
             echo "- Warren message store over the whole run: $rec records in $fs fsyncs ($(ratio "$rec" "$fs") records per fsync; a message is one enqueue and one remove record), $by bytes written ($(ratio "$by" "$((rec / 2))") bytes per message)"
         fi
     else
-        echo "- load: PerfTest 1 producer / 1 consumer, autoack, transient messages, ${SECONDS_PER_CASE} s per case, publish rate ${RATE:-unlimited}"
+        echo "- load: PerfTest $SHAPE, autoack, transient messages, ${SECONDS_PER_CASE} s per case, publish rate $RATE_TEXT"
     fi
     echo "- tool: $PT_VERSION; reference: RabbitMQ $(dpkg-query -W -f='${Version}' rabbitmq-server 2>/dev/null || echo '?') (Debian)"
     echo "- host: $(nproc) cores, $(uname -sr), load average $LOAD_BEFORE before the run; git $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
     echo
-    echo "| broker | size (B) | send rate (msg/s) | receive rate (msg/s) | p50 latency | p99 latency |"
-    echo "|---|---:|---:|---:|---:|---:|"
+    echo "| broker | size (B) | send rate (msg/s) | receive rate (msg/s) | p50 latency | p99 latency | peak RSS (MiB) |"
+    echo "|---|---:|---:|---:|---:|---:|---:|"
     for size in $SIZES; do
         for broker in "${BROKERS[@]}"; do
-            echo "| $broker | $size | ${RES[$broker,$size,sent]} | ${RES[$broker,$size,recv]} | $(fmt_us "${RES[$broker,$size,p50]}") | $(fmt_us "${RES[$broker,$size,p99]}") |"
+            echo "| $broker | $size | ${RES[$broker,$size,sent]} | ${RES[$broker,$size,recv]} | $(fmt_us "${RES[$broker,$size,p50]}") | $(fmt_us "${RES[$broker,$size,p99]}") | ${RES[$broker,$size,rss]} |"
         done
     done
     if [ ${#BROKERS[@]} = 2 ]; then
@@ -270,17 +338,17 @@ header "results ($report)"
 cat "$report"
 
 # What the report tool needs to label its charts (scripts/bench_report.py).
-BENCH_COMMAND="BENCH_MODE=$MODE BENCH_SECONDS=$SECONDS_PER_CASE BENCH_SIZES=\"$SIZES\"${ONLY:+ BENCH_ONLY=$ONLY}${RATE:+ BENCH_RATE=$RATE} scripts/bench.sh" \
+BENCH_COMMAND="$COMMAND" \
     BENCH_LOAD="$(grep -m1 '^- load: ' "$report" | sed 's/^- load: //')" \
     BENCH_TOOL="$PT_VERSION" \
     BENCH_REFERENCE="RabbitMQ $(dpkg-query -W -f='${Version}' rabbitmq-server 2>/dev/null || echo '?') (Debian)" \
     BENCH_HOST="$(nproc) cores, $(uname -sr), load average $LOAD_BEFORE before the run" \
     BENCH_GIT="$(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (dirty)')" \
-    BENCH_STAMP="$STAMP" BENCH_MODE_NAME="$MODE" \
-    python3 -c 'import json, os; print(json.dumps({k: os.environ["BENCH_" + v] for k, v in [("command", "COMMAND"), ("load", "LOAD"), ("tool", "TOOL"), ("reference", "REFERENCE"), ("host", "HOST"), ("git", "GIT"), ("stamp", "STAMP"), ("mode", "MODE_NAME")]}, indent=2))' \
+    BENCH_STAMP="$STAMP" BENCH_MODE_NAME="$MODE" BENCH_SCENARIO_NAME="$SCENARIO" \
+    python3 -c 'import json, os; print(json.dumps({k: os.environ["BENCH_" + v] for k, v in [("command", "COMMAND"), ("load", "LOAD"), ("tool", "TOOL"), ("reference", "REFERENCE"), ("host", "HOST"), ("git", "GIT"), ("stamp", "STAMP"), ("mode", "MODE_NAME"), ("scenario", "SCENARIO_NAME")]}, indent=2))' \
     >"$OUT/meta.json"
 
 if [ -n "$REPORT" ]; then
     header "charts (scripts/bench_report.py)"
-    "$WARREN_VENV/bin/python" "$WARREN_ROOT/scripts/bench_report.py" "$OUT" --publish "$WARREN_ROOT/docs/bench/$MODE"
+    "$WARREN_VENV/bin/python" "$WARREN_ROOT/scripts/bench_report.py" "$OUT" --publish "$WARREN_ROOT/docs/bench/$MODE$([ "$SCENARIO" = 1p1c ] || echo "-$SCENARIO")"
 fi

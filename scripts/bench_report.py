@@ -51,6 +51,8 @@ class Case:
     latency_kind: str
     # (second, receive rate) per line of PerfTest's CSV.
     timeline: list[tuple[float, float]] = field(default_factory=list)
+    # The broker's peak resident memory in KiB (bench.sh samples it each second), if known.
+    peak_rss_kib: int | None = None
 
 
 SUMMARY_RATE = re.compile(r"(sending|receiving) rate avg: ([0-9.]+) msg/s")
@@ -93,6 +95,13 @@ def parse_timeline(path: Path) -> list[tuple[float, float]]:
     return out
 
 
+def parse_rss(path: Path) -> int | None:
+    if not path.exists():
+        return None
+    samples = [int(v) for v in path.read_text(encoding="utf-8").split() if v.isdigit()]
+    return max(samples) if samples else None
+
+
 def load(run: Path) -> tuple[dict, list[Case]]:
     if not run.is_dir():
         raise ReportError(f"{run} is not a directory")
@@ -111,7 +120,8 @@ def load(run: Path) -> tuple[dict, list[Case]]:
         except ReportError as e:
             raise ReportError(f"{txt}: {e}") from None
         timeline = parse_timeline(txt.with_suffix(".csv"))
-        cases.append(Case(broker, size, sent, received, latency, kind, timeline))
+        rss = parse_rss(run / f"rss-{broker}-{size}.txt")
+        cases.append(Case(broker, size, sent, received, latency, kind, timeline, rss))
     if not cases:
         raise ReportError(f"no PerfTest output (perftest-<broker>-<size>.txt) in {run}")
     order = {"warren": 0, "rabbitmq": 1}
@@ -161,6 +171,8 @@ def charts(run: Path, meta: dict, cases: list[Case]) -> list[str]:
     sizes = sorted({c.size for c in cases})
     by = {(c.broker, c.size): c for c in cases}
     mode = meta.get("mode", "transient")
+    if meta.get("scenario", "1p1c") != "1p1c":
+        mode += f", {meta['scenario']}"
     written = []
 
     def save(fig, name: str) -> None:
@@ -247,14 +259,16 @@ def markdown(meta: dict, cases: list[Case], images: list[str]) -> str:
     kind = cases[0].latency_kind
     lines += [
         "",
-        f"| broker | size | send rate (msg/s) | receive rate (msg/s) | {kind} p50 | {kind} p99 |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| broker | size | send rate (msg/s) | receive rate (msg/s) | {kind} p50 | {kind} p99 "
+        "| peak RSS (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for c in cases:
         sent = f"{c.sent:,.0f}" if c.sent is not None else "?"
+        rss = f"{c.peak_rss_kib / 1024:.0f}" if c.peak_rss_kib else "?"
         lines.append(
             f"| {NAMES.get(c.broker, c.broker)} | {human_size(c.size)} | {sent} | "
-            f"{c.received:,.0f} | {human_us(c.latency[1])} | {human_us(c.latency[4])} |"
+            f"{c.received:,.0f} | {human_us(c.latency[1])} | {human_us(c.latency[4])} | {rss} |"
         )
     if r := ratios(cases):
         lines += [

@@ -41,8 +41,8 @@ def test_charts_and_report_of_a_run_with_both_brokers(result_dir, tmp_path):
     assert report == (published / "report.md").read_text()
     # The summary lines of both PerfTest outputs, and the ratios computed from them:
     # 14835 / 7147 received, 15293 µs / 27545 µs confirm p99.
-    assert "| Warren | 1 KiB | 14,837 | 14,835 | 5.7 ms | 15.3 ms |" in report
-    assert "| RabbitMQ | 1 KiB | 7,147 | 7,147 | 11.5 ms | 27.5 ms |" in report
+    assert "| Warren | 1 KiB | 14,837 | 14,835 | 5.7 ms | 15.3 ms | ? |" in report
+    assert "| RabbitMQ | 1 KiB | 7,147 | 7,147 | 11.5 ms | 27.5 ms | ? |" in report
     assert "| 1 KiB | 2.08× | 0.56 |" in report
     assert "confirm p99" in report
     assert "- host: 2 cores, Linux 6.18.44-fc-v1300; git ac3626e" in report
@@ -64,7 +64,7 @@ def test_latency_in_milliseconds_and_one_broker_only(result_dir):
     meta = json.loads((result_dir / "meta.json").read_text())
     assert run(result_dir).returncode == 0
     report = (result_dir / "report.md").read_text()
-    assert "| Warren | 1 KiB | 14,837 | 14,835 | 5.0 ms | 150.0 ms |" in report
+    assert "| Warren | 1 KiB | 14,837 | 14,835 | 5.0 ms | 150.0 ms | ? |" in report
     assert "Warren/RabbitMQ" not in report
     assert meta["git"] in report
 
@@ -81,3 +81,17 @@ def test_an_unfinished_perftest_run_is_refused_naming_the_file(result_dir):
     r = run(result_dir)
     assert r.returncode == 2
     assert "perftest-warren-1024.txt" in r.stderr and "receiving rate avg" in r.stderr
+
+
+def test_peak_memory_and_the_scenario_are_reported(result_dir):
+    # bench.sh samples the broker's RSS (KiB) once a second; the peak is reported.
+    (result_dir / "rss-warren-1024.txt").write_text("20480\n 51200\n30720\n")
+    (result_dir / "rss-rabbitmq-1024.txt").write_text("")
+    meta = json.loads((result_dir / "meta.json").read_text())
+    meta["scenario"] = "10q"
+    (result_dir / "meta.json").write_text(json.dumps(meta))
+    assert run(result_dir).returncode == 0
+    report = (result_dir / "report.md").read_text()
+    assert "| Warren | 1 KiB | 14,837 | 14,835 | 5.7 ms | 15.3 ms | 50 |" in report
+    assert "| RabbitMQ | 1 KiB | 7,147 | 7,147 | 11.5 ms | 27.5 ms | ? |" in report
+    assert "replicated, 10q" in (result_dir / "throughput.svg").read_text()
