@@ -5,6 +5,7 @@
 #   PROFILE_SIZE=1024 scripts/profile.sh    # message size
 #   PROFILE_SECONDS=20 scripts/profile.sh   # PerfTest duration (recording: the middle half)
 #   PROFILE_MODE=persistent scripts/profile.sh  # durable queue, persistent, confirms
+#   PROFILE_BIN=/path/to/warren-broker scripts/profile.sh   # that binary, no build
 #   scripts/profile.sh --publish            # also copy the results to
 #                                           # docs/bench/profile-<mode>-<size>/ (README)
 #
@@ -51,9 +52,13 @@ if [ ! -x "$TOOLS/bin/inferno-flamegraph" ]; then
     CARGO_TARGET_DIR="$WARREN_CACHE/tools-target" cargo install --locked --root "$TOOLS" inferno
 fi
 
-header "cargo build --release -p warren-broker"
-cargo build --release -p warren-broker
-BIN="$(cargo_target_dir)/release/warren-broker"
+if [ -n "${PROFILE_BIN:-}" ]; then
+    BIN="$PROFILE_BIN" # another build, for an A/B comparison
+else
+    header "cargo build --release -p warren-broker"
+    cargo build --release -p warren-broker
+    BIN="$(cargo_target_dir)/release/warren-broker"
+fi
 
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 OUT="$WARREN_ROOT/bench-results/profile-$STAMP"
