@@ -331,6 +331,34 @@ async fn vhosts_users_and_permissions() {
     assert_eq!(v["tags"], json!(["a", "b"]));
     assert_eq!(names(&api.get("/vhosts").await.1), vec!["/", "v1"]);
     assert_eq!(api.get("/vhosts/nope").await.0, StatusCode::NOT_FOUND);
+    // The default queue type, in RabbitMQ 3.11's spelling or 3.10's.
+    assert_eq!(
+        api.put("/vhosts/v1", json!({"defaultqueuetype": "quorum"}))
+            .await
+            .0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        api.get("/vhosts/v1").await.1["default_queue_type"],
+        "quorum"
+    );
+    assert_eq!(
+        api.put("/vhosts/v1", json!({"default_queue_type": "classic"}))
+            .await
+            .0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        api.get("/vhosts/v1").await.1["default_queue_type"],
+        "classic"
+    );
+    assert_eq!(
+        bad_request(
+            api.put("/vhosts/v1", json!({"defaultqueuetype": "stream"}))
+                .await
+        ),
+        "field 'defaultqueuetype' must be classic or quorum, got \"stream\""
+    );
 
     // Users: password or password_hash, tags as a string or a list.
     assert_eq!(

@@ -82,10 +82,18 @@ pub fn put_vhost(broker: &Broker, name: &str, body: &Body) -> ApiResult<Change> 
     if let Some(t) = body.tags("tags")? {
         meta.tags = t;
     }
-    if let Some(q) = body.opt_str("default_queue_type")? {
+    // RabbitMQ 3.11+ reads `default_queue_type`; 3.10 only `defaultqueuetype`.
+    let mut default_type = None;
+    for key in ["default_queue_type", "defaultqueuetype"] {
+        if let Some(q) = body.opt_str(key)? {
+            default_type = Some((key, q));
+            break;
+        }
+    }
+    if let Some((key, q)) = default_type {
         if !matches!(q, "classic" | "quorum" | "undefined") {
             return Err(ApiError::bad_request(format!(
-                "field 'default_queue_type' must be classic or quorum, got \"{q}\""
+                "field '{key}' must be classic or quorum, got \"{q}\""
             )));
         }
         meta.default_queue_type = (q != "undefined").then(|| q.to_owned());

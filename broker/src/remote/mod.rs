@@ -291,8 +291,10 @@ fn unreachable(queue: &str, vhost: &str, why: String) -> AmqpError {
 
 impl Broker {
     /// Whether a new queue declared on this node is replicated, and its replicas: a
-    /// `x-queue-type: quorum` queue, or a durable, not auto-delete one matched by a policy's
-    /// `ha-mode` (RabbitMQ's mirrored classic queues; otherwise it stays classic). The
+    /// `x-queue-type: quorum` queue, a durable, not exclusive, not auto-delete one declared
+    /// without `x-queue-type` in a vhost whose default queue type is quorum (as RabbitMQ
+    /// does; exclusive and transient queues stay classic), or a durable, not auto-delete one
+    /// matched by a policy's `ha-mode` (RabbitMQ's mirrored classic queues). The
     /// replicas are this node first, then the other running voters of the metadata group
     /// by name, as many as `x-quorum-initial-group-size` or `ha-params` asks (default: all).
     pub fn replicas_for(
@@ -305,7 +307,14 @@ impl Broker {
         arguments: &amq_protocol::types::FieldTable,
     ) -> Result<Option<crate::replicated::Replicas>, AmqpError> {
         let vhost = v.name.as_str();
-        let queue_type = crate::queue::args::parse(arguments, name, vhost)?.queue_type;
+        let mut queue_type = crate::queue::args::parse(arguments, name, vhost)?.queue_type;
+        if queue_type.is_none() && durable && !auto_delete && !exclusive {
+            // A default of "classic" leaves the queue to the policies, as no default does.
+            queue_type = self
+                .vhost_metadata(vhost)
+                .default_queue_type
+                .filter(|t| t == "quorum");
+        }
         let ha = (queue_type.is_none() && durable && !auto_delete)
             .then(|| HaMode::of(v, name))
             .flatten();

@@ -10,7 +10,7 @@ use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation};
 
-use crate::harness::{Net, SERIAL};
+use crate::harness::{Net, PASS, SERIAL, USER};
 use crate::queues::{channel, durable};
 
 const AGREE: Duration = Duration::from_secs(30);
@@ -506,6 +506,77 @@ async fn a_two_replica_queue_makes_its_members_quorum_critical_and_takes_publish
         )
         .await;
     assert_eq!(tmp["type"], "classic", "{tmp}");
+
+    // A vhost whose default queue type is quorum (set with RabbitMQ 3.10's spelling,
+    // `defaultqueuetype`) replicates a durable queue declared without `x-queue-type`, on
+    // every node; an exclusive queue there stays classic, as in RabbitMQ.
+    let (status, body) = net
+        .send(
+            0,
+            reqwest::Method::PUT,
+            "/api/vhosts/qq",
+            Some(serde_json::json!({"defaultqueuetype": "quorum"})),
+        )
+        .await
+        .expect("PUT vhost");
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = net
+        .send(
+            0,
+            reqwest::Method::PUT,
+            &format!("/api/permissions/qq/{USER}"),
+            Some(serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"})),
+        )
+        .await
+        .expect("PUT permissions");
+    assert!(status == 201 || status == 204, "{status} {body}");
+    let vhost = net
+        .wait_status(outsider, "/api/vhosts/qq", 200, Duration::from_secs(5))
+        .await;
+    assert_eq!(vhost["default_queue_type"], "quorum", "{vhost}");
+    let url = format!("amqp://{USER}:{PASS}@{}:5672/qq", net.nodes[outsider].ip);
+    let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect to vhost qq");
+    let chq = conn.create_channel().await.expect("channel");
+    chq.queue_declare("by-default".into(), durable(), FieldTable::default())
+        .await
+        .expect("declare a queue without x-queue-type");
+    let exclusive = chq
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare an exclusive queue");
+    let by_default = net
+        .wait_status(
+            outsider,
+            "/api/queues/qq/by-default",
+            200,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(by_default["type"], "quorum", "{by_default}");
+    assert_eq!(
+        by_default["members"].as_array().map(Vec::len),
+        Some(3),
+        "{by_default}"
+    );
+    let name = exclusive.name().as_str().to_owned();
+    let excl = net
+        .wait_status(
+            outsider,
+            &format!("/api/queues/qq/{name}"),
+            200,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(excl["type"], "classic", "{excl}");
 }
 
 /// Waits until node `i` shows queue `name` with `n` members; returns them.
