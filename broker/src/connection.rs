@@ -21,7 +21,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::auth;
 use crate::broker::Broker;
@@ -300,90 +300,97 @@ async fn serve_io<R, W>(
     let user = opened.user.clone();
     let span =
         tracing::info_span!("connection", id, %peer, user = %user, vhost = %opened.vhost.name);
-    let _enter = span.enter();
-    let outbox = Outbox::new();
-    let shared = Arc::new(ConnShared {
-        id,
-        broker: broker.clone(),
-        vhost: opened.vhost.clone(),
-        user: opened.user.clone(),
-        outbox: outbox.clone(),
-        frame_max: opened.frame_max,
-        cancel_notify: client_capability(&opened.client_properties, "consumer_cancel_notify"),
-        wake: Arc::new(tokio::sync::Notify::new()),
-        info: crate::registry::ConnectionInfo {
-            name: format!("{peer} -> {local}"),
-            peer,
-            local,
-            client_properties: opened.client_properties.clone(),
-            connected_at: crate::queue::now_ms(),
+    // The span is attached to this future (not entered across its awaits: an entered span
+    // stays current on the worker thread while the task is parked, and every connection
+    // polled there next would nest inside it).
+    async move {
+        let outbox = Outbox::new();
+        let shared = Arc::new(ConnShared {
+            id,
+            broker: broker.clone(),
+            vhost: opened.vhost.clone(),
+            user: opened.user.clone(),
+            outbox: outbox.clone(),
+            frame_max: opened.frame_max,
+            cancel_notify: client_capability(&opened.client_properties, "consumer_cancel_notify"),
+            wake: Arc::new(tokio::sync::Notify::new()),
+            info: crate::registry::ConnectionInfo {
+                name: format!("{peer} -> {local}"),
+                peer,
+                local,
+                client_properties: opened.client_properties.clone(),
+                connected_at: crate::queue::now_ms(),
+                channel_max: opened.channel_max,
+                heartbeat: opened.heartbeat,
+                auth_mechanism: opened.mechanism.clone(),
+                tls,
+            },
+            control: Default::default(),
+        });
+        // The vhost's and the user's connection limits are checked and the connection counted
+        // under one lock: handshakes finishing together cannot overshoot a limit.
+        let admitted = broker.connections.register_within(
+            shared.clone(),
+            opened.vhost.limit(limits::MAX_CONNECTIONS),
+            limits::in_force(
+                &broker.access.user_limits(&opened.user),
+                limits::MAX_CONNECTIONS,
+            ),
+        );
+        if let Err(over) = admitted {
+            refuse(&mut reader, &mut wr, limit_error(&opened, over)).await;
+            return;
+        }
+        let open_ok = AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {}));
+        if send_now(&mut wr, &encode(&open_ok)).await.is_err() {
+            broker.connections.deregister(id);
+            return;
+        }
+        info!("connection opened");
+        if broker.is_draining() {
+            // The drain began after our handshake checked; its sweep may have missed us.
+            shared.control.request_close(crate::broker::DRAIN_REASON);
+        }
+        broker.metrics.connection_opened();
+        let heartbeat = Duration::from_secs(opened.heartbeat as u64);
+        // A client that stopped reading is cut off once its socket has accepted nothing for this
+        // long; never sooner than two heartbeat intervals, the time a dead peer gets.
+        let stall = broker.config.write_timeout.max(heartbeat * 2);
+        let mut writer =
+            tokio::spawn(write_loop(outbox.clone(), wr, heartbeat, stall).in_current_span());
+        let mut conn = Connection {
+            shared,
+            channels: HashMap::new(),
             channel_max: opened.channel_max,
-            heartbeat: opened.heartbeat,
-            auth_mechanism: opened.mechanism.clone(),
-            tls,
-        },
-        control: Default::default(),
-    });
-    // The vhost's and the user's connection limits are checked and the connection counted
-    // under one lock: handshakes finishing together cannot overshoot a limit.
-    let admitted = broker.connections.register_within(
-        shared.clone(),
-        opened.vhost.limit(limits::MAX_CONNECTIONS),
-        limits::in_force(
-            &broker.access.user_limits(&opened.user),
-            limits::MAX_CONNECTIONS,
-        ),
-    );
-    if let Err(over) = admitted {
-        refuse(&mut reader, &mut wr, limit_error(&opened, over)).await;
-        return;
-    }
-    let open_ok = AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {}));
-    if send_now(&mut wr, &encode(&open_ok)).await.is_err() {
+            closing: false,
+            close_deadline: None,
+            blocked_capable: client_capability(&opened.client_properties, "connection.blocked"),
+            has_published: false,
+            sync_pause: false,
+            deferred: None,
+        };
+        let reason = conn.run(&mut reader, heartbeat).await;
         broker.connections.deregister(id);
-        return;
+        conn.cleanup();
+        broker.metrics.connection_closed();
+        outbox.close();
+        // The writer flushes what is left (a close-ok, say) within the close deadline, or the
+        // usual grace if the client closed; a socket that accepts nothing is not waited for
+        // longer: aborting the writer drops its half of the socket, which closes it.
+        let flush_by = conn
+            .close_deadline
+            .unwrap_or_else(|| Instant::now() + CLOSE_TIMEOUT);
+        if tokio::time::timeout_at(flush_by, &mut writer)
+            .await
+            .is_err()
+        {
+            writer.abort();
+            debug!("the socket took nothing more before the close deadline; dropped it");
+        }
+        info!(reason = %reason, "connection closed");
     }
-    info!("connection opened");
-    if broker.is_draining() {
-        // The drain began after our handshake checked; its sweep may have missed us.
-        shared.control.request_close(crate::broker::DRAIN_REASON);
-    }
-    broker.metrics.connection_opened();
-    let heartbeat = Duration::from_secs(opened.heartbeat as u64);
-    // A client that stopped reading is cut off once its socket has accepted nothing for this
-    // long; never sooner than two heartbeat intervals, the time a dead peer gets.
-    let stall = broker.config.write_timeout.max(heartbeat * 2);
-    let mut writer = tokio::spawn(write_loop(outbox.clone(), wr, heartbeat, stall));
-    let mut conn = Connection {
-        shared,
-        channels: HashMap::new(),
-        channel_max: opened.channel_max,
-        closing: false,
-        close_deadline: None,
-        blocked_capable: client_capability(&opened.client_properties, "connection.blocked"),
-        has_published: false,
-        sync_pause: false,
-        deferred: None,
-    };
-    let reason = conn.run(&mut reader, heartbeat).await;
-    broker.connections.deregister(id);
-    conn.cleanup();
-    broker.metrics.connection_closed();
-    outbox.close();
-    // The writer flushes what is left (a close-ok, say) within the close deadline, or the
-    // usual grace if the client closed; a socket that accepts nothing is not waited for
-    // longer: aborting the writer drops its half of the socket, which closes it.
-    let flush_by = conn
-        .close_deadline
-        .unwrap_or_else(|| Instant::now() + CLOSE_TIMEOUT);
-    if tokio::time::timeout_at(flush_by, &mut writer)
-        .await
-        .is_err()
-    {
-        writer.abort();
-        debug!("the socket took nothing more before the close deadline; dropped it");
-    }
-    info!(reason = %reason, "connection closed");
+    .instrument(span)
+    .await
 }
 
 /// What authentication can use of the connection's transport.
