@@ -438,23 +438,28 @@ exercise() {
     # generated password makes the operator create its credentials Secret.
     kc apply -n "$ns" -f samples/vhost.yaml -f samples/user.yaml -f samples/permission.yaml \
         -f samples/topicpermission.yaml -f samples/queue.yaml -f samples/exchange.yaml \
-        -f samples/operatorpolicy.yaml >/dev/null
+        -f samples/binding.yaml -f samples/operatorpolicy.yaml >/dev/null
     local r
     for r in vhosts.warren.dev/orders users.warren.dev/orders-app users.warren.dev/orders-monitor \
         permissions.warren.dev/orders-app topicpermissions.warren.dev/orders-app-amq-topic \
         queues.warren.dev/orders-incoming exchanges.warren.dev/orders-events \
-        operatorpolicies.warren.dev/orders-limits-hard; do
+        bindings.warren.dev/orders-created operatorpolicies.warren.dev/orders-limits-hard; do
         wait_until "$r Ready" 60 field_is "$ns" "$r" '{.status.conditions[?(@.type=="Ready")].status}' True
     done
     [ -n "$(kc -n "$ns" get secret orders-app-user-credentials -o jsonpath='{.data.password}')" ] ||
         die "no generated Secret orders-app-user-credentials"
     curl -fsS -u "$user:$pass" "$mgmt/api/permissions/orders/orders-app" | grep -q 'orders' ||
         die "the broker has no permissions of orders-app in orders"
+    curl -fsS -u "$user:$pass" "$mgmt/api/bindings/orders/e/orders.events/q/orders.incoming" | grep -q 'order.created' ||
+        die "the broker has no binding orders.events -> orders.incoming"
+    kc -n "$ns" delete bindings.warren.dev --all --wait --timeout=60s >/dev/null
+    curl -fsS -u "$user:$pass" "$mgmt/api/bindings/orders/e/orders.events/q/orders.incoming" | grep -q 'order.created' &&
+        die "deleting the Binding did not delete it from the broker"
     kc -n "$ns" delete operatorpolicies.warren.dev,exchanges.warren.dev,queues.warren.dev,topicpermissions.warren.dev,permissions.warren.dev,users.warren.dev,vhosts.warren.dev \
         --all --wait --timeout=60s >/dev/null
     [ "$(curl -s -o /dev/null -w '%{http_code}' -u "$user:$pass" "$mgmt/api/vhosts/orders")" = 404 ] ||
         die "deleting the Vhost did not delete it from the broker"
-    pass "$ns: samples vhost/user/permission/topicpermission/queue/exchange/operatorpolicy written to the broker, and removed"
+    pass "$ns: samples vhost/user/permission/topicpermission/queue/exchange/binding/operatorpolicy written to the broker, and removed"
 
     # Volume expansion: a class that allows it; the claim is resized and the StatefulSet
     # re-created with the new claim template.
@@ -495,7 +500,7 @@ OP_NS="warren-chart-$RUN_ID"
 APPS_NS="warren-chart-apps-$RUN_ID"
 CLEANUP_CMDS+=("'$HELM' uninstall warren -n $OP_NS --wait" "drop_finalizers $OP_NS $APPS_NS" "'$KUBECTL' delete namespace $OP_NS $APPS_NS --wait=false")
 helm_install warren "$OP_NS" >"$WORK/helm-install.out" 2>&1 || { cat "$WORK/helm-install.out"; die "helm install failed"; }
-for crd in rabbitclusters policies federations shovels vhosts users permissions topicpermissions queues exchanges operatorpolicies; do
+for crd in rabbitclusters policies federations shovels vhosts users permissions topicpermissions queues exchanges bindings operatorpolicies; do
     kc wait --for=condition=Established "crd/$crd.warren.dev" --timeout=60s >/dev/null
     [ "$(kc get crd "$crd.warren.dev" -o jsonpath='{.metadata.annotations.meta\.helm\.sh/release-name}')" = warren ] ||
         die "CRD $crd.warren.dev is not managed by the release"
@@ -556,7 +561,7 @@ for rel in "warren-team:$NS_NS" "warren:$OP_NS"; do
     [ -z "$(kc get clusterrole,clusterrolebinding -l "app.kubernetes.io/instance=${rel%%:*}" -o name)" ] ||
         die "cluster-scoped RBAC of release ${rel%%:*} remains after helm uninstall"
 done
-for crd in rabbitclusters policies federations shovels vhosts users permissions topicpermissions queues exchanges operatorpolicies; do
+for crd in rabbitclusters policies federations shovels vhosts users permissions topicpermissions queues exchanges bindings operatorpolicies; do
     kc get crd "$crd.warren.dev" >/dev/null || die "CRD $crd.warren.dev was deleted by helm uninstall (crds.keep is on)"
 done
 pass "helm uninstall: Deployment, ServiceAccount, RBAC, Service, dashboards gone; CRDs kept"

@@ -8,6 +8,9 @@
 //! Queues, exchanges and operator policies likewise, with a short resync: one deleted on the
 //! broker comes back.
 //!
+//! Bindings likewise (short resync): to a queue and to an exchange, with arguments, restored
+//! after a deletion on the broker, immutable, deleted (only the one binding) or retained.
+//!
 //! Also here: `rabbitClusterReference` and `connectionSecret` cannot be changed once set
 //! (the API server refuses it, on every topology kind).
 
@@ -19,8 +22,8 @@ use warren_e2e::topology::{
 };
 use warren_e2e::{Broker, Operator, client, ensure_crds, namespace, wait_for};
 use warren_operator::crd::{
-    Exchange, Federation, OperatorPolicy, Permission, Policy, Queue, Shovel, TopicPermission, User,
-    Vhost,
+    Binding, Exchange, Federation, OperatorPolicy, Permission, Policy, Queue, Shovel,
+    TopicPermission, User, Vhost,
 };
 
 /// Which broker a scenario configures, and how the resources name it.
@@ -754,6 +757,241 @@ async fn queue_scenario(client: &Client, ns: &str, t: &Target) {
     m.delete(&kpath).await;
 }
 
+/// The bindings between source and destination, as the broker lists them.
+async fn bindings(m: &Mgmt, path: &str) -> Vec<Value> {
+    m.get(path)
+        .await
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+}
+
+/// Waits until the listing at `path` has (or, with `present` false, lacks) a binding with
+/// routing key `key`; returns that binding.
+async fn wait_binding(m: &Mgmt, path: &str, key: &str, present: bool) -> Option<Value> {
+    wait_for(
+        &format!("binding {key:?} at {path} present={present}"),
+        LONG,
+        || async move {
+            let found = bindings(m, path)
+                .await
+                .into_iter()
+                .find(|b| b["routing_key"] == key);
+            match (found, present) {
+                (Some(b), true) => Some(Some(b)),
+                (None, false) => Some(None),
+                _ => None,
+            }
+        },
+    )
+    .await
+}
+
+/// Bindings to a queue and to an exchange on `t`: refused while the queue is missing (the
+/// broker's error in the condition), created, restored after a deletion on the broker,
+/// immutable, deleted one at a time (another binding between the same ends stays) or retained.
+async fn binding_scenario(client: &Client, ns: &str, t: &Target) {
+    let m = &t.mgmt;
+    let sfx = &t.suffix;
+    let (src, dst_x, q) = (
+        format!("bsrc-{sfx}"),
+        format!("bdst-{sfx}"),
+        format!("bq-{sfx}"),
+    );
+    m.put(
+        &format!("/api/exchanges/%2F/{src}"),
+        json!({"type": "topic", "durable": false}),
+    )
+    .await;
+    m.put(
+        &format!("/api/exchanges/%2F/{dst_x}"),
+        json!({"type": "headers", "durable": false}),
+    )
+    .await;
+    let qlist = format!("/api/bindings/%2F/e/{src}/q/{q}");
+    let xlist = format!("/api/bindings/%2F/e/{src}/e/{dst_x}");
+
+    // The queue does not exist yet: the broker refuses, and says so in the condition.
+    create::<Binding>(
+        client,
+        ns,
+        manifest(
+            "Binding",
+            ns,
+            "orders",
+            t.spec(json!({"source": src, "destination": q, "routingKey": "order.*"})),
+        ),
+    )
+    .await;
+    // (A RabbitCluster that is not ready yet is another reason: wait for the broker's.)
+    let message = wait_for("the broker refusing the binding", LONG, || async {
+        let st = status_of::<Binding>(client, ns, "orders").await;
+        st["conditions"].as_array()?.iter().find_map(|c| {
+            (c["type"] == "Ready" && c["status"] == "False" && c["reason"] == "BrokerRefused")
+                .then(|| c["message"].as_str().unwrap_or_default().to_string())
+        })
+    })
+    .await;
+    assert!(message.contains(&q), "{message}");
+    m.put(
+        &format!("/api/queues/%2F/{q}"),
+        json!({"durable": false, "arguments": {"x-queue-type": "classic"}}),
+    )
+    .await;
+    let b = wait_binding(m, &qlist, "order.*", true)
+        .await
+        .expect("binding");
+    assert_eq!(b["destination_type"], "queue", "{b}");
+    wait_generation::<Binding>(client, ns, "orders", 1).await;
+    // A second binding between the same ends.
+    create::<Binding>(
+        client,
+        ns,
+        manifest(
+            "Binding",
+            ns,
+            "created",
+            t.spec(json!({"source": src, "destination": q, "routingKey": "order.created"})),
+        ),
+    )
+    .await;
+    wait_binding(m, &qlist, "order.created", true).await;
+    // Exchange to exchange, with arguments.
+    create::<Binding>(
+        client,
+        ns,
+        manifest(
+            "Binding",
+            ns,
+            "eu",
+            t.spec(
+                json!({"source": src, "destination": dst_x, "destinationType": "exchange",
+                          "arguments": {"x-match": "all", "region": "eu"}}),
+            ),
+        ),
+    )
+    .await;
+    let b = wait_binding(m, &xlist, "", true).await.expect("binding");
+    assert_eq!(b["destination_type"], "exchange", "{b}");
+    assert_eq!(
+        b["arguments"],
+        json!({"x-match": "all", "region": "eu"}),
+        "{b}"
+    );
+    wait_generation::<Binding>(client, ns, "eu", 1).await;
+
+    // Drift: deleted on the broker (by its properties key), it is bound again at the next
+    // resync.
+    let props = b["properties_key"].as_str().expect("properties_key");
+    m.delete(&format!("{xlist}/{}", urlencode(props))).await;
+    wait_binding(m, &xlist, "", false).await;
+    let b = wait_binding(m, &xlist, "", true)
+        .await
+        .expect("bound again");
+    assert_eq!(b["arguments"]["region"], "eu", "{b}");
+
+    // Nothing that identifies a binding can change.
+    for change in [
+        json!({"spec": {"routingKey": "other"}}),
+        json!({"spec": {"destination": "elsewhere"}}),
+        json!({"spec": {"destinationType": "queue"}}),
+        json!({"spec": {"arguments": {"x-match": "any"}}}),
+        json!({"spec": {"arguments": null}}),
+    ] {
+        let err = patch::<Binding>(client, ns, "eu", change.clone())
+            .await
+            .expect_err(&format!("{change}"));
+        assert!(
+            err.to_string()
+                .contains("cannot be changed (they are what identifies a binding"),
+            "{change}: {err}"
+        );
+    }
+
+    // Deleting one Binding removes that binding only.
+    delete::<Binding>(client, ns, "orders").await;
+    wait_binding(m, &qlist, "order.*", false).await;
+    assert!(
+        bindings(m, &qlist)
+            .await
+            .iter()
+            .any(|b| b["routing_key"] == "order.created"),
+        "the other binding between the same ends stays"
+    );
+    delete::<Binding>(client, ns, "created").await;
+    wait_binding(m, &qlist, "order.created", false).await;
+    // Retain keeps it.
+    patch::<Binding>(
+        client,
+        ns,
+        "eu",
+        json!({"spec": {"deletionPolicy": "retain"}}),
+    )
+    .await
+    .expect("deletionPolicy is mutable");
+    wait_generation::<Binding>(client, ns, "eu", 2).await;
+    delete::<Binding>(client, ns, "eu").await;
+    assert!(
+        !bindings(m, &xlist).await.is_empty(),
+        "retain keeps the binding"
+    );
+    // Leave nothing behind on a broker that outlives the test.
+    m.delete(&format!("/api/queues/%2F/{q}")).await;
+    m.delete(&format!("/api/exchanges/%2F/{dst_x}")).await;
+    m.delete(&format!("/api/exchanges/%2F/{src}")).await;
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bindings_reach_warren() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = namespace(&client, "bindings").await;
+    let _op = Operator::start_with(&ns, &["--topology-resync-seconds", "2"]);
+    let broker = Broker::start().await;
+    cluster_for(&client, &ns, "site", &broker).await;
+    let target = Target {
+        mgmt: Mgmt::of(&broker),
+        field: "rabbitClusterReference",
+        reference: json!({"name": "site"}),
+        suffix: "w".into(),
+    };
+    binding_scenario(&client, &ns, &target).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bindings_reach_a_stock_rabbitmq() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = namespace(&client, "bindings-stock").await;
+    let _op = Operator::start_with(&ns, &["--topology-resync-seconds", "2"]);
+    let rmq = Mgmt::rabbitmq();
+    secret(
+        &client,
+        &ns,
+        "rabbitmq",
+        json!({"uri": rmq.url, "username": "guest", "password": "guest"}),
+    )
+    .await;
+    let target = Target {
+        mgmt: rmq,
+        field: "connectionSecret",
+        reference: json!({"name": "rabbitmq"}),
+        suffix: ns[ns.len() - 6..].to_string(),
+    };
+    binding_scenario(&client, &ns, &target).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn queues_exchanges_and_operator_policies_reach_warren() {
     let client = client().await;
@@ -947,6 +1185,18 @@ async fn the_broker_of_a_topology_resource_cannot_be_changed() {
     refused_for!(Queue, "q");
     refused_for!(Exchange, "x");
     refused_for!(OperatorPolicy, "op");
+    create::<Binding>(
+        &client,
+        &ns,
+        manifest(
+            "Binding",
+            &ns,
+            "b",
+            with(json!({"source": "x", "destination": "q"})),
+        ),
+    )
+    .await;
+    refused_for!(Binding, "b");
 
     // A resource created with connectionSecret keeps it too.
     create::<Vhost>(

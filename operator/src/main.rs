@@ -8,8 +8,8 @@ use clap::{Parser, ValueEnum};
 use tracing_subscriber::EnvFilter;
 use warren_operator::cluster::controller::{self, Context};
 use warren_operator::crd::{
-    Exchange, Federation, OperatorPolicy, Permission, Policy, Queue, Shovel, TopicPermission, User,
-    Vhost,
+    Binding, Exchange, Federation, OperatorPolicy, Permission, Policy, Queue, Shovel,
+    TopicPermission, User, Vhost,
 };
 use warren_operator::lease::{Elector, LeaseConfig};
 use warren_operator::metrics::{self, Health, Metrics};
@@ -23,7 +23,7 @@ enum LogFormat {
 }
 
 /// The Warren operator: reconciles RabbitCluster, Policy, Federation, Shovel, Vhost, User,
-/// Permission, TopicPermission, Queue, Exchange and OperatorPolicy resources.
+/// Permission, TopicPermission, Queue, Exchange, Binding and OperatorPolicy resources.
 #[derive(Debug, Parser)]
 #[command(name = "warren-operator", version)]
 struct Cli {
@@ -222,6 +222,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             topology::run::<TopicPermission>(topology.clone(), ns.clone()),
             topology::run::<Queue>(topology.clone(), ns.clone()),
             topology::run::<Exchange>(topology.clone(), ns.clone()),
+            topology::run::<Binding>(topology.clone(), ns.clone()),
             topology::run::<OperatorPolicy>(topology, ns),
         );
     };

@@ -151,6 +151,23 @@ impl ManagementClient {
         self.send("PUT", path, Some(body)).await.map(|_| ())
     }
 
+    /// POST: creates an object the broker names itself (a binding).
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> Result<(), ManagementError> {
+        self.send("POST", path, Some(body)).await.map(|_| ())
+    }
+
+    /// GET that tells "not there" (404) apart from a failure.
+    pub async fn get_opt<T: DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<Option<T>, ManagementError> {
+        match self.get(path).await {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.status() == Some(404) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// DELETE; a 404 counts as deleted.
     pub async fn delete(&self, path: &str) -> Result<(), ManagementError> {
         match self.send("DELETE", path, None).await {

@@ -91,14 +91,14 @@ permissions: a missing one fails it.
 {{- define "warren-operator.rules" -}}
 # The custom resources: watched, finalizers added and removed (JSON patch), status patched.
 - apiGroups: ["warren.dev"]
-  resources: ["rabbitclusters", "policies", "federations", "shovels", "vhosts", "users", "permissions", "topicpermissions", "queues", "exchanges", "operatorpolicies"]
+  resources: ["rabbitclusters", "policies", "federations", "shovels", "vhosts", "users", "permissions", "topicpermissions", "queues", "exchanges", "bindings", "operatorpolicies"]
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["warren.dev"]
-  resources: ["rabbitclusters/status", "policies/status", "federations/status", "shovels/status", "vhosts/status", "users/status", "permissions/status", "topicpermissions/status", "queues/status", "exchanges/status", "operatorpolicies/status"]
+  resources: ["rabbitclusters/status", "policies/status", "federations/status", "shovels/status", "vhosts/status", "users/status", "permissions/status", "topicpermissions/status", "queues/status", "exchanges/status", "bindings/status", "operatorpolicies/status"]
   verbs: ["patch"]
 # Owner references with blockOwnerDeletion need this where OwnerReferencesPermissionEnforcement is on.
 - apiGroups: ["warren.dev"]
-  resources: ["rabbitclusters/finalizers", "policies/finalizers", "federations/finalizers", "shovels/finalizers", "vhosts/finalizers", "users/finalizers", "permissions/finalizers", "topicpermissions/finalizers", "queues/finalizers", "exchanges/finalizers", "operatorpolicies/finalizers"]
+  resources: ["rabbitclusters/finalizers", "policies/finalizers", "federations/finalizers", "shovels/finalizers", "vhosts/finalizers", "users/finalizers", "permissions/finalizers", "topicpermissions/finalizers", "queues/finalizers", "exchanges/finalizers", "bindings/finalizers", "operatorpolicies/finalizers"]
   verbs: ["update"]
 # What a RabbitCluster owns, written by server-side apply (which needs create for a new
 # object and patch); the StatefulSet is also deleted (orphaning its pods) to grow its volume

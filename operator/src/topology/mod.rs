@@ -1,6 +1,6 @@
 //! Controllers for the resources that configure a broker through its management HTTP API:
 //! `Policy`, `Federation`, `Shovel`, `Vhost`, `User`, `Permission`, `TopicPermission`,
-//! `Queue`, `Exchange` and `OperatorPolicy`.
+//! `Queue`, `Exchange`, `Binding` and `OperatorPolicy`.
 //! One generic reconcile does the work; each kind says where its object lives on the broker,
 //! how its body is made and what to report.
 //!
@@ -8,6 +8,7 @@
 //! default-user Secret, or the cluster's `warren.dev/management-uri` annotation) or a
 //! `connectionSecret` (any broker, a stock RabbitMQ included).
 
+pub mod binding;
 pub mod exchange;
 pub mod federation;
 pub mod operator_policy;
@@ -113,7 +114,18 @@ pub trait Topology:
     fn broker_user(&self) -> Option<String> {
         None
     }
-    /// The PUT body; `secret` holds the `uri_secret`'s keys.
+    /// Whether the object is created by POSTing the body to `path` (the broker names it, as
+    /// it does a binding) rather than PUT at `path`.
+    const CREATED_BY_POST: bool = false;
+    /// Whether `delete_path` needs what a GET of `path` answers (a binding: DELETE needs
+    /// the properties key the broker gave it).
+    const DELETE_NEEDS_LOOKUP: bool = false;
+    /// The path to DELETE; with `DELETE_NEEDS_LOOKUP`, `current` is what GET `path`
+    /// answered (`None`: 404). `None`: nothing of this object is on the broker.
+    fn delete_path(&self, _current: Option<&Value>) -> Option<String> {
+        Some(self.path())
+    }
+    /// The PUT (or POST) body; `secret` holds the `uri_secret`'s keys.
     fn body(&self, secret: Option<&BTreeMap<String, String>>) -> Result<Value, String>;
     /// Management API paths read after a successful apply, for the status.
     fn observe_paths(&self) -> Vec<String> {
@@ -562,10 +574,12 @@ async fn apply<T: Topology>(obj: &T, ctx: &Context) -> Result<Action, Error> {
                 ),
             ));
         }
-        client
-            .put(&resolved.path(), &body)
-            .await
-            .map_err(broker_error)?;
+        let write = if T::CREATED_BY_POST {
+            client.post(&resolved.path(), &body).await
+        } else {
+            client.put(&resolved.path(), &body).await
+        };
+        write.map_err(broker_error)?;
         let mut observed = Vec::new();
         for path in resolved.observe_paths() {
             observed.push(client.get::<Value>(&path).await.ok());
@@ -656,7 +670,17 @@ async fn cleanup<T: Topology>(obj: &T, ctx: &Context) -> Result<Action, Error> {
         }) => return Ok(Action::await_change()),
         Err(e) => return Err(e),
     };
-    client.delete(&obj.path()).await.map_err(broker_error)?;
+    let current = if T::DELETE_NEEDS_LOOKUP {
+        client
+            .get_opt::<Value>(&obj.path())
+            .await
+            .map_err(broker_error)?
+    } else {
+        None
+    };
+    if let Some(path) = obj.delete_path(current.as_ref()) {
+        client.delete(&path).await.map_err(broker_error)?;
+    }
     event(
         ctx,
         obj,
