@@ -263,3 +263,19 @@ pub async fn cluster_for(client: &Client, ns: &str, name: &str, broker: &Broker)
     )
     .await;
 }
+
+/// The value of the operator's counter `name{label="value"}` at `metrics_url` (0 while it
+/// has no such series).
+pub async fn counter(metrics_url: &str, name: &str, label: &str, value: &str) -> u64 {
+    let text = reqwest::get(format!("{metrics_url}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let prefix = format!("{name}{{{label}=\"{value}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}

@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use warren_e2e::topology::{
-    LONG, Mgmt, cluster_for, create, delete, patch, secret, status_of, wait_ready,
+    LONG, Mgmt, cluster_for, counter, create, delete, patch, secret, status_of, wait_ready,
 };
 use warren_e2e::{Broker, Operator, client, ensure_crds, namespace, wait_for};
 use warren_operator::crd::{
@@ -35,6 +35,8 @@ struct Target {
     reference: Value,
     /// Appended to names on the broker (the reference RabbitMQ outlives a test run).
     suffix: String,
+    /// The operator's metrics endpoint.
+    metrics: String,
 }
 
 impl Target {
@@ -631,11 +633,45 @@ async fn queue_scenario(client: &Client, ns: &str, t: &Target) {
         "{x}"
     );
     wait_generation::<Exchange>(client, ns, "events", 1).await;
+    // Resync compares before it writes: while the broker holds the exchange as specified,
+    // resyncs go on and write nothing.
+    let metric = |name: &'static str, label: &'static str| {
+        let url = t.metrics.clone();
+        async move { counter(&url, name, label, "exchange").await }
+    };
+    let writes = metric("warren_operator_topology_writes_total", "kind").await;
+    let drift = metric("warren_operator_topology_drift_corrections_total", "kind").await;
+    let resyncs = metric("warren_operator_reconciliations_total", "controller").await;
+    assert!(writes >= 1, "the exchange was written once");
+    wait_for("three more resyncs of the exchange", LONG, || async {
+        (metric("warren_operator_reconciliations_total", "controller").await >= resyncs + 3)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric("warren_operator_topology_writes_total", "kind").await,
+        writes,
+        "a resync without drift wrote to the broker"
+    );
+    assert_eq!(
+        metric("warren_operator_topology_drift_corrections_total", "kind").await,
+        drift
+    );
+    // Drift: deleted on the broker, it is declared again at the next resync, and counted.
     m.delete(&xpath).await;
     m.wait("the exchange declared again", &xpath, |x| {
         x["type"] == "topic"
     })
     .await;
+    wait_for("the drift correction counted", LONG, || async {
+        (metric("warren_operator_topology_drift_corrections_total", "kind").await == drift + 1)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric("warren_operator_topology_writes_total", "kind").await,
+        writes + 1
+    );
     for change in [
         json!({"spec": {"type": "fanout"}}),
         json!({"spec": {"durable": false}}),
@@ -957,7 +993,7 @@ async fn bindings_reach_warren() {
     let client = client().await;
     ensure_crds(&client).await;
     let ns = namespace(&client, "bindings").await;
-    let _op = Operator::start_with(&ns, &["--topology-resync-seconds", "2"]);
+    let op = Operator::start_with(&ns, &["--topology-resync-seconds", "2"]);
     let broker = Broker::start().await;
     cluster_for(&client, &ns, "site", &broker).await;
     let target = Target {
@@ -965,6 +1001,7 @@ async fn bindings_reach_warren() {
         field: "rabbitClusterReference",
         reference: json!({"name": "site"}),
         suffix: "w".into(),
+        metrics: op.metrics_url.clone(),
     };
     binding_scenario(&client, &ns, &target).await;
 }
@@ -974,7 +1011,7 @@ async fn bindings_reach_a_stock_rabbitmq() {
     let client = client().await;
     ensure_crds(&client).await;
     let ns = namespace(&client, "bindings-stock").await;
-    let _op = Operator::start_with(&ns, &["--topology-resync-seconds", "2"]);
+    let op = Operator::start_with(&ns, &["--topology-resync-seconds", "2"]);
     let rmq = Mgmt::rabbitmq();
     secret(
         &client,
@@ -988,6 +1025,7 @@ async fn bindings_reach_a_stock_rabbitmq() {
         field: "connectionSecret",
         reference: json!({"name": "rabbitmq"}),
         suffix: ns[ns.len() - 6..].to_string(),
+        metrics: op.metrics_url.clone(),
     };
     binding_scenario(&client, &ns, &target).await;
 }
@@ -997,7 +1035,7 @@ async fn queues_exchanges_and_operator_policies_reach_warren() {
     let client = client().await;
     ensure_crds(&client).await;
     let ns = namespace(&client, "queues").await;
-    let _op = Operator::start_with(&ns, &["--topology-resync-seconds", "2"]);
+    let op = Operator::start_with(&ns, &["--topology-resync-seconds", "2"]);
     let broker = Broker::start().await;
     cluster_for(&client, &ns, "site", &broker).await;
     let target = Target {
@@ -1005,6 +1043,7 @@ async fn queues_exchanges_and_operator_policies_reach_warren() {
         field: "rabbitClusterReference",
         reference: json!({"name": "site"}),
         suffix: "w".into(),
+        metrics: op.metrics_url.clone(),
     };
     queue_scenario(&client, &ns, &target).await;
 }
@@ -1014,7 +1053,7 @@ async fn queues_exchanges_and_operator_policies_reach_a_stock_rabbitmq() {
     let client = client().await;
     ensure_crds(&client).await;
     let ns = namespace(&client, "queues-stock").await;
-    let _op = Operator::start_with(&ns, &["--topology-resync-seconds", "2"]);
+    let op = Operator::start_with(&ns, &["--topology-resync-seconds", "2"]);
     let rmq = Mgmt::rabbitmq();
     secret(
         &client,
@@ -1028,6 +1067,7 @@ async fn queues_exchanges_and_operator_policies_reach_a_stock_rabbitmq() {
         field: "connectionSecret",
         reference: json!({"name": "rabbitmq"}),
         suffix: ns[ns.len() - 6..].to_string(),
+        metrics: op.metrics_url.clone(),
     };
     queue_scenario(&client, &ns, &target).await;
 }
@@ -1037,7 +1077,7 @@ async fn vhosts_users_and_permissions_reach_warren() {
     let client = client().await;
     ensure_crds(&client).await;
     let ns = namespace(&client, "kinds").await;
-    let _op = Operator::start_with(&ns, &["--topology-resync-seconds", "600"]);
+    let op = Operator::start_with(&ns, &["--topology-resync-seconds", "600"]);
     let broker = Broker::start().await;
     cluster_for(&client, &ns, "site", &broker).await;
     let target = Target {
@@ -1045,6 +1085,7 @@ async fn vhosts_users_and_permissions_reach_warren() {
         field: "rabbitClusterReference",
         reference: json!({"name": "site"}),
         suffix: "w".into(),
+        metrics: op.metrics_url.clone(),
     };
     scenario(&client, &ns, &target).await;
 }
@@ -1054,7 +1095,7 @@ async fn vhosts_users_and_permissions_reach_a_stock_rabbitmq() {
     let client = client().await;
     ensure_crds(&client).await;
     let ns = namespace(&client, "kinds-stock").await;
-    let _op = Operator::start_with(&ns, &["--topology-resync-seconds", "600"]);
+    let op = Operator::start_with(&ns, &["--topology-resync-seconds", "600"]);
     let rmq = Mgmt::rabbitmq();
     secret(
         &client,
@@ -1068,6 +1109,7 @@ async fn vhosts_users_and_permissions_reach_a_stock_rabbitmq() {
         field: "connectionSecret",
         reference: json!({"name": "rabbitmq"}),
         suffix: ns[ns.len() - 6..].to_string(),
+        metrics: op.metrics_url.clone(),
     };
     scenario(&client, &ns, &target).await;
 }

@@ -75,6 +75,9 @@ impl Topology for Binding {
         let key = self.find_in(current?)?["properties_key"].as_str()?;
         Some(format!("{}/{}", self.path(), segment(key)))
     }
+    fn in_sync(&self, _body: &Value, current: &Value) -> bool {
+        self.find_in(current).is_some()
+    }
     fn body(&self, _: Option<&BTreeMap<String, String>>) -> Result<Value, String> {
         Ok(json!({
             "routing_key": self.spec.routing_key,

@@ -125,6 +125,12 @@ pub trait Topology:
     fn delete_path(&self, _current: Option<&Value>) -> Option<String> {
         Some(self.path())
     }
+    /// Whether what GET `path` answered (`current`) already is what writing `body` would
+    /// make it: then resync writes nothing. By default each key of the body must have the
+    /// same value in the answer; kinds whose GET answers in another shape say how.
+    fn in_sync(&self, body: &Value, current: &Value) -> bool {
+        same_keys(body, current)
+    }
     /// The PUT (or POST) body; `secret` holds the `uri_secret`'s keys.
     fn body(&self, secret: Option<&BTreeMap<String, String>>) -> Result<Value, String>;
     /// Management API paths read after a successful apply, for the status.
@@ -134,6 +140,45 @@ pub trait Topology:
     /// Extra status fields from what `observe_paths` returned (None where a GET failed).
     fn observed_status(&self, _observed: &[Option<Value>]) -> serde_json::Map<String, Value> {
         serde_json::Map::new()
+    }
+}
+
+/// Every key of `body` has the same value in `current`.
+pub fn same_keys(body: &Value, current: &Value) -> bool {
+    body.as_object()
+        .is_some_and(|b| b.iter().all(|(k, v)| current.get(k) == Some(v)))
+}
+
+/// Every key of the object `desired` has the same value in the object `current` (which may
+/// hold more: defaults a broker adds to queue or exchange arguments). A missing or empty
+/// `desired` matches a missing or empty `current`.
+pub fn subset(desired: &Value, current: &Value) -> bool {
+    let empty = serde_json::Map::new();
+    let current = current.as_object().unwrap_or(&empty);
+    desired
+        .as_object()
+        .unwrap_or(&empty)
+        .iter()
+        .all(|(k, v)| current.get(k) == Some(v))
+}
+
+/// Tags as a set, from a comma-separated string (what the operator sends) or an array
+/// (what brokers answer).
+pub fn tag_set(v: &Value) -> std::collections::BTreeSet<String> {
+    match v {
+        Value::String(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        Value::Array(a) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        _ => Default::default(),
     }
 }
 
@@ -409,6 +454,17 @@ fn current_conditions<T: Topology>(obj: &T) -> Vec<Condition> {
         .unwrap_or_default()
 }
 
+/// Whether `obj`'s current generation was applied already (Ready at observedGeneration):
+/// a difference on the broker now is drift, not a change of the spec.
+fn applied<T: Topology>(obj: &T) -> bool {
+    let observed = serde_json::to_value(obj)
+        .ok()
+        .and_then(|v| v.get("status")?.get("observedGeneration")?.as_i64());
+    observed.is_some()
+        && observed == obj.meta().generation
+        && conditions::is_true(&current_conditions(obj), "Ready")
+}
+
 async fn write_status<T: Topology>(
     obj: &T,
     ctx: &Context,
@@ -574,12 +630,26 @@ async fn apply<T: Topology>(obj: &T, ctx: &Context) -> Result<Action, Error> {
                 ),
             ));
         }
-        let write = if T::CREATED_BY_POST {
-            client.post(&resolved.path(), &body).await
-        } else {
-            client.put(&resolved.path(), &body).await
-        };
-        write.map_err(broker_error)?;
+        // Compare before writing: a resync that finds the broker as specified writes
+        // nothing (a rewrite is not free: a shovel or federation link restarts, a user's
+        // password is re-hashed). A write at an already applied generation corrects drift.
+        let current = client
+            .get_opt::<Value>(&resolved.path())
+            .await
+            .map_err(broker_error)?;
+        if !current.as_ref().is_some_and(|c| resolved.in_sync(&body, c)) {
+            if applied(obj) {
+                ctx.metrics.drift_corrected(T::CONTROLLER);
+                tracing::info!(object = %key(obj), "the broker differs from the spec: correcting");
+            }
+            let write = if T::CREATED_BY_POST {
+                client.post(&resolved.path(), &body).await
+            } else {
+                client.put(&resolved.path(), &body).await
+            };
+            write.map_err(broker_error)?;
+            ctx.metrics.wrote(T::CONTROLLER);
+        }
         let mut observed = Vec::new();
         for path in resolved.observe_paths() {
             observed.push(client.get::<Value>(&path).await.ok());
@@ -828,4 +898,31 @@ pub async fn run<T: Topology>(ctx: Arc<Context>, namespace: Option<String>) {
             }
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comparing_what_the_broker_answers() {
+        let body = json!({"pattern": "^a", "definition": {"max-length": 1}, "priority": 0});
+        assert!(same_keys(
+            &body,
+            &json!({"name": "p", "pattern": "^a", "definition": {"max-length": 1}, "priority": 0})
+        ));
+        // A key added on the broker inside a value is drift.
+        assert!(!same_keys(
+            &body,
+            &json!({"pattern": "^a", "definition": {"max-length": 1, "expires": 5}, "priority": 0})
+        ));
+        assert!(!same_keys(&body, &json!({"pattern": "^a", "priority": 0})));
+        assert!(subset(
+            &json!({"x": 1}),
+            &json!({"x": 1, "x-queue-type": "classic"})
+        ));
+        assert!(!subset(&json!({"x": 1}), &json!({"x": 2})));
+        assert!(subset(&json!({}), &Value::Null));
+        assert_eq!(tag_set(&json!("b, a,")), tag_set(&json!(["a", "b"])));
+    }
 }
