@@ -95,6 +95,20 @@ impl Mgmt {
         assert!(r.status().is_success(), "PUT {path}: {}", r.status());
     }
 
+    /// POST `body` to `path` and return the answer (`{}` when it has none).
+    pub async fn post(&self, path: &str, body: Value) -> Value {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .basic_auth(&self.user, Some(&self.pass))
+            .json(&body)
+            .send()
+            .await
+            .expect("POST");
+        assert!(r.status().is_success(), "POST {path}: {}", r.status());
+        r.json().await.unwrap_or_else(|_| serde_json::json!({}))
+    }
+
     pub async fn delete(&self, path: &str) {
         let r = self
             .http

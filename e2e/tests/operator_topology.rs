@@ -382,6 +382,129 @@ async fn federation_and_shovel_reach_warren_and_follow_their_secrets() {
     );
 }
 
+/// Publishes `n` messages to queue `q` through the default exchange.
+async fn publish(mgmt: &Mgmt, q: &str, n: usize) {
+    for i in 0..n {
+        let r = mgmt
+            .post(
+                "/api/exchanges/%2F/amq.default/publish",
+                json!({"properties": {}, "routing_key": q, "payload": format!("m{i}"),
+                       "payload_encoding": "string"}),
+            )
+            .await;
+        assert_eq!(r["routed"], true, "{r}");
+    }
+}
+
+async fn wait_messages(mgmt: &Mgmt, q: &str, n: u64) {
+    mgmt.wait(
+        &format!("{n} messages in {q}"),
+        &format!("/api/queues/%2F/{q}"),
+        |v| v["messages"] == n,
+    )
+    .await;
+}
+
+/// A shovel with `srcDeleteAfter` moves what its source held, deletes itself, and stays
+/// finished: resyncs do not create it again (it would move the messages published since),
+/// a change of the spec does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_finished_shovel_stays_finished() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = namespace(&client, "shovel-once").await;
+    let op = Operator::start_with(&ns, &["--topology-resync-seconds", "2"]);
+    let broker = Broker::start().await;
+    let mgmt = Mgmt::of(&broker);
+    cluster_for(&client, &ns, "site", &broker).await;
+    for q in ["once-src", "once-dst"] {
+        mgmt.put(&format!("/api/queues/%2F/{q}"), json!({"durable": true}))
+            .await;
+    }
+    publish(&mgmt, "once-src", 3).await;
+    secret(
+        &client,
+        &ns,
+        "shovel-uris",
+        json!({"srcUri": "amqp://", "destUri": "amqp://"}),
+    )
+    .await;
+    create::<Shovel>(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "warren.dev/v1alpha1", "kind": "Shovel",
+            "metadata": {"name": "once", "namespace": ns},
+            "spec": {"uriSecret": {"name": "shovel-uris"}, "srcQueue": "once-src",
+                     "destQueue": "once-dst", "srcDeleteAfter": "queue-length",
+                     "rabbitClusterReference": {"name": "site"}},
+        }),
+    )
+    .await;
+    wait_messages(&mgmt, "once-dst", 3).await;
+    let finished = |generation: i64| {
+        let client = client.clone();
+        let ns = ns.clone();
+        async move {
+            wait_for("the shovel finished in status", LONG, || {
+                let client = client.clone();
+                let ns = ns.clone();
+                async move {
+                    let st = status_of::<Shovel>(&client, &ns, "once").await;
+                    (st["finished"] == true
+                        && st["state"] == "finished"
+                        && st["observedGeneration"] == generation)
+                        .then_some(st)
+                }
+            })
+            .await
+        }
+    };
+    let st = finished(1).await;
+    let ready = st["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .cloned()
+        .expect("Ready");
+    assert_eq!(
+        (&ready["status"], &ready["reason"]),
+        (&json!("True"), &json!("Finished"))
+    );
+    let spath = "/api/parameters/shovel/%2F/once";
+    assert!(mgmt.get(spath).await.is_none(), "the shovel deleted itself");
+
+    // Resyncs go on; the shovel is not created again, so new messages stay where they are.
+    publish(&mgmt, "once-src", 2).await;
+    let before = reconciles(&op, "shovel").await;
+    wait_for("three more shovel resyncs", LONG, || {
+        let op = &op;
+        async move { (reconciles(op, "shovel").await >= before + 3).then_some(()) }
+    })
+    .await;
+    assert!(
+        mgmt.get(spath).await.is_none(),
+        "a resync re-created the shovel"
+    );
+    wait_messages(&mgmt, "once-src", 2).await;
+    wait_messages(&mgmt, "once-dst", 3).await;
+
+    // A new spec is a new run.
+    patch::<Shovel>(
+        &client,
+        &ns,
+        "once",
+        json!({"spec": {"srcPrefetchCount": 5}}),
+    )
+    .await
+    .expect("patch shovel");
+    wait_messages(&mgmt, "once-dst", 5).await;
+    finished(2).await;
+    wait_messages(&mgmt, "once-src", 0).await;
+    delete::<Shovel>(&client, &ns, "once").await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_same_resources_configure_a_stock_rabbitmq() {
     let client = client().await;

@@ -124,12 +124,17 @@ pub struct ShovelStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `starting`, `running` or `terminated`, from the broker's `/api/shovels`.
+    /// `starting`, `running` or `terminated`, from the broker's `/api/shovels`; `finished`
+    /// once a shovel with `srcDeleteAfter` has done its work.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
     /// Why the shovel terminated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// True once a shovel with `srcDeleteAfter` has finished and deleted itself on the
+    /// broker: it is not created again (and does not run again) unless the spec changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished: Option<bool>,
     /// Messages the shovel has forwarded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub messages_forwarded: Option<i64>,

@@ -125,6 +125,15 @@ pub trait Topology:
     fn delete_path(&self, _current: Option<&Value>) -> Option<String> {
         Some(self.path())
     }
+    /// Whether the kind can remove itself from the broker when its work is done (a shovel
+    /// with `srcDeleteAfter`); its status then has a `finished` field.
+    const MAY_FINISH: bool = false;
+    /// Whether this object removes itself from the broker when its work is done: once its
+    /// generation was applied, its absence on the broker means it finished (recorded in
+    /// status), not drift, and it is not written again until the spec changes.
+    fn finishes(&self) -> bool {
+        false
+    }
     /// Whether what GET `path` answered (`current`) already is what writing `body` would
     /// make it: then resync writes nothing. By default each key of the body must have the
     /// same value in the answer; kinds whose GET answers in another shape say how.
@@ -468,13 +477,21 @@ fn applied<T: Topology>(obj: &T) -> bool {
 async fn write_status<T: Topology>(
     obj: &T,
     ctx: &Context,
-    ready: Result<(), (&str, String)>,
+    ready: Result<Option<(&str, String)>, (&str, String)>,
     extra: serde_json::Map<String, Value>,
 ) -> Result<(), Error> {
     let mut conds = current_conditions(obj);
     let generation = obj.meta().generation;
     match &ready {
-        Ok(()) => conditions::set(
+        Ok(Some((reason, message))) => conditions::set(
+            &mut conds,
+            "Ready",
+            true,
+            reason,
+            message.clone(),
+            generation,
+        ),
+        Ok(None) => conditions::set(
             &mut conds,
             "Ready",
             true,
@@ -598,7 +615,7 @@ async fn ensure_generated_secret<T: Topology>(
 const GENERATED_PASSWORD_LEN: usize = 24;
 
 async fn apply<T: Topology>(obj: &T, ctx: &Context) -> Result<Action, Error> {
-    let result: Result<(T, serde_json::Map<String, Value>), Error> = async {
+    let result: Result<(T, serde_json::Map<String, Value>, bool), Error> = async {
         let ns = obj.namespace().unwrap_or_else(|| "default".into());
         let Some((resolved, user)) = resolve_user(obj, ctx, false).await? else {
             return Err(not_ready(
@@ -637,6 +654,16 @@ async fn apply<T: Topology>(obj: &T, ctx: &Context) -> Result<Action, Error> {
             .get_opt::<Value>(&resolved.path())
             .await
             .map_err(broker_error)?;
+        if T::MAY_FINISH && resolved.finishes() && current.is_none() && applied(obj) {
+            let mut extra = serde_json::Map::new();
+            extra.insert("finished".into(), Value::Bool(true));
+            extra.insert("state".into(), json!("finished"));
+            extra.insert(
+                "reason".into(),
+                json!("it reached srcDeleteAfter and deleted itself; it is not created again unless the spec changes"),
+            );
+            return Ok((resolved, extra, true));
+        }
         if !current.as_ref().is_some_and(|c| resolved.in_sync(&body, c)) {
             if applied(obj) {
                 ctx.metrics.drift_corrected(T::CONTROLLER);
@@ -658,14 +685,49 @@ async fn apply<T: Topology>(obj: &T, ctx: &Context) -> Result<Action, Error> {
         if let Some(user) = user {
             extra.insert(RESOLVED_USER_FIELD.into(), Value::String(user));
         }
-        Ok((resolved, extra))
+        if T::MAY_FINISH {
+            extra.insert("finished".into(), Value::Bool(false));
+            // A reason the broker no longer gives (or one written when it finished) goes.
+            extra.entry("reason").or_insert(Value::Null);
+        }
+        Ok((resolved, extra, false))
     }
     .await;
     match result {
-        Ok((resolved, extra)) => {
+        Ok((resolved, extra, finished)) => {
             let obj = &resolved;
             let was_ready = conditions::is_true(&current_conditions(obj), "Ready");
-            write_status(obj, ctx, Ok(()), extra).await?;
+            let was_finished = serde_json::to_value(obj)
+                .ok()
+                .and_then(|v| v.get("status")?.get("finished")?.as_bool())
+                == Some(true);
+            let readiness = if finished {
+                Ok(Some((
+                    "Finished",
+                    format!(
+                        "{} {} finished: it reached srcDeleteAfter and deleted itself; it is not created again unless the spec changes",
+                        T::NOUN,
+                        obj.broker_name()
+                    ),
+                )))
+            } else {
+                Ok(None)
+            };
+            write_status(obj, ctx, readiness, extra).await?;
+            if finished && !was_finished {
+                event(
+                    ctx,
+                    obj,
+                    EventType::Normal,
+                    "Finished",
+                    format!(
+                        "{} {} finished (srcDeleteAfter) and deleted itself on the broker",
+                        T::NOUN,
+                        obj.broker_name()
+                    ),
+                )
+                .await;
+            }
             if !was_ready {
                 event(
                     ctx,

@@ -36,6 +36,15 @@ impl Topology for Shovel {
             segment(&self.broker_name())
         )
     }
+    const MAY_FINISH: bool = true;
+    /// A shovel with `srcDeleteAfter` (other than `never`) deletes itself when done.
+    fn finishes(&self) -> bool {
+        match &self.spec.src_delete_after {
+            None => false,
+            Some(IntOrString::String(s)) => s != "never",
+            Some(IntOrString::Int(_)) => true,
+        }
+    }
     fn uri_secret(&self) -> Option<String> {
         Some(self.spec.uri_secret.name.clone())
     }
@@ -164,6 +173,25 @@ mod tests {
                 .expect_err("no destUri")
                 .contains("destUri")
         );
+    }
+
+    #[test]
+    fn only_a_shovel_with_src_delete_after_finishes() {
+        let with = |after: Value| {
+            let mut spec = json!({"uriSecret": {"name": "u"}, "srcQueue": "a", "destQueue": "b",
+                                  "connectionSecret": {"name": "c"}});
+            if !after.is_null() {
+                spec["srcDeleteAfter"] = after;
+            }
+            Shovel::new(
+                "s",
+                serde_json::from_value::<ShovelSpec>(spec).expect("spec"),
+            )
+        };
+        assert!(!with(Value::Null).finishes());
+        assert!(!with(json!("never")).finishes());
+        assert!(with(json!("queue-length")).finishes());
+        assert!(with(json!(100)).finishes());
     }
 
     #[test]
