@@ -280,6 +280,33 @@ async fn policies_reach_warren_follow_changes_and_come_back_after_drift() {
     delete::<Policy>(&client, &ns, "limits").await;
     mgmt.wait_gone("the policy removed from the broker", path)
         .await;
+
+    // The queue-type-specific targets (RabbitMQ 3.12+ accepts them too).
+    for (name, apply_to) in [
+        ("streams", "streams"),
+        ("quorum", "quorum_queues"),
+        ("classic", "classic_queues"),
+    ] {
+        create::<Policy>(
+            &client,
+            &ns,
+            json!({
+                "apiVersion": "warren.dev/v1alpha1", "kind": "Policy",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {"pattern": "^x\\.", "applyTo": apply_to, "definition": {"max-length": 5},
+                         "rabbitClusterReference": {"name": "site"}},
+            }),
+        )
+        .await;
+        let path = format!("/api/policies/%2F/{name}");
+        mgmt.wait(&format!("policy applying to {apply_to}"), &path, |p| {
+            p["apply-to"] == apply_to
+        })
+        .await;
+        wait_ready::<Policy>(&client, &ns, name, "True").await;
+        delete::<Policy>(&client, &ns, name).await;
+        mgmt.wait_gone("the policy removed", &path).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -347,12 +374,17 @@ async fn federation_and_shovel_reach_warren_and_follow_their_secrets() {
         "metadata": {"name": "move", "namespace": ns},
         "spec": {"uriSecret": {"name": "shovel-uris"}, "srcQueue": "old", "destExchange": "amq.topic",
                  "destExchangeKey": "moved", "srcPrefetchCount": 50, "ackMode": "on-confirm",
+                 "srcQueueArgs": {"x-queue-type": "quorum"},
                  "destAddForwardHeaders": true, "rabbitClusterReference": {"name": "site"}},
     }))
     .await;
     let spath = "/api/parameters/shovel/%2F/move";
     let s = mgmt.wait("the shovel on the broker", spath, |_| true).await;
     assert_eq!(s["value"]["src-queue"], "old");
+    assert_eq!(
+        s["value"]["src-queue-args"],
+        json!({"x-queue-type": "quorum"})
+    );
     assert_eq!(s["value"]["dest-exchange"], "amq.topic");
     assert_eq!(s["value"]["dest-exchange-key"], "moved");
     assert_eq!(s["value"]["src-uri"], "amqp://");

@@ -77,9 +77,19 @@ pub struct ShovelSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = kube::core::Rule::new("type(self) == int ? self >= 0 : (self == 'never' || self == 'queue-length')").message("srcDeleteAfter is never, queue-length or a number of messages"))]
     pub src_delete_after: Option<IntOrString>,
+    /// Arguments the shovel declares `srcQueue` with if it does not exist yet
+    /// (`x-queue-type`, …): the shovel's `src-queue-args`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "crate::crd::free_form_map")]
+    pub src_queue_args: BTreeMap<String, serde_json::Value>,
     /// Destination queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dest_queue: Option<String>,
+    /// Arguments the shovel declares `destQueue` with if it does not exist yet
+    /// (`x-queue-type`, …): the shovel's `dest-queue-args`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "crate::crd::free_form_map")]
+    pub dest_queue_args: BTreeMap<String, serde_json::Value>,
     /// Destination exchange.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dest_exchange: Option<String>,

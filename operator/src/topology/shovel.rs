@@ -82,7 +82,13 @@ impl Topology for Shovel {
                 IntOrString::String(s) => json!(s),
             }),
         );
+        if !s.src_queue_args.is_empty() {
+            put("src-queue-args", Some(json!(s.src_queue_args)));
+        }
         put("dest-queue", s.dest_queue.clone().map(Value::from));
+        if !s.dest_queue_args.is_empty() {
+            put("dest-queue-args", Some(json!(s.dest_queue_args)));
+        }
         put("dest-exchange", s.dest_exchange.clone().map(Value::from));
         put(
             "dest-exchange-key",
@@ -147,6 +153,7 @@ mod tests {
     fn body_has_the_shovel_keys() {
         let spec: ShovelSpec = serde_json::from_value(json!({
             "uriSecret": {"name": "uris"}, "srcQueue": "a", "srcPrefetchCount": 10,
+            "srcQueueArgs": {"x-queue-type": "quorum"},
             "srcDeleteAfter": "queue-length", "destExchange": "x", "destExchangeKey": "k",
             "destAddForwardHeaders": true, "destPublishProperties": {"delivery_mode": 2},
             "ackMode": "on-confirm", "reconnectDelay": 2, "connectionSecret": {"name": "c"},
@@ -162,6 +169,7 @@ mod tests {
             sh.body(Some(&secret)).expect("body"),
             json!({"value": {"src-protocol": "amqp091", "dest-protocol": "amqp091",
                 "src-uri": "amqp://src", "dest-uri": "amqp://", "src-queue": "a",
+                "src-queue-args": {"x-queue-type": "quorum"},
                 "src-prefetch-count": 10, "src-delete-after": "queue-length",
                 "dest-exchange": "x", "dest-exchange-key": "k", "dest-add-forward-headers": true,
                 "dest-publish-properties": {"delivery_mode": 2}, "ack-mode": "on-confirm",
