@@ -7,6 +7,7 @@ pub mod crd;
 pub mod lease;
 pub mod management;
 pub mod metrics;
+pub mod reconcile;
 pub mod security;
 pub mod topology;
 

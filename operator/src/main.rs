@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use tracing_subscriber::EnvFilter;
-use warren_operator::cluster::controller::{self, Context};
+use warren_operator::cluster::controller;
 use warren_operator::crd::{
     Binding, Exchange, Federation, OperatorPolicy, Permission, Policy, Queue, Shovel,
     TopicPermission, User, Vhost,
 };
 use warren_operator::lease::{Elector, LeaseConfig};
 use warren_operator::metrics::{self, Health, Metrics};
+use warren_operator::reconcile::{Context, Settings};
 use warren_operator::security::Security;
 use warren_operator::topology;
 
@@ -194,21 +195,19 @@ async fn run(cli: Cli) -> Result<(), String> {
             "security checks relaxed by flags"
         );
     }
+    // One context for every controller: the same client, recorder, metrics and settings.
     let ctx = Context::new(
         client.clone(),
         metrics.clone(),
-        Some(identity.clone()),
-        cli.broker_image.clone(),
-        security.clone(),
-        cli.reach_pods_by_ip,
+        Settings {
+            instance: Some(identity.clone()),
+            broker_image: cli.broker_image.clone(),
+            security,
+            reach_pods_by_ip: cli.reach_pods_by_ip,
+            topology_resync: Duration::from_secs(cli.topology_resync_seconds.max(1)),
+        },
     );
-    let topology = topology::Context::new(
-        client.clone(),
-        metrics.clone(),
-        Some(identity.clone()),
-        Duration::from_secs(cli.topology_resync_seconds.max(1)),
-        security,
-    );
+    let topology = ctx.clone();
     let ns = cli.namespace.clone();
     let controllers = async move {
         tokio::join!(

@@ -217,6 +217,39 @@ impl ManagementClient {
     }
 }
 
+/// A client for the cluster's management API at `url`. For an `https://` URL (a TLS-only
+/// cluster, or an annotation saying so) it trusts the `ca.crt` of the cluster's TLS CA Secret
+/// ([`crate::cluster::build::management_ca_secret`]) when there is one, besides the usual roots; the server's
+/// certificate must name the host (the client Service, or `*.<name>-nodes.<ns>.svc` for a
+/// node).
+pub async fn management_client(
+    client: &kube::Client,
+    rc: &crate::crd::RabbitCluster,
+    url: &str,
+    username: &str,
+    password: &str,
+) -> Result<ManagementClient, String> {
+    use crate::cluster::build;
+    use k8s_openapi::api::core::v1::Secret;
+    let mut ca = None;
+    if url.starts_with("https://")
+        && let Some(name) = build::management_ca_secret(rc)
+    {
+        let secrets: kube::Api<Secret> =
+            kube::Api::namespaced(client.clone(), &build::namespace(rc));
+        let secret = secrets
+            .get_opt(name)
+            .await
+            .map_err(|e| format!("cannot read the CA of {url} from Secret {name}: {e}"))?;
+        ca = secret.and_then(|s| {
+            let data = s.data?;
+            String::from_utf8(data.get("ca.crt")?.0.clone()).ok()
+        });
+    }
+    ManagementClient::with_ca(url, username, password, ca.as_deref().map(str::as_bytes))
+        .map_err(|e| e.to_string())
+}
+
 /// Percent-encodes one path segment of a management API URL (`/` becomes `%2F`).
 pub fn segment(s: &str) -> String {
     let mut out = String::with_capacity(s.len());

@@ -20,7 +20,7 @@ pub mod topic_permission;
 pub mod user;
 pub mod vhost;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,12 +32,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::core::{NamespaceResourceScope, PartialObjectMeta};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
-use parking_lot::Mutex;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -48,8 +47,8 @@ use crate::conditions;
 use crate::crd::common::{ConnectionSecretReference, DeletionPolicy, RabbitClusterReference};
 use crate::crd::{RabbitCluster, User};
 use crate::management::{ManagementClient, ManagementError};
-use crate::metrics::Metrics;
-use crate::security::{self, Security};
+pub use crate::reconcile::{Context, Error};
+use crate::security;
 
 /// Annotation on a RabbitCluster listing the namespaces (comma-separated, or `*`) whose
 /// topology resources (Policy, Vhost, User, …) may configure it.
@@ -211,65 +210,6 @@ pub fn target_of<'a>(
     }
 }
 
-/// Shared state of the topology controllers.
-pub struct Context {
-    pub client: Client,
-    pub recorder: Recorder,
-    pub metrics: Metrics,
-    /// Periodic re-apply interval (drift correction).
-    pub resync: Duration,
-    /// What the operator allows (`--allow-any-management-uri`).
-    pub security: Security,
-    failures: Mutex<HashMap<String, u32>>,
-}
-
-impl Context {
-    pub fn new(
-        client: Client,
-        metrics: Metrics,
-        instance: Option<String>,
-        resync: Duration,
-        security: Security,
-    ) -> Arc<Self> {
-        let reporter = Reporter {
-            controller: "warren-operator".into(),
-            instance,
-        };
-        Arc::new(Context {
-            recorder: Recorder::new(client.clone(), reporter),
-            client,
-            metrics,
-            resync,
-            security,
-            failures: Mutex::new(HashMap::new()),
-        })
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    /// The broker (or finding it) failed; the message is for the Ready condition.
-    #[error("{message}")]
-    NotReady {
-        reason: &'static str,
-        message: String,
-    },
-    #[error("finalizer: {0}")]
-    Finalizer(String),
-}
-
-impl Error {
-    fn kind(&self) -> &'static str {
-        match self {
-            Error::Kube(_) => "kube",
-            Error::NotReady { reason, .. } => reason,
-            Error::Finalizer(_) => "finalizer",
-        }
-    }
-}
-
 fn not_ready(reason: &'static str, message: impl Into<String>) -> Error {
     Error::NotReady {
         reason,
@@ -425,10 +365,9 @@ async fn connect<T: Topology>(obj: &T, ctx: &Context) -> Result<(ManagementClien
                         ),
                     )
                 });
-            let client =
-                crate::cluster::controller::management_client(&ctx.client, &rc, &url, u, p)
-                    .await
-                    .map_err(|e| not_ready("BrokerUnreachable", e))?;
+            let client = crate::management::management_client(&ctx.client, &rc, &url, u, p)
+                .await
+                .map_err(|e| not_ready("BrokerUnreachable", e))?;
             Ok((client, u.clone()))
         }
     }
@@ -837,7 +776,7 @@ async fn reconcile<T: Topology>(obj: Arc<T>, ctx: Arc<Context>) -> Result<Action
     .await;
     match result {
         Ok(action) => {
-            ctx.failures.lock().remove(&key(&*obj));
+            ctx.succeeded(&key(&*obj));
             Ok(action)
         }
         Err(kube::runtime::finalizer::Error::ApplyFailed(e))
@@ -848,15 +787,12 @@ async fn reconcile<T: Topology>(obj: Arc<T>, ctx: Arc<Context>) -> Result<Action
 
 fn error_policy<T: Topology>(obj: Arc<T>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.failed(T::CONTROLLER, error.kind());
-    let failures = {
-        let mut f = ctx.failures.lock();
-        let n = f.entry(key(&*obj)).or_insert(0);
-        *n = n.saturating_add(1);
-        *n
-    };
     // 2s, 4s, 8s … capped at 5 minutes: an unreachable broker is retried, not hammered.
-    let delay = Duration::from_secs(2u64 << failures.min(8).saturating_sub(1))
-        .min(Duration::from_secs(300));
+    let (failures, delay) = ctx.failed(
+        &key(&*obj),
+        Duration::from_secs(2),
+        Duration::from_secs(300),
+    );
     tracing::warn!(object = %key(&*obj), attempt = failures, ?delay, "{error}");
     Action::requeue(delay)
 }
