@@ -846,6 +846,31 @@ async fn binding_scenario(client: &Client, ns: &str, t: &Target) {
     let qlist = format!("/api/bindings/%2F/e/{src}/q/{q}");
     let xlist = format!("/api/bindings/%2F/e/{src}/e/{dst_x}");
 
+    // Exchange to exchange, with arguments (first: once it is Ready, the broker is known
+    // to be reachable, and the binding below fails only for the missing queue, retried
+    // within seconds rather than after a long backoff).
+    create::<Binding>(
+        client,
+        ns,
+        manifest(
+            "Binding",
+            ns,
+            "eu",
+            t.spec(
+                json!({"source": src, "destination": dst_x, "destinationType": "exchange",
+                          "arguments": {"x-match": "all", "region": "eu"}}),
+            ),
+        ),
+    )
+    .await;
+    let eu = wait_binding(m, &xlist, "", true).await.expect("binding");
+    assert_eq!(eu["destination_type"], "exchange", "{eu}");
+    assert_eq!(
+        eu["arguments"],
+        json!({"x-match": "all", "region": "eu"}),
+        "{eu}"
+    );
+    wait_generation::<Binding>(client, ns, "eu", 1).await;
     // The queue does not exist yet: the broker refuses, and says so in the condition.
     create::<Binding>(
         client,
@@ -858,7 +883,6 @@ async fn binding_scenario(client: &Client, ns: &str, t: &Target) {
         ),
     )
     .await;
-    // (A RabbitCluster that is not ready yet is another reason: wait for the broker's.)
     let message = wait_for("the broker refusing the binding", LONG, || async {
         let st = status_of::<Binding>(client, ns, "orders").await;
         st["conditions"].as_array()?.iter().find_map(|c| {
@@ -891,33 +915,10 @@ async fn binding_scenario(client: &Client, ns: &str, t: &Target) {
     )
     .await;
     wait_binding(m, &qlist, "order.created", true).await;
-    // Exchange to exchange, with arguments.
-    create::<Binding>(
-        client,
-        ns,
-        manifest(
-            "Binding",
-            ns,
-            "eu",
-            t.spec(
-                json!({"source": src, "destination": dst_x, "destinationType": "exchange",
-                          "arguments": {"x-match": "all", "region": "eu"}}),
-            ),
-        ),
-    )
-    .await;
-    let b = wait_binding(m, &xlist, "", true).await.expect("binding");
-    assert_eq!(b["destination_type"], "exchange", "{b}");
-    assert_eq!(
-        b["arguments"],
-        json!({"x-match": "all", "region": "eu"}),
-        "{b}"
-    );
-    wait_generation::<Binding>(client, ns, "eu", 1).await;
 
     // Drift: deleted on the broker (by its properties key), it is bound again at the next
     // resync.
-    let props = b["properties_key"].as_str().expect("properties_key");
+    let props = eu["properties_key"].as_str().expect("properties_key");
     m.delete(&format!("{xlist}/{}", urlencode(props))).await;
     wait_binding(m, &xlist, "", false).await;
     let b = wait_binding(m, &xlist, "", true)
@@ -1274,4 +1275,66 @@ async fn the_broker_of_a_topology_resource_cannot_be_changed() {
     )
     .await
     .expect("a description change is allowed");
+}
+
+/// `--namespace a,b`: one operator configures the resources of both namespaces and leaves
+/// those of a third alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_operator_watches_a_list_of_namespaces() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let a = namespace(&client, "watch-a").await;
+    let b = namespace(&client, "watch-b").await;
+    let other = namespace(&client, "watch-other").await;
+    let _op = Operator::start_watching(&[a.as_str(), b.as_str()], &[], &[]);
+    let broker = Broker::start().await;
+    let m = Mgmt::of(&broker);
+    for ns in [&a, &b, &other] {
+        secret(
+            &client,
+            ns,
+            "broker",
+            json!({"uri": m.url, "username": "guest", "password": "guest"}),
+        )
+        .await;
+        create::<Vhost>(
+            &client,
+            ns,
+            manifest(
+                "Vhost",
+                ns,
+                "v",
+                json!({"name": ns, "connectionSecret": {"name": "broker"}}),
+            ),
+        )
+        .await;
+    }
+    m.wait(
+        "the vhost of the first namespace",
+        &format!("/api/vhosts/{a}"),
+        |_| true,
+    )
+    .await;
+    m.wait(
+        "the vhost of the second namespace",
+        &format!("/api/vhosts/{b}"),
+        |_| true,
+    )
+    .await;
+    wait_ready::<Vhost>(&client, &a, "v", "True").await;
+    wait_ready::<Vhost>(&client, &b, "v", "True").await;
+    // Both are done; the third namespace's resource was never looked at.
+    assert!(m.get(&format!("/api/vhosts/{other}")).await.is_none());
+    let untouched = Api::<Vhost>::namespaced(client.clone(), &other)
+        .get("v")
+        .await
+        .expect("vhost");
+    assert!(untouched.status.is_none(), "{:?}", untouched.status);
+    assert!(untouched.metadata.finalizers.is_none());
+    delete::<Vhost>(&client, &a, "v").await;
+    m.wait_gone("the first vhost removed", &format!("/api/vhosts/{a}"))
+        .await;
+    delete::<Vhost>(&client, &b, "v").await;
+    m.wait_gone("the second vhost removed", &format!("/api/vhosts/{b}"))
+        .await;
 }

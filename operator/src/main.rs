@@ -28,7 +28,8 @@ enum LogFormat {
 #[derive(Debug, Parser)]
 #[command(name = "warren-operator", version)]
 struct Cli {
-    /// Watch only this namespace (namespace-scoped mode); every namespace when unset.
+    /// Watch only these namespaces (comma-separated: namespace-scoped mode, one set of
+    /// controllers per namespace); every namespace when unset.
     #[arg(long, env = "WARREN_OPERATOR_NAMESPACE")]
     namespace: Option<String>,
     /// Address of /metrics, /healthz and /readyz.
@@ -207,23 +208,30 @@ async fn run(cli: Cli) -> Result<(), String> {
             topology_resync: Duration::from_secs(cli.topology_resync_seconds.max(1)),
         },
     );
-    let topology = ctx.clone();
-    let ns = cli.namespace.clone();
+    let namespaces = warren_operator::watched_namespaces(cli.namespace.as_deref());
+    tracing::info!(?namespaces, "watching");
     let controllers = async move {
-        tokio::join!(
-            controller::run(ctx, ns.clone()),
-            topology::run::<Policy>(topology.clone(), ns.clone()),
-            topology::run::<Federation>(topology.clone(), ns.clone()),
-            topology::run::<Shovel>(topology.clone(), ns.clone()),
-            topology::run::<Vhost>(topology.clone(), ns.clone()),
-            topology::run::<User>(topology.clone(), ns.clone()),
-            topology::run::<Permission>(topology.clone(), ns.clone()),
-            topology::run::<TopicPermission>(topology.clone(), ns.clone()),
-            topology::run::<Queue>(topology.clone(), ns.clone()),
-            topology::run::<Exchange>(topology.clone(), ns.clone()),
-            topology::run::<Binding>(topology.clone(), ns.clone()),
-            topology::run::<OperatorPolicy>(topology, ns),
-        );
+        // A watch covers one namespace or all: one set of controllers per namespace.
+        futures::future::join_all(namespaces.into_iter().map(|ns| {
+            let (ctx, topology) = (ctx.clone(), ctx.clone());
+            async move {
+                tokio::join!(
+                    controller::run(ctx, ns.clone()),
+                    topology::run::<Policy>(topology.clone(), ns.clone()),
+                    topology::run::<Federation>(topology.clone(), ns.clone()),
+                    topology::run::<Shovel>(topology.clone(), ns.clone()),
+                    topology::run::<Vhost>(topology.clone(), ns.clone()),
+                    topology::run::<User>(topology.clone(), ns.clone()),
+                    topology::run::<Permission>(topology.clone(), ns.clone()),
+                    topology::run::<TopicPermission>(topology.clone(), ns.clone()),
+                    topology::run::<Queue>(topology.clone(), ns.clone()),
+                    topology::run::<Exchange>(topology.clone(), ns.clone()),
+                    topology::run::<Binding>(topology.clone(), ns.clone()),
+                    topology::run::<OperatorPolicy>(topology, ns),
+                );
+            }
+        }))
+        .await;
     };
     if !cli.leader_elect {
         metrics.leader.set(1);

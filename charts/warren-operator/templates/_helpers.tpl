@@ -47,9 +47,22 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
-{{/* The one namespace watched in namespace mode. */}}
+{{/* The namespace watched in namespace mode (the first, when several are). */}}
 {{- define "warren-operator.watchNamespace" -}}
+{{- if .Values.rbac.watchNamespaces }}
+{{- first .Values.rbac.watchNamespaces }}
+{{- else }}
 {{- default .Release.Namespace .Values.rbac.watchNamespace }}
+{{- end }}
+{{- end }}
+
+{{/* Every namespace watched in namespace mode, comma-separated (--namespace). */}}
+{{- define "warren-operator.watchNamespaces" -}}
+{{- if .Values.rbac.watchNamespaces }}
+{{- join "," (uniq .Values.rbac.watchNamespaces) }}
+{{- else }}
+{{- include "warren-operator.watchNamespace" . }}
+{{- end }}
 {{- end }}
 
 {{- define "warren-operator.leaseName" -}}
@@ -78,7 +91,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/* Namespaces the broker PodMonitor and the alerts look at. */}}
 {{- define "warren-operator.brokerNamespaces" -}}
 {{- if eq .Values.rbac.scope "namespace" }}
-{{- include "warren-operator.watchNamespace" . }}
+{{- include "warren-operator.watchNamespaces" . | replace "," "|" }}
 {{- end }}
 {{- end }}
 
