@@ -450,6 +450,8 @@ exercise() {
         die "no generated Secret orders-app-user-credentials"
     curl -fsS -u "$user:$pass" "$mgmt/api/permissions/orders/orders-app" | grep -q 'orders' ||
         die "the broker has no permissions of orders-app in orders"
+    curl -fsS -u "$user:$pass" "$mgmt/api/vhost-limits/orders" | grep -q '"max-queues":500' ||
+        die "the broker has no limits on vhost orders"
     curl -fsS -u "$user:$pass" "$mgmt/api/bindings/orders/e/orders.events/q/orders.incoming" | grep -q 'order.created' ||
         die "the broker has no binding orders.events -> orders.incoming"
     kc -n "$ns" delete bindings.warren.dev --all --wait --timeout=60s >/dev/null

@@ -118,7 +118,8 @@ async fn scenario(client: &Client, ns: &str, t: &Target) {
             "prod",
             t.spec(
                 json!({"name": vhost, "tags": ["eu", "prod"], "description": "Production",
-                          "defaultQueueType": "quorum"}),
+                          "defaultQueueType": "quorum",
+                          "limits": {"maxConnections": 10, "maxQueues": 5}}),
             ),
         ),
     )
@@ -128,16 +129,27 @@ async fn scenario(client: &Client, ns: &str, t: &Target) {
     assert_eq!(v["tags"], json!(["eu", "prod"]), "{v}");
     assert_eq!(v["default_queue_type"], "quorum", "{v}");
     wait_generation::<Vhost>(client, ns, "prod", 1).await;
+    let lpath = format!("/api/vhost-limits/prod%2Feu-{sfx}");
+    m.wait("the vhost limits", &lpath, |l| {
+        l[0]["value"] == json!({"max-connections": 10, "max-queues": 5})
+    })
+    .await;
     patch::<Vhost>(
         client,
         ns,
         "prod",
-        json!({"spec": {"description": "Production (EU)", "tags": ["eu"]}}),
+        json!({"spec": {"description": "Production (EU)", "tags": ["eu"],
+                        "limits": {"maxQueues": null}}}),
     )
     .await
     .expect("patch vhost");
     m.wait("the changed vhost", &vpath, |v| {
         v["description"] == "Production (EU)" && v["tags"] == json!(["eu"])
+    })
+    .await;
+    // A limit no longer given is removed.
+    m.wait("the vhost limits without max-queues", &lpath, |l| {
+        l[0]["value"] == json!({"max-connections": 10})
     })
     .await;
     wait_generation::<Vhost>(client, ns, "prod", 2).await;
@@ -169,7 +181,8 @@ async fn scenario(client: &Client, ns: &str, t: &Target) {
             "User",
             ns,
             "app",
-            t.spec(json!({"name": app, "tags": ["monitoring"]})),
+            t.spec(json!({"name": app, "tags": ["monitoring"],
+                          "limits": {"maxConnections": 2, "maxChannels": 4}})),
         ),
     )
     .await;
@@ -178,6 +191,10 @@ async fn scenario(client: &Client, ns: &str, t: &Target) {
         .wait("the generated user on the broker", &upath, |_| true)
         .await;
     assert_eq!(u["tags"], json!(["monitoring"]), "{u}");
+    m.wait("the user limits", &format!("/api/user-limits/{app}"), |l| {
+        l[0]["value"] == json!({"max-connections": 2, "max-channels": 4})
+    })
+    .await;
     wait_generation::<User>(client, ns, "app", 1).await;
     assert_eq!(
         status_of::<User>(client, ns, "app").await["credentialsSecret"],

@@ -46,7 +46,7 @@ use crate::cluster::controller::MANAGEMENT_URI_ANNOTATION;
 use crate::conditions;
 use crate::crd::common::{ConnectionSecretReference, DeletionPolicy, RabbitClusterReference};
 use crate::crd::{RabbitCluster, User};
-use crate::management::{ManagementClient, ManagementError};
+use crate::management::{ManagementClient, ManagementError, segment};
 pub use crate::reconcile::{Context, Error};
 use crate::security;
 
@@ -124,6 +124,10 @@ pub trait Topology:
     fn delete_path(&self, _current: Option<&Value>) -> Option<String> {
         Some(self.path())
     }
+    /// Limits of the object (vhost and user limits), written after the object.
+    fn limits(&self) -> Option<Limits> {
+        None
+    }
     /// Whether the kind can remove itself from the broker when its work is done (a shovel
     /// with `srcDeleteAfter`); its status then has a `finished` field.
     const MAY_FINISH: bool = false;
@@ -149,6 +153,31 @@ pub trait Topology:
     fn observed_status(&self, _observed: &[Option<Value>]) -> serde_json::Map<String, Value> {
         serde_json::Map::new()
     }
+}
+
+/// Limits a resource sets on its broker object, apart from the object itself
+/// (`/api/vhost-limits/{vhost}`, `/api/user-limits/{user}`).
+pub struct Limits {
+    /// GET: `[{"value": {"max-connections": 10, …}}]` (or `[]`).
+    pub read: String,
+    /// PUT `{"value": N}` at or DELETE `{prefix}/{name}`.
+    pub prefix: String,
+    /// Every limit the resource manages, and its desired value (`None`: removed).
+    pub desired: Vec<(&'static str, Option<i64>)>,
+}
+
+/// The limit writes (PUT with a value, DELETE without) that make `current` (the broker's
+/// `[{"value": {…}}]`) what `desired` says.
+pub fn limit_changes(
+    desired: &[(&'static str, Option<i64>)],
+    current: &Value,
+) -> Vec<(&'static str, Option<i64>)> {
+    let now = &current[0]["value"];
+    desired
+        .iter()
+        .filter(|(name, want)| now[*name].as_i64() != *want)
+        .copied()
+        .collect()
 }
 
 /// Every key of `body` has the same value in `current`.
@@ -616,6 +645,26 @@ async fn apply<T: Topology>(obj: &T, ctx: &Context) -> Result<Action, Error> {
             write.map_err(broker_error)?;
             ctx.metrics.wrote(T::CONTROLLER);
         }
+        if let Some(limits) = resolved.limits() {
+            let current = client
+                .get_opt::<Value>(&limits.read)
+                .await
+                .map_err(broker_error)?
+                .unwrap_or(Value::Null);
+            let changes = limit_changes(&limits.desired, &current);
+            if !changes.is_empty() && applied(obj) {
+                ctx.metrics.drift_corrected(T::CONTROLLER);
+            }
+            for (name, value) in changes {
+                let path = format!("{}/{}", limits.prefix, segment(name));
+                match value {
+                    Some(v) => client.put(&path, &json!({"value": v})).await,
+                    None => client.delete(&path).await,
+                }
+                .map_err(broker_error)?;
+                ctx.metrics.wrote(T::CONTROLLER);
+            }
+        }
         let mut observed = Vec::new();
         for path in resolved.observe_paths() {
             observed.push(client.get::<Value>(&path).await.ok());
@@ -922,5 +971,21 @@ mod tests {
         assert!(!subset(&json!({"x": 1}), &json!({"x": 2})));
         assert!(subset(&json!({}), &Value::Null));
         assert_eq!(tag_set(&json!("b, a,")), tag_set(&json!(["a", "b"])));
+        let desired = [("max-connections", Some(10)), ("max-queues", None)];
+        assert_eq!(
+            limit_changes(&desired, &json!([{"value": {"max-connections": 10}}])),
+            vec![]
+        );
+        assert_eq!(
+            limit_changes(
+                &desired,
+                &json!([{"value": {"max-connections": 5, "max-queues": 1}}])
+            ),
+            vec![("max-connections", Some(10)), ("max-queues", None)]
+        );
+        assert_eq!(
+            limit_changes(&desired, &json!([])),
+            vec![("max-connections", Some(10))]
+        );
     }
 }

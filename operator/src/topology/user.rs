@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use kube::ResourceExt;
 use serde_json::{Value, json};
 
-use super::{GeneratedSecret, Target, Topology, tag_set, target_of};
+use super::{GeneratedSecret, Limits, Target, Topology, tag_set, target_of};
 use crate::crd::User;
 use crate::crd::common::DeletionPolicy;
 use crate::management::segment;
@@ -87,6 +87,18 @@ impl Topology for User {
                 (body["password"].as_str(), current["password_hash"].as_str()),
                 (Some(p), Some(h)) if sha256_password_matches(h, p)
             )
+    }
+    fn limits(&self) -> Option<Limits> {
+        let l = self.spec.limits.as_ref()?;
+        let user = segment(&self.broker_name());
+        Some(Limits {
+            read: format!("/api/user-limits/{user}"),
+            prefix: format!("/api/user-limits/{user}"),
+            desired: vec![
+                ("max-connections", l.max_connections),
+                ("max-channels", l.max_channels),
+            ],
+        })
     }
     fn body(&self, secret: Option<&BTreeMap<String, String>>) -> Result<Value, String> {
         let name = self.broker_name();

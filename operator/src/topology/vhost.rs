@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use kube::ResourceExt;
 use serde_json::{Value, json};
 
-use super::{Target, Topology, tag_set, target_of};
+use super::{Limits, Target, Topology, tag_set, target_of};
 use crate::crd::Vhost;
 use crate::crd::common::DeletionPolicy;
 use crate::management::segment;
@@ -39,6 +39,18 @@ impl Topology for Vhost {
                 current["default_queue_type"] == t.as_str()
                     || current["metadata"]["default_queue_type"] == t.as_str()
             })
+    }
+    fn limits(&self) -> Option<Limits> {
+        let l = self.spec.limits.as_ref()?;
+        let vhost = segment(&self.broker_name());
+        Some(Limits {
+            read: format!("/api/vhost-limits/{vhost}"),
+            prefix: format!("/api/vhost-limits/{vhost}"),
+            desired: vec![
+                ("max-connections", l.max_connections),
+                ("max-queues", l.max_queues),
+            ],
+        })
     }
     fn body(&self, _: Option<&BTreeMap<String, String>>) -> Result<Value, String> {
         // Description and tags are always sent, so removing them from the spec clears them.
