@@ -438,23 +438,30 @@ exercise() {
     # generated password makes the operator create its credentials Secret.
     kc apply -n "$ns" -f samples/vhost.yaml -f samples/user.yaml -f samples/permission.yaml \
         -f samples/topicpermission.yaml -f samples/queue.yaml -f samples/exchange.yaml \
-        -f samples/operatorpolicy.yaml >/dev/null
+        -f samples/binding.yaml -f samples/operatorpolicy.yaml >/dev/null
     local r
     for r in vhosts.warren.dev/orders users.warren.dev/orders-app users.warren.dev/orders-monitor \
         permissions.warren.dev/orders-app topicpermissions.warren.dev/orders-app-amq-topic \
         queues.warren.dev/orders-incoming exchanges.warren.dev/orders-events \
-        operatorpolicies.warren.dev/orders-limits-hard; do
+        bindings.warren.dev/orders-created operatorpolicies.warren.dev/orders-limits-hard; do
         wait_until "$r Ready" 60 field_is "$ns" "$r" '{.status.conditions[?(@.type=="Ready")].status}' True
     done
     [ -n "$(kc -n "$ns" get secret orders-app-user-credentials -o jsonpath='{.data.password}')" ] ||
         die "no generated Secret orders-app-user-credentials"
     curl -fsS -u "$user:$pass" "$mgmt/api/permissions/orders/orders-app" | grep -q 'orders' ||
         die "the broker has no permissions of orders-app in orders"
+    curl -fsS -u "$user:$pass" "$mgmt/api/vhost-limits/orders" | grep -q '"max-queues":500' ||
+        die "the broker has no limits on vhost orders"
+    curl -fsS -u "$user:$pass" "$mgmt/api/bindings/orders/e/orders.events/q/orders.incoming" | grep -q 'order.created' ||
+        die "the broker has no binding orders.events -> orders.incoming"
+    kc -n "$ns" delete bindings.warren.dev --all --wait --timeout=60s >/dev/null
+    curl -fsS -u "$user:$pass" "$mgmt/api/bindings/orders/e/orders.events/q/orders.incoming" | grep -q 'order.created' &&
+        die "deleting the Binding did not delete it from the broker"
     kc -n "$ns" delete operatorpolicies.warren.dev,exchanges.warren.dev,queues.warren.dev,topicpermissions.warren.dev,permissions.warren.dev,users.warren.dev,vhosts.warren.dev \
         --all --wait --timeout=60s >/dev/null
     [ "$(curl -s -o /dev/null -w '%{http_code}' -u "$user:$pass" "$mgmt/api/vhosts/orders")" = 404 ] ||
         die "deleting the Vhost did not delete it from the broker"
-    pass "$ns: samples vhost/user/permission/topicpermission/queue/exchange/operatorpolicy written to the broker, and removed"
+    pass "$ns: samples vhost/user/permission/topicpermission/queue/exchange/binding/operatorpolicy written to the broker, and removed"
 
     # Volume expansion: a class that allows it; the claim is resized and the StatefulSet
     # re-created with the new claim template.
@@ -495,7 +502,7 @@ OP_NS="warren-chart-$RUN_ID"
 APPS_NS="warren-chart-apps-$RUN_ID"
 CLEANUP_CMDS+=("'$HELM' uninstall warren -n $OP_NS --wait" "drop_finalizers $OP_NS $APPS_NS" "'$KUBECTL' delete namespace $OP_NS $APPS_NS --wait=false")
 helm_install warren "$OP_NS" >"$WORK/helm-install.out" 2>&1 || { cat "$WORK/helm-install.out"; die "helm install failed"; }
-for crd in rabbitclusters policies federations shovels vhosts users permissions topicpermissions queues exchanges operatorpolicies; do
+for crd in rabbitclusters policies federations shovels vhosts users permissions topicpermissions queues exchanges bindings operatorpolicies; do
     kc wait --for=condition=Established "crd/$crd.warren.dev" --timeout=60s >/dev/null
     [ "$(kc get crd "$crd.warren.dev" -o jsonpath='{.metadata.annotations.meta\.helm\.sh/release-name}')" = warren ] ||
         die "CRD $crd.warren.dev is not managed by the release"
@@ -527,10 +534,14 @@ pass "helm upgrade: 2 replicas, PodDisruptionBudget, new flags; the operator kee
 
 # ---- namespace scope, second release, CRDs from the first
 NS_NS="warren-chart-ns-$RUN_ID"
-CLEANUP_CMDS+=("'$HELM' uninstall warren-team -n $NS_NS --wait" "drop_finalizers $NS_NS" "'$KUBECTL' delete namespace $NS_NS --wait=false")
+# A second watched namespace (rbac.watchNamespaces: a Role in each, --namespace a,b).
+NS2_NS="warren-chart-ns2-$RUN_ID"
+CLEANUP_CMDS+=("'$HELM' uninstall warren-team -n $NS_NS --wait" "drop_finalizers $NS_NS $NS2_NS" "'$KUBECTL' delete namespace $NS_NS $NS2_NS --wait=false")
+kc create namespace "$NS2_NS" >/dev/null
 helm_install warren-team "$NS_NS" --set rbac.scope=namespace --set crds.install=false \
+    --set "rbac.watchNamespaces={$NS_NS,$NS2_NS}" \
     >"$WORK/helm-install-ns.out" 2>&1 || { cat "$WORK/helm-install-ns.out"; die "helm install (namespace scope) failed"; }
-pass "helm install (namespace scope, crds.install=false) next to the first release"
+pass "helm install (namespace scope over two namespaces, crds.install=false) next to the first release"
 SA_NS="system:serviceaccount:$NS_NS:warren-team-warren-operator"
 [ "$(kc auth can-i list rabbitclusters.warren.dev -n "$APPS_NS" --as "$SA_NS")" = no ] ||
     die "the namespace-scoped ServiceAccount can list RabbitClusters in $APPS_NS"
@@ -538,12 +549,29 @@ SA_NS="system:serviceaccount:$NS_NS:warren-team-warren-operator"
     die "the namespace-scoped ServiceAccount can list Secrets in $APPS_NS"
 [ "$(kc auth can-i list secrets -n "$NS_NS" --as "$SA_NS")" = yes ] ||
     die "the namespace-scoped ServiceAccount cannot list Secrets in its own namespace"
-pass "namespace scope: the ServiceAccount reaches its namespace only"
+[ "$(kc auth can-i patch vhosts.warren.dev/status -n "$NS2_NS" --as "$SA_NS")" = yes ] ||
+    die "the namespace-scoped ServiceAccount cannot patch Vhost status in its second namespace"
+kc -n "$NS_NS" get deploy warren-team-warren-operator -o jsonpath='{.spec.template.spec.containers[0].args}' |
+    grep -qF -- "--namespace=$NS_NS,$NS2_NS" || die "the operator is not given --namespace=$NS_NS,$NS2_NS"
+pass "namespace scope: the ServiceAccount reaches its two namespaces only"
 # The cluster-scoped operator would reconcile this namespace too: remove its clusters (the
 # finalizer needs it) and stop it.
 kc -n "$APPS_NS" delete rabbitcluster --all --wait --timeout=60s >/dev/null
 stop_warren "$OP_PID"
 operator_as warren-team "$NS_NS" "$WORK/operator-namespace.log"
+# The second namespace is watched with the chart's RBAC: a Vhost there is reconciled (its
+# connection Secret is missing, which the operator reports in its status; retain lets it go
+# without a broker).
+kc apply -n "$NS2_NS" -f - >/dev/null <<EOF
+apiVersion: warren.dev/v1alpha1
+kind: Vhost
+metadata: {name: second}
+spec: {connectionSecret: {name: missing}, deletionPolicy: retain}
+EOF
+wait_until "the Vhost in $NS2_NS reconciled" 60 field_is "$NS2_NS" vhost/second '{.status.conditions[?(@.type=="Ready")].reason}' SecretNotFound
+no_forbidden "$WORK/operator-namespace.log"
+kc -n "$NS2_NS" delete vhost second --wait --timeout=60s >/dev/null
+pass "namespace scope: the operator reconciles the second watched namespace"
 exercise "$NS_NS" "$WORK/operator-namespace.log"
 
 # ---- uninstall
@@ -556,7 +584,7 @@ for rel in "warren-team:$NS_NS" "warren:$OP_NS"; do
     [ -z "$(kc get clusterrole,clusterrolebinding -l "app.kubernetes.io/instance=${rel%%:*}" -o name)" ] ||
         die "cluster-scoped RBAC of release ${rel%%:*} remains after helm uninstall"
 done
-for crd in rabbitclusters policies federations shovels vhosts users permissions topicpermissions queues exchanges operatorpolicies; do
+for crd in rabbitclusters policies federations shovels vhosts users permissions topicpermissions queues exchanges bindings operatorpolicies; do
     kc get crd "$crd.warren.dev" >/dev/null || die "CRD $crd.warren.dev was deleted by helm uninstall (crds.keep is on)"
 done
 pass "helm uninstall: Deployment, ServiceAccount, RBAC, Service, dashboards gone; CRDs kept"

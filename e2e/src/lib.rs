@@ -178,6 +178,14 @@ impl Operator {
     /// As [`Operator::start_with`], with extra environment variables (e.g. a `KUBECONFIG`
     /// through an [`ApiRecorder`]).
     pub fn start_with_env(namespace: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_watching(&[namespace], extra, env)
+    }
+
+    /// As [`Operator::start_with_env`], watching `namespaces` (`--namespace a,b`), its
+    /// Lease in the first.
+    pub fn start_watching(namespaces: &[&str], extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let namespace = namespaces[0];
+        let watched = namespaces.join(",");
         let mut extra = extra.to_vec();
         if !extra
             .iter()
@@ -189,7 +197,7 @@ impl Operator {
         let log = std::env::temp_dir().join(format!("warren-operator-{namespace}.log"));
         let log_file = std::fs::File::create(&log).expect("operator log");
         let child = Command::new(binary("warren-operator"))
-            .args(["--namespace", namespace, "--lease-namespace", namespace])
+            .args(["--namespace", &watched, "--lease-namespace", namespace])
             .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
             .args(["--log-format", "text"])
             .args(&extra)

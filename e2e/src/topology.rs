@@ -95,6 +95,20 @@ impl Mgmt {
         assert!(r.status().is_success(), "PUT {path}: {}", r.status());
     }
 
+    /// POST `body` to `path` and return the answer (`{}` when it has none).
+    pub async fn post(&self, path: &str, body: Value) -> Value {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .basic_auth(&self.user, Some(&self.pass))
+            .json(&body)
+            .send()
+            .await
+            .expect("POST");
+        assert!(r.status().is_success(), "POST {path}: {}", r.status());
+        r.json().await.unwrap_or_else(|_| serde_json::json!({}))
+    }
+
     pub async fn delete(&self, path: &str) {
         let r = self
             .http
@@ -262,4 +276,20 @@ pub async fn cluster_for(client: &Client, ns: &str, name: &str, broker: &Broker)
         }),
     )
     .await;
+}
+
+/// The value of the operator's counter `name{label="value"}` at `metrics_url` (0 while it
+/// has no such series).
+pub async fn counter(metrics_url: &str, name: &str, label: &str, value: &str) -> u64 {
+    let text = reqwest::get(format!("{metrics_url}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let prefix = format!("{name}{{{label}=\"{value}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }

@@ -280,6 +280,33 @@ async fn policies_reach_warren_follow_changes_and_come_back_after_drift() {
     delete::<Policy>(&client, &ns, "limits").await;
     mgmt.wait_gone("the policy removed from the broker", path)
         .await;
+
+    // The queue-type-specific targets (RabbitMQ 3.12+ accepts them too).
+    for (name, apply_to) in [
+        ("streams", "streams"),
+        ("quorum", "quorum_queues"),
+        ("classic", "classic_queues"),
+    ] {
+        create::<Policy>(
+            &client,
+            &ns,
+            json!({
+                "apiVersion": "warren.dev/v1alpha1", "kind": "Policy",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {"pattern": "^x\\.", "applyTo": apply_to, "definition": {"max-length": 5},
+                         "rabbitClusterReference": {"name": "site"}},
+            }),
+        )
+        .await;
+        let path = format!("/api/policies/%2F/{name}");
+        mgmt.wait(&format!("policy applying to {apply_to}"), &path, |p| {
+            p["apply-to"] == apply_to
+        })
+        .await;
+        wait_ready::<Policy>(&client, &ns, name, "True").await;
+        delete::<Policy>(&client, &ns, name).await;
+        mgmt.wait_gone("the policy removed", &path).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -347,12 +374,17 @@ async fn federation_and_shovel_reach_warren_and_follow_their_secrets() {
         "metadata": {"name": "move", "namespace": ns},
         "spec": {"uriSecret": {"name": "shovel-uris"}, "srcQueue": "old", "destExchange": "amq.topic",
                  "destExchangeKey": "moved", "srcPrefetchCount": 50, "ackMode": "on-confirm",
+                 "srcQueueArgs": {"x-queue-type": "quorum"},
                  "destAddForwardHeaders": true, "rabbitClusterReference": {"name": "site"}},
     }))
     .await;
     let spath = "/api/parameters/shovel/%2F/move";
     let s = mgmt.wait("the shovel on the broker", spath, |_| true).await;
     assert_eq!(s["value"]["src-queue"], "old");
+    assert_eq!(
+        s["value"]["src-queue-args"],
+        json!({"x-queue-type": "quorum"})
+    );
     assert_eq!(s["value"]["dest-exchange"], "amq.topic");
     assert_eq!(s["value"]["dest-exchange-key"], "moved");
     assert_eq!(s["value"]["src-uri"], "amqp://");
@@ -380,6 +412,129 @@ async fn federation_and_shovel_reach_warren_and_follow_their_secrets() {
         mgmt.get(path).await.is_some(),
         "retain keeps the upstream on the broker"
     );
+}
+
+/// Publishes `n` messages to queue `q` through the default exchange.
+async fn publish(mgmt: &Mgmt, q: &str, n: usize) {
+    for i in 0..n {
+        let r = mgmt
+            .post(
+                "/api/exchanges/%2F/amq.default/publish",
+                json!({"properties": {}, "routing_key": q, "payload": format!("m{i}"),
+                       "payload_encoding": "string"}),
+            )
+            .await;
+        assert_eq!(r["routed"], true, "{r}");
+    }
+}
+
+async fn wait_messages(mgmt: &Mgmt, q: &str, n: u64) {
+    mgmt.wait(
+        &format!("{n} messages in {q}"),
+        &format!("/api/queues/%2F/{q}"),
+        |v| v["messages"] == n,
+    )
+    .await;
+}
+
+/// A shovel with `srcDeleteAfter` moves what its source held, deletes itself, and stays
+/// finished: resyncs do not create it again (it would move the messages published since),
+/// a change of the spec does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_finished_shovel_stays_finished() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = namespace(&client, "shovel-once").await;
+    let op = Operator::start_with(&ns, &["--topology-resync-seconds", "2"]);
+    let broker = Broker::start().await;
+    let mgmt = Mgmt::of(&broker);
+    cluster_for(&client, &ns, "site", &broker).await;
+    for q in ["once-src", "once-dst"] {
+        mgmt.put(&format!("/api/queues/%2F/{q}"), json!({"durable": true}))
+            .await;
+    }
+    publish(&mgmt, "once-src", 3).await;
+    secret(
+        &client,
+        &ns,
+        "shovel-uris",
+        json!({"srcUri": "amqp://", "destUri": "amqp://"}),
+    )
+    .await;
+    create::<Shovel>(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "warren.dev/v1alpha1", "kind": "Shovel",
+            "metadata": {"name": "once", "namespace": ns},
+            "spec": {"uriSecret": {"name": "shovel-uris"}, "srcQueue": "once-src",
+                     "destQueue": "once-dst", "srcDeleteAfter": "queue-length",
+                     "rabbitClusterReference": {"name": "site"}},
+        }),
+    )
+    .await;
+    wait_messages(&mgmt, "once-dst", 3).await;
+    let finished = |generation: i64| {
+        let client = client.clone();
+        let ns = ns.clone();
+        async move {
+            wait_for("the shovel finished in status", LONG, || {
+                let client = client.clone();
+                let ns = ns.clone();
+                async move {
+                    let st = status_of::<Shovel>(&client, &ns, "once").await;
+                    (st["finished"] == true
+                        && st["state"] == "finished"
+                        && st["observedGeneration"] == generation)
+                        .then_some(st)
+                }
+            })
+            .await
+        }
+    };
+    let st = finished(1).await;
+    let ready = st["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .cloned()
+        .expect("Ready");
+    assert_eq!(
+        (&ready["status"], &ready["reason"]),
+        (&json!("True"), &json!("Finished"))
+    );
+    let spath = "/api/parameters/shovel/%2F/once";
+    assert!(mgmt.get(spath).await.is_none(), "the shovel deleted itself");
+
+    // Resyncs go on; the shovel is not created again, so new messages stay where they are.
+    publish(&mgmt, "once-src", 2).await;
+    let before = reconciles(&op, "shovel").await;
+    wait_for("three more shovel resyncs", LONG, || {
+        let op = &op;
+        async move { (reconciles(op, "shovel").await >= before + 3).then_some(()) }
+    })
+    .await;
+    assert!(
+        mgmt.get(spath).await.is_none(),
+        "a resync re-created the shovel"
+    );
+    wait_messages(&mgmt, "once-src", 2).await;
+    wait_messages(&mgmt, "once-dst", 3).await;
+
+    // A new spec is a new run.
+    patch::<Shovel>(
+        &client,
+        &ns,
+        "once",
+        json!({"spec": {"srcPrefetchCount": 5}}),
+    )
+    .await
+    .expect("patch shovel");
+    wait_messages(&mgmt, "once-dst", 5).await;
+    finished(2).await;
+    wait_messages(&mgmt, "once-src", 0).await;
+    delete::<Shovel>(&client, &ns, "once").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

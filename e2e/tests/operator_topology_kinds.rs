@@ -8,6 +8,9 @@
 //! Queues, exchanges and operator policies likewise, with a short resync: one deleted on the
 //! broker comes back.
 //!
+//! Bindings likewise (short resync): to a queue and to an exchange, with arguments, restored
+//! after a deletion on the broker, immutable, deleted (only the one binding) or retained.
+//!
 //! Also here: `rabbitClusterReference` and `connectionSecret` cannot be changed once set
 //! (the API server refuses it, on every topology kind).
 
@@ -15,12 +18,12 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use warren_e2e::topology::{
-    LONG, Mgmt, cluster_for, create, delete, patch, secret, status_of, wait_ready,
+    LONG, Mgmt, cluster_for, counter, create, delete, patch, secret, status_of, wait_ready,
 };
 use warren_e2e::{Broker, Operator, client, ensure_crds, namespace, wait_for};
 use warren_operator::crd::{
-    Exchange, Federation, OperatorPolicy, Permission, Policy, Queue, Shovel, TopicPermission, User,
-    Vhost,
+    Binding, Exchange, Federation, OperatorPolicy, Permission, Policy, Queue, Shovel,
+    TopicPermission, User, Vhost,
 };
 
 /// Which broker a scenario configures, and how the resources name it.
@@ -32,6 +35,8 @@ struct Target {
     reference: Value,
     /// Appended to names on the broker (the reference RabbitMQ outlives a test run).
     suffix: String,
+    /// The operator's metrics endpoint.
+    metrics: String,
 }
 
 impl Target {
@@ -113,7 +118,8 @@ async fn scenario(client: &Client, ns: &str, t: &Target) {
             "prod",
             t.spec(
                 json!({"name": vhost, "tags": ["eu", "prod"], "description": "Production",
-                          "defaultQueueType": "quorum"}),
+                          "defaultQueueType": "quorum",
+                          "limits": {"maxConnections": 10, "maxQueues": 5}}),
             ),
         ),
     )
@@ -123,16 +129,27 @@ async fn scenario(client: &Client, ns: &str, t: &Target) {
     assert_eq!(v["tags"], json!(["eu", "prod"]), "{v}");
     assert_eq!(v["default_queue_type"], "quorum", "{v}");
     wait_generation::<Vhost>(client, ns, "prod", 1).await;
+    let lpath = format!("/api/vhost-limits/prod%2Feu-{sfx}");
+    m.wait("the vhost limits", &lpath, |l| {
+        l[0]["value"] == json!({"max-connections": 10, "max-queues": 5})
+    })
+    .await;
     patch::<Vhost>(
         client,
         ns,
         "prod",
-        json!({"spec": {"description": "Production (EU)", "tags": ["eu"]}}),
+        json!({"spec": {"description": "Production (EU)", "tags": ["eu"],
+                        "limits": {"maxQueues": null}}}),
     )
     .await
     .expect("patch vhost");
     m.wait("the changed vhost", &vpath, |v| {
         v["description"] == "Production (EU)" && v["tags"] == json!(["eu"])
+    })
+    .await;
+    // A limit no longer given is removed.
+    m.wait("the vhost limits without max-queues", &lpath, |l| {
+        l[0]["value"] == json!({"max-connections": 10})
     })
     .await;
     wait_generation::<Vhost>(client, ns, "prod", 2).await;
@@ -164,7 +181,8 @@ async fn scenario(client: &Client, ns: &str, t: &Target) {
             "User",
             ns,
             "app",
-            t.spec(json!({"name": app, "tags": ["monitoring"]})),
+            t.spec(json!({"name": app, "tags": ["monitoring"],
+                          "limits": {"maxConnections": 2, "maxChannels": 4}})),
         ),
     )
     .await;
@@ -173,6 +191,10 @@ async fn scenario(client: &Client, ns: &str, t: &Target) {
         .wait("the generated user on the broker", &upath, |_| true)
         .await;
     assert_eq!(u["tags"], json!(["monitoring"]), "{u}");
+    m.wait("the user limits", &format!("/api/user-limits/{app}"), |l| {
+        l[0]["value"] == json!({"max-connections": 2, "max-channels": 4})
+    })
+    .await;
     wait_generation::<User>(client, ns, "app", 1).await;
     assert_eq!(
         status_of::<User>(client, ns, "app").await["credentialsSecret"],
@@ -628,11 +650,45 @@ async fn queue_scenario(client: &Client, ns: &str, t: &Target) {
         "{x}"
     );
     wait_generation::<Exchange>(client, ns, "events", 1).await;
+    // Resync compares before it writes: while the broker holds the exchange as specified,
+    // resyncs go on and write nothing.
+    let metric = |name: &'static str, label: &'static str| {
+        let url = t.metrics.clone();
+        async move { counter(&url, name, label, "exchange").await }
+    };
+    let writes = metric("warren_operator_topology_writes_total", "kind").await;
+    let drift = metric("warren_operator_topology_drift_corrections_total", "kind").await;
+    let resyncs = metric("warren_operator_reconciliations_total", "controller").await;
+    assert!(writes >= 1, "the exchange was written once");
+    wait_for("three more resyncs of the exchange", LONG, || async {
+        (metric("warren_operator_reconciliations_total", "controller").await >= resyncs + 3)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric("warren_operator_topology_writes_total", "kind").await,
+        writes,
+        "a resync without drift wrote to the broker"
+    );
+    assert_eq!(
+        metric("warren_operator_topology_drift_corrections_total", "kind").await,
+        drift
+    );
+    // Drift: deleted on the broker, it is declared again at the next resync, and counted.
     m.delete(&xpath).await;
     m.wait("the exchange declared again", &xpath, |x| {
         x["type"] == "topic"
     })
     .await;
+    wait_for("the drift correction counted", LONG, || async {
+        (metric("warren_operator_topology_drift_corrections_total", "kind").await == drift + 1)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric("warren_operator_topology_writes_total", "kind").await,
+        writes + 1
+    );
     for change in [
         json!({"spec": {"type": "fanout"}}),
         json!({"spec": {"durable": false}}),
@@ -754,12 +810,208 @@ async fn queue_scenario(client: &Client, ns: &str, t: &Target) {
     m.delete(&kpath).await;
 }
 
+/// The bindings between source and destination, as the broker lists them.
+async fn bindings(m: &Mgmt, path: &str) -> Vec<Value> {
+    m.get(path)
+        .await
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+}
+
+/// Waits until the listing at `path` has (or, with `present` false, lacks) a binding with
+/// routing key `key`; returns that binding.
+async fn wait_binding(m: &Mgmt, path: &str, key: &str, present: bool) -> Option<Value> {
+    wait_for(
+        &format!("binding {key:?} at {path} present={present}"),
+        LONG,
+        || async move {
+            let found = bindings(m, path)
+                .await
+                .into_iter()
+                .find(|b| b["routing_key"] == key);
+            match (found, present) {
+                (Some(b), true) => Some(Some(b)),
+                (None, false) => Some(None),
+                _ => None,
+            }
+        },
+    )
+    .await
+}
+
+/// Bindings to a queue and to an exchange on `t`: refused while the queue is missing (the
+/// broker's error in the condition), created, restored after a deletion on the broker,
+/// immutable, deleted one at a time (another binding between the same ends stays) or retained.
+async fn binding_scenario(client: &Client, ns: &str, t: &Target) {
+    let m = &t.mgmt;
+    let sfx = &t.suffix;
+    let (src, dst_x, q) = (
+        format!("bsrc-{sfx}"),
+        format!("bdst-{sfx}"),
+        format!("bq-{sfx}"),
+    );
+    m.put(
+        &format!("/api/exchanges/%2F/{src}"),
+        json!({"type": "topic", "durable": false}),
+    )
+    .await;
+    m.put(
+        &format!("/api/exchanges/%2F/{dst_x}"),
+        json!({"type": "headers", "durable": false}),
+    )
+    .await;
+    let qlist = format!("/api/bindings/%2F/e/{src}/q/{q}");
+    let xlist = format!("/api/bindings/%2F/e/{src}/e/{dst_x}");
+
+    // Exchange to exchange, with arguments (first: once it is Ready, the broker is known
+    // to be reachable, and the binding below fails only for the missing queue, retried
+    // within seconds rather than after a long backoff).
+    create::<Binding>(
+        client,
+        ns,
+        manifest(
+            "Binding",
+            ns,
+            "eu",
+            t.spec(
+                json!({"source": src, "destination": dst_x, "destinationType": "exchange",
+                          "arguments": {"x-match": "all", "region": "eu"}}),
+            ),
+        ),
+    )
+    .await;
+    let eu = wait_binding(m, &xlist, "", true).await.expect("binding");
+    assert_eq!(eu["destination_type"], "exchange", "{eu}");
+    assert_eq!(
+        eu["arguments"],
+        json!({"x-match": "all", "region": "eu"}),
+        "{eu}"
+    );
+    wait_generation::<Binding>(client, ns, "eu", 1).await;
+    // The queue does not exist yet: the broker refuses, and says so in the condition.
+    create::<Binding>(
+        client,
+        ns,
+        manifest(
+            "Binding",
+            ns,
+            "orders",
+            t.spec(json!({"source": src, "destination": q, "routingKey": "order.*"})),
+        ),
+    )
+    .await;
+    let message = wait_for("the broker refusing the binding", LONG, || async {
+        let st = status_of::<Binding>(client, ns, "orders").await;
+        st["conditions"].as_array()?.iter().find_map(|c| {
+            (c["type"] == "Ready" && c["status"] == "False" && c["reason"] == "BrokerRefused")
+                .then(|| c["message"].as_str().unwrap_or_default().to_string())
+        })
+    })
+    .await;
+    assert!(message.contains(&q), "{message}");
+    m.put(
+        &format!("/api/queues/%2F/{q}"),
+        json!({"durable": false, "arguments": {"x-queue-type": "classic"}}),
+    )
+    .await;
+    let b = wait_binding(m, &qlist, "order.*", true)
+        .await
+        .expect("binding");
+    assert_eq!(b["destination_type"], "queue", "{b}");
+    wait_generation::<Binding>(client, ns, "orders", 1).await;
+    // A second binding between the same ends.
+    create::<Binding>(
+        client,
+        ns,
+        manifest(
+            "Binding",
+            ns,
+            "created",
+            t.spec(json!({"source": src, "destination": q, "routingKey": "order.created"})),
+        ),
+    )
+    .await;
+    wait_binding(m, &qlist, "order.created", true).await;
+
+    // Drift: deleted on the broker (by its properties key), it is bound again at the next
+    // resync.
+    let props = eu["properties_key"].as_str().expect("properties_key");
+    m.delete(&format!("{xlist}/{}", urlencode(props))).await;
+    wait_binding(m, &xlist, "", false).await;
+    let b = wait_binding(m, &xlist, "", true)
+        .await
+        .expect("bound again");
+    assert_eq!(b["arguments"]["region"], "eu", "{b}");
+
+    // Nothing that identifies a binding can change.
+    for change in [
+        json!({"spec": {"routingKey": "other"}}),
+        json!({"spec": {"destination": "elsewhere"}}),
+        json!({"spec": {"destinationType": "queue"}}),
+        json!({"spec": {"arguments": {"x-match": "any"}}}),
+        json!({"spec": {"arguments": null}}),
+    ] {
+        let err = patch::<Binding>(client, ns, "eu", change.clone())
+            .await
+            .expect_err(&format!("{change}"));
+        assert!(
+            err.to_string()
+                .contains("cannot be changed (they are what identifies a binding"),
+            "{change}: {err}"
+        );
+    }
+
+    // Deleting one Binding removes that binding only.
+    delete::<Binding>(client, ns, "orders").await;
+    wait_binding(m, &qlist, "order.*", false).await;
+    assert!(
+        bindings(m, &qlist)
+            .await
+            .iter()
+            .any(|b| b["routing_key"] == "order.created"),
+        "the other binding between the same ends stays"
+    );
+    delete::<Binding>(client, ns, "created").await;
+    wait_binding(m, &qlist, "order.created", false).await;
+    // Retain keeps it.
+    patch::<Binding>(
+        client,
+        ns,
+        "eu",
+        json!({"spec": {"deletionPolicy": "retain"}}),
+    )
+    .await
+    .expect("deletionPolicy is mutable");
+    wait_generation::<Binding>(client, ns, "eu", 2).await;
+    delete::<Binding>(client, ns, "eu").await;
+    assert!(
+        !bindings(m, &xlist).await.is_empty(),
+        "retain keeps the binding"
+    );
+    // Leave nothing behind on a broker that outlives the test.
+    m.delete(&format!("/api/queues/%2F/{q}")).await;
+    m.delete(&format!("/api/exchanges/%2F/{dst_x}")).await;
+    m.delete(&format!("/api/exchanges/%2F/{src}")).await;
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn queues_exchanges_and_operator_policies_reach_warren() {
+async fn bindings_reach_warren() {
     let client = client().await;
     ensure_crds(&client).await;
-    let ns = namespace(&client, "queues").await;
-    let _op = Operator::start_with(&ns, &["--topology-resync-seconds", "2"]);
+    let ns = namespace(&client, "bindings").await;
+    let op = Operator::start_with(&ns, &["--topology-resync-seconds", "2"]);
     let broker = Broker::start().await;
     cluster_for(&client, &ns, "site", &broker).await;
     let target = Target {
@@ -767,6 +1019,49 @@ async fn queues_exchanges_and_operator_policies_reach_warren() {
         field: "rabbitClusterReference",
         reference: json!({"name": "site"}),
         suffix: "w".into(),
+        metrics: op.metrics_url.clone(),
+    };
+    binding_scenario(&client, &ns, &target).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bindings_reach_a_stock_rabbitmq() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = namespace(&client, "bindings-stock").await;
+    let op = Operator::start_with(&ns, &["--topology-resync-seconds", "2"]);
+    let rmq = Mgmt::rabbitmq();
+    secret(
+        &client,
+        &ns,
+        "rabbitmq",
+        json!({"uri": rmq.url, "username": "guest", "password": "guest"}),
+    )
+    .await;
+    let target = Target {
+        mgmt: rmq,
+        field: "connectionSecret",
+        reference: json!({"name": "rabbitmq"}),
+        suffix: ns[ns.len() - 6..].to_string(),
+        metrics: op.metrics_url.clone(),
+    };
+    binding_scenario(&client, &ns, &target).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queues_exchanges_and_operator_policies_reach_warren() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = namespace(&client, "queues").await;
+    let op = Operator::start_with(&ns, &["--topology-resync-seconds", "2"]);
+    let broker = Broker::start().await;
+    cluster_for(&client, &ns, "site", &broker).await;
+    let target = Target {
+        mgmt: Mgmt::of(&broker),
+        field: "rabbitClusterReference",
+        reference: json!({"name": "site"}),
+        suffix: "w".into(),
+        metrics: op.metrics_url.clone(),
     };
     queue_scenario(&client, &ns, &target).await;
 }
@@ -776,7 +1071,7 @@ async fn queues_exchanges_and_operator_policies_reach_a_stock_rabbitmq() {
     let client = client().await;
     ensure_crds(&client).await;
     let ns = namespace(&client, "queues-stock").await;
-    let _op = Operator::start_with(&ns, &["--topology-resync-seconds", "2"]);
+    let op = Operator::start_with(&ns, &["--topology-resync-seconds", "2"]);
     let rmq = Mgmt::rabbitmq();
     secret(
         &client,
@@ -790,6 +1085,7 @@ async fn queues_exchanges_and_operator_policies_reach_a_stock_rabbitmq() {
         field: "connectionSecret",
         reference: json!({"name": "rabbitmq"}),
         suffix: ns[ns.len() - 6..].to_string(),
+        metrics: op.metrics_url.clone(),
     };
     queue_scenario(&client, &ns, &target).await;
 }
@@ -799,7 +1095,7 @@ async fn vhosts_users_and_permissions_reach_warren() {
     let client = client().await;
     ensure_crds(&client).await;
     let ns = namespace(&client, "kinds").await;
-    let _op = Operator::start_with(&ns, &["--topology-resync-seconds", "600"]);
+    let op = Operator::start_with(&ns, &["--topology-resync-seconds", "600"]);
     let broker = Broker::start().await;
     cluster_for(&client, &ns, "site", &broker).await;
     let target = Target {
@@ -807,6 +1103,7 @@ async fn vhosts_users_and_permissions_reach_warren() {
         field: "rabbitClusterReference",
         reference: json!({"name": "site"}),
         suffix: "w".into(),
+        metrics: op.metrics_url.clone(),
     };
     scenario(&client, &ns, &target).await;
 }
@@ -816,7 +1113,7 @@ async fn vhosts_users_and_permissions_reach_a_stock_rabbitmq() {
     let client = client().await;
     ensure_crds(&client).await;
     let ns = namespace(&client, "kinds-stock").await;
-    let _op = Operator::start_with(&ns, &["--topology-resync-seconds", "600"]);
+    let op = Operator::start_with(&ns, &["--topology-resync-seconds", "600"]);
     let rmq = Mgmt::rabbitmq();
     secret(
         &client,
@@ -830,6 +1127,7 @@ async fn vhosts_users_and_permissions_reach_a_stock_rabbitmq() {
         field: "connectionSecret",
         reference: json!({"name": "rabbitmq"}),
         suffix: ns[ns.len() - 6..].to_string(),
+        metrics: op.metrics_url.clone(),
     };
     scenario(&client, &ns, &target).await;
 }
@@ -947,6 +1245,18 @@ async fn the_broker_of_a_topology_resource_cannot_be_changed() {
     refused_for!(Queue, "q");
     refused_for!(Exchange, "x");
     refused_for!(OperatorPolicy, "op");
+    create::<Binding>(
+        &client,
+        &ns,
+        manifest(
+            "Binding",
+            &ns,
+            "b",
+            with(json!({"source": "x", "destination": "q"})),
+        ),
+    )
+    .await;
+    refused_for!(Binding, "b");
 
     // A resource created with connectionSecret keeps it too.
     create::<Vhost>(
@@ -982,4 +1292,66 @@ async fn the_broker_of_a_topology_resource_cannot_be_changed() {
     )
     .await
     .expect("a description change is allowed");
+}
+
+/// `--namespace a,b`: one operator configures the resources of both namespaces and leaves
+/// those of a third alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_operator_watches_a_list_of_namespaces() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let a = namespace(&client, "watch-a").await;
+    let b = namespace(&client, "watch-b").await;
+    let other = namespace(&client, "watch-other").await;
+    let _op = Operator::start_watching(&[a.as_str(), b.as_str()], &[], &[]);
+    let broker = Broker::start().await;
+    let m = Mgmt::of(&broker);
+    for ns in [&a, &b, &other] {
+        secret(
+            &client,
+            ns,
+            "broker",
+            json!({"uri": m.url, "username": "guest", "password": "guest"}),
+        )
+        .await;
+        create::<Vhost>(
+            &client,
+            ns,
+            manifest(
+                "Vhost",
+                ns,
+                "v",
+                json!({"name": ns, "connectionSecret": {"name": "broker"}}),
+            ),
+        )
+        .await;
+    }
+    m.wait(
+        "the vhost of the first namespace",
+        &format!("/api/vhosts/{a}"),
+        |_| true,
+    )
+    .await;
+    m.wait(
+        "the vhost of the second namespace",
+        &format!("/api/vhosts/{b}"),
+        |_| true,
+    )
+    .await;
+    wait_ready::<Vhost>(&client, &a, "v", "True").await;
+    wait_ready::<Vhost>(&client, &b, "v", "True").await;
+    // Both are done; the third namespace's resource was never looked at.
+    assert!(m.get(&format!("/api/vhosts/{other}")).await.is_none());
+    let untouched = Api::<Vhost>::namespaced(client.clone(), &other)
+        .get("v")
+        .await
+        .expect("vhost");
+    assert!(untouched.status.is_none(), "{:?}", untouched.status);
+    assert!(untouched.metadata.finalizers.is_none());
+    delete::<Vhost>(&client, &a, "v").await;
+    m.wait_gone("the first vhost removed", &format!("/api/vhosts/{a}"))
+        .await;
+    delete::<Vhost>(&client, &b, "v").await;
+    m.wait_gone("the second vhost removed", &format!("/api/vhosts/{b}"))
+        .await;
 }

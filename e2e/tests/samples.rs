@@ -145,6 +145,7 @@ async fn every_sample_applies_and_the_clusters_become_ready() {
         "topicpermission.yaml",
         "queue.yaml",
         "exchange.yaml",
+        "binding.yaml",
         "operatorpolicy.yaml",
     ] {
         let path = samples.join(file);
@@ -183,6 +184,7 @@ async fn every_sample_applies_and_the_clusters_become_ready() {
         "orders-app-amq-topic",
         "orders-incoming",
         "orders-events",
+        "orders-created",
         "orders-limits-hard",
     ] {
         assert!(all.contains(name), "kubectl get warren lacks {name}: {all}");
@@ -203,6 +205,9 @@ async fn every_sample_applies_and_the_clusters_become_ready() {
         ("vhosts.spec.defaultQueueType", "x-queue-type"),
         ("queues.spec.arguments", "Ready=False"),
         ("permissions.spec.userReference", "User"),
+        // `bindings` alone is Kubernetes' own core Binding: the short name is ours.
+        ("wb", "properties key"),
+        ("wb.spec.destinationType", "exchange"),
     ] {
         let explained = kubectl(&["explain", field]);
         assert!(explained.contains(text), "{field}: {explained}");

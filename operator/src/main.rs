@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use tracing_subscriber::EnvFilter;
-use warren_operator::cluster::controller::{self, Context};
+use warren_operator::cluster::controller;
 use warren_operator::crd::{
-    Exchange, Federation, OperatorPolicy, Permission, Policy, Queue, Shovel, TopicPermission, User,
-    Vhost,
+    Binding, Exchange, Federation, OperatorPolicy, Permission, Policy, Queue, Shovel,
+    TopicPermission, User, Vhost,
 };
 use warren_operator::lease::{Elector, LeaseConfig};
 use warren_operator::metrics::{self, Health, Metrics};
+use warren_operator::reconcile::{Context, Settings};
 use warren_operator::security::Security;
 use warren_operator::topology;
 
@@ -23,11 +24,12 @@ enum LogFormat {
 }
 
 /// The Warren operator: reconciles RabbitCluster, Policy, Federation, Shovel, Vhost, User,
-/// Permission, TopicPermission, Queue, Exchange and OperatorPolicy resources.
+/// Permission, TopicPermission, Queue, Exchange, Binding and OperatorPolicy resources.
 #[derive(Debug, Parser)]
 #[command(name = "warren-operator", version)]
 struct Cli {
-    /// Watch only this namespace (namespace-scoped mode); every namespace when unset.
+    /// Watch only these namespaces (comma-separated: namespace-scoped mode, one set of
+    /// controllers per namespace); every namespace when unset.
     #[arg(long, env = "WARREN_OPERATOR_NAMESPACE")]
     namespace: Option<String>,
     /// Address of /metrics, /healthz and /readyz.
@@ -194,36 +196,42 @@ async fn run(cli: Cli) -> Result<(), String> {
             "security checks relaxed by flags"
         );
     }
+    // One context for every controller: the same client, recorder, metrics and settings.
     let ctx = Context::new(
         client.clone(),
         metrics.clone(),
-        Some(identity.clone()),
-        cli.broker_image.clone(),
-        security.clone(),
-        cli.reach_pods_by_ip,
+        Settings {
+            instance: Some(identity.clone()),
+            broker_image: cli.broker_image.clone(),
+            security,
+            reach_pods_by_ip: cli.reach_pods_by_ip,
+            topology_resync: Duration::from_secs(cli.topology_resync_seconds.max(1)),
+        },
     );
-    let topology = topology::Context::new(
-        client.clone(),
-        metrics.clone(),
-        Some(identity.clone()),
-        Duration::from_secs(cli.topology_resync_seconds.max(1)),
-        security,
-    );
-    let ns = cli.namespace.clone();
+    let namespaces = warren_operator::watched_namespaces(cli.namespace.as_deref());
+    tracing::info!(?namespaces, "watching");
     let controllers = async move {
-        tokio::join!(
-            controller::run(ctx, ns.clone()),
-            topology::run::<Policy>(topology.clone(), ns.clone()),
-            topology::run::<Federation>(topology.clone(), ns.clone()),
-            topology::run::<Shovel>(topology.clone(), ns.clone()),
-            topology::run::<Vhost>(topology.clone(), ns.clone()),
-            topology::run::<User>(topology.clone(), ns.clone()),
-            topology::run::<Permission>(topology.clone(), ns.clone()),
-            topology::run::<TopicPermission>(topology.clone(), ns.clone()),
-            topology::run::<Queue>(topology.clone(), ns.clone()),
-            topology::run::<Exchange>(topology.clone(), ns.clone()),
-            topology::run::<OperatorPolicy>(topology, ns),
-        );
+        // A watch covers one namespace or all: one set of controllers per namespace.
+        futures::future::join_all(namespaces.into_iter().map(|ns| {
+            let (ctx, topology) = (ctx.clone(), ctx.clone());
+            async move {
+                tokio::join!(
+                    controller::run(ctx, ns.clone()),
+                    topology::run::<Policy>(topology.clone(), ns.clone()),
+                    topology::run::<Federation>(topology.clone(), ns.clone()),
+                    topology::run::<Shovel>(topology.clone(), ns.clone()),
+                    topology::run::<Vhost>(topology.clone(), ns.clone()),
+                    topology::run::<User>(topology.clone(), ns.clone()),
+                    topology::run::<Permission>(topology.clone(), ns.clone()),
+                    topology::run::<TopicPermission>(topology.clone(), ns.clone()),
+                    topology::run::<Queue>(topology.clone(), ns.clone()),
+                    topology::run::<Exchange>(topology.clone(), ns.clone()),
+                    topology::run::<Binding>(topology.clone(), ns.clone()),
+                    topology::run::<OperatorPolicy>(topology, ns),
+                );
+            }
+        }))
+        .await;
     };
     if !cli.leader_elect {
         metrics.leader.set(1);

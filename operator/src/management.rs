@@ -151,6 +151,23 @@ impl ManagementClient {
         self.send("PUT", path, Some(body)).await.map(|_| ())
     }
 
+    /// POST: creates an object the broker names itself (a binding).
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> Result<(), ManagementError> {
+        self.send("POST", path, Some(body)).await.map(|_| ())
+    }
+
+    /// GET that tells "not there" (404) apart from a failure.
+    pub async fn get_opt<T: DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<Option<T>, ManagementError> {
+        match self.get(path).await {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.status() == Some(404) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// DELETE; a 404 counts as deleted.
     pub async fn delete(&self, path: &str) -> Result<(), ManagementError> {
         match self.send("DELETE", path, None).await {
@@ -198,6 +215,39 @@ impl ManagementClient {
             DrainAnswer::Wrapped { queues } | DrainAnswer::List(queues) => queues,
         })
     }
+}
+
+/// A client for the cluster's management API at `url`. For an `https://` URL (a TLS-only
+/// cluster, or an annotation saying so) it trusts the `ca.crt` of the cluster's TLS CA Secret
+/// ([`crate::cluster::build::management_ca_secret`]) when there is one, besides the usual roots; the server's
+/// certificate must name the host (the client Service, or `*.<name>-nodes.<ns>.svc` for a
+/// node).
+pub async fn management_client(
+    client: &kube::Client,
+    rc: &crate::crd::RabbitCluster,
+    url: &str,
+    username: &str,
+    password: &str,
+) -> Result<ManagementClient, String> {
+    use crate::cluster::build;
+    use k8s_openapi::api::core::v1::Secret;
+    let mut ca = None;
+    if url.starts_with("https://")
+        && let Some(name) = build::management_ca_secret(rc)
+    {
+        let secrets: kube::Api<Secret> =
+            kube::Api::namespaced(client.clone(), &build::namespace(rc));
+        let secret = secrets
+            .get_opt(name)
+            .await
+            .map_err(|e| format!("cannot read the CA of {url} from Secret {name}: {e}"))?;
+        ca = secret.and_then(|s| {
+            let data = s.data?;
+            String::from_utf8(data.get("ca.crt")?.0.clone()).ok()
+        });
+    }
+    ManagementClient::with_ca(url, username, password, ca.as_deref().map(str::as_bytes))
+        .map_err(|e| e.to_string())
 }
 
 /// Percent-encodes one path segment of a management API URL (`/` becomes `%2F`).

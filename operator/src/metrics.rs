@@ -22,6 +22,8 @@ pub struct Metrics {
     pub failures: IntCounterVec,
     pub duration: HistogramVec,
     pub leader: IntGauge,
+    pub topology_writes: IntCounterVec,
+    pub drift_corrections: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -65,11 +67,29 @@ impl Metrics {
             "1 while this replica holds the leader Lease and runs the controllers.",
         )
         .expect("static metric definition");
+        let topology_writes = IntCounterVec::new(
+            Opts::new(
+                "warren_operator_topology_writes_total",
+                "Writes (PUT or POST) to a broker's management API, per topology kind: a resync that finds the broker as specified writes nothing.",
+            ),
+            &["kind"],
+        )
+        .expect("static metric definition");
+        let drift_corrections = IntCounterVec::new(
+            Opts::new(
+                "warren_operator_topology_drift_corrections_total",
+                "Objects found different on the broker from their already applied spec (changed or deleted there, or a rotated credentials Secret) and rewritten, per topology kind.",
+            ),
+            &["kind"],
+        )
+        .expect("static metric definition");
         for c in [
             Box::new(reconciliations.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(failures.clone()),
             Box::new(duration.clone()),
             Box::new(leader.clone()),
+            Box::new(topology_writes.clone()),
+            Box::new(drift_corrections.clone()),
         ] {
             registry.register(c).expect("metrics registered once");
         }
@@ -79,6 +99,8 @@ impl Metrics {
             failures,
             duration,
             leader,
+            topology_writes,
+            drift_corrections,
         }
     }
 
@@ -89,6 +111,16 @@ impl Metrics {
             histogram: self.duration.with_label_values(&[controller]),
             started: Instant::now(),
         }
+    }
+
+    /// A topology object written to its broker.
+    pub fn wrote(&self, kind: &str) {
+        self.topology_writes.with_label_values(&[kind]).inc();
+    }
+
+    /// A topology object's drift corrected.
+    pub fn drift_corrected(&self, kind: &str) {
+        self.drift_corrections.with_label_values(&[kind]).inc();
     }
 
     pub fn failed(&self, controller: &str, error: &str) {

@@ -47,9 +47,22 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
-{{/* The one namespace watched in namespace mode. */}}
+{{/* The namespace watched in namespace mode (the first, when several are). */}}
 {{- define "warren-operator.watchNamespace" -}}
+{{- if .Values.rbac.watchNamespaces }}
+{{- first .Values.rbac.watchNamespaces }}
+{{- else }}
 {{- default .Release.Namespace .Values.rbac.watchNamespace }}
+{{- end }}
+{{- end }}
+
+{{/* Every namespace watched in namespace mode, comma-separated (--namespace). */}}
+{{- define "warren-operator.watchNamespaces" -}}
+{{- if .Values.rbac.watchNamespaces }}
+{{- join "," (uniq .Values.rbac.watchNamespaces) }}
+{{- else }}
+{{- include "warren-operator.watchNamespace" . }}
+{{- end }}
 {{- end }}
 
 {{- define "warren-operator.leaseName" -}}
@@ -78,7 +91,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/* Namespaces the broker PodMonitor and the alerts look at. */}}
 {{- define "warren-operator.brokerNamespaces" -}}
 {{- if eq .Values.rbac.scope "namespace" }}
-{{- include "warren-operator.watchNamespace" . }}
+{{- include "warren-operator.watchNamespaces" . | replace "," "|" }}
 {{- end }}
 {{- end }}
 
@@ -91,14 +104,14 @@ permissions: a missing one fails it.
 {{- define "warren-operator.rules" -}}
 # The custom resources: watched, finalizers added and removed (JSON patch), status patched.
 - apiGroups: ["warren.dev"]
-  resources: ["rabbitclusters", "policies", "federations", "shovels", "vhosts", "users", "permissions", "topicpermissions", "queues", "exchanges", "operatorpolicies"]
+  resources: ["rabbitclusters", "policies", "federations", "shovels", "vhosts", "users", "permissions", "topicpermissions", "queues", "exchanges", "bindings", "operatorpolicies"]
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["warren.dev"]
-  resources: ["rabbitclusters/status", "policies/status", "federations/status", "shovels/status", "vhosts/status", "users/status", "permissions/status", "topicpermissions/status", "queues/status", "exchanges/status", "operatorpolicies/status"]
+  resources: ["rabbitclusters/status", "policies/status", "federations/status", "shovels/status", "vhosts/status", "users/status", "permissions/status", "topicpermissions/status", "queues/status", "exchanges/status", "bindings/status", "operatorpolicies/status"]
   verbs: ["patch"]
 # Owner references with blockOwnerDeletion need this where OwnerReferencesPermissionEnforcement is on.
 - apiGroups: ["warren.dev"]
-  resources: ["rabbitclusters/finalizers", "policies/finalizers", "federations/finalizers", "shovels/finalizers", "vhosts/finalizers", "users/finalizers", "permissions/finalizers", "topicpermissions/finalizers", "queues/finalizers", "exchanges/finalizers", "operatorpolicies/finalizers"]
+  resources: ["rabbitclusters/finalizers", "policies/finalizers", "federations/finalizers", "shovels/finalizers", "vhosts/finalizers", "users/finalizers", "permissions/finalizers", "topicpermissions/finalizers", "queues/finalizers", "exchanges/finalizers", "bindings/finalizers", "operatorpolicies/finalizers"]
   verbs: ["update"]
 # What a RabbitCluster owns, written by server-side apply (which needs create for a new
 # object and patch); the StatefulSet is also deleted (orphaning its pods) to grow its volume

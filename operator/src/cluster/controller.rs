@@ -2,7 +2,6 @@
 //! builders in [`super::build`]), applies it with server-side apply under one field manager,
 //! drains nodes before a scale-down, expands volumes, and reports status and Events.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,12 +15,11 @@ use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::{Api, Client, Resource, ResourceExt};
-use parking_lot::Mutex;
+use kube::{Api, Resource, ResourceExt};
 use rand::Rng;
 use rand::distr::Alphanumeric;
 use serde::Serialize;
@@ -35,9 +33,9 @@ use crate::crd::cluster::{
     DefaultUserStatus, DrainedNode, RabbitCluster, RabbitClusterStatus, SecretReference,
     ServiceReference,
 };
-use crate::management::ManagementClient;
-use crate::metrics::Metrics;
-use crate::security::{self, Security};
+use crate::management::management_client;
+pub use crate::reconcile::{Context, Error};
+use crate::security;
 
 /// Field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "warren-operator";
@@ -55,68 +53,7 @@ const RESYNC: Duration = Duration::from_secs(300);
 /// Re-check interval while something is rolling, scaling or draining.
 const PROGRESS_POLL: Duration = Duration::from_secs(5);
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    #[error("{0}")]
-    Spec(String),
-    #[error("{0}")]
-    Drain(String),
-    #[error("finalizer: {0}")]
-    Finalizer(String),
-}
-
-impl Error {
-    fn kind(&self) -> &'static str {
-        match self {
-            Error::Kube(_) => "kube",
-            Error::Spec(_) => "spec",
-            Error::Drain(_) => "drain",
-            Error::Finalizer(_) => "finalizer",
-        }
-    }
-}
-
-/// Shared state of the controller.
-pub struct Context {
-    pub client: Client,
-    pub recorder: Recorder,
-    pub metrics: Metrics,
-    /// The broker image of clusters without `spec.image` (`--broker-image`).
-    pub broker_image: String,
-    /// What the operator allows a cluster's spec and annotations (`--allow-*` flags).
-    pub security: Security,
-    /// Pods are reached at their IPs, not their DNS names (`--reach-pods-by-ip`).
-    pub reach_pods_by_ip: bool,
-    /// Consecutive failures per cluster, for exponential backoff.
-    failures: Mutex<HashMap<String, u32>>,
-}
-
 impl Context {
-    pub fn new(
-        client: Client,
-        metrics: Metrics,
-        instance: Option<String>,
-        broker_image: String,
-        security: Security,
-        reach_pods_by_ip: bool,
-    ) -> Arc<Self> {
-        let reporter = Reporter {
-            controller: "warren-operator".into(),
-            instance,
-        };
-        Arc::new(Context {
-            recorder: Recorder::new(client.clone(), reporter),
-            client,
-            metrics,
-            broker_image,
-            security,
-            reach_pods_by_ip,
-            failures: Mutex::new(HashMap::new()),
-        })
-    }
-
     async fn event(&self, rc: &RabbitCluster, type_: EventType, reason: &str, note: String) {
         self.event_about(rc, type_, reason, note, None).await
     }
@@ -243,7 +180,7 @@ async fn reconcile(rc: Arc<RabbitCluster>, ctx: Arc<Context>) -> Result<Action, 
     .await;
     match result {
         Ok(action) => {
-            ctx.failures.lock().remove(&key(&rc));
+            ctx.succeeded(&key(&rc));
             Ok(action)
         }
         Err(kube::runtime::finalizer::Error::ApplyFailed(e))
@@ -254,14 +191,8 @@ async fn reconcile(rc: Arc<RabbitCluster>, ctx: Arc<Context>) -> Result<Action, 
 
 fn error_policy(rc: Arc<RabbitCluster>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.failed(CONTROLLER, error.kind());
-    let failures = {
-        let mut f = ctx.failures.lock();
-        let n = f.entry(key(&rc)).or_insert(0);
-        *n = n.saturating_add(1);
-        *n
-    };
     // 1s, 2s, 4s … capped at 5 minutes.
-    let delay = Duration::from_secs(1u64 << failures.min(9).saturating_sub(1)).min(RESYNC);
+    let (failures, delay) = ctx.failed(&key(&rc), Duration::from_secs(1), RESYNC);
     tracing::warn!(cluster = %key(&rc), attempt = failures, ?delay, "reconcile failed: {error}");
     Action::requeue(delay)
 }
@@ -667,33 +598,6 @@ async fn stamp_tls_version(
             .insert(TLS_VERSION_ANNOTATION.to_string(), versions.join(","));
     }
     Ok(())
-}
-
-/// A client for the cluster's management API at `url`. For an `https://` URL (a TLS-only
-/// cluster, or an annotation saying so) it trusts the `ca.crt` of the cluster's TLS CA Secret
-/// ([`build::management_ca_secret`]) when there is one, besides the usual roots; the server's
-/// certificate must name the host (the client Service, or `*.<name>-nodes.<ns>.svc` for a
-/// node).
-pub async fn management_client(
-    client: &kube::Client,
-    rc: &RabbitCluster,
-    url: &str,
-    username: &str,
-    password: &str,
-) -> Result<ManagementClient, String> {
-    let mut ca = None;
-    if url.starts_with("https://")
-        && let Some(name) = build::management_ca_secret(rc)
-    {
-        let secrets: Api<Secret> = Api::namespaced(client.clone(), &build::namespace(rc));
-        let secret = secrets
-            .get_opt(name)
-            .await
-            .map_err(|e| format!("cannot read the CA of {url} from Secret {name}: {e}"))?;
-        ca = secret.and_then(|s| secret_value(&s, "ca.crt"));
-    }
-    ManagementClient::with_ca(url, username, password, ca.as_deref().map(str::as_bytes))
-        .map_err(|e| e.to_string())
 }
 
 /// The management API URL the operator uses for `rc`: its `warren.dev/management-uri`

@@ -5,6 +5,7 @@
 // a duplicated attribute.
 #![allow(clippy::duplicated_attributes)]
 
+pub mod binding;
 pub mod cluster;
 pub mod common;
 pub mod exchange;
@@ -18,6 +19,7 @@ pub mod topic_permission;
 pub mod user;
 pub mod vhost;
 
+pub use binding::{Binding, BindingSpec};
 pub use cluster::{RabbitCluster, RabbitClusterSpec, RabbitClusterStatus};
 pub use exchange::{Exchange, ExchangeSpec};
 pub use federation::{Federation, FederationSpec};
@@ -48,6 +50,7 @@ pub fn all() -> Vec<(&'static str, CustomResourceDefinition)> {
         ("queues.yaml", Queue::crd()),
         ("exchanges.yaml", Exchange::crd()),
         ("operatorpolicies.yaml", OperatorPolicy::crd()),
+        ("bindings.yaml", Binding::crd()),
     ]
 }
 

@@ -52,7 +52,8 @@ pub struct PolicySpec {
     /// Regular expression matched against queue and exchange names.
     #[schemars(length(min = 1))]
     pub pattern: String,
-    /// Which objects the policy applies to.
+    /// Which objects the policy applies to: `all`, `queues`, `exchanges`, or (Warren, and
+    /// RabbitMQ from 3.12) only `classic_queues`, `quorum_queues` or `streams`.
     #[serde(default)]
     pub apply_to: ApplyTo,
     /// Among policies matching the same object, the highest priority wins.
@@ -71,15 +72,23 @@ pub struct PolicySpec {
     pub deletion_policy: DeletionPolicy,
 }
 
-/// What a policy applies to.
+/// Which objects a policy applies to: `all`, `queues`, `exchanges`, or (Warren, and RabbitMQ
+/// from 3.12) only `classic_queues`, `quorum_queues` or `streams`.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ApplyTo {
+    /// Queues (of every type) and exchanges.
     #[default]
     All,
+    /// Queues of every type.
     Queues,
+    /// Classic queues only.
     ClassicQueues,
+    /// Quorum queues only.
     QuorumQueues,
+    /// Stream queues only.
+    Streams,
+    /// Exchanges only.
     Exchanges,
 }
 
@@ -90,6 +99,7 @@ impl ApplyTo {
             ApplyTo::Queues => "queues",
             ApplyTo::ClassicQueues => "classic_queues",
             ApplyTo::QuorumQueues => "quorum_queues",
+            ApplyTo::Streams => "streams",
             ApplyTo::Exchanges => "exchanges",
         }
     }

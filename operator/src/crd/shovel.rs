@@ -77,9 +77,19 @@ pub struct ShovelSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = kube::core::Rule::new("type(self) == int ? self >= 0 : (self == 'never' || self == 'queue-length')").message("srcDeleteAfter is never, queue-length or a number of messages"))]
     pub src_delete_after: Option<IntOrString>,
+    /// Arguments the shovel declares `srcQueue` with if it does not exist yet
+    /// (`x-queue-type`, …): the shovel's `src-queue-args`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "crate::crd::free_form_map")]
+    pub src_queue_args: BTreeMap<String, serde_json::Value>,
     /// Destination queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dest_queue: Option<String>,
+    /// Arguments the shovel declares `destQueue` with if it does not exist yet
+    /// (`x-queue-type`, …): the shovel's `dest-queue-args`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "crate::crd::free_form_map")]
+    pub dest_queue_args: BTreeMap<String, serde_json::Value>,
     /// Destination exchange.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dest_exchange: Option<String>,
@@ -124,12 +134,17 @@ pub struct ShovelStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `starting`, `running` or `terminated`, from the broker's `/api/shovels`.
+    /// `starting`, `running` or `terminated`, from the broker's `/api/shovels`; `finished`
+    /// once a shovel with `srcDeleteAfter` has done its work.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
     /// Why the shovel terminated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// True once a shovel with `srcDeleteAfter` has finished and deleted itself on the
+    /// broker: it is not created again (and does not run again) unless the spec changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished: Option<bool>,
     /// Messages the shovel has forwarded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub messages_forwarded: Option<i64>,

@@ -58,6 +58,10 @@ pub struct UserSpec {
     /// it on the broker at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub import_credentials_secret: Option<LocalSecretReference>,
+    /// Limits of the user (`PUT /api/user-limits/{user}/{name}`). Unset: the operator
+    /// leaves the broker's limits alone; set: each limit not given is removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<UserLimits>,
     /// The Warren cluster to configure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rabbit_cluster_reference: Option<RabbitClusterReference>,
@@ -85,4 +89,19 @@ pub struct UserStatus {
     /// The Secret holding the user's `username` and `password` (imported or generated).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret: Option<String>,
+}
+
+/// Limits of a user.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UserLimits {
+    /// Most connections the user may have open at once (`max-connections`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub max_connections: Option<i64>,
+    /// Most channels the user may have open at once, over all its connections
+    /// (`max-channels`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub max_channels: Option<i64>,
 }

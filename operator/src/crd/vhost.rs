@@ -57,6 +57,10 @@ pub struct VhostSpec {
     /// argument. Unset leaves the broker's default (classic).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_queue_type: Option<QueueType>,
+    /// Limits of the virtual host (`PUT /api/vhost-limits/{vhost}/{name}`). Unset: the
+    /// operator leaves the broker's limits alone; set: each limit not given is removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<VhostLimits>,
     /// The Warren cluster to configure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rabbit_cluster_reference: Option<RabbitClusterReference>,
@@ -90,4 +94,19 @@ impl QueueType {
             QueueType::Stream => "stream",
         }
     }
+}
+
+/// Limits of a virtual host.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VhostLimits {
+    /// Most client connections to the virtual host at once (`max-connections`; 0 refuses
+    /// every connection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub max_connections: Option<i64>,
+    /// Most queues in the virtual host (`max-queues`; 0 refuses every declare).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub max_queues: Option<i64>,
 }

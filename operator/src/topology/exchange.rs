@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use kube::ResourceExt;
 use serde_json::{Value, json};
 
-use super::{Target, Topology, target_of};
+use super::{Target, Topology, subset, target_of};
 use crate::crd::Exchange;
 use crate::crd::common::DeletionPolicy;
 use crate::management::segment;
@@ -34,6 +34,13 @@ impl Topology for Exchange {
             segment(&self.spec.vhost),
             segment(&self.broker_name())
         )
+    }
+    /// Arguments as a subset: a broker may list defaults it added.
+    fn in_sync(&self, body: &Value, current: &Value) -> bool {
+        ["type", "durable", "auto_delete", "internal"]
+            .iter()
+            .all(|k| body[k] == current[k])
+            && subset(&body["arguments"], &current["arguments"])
     }
     fn body(&self, _: Option<&BTreeMap<String, String>>) -> Result<Value, String> {
         Ok(json!({

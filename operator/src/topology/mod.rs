@@ -1,6 +1,6 @@
 //! Controllers for the resources that configure a broker through its management HTTP API:
 //! `Policy`, `Federation`, `Shovel`, `Vhost`, `User`, `Permission`, `TopicPermission`,
-//! `Queue`, `Exchange` and `OperatorPolicy`.
+//! `Queue`, `Exchange`, `Binding` and `OperatorPolicy`.
 //! One generic reconcile does the work; each kind says where its object lives on the broker,
 //! how its body is made and what to report.
 //!
@@ -8,6 +8,7 @@
 //! default-user Secret, or the cluster's `warren.dev/management-uri` annotation) or a
 //! `connectionSecret` (any broker, a stock RabbitMQ included).
 
+pub mod binding;
 pub mod exchange;
 pub mod federation;
 pub mod operator_policy;
@@ -19,7 +20,7 @@ pub mod topic_permission;
 pub mod user;
 pub mod vhost;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,12 +32,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::core::{NamespaceResourceScope, PartialObjectMeta};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
-use parking_lot::Mutex;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -46,9 +46,9 @@ use crate::cluster::controller::MANAGEMENT_URI_ANNOTATION;
 use crate::conditions;
 use crate::crd::common::{ConnectionSecretReference, DeletionPolicy, RabbitClusterReference};
 use crate::crd::{RabbitCluster, User};
-use crate::management::{ManagementClient, ManagementError};
-use crate::metrics::Metrics;
-use crate::security::{self, Security};
+use crate::management::{ManagementClient, ManagementError, segment};
+pub use crate::reconcile::{Context, Error};
+use crate::security;
 
 /// Annotation on a RabbitCluster listing the namespaces (comma-separated, or `*`) whose
 /// topology resources (Policy, Vhost, User, …) may configure it.
@@ -113,7 +113,37 @@ pub trait Topology:
     fn broker_user(&self) -> Option<String> {
         None
     }
-    /// The PUT body; `secret` holds the `uri_secret`'s keys.
+    /// Whether the object is created by POSTing the body to `path` (the broker names it, as
+    /// it does a binding) rather than PUT at `path`.
+    const CREATED_BY_POST: bool = false;
+    /// Whether `delete_path` needs what a GET of `path` answers (a binding: DELETE needs
+    /// the properties key the broker gave it).
+    const DELETE_NEEDS_LOOKUP: bool = false;
+    /// The path to DELETE; with `DELETE_NEEDS_LOOKUP`, `current` is what GET `path`
+    /// answered (`None`: 404). `None`: nothing of this object is on the broker.
+    fn delete_path(&self, _current: Option<&Value>) -> Option<String> {
+        Some(self.path())
+    }
+    /// Limits of the object (vhost and user limits), written after the object.
+    fn limits(&self) -> Option<Limits> {
+        None
+    }
+    /// Whether the kind can remove itself from the broker when its work is done (a shovel
+    /// with `srcDeleteAfter`); its status then has a `finished` field.
+    const MAY_FINISH: bool = false;
+    /// Whether this object removes itself from the broker when its work is done: once its
+    /// generation was applied, its absence on the broker means it finished (recorded in
+    /// status), not drift, and it is not written again until the spec changes.
+    fn finishes(&self) -> bool {
+        false
+    }
+    /// Whether what GET `path` answered (`current`) already is what writing `body` would
+    /// make it: then resync writes nothing. By default each key of the body must have the
+    /// same value in the answer; kinds whose GET answers in another shape say how.
+    fn in_sync(&self, body: &Value, current: &Value) -> bool {
+        same_keys(body, current)
+    }
+    /// The PUT (or POST) body; `secret` holds the `uri_secret`'s keys.
     fn body(&self, secret: Option<&BTreeMap<String, String>>) -> Result<Value, String>;
     /// Management API paths read after a successful apply, for the status.
     fn observe_paths(&self) -> Vec<String> {
@@ -122,6 +152,70 @@ pub trait Topology:
     /// Extra status fields from what `observe_paths` returned (None where a GET failed).
     fn observed_status(&self, _observed: &[Option<Value>]) -> serde_json::Map<String, Value> {
         serde_json::Map::new()
+    }
+}
+
+/// Limits a resource sets on its broker object, apart from the object itself
+/// (`/api/vhost-limits/{vhost}`, `/api/user-limits/{user}`).
+pub struct Limits {
+    /// GET: `[{"value": {"max-connections": 10, …}}]` (or `[]`).
+    pub read: String,
+    /// PUT `{"value": N}` at or DELETE `{prefix}/{name}`.
+    pub prefix: String,
+    /// Every limit the resource manages, and its desired value (`None`: removed).
+    pub desired: Vec<(&'static str, Option<i64>)>,
+}
+
+/// The limit writes (PUT with a value, DELETE without) that make `current` (the broker's
+/// `[{"value": {…}}]`) what `desired` says.
+pub fn limit_changes(
+    desired: &[(&'static str, Option<i64>)],
+    current: &Value,
+) -> Vec<(&'static str, Option<i64>)> {
+    let now = &current[0]["value"];
+    desired
+        .iter()
+        .filter(|(name, want)| now[*name].as_i64() != *want)
+        .copied()
+        .collect()
+}
+
+/// Every key of `body` has the same value in `current`.
+pub fn same_keys(body: &Value, current: &Value) -> bool {
+    body.as_object()
+        .is_some_and(|b| b.iter().all(|(k, v)| current.get(k) == Some(v)))
+}
+
+/// Every key of the object `desired` has the same value in the object `current` (which may
+/// hold more: defaults a broker adds to queue or exchange arguments). A missing or empty
+/// `desired` matches a missing or empty `current`.
+pub fn subset(desired: &Value, current: &Value) -> bool {
+    let empty = serde_json::Map::new();
+    let current = current.as_object().unwrap_or(&empty);
+    desired
+        .as_object()
+        .unwrap_or(&empty)
+        .iter()
+        .all(|(k, v)| current.get(k) == Some(v))
+}
+
+/// Tags as a set, from a comma-separated string (what the operator sends) or an array
+/// (what brokers answer).
+pub fn tag_set(v: &Value) -> std::collections::BTreeSet<String> {
+    match v {
+        Value::String(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        Value::Array(a) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        _ => Default::default(),
     }
 }
 
@@ -142,65 +236,6 @@ pub fn target_of<'a>(
         (Some(r), None) => Target::Cluster(r),
         (None, Some(s)) => Target::Secret(s),
         _ => Target::Invalid,
-    }
-}
-
-/// Shared state of the topology controllers.
-pub struct Context {
-    pub client: Client,
-    pub recorder: Recorder,
-    pub metrics: Metrics,
-    /// Periodic re-apply interval (drift correction).
-    pub resync: Duration,
-    /// What the operator allows (`--allow-any-management-uri`).
-    pub security: Security,
-    failures: Mutex<HashMap<String, u32>>,
-}
-
-impl Context {
-    pub fn new(
-        client: Client,
-        metrics: Metrics,
-        instance: Option<String>,
-        resync: Duration,
-        security: Security,
-    ) -> Arc<Self> {
-        let reporter = Reporter {
-            controller: "warren-operator".into(),
-            instance,
-        };
-        Arc::new(Context {
-            recorder: Recorder::new(client.clone(), reporter),
-            client,
-            metrics,
-            resync,
-            security,
-            failures: Mutex::new(HashMap::new()),
-        })
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    /// The broker (or finding it) failed; the message is for the Ready condition.
-    #[error("{message}")]
-    NotReady {
-        reason: &'static str,
-        message: String,
-    },
-    #[error("finalizer: {0}")]
-    Finalizer(String),
-}
-
-impl Error {
-    fn kind(&self) -> &'static str {
-        match self {
-            Error::Kube(_) => "kube",
-            Error::NotReady { reason, .. } => reason,
-            Error::Finalizer(_) => "finalizer",
-        }
     }
 }
 
@@ -359,10 +394,9 @@ async fn connect<T: Topology>(obj: &T, ctx: &Context) -> Result<(ManagementClien
                         ),
                     )
                 });
-            let client =
-                crate::cluster::controller::management_client(&ctx.client, &rc, &url, u, p)
-                    .await
-                    .map_err(|e| not_ready("BrokerUnreachable", e))?;
+            let client = crate::management::management_client(&ctx.client, &rc, &url, u, p)
+                .await
+                .map_err(|e| not_ready("BrokerUnreachable", e))?;
             Ok((client, u.clone()))
         }
     }
@@ -397,16 +431,35 @@ fn current_conditions<T: Topology>(obj: &T) -> Vec<Condition> {
         .unwrap_or_default()
 }
 
+/// Whether `obj`'s current generation was applied already (Ready at observedGeneration):
+/// a difference on the broker now is drift, not a change of the spec.
+fn applied<T: Topology>(obj: &T) -> bool {
+    let observed = serde_json::to_value(obj)
+        .ok()
+        .and_then(|v| v.get("status")?.get("observedGeneration")?.as_i64());
+    observed.is_some()
+        && observed == obj.meta().generation
+        && conditions::is_true(&current_conditions(obj), "Ready")
+}
+
 async fn write_status<T: Topology>(
     obj: &T,
     ctx: &Context,
-    ready: Result<(), (&str, String)>,
+    ready: Result<Option<(&str, String)>, (&str, String)>,
     extra: serde_json::Map<String, Value>,
 ) -> Result<(), Error> {
     let mut conds = current_conditions(obj);
     let generation = obj.meta().generation;
     match &ready {
-        Ok(()) => conditions::set(
+        Ok(Some((reason, message))) => conditions::set(
+            &mut conds,
+            "Ready",
+            true,
+            reason,
+            message.clone(),
+            generation,
+        ),
+        Ok(None) => conditions::set(
             &mut conds,
             "Ready",
             true,
@@ -530,7 +583,7 @@ async fn ensure_generated_secret<T: Topology>(
 const GENERATED_PASSWORD_LEN: usize = 24;
 
 async fn apply<T: Topology>(obj: &T, ctx: &Context) -> Result<Action, Error> {
-    let result: Result<(T, serde_json::Map<String, Value>), Error> = async {
+    let result: Result<(T, serde_json::Map<String, Value>, bool), Error> = async {
         let ns = obj.namespace().unwrap_or_else(|| "default".into());
         let Some((resolved, user)) = resolve_user(obj, ctx, false).await? else {
             return Err(not_ready(
@@ -562,10 +615,56 @@ async fn apply<T: Topology>(obj: &T, ctx: &Context) -> Result<Action, Error> {
                 ),
             ));
         }
-        client
-            .put(&resolved.path(), &body)
+        // Compare before writing: a resync that finds the broker as specified writes
+        // nothing (a rewrite is not free: a shovel or federation link restarts, a user's
+        // password is re-hashed). A write at an already applied generation corrects drift.
+        let current = client
+            .get_opt::<Value>(&resolved.path())
             .await
             .map_err(broker_error)?;
+        if T::MAY_FINISH && resolved.finishes() && current.is_none() && applied(obj) {
+            let mut extra = serde_json::Map::new();
+            extra.insert("finished".into(), Value::Bool(true));
+            extra.insert("state".into(), json!("finished"));
+            extra.insert(
+                "reason".into(),
+                json!("it reached srcDeleteAfter and deleted itself; it is not created again unless the spec changes"),
+            );
+            return Ok((resolved, extra, true));
+        }
+        if !current.as_ref().is_some_and(|c| resolved.in_sync(&body, c)) {
+            if applied(obj) {
+                ctx.metrics.drift_corrected(T::CONTROLLER);
+                tracing::info!(object = %key(obj), "the broker differs from the spec: correcting");
+            }
+            let write = if T::CREATED_BY_POST {
+                client.post(&resolved.path(), &body).await
+            } else {
+                client.put(&resolved.path(), &body).await
+            };
+            write.map_err(broker_error)?;
+            ctx.metrics.wrote(T::CONTROLLER);
+        }
+        if let Some(limits) = resolved.limits() {
+            let current = client
+                .get_opt::<Value>(&limits.read)
+                .await
+                .map_err(broker_error)?
+                .unwrap_or(Value::Null);
+            let changes = limit_changes(&limits.desired, &current);
+            if !changes.is_empty() && applied(obj) {
+                ctx.metrics.drift_corrected(T::CONTROLLER);
+            }
+            for (name, value) in changes {
+                let path = format!("{}/{}", limits.prefix, segment(name));
+                match value {
+                    Some(v) => client.put(&path, &json!({"value": v})).await,
+                    None => client.delete(&path).await,
+                }
+                .map_err(broker_error)?;
+                ctx.metrics.wrote(T::CONTROLLER);
+            }
+        }
         let mut observed = Vec::new();
         for path in resolved.observe_paths() {
             observed.push(client.get::<Value>(&path).await.ok());
@@ -574,14 +673,49 @@ async fn apply<T: Topology>(obj: &T, ctx: &Context) -> Result<Action, Error> {
         if let Some(user) = user {
             extra.insert(RESOLVED_USER_FIELD.into(), Value::String(user));
         }
-        Ok((resolved, extra))
+        if T::MAY_FINISH {
+            extra.insert("finished".into(), Value::Bool(false));
+            // A reason the broker no longer gives (or one written when it finished) goes.
+            extra.entry("reason").or_insert(Value::Null);
+        }
+        Ok((resolved, extra, false))
     }
     .await;
     match result {
-        Ok((resolved, extra)) => {
+        Ok((resolved, extra, finished)) => {
             let obj = &resolved;
             let was_ready = conditions::is_true(&current_conditions(obj), "Ready");
-            write_status(obj, ctx, Ok(()), extra).await?;
+            let was_finished = serde_json::to_value(obj)
+                .ok()
+                .and_then(|v| v.get("status")?.get("finished")?.as_bool())
+                == Some(true);
+            let readiness = if finished {
+                Ok(Some((
+                    "Finished",
+                    format!(
+                        "{} {} finished: it reached srcDeleteAfter and deleted itself; it is not created again unless the spec changes",
+                        T::NOUN,
+                        obj.broker_name()
+                    ),
+                )))
+            } else {
+                Ok(None)
+            };
+            write_status(obj, ctx, readiness, extra).await?;
+            if finished && !was_finished {
+                event(
+                    ctx,
+                    obj,
+                    EventType::Normal,
+                    "Finished",
+                    format!(
+                        "{} {} finished (srcDeleteAfter) and deleted itself on the broker",
+                        T::NOUN,
+                        obj.broker_name()
+                    ),
+                )
+                .await;
+            }
             if !was_ready {
                 event(
                     ctx,
@@ -656,7 +790,17 @@ async fn cleanup<T: Topology>(obj: &T, ctx: &Context) -> Result<Action, Error> {
         }) => return Ok(Action::await_change()),
         Err(e) => return Err(e),
     };
-    client.delete(&obj.path()).await.map_err(broker_error)?;
+    let current = if T::DELETE_NEEDS_LOOKUP {
+        client
+            .get_opt::<Value>(&obj.path())
+            .await
+            .map_err(broker_error)?
+    } else {
+        None
+    };
+    if let Some(path) = obj.delete_path(current.as_ref()) {
+        client.delete(&path).await.map_err(broker_error)?;
+    }
     event(
         ctx,
         obj,
@@ -681,7 +825,7 @@ async fn reconcile<T: Topology>(obj: Arc<T>, ctx: Arc<Context>) -> Result<Action
     .await;
     match result {
         Ok(action) => {
-            ctx.failures.lock().remove(&key(&*obj));
+            ctx.succeeded(&key(&*obj));
             Ok(action)
         }
         Err(kube::runtime::finalizer::Error::ApplyFailed(e))
@@ -692,15 +836,12 @@ async fn reconcile<T: Topology>(obj: Arc<T>, ctx: Arc<Context>) -> Result<Action
 
 fn error_policy<T: Topology>(obj: Arc<T>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.failed(T::CONTROLLER, error.kind());
-    let failures = {
-        let mut f = ctx.failures.lock();
-        let n = f.entry(key(&*obj)).or_insert(0);
-        *n = n.saturating_add(1);
-        *n
-    };
     // 2s, 4s, 8s … capped at 5 minutes: an unreachable broker is retried, not hammered.
-    let delay = Duration::from_secs(2u64 << failures.min(8).saturating_sub(1))
-        .min(Duration::from_secs(300));
+    let (failures, delay) = ctx.failed(
+        &key(&*obj),
+        Duration::from_secs(2),
+        Duration::from_secs(300),
+    );
     tracing::warn!(object = %key(&*obj), attempt = failures, ?delay, "{error}");
     Action::requeue(delay)
 }
@@ -804,4 +945,47 @@ pub async fn run<T: Topology>(ctx: Arc<Context>, namespace: Option<String>) {
             }
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comparing_what_the_broker_answers() {
+        let body = json!({"pattern": "^a", "definition": {"max-length": 1}, "priority": 0});
+        assert!(same_keys(
+            &body,
+            &json!({"name": "p", "pattern": "^a", "definition": {"max-length": 1}, "priority": 0})
+        ));
+        // A key added on the broker inside a value is drift.
+        assert!(!same_keys(
+            &body,
+            &json!({"pattern": "^a", "definition": {"max-length": 1, "expires": 5}, "priority": 0})
+        ));
+        assert!(!same_keys(&body, &json!({"pattern": "^a", "priority": 0})));
+        assert!(subset(
+            &json!({"x": 1}),
+            &json!({"x": 1, "x-queue-type": "classic"})
+        ));
+        assert!(!subset(&json!({"x": 1}), &json!({"x": 2})));
+        assert!(subset(&json!({}), &Value::Null));
+        assert_eq!(tag_set(&json!("b, a,")), tag_set(&json!(["a", "b"])));
+        let desired = [("max-connections", Some(10)), ("max-queues", None)];
+        assert_eq!(
+            limit_changes(&desired, &json!([{"value": {"max-connections": 10}}])),
+            vec![]
+        );
+        assert_eq!(
+            limit_changes(
+                &desired,
+                &json!([{"value": {"max-connections": 5, "max-queues": 1}}])
+            ),
+            vec![("max-connections", Some(10)), ("max-queues", None)]
+        );
+        assert_eq!(
+            limit_changes(&desired, &json!([])),
+            vec![("max-connections", Some(10))]
+        );
+    }
 }

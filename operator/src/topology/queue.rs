@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use kube::ResourceExt;
 use serde_json::{Value, json};
 
-use super::{Target, Topology, target_of};
+use super::{Target, Topology, subset, target_of};
 use crate::crd::Queue;
 use crate::crd::common::DeletionPolicy;
 use crate::management::segment;
@@ -34,6 +34,12 @@ impl Topology for Queue {
             segment(&self.spec.vhost),
             segment(&self.broker_name())
         )
+    }
+    /// Arguments as a subset: a broker may list defaults it added.
+    fn in_sync(&self, body: &Value, current: &Value) -> bool {
+        body["durable"] == current["durable"]
+            && body["auto_delete"] == current["auto_delete"]
+            && subset(&body["arguments"], &current["arguments"])
     }
     fn body(&self, _: Option<&BTreeMap<String, String>>) -> Result<Value, String> {
         let mut arguments: serde_json::Map<String, Value> = self

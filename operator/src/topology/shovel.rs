@@ -36,6 +36,15 @@ impl Topology for Shovel {
             segment(&self.broker_name())
         )
     }
+    const MAY_FINISH: bool = true;
+    /// A shovel with `srcDeleteAfter` (other than `never`) deletes itself when done.
+    fn finishes(&self) -> bool {
+        match &self.spec.src_delete_after {
+            None => false,
+            Some(IntOrString::String(s)) => s != "never",
+            Some(IntOrString::Int(_)) => true,
+        }
+    }
     fn uri_secret(&self) -> Option<String> {
         Some(self.spec.uri_secret.name.clone())
     }
@@ -73,7 +82,13 @@ impl Topology for Shovel {
                 IntOrString::String(s) => json!(s),
             }),
         );
+        if !s.src_queue_args.is_empty() {
+            put("src-queue-args", Some(json!(s.src_queue_args)));
+        }
         put("dest-queue", s.dest_queue.clone().map(Value::from));
+        if !s.dest_queue_args.is_empty() {
+            put("dest-queue-args", Some(json!(s.dest_queue_args)));
+        }
         put("dest-exchange", s.dest_exchange.clone().map(Value::from));
         put(
             "dest-exchange-key",
@@ -138,6 +153,7 @@ mod tests {
     fn body_has_the_shovel_keys() {
         let spec: ShovelSpec = serde_json::from_value(json!({
             "uriSecret": {"name": "uris"}, "srcQueue": "a", "srcPrefetchCount": 10,
+            "srcQueueArgs": {"x-queue-type": "quorum"},
             "srcDeleteAfter": "queue-length", "destExchange": "x", "destExchangeKey": "k",
             "destAddForwardHeaders": true, "destPublishProperties": {"delivery_mode": 2},
             "ackMode": "on-confirm", "reconnectDelay": 2, "connectionSecret": {"name": "c"},
@@ -153,6 +169,7 @@ mod tests {
             sh.body(Some(&secret)).expect("body"),
             json!({"value": {"src-protocol": "amqp091", "dest-protocol": "amqp091",
                 "src-uri": "amqp://src", "dest-uri": "amqp://", "src-queue": "a",
+                "src-queue-args": {"x-queue-type": "quorum"},
                 "src-prefetch-count": 10, "src-delete-after": "queue-length",
                 "dest-exchange": "x", "dest-exchange-key": "k", "dest-add-forward-headers": true,
                 "dest-publish-properties": {"delivery_mode": 2}, "ack-mode": "on-confirm",
@@ -164,6 +181,25 @@ mod tests {
                 .expect_err("no destUri")
                 .contains("destUri")
         );
+    }
+
+    #[test]
+    fn only_a_shovel_with_src_delete_after_finishes() {
+        let with = |after: Value| {
+            let mut spec = json!({"uriSecret": {"name": "u"}, "srcQueue": "a", "destQueue": "b",
+                                  "connectionSecret": {"name": "c"}});
+            if !after.is_null() {
+                spec["srcDeleteAfter"] = after;
+            }
+            Shovel::new(
+                "s",
+                serde_json::from_value::<ShovelSpec>(spec).expect("spec"),
+            )
+        };
+        assert!(!with(Value::Null).finishes());
+        assert!(!with(json!("never")).finishes());
+        assert!(with(json!("queue-length")).finishes());
+        assert!(with(json!(100)).finishes());
     }
 
     #[test]

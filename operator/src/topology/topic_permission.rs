@@ -62,6 +62,16 @@ impl Topology for TopicPermission {
         resolved.spec.user = Some(user);
         resolved
     }
+    /// The broker answers the user's topic permissions on every exchange of the vhost.
+    fn in_sync(&self, body: &Value, current: &Value) -> bool {
+        current.as_array().is_some_and(|all| {
+            all.iter().any(|p| {
+                p["exchange"] == body["exchange"]
+                    && p["write"] == body["write"]
+                    && p["read"] == body["read"]
+            })
+        })
+    }
     fn body(&self, _: Option<&BTreeMap<String, String>>) -> Result<Value, String> {
         if self.user_name().is_empty() {
             return Err("set exactly one of spec.user and spec.userReference".into());

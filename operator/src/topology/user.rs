@@ -7,10 +7,28 @@ use std::collections::BTreeMap;
 use kube::ResourceExt;
 use serde_json::{Value, json};
 
-use super::{GeneratedSecret, Target, Topology, target_of};
+use super::{GeneratedSecret, Limits, Target, Topology, tag_set, target_of};
 use crate::crd::User;
 use crate::crd::common::DeletionPolicy;
 use crate::management::segment;
+
+/// Whether `hash` (base64 of a 4-byte salt and SHA-256 of salt and password) is
+/// `password`'s.
+fn sha256_password_matches(hash: &str, password: &str) -> bool {
+    use base64::Engine;
+    use sha2::{Digest, Sha256};
+    let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(hash) else {
+        return false;
+    };
+    if raw.len() != 36 {
+        return false;
+    }
+    let (salt, digest) = raw.split_at(4);
+    let mut h = Sha256::new();
+    h.update(salt);
+    h.update(password.as_bytes());
+    h.finalize().as_slice() == digest
+}
 
 impl User {
     /// The Secret holding the credentials: the imported one, or the generated
@@ -59,6 +77,29 @@ impl Topology for User {
                 username: self.broker_name(),
             })
     }
+    /// The password is checked against the broker's salted hash (RabbitMQ's
+    /// `rabbit_password_hashing_sha256`, which Warren uses too); another algorithm counts
+    /// as different, so the password is written.
+    fn in_sync(&self, body: &Value, current: &Value) -> bool {
+        tag_set(&body["tags"]) == tag_set(&current["tags"])
+            && current["hashing_algorithm"] == "rabbit_password_hashing_sha256"
+            && matches!(
+                (body["password"].as_str(), current["password_hash"].as_str()),
+                (Some(p), Some(h)) if sha256_password_matches(h, p)
+            )
+    }
+    fn limits(&self) -> Option<Limits> {
+        let l = self.spec.limits.as_ref()?;
+        let user = segment(&self.broker_name());
+        Some(Limits {
+            read: format!("/api/user-limits/{user}"),
+            prefix: format!("/api/user-limits/{user}"),
+            desired: vec![
+                ("max-connections", l.max_connections),
+                ("max-channels", l.max_channels),
+            ],
+        })
+    }
     fn body(&self, secret: Option<&BTreeMap<String, String>>) -> Result<Value, String> {
         let name = self.broker_name();
         let secret_name = self.credentials_secret();
@@ -89,6 +130,32 @@ impl Topology for User {
 mod tests {
     use super::*;
     use crate::crd::UserSpec;
+
+    /// Compared with what the broker stores: a hash Warren made (the same scheme as
+    /// RabbitMQ's default), tags in any order.
+    #[test]
+    fn in_sync_checks_tags_and_the_password_hash() {
+        let u = user(json!({"tags": ["b", "a"], "rabbitClusterReference": {"name": "c"}}));
+        let secret = BTreeMap::from([("password".to_string(), "pw".to_string())]);
+        let body = u.body(Some(&secret)).expect("body");
+        let stored = |password: &str, tags: Value, algorithm: &str| {
+            json!({"name": "app", "tags": tags, "hashing_algorithm": algorithm,
+                   "password_hash": warren_broker::auth::hash_password(password)})
+        };
+        let sha = "rabbit_password_hashing_sha256";
+        assert!(u.in_sync(&body, &stored("pw", json!(["a", "b"]), sha)));
+        assert!(!u.in_sync(&body, &stored("other", json!(["a", "b"]), sha)));
+        assert!(!u.in_sync(&body, &stored("pw", json!(["a"]), sha)));
+        assert!(!u.in_sync(
+            &body,
+            &stored("pw", json!(["a", "b"]), "rabbit_password_hashing_md5")
+        ));
+        assert!(!u.in_sync(
+            &body,
+            &json!({"tags": ["a", "b"], "hashing_algorithm": sha,
+                                          "password_hash": "not base64!"})
+        ));
+    }
 
     fn user(spec: Value) -> User {
         User::new(

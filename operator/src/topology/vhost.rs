@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use kube::ResourceExt;
 use serde_json::{Value, json};
 
-use super::{Target, Topology, target_of};
+use super::{Limits, Target, Topology, tag_set, target_of};
 use crate::crd::Vhost;
 use crate::crd::common::DeletionPolicy;
 use crate::management::segment;
@@ -29,6 +29,28 @@ impl Topology for Vhost {
     }
     fn path(&self) -> String {
         format!("/api/vhosts/{}", segment(&self.broker_name()))
+    }
+    /// Tags as a set (brokers answer an array); the default queue type only when specified,
+    /// at the top level or (RabbitMQ) in `metadata`.
+    fn in_sync(&self, body: &Value, current: &Value) -> bool {
+        body["description"] == current["description"]
+            && tag_set(&body["tags"]) == tag_set(&current["tags"])
+            && self.spec.default_queue_type.is_none_or(|t| {
+                current["default_queue_type"] == t.as_str()
+                    || current["metadata"]["default_queue_type"] == t.as_str()
+            })
+    }
+    fn limits(&self) -> Option<Limits> {
+        let l = self.spec.limits.as_ref()?;
+        let vhost = segment(&self.broker_name());
+        Some(Limits {
+            read: format!("/api/vhost-limits/{vhost}"),
+            prefix: format!("/api/vhost-limits/{vhost}"),
+            desired: vec![
+                ("max-connections", l.max_connections),
+                ("max-queues", l.max_queues),
+            ],
+        })
     }
     fn body(&self, _: Option<&BTreeMap<String, String>>) -> Result<Value, String> {
         // Description and tags are always sent, so removing them from the spec clears them.
@@ -65,6 +87,33 @@ mod tests {
             json!({"description": "Production", "tags": "eu,prod",
                    "default_queue_type": "quorum", "defaultqueuetype": "quorum"})
         );
+        // Compared with the answers of Warren and of RabbitMQ (metadata).
+        let body = v.body(None).expect("body");
+        assert!(v.in_sync(
+            &body,
+            &json!({"description": "Production", "tags": ["prod", "eu"],
+                                         "default_queue_type": "quorum"})
+        ));
+        assert!(v.in_sync(
+            &body,
+            &json!({"description": "Production", "tags": ["eu", "prod"],
+                                         "metadata": {"default_queue_type": "quorum"}})
+        ));
+        assert!(!v.in_sync(
+            &body,
+            &json!({"description": "Production", "tags": ["eu"],
+                                          "default_queue_type": "quorum"})
+        ));
+        assert!(!v.in_sync(
+            &body,
+            &json!({"description": "", "tags": ["eu", "prod"],
+                                          "default_queue_type": "quorum"})
+        ));
+        assert!(!v.in_sync(
+            &body,
+            &json!({"description": "Production", "tags": ["eu", "prod"],
+                                          "default_queue_type": "classic"})
+        ));
         let spec: VhostSpec =
             serde_json::from_value(json!({"connectionSecret": {"name": "s"}})).expect("spec");
         let v = Vhost::new("plain", spec);
