@@ -102,7 +102,7 @@ broker_pid() {
 
 cleanup() {
     local rc=$?
-    [ -n "$RSS_SAMPLER" ] && kill "$RSS_SAMPLER" 2>/dev/null
+    [ -z "$RSS_SAMPLER" ] || kill "$RSS_SAMPLER" 2>/dev/null || true
     [ -n "$WARREN_PID" ] && stop_warren "$WARREN_PID"
     local p
     for p in "${CLUSTER_PIDS[@]+"${CLUSTER_PIDS[@]}"}"; do stop_warren "$p"; done
