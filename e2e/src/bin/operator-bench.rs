@@ -12,7 +12,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::PostParams;
 use kube::{Api, Client};
 use serde_json::json;
-use warren_e2e::{Operator, client, ensure_crds, namespace, wait_for};
+use warren_e2e::{Operator, client, ensure_crds, namespace, rss_kib, wait_for};
 use warren_operator::crd::RabbitCluster;
 
 fn manifest(ns: &str, name: &str, replicas: i32) -> RabbitCluster {
@@ -84,19 +84,6 @@ fn ready(rc: &RabbitCluster) -> bool {
             .iter()
             .any(|c| c.type_ == "AllReplicasReady" && c.status == "True")
     })
-}
-
-fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
 }
 
 async fn metric(op: &Operator, name: &str) -> String {
