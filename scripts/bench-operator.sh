@@ -4,7 +4,8 @@
 #   BENCH_CLUSTERS=200 bash scripts/bench-operator.sh       RabbitClusters: time to ready, RSS
 #   BENCH_TOPOLOGY=1 bash scripts/bench-operator.sh         topology objects instead:
 #       BENCH_OBJECTS=2000 (half Queues, half Exchanges) in BENCH_NAMESPACES=20 namespaces,
-#       reconciled against one real warren-broker: time to all Ready, operator RSS
+#       reconciled against one real warren-broker: time to all Ready, operator RSS;
+#       BENCH_CLUSTER_WIDE=1: the operator watches every namespace (one set of controllers)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

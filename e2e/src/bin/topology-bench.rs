@@ -4,7 +4,9 @@
 //! from the first create to every object Ready, and the operator's resident memory.
 //!
 //!   BENCH_TOPOLOGY=1 bash scripts/bench-operator.sh
-//!   (BENCH_OBJECTS=2000 objects, BENCH_NAMESPACES=20; half Queues, half Exchanges)
+//!   (BENCH_OBJECTS=2000 objects, BENCH_NAMESPACES=20; half Queues, half Exchanges;
+//!   BENCH_CLUSTER_WIDE=1: the operator watches every namespace, one set of controllers,
+//!   instead of `--namespace` with the bench's namespaces)
 
 use std::time::{Duration, Instant};
 
@@ -69,8 +71,14 @@ async fn main() {
         .await;
         names.push(ns);
     }
-    let watched: Vec<&str> = names.iter().map(String::as_str).collect();
-    let op = Operator::start_watching(&watched, &[], &[]);
+    let cluster_wide = std::env::var("BENCH_CLUSTER_WIDE").is_ok_and(|v| v == "1");
+    let op = if cluster_wide {
+        // No namespace: every namespace, one set of controllers (no Lease to place).
+        Operator::start_watching(&[""], &["--leader-elect", "false"], &[])
+    } else {
+        let watched: Vec<&str> = names.iter().map(String::as_str).collect();
+        Operator::start_watching(&watched, &[], &[])
+    };
     let (rss0, _) = rss_kib(op.pid());
 
     let t = Instant::now();
@@ -134,5 +142,12 @@ async fn main() {
         elapsed.as_secs_f64(),
         total as f64 / elapsed.as_secs_f64()
     );
-    println!("operator resident memory: {rss0} KiB at start, {rss} KiB now, peak {hwm} KiB");
+    println!(
+        "operator ({}) resident memory: {rss0} KiB at start, {rss} KiB now, peak {hwm} KiB",
+        if cluster_wide {
+            "watching every namespace"
+        } else {
+            "watching the bench's namespaces"
+        }
+    );
 }
