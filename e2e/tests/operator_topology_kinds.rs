@@ -40,6 +40,40 @@ struct Target {
 }
 
 impl Target {
+    /// A local Warren behind a RabbitCluster `site` (`rabbitClusterReference`); the broker
+    /// lives as long as the returned handle.
+    async fn warren(client: &Client, ns: &str, op: &Operator) -> (Target, Broker) {
+        let broker = Broker::start().await;
+        cluster_for(client, ns, "site", &broker).await;
+        let target = Target {
+            mgmt: Mgmt::of(&broker),
+            field: "rabbitClusterReference",
+            reference: json!({"name": "site"}),
+            suffix: "w".into(),
+            metrics: op.metrics_url.clone(),
+        };
+        (target, broker)
+    }
+
+    /// The reference RabbitMQ through a `connectionSecret` named `rabbitmq`.
+    async fn rabbitmq(client: &Client, ns: &str, op: &Operator) -> Target {
+        let rmq = Mgmt::rabbitmq();
+        secret(
+            client,
+            ns,
+            "rabbitmq",
+            json!({"uri": rmq.url, "username": "guest", "password": "guest"}),
+        )
+        .await;
+        Target {
+            mgmt: rmq,
+            field: "connectionSecret",
+            reference: json!({"name": "rabbitmq"}),
+            suffix: ns[ns.len() - 6..].to_string(),
+            metrics: op.metrics_url.clone(),
+        }
+    }
+
     /// `spec` with the target added.
     fn spec(&self, mut spec: Value) -> Value {
         spec[self.field] = self.reference.clone();
@@ -1012,15 +1046,7 @@ async fn bindings_reach_warren() {
     ensure_crds(&client).await;
     let ns = namespace(&client, "bindings").await;
     let op = Operator::start_with(&ns, &["--topology-resync-seconds", "2"]);
-    let broker = Broker::start().await;
-    cluster_for(&client, &ns, "site", &broker).await;
-    let target = Target {
-        mgmt: Mgmt::of(&broker),
-        field: "rabbitClusterReference",
-        reference: json!({"name": "site"}),
-        suffix: "w".into(),
-        metrics: op.metrics_url.clone(),
-    };
+    let (target, _broker) = Target::warren(&client, &ns, &op).await;
     binding_scenario(&client, &ns, &target).await;
 }
 
@@ -1030,21 +1056,7 @@ async fn bindings_reach_a_stock_rabbitmq() {
     ensure_crds(&client).await;
     let ns = namespace(&client, "bindings-stock").await;
     let op = Operator::start_with(&ns, &["--topology-resync-seconds", "2"]);
-    let rmq = Mgmt::rabbitmq();
-    secret(
-        &client,
-        &ns,
-        "rabbitmq",
-        json!({"uri": rmq.url, "username": "guest", "password": "guest"}),
-    )
-    .await;
-    let target = Target {
-        mgmt: rmq,
-        field: "connectionSecret",
-        reference: json!({"name": "rabbitmq"}),
-        suffix: ns[ns.len() - 6..].to_string(),
-        metrics: op.metrics_url.clone(),
-    };
+    let target = Target::rabbitmq(&client, &ns, &op).await;
     binding_scenario(&client, &ns, &target).await;
 }
 
@@ -1054,15 +1066,7 @@ async fn queues_exchanges_and_operator_policies_reach_warren() {
     ensure_crds(&client).await;
     let ns = namespace(&client, "queues").await;
     let op = Operator::start_with(&ns, &["--topology-resync-seconds", "2"]);
-    let broker = Broker::start().await;
-    cluster_for(&client, &ns, "site", &broker).await;
-    let target = Target {
-        mgmt: Mgmt::of(&broker),
-        field: "rabbitClusterReference",
-        reference: json!({"name": "site"}),
-        suffix: "w".into(),
-        metrics: op.metrics_url.clone(),
-    };
+    let (target, _broker) = Target::warren(&client, &ns, &op).await;
     queue_scenario(&client, &ns, &target).await;
 }
 
@@ -1072,21 +1076,7 @@ async fn queues_exchanges_and_operator_policies_reach_a_stock_rabbitmq() {
     ensure_crds(&client).await;
     let ns = namespace(&client, "queues-stock").await;
     let op = Operator::start_with(&ns, &["--topology-resync-seconds", "2"]);
-    let rmq = Mgmt::rabbitmq();
-    secret(
-        &client,
-        &ns,
-        "rabbitmq",
-        json!({"uri": rmq.url, "username": "guest", "password": "guest"}),
-    )
-    .await;
-    let target = Target {
-        mgmt: rmq,
-        field: "connectionSecret",
-        reference: json!({"name": "rabbitmq"}),
-        suffix: ns[ns.len() - 6..].to_string(),
-        metrics: op.metrics_url.clone(),
-    };
+    let target = Target::rabbitmq(&client, &ns, &op).await;
     queue_scenario(&client, &ns, &target).await;
 }
 
@@ -1096,15 +1086,7 @@ async fn vhosts_users_and_permissions_reach_warren() {
     ensure_crds(&client).await;
     let ns = namespace(&client, "kinds").await;
     let op = Operator::start_with(&ns, &["--topology-resync-seconds", "600"]);
-    let broker = Broker::start().await;
-    cluster_for(&client, &ns, "site", &broker).await;
-    let target = Target {
-        mgmt: Mgmt::of(&broker),
-        field: "rabbitClusterReference",
-        reference: json!({"name": "site"}),
-        suffix: "w".into(),
-        metrics: op.metrics_url.clone(),
-    };
+    let (target, _broker) = Target::warren(&client, &ns, &op).await;
     scenario(&client, &ns, &target).await;
 }
 
@@ -1114,21 +1096,7 @@ async fn vhosts_users_and_permissions_reach_a_stock_rabbitmq() {
     ensure_crds(&client).await;
     let ns = namespace(&client, "kinds-stock").await;
     let op = Operator::start_with(&ns, &["--topology-resync-seconds", "600"]);
-    let rmq = Mgmt::rabbitmq();
-    secret(
-        &client,
-        &ns,
-        "rabbitmq",
-        json!({"uri": rmq.url, "username": "guest", "password": "guest"}),
-    )
-    .await;
-    let target = Target {
-        mgmt: rmq,
-        field: "connectionSecret",
-        reference: json!({"name": "rabbitmq"}),
-        suffix: ns[ns.len() - 6..].to_string(),
-        metrics: op.metrics_url.clone(),
-    };
+    let target = Target::rabbitmq(&client, &ns, &op).await;
     scenario(&client, &ns, &target).await;
 }
 
