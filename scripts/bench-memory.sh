@@ -98,7 +98,8 @@ start_broker() {
         "$WARREN_ROOT/scripts/rabbitmq-ref.sh" reset >/dev/null
         REF_STARTED=1
         URL="$("$WARREN_ROOT/scripts/rabbitmq-ref.sh" start)"
-        PID="$(cat "${WARREN_REF_DIR:-${TMPDIR:-/tmp}/warren-rabbitmq-ref}/rabbitmq.pid")"
+        PID="$(ref_rabbitmq_pid)"
+        [ -n "$PID" ] || die "the reference RabbitMQ wrote no pid file"
         MGMT="http://${WARREN_REF_BIND:-127.0.0.1}:${WARREN_REF_MGMT_PORT:-15673}"
     fi
 }

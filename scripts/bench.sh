@@ -96,7 +96,7 @@ broker_pid() {
     if [ "$1" = warren ]; then
         echo "${WARREN_PID:-${CLUSTER_PIDS[0]:-}}"
     elif [ "$MODE" != replicated ]; then
-        cat "${WARREN_REF_DIR:-${TMPDIR:-/tmp}/warren-rabbitmq-ref}/rabbitmq.pid" 2>/dev/null || true
+        ref_rabbitmq_pid
     fi
 }
 

@@ -106,3 +106,8 @@ stop_warren() {
     kill -KILL "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
 }
+
+# The reference RabbitMQ's Erlang VM pid (scripts/rabbitmq-ref.sh writes it), or nothing.
+ref_rabbitmq_pid() {
+    cat "${WARREN_REF_DIR:-${TMPDIR:-/tmp}/warren-rabbitmq-ref}/rabbitmq.pid" 2>/dev/null || true
+}
