@@ -820,15 +820,20 @@ impl Broker {
             .as_ref()
             .map(|u| u.tags.clone())
             .unwrap_or_else(|| vec!["administrator".to_owned()]);
-        self.change(Change::PutUser(UserDef {
-            name: name.clone(),
-            password_hash: crate::auth::hash_password(pass),
-            tags,
-        }))
-        .await?;
+        let user = |password_hash: String| {
+            Change::PutUser(UserDef {
+                name: name.clone(),
+                password_hash,
+                tags: tags.clone(),
+            })
+        };
         let how = if current.is_some() {
+            self.change(user(crate::auth::hash_password(pass))).await?;
             DefaultUserSync::PasswordSet
         } else {
+            // A new user gets its permissions before its password: one that can log in has
+            // them already (an empty hash matches no password).
+            self.change(user(String::new())).await?;
             self.change(Change::SetPermissions(PermissionDef {
                 user: name.clone(),
                 vhost: self.config.default_vhost.clone(),
@@ -837,6 +842,7 @@ impl Broker {
                 read: ".*".into(),
             }))
             .await?;
+            self.change(user(crate::auth::hash_password(pass))).await?;
             DefaultUserSync::Created
         };
         if !self.clustered() {
