@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod reconcile;
 pub mod security;
 pub mod topology;
+pub mod watch;
 
 /// The namespaces `--namespace` names (comma-separated, blanks ignored, duplicates once, in
 /// order): `[None]` (every namespace) when it names none.

@@ -5,6 +5,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use tracing_subscriber::EnvFilter;
 use warren_operator::cluster::controller;
 use warren_operator::crd::{
@@ -16,6 +18,7 @@ use warren_operator::metrics::{self, Health, Metrics};
 use warren_operator::reconcile::{Context, Settings};
 use warren_operator::security::Security;
 use warren_operator::topology;
+use warren_operator::watch::Shared;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
@@ -211,24 +214,33 @@ async fn run(cli: Cli) -> Result<(), String> {
     let namespaces = warren_operator::watched_namespaces(cli.namespace.as_deref());
     tracing::info!(?namespaces, "watching");
     let controllers = async move {
-        // A watch covers one namespace or all: one set of controllers per namespace.
+        // A watch covers one namespace or all: one set of controllers per namespace, sharing
+        // that namespace's watches of Secrets, RabbitClusters and Users.
         futures::future::join_all(namespaces.into_iter().map(|ns| {
-            let (ctx, topology) = (ctx.clone(), ctx.clone());
+            let mut shared = Shared::new(ctx.client.clone(), ns.clone());
+            // Every controller subscribes now, before the shared watches start.
+            let controllers: Vec<BoxFuture<'static, ()>> = vec![
+                controller::run(ctx.clone(), ns.clone(), shared.triggers(false)).boxed(),
+                topology::run::<Policy>(ctx.clone(), ns.clone(), shared.triggers(false)).boxed(),
+                topology::run::<Federation>(ctx.clone(), ns.clone(), shared.triggers(false))
+                    .boxed(),
+                topology::run::<Shovel>(ctx.clone(), ns.clone(), shared.triggers(false)).boxed(),
+                topology::run::<Vhost>(ctx.clone(), ns.clone(), shared.triggers(false)).boxed(),
+                topology::run::<User>(ctx.clone(), ns.clone(), shared.triggers(false)).boxed(),
+                topology::run::<Permission>(ctx.clone(), ns.clone(), shared.triggers(true)).boxed(),
+                topology::run::<TopicPermission>(ctx.clone(), ns.clone(), shared.triggers(true))
+                    .boxed(),
+                topology::run::<Queue>(ctx.clone(), ns.clone(), shared.triggers(false)).boxed(),
+                topology::run::<Exchange>(ctx.clone(), ns.clone(), shared.triggers(false)).boxed(),
+                topology::run::<Binding>(ctx.clone(), ns.clone(), shared.triggers(false)).boxed(),
+                topology::run::<OperatorPolicy>(ctx.clone(), ns, shared.triggers(false)).boxed(),
+            ];
             async move {
-                tokio::join!(
-                    controller::run(ctx, ns.clone()),
-                    topology::run::<Policy>(topology.clone(), ns.clone()),
-                    topology::run::<Federation>(topology.clone(), ns.clone()),
-                    topology::run::<Shovel>(topology.clone(), ns.clone()),
-                    topology::run::<Vhost>(topology.clone(), ns.clone()),
-                    topology::run::<User>(topology.clone(), ns.clone()),
-                    topology::run::<Permission>(topology.clone(), ns.clone()),
-                    topology::run::<TopicPermission>(topology.clone(), ns.clone()),
-                    topology::run::<Queue>(topology.clone(), ns.clone()),
-                    topology::run::<Exchange>(topology.clone(), ns.clone()),
-                    topology::run::<Binding>(topology.clone(), ns.clone()),
-                    topology::run::<OperatorPolicy>(topology, ns),
-                );
+                // The controllers end on a shutdown signal; the watches would not.
+                tokio::select! {
+                    _ = futures::future::join_all(controllers) => {}
+                    () = shared.run() => {}
+                }
             }
         }))
         .await;

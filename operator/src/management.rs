@@ -1,7 +1,11 @@
 //! A typed client for the RabbitMQ-compatible management HTTP API, spoken by Warren and by
 //! a stock RabbitMQ: timeouts on every request, and errors that carry the broker's own text.
 
+use std::collections::HashMap;
 use std::time::Duration;
+
+use parking_lot::Mutex;
+use sha2::{Digest, Sha256};
 
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -29,6 +33,42 @@ impl ManagementError {
             _ => None,
         }
     }
+}
+
+/// HTTP clients by the CA they trust besides the usual roots (`None`: only those). A
+/// client holds a TLS configuration (the parsed root store) and a pool of connections: one
+/// per CA is shared by every reconcile, instead of one built per reconcile (thousands of
+/// topology objects resyncing built thousands).
+static HTTP_CLIENTS: Mutex<Option<HashMap<Option<[u8; 32]>, reqwest::Client>>> = Mutex::new(None);
+
+/// CAs kept at most; past that the cache starts again (clusters come and go, CAs rotate).
+const MAX_HTTP_CLIENTS: usize = 64;
+
+fn http_client(ca_pem: Option<&[u8]>) -> Result<reqwest::Client, String> {
+    let key = ca_pem.map(|pem| <[u8; 32]>::from(Sha256::digest(pem)));
+    if let Some(c) = HTTP_CLIENTS.lock().as_ref().and_then(|m| m.get(&key)) {
+        return Ok(c.clone());
+    }
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30));
+    if let Some(pem) = ca_pem {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| format!("the cluster's ca.crt is not PEM: {e}"))?;
+        if certs.is_empty() {
+            return Err("the cluster's ca.crt holds no certificate".into());
+        }
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    let client = builder.build().map_err(|e| e.to_string())?;
+    let mut cache = HTTP_CLIENTS.lock();
+    let map = cache.get_or_insert_with(HashMap::new);
+    if map.len() >= MAX_HTTP_CLIENTS {
+        map.clear();
+    }
+    Ok(map.entry(key).or_insert(client).clone())
 }
 
 /// One broker's management API.
@@ -73,24 +113,10 @@ impl ManagementClient {
         password: &str,
         ca_pem: Option<&[u8]>,
     ) -> Result<Self, ManagementError> {
-        let unusable = |message: String| ManagementError::Unreachable {
+        let http = http_client(ca_pem).map_err(|message| ManagementError::Unreachable {
             url: base.to_string(),
             message,
-        };
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30));
-        if let Some(pem) = ca_pem {
-            let certs = reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| unusable(format!("the cluster's ca.crt is not PEM: {e}")))?;
-            if certs.is_empty() {
-                return Err(unusable("the cluster's ca.crt holds no certificate".into()));
-            }
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        let http = builder.build().map_err(|e| unusable(e.to_string()))?;
+        })?;
         Ok(ManagementClient {
             http,
             base: base.trim_end_matches('/').to_string(),

@@ -36,6 +36,7 @@ use crate::crd::cluster::{
 use crate::management::management_client;
 pub use crate::reconcile::{Context, Error};
 use crate::security;
+use crate::watch::Triggers;
 
 /// Field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "warren-operator";
@@ -81,33 +82,30 @@ impl Context {
     }
 }
 
-/// Runs the controller until the stream ends (shutdown signal).
-pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
+/// Runs the controller until the stream ends (shutdown signal). RabbitClusters and Secrets
+/// come from the scope's shared watches (`triggers`); the objects a cluster owns are watched
+/// here.
+pub async fn run(ctx: Arc<Context>, namespace: Option<String>, triggers: Triggers) {
     let client = ctx.client.clone();
-    let (clusters, sts, svc, cm, sec, sa, pdb) = match &namespace {
+    let (sts, svc, cm, sa, pdb) = match &namespace {
         Some(ns) => (
-            Api::<RabbitCluster>::namespaced(client.clone(), ns),
             Api::<StatefulSet>::namespaced(client.clone(), ns),
             Api::<Service>::namespaced(client.clone(), ns),
             Api::<ConfigMap>::namespaced(client.clone(), ns),
-            Api::<PartialObjectMeta<Secret>>::namespaced(client.clone(), ns),
             Api::<ServiceAccount>::namespaced(client.clone(), ns),
             Api::<PodDisruptionBudget>::namespaced(client.clone(), ns),
         ),
         None => (
-            Api::<RabbitCluster>::all(client.clone()),
             Api::<StatefulSet>::all(client.clone()),
             Api::<Service>::all(client.clone()),
             Api::<ConfigMap>::all(client.clone()),
-            Api::<PartialObjectMeta<Secret>>::all(client.clone()),
             Api::<ServiceAccount>::all(client.clone()),
             Api::<PodDisruptionBudget>::all(client.clone()),
         ),
     };
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=warren-operator");
-    let controller = Controller::new(clusters, watcher::Config::default());
-    let store = controller.store();
-    controller
+    let store = triggers.cluster_store.clone();
+    Controller::for_shared_stream(triggers.clusters, triggers.cluster_store)
         .owns(sts, owned.clone())
         .owns(svc, owned.clone())
         .owns(cm, owned.clone())
@@ -115,15 +113,11 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
         .owns(pdb, owned)
         // Secrets: the cluster's own, and the ones it references (TLS certificates, an
         // imported default user), so a renewed certificate or a created Secret acts at once.
-        // Metadata only (`PartialObjectMeta`: the API server sends names, labels and owner
-        // references, never `data`): which cluster a Secret concerns is read from its name and
-        // owner, and the reconcile GETs the few Secrets it uses. Streaming whole Secrets would
-        // bring every Secret of every namespace (Helm releases, tokens, certificates) into the
-        // operator's memory.
-        .watches(
-            sec,
-            watcher::Config::default(),
-            move |secret: PartialObjectMeta<Secret>| {
+        // Metadata only: which cluster a Secret concerns is read from its name and owner, and
+        // the reconcile GETs the few Secrets it uses.
+        .watches_shared_stream(
+            triggers.secrets,
+            move |secret: Arc<PartialObjectMeta<Secret>>| {
                 let ns = secret.namespace();
                 let name = secret.name_any();
                 store

@@ -31,10 +31,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::core::{NamespaceResourceScope, PartialObjectMeta};
+use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
@@ -49,6 +50,7 @@ use crate::crd::{RabbitCluster, User};
 use crate::management::{ManagementClient, ManagementError, segment};
 pub use crate::reconcile::{Context, Error};
 use crate::security;
+use crate::watch::{Triggers, trimmed_watch};
 
 /// Annotation on a RabbitCluster listing the namespaces (comma-separated, or `*`) whose
 /// topology resources (Policy, Vhost, User, …) may configure it.
@@ -859,53 +861,42 @@ fn referenced_secrets<T: Topology>(obj: &T) -> Vec<String> {
 }
 
 /// Runs the controller of kind `T` until shutdown. Secrets a resource references and the
-/// RabbitCluster it targets are watched, so rotating a Secret or a cluster becoming ready
-/// re-applies at once.
-pub async fn run<T: Topology>(ctx: Arc<Context>, namespace: Option<String>) {
+/// RabbitCluster it targets (and the User it names) are followed through the scope's shared
+/// watches (`triggers`), so rotating a Secret or a cluster becoming ready re-applies at once.
+pub async fn run<T: Topology>(ctx: Arc<Context>, namespace: Option<String>, triggers: Triggers) {
     let client = ctx.client.clone();
-    let (objects, secrets, clusters) = match &namespace {
-        Some(ns) => (
-            Api::<T>::namespaced(client.clone(), ns),
-            Api::<PartialObjectMeta<Secret>>::namespaced(client.clone(), ns),
-            Api::<RabbitCluster>::namespaced(client.clone(), ns),
-        ),
-        None => (
-            Api::<T>::all(client.clone()),
-            Api::<PartialObjectMeta<Secret>>::all(client.clone()),
-            Api::<RabbitCluster>::all(client.clone()),
-        ),
+    let objects = match &namespace {
+        Some(ns) => Api::<T>::namespaced(client.clone(), ns),
+        None => Api::<T>::all(client.clone()),
     };
-    let controller = Controller::new(objects, watcher::Config::default());
-    let store = controller.store();
+    let (store, writer) = reflector::store();
+    let watch = reflector::reflector(writer, trimmed_watch(objects, watcher::Config::default()))
+        .applied_objects();
+    let controller = Controller::for_stream(watch, store.clone());
     let store2 = store.clone();
     // Kinds naming a User resource follow it: a User created (or renamed on the broker)
     // after them applies them at once instead of at the next retry.
-    let controller = if T::USES_USER_REFERENCE {
-        let users = match &namespace {
-            Some(ns) => Api::<User>::namespaced(client.clone(), ns),
-            None => Api::<User>::all(client.clone()),
-        };
-        let store3 = store.clone();
-        controller.watches(users, watcher::Config::default(), move |user: User| {
-            let ns = user.namespace();
-            let name = user.name_any();
-            store3
-                .state()
-                .iter()
-                .filter(|o| o.namespace() == ns && o.user_reference() == Some(name.as_str()))
-                .map(|o| ObjectRef::from_obj(o.as_ref()))
-                .collect::<Vec<_>>()
-        })
-    } else {
-        controller
+    let controller = match triggers.users {
+        Some(users) if T::USES_USER_REFERENCE => {
+            let store3 = store.clone();
+            controller.watches_shared_stream(users, move |user: Arc<User>| {
+                let ns = user.namespace();
+                let name = user.name_any();
+                store3
+                    .state()
+                    .iter()
+                    .filter(|o| o.namespace() == ns && o.user_reference() == Some(name.as_str()))
+                    .map(|o| ObjectRef::from_obj(o.as_ref()))
+                    .collect::<Vec<_>>()
+            })
+        }
+        _ => controller,
     };
     controller
-        // Metadata only: a Secret's name says which resources to re-apply; their reconcile
-        // GETs the Secret. The API server never streams Secret data to the operator.
-        .watches(
-            secrets,
-            watcher::Config::default(),
-            move |secret: PartialObjectMeta<Secret>| {
+        // A Secret's name says which resources to re-apply; their reconcile GETs the Secret.
+        .watches_shared_stream(
+            triggers.secrets,
+            move |secret: Arc<PartialObjectMeta<Secret>>| {
                 let ns = secret.namespace();
                 let name = secret.name_any();
                 store
@@ -918,25 +909,21 @@ pub async fn run<T: Topology>(ctx: Arc<Context>, namespace: Option<String>) {
                     .collect::<Vec<_>>()
             },
         )
-        .watches(
-            clusters,
-            watcher::Config::default(),
-            move |rc: RabbitCluster| {
-                let rc_ns = rc.namespace();
-                let name = rc.name_any();
-                store2
-                    .state()
-                    .iter()
-                    .filter(|o| match o.target() {
-                        Target::Cluster(r) => {
-                            r.name == name && r.namespace.clone().or_else(|| o.namespace()) == rc_ns
-                        }
-                        _ => false,
-                    })
-                    .map(|o| ObjectRef::from_obj(o.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_shared_stream(triggers.clusters, move |rc: Arc<RabbitCluster>| {
+            let rc_ns = rc.namespace();
+            let name = rc.name_any();
+            store2
+                .state()
+                .iter()
+                .filter(|o| match o.target() {
+                    Target::Cluster(r) => {
+                        r.name == name && r.namespace.clone().or_else(|| o.namespace()) == rc_ns
+                    }
+                    _ => false,
+                })
+                .map(|o| ObjectRef::from_obj(o.as_ref()))
+                .collect::<Vec<_>>()
+        })
         .shutdown_on_signal()
         .run(reconcile::<T>, error_policy::<T>, ctx)
         .for_each(|res| async move {
