@@ -1323,3 +1323,64 @@ async fn one_operator_watches_a_list_of_namespaces() {
     m.wait_gone("the second vhost removed", &format!("/api/vhosts/{b}"))
         .await;
 }
+
+/// A resource whose connection Secret is gone (deleted by hand, or before it when their
+/// namespace is deleted) can still be deleted: the operator cannot know its broker any more,
+/// so it removes its finalizer and says, in a Warning Event, what the broker may still hold.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resource_whose_connection_secret_is_gone_can_still_be_deleted() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = namespace(&client, "orphan").await;
+    let _op = Operator::start_watching(&[ns.as_str()], &[], &[]);
+    let broker = Broker::start().await;
+    let m = Mgmt::of(&broker);
+    secret(
+        &client,
+        &ns,
+        "broker",
+        json!({"uri": m.url, "username": "guest", "password": "guest"}),
+    )
+    .await;
+    create::<Queue>(
+        &client,
+        &ns,
+        manifest(
+            "Queue",
+            &ns,
+            "orphan",
+            json!({"connectionSecret": {"name": "broker"}}),
+        ),
+    )
+    .await;
+    wait_ready::<Queue>(&client, &ns, "orphan", "True").await;
+    m.wait("the queue declared", "/api/queues/%2F/orphan", |_| true)
+        .await;
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .delete("broker", &Default::default())
+        .await
+        .expect("delete the Secret");
+    // Returns once the resource is gone (its finalizer removed).
+    delete::<Queue>(&client, &ns, "orphan").await;
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), &ns)
+        .list(&Default::default())
+        .await
+        .expect("events");
+    assert!(
+        events.items.iter().any(|e| {
+            e.reason.as_deref() == Some("SecretNotFound")
+                && e.type_.as_deref() == Some("Warning")
+                && e.note.as_deref().is_some_and(|n| {
+                    n.contains("queue orphan") && n.contains("broker may still hold it")
+                })
+        }),
+        "no Warning Event naming the queue left behind: {:?}",
+        events
+            .items
+            .iter()
+            .map(|e| (&e.reason, &e.note))
+            .collect::<Vec<_>>()
+    );
+    // The broker was not reachable through the resource any more: its queue is still there.
+    assert!(m.get("/api/queues/%2F/orphan").await.is_some());
+}

@@ -790,6 +790,27 @@ async fn cleanup<T: Topology>(obj: &T, ctx: &Context) -> Result<Action, Error> {
             reason: "ClusterNotFound",
             ..
         }) => return Ok(Action::await_change()),
+        // The broker cannot be known any more (its connection Secret is gone: deleted by
+        // hand, or before this resource when their namespace is deleted). Waiting would keep
+        // this resource, and its namespace, forever: it goes, and says what may be left.
+        Err(Error::NotReady {
+            reason: reason @ ("SecretNotFound" | "InvalidSpec"),
+            message,
+        }) => {
+            event(
+                ctx,
+                obj,
+                EventType::Warning,
+                reason,
+                format!(
+                    "Could not delete {} {} from its broker ({message}); the resource is                      removed and the broker may still hold it",
+                    T::NOUN,
+                    obj.broker_name()
+                ),
+            )
+            .await;
+            return Ok(Action::await_change());
+        }
         Err(e) => return Err(e),
     };
     let current = if T::DELETE_NEEDS_LOOKUP {
