@@ -94,6 +94,16 @@ impl Node {
     }
 }
 
+/// A node still running when the test fails is killed, not left behind.
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_rotated_default_user_takes_effect_at_start_only_with_default_user_sync() {
     let dir: PathBuf =
