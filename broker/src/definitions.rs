@@ -907,9 +907,9 @@ impl crate::cluster::raft::Replicated for Replicated {
         serde_json::to_string(&outcome).unwrap_or_default()
     }
 
-    fn snapshot(&self) -> String {
+    fn snapshot(&self) -> Box<dyn FnOnce() -> String + Send + Sync> {
         let d = self.broker().map(|b| b.definitions()).unwrap_or_default();
-        serde_json::to_string(&d).unwrap_or_default()
+        Box::new(move || serde_json::to_string(&d).unwrap_or_default())
     }
 
     fn install(&self, snapshot: &str) -> Result<(), String> {

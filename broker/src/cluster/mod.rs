@@ -232,6 +232,11 @@ pub fn incarnation(data_dir: &std::path::Path) -> std::io::Result<u64> {
 
 /// Writes `text` to `path` atomically (temporary file, fsync, rename).
 fn save(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    save_parts(path, &[text.as_bytes()])
+}
+
+/// Writes `parts`, one after the other, to `path` atomically.
+fn save_parts(path: &std::path::Path, parts: &[&[u8]]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -239,9 +244,11 @@ fn save(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     let tmp = path.with_extension(format!("tmp.{:x}", rand::random::<u64>()));
     {
         use std::io::Write;
-        let mut f = crate::store::create_private(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
+        let mut f = std::io::BufWriter::with_capacity(1 << 20, crate::store::create_private(&tmp)?);
+        for part in parts {
+            f.write_all(part)?;
+        }
+        f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     }
     std::fs::rename(&tmp, path)
 }

@@ -24,7 +24,7 @@ pub mod state;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
@@ -87,8 +87,20 @@ const MAX_PENDING_BYTES: usize = 256 << 20;
 /// Most bytes of commands in one Raft entry.
 const MAX_BATCH_BYTES: usize = 4 << 20;
 /// A replica snapshots (and truncates its log, which it also keeps in memory) once this many
-/// bytes of commands were applied since its last snapshot, or after 1,024 entries.
+/// bytes of commands were applied since its last snapshot, or after 1,024 entries
+/// (`WARREN_QUEUE_SNAPSHOT_LOGS` for tests) — and not before as many bytes were applied as its
+/// last snapshot took ([`snapshot_due`]).
 const SNAPSHOT_BYTES: usize = 64 << 20;
+
+/// Whether a replica that applied `entries` entries of `bytes` bytes since its last snapshot,
+/// which took `last_len` bytes, snapshots now. A snapshot encodes the whole queue (every
+/// message waiting), so a deep queue taking one every 1,024 entries would spend most of its
+/// time encoding the same messages again; waiting until as many bytes were applied keeps
+/// snapshots to at most about one encoded byte per applied byte, and the log (on disk and in
+/// memory) to about the queue's size, or 64 MiB when the queue is smaller.
+fn snapshot_due(entries: u64, bytes: usize, last_len: usize, every: u64) -> bool {
+    (entries >= every || bytes >= SNAPSHOT_BYTES) && bytes >= last_len
+}
 
 /// This process's boot: consumers of a restarted node's earlier boots are gone.
 pub fn boot() -> u64 {
@@ -115,6 +127,12 @@ pub struct ReplicatedQueue {
     pending_bytes: AtomicUsize,
     /// Bytes of commands applied since the last snapshot.
     since_snapshot: AtomicUsize,
+    /// Entries applied since the last snapshot.
+    entries_since_snapshot: AtomicU64,
+    /// Bytes the last snapshot took (encoded).
+    last_snapshot_len: Arc<AtomicUsize>,
+    /// A snapshot was asked for and has not been taken yet.
+    snapshot_asked: Arc<AtomicBool>,
     /// The leader is adding learners (one round at a time).
     adding_learners: Arc<AtomicBool>,
     /// `x-dead-letter-exchange` and `x-dead-letter-routing-key`.
@@ -198,6 +216,9 @@ impl ReplicatedQueue {
             proposals: tx,
             pending_bytes: AtomicUsize::new(0),
             since_snapshot: AtomicUsize::new(0),
+            entries_since_snapshot: AtomicU64::new(0),
+            last_snapshot_len: Arc::new(AtomicUsize::new(0)),
+            snapshot_asked: Arc::new(AtomicBool::new(false)),
             adding_learners: Arc::new(AtomicBool::new(false)),
             dead_letter,
             sink: Mutex::new(None),
@@ -780,17 +801,26 @@ impl ReplicatedQueue {
 
 impl Replicated for ReplicatedQueue {
     fn apply(&self, command: &[u8]) -> String {
-        let before = self
+        static EVERY: OnceLock<u64> = OnceLock::new();
+        let every = *EVERY.get_or_init(|| {
+            crate::cluster::raft::snapshot_every("WARREN_QUEUE_SNAPSHOT_LOGS", 1024)
+        });
+        let bytes = self
             .since_snapshot
-            .fetch_add(command.len(), Ordering::Relaxed);
-        if before < SNAPSHOT_BYTES
-            && before + command.len() >= SNAPSHOT_BYTES
+            .fetch_add(command.len(), Ordering::Relaxed)
+            + command.len();
+        let entries = self.entries_since_snapshot.fetch_add(1, Ordering::Relaxed) + 1;
+        let last_len = self.last_snapshot_len.load(Ordering::Relaxed);
+        if snapshot_due(entries, bytes, last_len, every)
+            && !self.snapshot_asked.swap(true, Ordering::AcqRel)
             && let Some(raft) = self.raft.get().cloned()
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
+            let asked = self.snapshot_asked.clone();
             rt.spawn(async move {
                 if let Err(e) = raft.snapshot_now().await {
                     tracing::warn!("queue snapshot not taken: {e}");
+                    asked.store(false, Ordering::Release);
                 }
             });
         }
@@ -819,12 +849,21 @@ impl Replicated for ReplicatedQueue {
         serde_json::to_string(&outcomes).unwrap_or_else(|_| "[]".into())
     }
 
-    fn snapshot(&self) -> String {
+    fn snapshot(&self) -> Box<dyn FnOnce() -> String + Send + Sync> {
         self.since_snapshot.store(0, Ordering::Relaxed);
-        // The state is plain data with string-keyed maps: serialising it cannot fail.
-        serde_json::to_string(&*self.state.lock()).unwrap_or_else(|e| {
-            tracing::error!(queue = %self.name, "queue state not serialisable: {e}");
-            String::new()
+        self.entries_since_snapshot.store(0, Ordering::Relaxed);
+        self.snapshot_asked.store(false, Ordering::Release);
+        // A copy now (in log order); the encoding, the costly part, later.
+        let state = self.state.lock().clone();
+        let (name, last_len) = (self.name.clone(), self.last_snapshot_len.clone());
+        Box::new(move || {
+            // The state is plain data with string-keyed maps: serialising it cannot fail.
+            let text = serde_json::to_string(&state).unwrap_or_else(|e| {
+                tracing::error!(queue = %name, "queue state not serialisable: {e}");
+                String::new()
+            });
+            last_len.store(text.len(), Ordering::Relaxed);
+            text
         })
     }
 
@@ -1010,6 +1049,18 @@ async fn sweep_loop(q: Weak<ReplicatedQueue>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deep_queue_snapshots_no_more_often_than_it_applies_its_size() {
+        // A small queue: every 1,024 entries, or every 64 MiB of commands.
+        assert!(!snapshot_due(1023, 1 << 20, 2_000, 1024));
+        assert!(snapshot_due(1024, 1 << 20, 2_000, 1024));
+        assert!(snapshot_due(10, SNAPSHOT_BYTES, 2_000, 1024));
+        // A queue whose last snapshot took 500 MB: not before 500 MB more were applied.
+        assert!(!snapshot_due(5_000, SNAPSHOT_BYTES, 500 << 20, 1024));
+        assert!(!snapshot_due(50_000, (500 << 20) - 1, 500 << 20, 1024));
+        assert!(snapshot_due(50_000, 500 << 20, 500 << 20, 1024));
+    }
 
     fn key() -> ConsumerKey {
         ConsumerKey {

@@ -78,8 +78,10 @@ pub trait Replicated: Send + Sync + 'static {
     /// Applies a committed command (on every node, in log order); returns its outcome.
     /// Must be deterministic and idempotent.
     fn apply(&self, command: &[u8]) -> String;
-    /// The replicated state, for a snapshot.
-    fn snapshot(&self) -> String;
+    /// The replicated state as of now, for a snapshot. Called in log order (between two
+    /// applies); the returned closure encodes it later, off the apply path, so a large state
+    /// costs apply a copy, not its encoding.
+    fn snapshot(&self) -> Box<dyn FnOnce() -> String + Send + Sync>;
     /// Replaces the replicated state with a snapshot's.
     fn install(&self, snapshot: &str) -> Result<(), String>;
     /// A command that makes any node's state equal to this node's now (proposed once, by the
@@ -208,11 +210,7 @@ fn config(
     keep: u64,
     snapshot_timeout_ms: u64,
 ) -> Result<openraft::Config, String> {
-    let every = std::env::var(env)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(every)
-        .max(1);
+    let every = snapshot_every(env, every);
     openraft::Config {
         cluster_name: name.to_owned(),
         heartbeat_interval: 250,
@@ -225,6 +223,16 @@ fn config(
     }
     .validate()
     .map_err(text)
+}
+
+/// Entries between snapshots: `default`, or what the environment variable `env` says (tests
+/// lower it).
+pub fn snapshot_every(env: &str, default: u64) -> u64 {
+    std::env::var(env)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+        .max(1)
 }
 
 impl Metadata {
@@ -298,13 +306,17 @@ impl Metadata {
         let fresh = !log.has_state();
         let (applied_tx, applied) = watch::channel(0);
         let sm = state::StateMachine::open(dir, host.clone(), applied_tx).map_err(text)?;
-        let config = config(
+        // A queue decides itself when to snapshot (`ReplicatedQueue::apply`: after 1,024
+        // entries or 64 MiB, and not before as many bytes were applied as its last snapshot
+        // took), so openraft never does.
+        let mut config = config(
             &format!("warren-{group}"),
             "WARREN_QUEUE_SNAPSHOT_LOGS",
             1024,
             16,
             10000,
         )?;
+        config.snapshot_policy = openraft::SnapshotPolicy::Never;
         let id = cluster.me.incarnation;
         let network = network::Network {
             cluster: Arc::downgrade(cluster),

@@ -15,7 +15,6 @@ use openraft::{
     Entry, EntryPayload, LogId, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError,
     StorageIOError, StoredMembership,
 };
-use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -28,10 +27,10 @@ struct Stored {
 }
 
 impl Stored {
-    fn snapshot(&self) -> Snapshot<TypeConfig> {
+    fn into_snapshot(self) -> Snapshot<TypeConfig> {
         Snapshot {
-            meta: self.meta.clone(),
-            snapshot: Box::new(Cursor::new(self.data.clone().into_bytes())),
+            meta: self.meta,
+            snapshot: Box::new(Cursor::new(self.data.into_bytes())),
         }
     }
 }
@@ -40,15 +39,52 @@ pub struct StateMachine {
     host: Arc<dyn Replicated>,
     applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, Member>,
-    current: Arc<Mutex<Option<Stored>>>,
+    /// The current snapshot is the file: it is read when a follower needs it, not kept in
+    /// memory (a replicated queue's holds every message waiting).
     path: PathBuf,
     /// The index of the last applied entry, for proposers waiting to read their write.
     applied_tx: watch::Sender<u64>,
 }
 
+/// First line of a snapshot file: then a line of the meta's JSON, then the data as is.
+/// (Earlier versions wrote one JSON object with the data as an escaped string in it: a second
+/// copy of a large state, escaped, to build and to parse; still read.)
+const FORMAT: &str = "warren-snapshot-2\n";
+
 fn save(path: &Path, stored: &Stored) -> std::io::Result<()> {
-    let text = serde_json::to_string(stored).map_err(std::io::Error::other)?;
-    crate::cluster::save(path, &text)
+    let meta = serde_json::to_string(&stored.meta).map_err(std::io::Error::other)?;
+    crate::cluster::save_parts(
+        path,
+        &[
+            FORMAT.as_bytes(),
+            meta.as_bytes(),
+            b"\n",
+            stored.data.as_bytes(),
+        ],
+    )
+}
+
+/// The snapshot stored at `path`, if any.
+fn load(path: &Path) -> std::io::Result<Option<Stored>> {
+    let unreadable =
+        |e: String| std::io::Error::other(format!("snapshot {} unreadable: {e}", path.display()));
+    let mut text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let Some(rest) = text.strip_prefix(FORMAT) else {
+        return serde_json::from_str::<Stored>(&text)
+            .map(Some)
+            .map_err(|e| unreadable(e.to_string()));
+    };
+    let Some(eol) = rest.find('\n') else {
+        return Err(unreadable("no line after the meta".into()));
+    };
+    let meta = serde_json::from_str(&rest[..eol]).map_err(|e| unreadable(e.to_string()))?;
+    // The data is the rest of the file, kept in the same buffer (no second copy).
+    text.drain(..FORMAT.len() + eol + 1);
+    Ok(Some(Stored { meta, data: text }))
 }
 
 impl StateMachine {
@@ -59,21 +95,11 @@ impl StateMachine {
         applied_tx: watch::Sender<u64>,
     ) -> std::io::Result<StateMachine> {
         let path = dir.join("snapshot");
-        let stored = match std::fs::read_to_string(&path) {
-            Ok(text) => Some(serde_json::from_str::<Stored>(&text).map_err(|e| {
-                std::io::Error::other(format!(
-                    "metadata snapshot {} unreadable: {e}",
-                    path.display()
-                ))
-            })?),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(e),
-        };
+        let stored = load(&path)?;
         let mut sm = StateMachine {
             host,
             applied: None,
             membership: StoredMembership::default(),
-            current: Arc::new(Mutex::new(None)),
             path,
             applied_tx,
         };
@@ -83,42 +109,44 @@ impl StateMachine {
             sm.membership = s.meta.last_membership.clone();
             sm.applied_tx
                 .send_replace(s.meta.last_log_id.map_or(0, |l| l.index));
-            *sm.current.lock() = Some(s);
         }
         Ok(sm)
     }
 }
 
 pub struct Builder {
-    data: String,
+    /// Encodes the state as it was when the builder was made.
+    encode: Option<Box<dyn FnOnce() -> String + Send + Sync>>,
     applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, Member>,
-    current: Arc<Mutex<Option<Stored>>>,
     path: PathBuf,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for Builder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
         let index = self.applied.map_or(0, |l| l.index);
-        let stored = Stored {
-            meta: SnapshotMeta {
-                last_log_id: self.applied,
-                last_membership: self.membership.clone(),
-                snapshot_id: format!("{index}-{:x}", rand::random::<u32>()),
-            },
-            data: std::mem::take(&mut self.data),
+        let meta = SnapshotMeta {
+            last_log_id: self.applied,
+            last_membership: self.membership.clone(),
+            snapshot_id: format!("{index}-{:x}", rand::random::<u32>()),
         };
-        let (path, s) = (self.path.clone(), stored.clone());
-        let written = tokio::task::spawn_blocking(move || save(&path, &s))
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r);
-        if let Err(e) = written {
-            return Err(StorageIOError::write_snapshot(Some(stored.meta.signature()), &e).into());
+        let encode = self.encode.take();
+        let (path, m) = (self.path.clone(), meta.clone());
+        // Encoding and writing run beside the applies (the state was copied in log order).
+        let written = tokio::task::spawn_blocking(move || {
+            let stored = Stored {
+                meta: m,
+                data: encode.map(|f| f()).unwrap_or_default(),
+            };
+            save(&path, &stored).map(|()| stored)
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        match written {
+            Ok(stored) => Ok(stored.into_snapshot()),
+            Err(e) => Err(StorageIOError::write_snapshot(Some(meta.signature()), &e).into()),
         }
-        let snapshot = stored.snapshot();
-        *self.current.lock() = Some(stored);
-        Ok(snapshot)
     }
 }
 
@@ -158,10 +186,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         // Taken here, in log order with `apply`: the builder runs concurrently with it.
         Builder {
-            data: self.host.snapshot(),
+            encode: Some(self.host.snapshot()),
             applied: self.applied,
             membership: self.membership.clone(),
-            current: self.current.clone(),
             path: self.path.clone(),
         }
     }
@@ -186,8 +213,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: meta.clone(),
             data,
         };
-        let (path, s) = (self.path.clone(), stored.clone());
-        tokio::task::spawn_blocking(move || save(&path, &s))
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || save(&path, &stored))
             .await
             .map_err(|e| bad(e.to_string()))?
             .map_err(|e| bad(e.to_string()))?;
@@ -195,13 +222,47 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.membership = meta.last_membership.clone();
         self.applied_tx
             .send_replace(meta.last_log_id.map_or(0, |l| l.index));
-        *self.current.lock() = Some(stored);
         Ok(())
     }
 
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        Ok(self.current.lock().as_ref().map(Stored::snapshot))
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || load(&path))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r)
+            .map(|s| s.map(Stored::into_snapshot))
+            .map_err(|e| StorageIOError::read_snapshot(None, &e).into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_file_is_read_back_in_either_format() {
+        let dir = std::env::temp_dir().join(format!("warren-snap-{}", rand::random::<u64>()));
+        let path = dir.join("snapshot");
+        assert!(load(&path).expect("no file is no snapshot").is_none());
+        let stored = Stored {
+            meta: SnapshotMeta {
+                last_log_id: Some(LogId::new(openraft::CommittedLeaderId::new(2, 1), 42)),
+                last_membership: StoredMembership::default(),
+                snapshot_id: "42-x".into(),
+            },
+            data: "{\"ready\":\"line one\\nline \\\"two\\\"\"}\n".into(),
+        };
+        save(&path, &stored).expect("save");
+        let back = load(&path).expect("load").expect("a snapshot");
+        assert_eq!(back.meta, stored.meta);
+        assert_eq!(back.data, stored.data);
+        // What earlier versions wrote: one JSON object.
+        crate::cluster::save(&path, &serde_json::to_string(&stored).expect("json")).expect("save");
+        let old = load(&path).expect("load").expect("a snapshot");
+        assert_eq!((old.meta, old.data), (stored.meta, stored.data));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
