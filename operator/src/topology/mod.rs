@@ -32,7 +32,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::core::{NamespaceResourceScope, PartialObjectMeta};
 use kube::runtime::WatchStreamExt;
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{self, ObjectRef};
@@ -869,6 +869,9 @@ fn error_policy<T: Topology>(obj: Arc<T>, error: &Error, ctx: Arc<Context>) -> A
     Action::requeue(delay)
 }
 
+/// Reconciles of one kind in flight at once, per scope.
+const RECONCILES_AT_ONCE: u16 = 16;
+
 /// Names of the Secrets `obj` reads.
 fn referenced_secrets<T: Topology>(obj: &T) -> Vec<String> {
     let mut names = Vec::new();
@@ -945,6 +948,9 @@ pub async fn run<T: Topology>(ctx: Arc<Context>, namespace: Option<String>, trig
                 .map(|o| ObjectRef::from_obj(o.as_ref()))
                 .collect::<Vec<_>>()
         })
+        // At most this many reconciles of a kind at once: each holds its broker's answer and
+        // the object's patches; thousands created together would all be in flight at once.
+        .with_config(controller::Config::default().concurrency(RECONCILES_AT_ONCE))
         .shutdown_on_signal()
         .run(reconcile::<T>, error_policy::<T>, ctx)
         .for_each(|res| async move {
