@@ -34,6 +34,18 @@ pub fn trim<K: Resource>(obj: &mut K) {
     obj.meta_mut().managed_fields = None;
 }
 
+/// The API of `K` in one namespace, or in every namespace (`None`).
+pub fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: Resource<Scope = kube::core::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
 /// A watch of `K` through `api` (with the usual backoff on errors), trimmed.
 pub fn trimmed_watch<K>(
     api: Api<K>,
@@ -137,26 +149,21 @@ impl Shared {
         }
     }
 
-    fn api<K>(&self) -> Api<K>
-    where
-        K: Resource<Scope = kube::core::NamespaceResourceScope>,
-        K::DynamicType: Default,
-    {
-        match &self.namespace {
-            Some(ns) => Api::namespaced(self.client.clone(), ns),
-            None => Api::all(self.client.clone()),
-        }
-    }
-
     /// Runs the watches until they end (they do not, short of the process ending).
     pub async fn run(self) {
         // `Api<PartialObjectMeta<_>>` asks the API server for metadata only.
         let secrets = trimmed_watch(
-            self.api::<PartialObjectMeta<Secret>>(),
+            scoped::<PartialObjectMeta<Secret>>(&self.client, &self.namespace),
             watcher::Config::default(),
         );
-        let clusters = trimmed_watch(self.api::<RabbitCluster>(), watcher::Config::default());
-        let users = trimmed_watch(self.api::<User>(), watcher::Config::default());
+        let clusters = trimmed_watch(
+            scoped::<RabbitCluster>(&self.client, &self.namespace),
+            watcher::Config::default(),
+        );
+        let users = trimmed_watch(
+            scoped::<User>(&self.client, &self.namespace),
+            watcher::Config::default(),
+        );
         tokio::join!(
             self.secrets.run(secrets),
             self.clusters.run(clusters),

@@ -36,7 +36,7 @@ use crate::crd::cluster::{
 use crate::management::management_client;
 pub use crate::reconcile::{Context, Error};
 use crate::security;
-use crate::watch::Triggers;
+use crate::watch::{Triggers, scoped};
 
 /// Field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "warren-operator";
@@ -86,23 +86,14 @@ impl Context {
 /// come from the scope's shared watches (`triggers`); the objects a cluster owns are watched
 /// here.
 pub async fn run(ctx: Arc<Context>, namespace: Option<String>, triggers: Triggers) {
-    let client = ctx.client.clone();
-    let (sts, svc, cm, sa, pdb) = match &namespace {
-        Some(ns) => (
-            Api::<StatefulSet>::namespaced(client.clone(), ns),
-            Api::<Service>::namespaced(client.clone(), ns),
-            Api::<ConfigMap>::namespaced(client.clone(), ns),
-            Api::<ServiceAccount>::namespaced(client.clone(), ns),
-            Api::<PodDisruptionBudget>::namespaced(client.clone(), ns),
-        ),
-        None => (
-            Api::<StatefulSet>::all(client.clone()),
-            Api::<Service>::all(client.clone()),
-            Api::<ConfigMap>::all(client.clone()),
-            Api::<ServiceAccount>::all(client.clone()),
-            Api::<PodDisruptionBudget>::all(client.clone()),
-        ),
-    };
+    let client = &ctx.client;
+    let (sts, svc, cm, sa, pdb) = (
+        scoped::<StatefulSet>(client, &namespace),
+        scoped::<Service>(client, &namespace),
+        scoped::<ConfigMap>(client, &namespace),
+        scoped::<ServiceAccount>(client, &namespace),
+        scoped::<PodDisruptionBudget>(client, &namespace),
+    );
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=warren-operator");
     let store = triggers.cluster_store.clone();
     Controller::for_shared_stream(triggers.clusters, triggers.cluster_store)

@@ -50,7 +50,7 @@ use crate::crd::{RabbitCluster, User};
 use crate::management::{ManagementClient, ManagementError, segment};
 pub use crate::reconcile::{Context, Error};
 use crate::security;
-use crate::watch::{Triggers, trimmed_watch};
+use crate::watch::{Triggers, scoped, trimmed_watch};
 
 /// Annotation on a RabbitCluster listing the namespaces (comma-separated, or `*`) whose
 /// topology resources (Policy, Vhost, User, …) may configure it.
@@ -888,11 +888,7 @@ fn referenced_secrets<T: Topology>(obj: &T) -> Vec<String> {
 /// RabbitCluster it targets (and the User it names) are followed through the scope's shared
 /// watches (`triggers`), so rotating a Secret or a cluster becoming ready re-applies at once.
 pub async fn run<T: Topology>(ctx: Arc<Context>, namespace: Option<String>, triggers: Triggers) {
-    let client = ctx.client.clone();
-    let objects = match &namespace {
-        Some(ns) => Api::<T>::namespaced(client.clone(), ns),
-        None => Api::<T>::all(client.clone()),
-    };
+    let objects = scoped::<T>(&ctx.client, &namespace);
     let (store, writer) = reflector::store();
     let watch = reflector::reflector(writer, trimmed_watch(objects, watcher::Config::default()))
         .applied_objects();
