@@ -156,6 +156,10 @@ pub enum Change {
     },
     /// A queue exists on `node` (nothing changes if one by that name exists already).
     DeclareQueue(QueueRecord),
+    /// The classic queue by that name becomes the replicated queue the record describes,
+    /// keeping its bindings (a policy's `ha-mode` came to match it); its node moves its
+    /// messages over. Nothing changes if it is replicated already.
+    ReplicateQueue(QueueRecord),
     /// The queue is gone, with every binding to it.
     DeleteQueue {
         vhost: String,
@@ -174,6 +178,7 @@ impl Change {
             Change::DeclareExchange(_)
                 | Change::DeleteExchange { .. }
                 | Change::DeclareQueue(_)
+                | Change::ReplicateQueue(_)
                 | Change::DeleteQueue { .. }
                 | Change::Bind(_)
                 | Change::Unbind(_)
@@ -316,6 +321,7 @@ impl Broker {
                 let policy = crate::policy::parse_policy(&p.name, &p.vhost, &p.body, p.operator)?;
                 let created = !v.policies(p.operator).iter().any(|x| x.name == p.name);
                 v.put_policy(policy, p.operator);
+                crate::mirroring::policy_changed(self, &p.vhost);
                 Ok(created)
             }
             Change::DeletePolicy {
@@ -397,6 +403,10 @@ impl Broker {
                 let v = need_vhost(&r.vhost)?;
                 self.declare_queue_record(&v, r)
             }
+            Change::ReplicateQueue(r) => {
+                let v = need_vhost(&r.vhost)?;
+                self.replicate_queue_record(&v, r)
+            }
             Change::DeleteQueue { vhost, name } => {
                 let v = need_vhost(&vhost)?;
                 if let Some(q) = v.remove_replicated_queue(&name) {
@@ -429,27 +439,12 @@ impl Broker {
             return Ok(false);
         }
         let args = metadata::decode_table(&r.arguments).unwrap_or_default();
-        if let Some(replicas) = r.replicas {
-            let q = crate::replicated::ReplicatedQueue::new(
-                &r.vhost,
-                &r.name,
-                r.durable,
-                r.auto_delete,
-                args,
-                replicas,
-                &self.node_name(),
-                self.cluster().map(Arc::downgrade).unwrap_or_default(),
-            );
+        if let Some(replicas) = r.replicas.clone() {
+            let q = self.replicated_queue_of(&r, args, replicas);
             if !v.add_replicated_queue(q.clone()) {
                 return Ok(false);
             }
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move {
-                    if let Err(e) = q.clone().start().await {
-                        tracing::error!(queue = %q.name, "the replica of this queue did not start: {e}");
-                    }
-                });
-            }
+            start_replica(q);
             return Ok(true);
         }
         if r.node == self.node_name() && r.exclusive {
@@ -478,6 +473,43 @@ impl Broker {
                 arguments: args,
             }))
         }
+    }
+
+    /// A [`Change::ReplicateQueue`]: the classic queue `r.name` becomes replicated; if it
+    /// lived here, its messages are moved into the new queue (see [`crate::mirroring`]).
+    fn replicate_queue_record(&self, v: &Arc<Vhost>, r: QueueRecord) -> Outcome {
+        let Some(replicas) = r.replicas.clone() else {
+            return Err(format!("queue '{}' has no replicas to become", r.name));
+        };
+        let args = metadata::decode_table(&r.arguments).unwrap_or_default();
+        let q = self.replicated_queue_of(&r, args, replicas);
+        match v.replace_with_replicated(q.clone()) {
+            crate::vhost::Replaced::Already => return Ok(false),
+            crate::vhost::Replaced::Elsewhere => start_replica(q),
+            crate::vhost::Replaced::Here(classic) => {
+                start_replica(q.clone());
+                crate::mirroring::move_messages(v.clone(), classic, q);
+            }
+        }
+        Ok(true)
+    }
+
+    fn replicated_queue_of(
+        &self,
+        r: &QueueRecord,
+        args: amq_protocol::types::FieldTable,
+        replicas: crate::replicated::Replicas,
+    ) -> Arc<crate::replicated::ReplicatedQueue> {
+        crate::replicated::ReplicatedQueue::new(
+            &r.vhost,
+            &r.name,
+            r.durable,
+            r.auto_delete,
+            args,
+            replicas,
+            &self.node_name(),
+            self.cluster().map(Arc::downgrade).unwrap_or_default(),
+        )
     }
 
     /// Proposes removing the exclusive queue `vhost`/`name` of this node that no longer
@@ -643,7 +675,19 @@ impl Broker {
                 queues
                     .into_iter()
                     .filter(|q| q.node == me || q.replicas.is_some())
-                    .map(Change::DeclareQueue),
+                    .map(|q| {
+                        // A replicated queue that is still a classic queue here: this node
+                        // restarted while moving its messages over (or missed the change).
+                        let classic_here = q.replicas.is_some()
+                            && self
+                                .vhost(&q.vhost)
+                                .is_some_and(|v| v.queue(&q.name).is_some());
+                        if classic_here {
+                            Change::ReplicateQueue(q)
+                        } else {
+                            Change::DeclareQueue(q)
+                        }
+                    }),
             )
             .chain(bindings.into_iter().map(Change::Bind));
         for c in changes {
@@ -773,6 +817,17 @@ impl Broker {
             let (exchanges, queues, bindings) = topology;
             self.install_topology(exchanges, queues, bindings);
         }
+    }
+}
+
+/// Starts this node's replica (or learner) of a replicated queue (in the background).
+fn start_replica(q: Arc<crate::replicated::ReplicatedQueue>) {
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(async move {
+            if let Err(e) = q.clone().start().await {
+                tracing::error!(queue = %q.name, "the replica of this queue did not start: {e}");
+            }
+        });
     }
 }
 

@@ -25,6 +25,7 @@ pub mod links;
 pub mod management;
 pub mod message;
 pub mod metrics;
+pub mod mirroring;
 pub mod outbox;
 pub mod paging;
 pub mod parameters;

@@ -141,7 +141,9 @@ impl Broker {
                     }
                 }
             }
-            for q in v.queues() {
+            // A classic queue whose messages are being moved into its replicated replacement
+            // stays saved until the move ends: a restart resumes it.
+            for q in v.queues().into_iter().chain(v.moving_queues()) {
                 if q.durable && q.exclusive_owner.is_none() && !q.is_deleted() {
                     s.queues.push(QueueDef {
                         vhost: name.clone(),

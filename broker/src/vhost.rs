@@ -75,6 +75,16 @@ impl Routed {
     }
 }
 
+/// What [`Vhost::replace_with_replicated`] did.
+pub enum Replaced {
+    /// The queue was replicated already.
+    Already,
+    /// The classic queue lived on another node (or nowhere any more).
+    Elsewhere,
+    /// The classic queue lived here: its messages are to be moved.
+    Here(Arc<Queue>),
+}
+
 /// Told the name of a local queue this node removed on its own.
 pub type QueueGoneFn = Box<dyn Fn(&str) + Send + Sync>;
 
@@ -89,6 +99,10 @@ pub struct Vhost {
     remote: RwLock<HashMap<String, RemoteQueue>>,
     /// Replicated queues (a Raft group each; this node may or may not hold a replica).
     replicated: RwLock<HashMap<String, Arc<ReplicatedQueue>>>,
+    /// Local classic queues replaced by a replicated queue of the same name (a policy's
+    /// `ha-mode` came to match them) whose messages are still being moved into it: no longer
+    /// routed to, still saved (a restart resumes the move).
+    moving: RwLock<HashMap<String, Arc<Queue>>>,
     /// Called with the name of a local queue removed by this node on its own (auto-delete,
     /// expiry, an exclusive queue's connection closed), so the cluster forgets it too.
     on_queue_gone: std::sync::OnceLock<QueueGoneFn>,
@@ -156,6 +170,7 @@ impl Vhost {
             queues: RwLock::new(HashMap::new()),
             remote: RwLock::new(HashMap::new()),
             replicated: RwLock::new(HashMap::new()),
+            moving: RwLock::new(HashMap::new()),
             on_queue_gone: std::sync::OnceLock::new(),
             forward: std::sync::OnceLock::new(),
             reply_consumers: Mutex::new(HashMap::new()),
@@ -337,6 +352,52 @@ impl Vhost {
         drop(r);
         self.topology_changed();
         true
+    }
+
+    /// Replaces the classic queue `q.name` (local, or another node's) with the replicated
+    /// queue `q`, keeping the bindings to that name. Returns the local classic queue, whose
+    /// messages the caller moves into `q` (see [`Vhost::done_moving`]). Nothing changes
+    /// (`Replaced::Already`) if a replicated queue by that name exists already.
+    pub fn replace_with_replicated(&self, q: Arc<ReplicatedQueue>) -> Replaced {
+        let mut replicated = self.replicated.write();
+        if replicated.contains_key(&q.name) {
+            return Replaced::Already;
+        }
+        let classic = self.queues.write().remove(&q.name);
+        if let Some(c) = &classic {
+            c.cancel_consumers_for_move();
+            self.moving.write().insert(q.name.clone(), c.clone());
+        }
+        self.remote.write().remove(&q.name);
+        let sink: Weak<dyn DeadLetterSink> = self.me.clone();
+        q.set_sink(sink);
+        replicated.insert(q.name.clone(), q);
+        drop(replicated);
+        self.topology_changed();
+        match classic {
+            Some(c) => Replaced::Here(c),
+            None => Replaced::Elsewhere,
+        }
+    }
+
+    /// The classic queues whose messages are being moved into their replicated replacement.
+    pub fn moving_queues(&self) -> Vec<Arc<Queue>> {
+        self.moving.read().values().cloned().collect()
+    }
+
+    /// The move out of classic queue `q` ended (it is empty, or its replacement is gone):
+    /// drops it and what it still holds, and saves that it is gone.
+    pub fn done_moving(&self, q: &Arc<Queue>) {
+        let mut moving = self.moving.write();
+        if !moving.get(&q.name).is_some_and(|x| Arc::ptr_eq(x, q)) {
+            return;
+        }
+        moving.remove(&q.name);
+        drop(moving);
+        q.mark_deleted();
+        if q.durable && self.queue(&q.name).is_none() {
+            self.durable_changed_anyway(DurableChange::Queue(q.name.clone()));
+        }
     }
 
     /// Forgets a replicated queue, with the bindings to it; the caller stops its replica.

@@ -943,7 +943,7 @@ impl Channel {
         if self
             .consumers
             .get(&tag)
-            .is_some_and(|e| !e.queue.is_deleted())
+            .is_some_and(|e| !e.queue.is_retired())
             || self.reply_to.as_ref().is_some_and(|(_, t)| *t == tag)
             || self.shared.remote.lock().consumers.contains_key(&tag)
             || self.shared.replicated.lock().has_consumer(&tag)
@@ -954,7 +954,7 @@ impl Channel {
         }
         let max = self.ctx().broker.config.consumer_max_per_channel as usize;
         if self.consumers.len() >= max {
-            self.consumers.retain(|_, e| !e.queue.is_deleted());
+            self.consumers.retain(|_, e| !e.queue.is_retired());
             if self.consumers.len() >= max {
                 return Err(AmqpError::not_allowed(format!(
                     "reached maximum ({max}) of consumers per channel"

@@ -166,6 +166,9 @@ pub struct Queue {
     resident: AtomicU64,
     vhost_name: String,
     deleted: AtomicBool,
+    /// Replaced by a replicated queue of the same name: its consumers were cancelled and
+    /// its messages are being moved out.
+    moved: AtomicBool,
     flow_pressure: AtomicBool,
 }
 
@@ -298,6 +301,7 @@ impl Queue {
             resident: AtomicU64::new(0),
             vhost_name,
             deleted: AtomicBool::new(false),
+            moved: AtomicBool::new(false),
             flow_pressure: AtomicBool::new(false),
         });
         if tokio::runtime::Handle::try_current().is_ok() {
@@ -308,6 +312,23 @@ impl Queue {
 
     pub fn is_deleted(&self) -> bool {
         self.deleted.load(Ordering::Acquire)
+    }
+
+    /// Deleted, or replaced by a replicated queue: its consumers are cancelled and their tags
+    /// free again on their channels.
+    pub fn is_retired(&self) -> bool {
+        self.is_deleted() || self.moved.load(Ordering::Acquire)
+    }
+
+    /// Marks the queue replaced by a replicated queue of the same name and cancels its
+    /// consumers (server-sent `basic.cancel`); what they hold unacknowledged stays theirs
+    /// to ack, reject or return here.
+    pub fn cancel_consumers_for_move(&self) {
+        self.moved.store(true, Ordering::Release);
+        let consumers = std::mem::take(&mut self.inner.lock().consumers);
+        for c in consumers {
+            c.target.cancelled_by_server(&c.tag);
+        }
     }
 
     pub fn message_count(&self) -> u32 {

@@ -937,3 +937,283 @@ async fn a_restarted_node_serves_amqp_only_once_it_knows_the_queues_declared_whi
         "the deleted queue's replica is still on node 1: {left:?}"
     );
 }
+
+/// Waits until node `i` lists `queue` as replicated over `n` members with `messages` waiting.
+async fn wait_replicated(net: &Net, i: usize, queue: &str, n: usize, messages: u64) {
+    let path = format!("/api/queues/%2f/{queue}");
+    let deadline = tokio::time::Instant::now() + AGREE;
+    loop {
+        let q = net.get(i, &path).await;
+        let done = q.as_ref().is_ok_and(|q| {
+            q["type"] == "quorum"
+                && q["members"].as_array().map(Vec::len) == Some(n)
+                && q["messages"].as_u64() == Some(messages)
+        });
+        if done {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!(
+                "node {i} does not list {queue} as replicated over {n} members with {messages} messages: {q:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_policy_with_ha_mode_makes_an_existing_classic_queue_replicated_and_loses_no_message() {
+    let _serial = SERIAL.lock().await;
+    let mut net = Net::new(3);
+    net.start_all().await;
+    for i in 0..3 {
+        net.wait_ready(i, AGREE).await;
+    }
+    // A durable classic queue on node 0 with 300 confirmed messages; a consumer on node 0
+    // holds 10 of them unacknowledged.
+    let (_c0, ch0) = channel(&net, 0).await;
+    ch0.queue_declare("legacy".into(), durable(), FieldTable::default())
+        .await
+        .expect("declare a classic queue");
+    ch0.queue_bind(
+        "legacy".into(),
+        "amq.direct".into(),
+        "legacy-key".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("bind");
+    ch0.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let (acked, nacked) = publish(&ch0, "legacy", (0..300).map(|i| format!("m-{i}"))).await;
+    assert_eq!((acked.len(), nacked), (300, 0));
+    let before = net
+        .wait_status(1, "/api/queues/%2f/legacy", 200, AGREE)
+        .await;
+    assert_eq!(before["type"], "classic", "{before}");
+    let (_c1, holder) = channel(&net, 0).await;
+    holder
+        .basic_qos(10, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut held_stream = holder
+        .basic_consume(
+            "legacy".into(),
+            "holder".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut held = Vec::new();
+    while held.len() < 10 {
+        match tokio::time::timeout(Duration::from_secs(10), held_stream.next()).await {
+            Ok(Some(Ok(d))) => held.push(d),
+            other => panic!("delivery {} of 10: {other:?}", held.len()),
+        }
+    }
+
+    // The policy, set through node 1: the queue becomes replicated on every node.
+    let (status, body) = net
+        .send(
+            1,
+            reqwest::Method::PUT,
+            "/api/policies/%2f/ha-legacy",
+            Some(serde_json::json!({
+                "pattern": "^legacy$",
+                "apply-to": "queues",
+                "definition": {"ha-mode": "all"}
+            })),
+        )
+        .await
+        .expect("PUT policy");
+    assert!(status == 201 || status == 204, "{status} {body}");
+    // The consumer is cancelled by the server (basic.cancel): its stream ends.
+    match tokio::time::timeout(AGREE, held_stream.next()).await {
+        Ok(None) => {}
+        other => panic!("the classic queue's consumer was not cancelled: {other:?}"),
+    }
+    // What it held goes back and is moved too: all 300 are in the replicated queue.
+    for d in held {
+        d.acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await
+            .expect("return a held message");
+    }
+    for i in 0..3 {
+        wait_replicated(&net, i, "legacy", 3, 300).await;
+    }
+    // Publishing through the binding made before reaches the replicated queue.
+    let (_c2, ch2) = channel(&net, 2).await;
+    ch2.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let confirm = ch2
+        .basic_publish(
+            "amq.direct".into(),
+            "legacy-key".into(),
+            BasicPublishOptions::default(),
+            b"after",
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(matches!(confirm, Confirmation::Ack(_)), "{confirm:?}");
+
+    // The classic queue's node dies: every confirmed message is read through node 2 (once
+    // a leader other than node 0 is elected).
+    let node0 = net.get(0, "/api/overview").await.expect("overview")["node"]
+        .as_str()
+        .expect("node name")
+        .to_owned();
+    net.kill(0);
+    for _ in 0..200 {
+        if wait_leader_of(&net, 2, "legacy").await != node0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut got = BTreeSet::new();
+    let mut deliveries = ch2
+        .basic_consume(
+            "legacy".into(),
+            "reader".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume through node 2");
+    let mut want: BTreeSet<String> = acked.into_iter().collect();
+    want.insert("after".into());
+    while got.len() < want.len() {
+        match tokio::time::timeout(Duration::from_secs(20), deliveries.next()).await {
+            Ok(Some(Ok(d))) => {
+                got.insert(String::from_utf8_lossy(&d.data).into_owned());
+            }
+            other => panic!("{} of {} messages read: {other:?}", got.len(), want.len()),
+        }
+    }
+    assert_eq!(got, want);
+    // Node 0 comes back with the queue replicated and nothing left to move: no message
+    // reappears.
+    net.spawn(0);
+    net.wait_ready(0, AGREE).await;
+    wait_replicated(&net, 0, "legacy", 3, 0).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_replicated(&net, 2, "legacy", 3, 0).await;
+}
+
+#[tokio::test]
+async fn a_classic_queue_whose_node_is_killed_while_its_messages_move_finishes_the_move_after_a_restart()
+ {
+    let _serial = SERIAL.lock().await;
+    let mut net = Net::new(3);
+    net.start_all().await;
+    for i in 0..3 {
+        net.wait_ready(i, AGREE).await;
+    }
+    const TOTAL: usize = 20_000;
+    let (_c0, ch0) = channel(&net, 0).await;
+    ch0.queue_declare("bulk".into(), durable(), FieldTable::default())
+        .await
+        .expect("declare a classic queue");
+    ch0.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let pad = "x".repeat(1000);
+    let (acked, nacked) = publish(&ch0, "bulk", (0..TOTAL).map(|i| format!("{i:06}-{pad}"))).await;
+    assert_eq!((acked.len(), nacked), (TOTAL, 0));
+    let (status, body) = net
+        .send(
+            1,
+            reqwest::Method::PUT,
+            "/api/policies/%2f/ha-bulk",
+            Some(serde_json::json!({
+                "pattern": "^bulk$",
+                "apply-to": "queues",
+                "definition": {"ha-mode": "all"}
+            })),
+        )
+        .await
+        .expect("PUT policy");
+    assert!(status == 201 || status == 204, "{status} {body}");
+    // Node 0 is killed once part of the queue is in the replicated queue.
+    let deadline = tokio::time::Instant::now() + AGREE;
+    let partial = loop {
+        let q = net.get(1, "/api/queues/%2f/bulk").await;
+        let moved = q
+            .as_ref()
+            .ok()
+            .filter(|q| q["type"] == "quorum")
+            .and_then(|q| q["messages"].as_u64())
+            .unwrap_or(0);
+        if moved > 0 {
+            net.kill(0);
+            break moved;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no message moved within {AGREE:?}: {q:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(
+        (partial as usize) < TOTAL,
+        "the move was over before node 0 was killed ({partial} messages moved)"
+    );
+    // Restarted, node 0 finds the classic queue in its store and moves the rest.
+    net.spawn(0);
+    net.wait_ready(0, AGREE).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let q = net.get(2, "/api/queues/%2f/bulk").await;
+        if q.as_ref().ok().and_then(|q| q["messages"].as_u64()) >= Some(TOTAL as u64) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the move did not finish after the restart ({partial} moved before the kill): {q:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_c2, ch2) = channel(&net, 2).await;
+    let mut deliveries = ch2
+        .basic_consume(
+            "bulk".into(),
+            "reader".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume through node 2");
+    let want: BTreeSet<String> = acked.into_iter().collect();
+    let mut got = BTreeSet::new();
+    let mut read = 0usize;
+    while got.len() < want.len() {
+        match tokio::time::timeout(Duration::from_secs(20), deliveries.next()).await {
+            Ok(Some(Ok(d))) => {
+                read += 1;
+                got.insert(String::from_utf8_lossy(&d.data).into_owned());
+            }
+            other => panic!("{} of {} messages read: {other:?}", got.len(), want.len()),
+        }
+    }
+    assert_eq!(got, want);
+    println!(
+        "killed with {partial} of {TOTAL} moved; after the restart {read} read, {} duplicates",
+        read - want.len()
+    );
+}
