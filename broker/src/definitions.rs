@@ -328,9 +328,12 @@ impl Broker {
                 vhost,
                 name,
                 operator,
-            } => Ok(self
-                .vhost(&vhost)
-                .is_some_and(|v| v.delete_policy(&name, operator))),
+            } => {
+                let existed =
+                    (self.vhost(&vhost)).is_some_and(|v| v.delete_policy(&name, operator));
+                crate::mirroring::policy_changed(self, &vhost);
+                Ok(existed)
+            }
             Change::PutParameter(p) => {
                 need_vhost(&p.vhost)?;
                 self.parameters

@@ -13,6 +13,10 @@
 //! move: the classic queue stays in the node's store until it is empty and a restart resumes
 //! the move (a batch whose commit was not confirmed may then arrive twice). Moved messages
 //! come after the ones published since the change.
+//!
+//! A replicated queue that such a policy placed follows it afterwards, as RabbitMQ's mirrors
+//! do: its leader adds and removes members when the policy's `ha-mode`/`ha-params` change,
+//! and keeps itself alone when the policy goes (an unmirrored queue).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -25,7 +29,7 @@ use crate::broker::Broker;
 use crate::definitions::{Change, ChangeError, QueueRecord};
 use crate::queue::Queue;
 use crate::queue::state::Settlement;
-use crate::remote::Answers;
+use crate::remote::{Answers, HaMode};
 use crate::replicated::ReplicatedQueue;
 use crate::store::metadata;
 use crate::vhost::Vhost;
@@ -33,12 +37,13 @@ use crate::vhost::Vhost;
 /// Messages moved per batch (one wait for the replicated queue's commit each).
 const BATCH: usize = 256;
 
-/// The queues a conversion task runs for (`vhost`, `name`), so that policy changes in a row
-/// start one each.
+/// The queues a task runs for (`vhost`, `name`; `name` NUL `members` for a member change),
+/// so that policy changes in a row start one each.
 static CONVERTING: Mutex<Option<HashSet<(String, String)>>> = Mutex::new(None);
 
 /// A policy of `vhost` changed (applied on every node): this node proposes making each of
-/// its classic queues that a policy's `ha-mode` now matches replicated.
+/// its classic queues that a policy's `ha-mode` now matches replicated, and makes the members
+/// of each replicated queue it leads that such a policy placed what the policy now asks.
 pub fn policy_changed(broker: &Broker, vhost: &str) {
     let (Some(me), Some(v), Ok(rt)) = (
         broker.me.get().and_then(|w| w.upgrade()),
@@ -51,24 +56,127 @@ pub fn policy_changed(broker: &Broker, vhost: &str) {
         return;
     }
     for q in v.queues() {
-        if !eligible(&q) || crate::remote::HaMode::of(&v, &q.name).is_none() {
+        if !eligible(&q) || HaMode::of(&v, &q.name).is_none() {
             continue;
         }
-        let key = (vhost.to_owned(), q.name.clone());
-        if !CONVERTING
-            .lock()
-            .get_or_insert_default()
-            .insert(key.clone())
-        {
+        let Some(key) = start((vhost.to_owned(), q.name.clone())) else {
             continue;
-        }
+        };
         let me = me.clone();
         rt.spawn(async move {
             convert(&me, &key.0, &key.1).await;
-            if let Some(set) = CONVERTING.lock().as_mut() {
-                set.remove(&key);
-            }
+            done(&key);
         });
+    }
+    let node = broker.node_name();
+    for q in v.replicated_queues() {
+        if !placed_by_policy(broker, &v, &q) || q.info().leader.as_deref() != Some(&node) {
+            continue;
+        }
+        let Some(key) = start((vhost.to_owned(), format!("{}\0members", q.name))) else {
+            continue;
+        };
+        let me = me.clone();
+        rt.spawn(async move {
+            follow_policy(&me, &q).await;
+            done(&key);
+        });
+    }
+}
+
+/// Marks a task for `key` as running; None if one runs already.
+fn start(key: (String, String)) -> Option<(String, String)> {
+    CONVERTING
+        .lock()
+        .get_or_insert_default()
+        .insert(key.clone())
+        .then_some(key)
+}
+
+fn done(key: &(String, String)) {
+    if let Some(set) = CONVERTING.lock().as_mut() {
+        set.remove(key);
+    }
+}
+
+/// A replicated queue whose members a policy's `ha-mode` decides: one declared without
+/// `x-queue-type` in a vhost whose default queue type is not quorum (only such a policy makes
+/// it replicated). RabbitMQ's quorum queues ignore `ha-*` keys; so do those here.
+fn placed_by_policy(broker: &Broker, v: &Vhost, q: &ReplicatedQueue) -> bool {
+    let declared_type = crate::queue::args::parse(&q.arguments, &q.name, &v.name)
+        .ok()
+        .and_then(|a| a.queue_type);
+    declared_type.is_none()
+        && broker.vhost_metadata(&v.name).default_queue_type.as_deref() != Some("quorum")
+}
+
+/// The members to add and to remove for `ha`, given the current ones (the leader first) and
+/// the running voters of the cluster (sorted): `all` adds every running voter; `exactly`
+/// adds running voters by name up to `n`, or removes members beyond `n` (stopped ones first,
+/// never the leader); `nodes` adds the running listed nodes and removes the members not
+/// listed (unless none listed would be left); without a policy every member but the leader
+/// goes (RabbitMQ's unmirrored queue). A member is never removed only because its node is
+/// down: it catches up when it returns.
+fn member_changes(
+    ha: Option<&HaMode>,
+    current: &[String],
+    running: &[String],
+) -> (Vec<String>, Vec<String>) {
+    let joinable = || running.iter().filter(|m| !current.contains(m)).cloned();
+    match ha {
+        Some(HaMode::All) => (joinable().collect(), Vec::new()),
+        Some(HaMode::Exactly(n)) => {
+            let n = (*n).max(1);
+            if current.len() <= n {
+                return (joinable().take(n - current.len()).collect(), Vec::new());
+            }
+            let mut extra: Vec<String> = current.iter().skip(1).cloned().collect();
+            extra.sort_by(|a, b| (running.contains(a), b).cmp(&(running.contains(b), a)));
+            extra.truncate(current.len() - n);
+            (Vec::new(), extra)
+        }
+        Some(HaMode::Nodes(names)) => {
+            let add: Vec<String> = joinable().filter(|m| names.contains(m)).collect();
+            let listed_left = !add.is_empty() || current.iter().any(|m| names.contains(m));
+            let mut remove: Vec<String> = (current.iter())
+                .filter(|m| listed_left && !names.contains(m))
+                .cloned()
+                .collect();
+            // The leader last: it hands its leadership over before it goes.
+            let leader_goes = remove.first() == current.first();
+            remove.rotate_left(usize::from(leader_goes));
+            (add, remove)
+        }
+        None => (Vec::new(), current.iter().skip(1).cloned().collect()),
+    }
+}
+
+/// Adds and removes members of `q` (which this node leads) until they are what the policy
+/// now asks (see [`member_changes`]); members are added before any is removed.
+async fn follow_policy(broker: &Arc<Broker>, q: &Arc<ReplicatedQueue>) {
+    let (Some(cluster), Some(v)) = (broker.cluster(), broker.vhost(&q.vhost)) else {
+        return;
+    };
+    let me = broker.node_name();
+    let mut running: Vec<String> = (cluster.metadata_voters().into_iter())
+        .map(|(_, m)| m.name)
+        .filter(|n| *n == me || cluster.is_running(n))
+        .collect();
+    running.sort();
+    running.dedup();
+    let mut current = q.members();
+    // The leader first: it is the one kept without a policy.
+    current.sort_by_key(|m| *m != me);
+    let (add, remove) = member_changes(HaMode::of(&v, &q.name).as_ref(), &current, &running);
+    for (node, member) in (add.iter().map(|m| (m, true))).chain(remove.iter().map(|m| (m, false))) {
+        match q.set_member(node, member).await {
+            Ok(()) => {
+                tracing::info!(vhost = %q.vhost, queue = %q.name, %node, member, "members follow the policy's ha-mode")
+            }
+            Err(e) => {
+                tracing::warn!(vhost = %q.vhost, queue = %q.name, %node, member, "members do not follow the policy's ha-mode: {e}")
+            }
+        }
     }
 }
 
@@ -177,5 +285,59 @@ async fn move_all(v: &Vhost, classic: &Queue, target: &Arc<ReplicatedQueue>) -> 
             classic.settle(ids, Settlement::Requeue);
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn members_follow_the_ha_mode_without_dropping_a_stopped_member() {
+        let running = names(&["a", "b", "c"]);
+        let all = HaMode::All;
+        assert_eq!(
+            member_changes(Some(&all), &names(&["b"]), &running),
+            (names(&["a", "c"]), vec![])
+        );
+        // d is a member whose node is down: kept.
+        assert_eq!(
+            member_changes(Some(&all), &names(&["a", "d"]), &running),
+            (names(&["b", "c"]), vec![])
+        );
+        let two = HaMode::Exactly(2);
+        assert_eq!(
+            member_changes(Some(&two), &names(&["a"]), &running),
+            (names(&["b"]), vec![])
+        );
+        // Beyond 2: the stopped member goes first, the leader (first) never.
+        assert_eq!(
+            member_changes(Some(&two), &names(&["c", "a", "d", "b"]), &running),
+            (vec![], names(&["d", "b"]))
+        );
+        assert_eq!(
+            member_changes(Some(&HaMode::Exactly(0)), &names(&["a", "b"]), &running),
+            (vec![], names(&["b"]))
+        );
+        let nodes = HaMode::Nodes(names(&["b", "c"]));
+        assert_eq!(
+            member_changes(Some(&nodes), &names(&["a", "b"]), &running),
+            (names(&["c"]), names(&["a"]))
+        );
+        // None of the listed nodes runs nor is a member: unchanged.
+        let elsewhere = HaMode::Nodes(names(&["x"]));
+        assert_eq!(
+            member_changes(Some(&elsewhere), &names(&["a", "b"]), &running),
+            (vec![], vec![])
+        );
+        // No policy: the leader alone.
+        assert_eq!(
+            member_changes(None, &names(&["a", "b", "c"]), &running),
+            (vec![], names(&["b", "c"]))
+        );
     }
 }

@@ -1111,6 +1111,49 @@ async fn a_policy_with_ha_mode_makes_an_existing_classic_queue_replicated_and_lo
     wait_replicated(&net, 0, "legacy", 3, 0).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     wait_replicated(&net, 2, "legacy", 3, 0).await;
+
+    // The queue follows the policy, as RabbitMQ's mirrors do: `exactly` 2 leaves two members,
+    // no policy leaves the leader alone; it still takes and gives messages.
+    let policy = |definition: serde_json::Value| serde_json::json!({"pattern": "^legacy$", "apply-to": "queues", "definition": definition});
+    let (status, body) = net
+        .send(
+            2,
+            reqwest::Method::PUT,
+            "/api/policies/%2f/ha-legacy",
+            Some(policy(
+                serde_json::json!({"ha-mode": "exactly", "ha-params": 2}),
+            )),
+        )
+        .await
+        .expect("PUT policy");
+    assert!(status == 201 || status == 204, "{status} {body}");
+    for i in 0..3 {
+        wait_replicated(&net, i, "legacy", 2, 0).await;
+    }
+    let (status, body) = net
+        .send(
+            2,
+            reqwest::Method::DELETE,
+            "/api/policies/%2f/ha-legacy",
+            None,
+        )
+        .await
+        .expect("DELETE policy");
+    assert_eq!(status, 204, "{body}");
+    for i in 0..3 {
+        wait_replicated(&net, i, "legacy", 1, 0).await;
+    }
+    ch2.basic_cancel("reader".into(), BasicCancelOptions::default())
+        .await
+        .expect("cancel the reader");
+    let (acked, nacked) = publish(&ch2, "legacy", ["alone".to_owned()].into_iter()).await;
+    assert_eq!((acked.len(), nacked), (1, 0));
+    let (_c1, ch1) = channel(&net, 1).await;
+    let got = ch1
+        .basic_get("legacy".into(), BasicGetOptions { no_ack: true })
+        .await
+        .expect("get");
+    assert_eq!(got.map(|m| m.delivery.data), Some(b"alone".to_vec()));
 }
 
 #[tokio::test]
