@@ -287,6 +287,7 @@ impl Broker {
         for v in self.vhosts.read().values() {
             Broker::tell_cluster_of_removals(Arc::downgrade(self), v);
         }
+        tokio::spawn(crate::mirroring::keep_following(Arc::downgrade(self)));
         Ok(())
     }
 

@@ -16,7 +16,8 @@
 //!
 //! A replicated queue that such a policy placed follows it afterwards, as RabbitMQ's mirrors
 //! do: its leader adds and removes members when the policy's `ha-mode`/`ha-params` change,
-//! and keeps itself alone when the policy goes (an unmirrored queue).
+//! and keeps itself alone when the policy goes (an unmirrored queue). Every node also looks
+//! again every 10 s ([`keep_following`]), so `ha-mode: all` reaches a node that joined later.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -81,6 +82,30 @@ pub fn policy_changed(broker: &Broker, vhost: &str) {
             follow_policy(&me, &q).await;
             done(&key);
         });
+    }
+}
+
+/// How often each node looks again at the queues `ha-mode` policies match: a node that joined
+/// (`all`) or came back since, a conversion that gave up while the cluster had no majority.
+const FOLLOW_EVERY: Duration = Duration::from_secs(10);
+
+/// Runs [`policy_changed`] every [`FOLLOW_EVERY`] for each vhost with an `ha-mode` policy, as
+/// long as the node runs.
+pub async fn keep_following(broker: std::sync::Weak<Broker>) {
+    let mut tick = tokio::time::interval(FOLLOW_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(b) = broker.upgrade() else { return };
+        for name in b.vhost_names() {
+            let mirrored = b.vhost(&name).is_some_and(|v| {
+                (v.policies(false).iter()).any(|p| p.definition.contains_key("ha-mode"))
+            });
+            if mirrored {
+                policy_changed(&b, &name);
+            }
+        }
     }
 }
 

@@ -1260,3 +1260,44 @@ async fn a_classic_queue_whose_node_is_killed_while_its_messages_move_finishes_t
         read - want.len()
     );
 }
+
+#[tokio::test]
+async fn a_queue_an_ha_mode_all_policy_placed_gains_a_member_on_a_node_that_joins_later() {
+    let _serial = SERIAL.lock().await;
+    let mut net = Net::new(3);
+    net.start(0).await;
+    net.start(1).await;
+    for i in 0..2 {
+        net.wait_ready(i, AGREE).await;
+    }
+    let (status, body) = net
+        .send(
+            0,
+            reqwest::Method::PUT,
+            "/api/policies/%2f/ha-all",
+            Some(serde_json::json!({
+                "pattern": "^grow\\.",
+                "apply-to": "queues",
+                "definition": {"ha-mode": "all"}
+            })),
+        )
+        .await
+        .expect("PUT policy");
+    assert!(status == 201 || status == 204, "{status} {body}");
+    let (_c0, ch0) = channel(&net, 0).await;
+    ch0.queue_declare("grow.q".into(), durable(), FieldTable::default())
+        .await
+        .expect("declare");
+    ch0.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let (acked, nacked) = publish(&ch0, "grow.q", (0..100).map(|i| format!("g-{i}"))).await;
+    assert_eq!((acked.len(), nacked), (100, 0));
+    wait_replicated(&net, 1, "grow.q", 2, 100).await;
+    // Node 2 joins: the queue's leader makes it a member (within its 10 s look again).
+    net.start(2).await;
+    net.wait_ready(2, AGREE).await;
+    for i in 0..3 {
+        wait_replicated(&net, i, "grow.q", 3, 100).await;
+    }
+}
