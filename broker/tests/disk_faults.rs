@@ -697,3 +697,87 @@ async fn an_injected_write_fault_nacks_waiting_confirms_and_fails_a_waiting_comm
     assert!(e.to_string().contains("tx.commit failed"), "{e}");
     assert!(!c.status().connected());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_message_an_autoack_consumer_took_is_confirmed_without_waiting_for_the_disk() {
+    // The message log's fsyncs are held back until `hold` is cleared.
+    let b = broker_with_storage("autoack-confirm").await;
+    let hold = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gate = hold.clone();
+    b.broker.store().unwrap().set_before_sync(Box::new(move || {
+        while gate.load(std::sync::atomic::Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }));
+    let (_c, ch) = b.channel().await;
+    common::declare_durable(&ch, "taken").await;
+    common::declare_durable(&ch, "kept").await;
+    let (_cc, consumer_ch) = b.channel().await;
+    let mut deliveries = consumer_ch
+        .basic_consume(
+            "taken".into(),
+            "autoack".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    hold.store(true, std::sync::atomic::Ordering::Release);
+    // Taken by the autoack consumer as it was published: confirmed while the disk is held
+    // (as RabbitMQ confirms what a consumer took before it was written).
+    let taken = ch
+        .basic_publish(
+            "".into(),
+            "taken".into(),
+            BasicPublishOptions::default(),
+            b"taken",
+            persistent(),
+        )
+        .await
+        .unwrap();
+    let c = tokio::time::timeout(Duration::from_secs(5), taken)
+        .await
+        .expect("confirmed while the disk is held")
+        .unwrap();
+    assert!(c.is_ack(), "{c:?}");
+    let d = tokio::time::timeout(
+        Duration::from_secs(5),
+        futures_lite::StreamExt::next(&mut deliveries),
+    )
+    .await
+    .expect("delivered")
+    .expect("a delivery")
+    .unwrap();
+    assert_eq!(d.data, b"taken");
+    // Kept by the queue: its confirm waits for the fsync.
+    let kept = ch
+        .basic_publish(
+            "".into(),
+            "kept".into(),
+            BasicPublishOptions::default(),
+            b"kept",
+            persistent(),
+        )
+        .await
+        .unwrap();
+    let mut kept = Box::pin(kept);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(700), &mut kept)
+            .await
+            .is_err(),
+        "a message the queue keeps was confirmed before it was on disk"
+    );
+    hold.store(false, std::sync::atomic::Ordering::Release);
+    let c = tokio::time::timeout(Duration::from_secs(5), kept)
+        .await
+        .expect("confirmed once on disk")
+        .unwrap();
+    assert!(c.is_ack(), "{c:?}");
+}

@@ -413,6 +413,7 @@ impl Queue {
                 self.stats.publish.fetch_add(1, Ordering::Relaxed);
             }
             // The enqueue record goes first: drop-head may remove the new message at once.
+            let mut logged = None;
             for e in &fx {
                 if let Effect::Accepted { id } = *e
                     && persist
@@ -434,12 +435,20 @@ impl Queue {
                         &msg.body,
                     );
                     g.pages.insert(id, PageRef::Log(sid));
+                    logged = Some(id);
                 }
             }
             self.absorb(&mut g, &mut fx, &mut letters);
             fx.clear();
             g.fx = fx;
             self.deliver_ready(&mut g, now, &mut letters);
+            if logged.is_some_and(|id| !g.pages.contains_key(&id)) {
+                // Gone already (taken by an autoack consumer, or dropped by an overflow
+                // policy): the queue no longer keeps it, so the confirm need not wait for the
+                // disk — as RabbitMQ confirms a message its consumer took before it was
+                // written.
+                wait_for = 0;
+            }
             self.account(&mut g);
             wake_timer = g.state.next_expiry().is_some() && g.state.next_expiry() != had_expiry;
         }
