@@ -1041,6 +1041,15 @@ impl Queue {
     /// Attaches a consumer. 403 if exclusivity forbids it.
     pub fn add_consumer(&self, c: Arc<Consumer>) -> crate::error::Result<()> {
         let mut g = self.inner.lock();
+        // Checked under the lock that `cancel_consumers_for_move` takes after setting it: a
+        // consumer is either cancelled with the others or refused here.
+        if self.moved.load(Ordering::Acquire) {
+            return Err(crate::error::AmqpError::not_found(format!(
+                "queue '{}' in vhost '{}' was just replaced by a replicated queue (a policy's \
+                 ha-mode); consume again",
+                self.name, self.vhost_name
+            )));
+        }
         if c.exclusive && !g.consumers.is_empty() || g.consumers.iter().any(|x| x.exclusive) {
             return Err(crate::error::AmqpError::access_refused(format!(
                 "queue '{}' in vhost '{}' in exclusive use",
@@ -1216,5 +1225,96 @@ async fn run_timer(q: Weak<Queue>) {
             None => 5_000,
         };
         let _ = tokio::time::timeout(Duration::from_millis(wait), timer.notified()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::delivery::{TargetId, TargetOwner};
+
+    /// A consumer's channel that only records server-sent cancels (no real channel exists in
+    /// a unit test of the queue alone).
+    #[derive(Debug, Default)]
+    struct Recorder {
+        cancelled: parking_lot::Mutex<Vec<String>>,
+    }
+
+    impl DeliveryTarget for Recorder {
+        fn target_id(&self) -> TargetId {
+            TargetId::of(self)
+        }
+        fn has_credit(&self) -> bool {
+            false
+        }
+        fn writable(&self, _: &Weak<dyn Wake>) -> bool {
+            false
+        }
+        fn deliver(
+            &self,
+            _: &Arc<Consumer>,
+            _: &Arc<Queue>,
+            _: MsgId,
+            _: &Message,
+            _: bool,
+        ) -> bool {
+            false
+        }
+        fn cancelled_by_server(&self, consumer_tag: &str) {
+            self.cancelled.lock().push(consumer_tag.to_owned());
+        }
+        fn owner(&self) -> TargetOwner<'_> {
+            TargetOwner {
+                connection: 1,
+                channel: 1,
+                connection_name: "test",
+                peer: ([127, 0, 0, 1], 1).into(),
+                user: "guest",
+            }
+        }
+    }
+
+    fn consumer(tag: &str, target: &Arc<Recorder>) -> Arc<Consumer> {
+        Arc::new(Consumer {
+            tag: tag.into(),
+            target: target.clone(),
+            no_ack: false,
+            prefetch: 0,
+            unacked: AtomicU32::new(0),
+            priority: 0,
+            exclusive: false,
+            stats: Default::default(),
+        })
+    }
+
+    #[test]
+    fn a_queue_replaced_for_a_move_cancels_its_consumers_and_refuses_new_ones() {
+        let no_sink: Weak<dyn DeadLetterSink> = Weak::<crate::vhost::Vhost>::new();
+        let q = Queue::new(
+            "q".into(),
+            true,
+            false,
+            None,
+            FieldTable::default(),
+            args::parse(&FieldTable::default(), "q", "/").expect("no arguments"),
+            "/".into(),
+            no_sink,
+            (state::QueueConfig::default(), None),
+            None,
+            None,
+        );
+        let target = Arc::new(Recorder::default());
+        q.add_consumer(consumer("before", &target))
+            .expect("a consumer");
+        assert!(!q.is_retired());
+        q.cancel_consumers_for_move();
+        assert!(q.is_retired());
+        assert_eq!(*target.cancelled.lock(), vec!["before".to_owned()]);
+        assert_eq!(q.consumer_count(), 0);
+        let e = q
+            .add_consumer(consumer("after", &target))
+            .expect_err("a retired queue takes no consumer");
+        assert_eq!(e.code, 404, "{}", e.text);
+        assert!(e.text.contains("consume again"), "{}", e.text);
     }
 }
