@@ -19,6 +19,10 @@ use lapin::{Connection, ConnectionProperties};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+#[path = "common/amqp.rs"]
+mod amqp;
+use amqp::{Target, method, short_str};
+
 /// Connections opened at once.
 const CONCURRENT_OPENS: usize = 100;
 
@@ -78,52 +82,6 @@ async fn connections(url: &str, n: usize) -> Result<Vec<TcpStream>, String> {
         out.push(r.map_err(|e| e.to_string())??);
     }
     Ok(out)
-}
-
-#[derive(Clone)]
-struct Target {
-    addr: String,
-    user: String,
-    pass: String,
-    vhost: String,
-}
-
-impl Target {
-    /// `amqp://user:pass@host:port/vhost` (vhost percent-encoded `%2f` for `/`).
-    fn parse(url: &str) -> Result<Target, String> {
-        let rest = url.strip_prefix("amqp://").ok_or("only amqp:// URLs")?;
-        let (auth, rest) = rest.split_once('@').ok_or("the URL needs user:pass@")?;
-        let (user, pass) = auth.split_once(':').ok_or("the URL needs user:pass@")?;
-        let (addr, vhost) = rest.split_once('/').unwrap_or((rest, ""));
-        let vhost = if vhost.is_empty() || vhost.eq_ignore_ascii_case("%2f") {
-            "/".to_owned()
-        } else {
-            vhost.to_owned()
-        };
-        Ok(Target {
-            addr: addr.to_owned(),
-            user: user.to_owned(),
-            pass: pass.to_owned(),
-            vhost,
-        })
-    }
-}
-
-fn short_str(out: &mut Vec<u8>, s: &str) {
-    out.push(s.len() as u8);
-    out.extend_from_slice(s.as_bytes());
-}
-
-/// A method frame on `channel`: class, method, arguments.
-fn method(channel: u16, class: u16, method: u16, args: &[u8]) -> Vec<u8> {
-    let mut f = vec![1];
-    f.extend_from_slice(&channel.to_be_bytes());
-    f.extend_from_slice(&((args.len() + 4) as u32).to_be_bytes());
-    f.extend_from_slice(&class.to_be_bytes());
-    f.extend_from_slice(&method.to_be_bytes());
-    f.extend_from_slice(args);
-    f.push(0xCE);
-    f
 }
 
 /// Reads frames until the method `class`.`method`; returns its arguments.

@@ -20,6 +20,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
+#[path = "common/amqp.rs"]
+mod amqp;
+use amqp::{Target, frame, method, short_str};
+
 fn usage() -> ! {
     eprintln!("usage: latency <amqp-url> [rate msg/s] [seconds] [size B] [transient|confirm]");
     std::process::exit(2)
@@ -342,59 +346,6 @@ fn consume_loop(
     let _ = done.send((lat, received, span));
 }
 
-#[derive(Clone)]
-struct Target {
-    addr: String,
-    user: String,
-    pass: String,
-    vhost: String,
-}
-
-impl Target {
-    /// `amqp://user:pass@host:port/vhost` (vhost percent-encoded `%2f` for `/`).
-    fn parse(url: &str) -> Result<Target, String> {
-        let rest = url.strip_prefix("amqp://").ok_or("only amqp:// URLs")?;
-        let (auth, rest) = rest.split_once('@').ok_or("the URL needs user:pass@")?;
-        let (user, pass) = auth.split_once(':').ok_or("the URL needs user:pass@")?;
-        let (addr, vhost) = rest.split_once('/').unwrap_or((rest, ""));
-        let vhost = if vhost.is_empty() || vhost.eq_ignore_ascii_case("%2f") {
-            "/".to_owned()
-        } else {
-            vhost.to_owned()
-        };
-        Ok(Target {
-            addr: addr.to_owned(),
-            user: user.to_owned(),
-            pass: pass.to_owned(),
-            vhost,
-        })
-    }
-}
-
-fn short_str(out: &mut Vec<u8>, s: &str) {
-    out.push(s.len() as u8);
-    out.extend_from_slice(s.as_bytes());
-}
-
-fn frame(kind: u8, channel: u16, payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(payload.len() + 8);
-    f.push(kind);
-    f.extend_from_slice(&channel.to_be_bytes());
-    f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    f.extend_from_slice(payload);
-    f.push(0xCE);
-    f
-}
-
-/// A method frame on `channel`: class, method, arguments.
-fn method(channel: u16, class: u16, method: u16, args: &[u8]) -> Vec<u8> {
-    let mut payload = Vec::with_capacity(args.len() + 4);
-    payload.extend_from_slice(&class.to_be_bytes());
-    payload.extend_from_slice(&method.to_be_bytes());
-    payload.extend_from_slice(args);
-    frame(1, channel, &payload)
-}
-
 fn send(s: &mut TcpStream, bytes: &[u8]) -> Result<(), String> {
     s.write_all(bytes).map_err(|e| format!("write: {e}"))
 }
@@ -402,29 +353,17 @@ fn send(s: &mut TcpStream, bytes: &[u8]) -> Result<(), String> {
 /// Reads frames until the method `class`.`method`; returns its arguments.
 fn expect(s: &mut TcpStream, class: u16, method: u16) -> Result<Vec<u8>, String> {
     loop {
-        let mut header = [0u8; 7];
-        s.read_exact(&mut header).map_err(|e| e.to_string())?;
-        let size = u32::from_be_bytes([header[3], header[4], header[5], header[6]]) as usize;
-        if size > 1 << 20 {
-            return Err(format!("a frame of {size} bytes"));
-        }
-        let mut payload = vec![0u8; size + 1];
-        s.read_exact(&mut payload).map_err(|e| e.to_string())?;
-        if header[0] != 1 || size < 4 {
+        let Some((id, args)) = read_method(s)? else {
             continue;
+        };
+        if id == (class, method) {
+            return Ok(args);
         }
-        let (c, m) = (
-            u16::from_be_bytes([payload[0], payload[1]]),
-            u16::from_be_bytes([payload[2], payload[3]]),
-        );
-        if (c, m) == (class, method) {
-            return Ok(payload[4..size].to_vec());
-        }
-        if (c, m) == (10, 50) || (c, m) == (20, 40) {
+        if id == (10, 50) || id == (20, 40) {
             return Err(format!(
                 "the broker closed the {}: {:?}",
-                if c == 10 { "connection" } else { "channel" },
-                String::from_utf8_lossy(&payload)
+                if id.0 == 10 { "connection" } else { "channel" },
+                String::from_utf8_lossy(&args)
             ));
         }
     }

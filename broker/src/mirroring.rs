@@ -20,7 +20,7 @@
 //! again every 10 s ([`keep_following`]), so `ha-mode: all` reaches a node that joined later.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -40,7 +40,7 @@ const BATCH: usize = 256;
 
 /// The queues a task runs for (`vhost`, `name`; `name` NUL `members` for a member change),
 /// so that policy changes in a row start one each.
-static CONVERTING: Mutex<Option<HashSet<(String, String)>>> = Mutex::new(None);
+static CONVERTING: LazyLock<Mutex<HashSet<(String, String)>>> = LazyLock::new(Default::default);
 
 /// A policy of `vhost` changed (applied on every node): this node proposes making each of
 /// its classic queues that a policy's `ha-mode` now matches replicated, and makes the members
@@ -71,7 +71,7 @@ pub fn policy_changed(broker: &Broker, vhost: &str) {
     }
     let node = broker.node_name();
     for q in v.replicated_queues() {
-        if !placed_by_policy(broker, &v, &q) || q.info().leader.as_deref() != Some(&node) {
+        if !placed_by_policy(broker, &v, &q) || q.leader().as_deref() != Some(&node) {
             continue;
         }
         let Some(key) = start((vhost.to_owned(), format!("{}\0members", q.name))) else {
@@ -111,17 +111,11 @@ pub async fn keep_following(broker: std::sync::Weak<Broker>) {
 
 /// Marks a task for `key` as running; None if one runs already.
 fn start(key: (String, String)) -> Option<(String, String)> {
-    CONVERTING
-        .lock()
-        .get_or_insert_default()
-        .insert(key.clone())
-        .then_some(key)
+    CONVERTING.lock().insert(key.clone()).then_some(key)
 }
 
 fn done(key: &(String, String)) {
-    if let Some(set) = CONVERTING.lock().as_mut() {
-        set.remove(key);
-    }
+    CONVERTING.lock().remove(key);
 }
 
 /// A replicated queue whose members a policy's `ha-mode` decides: one declared without

@@ -606,6 +606,11 @@ impl ReplicatedQueue {
         (s.ready_len(), s.consumer_count())
     }
 
+    /// The group's leader as this replica knows it.
+    pub fn leader(&self) -> Option<String> {
+        self.raft.get().and_then(|r| r.status().leader)
+    }
+
     pub fn info(&self) -> Info {
         let cluster = self.cluster.upgrade();
         let members = self.members();
@@ -618,7 +623,7 @@ impl ReplicatedQueue {
             .collect();
         let s = self.state.lock();
         Info {
-            leader: self.raft.get().and_then(|r| r.status().leader),
+            leader: self.leader(),
             members,
             online,
             ready: s.ready_len(),

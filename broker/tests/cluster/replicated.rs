@@ -462,20 +462,14 @@ async fn a_two_replica_queue_makes_its_members_quorum_critical_and_takes_publish
     // A policy with ha-mode (RabbitMQ's mirrored classic queues) makes a durable queue it
     // matches replicated, with as many replicas as ha-params says; a non-durable one stays
     // classic.
-    let (status, body) = net
-        .send(
-            0,
-            reqwest::Method::PUT,
-            "/api/policies/%2f/mirror",
-            Some(serde_json::json!({
-                "pattern": "^mirrored\\.",
-                "apply-to": "queues",
-                "definition": {"ha-mode": "exactly", "ha-params": 2}
-            })),
-        )
-        .await
-        .expect("PUT policy");
-    assert!(status == 201 || status == 204, "{status} {body}");
+    put_queue_policy(
+        &net,
+        0,
+        "mirror",
+        "^mirrored\\.",
+        serde_json::json!({"ha-mode": "exactly", "ha-params": 2}),
+    )
+    .await;
     let (_cy, chx) = channel(&net, outsider).await;
     chx.queue_declare("mirrored.one".into(), durable(), FieldTable::default())
         .await
@@ -938,6 +932,30 @@ async fn a_restarted_node_serves_amqp_only_once_it_knows_the_queues_declared_whi
     );
 }
 
+/// Sets policy `name` (`pattern`, applied to queues, `definition`) through node `i`.
+async fn put_queue_policy(
+    net: &Net,
+    i: usize,
+    name: &str,
+    pattern: &str,
+    definition: serde_json::Value,
+) {
+    let (status, body) = net
+        .send(
+            i,
+            reqwest::Method::PUT,
+            &format!("/api/policies/%2f/{name}"),
+            Some(serde_json::json!({
+                "pattern": pattern,
+                "apply-to": "queues",
+                "definition": definition
+            })),
+        )
+        .await
+        .expect("PUT policy");
+    assert!(status == 201 || status == 204, "{status} {body}");
+}
+
 /// Waits until node `i` lists `queue` as replicated over `n` members with `messages` waiting.
 async fn wait_replicated(net: &Net, i: usize, queue: &str, n: usize, messages: u64) {
     let path = format!("/api/queues/%2f/{queue}");
@@ -1016,20 +1034,14 @@ async fn a_policy_with_ha_mode_makes_an_existing_classic_queue_replicated_and_lo
     }
 
     // The policy, set through node 1: the queue becomes replicated on every node.
-    let (status, body) = net
-        .send(
-            1,
-            reqwest::Method::PUT,
-            "/api/policies/%2f/ha-legacy",
-            Some(serde_json::json!({
-                "pattern": "^legacy$",
-                "apply-to": "queues",
-                "definition": {"ha-mode": "all"}
-            })),
-        )
-        .await
-        .expect("PUT policy");
-    assert!(status == 201 || status == 204, "{status} {body}");
+    put_queue_policy(
+        &net,
+        1,
+        "ha-legacy",
+        "^legacy$",
+        serde_json::json!({"ha-mode": "all"}),
+    )
+    .await;
     // The consumer is cancelled by the server (basic.cancel): its stream ends.
     match tokio::time::timeout(AGREE, held_stream.next()).await {
         Ok(None) => {}
@@ -1114,19 +1126,14 @@ async fn a_policy_with_ha_mode_makes_an_existing_classic_queue_replicated_and_lo
 
     // The queue follows the policy, as RabbitMQ's mirrors do: `exactly` 2 leaves two members,
     // no policy leaves the leader alone; it still takes and gives messages.
-    let policy = |definition: serde_json::Value| serde_json::json!({"pattern": "^legacy$", "apply-to": "queues", "definition": definition});
-    let (status, body) = net
-        .send(
-            2,
-            reqwest::Method::PUT,
-            "/api/policies/%2f/ha-legacy",
-            Some(policy(
-                serde_json::json!({"ha-mode": "exactly", "ha-params": 2}),
-            )),
-        )
-        .await
-        .expect("PUT policy");
-    assert!(status == 201 || status == 204, "{status} {body}");
+    put_queue_policy(
+        &net,
+        2,
+        "ha-legacy",
+        "^legacy$",
+        serde_json::json!({"ha-mode": "exactly", "ha-params": 2}),
+    )
+    .await;
     for i in 0..3 {
         wait_replicated(&net, i, "legacy", 2, 0).await;
     }
@@ -1176,20 +1183,14 @@ async fn a_classic_queue_whose_node_is_killed_while_its_messages_move_finishes_t
     let pad = "x".repeat(1000);
     let (acked, nacked) = publish(&ch0, "bulk", (0..TOTAL).map(|i| format!("{i:06}-{pad}"))).await;
     assert_eq!((acked.len(), nacked), (TOTAL, 0));
-    let (status, body) = net
-        .send(
-            1,
-            reqwest::Method::PUT,
-            "/api/policies/%2f/ha-bulk",
-            Some(serde_json::json!({
-                "pattern": "^bulk$",
-                "apply-to": "queues",
-                "definition": {"ha-mode": "all"}
-            })),
-        )
-        .await
-        .expect("PUT policy");
-    assert!(status == 201 || status == 204, "{status} {body}");
+    put_queue_policy(
+        &net,
+        1,
+        "ha-bulk",
+        "^bulk$",
+        serde_json::json!({"ha-mode": "all"}),
+    )
+    .await;
     // Node 0 is killed once part of the queue is in the replicated queue.
     let deadline = tokio::time::Instant::now() + AGREE;
     let partial = loop {
@@ -1270,20 +1271,14 @@ async fn a_queue_an_ha_mode_all_policy_placed_gains_a_member_on_a_node_that_join
     for i in 0..2 {
         net.wait_ready(i, AGREE).await;
     }
-    let (status, body) = net
-        .send(
-            0,
-            reqwest::Method::PUT,
-            "/api/policies/%2f/ha-all",
-            Some(serde_json::json!({
-                "pattern": "^grow\\.",
-                "apply-to": "queues",
-                "definition": {"ha-mode": "all"}
-            })),
-        )
-        .await
-        .expect("PUT policy");
-    assert!(status == 201 || status == 204, "{status} {body}");
+    put_queue_policy(
+        &net,
+        0,
+        "ha-all",
+        "^grow\\.",
+        serde_json::json!({"ha-mode": "all"}),
+    )
+    .await;
     let (_c0, ch0) = channel(&net, 0).await;
     ch0.queue_declare("grow.q".into(), durable(), FieldTable::default())
         .await
