@@ -27,8 +27,26 @@ die() {
 }
 
 # Print a TCP port that is free on 127.0.0.1 right now.
+# A free loopback port for a process started later: from tests/freeport.py (below the kernel's
+# ephemeral range, so neither the next free_port nor an outgoing connection takes it first).
+# Ports handed out are remembered in a file per calling script, so one script never gets the
+# same port twice.
 free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+    WARREN_PORTS_FILE="${WARREN_PORTS_FILE:-${TMPDIR:-/tmp}/warren-ports.$$}"
+    python3 - "$WARREN_PORTS_FILE" "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/tests" <<'PY'
+import sys
+sys.path.insert(0, sys.argv[2])
+import freeport
+try:
+    with open(sys.argv[1]) as f:
+        freeport._given.update(int(line) for line in f if line.strip())
+except FileNotFoundError:
+    pass
+port = freeport.free_port()
+with open(sys.argv[1], "a") as f:
+    f.write("%d\n" % port)
+print(port)
+PY
 }
 
 # true if something accepts TCP connections on 127.0.0.1:$1

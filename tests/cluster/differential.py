@@ -52,6 +52,8 @@ import urllib.error
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from freeport import free_port  # noqa: E402
 POLL = 0.2
 
 failures = []
@@ -74,14 +76,6 @@ def info(msg):
 
 def ok(msg):
     log("ok    " + msg)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def get_json(base, path, timeout=3.0):
