@@ -230,7 +230,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     let _ = w.shutdown().await;
 }
 
-async fn read_loop<R: AsyncRead + Unpin>(link: Arc<Link>, mut r: R, handler: Arc<dyn Handler>) {
+async fn read_loop<R: AsyncRead + Unpin>(link: Arc<Link>, r: R, handler: Arc<dyn Handler>) {
+    // Buffered: a frame's header and body (and often the next frames) in one read, not two
+    // reads per frame plus the one that finds the socket empty.
+    let mut r = tokio::io::BufReader::with_capacity(64 << 10, r);
     loop {
         let frame = tokio::select! {
             f = read_frame(&mut r) => f,

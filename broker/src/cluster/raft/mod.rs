@@ -572,6 +572,13 @@ impl Metadata {
         let work = async {
             let (index, outcome) = loop {
                 self.wait_step_down().await;
+                // A follower that knows the leader sends the change there directly, without
+                // first asking its own Raft core (which would only answer "forward").
+                if let Some(leader) = self.other_leader() {
+                    let answer = self.call(&leader, RaftCall::Write(command.clone())).await?;
+                    break serde_json::from_str::<Result<(u64, String), String>>(&answer)
+                        .map_err(text)??;
+                }
                 match self.raft.client_write(command.clone()).await {
                     Ok(r) => break (r.log_id.index, r.data),
                     Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
@@ -634,6 +641,15 @@ impl Metadata {
         let m = self.raft.metrics().borrow().clone();
         let id = m.current_leader?;
         m.membership_config.membership().get_node(&id).cloned()
+    }
+
+    /// The leader's name, when it is known and is another node.
+    fn other_leader(&self) -> Option<String> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let id = m.current_leader.filter(|id| *id != self.id)?;
+        let member = m.membership_config.membership().get_node(&id)?;
+        Some(member.name.clone())
     }
 
     fn is_leader(&self) -> bool {
