@@ -118,15 +118,19 @@ fn done(key: &(String, String)) {
     CONVERTING.lock().remove(key);
 }
 
-/// A replicated queue whose members a policy's `ha-mode` decides: one declared without
-/// `x-queue-type` in a vhost whose default queue type is not quorum (only such a policy makes
-/// it replicated). RabbitMQ's quorum queues ignore `ha-*` keys; so do those here.
+/// A replicated queue whose members a policy's `ha-mode` decides: one declared
+/// `x-queue-type: classic`, or without `x-queue-type` in a vhost whose default queue type is
+/// not quorum (only such a policy makes it replicated). RabbitMQ's quorum queues ignore
+/// `ha-*` keys; so do those here.
 fn placed_by_policy(broker: &Broker, v: &Vhost, q: &ReplicatedQueue) -> bool {
     let declared_type = crate::queue::args::parse(&q.arguments, &q.name, &v.name)
         .ok()
         .and_then(|a| a.queue_type);
-    declared_type.is_none()
-        && broker.vhost_metadata(&v.name).default_queue_type.as_deref() != Some("quorum")
+    match declared_type.as_deref() {
+        Some("classic") => true,
+        Some(_) => false,
+        None => broker.vhost_metadata(&v.name).default_queue_type.as_deref() != Some("quorum"),
+    }
 }
 
 /// The members to add and to remove for `ha`, given the current ones (the leader first) and

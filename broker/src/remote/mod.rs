@@ -293,8 +293,9 @@ impl Broker {
     /// Whether a new queue declared on this node is replicated, and its replicas: a
     /// `x-queue-type: quorum` queue, a durable, not exclusive, not auto-delete one declared
     /// without `x-queue-type` in a vhost whose default queue type is quorum (as RabbitMQ
-    /// does; exclusive and transient queues stay classic), or a durable, not auto-delete one
-    /// matched by a policy's `ha-mode` (RabbitMQ's mirrored classic queues). The
+    /// does; exclusive and transient queues stay classic), or a durable, not auto-delete
+    /// classic one (declared `x-queue-type: classic` or without a type) matched by a policy's
+    /// `ha-mode` (RabbitMQ's mirrored classic queues). The
     /// replicas are this node first, then the other running voters of the metadata group
     /// by name, as many as `x-quorum-initial-group-size` or `ha-params` asks (default: all).
     pub fn replicas_for(
@@ -315,7 +316,9 @@ impl Broker {
                 .default_queue_type
                 .filter(|t| t == "quorum");
         }
-        let ha = (queue_type.is_none() && durable && !auto_delete)
+        // Classic queues (declared so, or by default) are mirrored by a policy's `ha-mode`, as
+        // in RabbitMQ; quorum queues ignore `ha-*`.
+        let ha = (queue_type.as_deref().is_none_or(|t| t == "classic") && durable && !auto_delete)
             .then(|| HaMode::of(v, name))
             .flatten();
         if queue_type.as_deref() != Some("quorum") && ha.is_none() {

@@ -491,6 +491,29 @@ async fn a_two_replica_queue_makes_its_members_quorum_critical_and_takes_publish
         .await;
     assert_eq!(one["type"], "quorum", "{one}");
     assert_eq!(one["members"].as_array().map(Vec::len), Some(2), "{one}");
+    // Declared classic explicitly: mirrored all the same, as RabbitMQ mirrors classic queues.
+    let mut classic = FieldTable::default();
+    classic.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("classic".into()),
+    );
+    chx.queue_declare("mirrored.classic".into(), durable(), classic)
+        .await
+        .expect("declare an explicitly classic queue the policy matches");
+    let explicit = net
+        .wait_status(
+            outsider,
+            "/api/queues/%2f/mirrored.classic",
+            200,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(explicit["type"], "quorum", "{explicit}");
+    assert_eq!(
+        explicit["members"].as_array().map(Vec::len),
+        Some(2),
+        "{explicit}"
+    );
     let tmp = net
         .wait_status(
             outsider,
