@@ -2,13 +2,17 @@
 //! sockets speaking AMQP 0-9-1 by hand (no client library, no garbage collector, no thread
 //! hand-off inside the client), so what is measured is the broker and the kernel's loopback.
 //!
-//!   latency <amqp-url> [rate msg/s = 10000] [seconds = 15] [size B = 1024] [transient|confirm]
+//!   latency <amqp-url> [rate msg/s = 10000] [seconds = 15] [size B = 1024]
+//!           [transient|confirm|confirm-ack]
 //!
 //! One connection declares a queue and consumes it with autoack; a second publishes to it
 //! through the default exchange at `rate` (paced against a schedule), each body starting with
 //! its send time. `transient`: a server-named exclusive queue, transient messages, no
 //! confirms. `confirm`: a durable (auto-delete) queue, persistent messages and publisher
-//! confirms, whose latency (publish to `basic.ack`) is measured too. Prints the rate received
+//! confirms, whose latency (publish to `basic.ack`) is measured too. `confirm-ack`: the same
+//! with a consumer that acknowledges (prefetch 1,000; after each read from its socket one
+//! `basic.ack` with `multiple` for everything delivered so far), as PerfTest's persistent
+//! runs do: a message is still in the queue when it is confirmed. Prints the rate received
 //! and the latency percentiles (µs) of every message after the first second (a warm-up), as
 //! `key=value` words on one line (`c50`, `c99`... for confirms), the format
 //! scripts/bench-latency.sh reads.
@@ -25,7 +29,9 @@ mod amqp;
 use amqp::{Target, frame, method, short_str};
 
 fn usage() -> ! {
-    eprintln!("usage: latency <amqp-url> [rate msg/s] [seconds] [size B] [transient|confirm]");
+    eprintln!(
+        "usage: latency <amqp-url> [rate msg/s] [seconds] [size B] [transient|confirm|confirm-ack]"
+    );
     std::process::exit(2)
 }
 
@@ -38,22 +44,38 @@ fn main() {
             .unwrap_or(default)
     };
     let (rate, seconds, size) = (num(1, 10_000), num(2, 15), num(3, 1024).max(8));
-    let confirm = match args.get(4).map(String::as_str) {
-        None | Some("transient") => false,
-        Some("confirm") => true,
+    // (publisher confirms and persistent messages, consumer acknowledgements)
+    let (confirm, manual_ack) = match args.get(4).map(String::as_str) {
+        None | Some("transient") => (false, false),
+        Some("confirm") => (true, false),
+        Some("confirm-ack") => (true, true),
         Some(_) => usage(),
     };
-    if let Err(e) = run(url, rate.max(1), seconds.max(2), size as usize, confirm) {
+    let mode = Mode {
+        confirm,
+        manual_ack,
+    };
+    if let Err(e) = run(url, rate.max(1), seconds.max(2), size as usize, mode) {
         eprintln!("latency: {e}");
         std::process::exit(1)
     }
 }
 
-fn run(url: &str, rate: u64, seconds: u64, size: usize, confirm: bool) -> Result<(), String> {
+#[derive(Clone, Copy)]
+struct Mode {
+    confirm: bool,
+    manual_ack: bool,
+}
+
+/// The consumer's prefetch when it acknowledges.
+const PREFETCH: u16 = 1000;
+
+fn run(url: &str, rate: u64, seconds: u64, size: usize, mode: Mode) -> Result<(), String> {
+    let confirm = mode.confirm;
     let target = Target::parse(url)?;
     let mut consumer = handshake(&target)?;
-    // queue.declare ("" and exclusive, or a durable auto-delete one), then basic.consume with
-    // no-ack.
+    // queue.declare ("" and exclusive, or a durable auto-delete one), then basic.consume (with
+    // no-ack, or after basic.qos).
     let mut declare = vec![0, 0];
     if confirm {
         short_str(
@@ -71,10 +93,17 @@ fn run(url: &str, rate: u64, seconds: u64, size: usize, confirm: bool) -> Result
     let len = *ok.first().ok_or("a short queue.declare-ok")? as usize;
     let queue =
         String::from_utf8_lossy(ok.get(1..1 + len).ok_or("a short declare-ok")?).into_owned();
+    if mode.manual_ack {
+        let mut qos = 0u32.to_be_bytes().to_vec();
+        qos.extend_from_slice(&PREFETCH.to_be_bytes());
+        qos.push(0);
+        send(&mut consumer, &method(1, 60, 10, &qos))?;
+        expect(&mut consumer, 60, 11)?;
+    }
     let mut consume = vec![0, 0];
     short_str(&mut consume, &queue);
     short_str(&mut consume, "");
-    consume.push(0b0000_0010);
+    consume.push(if mode.manual_ack { 0 } else { 0b0000_0010 });
     consume.extend_from_slice(&0u32.to_be_bytes());
     send(&mut consumer, &method(1, 60, 20, &consume))?;
     expect(&mut consumer, 60, 21)?;
@@ -85,7 +114,8 @@ fn run(url: &str, rate: u64, seconds: u64, size: usize, confirm: bool) -> Result
     let (tx, rx) = mpsc::channel();
     let reader = {
         let stop = stop.clone();
-        std::thread::spawn(move || consume_loop(consumer, epoch, warm_up, &stop, tx))
+        let ack = mode.manual_ack;
+        std::thread::spawn(move || consume_loop(consumer, epoch, warm_up, &stop, ack, tx))
     };
 
     let mut publisher = handshake(&target)?;
@@ -284,12 +314,14 @@ fn read_method(s: &mut TcpStream) -> Result<Option<Method>, String> {
 /// Latencies (µs) after the warm-up, how many arrived in that time, and its length.
 type Measured = (Vec<u32>, u64, Duration);
 
-/// Reads deliveries until `stop`, timing each body against its send time.
+/// Reads deliveries until `stop`, timing each body against its send time; with `ack`,
+/// acknowledges everything delivered after each read (one `basic.ack`, `multiple`).
 fn consume_loop(
     mut s: TcpStream,
     epoch: Instant,
     warm_up: Duration,
     stop: &AtomicBool,
+    ack: bool,
     done: mpsc::Sender<Measured>,
 ) {
     let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
@@ -299,6 +331,8 @@ fn consume_loop(
     let mut last = Instant::now();
     let mut buf = vec![0u8; 1 << 20];
     let (mut start, mut end) = (0usize, 0usize);
+    // The highest delivery tag seen, and the highest acknowledged.
+    let (mut delivered, mut acked) = (0u64, 0u64);
     while !stop.load(Ordering::Acquire) {
         // Parse every whole frame buffered.
         loop {
@@ -322,8 +356,23 @@ fn consume_loop(
                     last = now;
                     received += 1;
                 }
+            } else if ack
+                && avail[0] == 1
+                && size >= 5
+                && avail[7..11] == [0, 60, 0, 60]
+                && let Some(tag) = delivery_tag(&avail[11..7 + size])
+            {
+                delivered = delivered.max(tag);
             }
             start += size + 8;
+        }
+        if delivered > acked {
+            let mut args = delivered.to_be_bytes().to_vec();
+            args.push(1); // multiple
+            if send(&mut s, &method(1, 60, 80, &args)).is_err() {
+                break;
+            }
+            acked = delivered;
         }
         if start == end {
             (start, end) = (0, 0);
@@ -344,6 +393,13 @@ fn consume_loop(
     }
     let span = first.map(|f| last.duration_since(f)).unwrap_or_default();
     let _ = done.send((lat, received, span));
+}
+
+/// The delivery tag of a `basic.deliver`'s arguments (after the consumer tag).
+fn delivery_tag(args: &[u8]) -> Option<u64> {
+    let len = *args.first()? as usize;
+    let tag = args.get(1 + len..9 + len)?;
+    Some(u64::from_be_bytes(tag.try_into().ok()?))
 }
 
 fn send(s: &mut TcpStream, bytes: &[u8]) -> Result<(), String> {
