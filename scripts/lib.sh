@@ -29,14 +29,23 @@ die() {
 # Print a TCP port that is free on 127.0.0.1 right now.
 # A free loopback port for a process started later: from tests/freeport.py (below the kernel's
 # ephemeral range, so neither the next free_port nor an outgoing connection takes it first).
-# Ports handed out are remembered in a file per calling script, so one script never gets the
-# same port twice.
+# Ports handed out are remembered in a file per calling script (named by its pid, removed
+# once that process is gone), so one script never gets the same port twice.
 free_port() {
-    WARREN_PORTS_FILE="${WARREN_PORTS_FILE:-${TMPDIR:-/tmp}/warren-ports.$$}"
-    python3 - "$WARREN_PORTS_FILE" "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/tests" <<'PY'
+    local dir="${TMPDIR:-/tmp}/warren-ports"
+    mkdir -p "$dir"
+    python3 - "$dir/$$" "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/tests" <<'PY'
+import os
 import sys
 sys.path.insert(0, sys.argv[2])
 import freeport
+d = os.path.dirname(sys.argv[1])
+for name in os.listdir(d):
+    if name.isdigit() and not os.path.exists("/proc/" + name):
+        try:
+            os.unlink(os.path.join(d, name))
+        except OSError:
+            pass
 try:
     with open(sys.argv[1]) as f:
         freeport._given.update(int(line) for line in f if line.strip())
