@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use lapin::{Connection, ConnectionProperties};
 
+#[path = "ports.rs"]
+mod ports;
+
 pub struct Node {
     pub child: Child,
     pub port: u16,
@@ -16,31 +19,7 @@ pub struct Node {
     pub log: PathBuf,
 }
 
-/// A port for a broker this test starts later. Ports the kernel hands out for `:0` are in the
-/// ephemeral range, where the next `bind(0)` (or any outgoing connection, such as a node
-/// dialling its peers) may take the same port before the broker listens on it. So ports come
-/// from below that range (20000..32768), each one bound once to check it is free, and never
-/// handed out twice by this process; the start point depends on the process id so that
-/// concurrent test binaries start far apart.
-pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    const LOW: u32 = 20_000;
-    const SPAN: u32 = 12_768;
-    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
-    let _ = NEXT.compare_exchange(
-        u32::MAX,
-        (std::process::id().wrapping_mul(2_654_435_761)) % SPAN,
-        Ordering::SeqCst,
-        Ordering::SeqCst,
-    );
-    for _ in 0..SPAN {
-        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port in 20000..32768")
-}
+pub use ports::free_port;
 
 /// A fresh data directory for test `name` (removed if a previous run left it).
 pub fn data_dir(name: &str) -> PathBuf {
